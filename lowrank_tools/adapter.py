@@ -1,0 +1,137 @@
+"""The in-memory LoRA adapter: per-module factors B, A and alpha, whatever file format they came from.
+
+Every module is kept as a 2-D factor pair, the matrix view of its delta:
+
+    delta_matrix = scale * B @ A        B: (out, r)   A: (r, in_flat)
+    scale        = alpha / r            (alpha / sqrt(r) for rsLoRA)
+
+and ``weight_shape`` says how that matrix maps back onto the base weight:
+
+- linear:    weight (out, in)              = delta_matrix
+- conv:      weight (out, in, *kernel)     = delta_matrix.reshape(weight_shape)   (A is (r, in*kh*kw))
+- embedding: weight (vocab, dim)           = delta_matrix.T   (PEFT's lora_embedding_A (r, vocab), _B (dim, r))
+
+File formats (PEFT folders, kohya files) read and write this type in ``peft_format`` and ``kohya_format``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+__all__ = ["ModuleKind", "LoraModule", "Adapter", "module_name", "matrix_view", "weight_from_matrix"]
+
+
+class ModuleKind(str, Enum):
+    """What kind of layer a LoRA module adapts; decides how factors are laid out in files."""
+
+    LINEAR = "linear"
+    CONV = "conv"
+    EMBEDDING = "embedding"
+
+
+def module_name(tensor_name: str) -> str:
+    """``model.layers.0.q_proj.weight`` -> ``model.layers.0.q_proj`` (names without ``.weight`` are kept)."""
+    return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else tensor_name
+
+
+def matrix_view(weight: Tensor, kind: ModuleKind) -> Tensor:
+    """The 2-D matrix a LoRA of ``kind`` approximates: (out, in_flat); for embeddings (dim, vocab)."""
+    if kind is ModuleKind.EMBEDDING:
+        return weight.t()  # (dim, vocab): PEFT's B (dim, r) @ A (r, vocab)
+    return weight.reshape(weight.shape[0], -1)  # conv (out, in, *k) -> (out, in*prod(k))
+
+
+def weight_from_matrix(matrix: Tensor, kind: ModuleKind, weight_shape: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`matrix_view`: lay a delta matrix out in the base weight's shape."""
+    if kind is ModuleKind.EMBEDDING:
+        return matrix.t()
+    return matrix.reshape(weight_shape)
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: ``delta = scale * B @ A`` laid out as ``weight_shape``."""
+
+    B: Tensor  # (out, r)
+    A: Tensor  # (r, in_flat)
+    alpha: float
+    kind: ModuleKind = ModuleKind.LINEAR
+    weight_shape: tuple[int, ...] = ()
+    rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.weight_shape:
+            self.weight_shape = (
+                (self.A.shape[1], self.B.shape[0])
+                if self.kind is ModuleKind.EMBEDDING
+                else (self.B.shape[0], self.A.shape[1])
+            )
+        self.weight_shape = tuple(int(d) for d in self.weight_shape)
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def scale(self) -> float:
+        """alpha / r (alpha / sqrt(r) with rsLoRA); 0 for an empty module."""
+        if self.rank == 0:
+            return 0.0
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+    @property
+    def params(self) -> int:
+        return int(self.B.numel() + self.A.numel())
+
+    def delta_matrix(self) -> Tensor:
+        """scale * B @ A in float32, (out, in_flat). Dense: for tests and small modules only."""
+        return self.scale * (self.B.float() @ self.A.float())
+
+    def delta(self) -> Tensor:
+        """The dense delta in the base weight's layout (float32)."""
+        return weight_from_matrix(self.delta_matrix(), self.kind, self.weight_shape)
+
+    def with_factors(self, B: Tensor, A: Tensor, alpha: float) -> "LoraModule":
+        """A copy with new factors (same kind, layout and scale rule)."""
+        return replace(self, B=B, A=A, alpha=float(alpha))
+
+    def to(self, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> "LoraModule":
+        return replace(self, B=self.B.to(device=device, dtype=dtype), A=self.A.to(device=device, dtype=dtype))
+
+
+@dataclass
+class Adapter:
+    """A set of LoRA modules keyed by module name, plus tensors saved whole (PEFT ``modules_to_save``)."""
+
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+    full_tensors: dict[str, Tensor] = field(default_factory=dict)  # tensor name -> whole tensor
+    base_model: str | None = None
+    source_format: str | None = None
+    notes: list[str] = field(default_factory=list)  # e.g. module names guessed when reading kohya files
+
+    @property
+    def params(self) -> int:
+        return sum(m.params for m in self.modules.values()) + sum(int(t.numel()) for t in self.full_tensors.values())
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        for m in self.modules.values():
+            return m.B.dtype
+        return None
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: m.rank for name, m in self.modules.items()}
+
+    def to(self, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> "Adapter":
+        modules = {n: m.to(dtype=dtype, device=device) for n, m in self.modules.items()}
+        return replace(self, modules=modules)

@@ -1,0 +1,466 @@
+"""Lazy, per-tensor reading of checkpoints; pairing base and tuned tensors; atomic writing.
+
+:func:`open_checkpoint` reads a ``.safetensors`` file, an HF model folder (single file, ``*.index.json`` shards,
+diffusers component names, ``pytorch_model.bin`` shards), a diffusers pipeline folder (components prefixed
+``unet.``, ``text_encoder.``, ...) or a torch pickle (``.bin/.pt/.pth/.ckpt``, ``torch.load(weights_only=True)`` only).
+
+safetensors files are parsed here, not memory-mapped: opening reads and validates the header only, and
+:meth:`Checkpoint.get` reads one tensor's bytes into a fresh buffer, so memory stays flat and no file handle is
+held between calls (the host is assumed little-endian, as the format is). Torch pickles cannot be read per tensor:
+each file is loaded once at open with ``mmap=True`` (a mapping, not a copy; old non-zip files are loaded into
+memory) and kept until :meth:`Checkpoint.close`; ``get`` returns a contiguous copy that owns its memory.
+
+Writing lives in :mod:`lowrank_tools.atomic` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .atomic import SAFETENSORS_DTYPES, ShardedWriter, atomic_output, check_output, parse_size
+from .errors import (CheckpointNotFound, CorruptCheckpoint, MissingTensor, NoCommonTensors, NotACheckpoint,
+                     ShapeMismatch, UnsafeCheckpoint, UnsupportedTensor)
+
+__all__ = ["Checkpoint", "open_checkpoint", "as_checkpoint", "Pairing", "pair_tensors", "atomic_output",
+           "check_output", "parse_size", "ShardedWriter"]
+
+_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+_PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
+_FOLDER_FILES = [  # in order of preference
+    f"{stem}.{ext}{index}"
+    for stem, ext in [("model", "safetensors"), ("diffusion_pytorch_model", "safetensors"),
+                      ("pytorch_model", "bin"), ("diffusion_pytorch_model", "bin")]
+    for index in ("", ".index.json")
+]
+_SKIPPED_COMPONENTS = ("vae", "scheduler", "feature_extractor", "safety_checker")
+_ACCEPTED = "a .safetensors file, a .bin/.pt/.pth/.ckpt torch file, an HF model folder or a diffusers pipeline folder"
+_FIX = "re-download or re-save it"
+
+
+# ---------------------------------------------------------------------------- single files
+
+
+@dataclass(frozen=True)
+class _Entry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute offset of the first byte in the file
+    nbytes: int
+
+
+class _SafetensorsFile:
+    """A safetensors file: header parsed and checked at open, each tensor read on demand."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries, self.metadata = _parse_safetensors(path)
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        entry = self.entries[name]
+        return entry.dtype, entry.shape
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        got = 0
+        if entry.nbytes:
+            with open(self.path, "rb") as file:
+                file.seek(entry.start)
+                got = file.readinto(memoryview(buffer.numpy()))
+        if got != entry.nbytes:
+            raise CorruptCheckpoint(f"tensor {name!r} in {self.path}: the file ended after {got} of {entry.nbytes} "
+                                    f"bytes (was it changed after opening?): {_FIX}")
+        return buffer.view(entry.dtype).reshape(entry.shape)
+
+    def close(self) -> None:
+        """Nothing to release: no handle is held between reads."""
+
+
+def _parse_safetensors(path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
+    """Read and validate the header; entries come in file (data offset) order."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            what = "is empty (0 bytes)" if not prefix else f"is only {size} bytes long"
+            raise CorruptCheckpoint(f"safetensors file {path} {what}: {_FIX}")
+        length = int.from_bytes(prefix, "little")
+        if length > size - 8 or length > _MAX_HEADER:
+            raise CorruptCheckpoint(f"{path}: header length {length} is larger than the file ({size} bytes), so it "
+                                    f"is truncated or not safetensors: {_FIX}")
+        raw = file.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptCheckpoint(f"{path}: header is not valid JSON ({exc}): {_FIX}") from exc
+    if not isinstance(header, dict):
+        raise CorruptCheckpoint(f"{path}: header is a JSON {type(header).__name__}, not an object: {_FIX}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CorruptCheckpoint(f"{path}: __metadata__ is not an object: {_FIX}")
+    entries = {name: _parse_entry(path, name, info, 8 + length, size) for name, info in header.items()}
+    order = sorted(entries, key=lambda n: (entries[n].start, entries[n].nbytes, n))
+    return {name: entries[name] for name in order}, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _parse_entry(path: Path, name: str, info: object, data_start: int, size: int) -> _Entry:
+    where = f"tensor {name!r} in {path}"
+    if not isinstance(info, dict):
+        raise CorruptCheckpoint(f"{where}: header entry is not an object: {_FIX}")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPES:
+        if isinstance(dtype, str):
+            raise UnsupportedTensor(f"{where} has dtype {dtype!r}, which this tool cannot read: convert it to F32")
+        raise CorruptCheckpoint(f"{where}: dtype {dtype!r} is not a dtype name: {_FIX}")
+    if not _int_list(shape) or not _int_list(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise CorruptCheckpoint(f"{where}: bad shape {shape!r} or data_offsets {offsets!r}: {_FIX}")
+    torch_dtype = SAFETENSORS_DTYPES[dtype]
+    begin, end = offsets
+    needed = math.prod(shape) * torch_dtype.itemsize
+    if end - begin != needed:
+        raise CorruptCheckpoint(f"{where} spans {end - begin} bytes but {dtype} {tuple(shape)} needs {needed}: {_FIX}")
+    if data_start + end > size:
+        raise CorruptCheckpoint(f"{where} ends at byte {data_start + end}, past the end of the file ({size} bytes), "
+                                f"so the file is truncated: {_FIX}")
+    return _Entry(torch_dtype, tuple(shape), data_start + begin, needed)
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
+class _TensorDict:
+    """Tensors already at hand: a loaded torch pickle (memory-mapped when zip-based) or a dict."""
+
+    metadata: dict[str, str] = {}
+
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor]):
+        self.path = path
+        self.tensors = tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        tensor = self.tensors[name]
+        return tensor.dtype, tuple(tensor.shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        # a copy that owns its memory: the source may be a view into the file mapping
+        return self.tensors[name].detach().clone(memory_format=torch.contiguous_format)
+
+    def close(self) -> None:
+        self.tensors = {}
+
+
+def _load_pickle(path: Path, *, use_mmap: bool) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except RuntimeError as exc:
+        if use_mmap and "mmap" in str(exc):  # an old non-zip file: load it without mmap
+            return _load_pickle(path, use_mmap=False)
+        raise _pickle_error(path, exc) from exc
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise _pickle_error(path, exc) from exc
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise NotACheckpoint(f"{path} holds a {type(obj).__name__}, not a dict of tensors: save model.state_dict()")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise NotACheckpoint(f"{path} holds no tensors: give the file with the model weights")
+    return tensors
+
+
+def _pickle_error(path: Path, exc: BaseException) -> Exception:
+    """Classify a torch.load failure: a refused Python object, or a damaged file."""
+    text = str(exc)
+    refused = "weights_only" in text or "Weights only" in text
+    if refused and "Unsupported operand" not in text:
+        return UnsafeCheckpoint(f"{path} holds Python objects other than tensors; refusing to unpickle it. Convert it "
+                                "to .safetensors with a trusted tool, or re-save model.state_dict()")
+    reason = text.splitlines()[0][:200] if text.strip() else type(exc).__name__
+    return CorruptCheckpoint(f"{path} cannot be read as a torch file ({reason}): {_FIX}")
+
+
+def _sniff(path: Path) -> str | None:
+    """'safetensors', 'zip', 'pickle', 'empty' or None, from the first bytes."""
+    with open(path, "rb") as file:
+        head = file.read(9)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) == 9 and head[8:] == b"{":
+        if int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+            return "safetensors"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    return None
+
+
+def _open_file(path: Path) -> _SafetensorsFile | _TensorDict:
+    suffix = path.suffix.lower()
+    kind = "safetensors" if suffix == ".safetensors" else _sniff(path)
+    if kind == "safetensors":
+        return _SafetensorsFile(path)
+    if kind in ("zip", "pickle"):
+        return _TensorDict(path, _load_pickle(path, use_mmap=kind == "zip"))
+    if kind == "empty" and suffix in _PICKLE_SUFFIXES:
+        raise CorruptCheckpoint(f"torch file {path} is empty (0 bytes): {_FIX}")
+    if suffix in _PICKLE_SUFFIXES:
+        raise NotACheckpoint(f"{path} is not a torch file (no zip or pickle header): {_FIX}")
+    what = "is empty" if kind == "empty" else "is not a checkpoint"
+    raise NotACheckpoint(f"{path} {what}: expected {_ACCEPTED}")
+
+
+# ---------------------------------------------------------------------------- Checkpoint
+
+
+class Checkpoint:
+    """Read-only, lazy view of a checkpoint: tensor names, shapes, dtypes without loading data.
+
+    Build one with :func:`open_checkpoint` or :func:`as_checkpoint`. ``config`` is the parsed ``config.json`` of an
+    HF folder (else None); ``metadata`` the safetensors ``__metadata__`` of the first file ({} for pickles and
+    pipelines); ``components`` maps a pipeline's component names to their own checkpoints (empty otherwise).
+    """
+
+    def __init__(self, path: Path, index: dict, *, sources: list, config: dict | None = None,
+                 metadata: dict[str, str] | None = None, components: dict[str, Checkpoint] | None = None):
+        self.path = Path(path)
+        self.config = config
+        self.metadata = dict(metadata or {})
+        self.components = dict(components or {})
+        self._index = index  # name -> (source file, name inside that file)
+        self._sources = sources
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order (shard by shard for sharded folders)."""
+        return list(self._index)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        source, inner = self._lookup(name)
+        return source.info(inner)[1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        source, inner = self._lookup(name)
+        return source.info(inner)[0]
+
+    def nbytes(self, name: str) -> int:
+        source, inner = self._lookup(name)
+        dtype, shape = source.info(inner)
+        return math.prod(shape) * dtype.itemsize
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor on the CPU, contiguous, owning its memory."""
+        source, inner = self._lookup(name)
+        return source.read(inner)
+
+    __getitem__ = get
+
+    def close(self) -> None:
+        """Release pickle mappings; safetensors files hold nothing open."""
+        for source in self._sources:
+            source.close()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __iter__(self):
+        return iter(list(self._index))
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
+
+    def _lookup(self, name: str) -> tuple:
+        try:
+            return self._index[name]
+        except KeyError:
+            close = difflib.get_close_matches(str(name), list(self._index), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "check the name"
+            raise MissingTensor(f"tensor {name!r} is not in {self.path}: {hint}") from None
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint file or folder for lazy reading (see the module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFound(f"checkpoint {path} does not exist: check the path")
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return _open_pipeline(path)
+        return _open_folder(path)
+    source = _open_file(path)
+    index = {name: (source, name) for name in source.names()}
+    return Checkpoint(path, index, sources=[source], metadata=source.metadata)
+
+
+def as_checkpoint(source: Checkpoint | str | os.PathLike | Mapping[str, torch.Tensor]) -> Checkpoint:
+    """A :class:`Checkpoint` from a checkpoint, a path (opened) or a name -> tensor mapping."""
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return open_checkpoint(source)
+    if isinstance(source, Mapping):
+        tensors = {k: v for k, v in source.items() if isinstance(v, torch.Tensor)}
+        part = _TensorDict(Path("<in-memory>"), tensors)
+        return Checkpoint(part.path, {n: (part, n) for n in tensors}, sources=[part])
+    raise TypeError(f"expected a checkpoint path, Checkpoint or dict of tensors, got {type(source).__name__}")
+
+
+def _open_folder(folder: Path) -> Checkpoint:
+    sources, index = _folder_sources(folder)
+    config_path = folder / "config.json"
+    config = _read_json(config_path) if config_path.is_file() else None
+    return Checkpoint(folder, index, sources=sources, config=config, metadata=sources[0].metadata)
+
+
+def _folder_sources(folder: Path) -> tuple[list, dict]:
+    for name in _FOLDER_FILES:
+        candidate = folder / name
+        if candidate.is_file():
+            if name.endswith(".index.json"):
+                return _open_index(candidate)
+            source = _open_file(candidate)
+            return [source], {n: (source, n) for n in source.names()}
+    found = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if len(found) == 1:
+        source = _SafetensorsFile(found[0])
+        return [source], {n: (source, n) for n in source.names()}
+    raise NotACheckpoint(f"folder {folder} holds no checkpoint: looked for {', '.join(_FOLDER_FILES)}, "
+                         f"model_index.json or exactly one *.safetensors file (found {len(found)})")
+
+
+def _open_index(index_path: Path) -> tuple[list, dict]:
+    """Open the shards of an ``*.index.json``; names come shard by shard, in file order."""
+    data = _read_json(index_path)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptCheckpoint(f"{index_path} has no weight_map: {_FIX}")
+    for file in set(weight_map.values()):
+        if not isinstance(file, str) or Path(file).is_absolute() or ".." in Path(file).parts:
+            raise CorruptCheckpoint(f"{index_path} names shard {file!r} outside its folder: {_FIX}")
+    sources, index = [], {}
+    for file in sorted(set(weight_map.values())):
+        shard = index_path.parent / file
+        if not shard.is_file():
+            raise CorruptCheckpoint(f"shard {shard} listed in {index_path} is missing: {_FIX}")
+        source = _open_file(shard)
+        sources.append(source)
+        index.update({n: (source, n) for n in source.names() if weight_map.get(n) == file})
+    missing = [name for name in weight_map if name not in index]
+    if missing:
+        raise CorruptCheckpoint(f"{index_path} lists {len(missing)} tensor(s) absent from their shard "
+                                f"(e.g. {missing[0]!r} in {weight_map[missing[0]]}): {_FIX}")
+    return sources, index
+
+
+def _open_pipeline(folder: Path) -> Checkpoint:
+    """A diffusers pipeline: every weight-holding component, names prefixed ``component.``."""
+    components = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        name = sub.name
+        if name.startswith((".", "tokenizer")) or name in _SKIPPED_COMPONENTS:
+            continue
+        try:
+            components[name] = _open_folder(sub)
+        except NotACheckpoint:
+            continue  # a component without weights (e.g. a processor config)
+    if not components:
+        raise NotACheckpoint(f"pipeline folder {folder} has no component with weights (looked in every subfolder "
+                             "except vae, scheduler, tokenizer*, feature_extractor, safety_checker)")
+    index = {f"{prefix}.{name}": entry for prefix, part in components.items() for name, entry in part._index.items()}
+    sources = [source for part in components.values() for source in part._sources]
+    return Checkpoint(folder, index, sources=sources, components=components)
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptCheckpoint(f"{path} is not valid JSON ({exc}): {_FIX}") from exc
+
+
+# ---------------------------------------------------------------------------- pairing
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """Which tensors of a base and a tuned checkpoint line up (same name, same shape)."""
+
+    names: list[str]  # in tuned order
+    only_base: list[str]
+    only_tuned: list[str]
+    shape_mismatch: list[tuple[str, tuple, tuple]]  # (name, base shape, tuned shape)
+
+    def warning(self) -> str | None:
+        """One line naming what was skipped (up to 3 names each), or None when all paired."""
+        shapes = [f"{n}: {tuple(a)} vs {tuple(b)}" for n, a, b in self.shape_mismatch]
+        parts = [(len(self.only_base), "only in base", self.only_base),
+                 (len(self.only_tuned), "only in tuned", self.only_tuned),
+                 (len(shapes), "with different shapes", shapes)]
+        texts = []
+        for count, label, names in parts:
+            if count:
+                noun = "" if texts else (" tensor" if count == 1 else " tensors")
+                texts.append(f"{count}{noun} {label} ({_some(names)})")
+        return "skipped " + ", ".join(texts) if texts else None
+
+
+def _some(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (", …" if len(names) > limit else "")
+
+
+def pair_tensors(base: Checkpoint, tuned: Checkpoint, *, strict: bool = False) -> Pairing:
+    """Pair tensors by name; one-sided names and shape mismatches are skipped.
+
+    Raises :class:`NoCommonTensors` when nothing pairs; with ``strict`` any skipped tensor raises
+    :class:`MissingTensor` or :class:`ShapeMismatch`.
+    """
+    names, only_tuned, mismatch = [], [], []
+    for name in tuned.keys():
+        if name not in base:
+            only_tuned.append(name)
+        elif base.shape(name) != tuned.shape(name):
+            mismatch.append((name, base.shape(name), tuned.shape(name)))
+        else:
+            names.append(name)
+    only_base = [name for name in base.keys() if name not in tuned]
+    if not names:
+        raise _no_common(base, tuned, mismatch)
+    pairing = Pairing(names, only_base, only_tuned, mismatch)
+    if strict and (only_base or only_tuned or mismatch):
+        error = MissingTensor if only_base or only_tuned else ShapeMismatch
+        raise error(f"--strict: {pairing.warning()}: drop --strict to skip them, or compare matching models")
+    return pairing
+
+
+def _no_common(base: Checkpoint, tuned: Checkpoint, mismatch: list) -> NoCommonTensors:
+    both = f"base {base.path} and tuned {tuned.path}"
+    if mismatch:
+        shown = _some([f"{n}: {tuple(a)} vs {tuple(b)}" for n, a, b in mismatch], 2)
+        return NoCommonTensors(f"{both} share {len(mismatch)} tensor names but every shape differs (e.g. {shown}): "
+                               "are they the same architecture?")
+    return NoCommonTensors(f"{both} share no tensor name (base has e.g. {_some(base.keys(), 2) or 'nothing'}, tuned "
+                           f"has e.g. {_some(tuned.keys(), 2) or 'nothing'}): are they the same architecture?")

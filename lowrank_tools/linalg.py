@@ -1,0 +1,404 @@
+"""Truncated SVD, rank rules and exact low-rank re-factorisation. Pure torch; never touches files.
+
+Notation (DESIGN.md): a matrix ``M`` of shape ``(m, n) = (out, in)``, its SVD ``M = U S Vh``, and
+LoRA factors ``B (m, r)``, ``A (r, n)`` with ``M ~= scale * B @ A``.
+
+Precision: every factorisation runs in float32 unless an input is float64. float32 is enough for
+the top singular values of deltas stored in bf16/fp16 (their storage rounding, ~1e-3 relative, is
+far above float32's ~1e-7); float64 is used on request (float64 input) or as the fallback when an
+SVD fails to converge. Results come back float32 (float64 kept); callers cast at the boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import InvalidOption, NumericalError
+
+__all__ = [
+    "Method", "RankRule", "TruncatedSVD", "truncated_svd", "singular_values", "balanced_factors", "qr_core_svd",
+    "concat_factors", "frobenius_error", "lowrank_frobenius_diff", "lowrank_frobenius_norm", "resolve_device",
+]
+
+Warn = Callable[[str], None]
+
+_ENERGY_RTOL = 1e-12  # relative slack so spectra that reach the target exactly are not off by one
+_RATIO_RTOL = 1e-12  # same for S_1 / sv_ratio, which is rounded when computed
+_CHUNK_ELEMENTS = 1 << 22  # column chunk of frobenius_error: 16 MiB of float32 per temporary
+_AUTO_MIN_SIDE = 256  # below this an exact SVD is as fast as the randomized one
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # not retried: float64 needs more memory
+
+
+class Method(str, Enum):
+    """How :func:`truncated_svd` computes the top-k SVD."""
+
+    AUTO = "auto"
+    EXACT = "exact"
+    RANDOMIZED = "randomized"
+
+
+# --------------------------------------------------------------------------- rank rules
+
+
+def _check_range(option: str, value: object, ok: Callable[[float], bool], allowed: str, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
+        raise InvalidOption(f"--{option} {value!r} is outside {allowed}: {hint}")
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """How many singular values to keep. ``rank``: fixed rank, and the cap for the dynamic rules.
+
+    At most one dynamic rule (``energy``, ``sv_ratio``, ``threshold``) may be given, and at least one
+    of them or ``rank``. :meth:`choose` returns the smallest r that satisfies the rule.
+    """
+
+    rank: int | None = None  # >= 1
+    energy: float | None = None  # in (0, 1]: smallest r with sum(S[:r]^2) / total_energy >= energy
+    sv_ratio: float | None = None  # >= 1: keep S_i >= S_1 / sv_ratio
+    threshold: float | None = None  # >= 0: keep S_i > threshold
+
+    def __post_init__(self) -> None:
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral)
+                                      or self.rank < 1):
+            raise InvalidOption(f"--rank {self.rank!r} is outside [1, inf): use a whole number of 1 or more")
+        if self.energy is not None:
+            _check_range("energy", self.energy, lambda v: 0 < v <= 1, "(0, 1]",
+                         "give the fraction of squared singular values to keep, e.g. 0.9")
+        if self.sv_ratio is not None:
+            _check_range("sv-ratio", self.sv_ratio, lambda v: v >= 1, "[1, inf)",
+                         "keep S_i >= S_1 / F needs F of 1 or more, e.g. 10")
+        if self.threshold is not None:
+            _check_range("threshold", self.threshold, lambda v: v >= 0, "[0, inf)",
+                         "keep S_i > F needs F of 0 or more")
+        given = [f"--{k} {v}" for k, v in (("energy", self.energy), ("sv-ratio", self.sv_ratio),
+                                           ("threshold", self.threshold)) if v is not None]
+        if len(given) > 1:
+            raise InvalidOption(f"{' and '.join(given)} exclude each other: pick one dynamic rank rule")
+        if not given and self.rank is None:
+            raise InvalidOption("no rank rule: pass --rank, --energy, --sv-ratio or --threshold")
+
+    @property
+    def dynamic(self) -> bool:
+        """True when the rank depends on the spectrum (energy, sv_ratio or threshold)."""
+        return self.energy is not None or self.sv_ratio is not None or self.threshold is not None
+
+    @property
+    def cap(self) -> int | None:
+        """The largest rank this rule may return (``rank``), None when uncapped."""
+        return self.rank
+
+    def choose(self, S: Tensor | Sequence[float], *, total_energy: float | None = None,
+               max_rank: int | None = None) -> int:
+        """The smallest r that satisfies the rule, capped by ``rank``, ``len(S)`` and ``max_rank``.
+
+        ``S``: singular values (k,), possibly a truncated top-k; they are sorted descending here.
+        ``total_energy``: ``||M||_F^2`` when ``S`` is truncated (default ``sum(S^2)``). Returns 0 only
+        when ``S`` is all zero or the threshold excludes every value.
+        """
+        s, dtype = _as_spectrum(S)  # float64, descending
+        limit = len(s) if self.rank is None else min(len(s), int(self.rank))
+        if max_rank is not None:
+            limit = min(limit, max(0, int(max_rank)))
+        if limit == 0 or not float(s[0]) > 0:
+            return 0
+        r = self._dynamic_count(s, dtype, total_energy) if self.dynamic else limit
+        return max(0, min(r, limit))
+
+    def _dynamic_count(self, s: Tensor, dtype: torch.dtype, total_energy: float | None) -> int:
+        if self.energy is not None:
+            sq = s * s
+            cum = torch.cumsum(sq, 0)  # (k,) float64: exact enough for boundary comparisons
+            total = float(cum[-1]) if total_energy is None else max(float(total_energy), float(cum[-1]))
+            target = self.energy * total - _ENERGY_RTOL * total
+            return min(int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype))[0]) + 1, len(s))
+        if self.sv_ratio is not None:
+            cutoff = float(s[0]) / self.sv_ratio * (1 - _RATIO_RTOL)
+            return int((s >= cutoff).sum())
+        # the threshold is rounded to the spectrum's dtype, so "0.1" means the stored value it names
+        thr = float(torch.tensor(float(self.threshold), dtype=dtype)) if dtype.is_floating_point else self.threshold
+        return int((s > thr).sum())
+
+    def needed_k(self, shape: Sequence[int]) -> int:
+        """How many singular values to compute for a matrix of ``shape``: ``rank`` if given, else all.
+
+        A shape with more than two dims is read as ``(shape[0], prod(shape[1:]))`` (flattened conv).
+        """
+        dims = [int(d) for d in shape]
+        side = min(dims[0], math.prod(dims[1:])) if len(dims) > 1 else dims[0]
+        return side if self.rank is None else min(int(self.rank), side)
+
+
+def _as_spectrum(S: Tensor | Sequence[float]) -> tuple[Tensor, torch.dtype]:
+    """(k,) float64 CPU tensor sorted descending, plus the dtype the values came in."""
+    t = S.detach() if isinstance(S, Tensor) else torch.as_tensor(list(S), dtype=torch.float64)
+    dtype = t.dtype
+    return torch.sort(t.reshape(-1).to("cpu", torch.float64), descending=True).values, dtype
+
+
+# --------------------------------------------------------------------------- SVD
+
+
+@dataclass
+class TruncatedSVD:
+    """Top-k SVD ``M ~= U @ diag(S) @ Vh``; float32 unless the input was float64."""
+
+    U: Tensor  # (m, k), orthonormal columns
+    S: Tensor  # (k,), descending, >= 0
+    Vh: Tensor  # (k, n), orthonormal rows
+    method: Method  # the method actually used (EXACT after a fallback)
+    spectrum: Tensor | None = None  # every singular value computed: exact gives the full spectrum (for reports)
+
+
+def _work_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _fix_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+    """Make the largest-|.| entry of each U column positive, flipping the matching Vh row."""
+    if U.shape[1] == 0:
+        return U, Vh
+    idx = U.abs().argmax(dim=0, keepdim=True)  # (1, k)
+    signs = torch.sign(U.gather(0, idx)).squeeze(0)  # (k,)
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return (U * signs).contiguous(), (Vh * signs.unsqueeze(1)).contiguous()
+
+
+def _exact(M: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)  # (m, p), (p,), (p, n); p = min(m, n)
+    return U[:, :k], S, Vh[:k]  # the full S is kept: truncated_svd reports it as .spectrum
+
+
+def _randomized(M: Tensor, k: int, oversample: int, n_iter: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Halko, Martinsson & Tropp 2011: Alg. 4.4 (randomized subspace iteration) then Alg. 5.1 (direct SVD)."""
+    transpose = M.shape[0] < M.shape[1]  # work on the tall problem: QR of (m, l) with m >= n, like torch
+    X = M.mT if transpose else M  # (m, n), m >= n
+    l = min(k + oversample, X.shape[1])
+    gen = torch.Generator().manual_seed(seed)  # CPU generator: the same test matrix on every device
+    omega = torch.randn(X.shape[1], l, generator=gen, dtype=X.dtype).to(X.device)  # (n, l)
+    Q = torch.linalg.qr(X @ omega).Q  # (m, l)
+    for _ in range(n_iter):  # re-orthonormalise after every product, else the small S are lost
+        Z = torch.linalg.qr(X.mT @ Q).Q  # (n, l)
+        Q = torch.linalg.qr(X @ Z).Q  # (m, l)
+    Ub, S, Vh = torch.linalg.svd(Q.mT @ X, full_matrices=False)  # (l, l), (l,), (l, n)
+    U, S, Vh = Q @ Ub[:, :k], S[:k], Vh[:k]  # (m, k), (k,), (k, n)
+    return (Vh.mT, S, U.mT) if transpose else (U, S, Vh)
+
+
+def _resolve_method(method: Method, side: int, k: int, oversample: int) -> Method:
+    if method is Method.AUTO:
+        small_k = k + oversample <= side // 4
+        return Method.RANDOMIZED if side >= _AUTO_MIN_SIDE and small_k else Method.EXACT
+    if method is Method.RANDOMIZED and k + oversample >= side:
+        return Method.EXACT  # the sketch would be the whole matrix: exact is cheaper and better
+    return method
+
+
+def _as_method(method: Method | str) -> Method:
+    try:
+        return Method(method)
+    except ValueError:
+        choices = ", ".join(m.value for m in Method)
+        raise InvalidOption(f"--method {method!r} is not one of {choices}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0][:200] if text else type(exc).__name__)
+
+
+def _with_fallback(compute: Callable[[Tensor, bool], tuple[Tensor, ...]], M: Tensor, on_warning: Warn | None,
+                   ) -> tuple[tuple[Tensor, ...], bool]:
+    """Run ``compute(X, exact)`` on M in its working dtype; if the SVD fails retry in float64, then
+    exactly in float64 on CPU. Returns the results (working dtype, M's device) and whether the last
+    (exact) attempt was the one that succeeded."""
+    work = _work_dtype(M)
+    cpu = torch.device("cpu")
+    attempts = [(work, M.device, False, "")]
+    if work != torch.float64:
+        attempts.append((torch.float64, M.device, False, "in float64"))
+    attempts.append((torch.float64, cpu, True, "in float64 with the exact method on CPU"))
+    error: BaseException | None = None
+    for dtype, device, exact, how in attempts:
+        if error is not None and on_warning is not None:
+            on_warning(f"SVD did not converge ({_one_line(error)}), retried {how}")
+        try:
+            out = compute(M.to(device=device, dtype=dtype), exact)
+        except _OOM:
+            raise
+        except RuntimeError as exc:  # includes torch.linalg.LinAlgError ("failed to converge")
+            error = exc
+            continue
+        return tuple(t.to(device=M.device, dtype=work) for t in out), exact
+    hint = "" if bool(torch.isfinite(M).all()) else ": the matrix holds NaN or Inf"
+    raise NumericalError(f"SVD of a {M.shape[0]} x {M.shape[1]} matrix failed after the float64 and exact CPU "
+                         f"fallbacks ({_one_line(error)}){hint}") from error
+
+
+def _check_matrix(M: Tensor, what: str) -> None:
+    if not isinstance(M, Tensor) or M.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D tensor, got {getattr(M, 'shape', type(M).__name__)}")
+
+
+@torch.no_grad()
+def truncated_svd(M: Tensor, k: int, *, method: Method | str = Method.AUTO, oversample: int = 10, n_iter: int = 4,
+                  seed: int = 0, on_warning: Warn | None = None) -> TruncatedSVD:
+    """Top-k SVD of ``M (m, n)`` on M's device: ``U (m, k)``, ``S (k,)``, ``Vh (k, n)``; k is clamped to min(m, n).
+
+    ``exact``: ``torch.linalg.svd`` then slice. ``randomized``: Halko, Martinsson & Tropp 2011,
+    "Finding structure with randomness", Alg. 4.4 with ``k + oversample`` Gaussian columns (seeded
+    with ``seed``) and ``n_iter`` power iterations, then Alg. 5.1. ``auto``: randomized when
+    ``k + oversample <= min(m, n) // 4`` and ``min(m, n) >= 256``, else exact. Signs are fixed: the
+    largest-|.| entry of each U column is positive. A failed SVD is retried in float64, then exactly on
+    CPU, each retry reported through ``on_warning``; :class:`NumericalError` if all fail.
+    """
+    _check_matrix(M, "M")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k must be a whole number >= 1, got {k!r}")
+    if oversample < 0 or n_iter < 0:
+        raise InvalidOption(f"oversample ({oversample}) and n_iter ({n_iter}) must be 0 or more")
+    side = min(M.shape)
+    k = min(int(k), side)
+    chosen = _resolve_method(_as_method(method), side, k, oversample)
+
+    def compute(X: Tensor, exact: bool) -> tuple[Tensor, ...]:
+        if exact or chosen is Method.EXACT:
+            return _exact(X, k)
+        return _randomized(X, k, oversample, n_iter, seed)
+
+    # float32 (float64 kept): see the module docstring; bf16/fp16 SVDs are unsupported or too coarse
+    (U, S, Vh), fell_back = _with_fallback(compute, M.detach(), on_warning)
+    U, Vh = _fix_signs(U, Vh)
+    return TruncatedSVD(U=U, S=S[:k].contiguous(), Vh=Vh, method=Method.EXACT if fell_back else chosen, spectrum=S)
+
+
+@torch.no_grad()
+def singular_values(M: Tensor, *, on_warning: Warn | None = None) -> Tensor:
+    """All singular values of ``M (m, n)``, descending, shape ``(min(m, n),)``; float32 (float64 kept)."""
+    _check_matrix(M, "M")
+    (S,), _ = _with_fallback(lambda X, exact: (torch.linalg.svdvals(X),), M.detach(), on_warning)
+    return S
+
+
+@torch.no_grad()
+def balanced_factors(svd: TruncatedSVD, r: int, *, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Balanced split of the top r components: ``B = U_r sqrt(S_r / scale)`` (m, r) and
+    ``A = sqrt(S_r / scale) Vh_r`` (r, n), so that ``scale * B @ A = U_r diag(S_r) Vh_r``."""
+    if not 0 <= r <= svd.S.shape[0]:
+        raise ValueError(f"r must be in [0, {svd.S.shape[0]}] (the computed components), got {r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    root = torch.sqrt(svd.S[:r].clamp_min(0) / scale)  # (r,)
+    return (svd.U[:, :r] * root).contiguous(), (root.unsqueeze(1) * svd.Vh[:r]).contiguous()
+
+
+@torch.no_grad()
+def qr_core_svd(B: Tensor, A: Tensor, *, scale: float = 1.0, on_warning: Warn | None = None) -> TruncatedSVD:
+    """Exact SVD of ``scale * B @ A`` (B (m, r), A (r, n)) without forming the (m, n) product.
+
+    ``B = Q_B R_B`` and ``A^T = Q_A R_A`` (reduced QR), SVD of the small core
+    ``scale * R_B @ R_A^T = U_c S V_c^T``, then ``U = Q_B U_c`` and ``Vh = V_c^T Q_A^T``. Works for
+    r > m or r > n (the core is then rectangular) and rank-deficient factors. Returns
+    ``min(m, n, r)`` components, signs fixed as in :func:`truncated_svd`; float32 (float64 kept).
+    """
+    _check_matrix(B, "B")
+    _check_matrix(A, "A")
+    if B.shape[1] != A.shape[0]:
+        raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} do not chain: B is (m, r), A is (r, n)")
+    work = _work_dtype(B, A)
+    B = B.detach().to(work)
+    A = A.detach().to(device=B.device, dtype=work)
+    Q_B, R_B = torch.linalg.qr(B)  # (m, p), (p, r); p = min(m, r)
+    Q_A, R_A = torch.linalg.qr(A.mT)  # (n, q), (q, r); q = min(n, r)
+    core = scale * (R_B @ R_A.mT)  # (p, q)
+    (Uc, S, Vch), _ = _with_fallback(lambda X, exact: torch.linalg.svd(X, full_matrices=False), core, on_warning)
+    U, Vh = _fix_signs(Q_B @ Uc, Vch @ Q_A.mT)  # (m, min(p, q)), (min(p, q), n)
+    return TruncatedSVD(U=U, S=S.contiguous(), Vh=Vh, method=Method.EXACT)
+
+
+# --------------------------------------------------------------------------- factors and norms
+
+
+@torch.no_grad()
+def concat_factors(parts: Sequence[tuple[Tensor, Tensor, float]]) -> tuple[Tensor, Tensor]:
+    """``[(B_i (m, r_i), A_i (r_i, n), coef_i)]`` -> ``B = [coef_1 B_1 | coef_2 B_2 ...]`` (m, sum r) and
+    ``A = [A_1; A_2; ...]`` (sum r, n), so that ``B @ A = sum_i coef_i B_i @ A_i`` exactly.
+    float32 (float64 if any factor is)."""
+    if not parts:
+        raise ValueError("concat_factors needs at least one (B, A, coef) part")
+    work = _work_dtype(*(t for B, A, _ in parts for t in (B, A)))
+    device = parts[0][0].device
+    m, n = parts[0][0].shape[0], parts[0][1].shape[1]
+    for i, (B, A, _) in enumerate(parts):
+        if B.ndim != 2 or A.ndim != 2 or B.shape[0] != m or A.shape[1] != n or B.shape[1] != A.shape[0]:
+            raise ValueError(f"part {i}: B {tuple(B.shape)} and A {tuple(A.shape)} do not fit ({m}, r) and (r, {n})")
+    Bs = [B.detach().to(device=device, dtype=work) * float(coef) for B, _, coef in parts]
+    As = [A.detach().to(device=device, dtype=work) for _, A, _ in parts]
+    return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+
+
+@torch.no_grad()
+def frobenius_error(M: Tensor, B: Tensor, A: Tensor, *, scale: float = 1.0) -> float:
+    """``||M - scale * B @ A||_F`` for ``M (m, n)``, ``B (m, r)``, ``A (r, n)``.
+
+    float32 (float64 kept) with float64 accumulation, a chunk of columns at a time so the temporary
+    stays small next to M."""
+    _check_matrix(M, "M")
+    m, n = M.shape
+    if B.shape[0] != m or A.shape[1] != n or B.shape[1] != A.shape[0]:
+        raise ValueError(f"M {tuple(M.shape)}, B {tuple(B.shape)} and A {tuple(A.shape)} do not match")
+    work = _work_dtype(M, B, A)
+    B = B.detach().to(device=M.device, dtype=work)
+    step = max(1, _CHUNK_ELEMENTS // max(m, 1))
+    total = 0.0
+    for j in range(0, n, step):
+        D = M[:, j:j + step].to(work) - scale * (B @ A[:, j:j + step].to(device=M.device, dtype=work))  # (m, c)
+        total += float(torch.linalg.vector_norm(D, dtype=torch.float64)) ** 2
+    return math.sqrt(total)
+
+
+@torch.no_grad()
+def lowrank_frobenius_norm(B: Tensor, A: Tensor, s: float = 1.0) -> float:
+    """``||s * B @ A||_F`` for ``B (m, r)``, ``A (r, n)`` without forming the product.
+
+    QR of both factors in float64: ``||B A||_F = ||R_B R_A^T||_F`` (orthonormal Q's drop out). Same
+    cost as the Gram trick ``tr((B^T B)(A A^T))`` but no squaring, so small differences survive."""
+    _check_matrix(B, "B")
+    _check_matrix(A, "A")
+    if B.shape[1] != A.shape[0]:
+        raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} do not chain: B is (m, r), A is (r, n)")
+    if B.shape[1] == 0 or s == 0:
+        return 0.0
+    B = B.detach().to(torch.float64)
+    A = A.detach().to(device=B.device, dtype=torch.float64)
+    R_B = torch.linalg.qr(B, mode="r").R  # (p, r)
+    R_A = torch.linalg.qr(A.mT, mode="r").R  # (q, r)
+    return abs(float(s)) * float(torch.linalg.matrix_norm(R_B @ R_A.mT))
+
+
+@torch.no_grad()
+def lowrank_frobenius_diff(B1: Tensor, A1: Tensor, s1: float, B2: Tensor, A2: Tensor, s2: float) -> float:
+    """``||s1 B1 A1 - s2 B2 A2||_F`` without forming either product: the norm of the concatenation
+    ``[s1 B1 | -s2 B2] [A1; A2]`` (see :func:`lowrank_frobenius_norm`)."""
+    B, A = concat_factors([(B1.double(), A1, s1), (B2.double(), A2, -s2)])
+    return lowrank_frobenius_norm(B, A)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> cuda when available else cpu; ``"cpu"``/``"cuda"``/``"cuda:N"`` checked to exist."""
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidOption(f"--device {device!r} is not a device: use cpu, cuda or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidOption(f"--device {device} asked for but CUDA is not available: use --device cpu or auto")
+    return dev
