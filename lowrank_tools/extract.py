@@ -12,7 +12,6 @@ while the current one is factored):
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,47 +22,20 @@ from torch import Tensor
 from .adapter import Adapter, LoraModule, ModuleKind, matrix_view, module_name
 from .checkpoint import Checkpoint, as_checkpoint, pair_tensors
 from .errors import InvalidOption, NonFiniteWeight, NumericalError
+from .layers import compile_filters, relative_change, select_layers
 from .linalg import Method, RankRule, balanced_factors, frobenius_error, resolve_device, truncated_svd
 from .prefetch import prefetch
 from .report import MAX_SINGULAR_VALUES, LayerRecord, Report, summarize
 
-__all__ = ["ExtractResult", "extract", "layer_kind", "Progress"]
+__all__ = ["ExtractResult", "extract", "Progress"]
 
 Progress = Callable[[int, int, str], None]  # (done, total, current name)
 Warn = Callable[[str], None]
-
-_EMBEDDING_LEAF = re.compile(r"(embed|embedding|embeddings|wte|wpe|shared)", re.IGNORECASE)
-
 
 @dataclass
 class ExtractResult:
     adapter: Adapter
     report: Report
-
-
-def layer_kind(name: str, shape: Sequence[int]) -> ModuleKind | None:
-    """How a weight is adapted: linear (2-D), conv (3-D/4-D kernels), embedding (2-D, named so); None if not."""
-    if not name.endswith(".weight") or len(shape) < 2 or 0 in shape:
-        return None
-    if len(shape) == 2:
-        leaf = module_name(name).rsplit(".", 1)[-1]
-        return ModuleKind.EMBEDDING if _EMBEDDING_LEAF.search(leaf) else ModuleKind.LINEAR
-    return ModuleKind.CONV if len(shape) in (3, 4, 5) else None
-
-
-def _matches(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
-    if include and not any(re.search(p, name) for p in include):
-        return False
-    return not any(re.search(p, name) for p in exclude)
-
-
-def _compile_filters(patterns: Sequence[str], option: str) -> tuple[str, ...]:
-    for p in patterns:
-        try:
-            re.compile(p)
-        except re.error as exc:
-            raise InvalidOption(f"{option} {p!r} is not a valid regular expression ({exc})") from None
-    return tuple(patterns)
 
 
 def _check_finite(t: Tensor, what: str) -> None:
@@ -124,12 +96,6 @@ def _pairs(base: Checkpoint, tuned: Checkpoint, names: Sequence[str]) -> Iterato
         yield name, base.get(name), tuned.get(name)
 
 
-def _relative_change(W0: Tensor, W1: Tensor) -> float:
-    d = float(torch.linalg.vector_norm(W1.float() - W0.float(), dtype=torch.float64))
-    n = float(torch.linalg.vector_norm(W0.float(), dtype=torch.float64))
-    return d / n if n else (math.inf if d else 0.0)
-
-
 @torch.no_grad()
 def extract(
     base,
@@ -158,14 +124,14 @@ def extract(
     start = time.perf_counter()
     if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
         raise InvalidOption(f"--alpha {alpha} must be a positive number")
-    include, exclude = _compile_filters(include, "--include"), _compile_filters(exclude, "--exclude")
+    include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
     base_ckpt, tuned_ckpt = as_checkpoint(base), as_checkpoint(tuned)
     pairing = pair_tensors(base_ckpt, tuned_ckpt, strict=strict)
     if warn and pairing.warning():
         warn(pairing.warning())
     opts = _Options(rule=rule, method=Method(method), alpha=alpha, dtype=dtype, device=resolve_device(device),
                     seed=seed, oversample=oversample, n_iter=n_iter)
-    selected, skipped, one_d = _select(pairing.names, tuned_ckpt, include, exclude)
+    selected, skipped, one_d = select_layers(pairing.names, tuned_ckpt, include, exclude)
     modules, records, zero = {}, [], []
     for i, (name, W0, W1) in enumerate(prefetch(_pairs(base_ckpt, tuned_ckpt, selected))):
         if progress:
@@ -180,7 +146,7 @@ def extract(
         records.append(rec)
     if progress:
         progress(len(selected), len(selected), "")
-    changed = {n: _relative_change(base_ckpt.get(n), tuned_ckpt.get(n)) for n in one_d}
+    changed = {n: relative_change(base_ckpt.get(n), tuned_ckpt.get(n)) for n in one_d}
     skipped["zero delta or nothing kept"] = zero
     adapter = Adapter(modules=modules, base_model=_base_name(base), source_format="extract")
     report = Report(command="extract", layers=records, summary=summarize(records, wall_time=time.perf_counter() - start),
@@ -188,27 +154,6 @@ def extract(
                     notes=[pairing.warning()] if pairing.warning() else [],
                     changed_1d={n: v for n, v in changed.items() if v > 0})
     return ExtractResult(adapter=adapter, report=report)
-
-
-def _select(names: Sequence[str], tuned: Checkpoint, include, exclude) -> tuple[dict, dict, list]:
-    """Split paired tensor names into layers to factor ({name: kind}), skipped ones, and 1-D float tensors."""
-    selected: dict[str, ModuleKind] = {}
-    skipped: dict[str, list[str]] = {"filtered out": [], "not a float tensor": [], "not a weight matrix": []}
-    one_d = []
-    for name in names:
-        shape, dt = tuned.shape(name), tuned.dtype(name)
-        if not dt.is_floating_point:
-            skipped["not a float tensor"].append(name)
-            continue
-        kind = layer_kind(name, shape)
-        if kind is None:
-            (one_d if len(shape) == 1 and shape[0] > 0 else skipped["not a weight matrix"]).append(name)
-            continue
-        if not _matches(module_name(name), include, exclude):
-            skipped["filtered out"].append(name)
-            continue
-        selected[name] = kind
-    return selected, skipped, one_d
 
 
 def _base_name(base) -> str | None:
