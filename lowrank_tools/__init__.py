@@ -8,10 +8,13 @@ The command line (``lowrank-tools``) is a thin shell over these functions.
 __version__ = "0.1.0"
 
 from .adapter import Adapter, LoraModule, ModuleKind  # noqa: E402
+from .apply import apply  # noqa: E402
 from .checkpoint import open_checkpoint  # noqa: E402
 from .extract import extract  # noqa: E402
 from .formats import load_adapter, save_adapter  # noqa: E402
 from .linalg import Method, RankRule  # noqa: E402
+from .merge import merge  # noqa: E402
+from .resize import resize  # noqa: E402
 
 __all__ = ["Adapter", "LoraModule", "ModuleKind", "Method", "RankRule", "extract", "load_adapter", "open_checkpoint",
-           "save_adapter", "__version__"]
+           "save_adapter", "resize", "merge", "apply", "__version__"]

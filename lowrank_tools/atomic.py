@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import secrets
@@ -22,7 +23,7 @@ import torch
 
 from .errors import InvalidOption, OutputError, OutputExists, UnsupportedTensor
 
-__all__ = ["atomic_output", "check_output", "parse_size", "ShardedWriter", "SAFETENSORS_DTYPES"]
+__all__ = ["atomic_output", "check_output", "parse_size", "ShardedWriter", "SAFETENSORS_DTYPES", "header_bound"]
 
 #: safetensors dtype strings and the torch dtypes they map to (both directions are unique).
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -189,15 +190,18 @@ class _SafetensorsStream:
 
     Tensors are kept in memory until ``spill_bytes`` accumulate; then the data goes straight to disk after a header
     area reserved (spaces, which the format allows) from the header size so far. If the final header outgrows that
-    area, the data is shifted once.
+    area, the data is shifted once. A ``header_reserve`` (an upper bound of the final header, from a caller that
+    knows every name and shape) is reserved at once and nothing is kept in memory.
     """
 
-    def __init__(self, path: Path, metadata: dict[str, str], *, spill_bytes: int = 64 * 2**20):
+    def __init__(self, path: Path, metadata: dict[str, str], *, spill_bytes: int = 64 * 2**20,
+                 header_reserve: int = 0):
         self.path = path
         self.nbytes = 0
         self._header: dict[str, dict] = {"__metadata__": metadata}
         self._pending: list[torch.Tensor] = []
-        self._spill = spill_bytes
+        self._spill = 0 if header_reserve else spill_bytes
+        self._header_reserve = header_reserve
         self._file = None
         self._reserved = 0
 
@@ -214,7 +218,7 @@ class _SafetensorsStream:
             return
         self._pending.append(data)
         if self.nbytes >= self._spill:
-            self._reserved = _round8(4 * len(self._header_bytes()) + 4096)
+            self._reserved = _round8(max(4 * len(self._header_bytes()) + 4096, self._header_reserve))
             self._file = open(self.path, "w+b")  # noqa: SIM115 (closed in close/abort)
             self._file.seek(8 + self._reserved)
             self._flush_pending()
@@ -280,11 +284,14 @@ class ShardedWriter:
     ``model-00001-of-0000N.safetensors`` shards plus ``model.safetensors.index.json`` (a single shard is just
     ``model.safetensors``). A shard closes when the next tensor would take it past ``shard_size``; a tensor larger
     than ``shard_size`` gets a shard of its own. Every file carries ``{"format": "pt"}`` plus ``metadata``. Use it
-    at the path yielded by :func:`atomic_output`.
+    at the path yielded by :func:`atomic_output`. ``header_reserve``: an upper bound (bytes) of any file's JSON
+    header, for callers that know every name and shape in advance: each tensor then goes straight to disk and no
+    file is shifted when closed (see :func:`header_bound`).
     """
 
-    def __init__(self, path: Path, *, shard_size: int | None, metadata: dict | None = None):
+    def __init__(self, path: Path, *, shard_size: int | None, metadata: dict | None = None, header_reserve: int = 0):
         self.path = Path(path)
+        self.header_reserve = int(header_reserve)
         self.shard_size = shard_size
         self.metadata = {"format": "pt", **_check_metadata(metadata or {})}
         self._names: set[str] = set()
@@ -319,7 +326,8 @@ class ShardedWriter:
         if current is None or full:
             if current is not None:
                 current.close()
-            current = _SafetensorsStream(self._shard_path(len(self._shards)), self.metadata)
+            current = _SafetensorsStream(self._shard_path(len(self._shards)), self.metadata,
+                                         header_reserve=self.header_reserve)
             self._shards.append(current)
         current.add(name, tensor)
         self._names.add(name)
@@ -333,7 +341,8 @@ class ShardedWriter:
 
     def _finish(self) -> list[Path]:
         if not self._shards:
-            self._shards.append(_SafetensorsStream(self._shard_path(0), self.metadata))
+            self._shards.append(_SafetensorsStream(self._shard_path(0), self.metadata,
+                                                   header_reserve=self.header_reserve))
         self._shards[-1].close()
         if self.shard_size is None:
             return [self.path]
@@ -356,6 +365,14 @@ class ShardedWriter:
         if self.shard_size is None:
             return self.path
         return self.path / f".shard-{i + 1:05d}.safetensors.part"
+
+
+def header_bound(entries: Sequence[tuple[str, torch.dtype, Sequence[int]]], metadata: dict | None = None) -> int:
+    """An upper bound (bytes) of the safetensors JSON header of a file holding some or all of ``entries``
+    ``(name, dtype, shape)``: for :class:`ShardedWriter`'s ``header_reserve``."""
+    offsets = len(str(sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in entries)))  # largest offset's digits
+    body = sum(len(json.dumps(name)) + len(json.dumps(list(shape))) + 2 * offsets + 64 for name, _, shape in entries)
+    return _round8(body + len(json.dumps({"format": "pt", **(metadata or {})})) + 64)
 
 
 def _check_metadata(metadata: dict) -> dict[str, str]:

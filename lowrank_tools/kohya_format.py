@@ -4,14 +4,20 @@
     lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight     B: (out, r) or (out, r, 1, 1)
     lora_unet_down_blocks_0_attentions_0_proj_in.alpha              0-d tensor; scale = alpha / r
 
-A file without ``.alpha`` means scale 1 (alpha = r), the convention kohya's loaders follow.
-Since ``_`` is ambiguous, files written here record ``{kohya key: module name}`` in the safetensors
-metadata under ``lowrank_tools.modules`` so that reading them back restores the names exactly.
+Convention: a module without ``.alpha`` has alpha = r, i.e. scale 1 (what kohya's, A1111's and diffusers' loaders
+assume). Written alphas are float32 scalars equal to scale * r, so every module's product is kept exactly.
+
+Names (see :mod:`kohya_names`): since ``_`` is ambiguous, files written here record ``{kohya key: module name}``
+in the safetensors metadata under ``lowrank_tools.modules``, so reading them back restores the names exactly.
+A file without that record is read by matching its keys against a base checkpoint's module names when one is
+given, else by rebuilding names from known diffusers/transformers identifiers, and the adapter says which names
+are guesses. Embeddings and tensors saved whole have no kohya form: writing them is a :class:`ConversionError`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -20,59 +26,80 @@ from safetensors.torch import save_file
 from .adapter import Adapter, LoraModule, ModuleKind
 from .checkpoint import open_checkpoint
 from .errors import AdapterFormatError, ConversionError
-from .peft_format import build_module
+from .kohya_names import check_prefix, guess_module_name, kohya_key, match_keys
+from .peft_format import build_module, file_factors, lora_keys_seen
 
-__all__ = ["NAMES_KEY", "COMPONENT_PREFIXES", "kohya_key", "is_kohya_keys", "read_kohya", "write_kohya"]
+__all__ = ["NAMES_KEY", "kohya_key", "is_kohya_keys", "read_kohya", "write_kohya", "kohya_state_dict"]
 
 NAMES_KEY = "lowrank_tools.modules"
 _DOWN, _UP, _ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
-# module-name component -> kohya prefix (text_encoder becomes lora_te1_ when a second encoder is present)
-COMPONENT_PREFIXES = {"unet.": "lora_unet_", "transformer.": "lora_unet_", "text_encoder.": "lora_te_",
-                      "text_encoder_2.": "lora_te2_"}
-
-
-def kohya_key(name: str, *, prefix: str = "lora_unet_", two_encoders: bool = False) -> str:
-    """Module name -> kohya key: the component decides the prefix; other names take ``prefix``."""
-    for component, comp_prefix in COMPONENT_PREFIXES.items():
-        if name.startswith(component):
-            if component == "text_encoder." and two_encoders:
-                comp_prefix = "lora_te1_"
-            return comp_prefix + name[len(component):].replace(".", "_")
-    return prefix + name.replace(".", "_")
 
 
 def is_kohya_keys(keys) -> bool:
     return any(k.endswith(_DOWN) or k.endswith(_UP) for k in keys)
 
 
-def write_kohya(adapter: Adapter, path: Path, *, prefix: str = "lora_unet_") -> None:
-    """Write ``adapter`` as a kohya safetensors file at ``path`` (the caller makes it atomic)."""
+def _check_holdable(adapter: Adapter) -> None:
+    for name, m in adapter.modules.items():
+        if m.kind is ModuleKind.EMBEDDING:
+            raise ConversionError(f"module {name} is an embedding, which kohya files cannot hold: use --format peft, "
+                                  f"or leave it out (--exclude '{name}')")
+    if adapter.full_tensors:
+        name = next(iter(adapter.full_tensors))
+        raise ConversionError(f"tensor {name} is saved whole (modules_to_save), which kohya files cannot hold: use "
+                              f"--format peft")
+
+
+def kohya_state_dict(adapter: Adapter, *, prefix: str = "lora_unet_") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """({kohya tensor key: tensor}, {kohya module key: module name}); raises for what kohya cannot hold."""
+    check_prefix(prefix)
+    _check_holdable(adapter)
     two_encoders = any(n.startswith("text_encoder_2.") for n in adapter.modules)
     tensors: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
     for name, m in adapter.modules.items():
-        if m.kind is ModuleKind.EMBEDDING:
-            raise ConversionError(f"module {name} is an embedding, which kohya files cannot hold: "
-                                  f"use --format peft, or --exclude '{name}'")
         key = kohya_key(name, prefix=prefix, two_encoders=two_encoders)
         if key in names:
             raise ConversionError(f"modules {names[key]} and {name} both map to kohya key {key}: use --format peft")
         names[key] = name
-        down, up = m.A, m.B
-        if m.kind is ModuleKind.CONV:
-            kernel_ones = [1] * (len(m.weight_shape) - 2)
-            down, up = m.A.reshape(m.rank, *m.weight_shape[1:]), m.B.reshape(m.B.shape[0], m.rank, *kernel_ones)
+        down, up = file_factors(m)
         tensors[key + _DOWN] = down.contiguous()
         tensors[key + _UP] = up.contiguous()
         tensors[key + _ALPHA] = torch.tensor(m.scale * m.rank, dtype=torch.float32)
+    return tensors, names
+
+
+def write_kohya(adapter: Adapter, path: Path, *, prefix: str = "lora_unet_") -> None:
+    """Write ``adapter`` as a kohya safetensors file at ``path`` (the caller makes it atomic)."""
+    tensors, names = kohya_state_dict(adapter, prefix=prefix)
     ranks = sorted({m.rank for m in adapter.modules.values()})
-    metadata = {"format": "pt", NAMES_KEY: json.dumps(names, sort_keys=True), "ss_network_module": "networks.lora",
-                "ss_network_dim": str(ranks[-1] if ranks else 0), "ss_network_alpha": "dynamic" if len(ranks) > 1
-                else str(next(iter(adapter.modules.values())).alpha if adapter.modules else 0)}
+    alphas = sorted({m.scale * m.rank for m in adapter.modules.values()})
+    metadata = {"format": "pt", NAMES_KEY: json.dumps(names), "ss_network_module": "networks.lora",
+                "ss_network_dim": str(ranks[-1] if ranks else 0),
+                "ss_network_alpha": "dynamic" if len(alphas) > 1 else f"{alphas[0] if alphas else 0:g}"}
     if adapter.base_model:
         metadata["ss_sd_model_name"] = adapter.base_model
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
+
+
+# ------------------------------------------------------------------------------------------------ read
+
+
+def _group_keys(ckpt, path: Path) -> set[str]:
+    """Module keys of the file; any tensor that is not a down/up/alpha of one raises, naming the key."""
+    downs = {k[: -len(_DOWN)] for k in ckpt.keys() if k.endswith(_DOWN)}
+    ups = {k[: -len(_UP)] for k in ckpt.keys() if k.endswith(_UP)}
+    for key in sorted(downs ^ ups):
+        have, lacks = (_DOWN, "lora_up") if key in downs else (_UP, "lora_down")
+        raise AdapterFormatError(f"{path}: key {key}{have} has no matching {lacks}: the file is incomplete")
+    for key in ckpt.keys():
+        if key.endswith(_ALPHA) and key[: -len(_ALPHA)] not in downs:
+            raise AdapterFormatError(f"{path}: key {key} has no lora_down / lora_up beside it: the file is incomplete")
+        if not (key.endswith(_DOWN) or key.endswith(_UP) or key.endswith(_ALPHA)):
+            raise AdapterFormatError(f"{path}: key {key} is not a LoRA factor (keys seen: {lora_keys_seen(ckpt.keys())})"
+                                     f": only lora_down / lora_up / alpha are supported (not LoHa, LoKr, DoRA)")
+    return downs
 
 
 def _alpha(ckpt, key: str, rank: int, where: Path) -> float:
@@ -80,25 +107,59 @@ def _alpha(ckpt, key: str, rank: int, where: Path) -> float:
         return float(rank)  # no alpha: scale 1
     t = ckpt.get(key + _ALPHA)
     if t.numel() != 1:
-        raise AdapterFormatError(f"{where}: {key}{_ALPHA} has shape {tuple(t.shape)}, expected a scalar")
-    return float(t.reshape(()).item())
+        raise AdapterFormatError(f"{where}: key {key}{_ALPHA} has shape {tuple(t.shape)}, expected a scalar alpha")
+    value = float(t.reshape(()).item())
+    if not math.isfinite(value):
+        raise AdapterFormatError(f"{where}: key {key}{_ALPHA} is {value}, not a finite number")
+    return value
 
 
-def read_kohya(path: Path) -> Adapter:
-    """Read a kohya/A1111 LoRA file. Names come from our metadata record when present, else the key
-    (``lora_unet_...``) stands for the module and a note says the name is a guess."""
+def _recorded_names(ckpt, path: Path) -> dict[str, str]:
+    raw = ckpt.metadata.get(NAMES_KEY)
+    try:
+        names = json.loads(raw) if raw else {}
+    except ValueError:
+        names = None
+    if not isinstance(names, dict):
+        raise AdapterFormatError(f"{path}: metadata {NAMES_KEY} is not a JSON object of names: re-write the file")
+    return names
+
+
+def _module_names(keys: list[str], recorded: dict, path: Path, module_names, base: str | None) -> tuple[dict, list]:
+    """{kohya key: module name} and notes: recorded names, else matched against a base, else guessed."""
+    names = {k: recorded[k] for k in keys if k in recorded}
+    rest = [k for k in keys if k not in recorded]
+    notes = []
+    if rest and module_names is not None:
+        names.update(match_keys(rest, module_names, where=str(path), base=base or "the base checkpoint"))
+        notes.append(f"{path}: {len(rest)} module names matched against {base or 'the base checkpoint'} "
+                     f"(no {NAMES_KEY} record)")
+    elif rest:
+        names.update({k: guess_module_name(k) for k in rest})
+        notes.append(f"{path}: {len(rest)} module names are guesses from the known diffusers/transformers naming "
+                     f"(e.g. {rest[0]} -> {names[rest[0]]}): pass a base checkpoint to match them exactly")
+    seen: dict[str, str] = {}
+    for key, name in names.items():
+        if name in seen:
+            raise AdapterFormatError(f"{path}: keys {seen[name]} and {key} both stand for module {name}")
+        seen[name] = key
+    return names, notes
+
+
+def read_kohya(path: Path, *, module_names=None, base: str | None = None) -> Adapter:
+    """Read a kohya/A1111/ComfyUI LoRA file; ``module_names`` (a base checkpoint's) resolve unrecorded keys."""
     ckpt = open_checkpoint(path)
-    recorded = json.loads(ckpt.metadata.get(NAMES_KEY, "{}"))
-    keys = {k[: -len(_DOWN)] for k in ckpt.keys() if k.endswith(_DOWN)}
-    ups = {k[: -len(_UP)] for k in ckpt.keys() if k.endswith(_UP)}
-    for key in sorted(keys ^ ups):
-        have, lacks = ("lora_down", "lora_up") if key in keys else ("lora_up", "lora_down")
-        raise AdapterFormatError(f"{path}: {key} has {have} but no {lacks}: the file is incomplete")
+    downs, recorded = _group_keys(ckpt, path), _recorded_names(ckpt, path)
+    keys = [k for k in recorded if k in downs] + sorted(k for k in downs if k not in recorded)  # as written
+    names, notes = _module_names(keys, recorded, path, module_names, base)
     modules: dict[str, LoraModule] = {}
-    for key in sorted(keys):
+    for key in keys:
         A, B = ckpt.get(key + _DOWN), ckpt.get(key + _UP)
-        name = recorded.get(key, key)
-        modules[name] = build_module(name, A, B, _alpha(ckpt, key, A.shape[0], path), embedding=False, source=path)
-    notes = [] if recorded else [f"{path}: module names are kohya keys (no {NAMES_KEY} record in the file)"]
+        alpha = _alpha(ckpt, key, A.shape[0] if A.ndim else 0, path)
+        modules[names[key]] = build_module(names[key], A, B, alpha, embedding=False, source=path,
+                                           keys=(key + _DOWN, key + _UP))
+    no_alpha = [k for k in keys if k + _ALPHA not in ckpt]
+    if no_alpha:
+        notes.append(f"{path}: {len(no_alpha)} modules have no .alpha (e.g. {no_alpha[0]}): alpha = r, scale 1")
     return Adapter(modules=modules, base_model=ckpt.metadata.get("ss_sd_model_name"), source_format="kohya",
                    notes=notes)

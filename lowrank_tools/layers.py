@@ -1,21 +1,40 @@
-"""Which tensors of a checkpoint become which LoRA modules: kinds, filters, and what is left out."""
+"""Which tensors of a checkpoint become which LoRA modules: kinds, filters, tied weights, what is saved whole.
+
+- Kinds: 2-D weights are linear, or embeddings when their leaf is named so (PEFT's ``lora_embedding_A/B``);
+  3-D to 5-D weights are conv kernels (Conv1d/2d/3d), factored as (out, in * prod(kernel)).
+- Tied weights: an output head (``lm_head``) that is the input embedding -- stored equal to it, or absent
+  because ``tie_word_embeddings`` is set -- is factored once, as the embedding, and the adapter carries the
+  delta on both sides (:func:`tied_head_module`). A LoRA on one side alone would change only the token lookup
+  or only the output projection and silently lose the rest of the fine-tune.
+- Saved whole: tensors of modules matching ``--full-modules`` go to PEFT ``modules_to_save`` as they are in the
+  tuned checkpoint. A weight whose shape changed (a vocabulary that grew) cannot be a LoRA: without
+  ``--full-modules`` it is an error naming the tensor.
+- 1-D tensors (biases, norms) are never low-rank: they are listed with ||d|| / ||W0|| so the user sees what the
+  adapter leaves out.
+"""
 
 from __future__ import annotations
 
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .adapter import ModuleKind, module_name
-from .checkpoint import Checkpoint
-from .errors import InvalidOption
+from .adapter import LoraModule, ModuleKind, module_name
+from .checkpoint import Checkpoint, Pairing
+from .errors import InvalidOption, ShapeMismatch
 
-__all__ = ["layer_kind", "compile_filters", "matches", "select_layers", "relative_change"]
+__all__ = ["layer_kind", "compile_filters", "matches", "select_layers", "relative_change", "TiedHead",
+           "find_tied_heads", "tied_head_module", "LayerPlan", "plan_layers"]
 
 _EMBEDDING_LEAF = re.compile(r"(embed|embedding|embeddings|wte|wpe|shared)", re.IGNORECASE)
+# input embeddings an output head can be tied to, in order of preference
+_WORD_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in", "shared")
+_HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+_HEAD = "lm_head"
 
 
 def layer_kind(name: str, shape: Sequence[int]) -> ModuleKind | None:
@@ -68,3 +87,173 @@ def relative_change(W0: Tensor, W1: Tensor) -> float:
     d = float(torch.linalg.vector_norm(W1.float() - W0.float(), dtype=torch.float64))
     n = float(torch.linalg.vector_norm(W0.float(), dtype=torch.float64))
     return d / n if n else (math.inf if d else 0.0)
+
+
+# ------------------------------------------------------------------------------------------- tied weights
+
+
+@dataclass(frozen=True)
+class TiedHead:
+    """An output head that shares the input embedding's weight."""
+
+    embedding: str  # tensor name, e.g. model.embed_tokens.weight
+    head: str  # module name of the output projection, e.g. lm_head
+    stored: bool  # the head's weight is in the checkpoint (equal to the embedding), else implied by the config
+
+
+def _configs(ckpt: Checkpoint) -> list[tuple[str, dict]]:
+    """(name prefix, config.json) of the checkpoint and of each pipeline component."""
+    parts = [("", ckpt.config if isinstance(ckpt.config, dict) else {})]
+    return parts + [(f"{c}.", part.config if isinstance(part.config, dict) else {}) for c, part in
+                    ckpt.components.items()]
+
+
+def _word_embedding(tuned: Checkpoint, prefix: str) -> str | None:
+    for leaf in _WORD_EMBEDDINGS:
+        found = sorted((n for n in tuned.keys() if n.startswith(prefix) and n.endswith(f"{leaf}.weight")
+                        and len(tuned.shape(n)) == 2), key=len)
+        if found:
+            return found[0]
+    return None
+
+
+def _same(ckpt: Checkpoint, a: str, b: str) -> bool:
+    return a in ckpt and b in ckpt and ckpt.shape(a) == ckpt.shape(b) and torch.equal(ckpt.get(a), ckpt.get(b))
+
+
+def _implied_tie(config: dict, base: Checkpoint, tuned: Checkpoint, head: str) -> bool:
+    """A head architecture whose head weight is stored in neither file, and the config does not untie it."""
+    archs = config.get("architectures") or []
+    has_head = any(str(a).endswith(_HEAD_ARCHITECTURES) for a in archs)
+    return has_head and config.get("tie_word_embeddings", True) is not False and head not in base and head not in tuned
+
+
+def find_tied_heads(base: Checkpoint, tuned: Checkpoint) -> list[TiedHead]:
+    """Output heads tied to the input embedding: stored equal to it (in base and tuned), or absent while
+    config.json ties them (``tie_word_embeddings``, default true for head architectures)."""
+    base_configs = dict(_configs(base))
+    found = []
+    for prefix, config in _configs(tuned):
+        emb = _word_embedding(tuned, prefix)
+        head = f"{prefix}{_HEAD}.weight"
+        if emb is None or emb not in base:
+            continue
+        grew = base.shape(emb) != tuned.shape(emb)
+        if head in tuned and _same(tuned, emb, head) and (grew or _same(base, emb, head)):
+            found.append(TiedHead(emb, module_name(head), stored=True))
+        elif _implied_tie(config or base_configs.get(prefix) or {}, base, tuned, head):
+            found.append(TiedHead(emb, module_name(head), stored=False))
+    return found
+
+
+def tied_head_module(embedding: LoraModule) -> LoraModule:
+    """The head's LoRA from the embedding's: weight (vocab, dim) += scale * B_e^T... laid out as a linear module.
+
+    Embedding: delta (vocab, dim) = scale * (B_e @ A_e)^T with B_e (dim, r), A_e (r, vocab); so the head's
+    B = A_e^T (vocab, r) and A = B_e^T (r, dim) give the same delta (PEFT's own tying uses this layout).
+    """
+    return LoraModule(B=embedding.A.t().contiguous(), A=embedding.B.t().contiguous(), alpha=embedding.alpha,
+                      kind=ModuleKind.LINEAR, weight_shape=tuple(embedding.weight_shape), rslora=embedding.rslora)
+
+
+# -------------------------------------------------------------------------------------------------- plan
+
+_NO_EMBEDDINGS = "embedding (the target format cannot hold it: use --format peft)"
+
+
+@dataclass
+class LayerPlan:
+    """What extract does with each tensor of the tuned checkpoint."""
+
+    layers: dict[str, ModuleKind]  # tensor name -> kind, to factor
+    skipped: dict[str, list[str]]  # reason -> tensor names
+    one_d: list[str]  # 1-D float tensors left out (their relative change is reported)
+    full: dict[str, str] = field(default_factory=dict)  # tensor saved whole -> tuned tensor holding its value
+    tied: dict[str, TiedHead] = field(default_factory=dict)  # embedding tensor -> head module sharing it
+    notes: list[str] = field(default_factory=list)
+
+    def finish(self, modules: dict[str, LoraModule], tuned: Checkpoint) -> dict[str, Tensor]:
+        """Add each tied head's module beside its embedding's (in ``modules``); return the tensors saved whole."""
+        for emb, tie in self.tied.items():
+            if module_name(emb) in modules:
+                modules[tie.head] = tied_head_module(modules[module_name(emb)])
+        return {name: tuned.get(source) for name, source in self.full.items()}
+
+    def unsaved(self, pairing: Pairing) -> Pairing:
+        """The pairing without the tensors saved whole (so its warning lists only what is really left out)."""
+        return Pairing(pairing.names, [n for n in pairing.only_base if n not in self.full],
+                       [n for n in pairing.only_tuned if n not in self.full],
+                       [m for m in pairing.shape_mismatch if m[0] not in self.full])
+
+
+def _module_of(tensor: str) -> str:
+    return tensor.rsplit(".", 1)[0] if "." in tensor else tensor
+
+
+def _full_tensors(tuned: Checkpoint, patterns: Sequence[str]) -> dict[str, str]:
+    if not patterns:
+        return {}
+    return {n: n for n in tuned.keys() if any(re.search(p, _module_of(n)) for p in patterns)}
+
+
+def _apply_ties(plan: LayerPlan, ties: list[TiedHead], patterns: Sequence[str]) -> None:
+    for t in ties:
+        head_weight = f"{t.head}.weight"
+        if t.embedding in plan.full or head_weight in plan.full or any(re.search(p, t.head) for p in patterns):
+            plan.full[t.embedding] = t.embedding
+            plan.full[head_weight] = head_weight if t.stored else t.embedding
+            plan.notes.append(f"{t.head} shares {t.embedding}: both are saved whole")
+        elif t.embedding in plan.layers:
+            plan.tied[t.embedding] = t
+            plan.layers.pop(head_weight, None)
+            how = "stored equal to it" if t.stored else "tie_word_embeddings"
+            plan.notes.append(f"{t.head} shares {t.embedding} ({how}): factored once, the delta is carried on both "
+                              f"sides (lora_embedding_A/B and {t.head} lora_A/B)")
+        elif t.stored and plan.layers.pop(head_weight, None) is not None:
+            plan.skipped.setdefault("tied to an embedding left out", []).append(head_weight)
+
+
+def _drop(plan: LayerPlan, names) -> None:
+    names = set(names)
+    plan.layers = {n: k for n, k in plan.layers.items() if n not in names}
+    plan.one_d = [n for n in plan.one_d if n not in names]
+    plan.skipped = {r: [n for n in v if n not in names] for r, v in plan.skipped.items()}
+
+
+def _drop_embeddings(plan: LayerPlan) -> None:
+    embeddings = [n for n, k in plan.layers.items() if k is ModuleKind.EMBEDDING]
+    _drop(plan, embeddings)
+    heads = [f"{plan.tied.pop(n).head}.weight" for n in embeddings if n in plan.tied]
+    if embeddings:
+        plan.skipped.setdefault(_NO_EMBEDDINGS, []).extend(embeddings + heads)
+
+
+def _check_shapes(pairing: Pairing, plan: LayerPlan, include, exclude) -> None:
+    """A weight whose shape changed cannot be a LoRA: say so, and how to keep it (saved whole) or drop it."""
+    for name, before, after in pairing.shape_mismatch:
+        if name in plan.full or layer_kind(name, after) is None or not matches(module_name(name), include, exclude):
+            continue
+        what = "the vocabulary grew" if before[1:] == after[1:] else "the layer was resized"
+        mod = module_name(name)
+        raise ShapeMismatch(f"{name} changed shape in the fine-tune ({tuple(before)} -> {tuple(after)}: {what}); a "
+                            f"LoRA cannot change a weight's shape: pass --full-modules '{re.escape(mod)}' to save it "
+                            f"whole (PEFT modules_to_save), or --exclude '{re.escape(mod)}'")
+
+
+def plan_layers(base: Checkpoint, tuned: Checkpoint, pairing: Pairing, *, include: Sequence[str] = (),
+                exclude: Sequence[str] = (), full_modules: Sequence[str] = (), embeddings: bool = True) -> LayerPlan:
+    """Decide per tensor: factor (and of which kind), tie, save whole, or leave out with a reason.
+
+    ``full_modules``: regexes searched in module names; their tensors are saved whole, whatever the filters.
+    ``embeddings=False`` (a target such as kohya that cannot hold them) leaves embeddings and their tied heads out.
+    Raises :class:`ShapeMismatch` for a weight that changed shape and is not saved whole.
+    """
+    full_modules = compile_filters(full_modules, "--full-modules")
+    selected, skipped, one_d = select_layers(pairing.names, tuned, include, exclude)
+    plan = LayerPlan(layers=selected, skipped=skipped, one_d=one_d, full=_full_tensors(tuned, full_modules))
+    _apply_ties(plan, find_tied_heads(base, tuned), full_modules)
+    _drop(plan, plan.full)
+    if not embeddings:
+        _drop_embeddings(plan)
+    _check_shapes(pairing, plan, include, exclude)
+    return plan

@@ -24,14 +24,14 @@ from .errors import InvalidOption, NumericalError
 
 __all__ = [
     "Method", "RankRule", "TruncatedSVD", "truncated_svd", "singular_values", "balanced_factors", "qr_core_svd",
-    "concat_factors", "frobenius_error", "lowrank_frobenius_diff", "lowrank_frobenius_norm", "resolve_device",
+    "concat_factors", "frobenius_error", "frobenius_norm", "lowrank_frobenius_diff", "lowrank_frobenius_norm", "resolve_device",
 ]
 
 Warn = Callable[[str], None]
 
 _ENERGY_RTOL = 1e-12  # relative slack so spectra that reach the target exactly are not off by one
 _RATIO_RTOL = 1e-12  # same for S_1 / sv_ratio, which is rounded when computed
-_CHUNK_ELEMENTS = 1 << 22  # column chunk of frobenius_error: 16 MiB of float32 per temporary
+_CHUNK_ELEMENTS = 1 << 20  # column chunk of frobenius_error: one 4 MiB float32 temporary at a time
 _AUTO_MIN_SIDE = 256  # below this an exact SVD is as fast as the randomized one
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # not retried: float64 needs more memory
 
@@ -359,8 +359,19 @@ def frobenius_error(M: Tensor, B: Tensor, A: Tensor, *, scale: float = 1.0) -> f
     step = max(1, _CHUNK_ELEMENTS // max(m, 1))
     total = 0.0
     for j in range(0, n, step):
-        D = M[:, j:j + step].to(work) - scale * (B @ A[:, j:j + step].to(device=M.device, dtype=work))  # (m, c)
+        D = B @ A[:, j:j + step].to(device=M.device, dtype=work)  # (m, c)
+        D.mul_(-scale).add_(M[:, j:j + step])  # in place: one temporary per chunk
         total += float(torch.linalg.vector_norm(D, dtype=torch.float64)) ** 2
+    return math.sqrt(total)
+
+
+@torch.no_grad()
+def frobenius_norm(M: Tensor) -> float:
+    """``||M||_F`` with float64 accumulation, a chunk of rows at a time (no float64 copy of M)."""
+    flat = M.detach().reshape(-1)
+    step = _CHUNK_ELEMENTS
+    total = sum(float(torch.linalg.vector_norm(flat[i:i + step], dtype=torch.float64)) ** 2
+                for i in range(0, flat.numel(), step))
     return math.sqrt(total)
 
 

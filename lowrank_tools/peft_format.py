@@ -1,10 +1,17 @@
-"""PEFT adapter folders: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""PEFT adapters: folders (``adapter_config.json`` + ``adapter_model.safetensors``) and diffusers LoRA files.
 
-Keys are ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (linear and conv) and
-``base_model.model.<module>.lora_embedding_A`` / ``.lora_embedding_B`` (embeddings). Per-module ranks
-and alphas that differ from ``r`` / ``lora_alpha`` go to ``rank_pattern`` / ``alpha_pattern``, whose keys
-PEFT matches as regular expressions against the end of the module name (``re.match(rf"(.*\\.)?({key})$")``),
-so module names are written escaped. Tensors saved whole go to ``modules_to_save``.
+Keys are ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (linear: A (r, in), B (out, r); conv:
+A (r, in, *kernel), B (out, r, 1, ...)) and ``base_model.model.<module>.lora_embedding_A`` (r, vocab) /
+``.lora_embedding_B`` (dim, r) for embeddings. Tensors saved whole (``modules_to_save``) are stored under the
+module's own name, ``base_model.model.<module>.weight``, as PEFT saves them. Per-module ranks and alphas that
+differ from ``r`` / ``lora_alpha`` go to ``rank_pattern`` / ``alpha_pattern``, whose keys PEFT matches as regular
+expressions against the end of the module name (``re.match(rf"(.*\\.)?({key})$", name)``, first match wins), so
+names are written escaped. ``use_rslora`` makes the scale alpha / sqrt(r).
+
+A diffusers pipeline's adapter (modules under ``unet.``, ``text_encoder.``, ``text_encoder_2.``, ``transformer.``)
+is written the way diffusers' ``save_lora_weights`` does: one ``pytorch_lora_weights.safetensors`` with keys
+``<component>.<module>.lora_A.weight`` and each component's LoraConfig in the ``lora_adapter_metadata`` entry of
+the safetensors metadata, so that ``pipe.load_lora_weights(folder)`` restores every rank and alpha.
 """
 
 from __future__ import annotations
@@ -20,12 +27,17 @@ from safetensors.torch import save_file
 
 from .adapter import Adapter, LoraModule, ModuleKind
 from .checkpoint import open_checkpoint
-from .errors import AdapterFormatError
+from .errors import AdapterFormatError, ConversionError
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "is_peft_folder", "read_peft", "write_peft"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_peft_folder",
+           "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft", "write_diffusers", "peft_config",
+           "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
+DIFFUSERS_METADATA = "lora_adapter_metadata"
+DIFFUSERS_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
 _PREFIX = "base_model.model."
 _SUFFIXES = {
     ".lora_A.weight": ("A", False),
@@ -36,11 +48,20 @@ _SUFFIXES = {
 # keys saved with the adapter name inside (``x.lora_A.default.weight``, ``x.lora_embedding_A.default``)
 _NAMED_LINEAR = re.compile(r"\.(lora_[AB])\.[A-Za-z0-9_-]+\.weight$")
 _NAMED_EMBEDDING = re.compile(r"\.(lora_embedding_[AB])\.[A-Za-z0-9_-]+$")
-_SAVED_WHOLE = re.compile(r"^(.*)\.modules_to_save(?:\.[A-Za-z0-9_-]+)?\.(weight|bias)$")
+_SAVED_WHOLE = re.compile(r"^(.*)\.modules_to_save(?:\.[A-Za-z0-9_-]+)?\.([A-Za-z0-9_]+)$")
+_BASE_LAYER = re.compile(r"\.base_layer\.[A-Za-z0-9_]+$")
+_LORA_CONFIG_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "use_rslora", "use_dora",
+                     "lora_dropout", "bias", "init_lora_weights")
 
 
 def is_peft_folder(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_NAME).is_file()
+
+
+def is_diffusers_adapter(adapter: Adapter) -> bool:
+    """True when every module belongs to a diffusers pipeline component (``unet.``, ``text_encoder.``, ...)."""
+    names = [*adapter.modules, *adapter.full_tensors]
+    return bool(names) and all(n.startswith(DIFFUSERS_COMPONENTS) for n in names)
 
 
 # ----------------------------------------------------------------------------------------------- write
@@ -52,12 +73,23 @@ def _mode(values: list) -> object:
     return max(counts, key=lambda v: (counts[v], v))
 
 
-def _file_factors(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors in the layout PEFT stores: conv kernels for conv modules, 2-D otherwise."""
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def file_factors(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) as files store them: conv kernels (r, in, *k) / (out, r, 1, ...) for conv modules, 2-D otherwise."""
     if m.kind is ModuleKind.CONV:
         kernel_ones = [1] * (len(m.weight_shape) - 2)
         return m.A.reshape(m.rank, *m.weight_shape[1:]), m.B.reshape(m.B.shape[0], m.rank, *kernel_ones)
     return m.A, m.B
+
+
+def _pattern_keys(names) -> dict[str, str]:
+    """Pattern keys for rank_pattern / alpha_pattern: the escaped name; anchored with ``^`` (PEFT >= 0.15 reads it
+    as "the whole name") when the name is also the dotted tail of another module's, which it would match too."""
+    tails = {n.split(".", i)[-1] for n in names for i in range(1, n.count(".") + 1)}
+    return {n: ("^" if n in tails else "") + re.escape(n) for n in names}
 
 
 def peft_config(adapter: Adapter) -> dict:
@@ -66,15 +98,16 @@ def peft_config(adapter: Adapter) -> dict:
     alphas = {n: float(m.scale * m.rank) for n, m in adapter.modules.items()}
     r = int(_mode(list(ranks.values()))) if ranks else 0
     alpha = float(_mode([alphas[n] for n in ranks if ranks[n] == r])) if ranks else 0.0
+    keys = _pattern_keys(adapter.modules)
     return {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": adapter.base_model,
         "r": r,
-        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_alpha": _number(alpha),
         "target_modules": sorted(adapter.modules),
-        "rank_pattern": {re.escape(n): k for n, k in ranks.items() if k != r},
-        "alpha_pattern": {re.escape(n): a for n, a in alphas.items() if a != alpha},
+        "rank_pattern": {keys[n]: k for n, k in ranks.items() if k != r},
+        "alpha_pattern": {keys[n]: _number(a) for n, a in alphas.items() if a != alpha},
         "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in adapter.full_tensors}) or None,
         "lora_dropout": 0.0,
         "bias": "none",
@@ -86,18 +119,17 @@ def peft_config(adapter: Adapter) -> dict:
     }
 
 
-def peft_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
+def peft_state_dict(adapter: Adapter, *, prefix: str = _PREFIX) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name, m in adapter.modules.items():
-        A, B = _file_factors(m)
+        A, B = file_factors(m)
         a_key, b_key = (
             ("lora_embedding_A", "lora_embedding_B") if m.kind is ModuleKind.EMBEDDING else ("lora_A.weight", "lora_B.weight")
         )
-        tensors[f"{_PREFIX}{name}.{a_key}"] = A.contiguous()
-        tensors[f"{_PREFIX}{name}.{b_key}"] = B.contiguous()
+        tensors[f"{prefix}{name}.{a_key}"] = A.contiguous()
+        tensors[f"{prefix}{name}.{b_key}"] = B.contiguous()
     for tensor_name, t in adapter.full_tensors.items():
-        mod, leaf = tensor_name.rsplit(".", 1)
-        tensors[f"{_PREFIX}{mod}.modules_to_save.{leaf}"] = t.contiguous()
+        tensors[f"{prefix}{tensor_name}"] = t.contiguous()  # PEFT saves modules_to_save under the module's own name
     return tensors
 
 
@@ -108,14 +140,42 @@ def write_peft(adapter: Adapter, folder: Path) -> None:
     (folder / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2) + "\n")
 
 
+def _config_name(name: str, component: str) -> str:
+    """A text encoder's names in its LoraConfig lose ``text_model.``: PEFT matches targets and patterns by their
+    dotted tail, so they fit a CLIPTextModel with or without it (transformers >= 5 flattens it, and diffusers
+    strips it from the weights' keys to match)."""
+    return name[len("text_model."):] if component.startswith("text_encoder") and name.startswith("text_model.") else name
+
+
+def write_diffusers(adapter: Adapter, folder: Path) -> None:
+    """Write a pipeline's adapter as diffusers' ``pytorch_lora_weights.safetensors`` in ``folder``."""
+    if adapter.full_tensors:
+        name = next(iter(adapter.full_tensors))
+        raise ConversionError(f"{name} is saved whole, which a diffusers LoRA file cannot hold: drop --full-modules "
+                              f"or extract the component folder alone (PEFT modules_to_save)")
+    metadata = {}
+    for component in DIFFUSERS_COMPONENTS:
+        modules = {_config_name(n[len(component):], component): m for n, m in adapter.modules.items()
+                   if n.startswith(component)}
+        if modules:
+            config = peft_config(Adapter(modules=modules))
+            metadata.update({f"{component}{k}": config[k] for k in _LORA_CONFIG_KEYS})
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(peft_state_dict(adapter, prefix=""), str(folder / DIFFUSERS_NAME),
+              metadata={"format": "pt", DIFFUSERS_METADATA: json.dumps(metadata, sort_keys=True)})
+
+
 # ------------------------------------------------------------------------------------------------ read
 
 
 def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's rule: the first pattern key matching the end of the module name wins."""
+    """PEFT's rule (``get_pattern_key``): the first pattern key matching the end of the module name wins."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error:
+            continue  # PEFT would fail on it too; a literal name that is not a regex matches nothing here
     return default
 
 
@@ -124,21 +184,123 @@ def _split_key(key: str) -> tuple[str, str, bool] | None:
     key = _NAMED_EMBEDDING.sub(r".\1", _NAMED_LINEAR.sub(r".\1.weight", key))
     for suffix, (which, emb) in _SUFFIXES.items():
         if key.endswith(suffix):
-            name = key[: -len(suffix)]
-            return (name[len(_PREFIX):] if name.startswith(_PREFIX) else name), which, emb
+            return _strip(key[: -len(suffix)]), which, emb
     return None
 
 
-def _read_config(folder: Path) -> dict:
+def _strip(key: str) -> str:
+    return key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+
+
+def lora_keys_seen(keys) -> str:
+    """A few distinct key endings (digits as N) to show what an unreadable file holds."""
+    endings = []
+    for k in keys:
+        ending = re.sub(r"\d+", "N", ".".join(k.split(".")[-3:]))
+        if ending not in endings:
+            endings.append(ending)
+    return ", ".join(f"*{e}" if "." in e else e for e in endings[:6]) or "no tensors"
+
+
+def _saved_whole(module: str, modules_to_save) -> bool:
+    """PEFT's rule: a module is saved whole when its name is, or ends with ``.`` +, an entry of modules_to_save."""
+    return any(module == m or module.endswith(f".{m}") for m in modules_to_save)
+
+
+def collect_factors(ckpt, where: Path, *, modules_to_save=()) -> tuple[dict, dict, dict, list]:
+    """Group a file's tensors: ({module: {"A", "B", "emb", "A_key", "B_key"}}, {tensor: whole tensor},
+    {module: alpha key}, notes). Keys that are none of these raise :class:`AdapterFormatError`."""
+    halves: dict[str, dict] = {}
+    full: dict[str, torch.Tensor] = {}
+    alphas: dict[str, str] = {}
+    ignored = []
+    for key in ckpt.keys():
+        parsed = _split_key(key)
+        if parsed is not None:
+            name, which, emb = parsed
+            halves.setdefault(name, {"emb": emb}).update({which: ckpt.get(key), f"{which}_key": key})
+            continue
+        plain = _strip(key)
+        whole = _SAVED_WHOLE.match(plain)
+        if key.endswith(".alpha") and "." in plain:
+            alphas[plain[: -len(".alpha")]] = key
+        elif whole or ("." in plain and _saved_whole(plain.rsplit(".", 1)[0], modules_to_save or ())):
+            full[f"{whole.group(1)}.{whole.group(2)}" if whole else plain] = ckpt.get(key)
+        elif _BASE_LAYER.search(plain):
+            ignored.append(key)
+        else:
+            raise _unknown_key(ckpt, key, where)
+    if not halves and not full:
+        raise AdapterFormatError(f"{where}: unknown adapter layout, no LoRA factors (keys seen: "
+                                 f"{lora_keys_seen(ckpt.keys())}): expected '<module>.lora_A.weight' / '.lora_B.weight'")
+    for name, parts in halves.items():
+        for which, other in (("A", "B"), ("B", "A")):
+            if which not in parts:
+                raise AdapterFormatError(f"{where}: key {parts[f'{other}_key']} has no matching lora_{which} "
+                                         f"(module {name}): the file is incomplete")
+    notes = [f"{where}: ignored {len(ignored)} base-layer tensors PEFT saved beside the adapter (e.g. {ignored[0]}): "
+             f"they are the base model's weights, not part of the delta"] if ignored else []
+    return halves, full, alphas, notes
+
+
+def _unknown_key(ckpt, key: str, where: Path) -> AdapterFormatError:
+    if "lora_magnitude_vector" in key:
+        return AdapterFormatError(f"{where}: key {key} is a DoRA magnitude: DoRA adapters are not supported")
+    return AdapterFormatError(f"{where}: key {key} is not a LoRA factor (keys seen: {lora_keys_seen(ckpt.keys())}): "
+                              f"expected '<module>.lora_A.weight' / '.lora_B.weight' / '.lora_embedding_A'")
+
+
+def build_module(name: str, A: torch.Tensor, B: torch.Tensor, alpha: float, *, embedding: bool,
+                 rslora: bool = False, source: Path | str = "", keys: tuple[str, str] | None = None) -> LoraModule:
+    """Check factor shapes and flatten them to the 2-D view (conv kernels -> matrices)."""
+    r = A.shape[0] if A.ndim else 0
+    b_rank = B.shape[1] if B.ndim >= 2 else -1
+    a_key, b_key = keys or (f"{name} lora_A", f"{name} lora_B")
+    if A.ndim < 2 or B.ndim < 2 or b_rank != r or any(d != 1 for d in B.shape[2:]) or A.ndim != max(B.ndim, 2):
+        raise AdapterFormatError(f"{source}: {a_key} {tuple(A.shape)} and {b_key} {tuple(B.shape)} do not fit "
+                                 f"(expected A (r, in...) and B (out, r, 1...) of the same r): the file is corrupt")
+    if not A.dtype.is_floating_point or not B.dtype.is_floating_point:
+        raise AdapterFormatError(f"{source}: {a_key} has dtype {A.dtype}, {b_key} {B.dtype}: factors must be floats")
+    if not math.isfinite(alpha):
+        raise AdapterFormatError(f"{source}: module {name}: alpha {alpha} is not a finite number")
+    if embedding:
+        return LoraModule(B=B, A=A, alpha=alpha, kind=ModuleKind.EMBEDDING, rslora=rslora)
+    if A.ndim > 2:
+        shape = (B.shape[0], *A.shape[1:])
+        return LoraModule(B=B.reshape(B.shape[0], r), A=A.reshape(r, -1), alpha=alpha, kind=ModuleKind.CONV,
+                          weight_shape=shape, rslora=rslora)
+    return LoraModule(B=B, A=A, alpha=alpha, rslora=rslora)
+
+
+def _config_number(config: dict, key: str, where: Path, default) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AdapterFormatError(f"{where}: {key} {value!r} is not a number: write a scalar, e.g. {key}: 16")
+    return float(value)
+
+
+def _patterns(config: dict, key: str, where: Path) -> dict:
+    patterns = config.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise AdapterFormatError(f"{where}: {key} must map module patterns to numbers, got {type(patterns).__name__}")
+    for pattern, value in patterns.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AdapterFormatError(f"{where}: {key}[{pattern!r}] = {value!r} is not a scalar number")
+    return patterns
+
+
+def _read_config(path: Path) -> dict:
     try:
-        config = json.loads((folder / CONFIG_NAME).read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise AdapterFormatError(f"{folder / CONFIG_NAME}: not valid JSON ({exc}): re-save the adapter") from None
+        raise AdapterFormatError(f"{path}: not valid JSON ({exc}): re-save the adapter") from None
     if not isinstance(config, dict):
-        raise AdapterFormatError(f"{folder / CONFIG_NAME}: expected a JSON object")
+        raise AdapterFormatError(f"{path}: expected a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        raise AdapterFormatError(f"{folder / CONFIG_NAME}: peft_type {peft_type} is not LORA: only LoRA adapters are supported")
+        raise AdapterFormatError(f"{path}: peft_type {peft_type} is not LORA: only LoRA adapters are supported")
+    if config.get("use_dora"):
+        raise AdapterFormatError(f"{path}: use_dora is set: DoRA adapters are not supported")
     return config
 
 
@@ -149,64 +311,75 @@ def _weights_file(folder: Path) -> Path:
     raise AdapterFormatError(f"{folder}: no {WEIGHTS_NAME} (or adapter_model.bin) beside {CONFIG_NAME}")
 
 
-def read_peft(folder: Path) -> Adapter:
-    """Read a PEFT LoRA folder (written by PEFT, mergekit, or this tool) into an :class:`Adapter`."""
-    config = _read_config(folder)
-    weights = _weights_file(folder)
-    factors, full = collect_factors(open_checkpoint(weights), weights)
-    default_alpha = float(config.get("lora_alpha", config.get("r", 8)))
+def _modules_from_config(halves: dict, config: dict, where: Path, source: Path, *, strip: str = "") -> dict:
+    """Modules with their alphas under a LoraConfig: rank_pattern must agree with the factors' shapes."""
+    r = _config_number(config, "r", where, 8)
+    lora_alpha = _config_number(config, "lora_alpha", where, 8)  # PEFT's defaults
+    rank_pattern, alpha_pattern = _patterns(config, "rank_pattern", where), _patterns(config, "alpha_pattern", where)
     rslora = bool(config.get("use_rslora", False))
     modules = {}
-    for name, (A, B, emb) in factors.items():
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, default_alpha))
-        modules[name] = build_module(name, A, B, alpha, embedding=emb, rslora=rslora, source=weights)
-    return Adapter(modules=modules, full_tensors=full, base_model=config.get("base_model_name_or_path"),
-                   source_format="peft")
-
-
-def collect_factors(ckpt, where: Path) -> tuple[dict, dict]:
-    """Group ``lora_A``/``lora_B`` tensors by module: {name: (A, B, is_embedding)}, plus tensors saved whole."""
-    halves: dict[str, dict] = {}
-    full: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key in ckpt.keys():
-        whole = _SAVED_WHOLE.match(key[len(_PREFIX):] if key.startswith(_PREFIX) else key)
-        if whole:
-            full[f"{whole.group(1)}.{whole.group(2)}"] = ckpt.get(key)
-            continue
-        parsed = _split_key(key)
-        if parsed is None:
-            unknown.append(key)
-            continue
-        name, which, emb = parsed
-        halves.setdefault(name, {"emb": emb})[which] = ckpt.get(key)
-    if not halves:
-        seen = ", ".join(unknown[:3]) or "no tensors"
-        raise AdapterFormatError(f"{where}: no LoRA factors found (keys seen: {seen}): expected "
-                                 f"'<module>.lora_A.weight' / '.lora_B.weight'")
-    factors = {}
     for name, parts in halves.items():
-        for which, other in (("A", "B"), ("B", "A")):
-            if which not in parts:
-                raise AdapterFormatError(f"{where}: module {name} has lora_{other} but no lora_{which}: the file is incomplete")
-        factors[name] = (parts["A"], parts["B"], parts["emb"])
-    return factors, full
+        local = name[len(strip):]
+        A, B = parts["A"], parts["B"]
+        want = int(_pattern_value(rank_pattern, local, r))
+        if A.ndim >= 1 and A.shape[0] != want:
+            raise AdapterFormatError(f"{where}: rank {want} for {local} (r / rank_pattern) but {parts['A_key']} has "
+                                     f"{A.shape[0]} rows: the config and weights disagree")
+        alpha = float(_pattern_value(alpha_pattern, local, lora_alpha))
+        modules[name] = build_module(name, A, B, alpha, embedding=parts["emb"], rslora=rslora, source=source,
+                                     keys=(parts["A_key"], parts["B_key"]))
+    return modules
 
 
-def build_module(name: str, A: torch.Tensor, B: torch.Tensor, alpha: float, *, embedding: bool,
-                 rslora: bool = False, source: Path | str = "") -> LoraModule:
-    """Check factor shapes and flatten them to the 2-D view (conv kernels -> matrices)."""
-    r = A.shape[0] if A.ndim else 0
-    b_rank = B.shape[1] if B.ndim >= 2 else -1
-    if A.ndim < 2 or B.ndim < 2 or b_rank != r or any(d != 1 for d in B.shape[2:]):
-        raise AdapterFormatError(f"{source}: module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
-                                 f"do not fit (expected A (r, in...) and B (out, r)): the file is corrupt")
-    if not math.isfinite(alpha):
-        raise AdapterFormatError(f"{source}: module {name}: alpha {alpha} is not a finite number")
-    if embedding:
-        return LoraModule(B=B, A=A, alpha=alpha, kind=ModuleKind.EMBEDDING, rslora=rslora)
-    if A.ndim > 2:
-        shape = (B.shape[0], *A.shape[1:])
-        return LoraModule(B=B.reshape(B.shape[0], r), A=A.reshape(r, -1), alpha=alpha, kind=ModuleKind.CONV,
-                          weight_shape=shape, rslora=rslora)
-    return LoraModule(B=B, A=A, alpha=alpha, rslora=rslora)
+def read_peft(folder: Path) -> Adapter:
+    """Read a PEFT LoRA folder (written by PEFT, mergekit, or this tool) into an :class:`Adapter`."""
+    config = _read_config(folder / CONFIG_NAME)
+    weights = _weights_file(folder)
+    halves, full, alphas, notes = collect_factors(open_checkpoint(weights), weights,
+                                                  modules_to_save=config.get("modules_to_save") or ())
+    if alphas:
+        key = next(iter(alphas.values()))
+        raise AdapterFormatError(f"{weights}: key {key} is a kohya alpha inside a PEFT folder: alphas belong in "
+                                 f"{CONFIG_NAME} (lora_alpha / alpha_pattern)")
+    modules = _modules_from_config(halves, config, folder / CONFIG_NAME, weights)
+    return Adapter(modules=modules, full_tensors=full, base_model=config.get("base_model_name_or_path"),
+                   source_format="peft", notes=notes)
+
+
+def _scalar(ckpt, key: str, where: Path) -> float:
+    t = ckpt.get(key)
+    if t.numel() != 1:
+        raise AdapterFormatError(f"{where}: {key} has shape {tuple(t.shape)}, expected a scalar alpha")
+    return float(t.reshape(()).item())
+
+
+def read_peft_file(path: Path) -> Adapter:
+    """A single file of PEFT-style keys: diffusers' ``pytorch_lora_weights.safetensors`` (LoraConfigs in its
+    metadata, else per-module ``.alpha`` keys, else alpha = r as diffusers assumes) or a bare adapter file."""
+    ckpt = open_checkpoint(path)
+    halves, full, alphas, notes = collect_factors(ckpt, path)
+    raw = ckpt.metadata.get(DIFFUSERS_METADATA)
+    try:
+        metadata = json.loads(raw) if raw else {}
+    except ValueError:
+        raise AdapterFormatError(f"{path}: metadata {DIFFUSERS_METADATA} is not valid JSON: re-save the file") from None
+    orphan = sorted(set(alphas) - set(halves))
+    if orphan:
+        raise AdapterFormatError(f"{path}: key {alphas[orphan[0]]} has no lora_A / lora_B beside it: the file is "
+                                 f"incomplete")
+    modules = {}
+    for component in DIFFUSERS_COMPONENTS:  # diffusers' save_lora_weights: one LoraConfig per component
+        config = {k[len(component):]: v for k, v in metadata.items() if k.startswith(component)}
+        if config:
+            part = {n: p for n, p in halves.items() if n.startswith(component)}
+            modules.update(_modules_from_config(part, config, path, path, strip=component))
+    for name, parts in halves.items():
+        if name not in modules:
+            A = parts["A"]
+            alpha = _scalar(ckpt, alphas[name], path) if name in alphas else float(A.shape[0] if A.ndim else 0)
+            modules[name] = build_module(name, A, parts["B"], alpha, embedding=parts["emb"], source=path,
+                                         keys=(parts["A_key"], parts["B_key"]))
+    fmt = "diffusers" if path.name == DIFFUSERS_NAME or all(n.startswith(DIFFUSERS_COMPONENTS) for n in modules) \
+        else "peft-file"
+    return Adapter(modules=modules, full_tensors=full, source_format=fmt, notes=notes,
+                   base_model=ckpt.metadata.get("base_model_name_or_path"))

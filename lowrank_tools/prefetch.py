@@ -1,6 +1,8 @@
 """Read ahead: run an iterator in a background thread so reading overlaps with the math.
 
-A bounded queue (``depth`` items) keeps memory flat: at most ``depth`` items wait while one is used.
+Memory stays flat: the producer starts on an item only when one of ``depth + 1`` slots is free (the
+item in use holds one), and a slot frees when the consumer asks for its next item. With ``depth=1``
+at most two items exist at once: the one being used and the one being read.
 """
 
 from __future__ import annotations
@@ -21,35 +23,40 @@ class _Failure:
         self.exc = exc
 
 
-def prefetch(items: Iterable[T], *, depth: int = 1) -> Iterator[T]:
-    """Yield ``items`` in order while the next ``depth`` are produced in a background thread.
+def _produce(items: Iterable, q: queue.Queue, slots: threading.Semaphore, stop: threading.Event) -> None:
+    try:
+        iterator = iter(items)
+        while True:
+            while not slots.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
+            if stop.is_set():
+                return
+            try:
+                item = next(iterator)
+            except StopIteration:
+                q.put(_DONE)
+                return
+            q.put(item)
+            del item
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+        q.put(_Failure(exc))
 
-    Exceptions raised by the producer are re-raised in the consumer at the same position.
-    Closing the generator early (break, error) stops the producer after its current item.
-    ``depth <= 0`` iterates in the calling thread (no overlap).
+
+def prefetch(items: Iterable[T], *, depth: int = 1) -> Iterator[T]:
+    """Yield ``items`` in order while up to ``depth`` next ones are produced in a background thread.
+
+    Exceptions raised by the producer are re-raised in the consumer at the same position. Closing
+    the generator early (break, error) stops the producer after its current item. ``depth <= 0``
+    iterates in the calling thread (no overlap).
     """
     if depth <= 0:
         yield from items
         return
-    q: queue.Queue = queue.Queue(maxsize=depth)
+    q: queue.Queue = queue.Queue()
+    slots = threading.Semaphore(depth + 1)  # the item in use holds a slot too
     stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            q.put(_Failure(exc))
-
-    thread = threading.Thread(target=produce, name="lowrank-tools-prefetch", daemon=True)
+    thread = threading.Thread(target=_produce, args=(items, q, slots, stop), name="lowrank-tools-prefetch", daemon=True)
     thread.start()
     try:
         while True:
@@ -59,11 +66,9 @@ def prefetch(items: Iterable[T], *, depth: int = 1) -> Iterator[T]:
             if isinstance(item, _Failure):
                 raise item.exc
             yield item
+            del item  # drop our reference before the producer may read the next one
+            slots.release()
     finally:
         stop.set()
-        while thread.is_alive():
-            try:
-                q.get(timeout=0.05)
-            except queue.Empty:
-                pass
-            thread.join(timeout=0.05)
+        slots.release()
+        thread.join()

@@ -1,0 +1,385 @@
+"""analyze: the singular-value spectrum of every layer's change, grouped, with the ranks it calls for.
+
+Two sources, one result (:class:`Analysis`):
+
+- ``analyze_delta(BASE, TUNED)``: ``dW = W' - W0`` per layer, streamed one tensor pair at a time (the next
+  pair is read in a background thread), in float32. All singular values by default (``svdvals``);
+  with ``top=K`` only the top K through the randomized range finder (Halko et al. 2011), the tail then
+  estimated from ``||dW||_F`` (see :mod:`lowrank_tools.spectrum`).
+- ``analyze_adapter(ADAPTER)``: each module's ``scale * B @ A`` through the QR core
+  (:func:`~lowrank_tools.linalg.qr_core_svd`): exact, and never the dense product.
+
+Per layer: singular values, effective / stable rank, energy ranks at 50/90/95/99 %, ``||dW||_F / ||W0||_F``.
+Groups: by module type (the last name component: ``q_proj``, ``to_k``) and by depth (the name up to its
+first integer component: ``layers.12``, ``down_blocks.1``). Recommendations: :mod:`lowrank_tools.recommend`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .adapter import Adapter, ModuleKind, matrix_view, module_name
+from .checkpoint import Checkpoint, as_checkpoint, pair_tensors
+from .errors import InvalidOption, NonFiniteWeight
+from .layers import compile_filters, matches, relative_change, select_layers
+from .linalg import Method, qr_core_svd, resolve_device, singular_values
+from .prefetch import prefetch
+from .recommend import recommend
+from .sketch import top_singular_values
+from .spectrum import ENERGY_LEVELS, SpectrumMetrics, level_key, spectrum_metrics
+
+__all__ = ["Analysis", "LayerAnalysis", "analyze_delta", "analyze_adapter", "module_type", "depth_key",
+           "group_layers"]
+
+Progress = Callable[[int, int, str], None]  # (done, total, current name)
+Warn = Callable[[str], None]
+
+_WRAPPERS = re.compile(r"^(base_model\.model\.|model\.)+")  # dropped from depth keys: "model.layers.3" -> "layers.3"
+_R90 = level_key(0.9)
+
+
+@dataclass
+class LayerAnalysis:
+    """One layer's spectrum and metrics. ``singular_values`` are all of them, or the top K (``metrics.complete``)."""
+
+    name: str  # module name
+    shape: tuple[int, ...]  # the weight's shape
+    matrix_shape: tuple[int, int]  # (out, in_flat): the matrix whose spectrum this is
+    kind: str  # linear | conv | embedding
+    singular_values: list[float]  # descending
+    delta_norm: float  # ||dW||_F
+    base_norm: float | None  # ||W0||_F; None for an adapter
+    metrics: SpectrumMetrics
+    method: str  # exact | randomized or randomized-bf16 (top K: the sketch's precision) | qr-core (adapter)
+    bytes_per_param: int  # element size of the adapter factors it would become
+    full_length: int  # how many singular values the matrix has: min(out, in_flat); an adapter's: min(out, in, r)
+
+    @property
+    def module_type(self) -> str:
+        return module_type(self.name)
+
+    @property
+    def depth(self) -> str | None:
+        return depth_key(self.name)
+
+    @property
+    def relative_change(self) -> float | None:
+        if self.base_norm is None:
+            return None
+        return self.delta_norm / self.base_norm if self.base_norm else math.inf
+
+    @property
+    def unit_cost(self) -> int:
+        """Adapter parameters per rank unit: out + in_flat."""
+        return self.matrix_shape[0] + self.matrix_shape[1]
+
+    def to_dict(self) -> dict:
+        m = self.metrics
+        return {"name": self.name, "shape": list(self.shape), "matrix_shape": list(self.matrix_shape),
+                "kind": self.kind, "module_type": self.module_type, "depth": self.depth, "method": self.method,
+                "singular_values": self.singular_values, "delta_norm": self.delta_norm,
+                "relative_change": _finite(self.relative_change), "effective_rank": m.effective_rank,
+                "stable_rank": m.stable_rank, "energy_rank": dict(m.energy_rank), "complete": m.complete,
+                "estimated": list(m.estimated)}
+
+
+@dataclass
+class Analysis:
+    """What ``analyze`` found: layers, summary, groups, recommendation, and what was left out."""
+
+    source: str  # "delta" (BASE TUNED) or "adapter"
+    layers: list[LayerAnalysis]
+    summary: dict
+    groups: dict[str, dict[str, dict]]  # "module_type" | "depth" -> group key -> stats
+    recommendation: dict
+    top: int | None = None
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    changed_1d: dict[str, float] = field(default_factory=dict)  # 1-D tensors: ||d|| / ||W0||
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"command": "analyze", "source": self.source, "top": self.top, "summary": self.summary,
+                "groups": self.groups, "recommendation": self.recommendation,
+                "layers": [layer.to_dict() for layer in self.layers], "skipped": self.skipped,
+                "not_low_rank": self.changed_1d, "notes": self.notes}
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is None or math.isfinite(x) else None
+
+
+# ------------------------------------------------------------------------------------------ names
+
+
+def module_type(name: str) -> str:
+    """The last name component: ``model.layers.3.self_attn.q_proj`` -> ``q_proj``."""
+    return module_name(name).rsplit(".", 1)[-1]
+
+
+def depth_key(name: str) -> str | None:
+    """The name up to its first integer component, wrappers dropped: ``model.layers.12.mlp.up_proj`` ->
+    ``layers.12``, ``down_blocks.1.attentions.0.proj_in`` -> ``down_blocks.1``; None without one."""
+    parts = _WRAPPERS.sub("", module_name(name)).split(".")
+    for i, part in enumerate(parts[:-1]):  # the last component is the module type, never a block
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def _depth_order(key: str | None, first_seen: dict[str, int]) -> tuple:
+    if key is None:
+        return (1, 0, 0)
+    parent, _, index = key.rpartition(".")
+    return (0, first_seen[parent], int(index))
+
+
+# ------------------------------------------------------------------------------------------ groups
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def _stats(layers: Sequence[LayerAnalysis], total_energy: float) -> dict:
+    energy = sum(x.delta_norm**2 for x in layers)
+    r90 = [x.metrics.energy_rank[_R90] for x in layers]
+    change = None  # sqrt(sum ||dW||^2 / sum ||W0||^2): adapters have no W0, a zero W0 no ratio
+    if all(x.base_norm is not None for x in layers):
+        base_energy = sum(x.base_norm**2 for x in layers)
+        change = math.sqrt(energy / base_energy) if base_energy else None
+    return {"layers": len(layers), "energy_share": energy / total_energy if total_energy else 0.0,
+            "relative_change": change,
+            "effective_rank_mean": statistics.fmean(x.metrics.effective_rank for x in layers),
+            "stable_rank_mean": statistics.fmean(x.metrics.stable_rank for x in layers),
+            "rank90_median": _median(r90), "rank90_max": max(r90),
+            "rank90_share_mean": statistics.fmean(r / min(x.matrix_shape) for r, x in zip(r90, layers))}
+
+
+def group_layers(layers: Sequence[LayerAnalysis], by: str) -> dict[str, dict]:
+    """Stats per module type (``by="module_type"``, in order of appearance) or per depth (``by="depth"``,
+    blocks in index order, layers outside any block last under ``"-"``)."""
+    if by not in ("module_type", "depth"):
+        raise ValueError(f"group_layers by {by!r}: use 'module_type' or 'depth'")
+    total = sum(x.delta_norm**2 for x in layers)
+    buckets: dict[str | None, list[LayerAnalysis]] = {}
+    for x in layers:
+        buckets.setdefault(getattr(x, by), []).append(x)
+    keys = list(buckets)
+    if by == "depth":
+        first_seen: dict[str, int] = {}
+        for k in keys:
+            if k is not None:
+                first_seen.setdefault(k.rpartition(".")[0], len(first_seen))
+        keys.sort(key=lambda k: _depth_order(k, first_seen))
+    return {("-" if k is None else k): _stats(buckets[k], total) for k in keys}
+
+
+def _summary(layers: Sequence[LayerAnalysis], wall_time: float, **more) -> dict:
+    if not layers:
+        return {"layers": 0, **more}
+    stats = _stats(layers, sum(x.delta_norm**2 for x in layers))
+    del stats["energy_share"]
+    stats["delta_norm"] = math.sqrt(sum(x.delta_norm**2 for x in layers))
+    stats["energy_rank_median"] = {level_key(f): _median([x.metrics.energy_rank[level_key(f)] for x in layers])
+                                   for f in ENERGY_LEVELS}
+    stats["covered_params"] = sum(math.prod(x.shape) for x in layers)
+    stats["wall_time_s"] = round(wall_time, 3)
+    return {**stats, **more}
+
+
+def _assemble(source: str, layers: list[LayerAnalysis], start: float, *, top: int | None,
+              skipped: dict[str, list[str]], changed_1d: dict[str, float], notes: list[str]) -> Analysis:
+    groups = {by: group_layers(layers, by) for by in ("module_type", "depth")} if layers else {}
+    return Analysis(source=source, layers=layers, groups=groups, recommendation=recommend(layers), top=top,
+                    summary=_summary(layers, time.perf_counter() - start, top=top), notes=notes,
+                    skipped={k: v for k, v in skipped.items() if v}, changed_1d=changed_1d)
+
+
+# ------------------------------------------------------------------------------------------ BASE TUNED
+
+
+@dataclass(frozen=True)
+class _Options:
+    top: int | None
+    device: torch.device
+    seed: int
+    oversample: int | None
+    n_iter: int
+
+
+def _check_finite(t: Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteWeight(f"{what} holds {bad} NaN/Inf values: repair or re-export the checkpoint")
+
+
+def _frobenius(t: Tensor) -> float:
+    """``||t||_F``, inf or nan when t holds Inf or NaN. float32 norms of the rows (short sums: accurate) combined
+    in float64: as exact as a float64 norm at a tenth of its cost (one float32 sum over 10^7 terms is off by 1e-3)."""
+    rows = torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)  # (out,)
+    value = float(torch.linalg.vector_norm(rows.double()))
+    if math.isinf(value) and bool(torch.isfinite(t).all()):  # float32 squares overflowed, no Inf entry
+        value = float(torch.linalg.vector_norm(t, dtype=torch.float64))
+    return value
+
+
+def _spectrum(dW: Tensor, norm: float, opts: _Options, warn: Warn | None, mod: str) -> tuple[Tensor, str]:
+    """(singular values, method): all of them (svdvals), or the top K by
+    :func:`~lowrank_tools.sketch.top_singular_values` (a sketch of 2K columns by default, bfloat16 products
+    where they are fast, the values from float32)."""
+    oversample = opts.top if opts.oversample is None else opts.oversample  # (when top is given)
+    if opts.top is None or opts.top + oversample >= min(dW.shape):  # a sketch as wide as the matrix: svdvals
+        on_warning = (lambda msg: warn(f"{mod}: {msg}")) if warn else None
+        return singular_values(dW, on_warning=on_warning), Method.EXACT.value
+    return top_singular_values(dW, opts.top, oversample=oversample, n_iter=opts.n_iter, seed=opts.seed,
+                               frobenius=norm)
+
+
+def _delta_layer(name: str, W0: Tensor, W1: Tensor, kind: ModuleKind, opts: _Options,
+                 warn: Warn | None) -> LayerAnalysis | None:
+    """One layer's spectrum; None when the delta is exactly zero."""
+    itemsize = W1.element_size()
+    W0f = W0.to(opts.device, torch.float32)  # float32 math whatever the stored dtype
+    # in place: Checkpoint.get hands out tensors that own their memory, and W1 is not used again
+    dW = matrix_view(W1.to(opts.device, torch.float32).sub_(W0f), kind)  # (out, in_flat)
+    norm, base_norm = _frobenius(dW), _frobenius(W0f)
+    if not math.isfinite(norm + base_norm):  # finite norms: every entry is finite, no separate pass needed
+        _check_finite(W0, f"base tensor {name}")
+        _check_finite(dW, f"tuned tensor {name} (or its difference from the base)")  # W1 itself became dW
+    if norm == 0.0:
+        return None
+    mod = module_name(name)
+    S, method = _spectrum(dW, norm, opts, warn, mod)
+    values = S.double().cpu()
+    complete = len(values) >= min(dW.shape)
+    metrics = spectrum_metrics(values, total_energy=None if complete else norm**2, full_length=min(dW.shape))
+    return LayerAnalysis(name=mod, shape=tuple(W0.shape), matrix_shape=tuple(dW.shape), kind=kind.value,
+                         singular_values=values.tolist(), delta_norm=norm, base_norm=base_norm, metrics=metrics,
+                         method=method, bytes_per_param=itemsize, full_length=min(dW.shape))
+
+
+def _check_top(top: int | None) -> int | None:
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        raise InvalidOption(f"--top {top!r} is outside [1, inf): give how many singular values to compute, e.g. 64")
+    return top
+
+
+def _pairs(base: Checkpoint, tuned: Checkpoint, names: Sequence[str]) -> Iterator[tuple[str, Tensor, Tensor]]:
+    for name in names:
+        yield name, base.get(name), tuned.get(name)
+
+
+def _top_notes(top: int | None, layers: Sequence[LayerAnalysis], warn: Warn | None) -> list[str]:
+    """--top K clamps, with a warning, on layers whose smaller side is <= K; and the tail is estimated elsewhere."""
+    if top is None:
+        return []
+    notes = []
+    small = [x for x in layers if min(x.matrix_shape) <= top]
+    if small:
+        x = small[0]
+        notes.append(f"--top {top} is not below the smaller side of {len(small)} layer(s) (e.g. {x.name} "
+                     f"{x.matrix_shape[0]} x {x.matrix_shape[1]}): their full spectra were computed exactly")
+        if warn:
+            warn(notes[-1])
+    if any(not x.metrics.complete for x in layers):
+        notes.append(f"--top {top}: only the top {top} singular values were computed; the tail is estimated from "
+                     f"||dW||_F: cumulative energy and stable rank stay exact, energy ranks above {top} are lower "
+                     f"bounds and effective ranks estimates (marked ~)")
+    return notes
+
+
+@torch.no_grad()
+def analyze_delta(base, tuned, *, top: int | None = None, include: Sequence[str] = (), exclude: Sequence[str] = (),
+                  device: str | torch.device = "cpu", seed: int = 0, oversample: int | None = None, n_iter: int = 3,
+                  strict: bool = False, progress: Progress | None = None, warn: Warn | None = None) -> Analysis:
+    """Spectra of ``tuned - base`` for every adaptable weight (paths, Checkpoints or name -> tensor mappings).
+
+    ``top``: compute only the top K singular values (randomized, :mod:`~lowrank_tools.sketch`; ``oversample``
+    defaults to K, ``n_iter`` power iterations, ``seed``); layers whose smaller side is <= K get their full
+    spectrum, with one warning, and so do those below ``K + oversample`` (the sketch would be the whole matrix).
+    Unchanged layers are listed under ``skipped``; changed 1-D tensors under ``changed_1d``.
+    """
+    start = time.perf_counter()
+    top = _check_top(top)
+    include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
+    base_ckpt, tuned_ckpt = as_checkpoint(base), as_checkpoint(tuned)
+    pairing = pair_tensors(base_ckpt, tuned_ckpt, strict=strict)
+    if warn and pairing.warning():
+        warn(pairing.warning())
+    opts = _Options(top=top, device=resolve_device(device), seed=seed, oversample=oversample, n_iter=n_iter)
+    selected, skipped, one_d = select_layers(pairing.names, tuned_ckpt, include, exclude)
+    layers, unchanged = [], []
+    for i, (name, W0, W1) in enumerate(prefetch(_pairs(base_ckpt, tuned_ckpt, selected))):
+        if progress:
+            progress(i, len(selected), module_name(name))
+        layer = _delta_layer(name, W0, W1, selected[name], opts, warn)
+        if layer is None:
+            unchanged.append(module_name(name))
+        else:
+            layers.append(layer)
+    if progress:
+        progress(len(selected), len(selected), "")
+    changed = {n: relative_change(base_ckpt.get(n), tuned_ckpt.get(n)) for n in one_d}
+    skipped["unchanged (zero delta)"] = unchanged
+    notes = ([pairing.warning()] if pairing.warning() else []) + _top_notes(top, layers, warn)
+    return _assemble("delta", layers, start, top=top, skipped=skipped, notes=notes,
+                     changed_1d={n: v for n, v in changed.items() if v > 0})
+
+
+# ------------------------------------------------------------------------------------------ ADAPTER
+
+
+@torch.no_grad()
+def analyze_adapter(adapter: Adapter | str | os.PathLike, *, include: Sequence[str] = (),
+                    exclude: Sequence[str] = (), device: str | torch.device = "cpu",
+                    progress: Progress | None = None, warn: Warn | None = None) -> Analysis:
+    """Spectra of every module's ``scale * B @ A`` through the QR core: exact, never the dense product."""
+    start = time.perf_counter()
+    include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
+    if not isinstance(adapter, Adapter):
+        from .formats import load_adapter  # formats pulls in both file layouts: only when given a path
+
+        adapter = load_adapter(adapter)
+    dev = resolve_device(device)
+    names = [n for n in adapter.modules if matches(n, include, exclude)]
+    layers, unchanged = [], []
+    for i, name in enumerate(names):
+        if progress:
+            progress(i, len(names), name)
+        layer = _adapter_layer(name, adapter.modules[name], dev, warn)
+        if layer is None:
+            unchanged.append(name)
+        else:
+            layers.append(layer)
+    if progress:
+        progress(len(names), len(names), "")
+    kept = set(names)
+    skipped = {"filtered out": [n for n in adapter.modules if n not in kept], "zero product": unchanged}
+    return _assemble("adapter", layers, start, top=None, skipped=skipped, changed_1d={},
+                     notes=list(adapter.notes))
+
+
+def _adapter_layer(name: str, m, device: torch.device, warn: Warn | None) -> LayerAnalysis | None:
+    if m.rank == 0 or m.scale == 0:
+        return None
+    B, A = m.B.to(device), m.A.to(device)  # (out, r), (r, in_flat)
+    _check_finite(B, f"{name} factor B")
+    _check_finite(A, f"{name} factor A")
+    on_warning = (lambda msg: warn(f"{name}: {msg}")) if warn else None
+    values = qr_core_svd(B, A, scale=m.scale, on_warning=on_warning).S.double().cpu()  # (min(out, in, r),)
+    energy = float((values * values).sum())
+    if energy == 0.0:
+        return None
+    return LayerAnalysis(name=name, shape=tuple(m.weight_shape), matrix_shape=m.matrix_shape, kind=m.kind.value,
+                         singular_values=values.tolist(), delta_norm=math.sqrt(energy), base_norm=None,
+                         metrics=spectrum_metrics(values, full_length=len(values)), method="qr-core",
+                         bytes_per_param=m.B.element_size(), full_length=len(values))

@@ -1,0 +1,147 @@
+"""kohya / A1111 / ComfyUI key names: module name <-> ``<prefix><module with . -> _>``.
+
+Writing is exact. Components of a diffusers pipeline choose the prefix (``unet.`` -> ``lora_unet_``,
+``text_encoder.`` -> ``lora_te_``, or ``lora_te1_`` when a ``text_encoder_2.`` is present, ``text_encoder_2.``
+-> ``lora_te2_``); names without a component take the caller's prefix. Text-encoder modules are written in the
+A1111/ComfyUI naming, ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``, adding ``text_model.`` where the
+checkpoint's own names lack it (transformers >= 5 flattens ``CLIPTextModel``).
+
+Reading is a guess, because ``_`` is also a character of names: a key is matched against the module names of a
+base checkpoint when one is given (:func:`match_keys`), else rebuilt from the identifiers diffusers and
+transformers are known to use (:func:`guess_module_name`) -- and said to be a guess.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from .errors import AdapterMismatch, InvalidOption
+
+__all__ = ["COMPONENT_PREFIXES", "KOHYA_PREFIXES", "kohya_key", "split_prefix", "check_prefix", "guess_module_name",
+           "match_keys", "is_text_encoder_prefix"]
+
+# module-name component -> kohya prefix
+COMPONENT_PREFIXES = {"unet.": "lora_unet_", "transformer.": "lora_unet_", "text_encoder.": "lora_te_",
+                      "text_encoder_2.": "lora_te2_"}
+# kohya prefix -> the pipeline components it can stand for (the first is the guess)
+KOHYA_PREFIXES = {"lora_unet_": ("unet.", "transformer."), "lora_transformer_": ("transformer.",),
+                  "lora_te1_": ("text_encoder.",), "lora_te2_": ("text_encoder_2.",), "lora_te_": ("text_encoder.",)}
+_TEXT_MODEL_CHILDREN = ("encoder.", "embeddings.", "final_layer_norm.")  # CLIPTextTransformer's children
+# UNet names diffusers' kohya converter cannot read back in diffusers spelling (its SDXL rule strips the ".1" of
+# "add.embedding.linear.1"): written in the SGM spelling it maps to them (label_emb.0.0 -> add_embedding.linear_1)
+_UNET_SPELLING = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+_UNET_NAMES = {v: k for k, v in _UNET_SPELLING.items()}
+_PREFIX_SHAPE = re.compile(r"^lora_[a-z0-9]+(_[a-z0-9]+)*_$")
+
+# identifiers that hold "_" in diffusers UNets/transformers, LDM/SGM UNets, CLIP and common LLMs
+_KNOWN = """
+down_blocks up_blocks mid_block transformer_blocks single_transformer_blocks temp_attentions
+to_q to_k to_v to_out add_q_proj add_k_proj add_v_proj to_add_out norm_added_q norm_added_k ff_context
+proj_in proj_out proj_attn time_emb_proj conv_shortcut conv_in conv_out conv_norm_out conv_act
+time_embedding linear_1 linear_2 add_embedding time_proj encoder_hid_proj class_embedding
+input_blocks output_blocks middle_block in_layers out_layers emb_layers skip_connection time_embed label_emb
+text_model self_attn q_proj k_proj v_proj out_proj o_proj gate_proj up_proj down_proj qkv_proj gate_up_proj
+final_layer_norm layer_norm1 layer_norm2 token_embedding position_embedding text_projection
+embed_tokens lm_head input_layernorm post_attention_layernorm word_embeddings position_embeddings
+token_type_embeddings c_attn c_proj c_fc query_key_value dense_h_to_4h dense_4h_to_h embed_in embed_out
+x_embedder context_embedder time_text_embed timestep_embedder text_embedder guidance_embedder norm_out
+"""
+_KNOWN_TOKENS = sorted((tuple(w.split("_")) for w in _KNOWN.split()), key=len, reverse=True)
+
+
+def check_prefix(prefix: str) -> str:
+    """A kohya prefix is ``lora_<word>_`` (``lora_unet_``, ``lora_te_``, ``lora_te1_``, ...)."""
+    if not _PREFIX_SHAPE.match(prefix):
+        raise InvalidOption(f"--prefix {prefix!r} is not a kohya prefix: use lora_unet_, lora_te_, lora_te1_, "
+                            f"lora_te2_ (or another 'lora_<word>_')")
+    return prefix
+
+
+def is_text_encoder_prefix(prefix: str) -> bool:
+    return prefix.startswith("lora_te")
+
+
+def _a1111_body(body: str) -> str:
+    """Text-encoder names gain ``text_model.`` where a flattened CLIPTextModel lacks it."""
+    return f"text_model.{body}" if body.startswith(_TEXT_MODEL_CHILDREN) else body
+
+
+def kohya_key(name: str, *, prefix: str = "lora_unet_", two_encoders: bool = False) -> str:
+    """Module name -> kohya key (without ``.lora_down.weight``): the component decides the prefix."""
+    for component, comp_prefix in COMPONENT_PREFIXES.items():
+        if name.startswith(component):
+            if component == "text_encoder." and two_encoders:
+                comp_prefix = "lora_te1_"
+            prefix, name = comp_prefix, name[len(component):]
+            break
+    if is_text_encoder_prefix(prefix):
+        name = _a1111_body(name)
+    elif prefix == "lora_unet_":
+        name = _UNET_SPELLING.get(name, name)
+    return prefix + name.replace(".", "_")
+
+
+def split_prefix(key: str) -> tuple[str, str]:
+    """``lora_te1_text_model_x`` -> (``lora_te1_``, ``text_model_x``); ('', key) for an unknown prefix."""
+    for prefix in KOHYA_PREFIXES:
+        if key.startswith(prefix):
+            return prefix, key[len(prefix):]
+    match = re.match(r"^(lora_[a-z0-9]+_)", key)
+    return (match.group(1), key[match.end():]) if match else ("", key)
+
+
+def guess_module_name(key: str) -> str:
+    """The module a key most likely stands for, from known identifiers; ``.`` between the others.
+
+    ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`` ->
+    ``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``.
+    """
+    prefix, body = split_prefix(key)
+    tokens, parts, i = body.split("_"), [], 0
+    while i < len(tokens):
+        for known in _KNOWN_TOKENS:
+            if tuple(tokens[i:i + len(known)]) == known:
+                parts.append("_".join(known))
+                i += len(known)
+                break
+        else:
+            parts.append(tokens[i])
+            i += 1
+    name = ".".join(parts)
+    if prefix == "lora_unet_":
+        name = _UNET_NAMES.get(name, name)
+    return KOHYA_PREFIXES.get(prefix, ("",))[0] + name
+
+
+def _normal(body: str) -> str:
+    body = body.replace(".", "_")
+    return body[len("text_model_"):] if body.startswith("text_model_") else body
+
+
+def match_keys(keys: Iterable[str], module_names: Iterable[str], *, where: str, base: str) -> dict[str, str]:
+    """Map each kohya key to the one module of ``module_names`` (a base checkpoint's) it can stand for.
+
+    Names of a pipeline keep their component (``unet.``, ``text_encoder.``) and must agree with the key's
+    prefix; a single component's names match any prefix. Raises :class:`AdapterMismatch` naming the key
+    that matches no module, or more than one.
+    """
+    names = list(module_names)
+    with_component = any(n.startswith(tuple(COMPONENT_PREFIXES)) for n in names)
+    index: dict[tuple[str, str], list[str]] = {}
+    for n in names:
+        component = next((c for c in COMPONENT_PREFIXES if n.startswith(c)), "") if with_component else ""
+        body = n[len(component):]
+        for spelling in {body, _UNET_SPELLING.get(body, body)}:
+            index.setdefault((component, _normal(spelling)), []).append(n)
+    out = {}
+    for key in keys:
+        prefix, body = split_prefix(key)
+        components = KOHYA_PREFIXES.get(prefix, ("",)) if with_component else ("",)
+        found = [n for c in components for n in index.get((c, _normal(body)), [])]
+        if len(found) != 1:
+            what = "no module" if not found else f"{len(found)} modules ({', '.join(found[:3])})"
+            raise AdapterMismatch(f"{where}: key {key} matches {what} of {base}: give the base model the adapter "
+                                  f"was made for")
+        out[key] = found[0]
+    return out

@@ -1,0 +1,136 @@
+"""merge: several adapters, each with a weight, into one, exactly or truncated, without forming any B @ A.
+
+For a module present in adapters i = 1..N (each with its own rank r_i and scale convention):
+
+    sum_i w_i scale_i B_i A_i  =  [w_1 scale_1 B_1 | ... | w_N scale_N B_N] @ [A_1; ...; A_N]
+
+so exact concatenation (rank sum r_i, scale 1) is the weighted sum itself. With a rank rule or a
+budget the concatenation is truncated through its QR core (:mod:`lowrank_tools.refactor`): the
+optimal rank-r approximation of the weighted sum. (Adding up- and down-factors separately, as kohya's
+merge without ``--concat`` does, is not the sum of the products.) Modules present in only some inputs
+are kept; inputs that disagree on a module's shape are an error naming it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .adapter import Adapter, LoraModule
+from .errors import AdapterMismatch, InvalidOption
+from .layers import compile_filters, matches
+from .linalg import RankRule, concat_factors
+from .refactor import check_alpha, refactor_modules
+from .report import Report, summarize
+from .weighted import WeightedAdapter, as_weighted
+
+__all__ = ["MergeResult", "merge", "weighted_sum_module"]
+
+Progress = Callable[[int, int, str], None]
+Warn = Callable[[str], None]
+
+
+@dataclass
+class MergeResult:
+    """The merged adapter and its per-module report."""
+
+    adapter: Adapter
+    report: Report
+
+
+def _layout(m: LoraModule) -> tuple:
+    return m.kind.value, tuple(m.weight_shape), m.matrix_shape
+
+
+def weighted_sum_module(name: str, parts: Sequence[tuple[LoraModule, float, str]]) -> LoraModule:
+    """The exact ``sum_i w_i scale_i B_i A_i`` of ``[(module, weight, source)]`` as one module:
+    B (out, sum r_i) float32 with the coefficients folded in, A (sum r_i, in), alpha = sum r_i (scale 1).
+
+    Raises :class:`AdapterMismatch` naming the module when the inputs disagree on its kind or shape."""
+    first, _, first_src = parts[0]
+    for m, _, src in parts[1:]:
+        if _layout(m) != _layout(first):
+            kind0, shape0, _ = _layout(first)
+            kind1, shape1, _ = _layout(m)
+            raise AdapterMismatch(f"module {name} is {kind0} {shape0} in {first_src} but {kind1} {shape1} in {src}: "
+                                  f"the adapters were made for different base models; leave it out with "
+                                  f"--exclude '^{re.escape(name)}$'")
+    # float32 (float64 if any input is): the coefficients are folded in before any rounding
+    B, A = concat_factors([(m.B, m.A, w * m.scale) for m, w, _ in parts])  # (out, R), (R, in)
+    return LoraModule(B=B, A=A, alpha=float(B.shape[1]), kind=first.kind, weight_shape=first.weight_shape)
+
+
+def _out_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
+    """The inputs' common factor dtype; float32 when they differ."""
+    return next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+
+
+def _gather(inputs: list[WeightedAdapter], include, exclude) -> tuple[dict, list[str]]:
+    """{module: [(module, weight, source), ...]} in order of first appearance, and the names filtered out."""
+    parts: dict[str, list] = {}
+    filtered: list[str] = []
+    for item in inputs:
+        for name, m in item.adapter.modules.items():
+            if not matches(name, include, exclude):
+                if name not in filtered:
+                    filtered.append(name)
+                continue
+            parts.setdefault(name, []).append((m, float(item.weight), item.source))
+    return parts, filtered
+
+
+def _full_tensors(inputs: list[WeightedAdapter], warn: Warn | None) -> dict[str, torch.Tensor]:
+    """Tensors saved whole (modules_to_save) cannot be summed: the first input's copy is kept."""
+    full: dict[str, torch.Tensor] = {}
+    owner: dict[str, str] = {}
+    for item in inputs:
+        for name, t in item.adapter.full_tensors.items():
+            if name not in full:
+                full[name], owner[name] = t, item.source
+            elif warn and (t.shape != full[name].shape or not torch.equal(t, full[name])):
+                warn(f"tensor {name} is saved whole in {owner[name]} and {item.source}; kept the one of {owner[name]}")
+    return full
+
+
+@torch.no_grad()
+def merge(adapters: Sequence[WeightedAdapter | Adapter | tuple], *, rule: RankRule | None = None,
+          budget: int | None = None, alpha: float | None = None, dtype: torch.dtype | None = None,
+          device: str | torch.device = "cpu", include: Sequence[str] = (), exclude: Sequence[str] = (),
+          progress: Progress | None = None, warn: Warn | None = None) -> MergeResult:
+    """Merge weighted adapters into one.
+
+    No ``rule`` and no ``budget``: exact concatenation, rank = the sum of the inputs' ranks. Otherwise the
+    concatenation is truncated (``budget`` spreads total parameters, ``rule`` caps each module). Modules
+    filtered out by ``include`` / ``exclude`` are left out. ``dtype`` defaults to the inputs' factor dtype
+    (float32 when they differ). The report measures each module against the exact weighted sum.
+    """
+    inputs = as_weighted(adapters)
+    if not inputs:
+        raise InvalidOption("merge needs at least one ADAPTER[:WEIGHT] argument")
+    check_alpha(alpha)
+    start = time.perf_counter()
+    include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
+    parts, filtered = _gather(inputs, include, exclude)
+    sums = {name: weighted_sum_module(name, p) for name, p in parts.items()}
+    dtypes = {name: dtype or _out_dtype({m.B.dtype for m, _, _ in p}) for name, p in parts.items()}
+    extra = {name: {"old_rank": "+".join(str(m.rank) for m, _, _ in p)} for name, p in parts.items()}
+    done = refactor_modules(sums, rule=rule, budget=budget, alpha=alpha, dtypes=dtypes, device=device, extra=extra,
+                            progress=progress, warn=warn)
+    bases = [i.adapter.base_model for i in inputs if i.adapter.base_model]
+    notes = [f"inputs name different base models: {', '.join(sorted(set(bases)))}"] if len(set(bases)) > 1 else []
+    if notes and warn:
+        warn(notes[0])
+    merged = Adapter(modules=done.modules, full_tensors=_full_tensors(inputs, warn),
+                     base_model=bases[0] if bases else None, source_format="merge", notes=notes)
+    more = {"inputs": [{"source": i.source, "weight": i.weight} for i in inputs],
+            "old_params": sum(m.params for p in parts.values() for m, _, _ in p)}
+    if budget is not None:
+        more["budget"] = int(budget)
+    report = Report(command="merge", layers=done.records, notes=notes,
+                    summary=summarize(done.records, wall_time=time.perf_counter() - start, **more),
+                    skipped={k: v for k, v in {"filtered out": filtered, "rank 0 (dropped)": done.dropped}.items() if v})
+    return MergeResult(adapter=merged, report=report)
