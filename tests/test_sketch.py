@@ -1,0 +1,63 @@
+"""sketch: top-k singular values by a (mixed-precision) randomized subspace iteration, against svdvals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowrank_tools.sketch import fast_bf16, top_singular_values
+
+
+def planted(values, m: int, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    k = len(values)
+    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    return ((U * torch.tensor(values, dtype=torch.float64)) @ V.T).float()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("shape", [(600, 500), (300, 700)])
+def test_slow_decay_within_a_tenth_of_a_percent(bf16, shape):
+    M = planted([1.0 / (i + 1) for i in range(min(shape))], *shape)
+    exact = torch.linalg.svdvals(M.double())[:16]
+    S, how = top_singular_values(M, 16, bf16=bf16)
+    assert how == ("randomized-bf16" if bf16 else "randomized")
+    assert S.shape == (16,) and S.dtype == torch.float32
+    assert float(((S.double() - exact).abs() / exact).max()) < 1e-3
+    assert bool((S.double() <= exact * (1 + 1e-5)).all())  # Ritz values never exceed the true ones
+
+
+def test_steep_spectrum_falls_back_to_float32():
+    values = [10 ** (-4 * i / 16) for i in range(300)]  # s_16 / s_1 = 1e-4: below bf16's resolution of M
+    M = planted(values, 400, 300)
+    exact = torch.linalg.svdvals(M.double())[:16]
+    S, how = top_singular_values(M, 16, bf16=True)
+    assert how == "randomized"
+    assert float(((S.double() - exact).abs() / exact).max()) < 1e-3
+
+
+def test_rank_deficient_matrix():
+    M = planted([5.0, 3.0, 1.0], 200, 150)
+    S, _ = top_singular_values(M, 8)  # a sketch of 16 columns for a rank-3 matrix
+    assert torch.isfinite(S).all()
+    assert S[:3].tolist() == pytest.approx([5.0, 3.0, 1.0], rel=1e-5)
+    assert float(S[3:].abs().max()) < 1e-4
+
+
+def test_repeatable_and_clamped():
+    M = planted([1.0 / (i + 1) for i in range(60)], 80, 60)
+    a, _ = top_singular_values(M, 8, seed=3)
+    b, _ = top_singular_values(M, 8, seed=3)
+    assert torch.equal(a, b)
+    full, _ = top_singular_values(M, 500, n_iter=1)  # k above the smaller side: every value
+    assert full.shape == (60,)
+    assert full.double().tolist() == pytest.approx(torch.linalg.svdvals(M.double()).tolist(), rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="float32"):
+        top_singular_values(M.double(), 4)
+
+
+def test_fast_bf16_flags():
+    assert fast_bf16(torch.device("cuda")) is True
+    assert isinstance(fast_bf16(torch.device("cpu")), bool)
+    assert fast_bf16(torch.device("meta")) is False
