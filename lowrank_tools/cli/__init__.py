@@ -1,0 +1,60 @@
+"""The command line: parse options, make one library call, print or write. The cli package is the only
+place that imports click (split in modules by command family, each under ~400 lines).
+
+Exit status: 0 ok, 1 a data or file problem, 2 a usage problem. Errors are one line on stderr; a
+traceback only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from ..errors import LowRankError
+from .options import Progress
+
+__all__ = ["main"]
+
+class _Group(click.Group):
+    """Turns library errors into one-line click errors (exit 1 data, 2 usage); --debug keeps tracebacks."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return self._invoke(ctx)
+        except BaseException:
+            Progress.close_all()  # an open bar would otherwise share its line with the error
+            raise
+
+    def _invoke(self, ctx: click.Context):
+        try:
+            return click.Group.invoke(self, ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except LowRankError as exc:
+            if ctx.meta.get("debug"):
+                raise
+            if exc.exit_code == 2:
+                raise click.UsageError(str(exc)) from None
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            ctx.exit(130)
+        except Exception as exc:  # noqa: BLE001 - last resort: one line, traceback with --debug
+            if ctx.meta.get("debug"):
+                raise
+            raise click.ClickException(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the "
+                                       f"traceback and report it)") from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lowrank-tools")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Post-hoc low-rank adapters: extract, resize, merge, apply and analyze LoRA factors."""
+    ctx.meta["debug"] = debug
+
+
+
+# the commands register themselves on `main` when imported
+from . import adapters, analyze, extract  # noqa: E402,F401

@@ -1,0 +1,123 @@
+"""extract, convert, info and demo commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..linalg import Method
+from . import main
+from .options import (DTYPES, Progress, check_kohya_options, common_options, make_rule, out_dtype, rank_options, show,
+                      warner, write_report)
+
+
+
+@main.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("tuned", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Adapter to write.")
+@rank_options
+@click.option("--alpha", type=float, help="LoRA alpha (default: r per layer, so scale = 1).")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True)
+@click.option("--prefix", default="lora_unet_", show_default=True, help="kohya key prefix for modules without a component.")
+@click.option("--method", type=click.Choice([m.value for m in Method]), default="auto", show_default=True,
+              help="SVD: exact, randomized (range finder), or auto (randomized when r is small against the sides).")
+@click.option("--oversample", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--power-iters", type=click.IntRange(min=0), default=4, show_default=True)
+@click.option("--strict", is_flag=True, help="Tensors on one side only, or of different shapes, are errors.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the per-layer report (.json or .csv).")
+@click.option("--conv-rank", type=int, help="Rank (or cap) for conv kernels (default: that of --rank).")
+@click.option("--full-modules", multiple=True, metavar="REGEX",
+              help="Save these modules' tensors whole (PEFT modules_to_save), e.g. a grown vocabulary (repeatable).")
+@common_options
+def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alpha, fmt, prefix, method, oversample,
+            power_iters, strict, report_path, conv_rank, full_modules, device, dtype_name, include, exclude, seed, force,
+            quiet):
+    """Extract a LoRA adapter from BASE and fully fine-tuned TUNED checkpoints (default --rank 16).
+
+    --budget N spreads ranks over layers within N parameters (one pass: the top K singular values per layer,
+    K = --rank if given, else min(smaller side, 256), then the allocation)."""
+    from ..checkpoint import check_output
+    from ..extract import extract as run
+    from ..formats import save_adapter
+
+    rule = make_rule(rank, energy, sv_ratio, threshold, default_rank=None if budget is not None else 16)
+    check_kohya_options(fmt, prefix, full_modules)
+    check_output(output, force=force, inputs=[base, tuned])
+    result = run(base, tuned, rule=rule, budget=budget, method=method, alpha=alpha, dtype=out_dtype(dtype_name),
+                 device=device, include=include, exclude=exclude, conv_rank=conv_rank, full_modules=full_modules,
+                 embeddings=fmt != "kohya", strict=strict, seed=seed, oversample=oversample,
+                 n_iter=power_iters, progress=Progress(quiet, "extract"), warn=warner(quiet))
+    if not result.adapter.modules and not result.adapter.full_tensors:
+        raise click.ClickException(f"no layer of {tuned} differs from {base}: nothing to extract, nothing written")
+    save_adapter(result.adapter, output, format=fmt, force=force, inputs=[base, tuned], prefix=prefix)
+    write_report(result.report, report_path, force=force)
+    show(result.report, quiet)
+    if not quiet:
+        click.echo(f"wrote {output} ({len(result.adapter.modules)} modules, {result.adapter.params:,} parameters)")
+
+
+@main.command()
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), required=True)
+@click.option("--prefix", default="lora_unet_", show_default=True, help="kohya key prefix for modules without a component.")
+@click.option("--dtype", "dtype_name", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True)
+@click.option("--base", type=click.Path(path_type=Path),
+              help="Checkpoint the adapter was made for: kohya keys without recorded names are matched against it.")
+@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+@click.option("--quiet", "-q", is_flag=True)
+def convert(adapter, output, fmt, prefix, dtype_name, base, force, quiet):
+    """Convert ADAPTER between PEFT and kohya formats; every module's product is unchanged.
+
+    Modules under unet. / text_encoder. / text_encoder_2. take their component's kohya prefix, others --prefix.
+    A pipeline's adapter converted to peft is written as diffusers' pytorch_lora_weights.safetensors."""
+    from ..checkpoint import check_output
+    from ..formats import load_adapter, save_adapter
+
+    check_kohya_options(fmt, prefix, ())
+    check_output(output, force=force, inputs=[adapter])
+    loaded = load_adapter(adapter, base=base)
+    for note in loaded.notes:
+        warner(quiet) and warner(quiet)(note)
+    save_adapter(loaded, output, format=fmt, force=force, inputs=[adapter], dtype=out_dtype(dtype_name), prefix=prefix)
+    if not quiet:
+        click.echo(f"wrote {output} ({fmt}, {len(loaded.modules)} modules)")
+
+
+@main.command()
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--base", type=click.Path(path_type=Path),
+              help="Checkpoint the adapter was made for: kohya keys without recorded names are matched against it.")
+def info(adapter, as_json, base):
+    """Describe ADAPTER: format, modules, ranks, alphas, scale rule, parameters, dtype, base model."""
+    from ..formats import describe_adapter, load_adapter
+
+    facts = describe_adapter(load_adapter(adapter, base=base), adapter)
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    for key, value in facts.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
+        elif isinstance(value, list):
+            value = "; ".join(map(str, value)) or "-"
+        click.echo(f"{key:>14}: {value if value is not None else '-'}")
+
+
+@main.command()
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=Path("lowrank-demo"),
+              show_default=True, help="Folder for the generated checkpoints and adapters.")
+@click.option("--seconds", type=click.FloatRange(min=0.5), default=5.0, show_default=True, help="Fine-tuning time.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Reuse the output folder if it exists.")
+@click.option("--quiet", "-q", is_flag=True)
+def demo(out_dir, seconds, seed, force, quiet):
+    """The whole flow on a generated pair: fine-tune a small model for real, extract at two ranks, report."""
+    from ..demo import run_demo
+
+    run_demo(out_dir, seconds=seconds, seed=seed, force=force, echo=None if quiet else click.echo,
+             progress=lambda desc: Progress(quiet, desc), warn=warner(quiet))

@@ -1,0 +1,120 @@
+"""Options and helpers shared by the commands: rank rules, dtypes, progress, reports, warnings."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from ..linalg import RankRule
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+
+def rank_options(f):
+    """--rank / --energy / --sv-ratio / --threshold / --budget (extract, resize, merge)."""
+    opts = [
+        click.option("--rank", "-r", type=int, help="Fixed rank; also the cap for the dynamic rules."),
+        click.option("--energy", type=float, help="Smallest r with retained energy >= F, F in (0, 1]."),
+        click.option("--sv-ratio", type=float, help="Keep singular values S_i >= S_1 / F (F >= 1)."),
+        click.option("--threshold", type=float, help="Keep singular values S_i > F (F >= 0)."),
+        click.option("--budget", type=int, help="Total adapter parameters, spread over layers to minimise error."),
+    ]
+    return functools.reduce(lambda g, o: o(g), reversed(opts), f)
+
+
+def common_options(f):
+    """--device / --dtype / --include / --exclude / --seed / --force / --quiet."""
+    opts = [
+        click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+                     help="Where the linear algebra runs."),
+        click.option("--dtype", "dtype_name", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True,
+                     help="dtype of what is written (auto: that of the input)."),
+        click.option("--include", multiple=True, metavar="REGEX", help="Only modules whose name matches (repeatable)."),
+        click.option("--exclude", multiple=True, metavar="REGEX", help="Skip modules whose name matches (repeatable)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD."),
+        click.option("--force", is_flag=True, help="Overwrite the output if it exists."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar, table or warnings."),
+    ]
+    return functools.reduce(lambda g, o: o(g), reversed(opts), f)
+
+
+def make_rule(rank, energy, sv_ratio, threshold, *, default_rank: int | None = None) -> RankRule | None:
+    """The rank rule from the options; ``default_rank`` when none is given (None: no truncation asked)."""
+    if rank is None and energy is None and sv_ratio is None and threshold is None:
+        return RankRule(rank=default_rank) if default_rank is not None else None
+    return RankRule(rank=rank, energy=energy, sv_ratio=sv_ratio, threshold=threshold)
+
+
+def warner(quiet: bool):
+    return None if quiet else (lambda msg: click.echo(f"warning: {msg}", err=True))
+
+
+class Progress:
+    """A tqdm bar on stderr fed by the library's (done, total, name) callback; silent with -q."""
+
+    _open: list["Progress"] = []
+
+    def __init__(self, quiet: bool, desc: str) -> None:
+        self.quiet, self.desc, self.bar = quiet, desc, None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self in Progress._open:
+            Progress._open.remove(self)
+
+    @classmethod
+    def close_all(cls) -> None:
+        for bar in list(cls._open):
+            bar.close()
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="layer", file=sys.stderr, leave=False)
+            Progress._open.append(self)
+        self.bar.n = done
+        self.bar.set_postfix_str(name[-40:], refresh=True)
+        if done >= total:
+            self.close()
+
+
+def write_report(report, path: str | None, *, force: bool) -> None:
+    if not path:
+        return
+    from ..checkpoint import atomic_output
+    from ..report import report_csv, report_json
+
+    target = Path(path)
+    text = report_csv(report) if target.suffix.lower() == ".csv" else report_json(report)
+    with atomic_output(target, force=force) as tmp:
+        tmp.write_text(text)
+
+
+def out_dtype(name: str):
+    return None if name == "auto" else DTYPES[name]
+
+
+def check_kohya_options(fmt: str | None, prefix: str, full_modules) -> None:
+    """Before any work: a well-formed --prefix, and nothing a kohya file cannot hold."""
+    from ..kohya_names import check_prefix
+
+    check_prefix(prefix)
+    if fmt == "kohya" and full_modules:
+        raise click.UsageError("--full-modules needs --format peft: kohya files hold LoRA factors only")
+
+
+def show(report, quiet: bool) -> None:
+    if not quiet:
+        from ..report import format_table
+
+        click.echo(format_table(report))
