@@ -21,7 +21,7 @@ import os
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,12 +36,11 @@ from .prefetch import prefetch
 from .recommend import recommend
 from .sketch import top_singular_values
 from .spectrum import ENERGY_LEVELS, SpectrumMetrics, level_key, spectrum_metrics
+from .report import Progress, Warn
 
 __all__ = ["Analysis", "LayerAnalysis", "analyze_delta", "analyze_adapter", "module_type", "depth_key",
            "group_layers"]
 
-Progress = Callable[[int, int, str], None]  # (done, total, current name)
-Warn = Callable[[str], None]
 
 _WRAPPERS = re.compile(r"^(base_model\.model\.|model\.)+")  # dropped from depth keys: "model.layers.3" -> "layers.3"
 _R90 = level_key(0.9)

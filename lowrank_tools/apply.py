@@ -25,7 +25,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,11 +39,10 @@ from .errors import AdapterMismatch, NonFiniteWeight, NumericalError, UsageError
 from .layers import compile_filters, matches
 from .linalg import lowrank_frobenius_diff, lowrank_frobenius_norm, resolve_device
 from .weighted import WeightedAdapter, as_weighted
+from .report import Progress, Warn
 
 __all__ = ["ApplyResult", "Term", "plan_apply", "applied_tensors", "apply"]
 
-Progress = Callable[[int, int, str], None]
-Warn = Callable[[str], None]
 
 _BLOCK_ELEMENTS = 1 << 20  # rows per block: 4 MiB of float32 working memory, one buffer per tensor
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf"}

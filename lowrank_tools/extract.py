@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -27,17 +27,12 @@ from .layers import compile_filters, plan_layers, relative_change
 from .memory import stream_large_buffers
 from .linalg import Method, RankRule, balanced_factors, frobenius_error, frobenius_norm, resolve_device, truncated_svd
 from .prefetch import prefetch
-from .report import MAX_SINGULAR_VALUES, LayerRecord, Report, summarize
+from .report import MAX_SINGULAR_VALUES, AdapterResult, LayerRecord, Progress, Report, Warn, summarize
 
 __all__ = ["ExtractResult", "extract", "Progress"]
 
-Progress = Callable[[int, int, str], None]  # (done, total, current name)
-Warn = Callable[[str], None]
 
-@dataclass
-class ExtractResult:
-    adapter: Adapter
-    report: Report
+ExtractResult = AdapterResult  # the adapter and its report
 
 
 def _check_finite(t: Tensor, what: str) -> None:

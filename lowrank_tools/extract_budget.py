@@ -23,7 +23,7 @@ computed from the factors (:func:`~lowrank_tools.linalg.lowrank_frobenius_diff`)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,14 +33,12 @@ from .adapter import LoraModule, ModuleKind, module_name
 from .budget import LayerSpectrum, allocate_budget
 from .errors import InvalidOption, NumericalError
 from .linalg import Method, TruncatedSVD, balanced_factors, frobenius_error, lowrank_frobenius_diff, truncated_svd
-from .report import MAX_SINGULAR_VALUES, LayerRecord
+from .report import MAX_SINGULAR_VALUES, LayerRecord, Progress, Warn
 
 __all__ = ["BUDGET_TOP_K", "budget_top_k", "check_budget", "extract_with_budget"]
 
 BUDGET_TOP_K = 256  # singular values computed per layer under --budget when --rank gives no cap
 
-Progress = Callable[[int, int, str], None]
-Warn = Callable[[str], None]
 
 
 @dataclass

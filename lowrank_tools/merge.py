@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 
@@ -25,21 +24,14 @@ from .errors import AdapterMismatch, InvalidOption
 from .layers import compile_filters, matches
 from .linalg import RankRule, concat_factors
 from .refactor import check_alpha, refactor_modules
-from .report import Report, summarize
+from .report import AdapterResult, Progress, Report, Warn, summarize
 from .weighted import WeightedAdapter, as_weighted
 
 __all__ = ["MergeResult", "merge", "weighted_sum_module"]
 
-Progress = Callable[[int, int, str], None]
-Warn = Callable[[str], None]
 
 
-@dataclass
-class MergeResult:
-    """The merged adapter and its per-module report."""
-
-    adapter: Adapter
-    report: Report
+MergeResult = AdapterResult  # the adapter and its report
 
 
 def _layout(m: LoraModule) -> tuple:

@@ -21,7 +21,7 @@ Errors are measured on the factors as written, against the exact module, without
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -31,13 +31,11 @@ from .adapter import LoraModule
 from .budget import LayerSpectrum, allocate_budget
 from .errors import InvalidOption, NumericalError
 from .linalg import RankRule, lowrank_frobenius_diff, resolve_device, truncated_svd
-from .report import MAX_SINGULAR_VALUES, LayerRecord
+from .report import MAX_SINGULAR_VALUES, LayerRecord, Progress, Warn
 
 __all__ = ["Core", "Refactored", "module_core", "truncated_factors", "budget_ranks", "refactor_modules",
            "check_alpha"]
 
-Progress = Callable[[int, int, str], None]  # (done, total, current name)
-Warn = Callable[[str], None]
 
 _EPS64 = torch.finfo(torch.float64).eps
 

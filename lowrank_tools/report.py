@@ -10,12 +10,19 @@ import csv
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["LayerRecord", "Report", "summarize", "format_table", "report_json", "report_csv", "MAX_SINGULAR_VALUES"]
+if TYPE_CHECKING:
+    from .adapter import Adapter
+
+__all__ = ["Progress", "Warn", "AdapterResult", "LayerRecord", "Report", "summarize", "format_table", "report_json", "report_csv", "MAX_SINGULAR_VALUES"]
 
 MAX_SINGULAR_VALUES = 64  # leading singular values kept per layer in reports
+
+Progress = Callable[[int, int, str], None]  # operations report (done, total, current name) through this
+Warn = Callable[[str], None]  # one-line warnings; nothing below the CLI prints
 
 
 @dataclass
@@ -55,6 +62,14 @@ class Report:
             layers.append(row)
         return {"command": self.command, "summary": self.summary, "layers": layers, "skipped": self.skipped,
                 "not_low_rank": self.changed_1d, "notes": self.notes}
+
+
+@dataclass
+class AdapterResult:
+    """What extract, resize and merge return: the adapter and the report that measured it."""
+
+    adapter: "Adapter"
+    report: Report
 
 
 def summarize(layers: list[LayerRecord], *, wall_time: float | None = None, **more) -> dict:

@@ -11,8 +11,8 @@ new modules get ``alpha = r`` (scale 1) unless ``alpha`` is given.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -21,18 +21,13 @@ from .errors import InvalidOption
 from .layers import compile_filters, matches
 from .linalg import RankRule
 from .refactor import refactor_modules
-from .report import Report, summarize
+from .report import AdapterResult, Progress, Report, Warn, summarize
 
 __all__ = ["ResizeResult", "resize"]
 
-Progress = Callable[[int, int, str], None]
-Warn = Callable[[str], None]
 
 
-@dataclass
-class ResizeResult:
-    adapter: Adapter
-    report: Report
+ResizeResult = AdapterResult  # the adapter and its report
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from . import main
-from .options import Progress, common_options, make_rule, out_dtype, rank_options, show, warner, write_report
+from .options import (Progress, common_options, make_rule, out_dtype, rank_options, show, warn_all, warner,
+                      write_report)
 
 
 
@@ -71,8 +72,7 @@ def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
     fmt = _output_format(fmt, output)
     _check_outputs(output, report_path, force=force, inputs=[adapter])
     loaded = load_adapter(adapter)
-    for note in loaded.notes:
-        warner(quiet) and warner(quiet)(note)
+    warn_all(quiet, loaded.notes)
     result = run(loaded, rule=rule, budget=budget, alpha=alpha, dtype=out_dtype(dtype_name), device=device,
                  include=include, exclude=exclude, progress=Progress(quiet, "resize"), warn=warner(quiet))
     _finish_adapter(result, output, fmt=fmt, prefix=prefix, force=force, inputs=[adapter], report_path=report_path,
@@ -100,8 +100,7 @@ def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
     paths = [s.path for s in specs]
     _check_outputs(output, report_path, force=force, inputs=paths)
     loaded = load_weighted(specs)
-    for note in (n for item in loaded for n in item.adapter.notes):
-        warner(quiet) and warner(quiet)(note)
+    warn_all(quiet, [n for item in loaded for n in item.adapter.notes])
     result = run(loaded, rule=rule, budget=budget, alpha=alpha, dtype=out_dtype(dtype_name), device=device,
                  include=include, exclude=exclude, progress=Progress(quiet, "merge"), warn=warner(quiet))
     _finish_adapter(result, output, fmt=fmt, prefix=prefix, force=force, inputs=paths, report_path=report_path,
@@ -127,8 +126,7 @@ def apply(base, adapters, output, shard_size, device, dtype_name, include, exclu
     inputs = [base, *(s.path for s in specs)]
     check_output(output, force=force, inputs=inputs)
     loaded = load_weighted(specs, base=base)
-    for note in (n for item in loaded for n in item.adapter.notes):
-        warner(quiet) and warner(quiet)(note)
+    warn_all(quiet, [n for item in loaded for n in item.adapter.notes])
     result = run(base, loaded, output, shard_size=size, dtype=out_dtype(dtype_name), device=device, include=include,
                  exclude=exclude, force=force, inputs=inputs, progress=Progress(quiet, "apply"), warn=warner(quiet))
     if not quiet:

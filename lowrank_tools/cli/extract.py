@@ -10,7 +10,7 @@ import click
 from ..linalg import Method
 from . import main
 from .options import (DTYPES, Progress, check_kohya_options, common_options, make_rule, out_dtype, rank_options, show,
-                      warner, write_report)
+                      warn_all, warner, write_report)
 
 
 
@@ -80,8 +80,7 @@ def convert(adapter, output, fmt, prefix, dtype_name, base, force, quiet):
     check_kohya_options(fmt, prefix, ())
     check_output(output, force=force, inputs=[adapter])
     loaded = load_adapter(adapter, base=base)
-    for note in loaded.notes:
-        warner(quiet) and warner(quiet)(note)
+    warn_all(quiet, loaded.notes)
     save_adapter(loaded, output, format=fmt, force=force, inputs=[adapter], dtype=out_dtype(dtype_name), prefix=prefix)
     if not quiet:
         click.echo(f"wrote {output} ({fmt}, {len(loaded.modules)} modules)")

@@ -51,7 +51,14 @@ def make_rule(rank, energy, sv_ratio, threshold, *, default_rank: int | None = N
 
 
 def warner(quiet: bool):
+    """The library's ``warn`` callback: one ``warning:`` line on stderr each; None (silent) with -q."""
     return None if quiet else (lambda msg: click.echo(f"warning: {msg}", err=True))
+
+
+def warn_all(quiet: bool, notes) -> None:
+    """Show notes an input carried (e.g. guessed module names) as warnings."""
+    for note in () if quiet else notes:
+        click.echo(f"warning: {note}", err=True)
 
 
 class Progress:
