@@ -36,7 +36,7 @@ from .adapter import LoraModule, ModuleKind
 from .atomic import header_bound
 from .checkpoint import Checkpoint, ShardedWriter, as_checkpoint, atomic_output, check_output, parse_size
 from .errors import AdapterMismatch, NonFiniteWeight, NumericalError, UsageError
-from .layers import compile_filters, matches
+from .layers import WORD_EMBEDDINGS, compile_filters, matches
 from .linalg import lowrank_frobenius_diff, lowrank_frobenius_norm, resolve_device
 from .weighted import WeightedAdapter, as_weighted
 from .report import Progress, Warn
@@ -47,8 +47,7 @@ __all__ = ["ApplyResult", "Term", "plan_apply", "applied_tensors", "apply"]
 _BLOCK_ELEMENTS = 1 << 20  # rows per block: 4 MiB of float32 working memory, one buffer per tensor
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf"}
 _COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")  # diffusers pipeline components
-_EMBEDDINGS = tuple(f"{leaf}.weight" for leaf in ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in",
-                                                  "shared"))  # input embeddings an output head may be tied to
+_EMBEDDINGS = tuple(f"{leaf}.weight" for leaf in WORD_EMBEDDINGS)  # input embeddings an output head may be tied to
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,13 @@ from .errors import InvalidOption, ShapeMismatch
 __all__ = ["layer_kind", "compile_filters", "matches", "select_layers", "relative_change", "TiedHead",
            "find_tied_heads", "tied_head_module", "LayerPlan", "plan_layers"]
 
-_EMBEDDING_LEAF = re.compile(r"(embed|embedding|embeddings|wte|wpe|shared)", re.IGNORECASE)
 # input embeddings an output head can be tied to, in order of preference
-_WORD_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in", "shared")
+WORD_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in", "shared")
+# leaf names of nn.Embedding weights in transformers / diffusers models, matched whole: a substring test would
+# take Linear layers such as Flux's x_embedder, GPT-NeoX's embed_out or Qwen-MoE's shared_expert_gate
+EMBEDDING_LEAVES = frozenset(WORD_EMBEDDINGS + (
+    "wpe", "embed_positions", "position_embeddings", "position_embedding", "token_embedding", "token_type_embeddings",
+    "class_embedding", "relative_attention_bias", "embeddings", "embedding"))
 _HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 _HEAD = "lm_head"
 
@@ -43,7 +47,7 @@ def layer_kind(name: str, shape: Sequence[int]) -> ModuleKind | None:
         return None
     if len(shape) == 2:
         leaf = module_name(name).rsplit(".", 1)[-1]
-        return ModuleKind.EMBEDDING if _EMBEDDING_LEAF.search(leaf) else ModuleKind.LINEAR
+        return ModuleKind.EMBEDDING if leaf in EMBEDDING_LEAVES else ModuleKind.LINEAR
     return ModuleKind.CONV if len(shape) in (3, 4, 5) else None
 
 
@@ -109,7 +113,7 @@ def _configs(ckpt: Checkpoint) -> list[tuple[str, dict]]:
 
 
 def _word_embedding(tuned: Checkpoint, prefix: str) -> str | None:
-    for leaf in _WORD_EMBEDDINGS:
+    for leaf in WORD_EMBEDDINGS:
         found = sorted((n for n in tuned.keys() if n.startswith(prefix) and n.endswith(f"{leaf}.weight")
                         and len(tuned.shape(n)) == 2), key=len)
         if found:

@@ -26,6 +26,14 @@ SHAPES = {EMB: (40, 8), "model.layers.0.q_proj.weight": (8, 8), "model.norm.weig
     ("proj.weight", (8, 4, 1, 1), ModuleKind.CONV),
     ("transformer.wte.weight", (50, 8), ModuleKind.EMBEDDING),
     ("bert.embeddings.word_embeddings.weight", (50, 8), ModuleKind.EMBEDDING),
+    ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", (32, 8), ModuleKind.EMBEDDING),
+    ("text_model.embeddings.position_embedding.weight", (77, 8), ModuleKind.EMBEDDING),
+    # Linear layers whose names merely contain "embed" or "shared" stay linear (PEFT would ignore embedding keys)
+    ("x_embedder.weight", (8, 64), ModuleKind.LINEAR),
+    ("context_embedder.weight", (8, 64), ModuleKind.LINEAR),
+    ("embed_out.weight", (50, 8), ModuleKind.LINEAR),
+    ("model.layers.0.mlp.shared_expert_gate.weight", (1, 8), ModuleKind.LINEAR),
+    ("time_embedding.linear_1.weight", (8, 4), ModuleKind.LINEAR),
     ("x.weight", (8, 0), None),
     ("x.weight", (2, 2, 2, 2, 2, 2), None),
 ])
