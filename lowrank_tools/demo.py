@@ -90,10 +90,16 @@ def _with_adapter(base: dict, adapter) -> dict:
 
 
 def run_demo(out_dir: Path, *, seconds: float = 5.0, seed: int = 0, force: bool = False,
-             echo: Callable[[str], None] | None = print, progress=None, warn=None) -> dict:
-    """Run the demo into ``out_dir``; returns {name: task-B loss} for base, tuned and each adapter."""
-    say = echo or (lambda _msg: None)
-    torch.manual_seed(seed)
+             echo: Callable[[str], None] | None = None, progress=None, warn=None) -> dict:
+    """Run the demo into ``out_dir``; returns {name: task-B loss} for base, tuned and each adapter.
+    ``echo`` receives the lines to show (the CLI passes click.echo); the global RNG state is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _run(Path(out_dir), seconds=seconds, seed=seed, force=force, say=echo or (lambda _msg: None),
+                    progress=progress, warn=warn)
+
+
+def _run(out_dir: Path, *, seconds: float, seed: int, force: bool, say, progress, warn) -> dict:
     model = TinyModel()
     task_a, task_b = _tasks(seed)
     say(f"training a {sum(p.numel() for p in model.parameters()):,}-parameter model on task A, then fine-tuning "
