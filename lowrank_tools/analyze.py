@@ -315,7 +315,7 @@ def analyze_delta(base, tuned, *, top: int | None = None, include: Sequence[str]
     if warn and pairing.warning():
         warn(pairing.warning())
     opts = _Options(top=top, device=resolve_device(device), seed=seed, oversample=oversample, n_iter=n_iter)
-    selected, skipped, one_d = select_layers(pairing.names, tuned_ckpt, include, exclude)
+    selected, skipped, one_d = select_layers(pairing.names, tuned_ckpt, include, exclude, base=base_ckpt)
     layers, unchanged = [], []
     for i, (name, W0, W1) in enumerate(prefetch(_pairs(base_ckpt, tuned_ckpt, selected))):
         if progress:

@@ -3,7 +3,7 @@
 :func:`atomic_output` guards every write (a failure or Ctrl-C leaves no half-written output and never touches the
 inputs); :class:`ShardedWriter` streams a full checkpoint into safetensors files, holding one tensor in memory at a
 time; :func:`parse_size` reads ``--shard-size`` values. The safetensors format (shared with the reader in
-``checkpoint``): 8 bytes little-endian header length N, N bytes of JSON header, then the tensor bytes.
+``safetensors_io``): 8 bytes little-endian header length N, N bytes of JSON header, then the tensor bytes.
 """
 
 from __future__ import annotations
@@ -22,21 +22,12 @@ from pathlib import Path
 import torch
 
 from .errors import InvalidOption, OutputError, OutputExists, UnsupportedTensor
+from .safetensors_io import DTYPE_NAMES as _DTYPE_NAMES
+from .safetensors_io import SAFETENSORS_DTYPES  # re-exported: the table lives with the reader
 
-__all__ = ["atomic_output", "check_output", "parse_size", "ShardedWriter", "SAFETENSORS_DTYPES", "header_bound"]
+__all__ = ["atomic_output", "check_output", "parse_size", "ShardedWriter", "SAFETENSORS_DTYPES", "header_bound",
+           "write_safetensors"]
 
-#: safetensors dtype strings and the torch dtypes they map to (both directions are unique).
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, attr)
-    for name, attr in [
-        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
-        ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"),
-        ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"), ("U8", "uint8"),
-        ("BOOL", "bool"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-    ]
-    if hasattr(torch, attr)  # uint16/32/64 and float8 need newer torch
-}
-_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _TMP_MARK = ".lrt-tmp-"
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _SIZE_UNITS = {
@@ -89,10 +80,22 @@ def atomic_output(target: str | os.PathLike, *, force: bool = False,
         for folder in reversed(created):
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-            message = f"could not write {target}: disk full ({exc.strerror}): free space or choose another -o"
+        code = _os_error(exc)
+        if code in _DISK_FULL:
+            message = f"could not write {target}: disk full ({os.strerror(code)}): free space or choose another -o"
             raise OutputError(message) from exc
+        if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise OutputError(f"could not write {target}: {os.strerror(code)}: choose another -o") from exc
         raise
+
+
+def _os_error(exc: BaseException) -> int | None:
+    """The errno of a failed write: an OSError's, or the one safetensors' (Rust) writer quotes in its message
+    ("I/O error: File too large (os error 27)"); None for anything else."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    found = re.search(r"\(os error (\d+)\)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
+    return int(found.group(1)) if found else None
 
 
 def check_output(target: str | os.PathLike, *, force: bool = False, inputs: Sequence[str | os.PathLike] = ()) -> None:
@@ -110,6 +113,10 @@ def check_output(target: str | os.PathLike, *, force: bool = False, inputs: Sequ
 def _make_parent(parent: Path) -> list[Path]:
     """Create ``parent`` if missing; return the folders created, outermost first."""
     missing = [p for p in [parent, *parent.parents] if not p.exists()][::-1]
+    blocking = next((p for p in [parent, *parent.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # mkdir would only say "File exists"
+        raise OutputError(f"cannot create output folder {parent}: {blocking} is a file, not a folder: choose "
+                          f"another -o")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -365,6 +372,17 @@ class ShardedWriter:
         if self.shard_size is None:
             return self.path
         return self.path / f".shard-{i + 1:05d}.safetensors.part"
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, *,
+                      metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file whose bytes depend on its content only: tensors and metadata in sorted key order.
+
+    ``safetensors.torch.save_file`` writes metadata in a per-process random hash order, so two runs (or the
+    distributed and single-process extracts) would differ in the header whenever there are two keys or more."""
+    with ShardedWriter(Path(path), shard_size=None, metadata=dict(sorted((metadata or {}).items()))) as writer:
+        for name in sorted(tensors):
+            writer.add(name, tensors[name])
 
 
 def header_bound(entries: Sequence[tuple[str, torch.dtype, Sequence[int]]], metadata: dict | None = None) -> int:

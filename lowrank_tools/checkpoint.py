@@ -4,9 +4,9 @@
 diffusers component names, ``pytorch_model.bin`` shards), a diffusers pipeline folder (components prefixed
 ``unet.``, ``text_encoder.``, ...) or a torch pickle (``.bin/.pt/.pth/.ckpt``, ``torch.load(weights_only=True)`` only).
 
-safetensors files are parsed here, not memory-mapped: opening reads and validates the header only, and
-:meth:`Checkpoint.get` reads one tensor's bytes into a fresh buffer, so memory stays flat and no file handle is
-held between calls (the host is assumed little-endian, as the format is). Torch pickles cannot be read per tensor:
+safetensors files are parsed by :mod:`lowrank_tools.safetensors_io`, not memory-mapped: opening reads and
+validates the header only, and :meth:`Checkpoint.get` reads one tensor's bytes into a fresh buffer, so memory stays
+flat and no file handle is held between calls. Torch pickles cannot be read per tensor:
 each file is loaded once at open with ``mmap=True`` (a mapping, not a copy; old non-zip files are loaded into
 memory) and kept until :meth:`Checkpoint.close`; ``get`` returns a contiguous copy that owns its memory.
 
@@ -16,6 +16,7 @@ Writing lives in :mod:`lowrank_tools.atomic` and is re-exported here.
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import math
 import os
@@ -26,14 +27,15 @@ from pathlib import Path
 
 import torch
 
-from .atomic import SAFETENSORS_DTYPES, ShardedWriter, atomic_output, check_output, parse_size
+from .atomic import ShardedWriter, atomic_output, check_output, parse_size
 from .errors import (CheckpointNotFound, CorruptCheckpoint, MissingTensor, NoCommonTensors, NotACheckpoint,
-                     ShapeMismatch, UnsafeCheckpoint, UnsupportedTensor)
+                     ShapeMismatch, UnsafeCheckpoint)
+from .safetensors_io import SAFETENSORS_DTYPES  # noqa: F401 - importable from here as before the split
+from .safetensors_io import SafetensorsFile as _SafetensorsFile
 
 __all__ = ["Checkpoint", "open_checkpoint", "as_checkpoint", "Pairing", "pair_tensors", "atomic_output",
            "check_output", "parse_size", "ShardedWriter"]
 
-_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
 _FOLDER_FILES = [  # in order of preference
     f"{stem}.{ext}{index}"
@@ -47,98 +49,6 @@ _FIX = "re-download or re-save it"
 
 
 # ---------------------------------------------------------------------------- single files
-
-
-@dataclass(frozen=True)
-class _Entry:
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int  # absolute offset of the first byte in the file
-    nbytes: int
-
-
-class _SafetensorsFile:
-    """A safetensors file: header parsed and checked at open, each tensor read on demand."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.entries, self.metadata = _parse_safetensors(path)
-
-    def names(self) -> list[str]:
-        return list(self.entries)
-
-    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        entry = self.entries[name]
-        return entry.dtype, entry.shape
-
-    def read(self, name: str) -> torch.Tensor:
-        entry = self.entries[name]
-        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
-        got = 0
-        if entry.nbytes:
-            with open(self.path, "rb") as file:
-                file.seek(entry.start)
-                got = file.readinto(memoryview(buffer.numpy()))
-        if got != entry.nbytes:
-            raise CorruptCheckpoint(f"tensor {name!r} in {self.path}: the file ended after {got} of {entry.nbytes} "
-                                    f"bytes (was it changed after opening?): {_FIX}")
-        return buffer.view(entry.dtype).reshape(entry.shape)
-
-    def close(self) -> None:
-        """Nothing to release: no handle is held between reads."""
-
-
-def _parse_safetensors(path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
-    """Read and validate the header; entries come in file (data offset) order."""
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            what = "is empty (0 bytes)" if not prefix else f"is only {size} bytes long"
-            raise CorruptCheckpoint(f"safetensors file {path} {what}: {_FIX}")
-        length = int.from_bytes(prefix, "little")
-        if length > size - 8 or length > _MAX_HEADER:
-            raise CorruptCheckpoint(f"{path}: header length {length} is larger than the file ({size} bytes), so it "
-                                    f"is truncated or not safetensors: {_FIX}")
-        raw = file.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptCheckpoint(f"{path}: header is not valid JSON ({exc}): {_FIX}") from exc
-    if not isinstance(header, dict):
-        raise CorruptCheckpoint(f"{path}: header is a JSON {type(header).__name__}, not an object: {_FIX}")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CorruptCheckpoint(f"{path}: __metadata__ is not an object: {_FIX}")
-    entries = {name: _parse_entry(path, name, info, 8 + length, size) for name, info in header.items()}
-    order = sorted(entries, key=lambda n: (entries[n].start, entries[n].nbytes, n))
-    return {name: entries[name] for name in order}, {str(k): str(v) for k, v in metadata.items()}
-
-
-def _parse_entry(path: Path, name: str, info: object, data_start: int, size: int) -> _Entry:
-    where = f"tensor {name!r} in {path}"
-    if not isinstance(info, dict):
-        raise CorruptCheckpoint(f"{where}: header entry is not an object: {_FIX}")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPES:
-        if isinstance(dtype, str):
-            raise UnsupportedTensor(f"{where} has dtype {dtype!r}, which this tool cannot read: convert it to F32")
-        raise CorruptCheckpoint(f"{where}: dtype {dtype!r} is not a dtype name: {_FIX}")
-    if not _int_list(shape) or not _int_list(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
-        raise CorruptCheckpoint(f"{where}: bad shape {shape!r} or data_offsets {offsets!r}: {_FIX}")
-    torch_dtype = SAFETENSORS_DTYPES[dtype]
-    begin, end = offsets
-    needed = math.prod(shape) * torch_dtype.itemsize
-    if end - begin != needed:
-        raise CorruptCheckpoint(f"{where} spans {end - begin} bytes but {dtype} {tuple(shape)} needs {needed}: {_FIX}")
-    if data_start + end > size:
-        raise CorruptCheckpoint(f"{where} ends at byte {data_start + end}, past the end of the file ({size} bytes), "
-                                f"so the file is truncated: {_FIX}")
-    return _Entry(torch_dtype, tuple(shape), data_start + begin, needed)
-
-
-def _int_list(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
 class _TensorDict:
@@ -174,6 +84,11 @@ def _load_pickle(path: Path, *, use_mmap: bool) -> dict[str, torch.Tensor]:
         raise _pickle_error(path, exc) from exc
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise _pickle_error(path, exc) from exc
+    except OSError as exc:  # torch's zip reader seeking past the end of a truncated file: EINVAL
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise  # open_checkpoint says it cannot be read
+        raise CorruptCheckpoint(f"{path} cannot be read as a torch file ({exc.strerror or exc}: truncated?): "
+                                f"{_FIX}") from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -212,6 +127,8 @@ def _sniff(path: Path) -> str | None:
 
 
 def _open_file(path: Path) -> _SafetensorsFile | _TensorDict:
+    if not path.is_file():  # a FIFO or a device would block or never end: read regular files only
+        raise NotACheckpoint(f"{path} is not a regular file (a FIFO, socket or device): give a checkpoint file")
     suffix = path.suffix.lower()
     kind = "safetensors" if suffix == ".safetensors" else _sniff(path)
     if kind == "safetensors":
@@ -307,11 +224,16 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFound(f"checkpoint {path} does not exist: check the path")
-    if path.is_dir():
-        if (path / "model_index.json").is_file():
-            return _open_pipeline(path)
-        return _open_folder(path)
-    source = _open_file(path)
+    try:
+        if path.is_dir():
+            if (path / "model_index.json").is_file():
+                return _open_pipeline(path)
+            return _open_folder(path)
+        source = _open_file(path)
+    except OSError as exc:  # a permission, an I/O error: one line naming the file
+        where = exc.filename or path
+        raise NotACheckpoint(f"{where} cannot be read ({exc.strerror or exc}): check the path and its permissions") \
+            from exc
     index = {name: (source, name) for name in source.names()}
     return Checkpoint(path, index, sources=[source], metadata=source.metadata)
 

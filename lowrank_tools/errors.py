@@ -26,6 +26,7 @@ __all__ = [
     "OutputError",
     "NumericalError",
     "MissingExtra",
+    "DistributedError",
 ]
 
 
@@ -107,3 +108,7 @@ class NumericalError(LowRankError):
 
 class MissingExtra(UsageError):
     """An optional dependency is needed for the requested feature (install the named extra)."""
+
+
+class DistributedError(LowRankError):
+    """A distributed run that cannot go on: no process group, ranks that disagree, a rank that was lost."""

@@ -21,9 +21,9 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .adapter import Adapter, LoraModule, ModuleKind
+from .atomic import write_safetensors
 from .checkpoint import open_checkpoint
 from .errors import AdapterFormatError, ConversionError
 from .kohya_names import check_prefix, guess_module_name, kohya_key, match_keys
@@ -80,7 +80,7 @@ def write_kohya(adapter: Adapter, path: Path, *, prefix: str = "lora_unet_") -> 
     if adapter.base_model:
         metadata["ss_sd_model_name"] = adapter.base_model
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    write_safetensors(tensors, path, metadata=metadata)  # same bytes for the same adapter
 
 
 # ------------------------------------------------------------------------------------------------ read

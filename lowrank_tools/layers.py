@@ -25,18 +25,20 @@ from torch import Tensor
 
 from .adapter import LoraModule, ModuleKind, module_name
 from .checkpoint import Checkpoint, Pairing
-from .errors import InvalidOption, ShapeMismatch
+from .errors import InvalidOption, ShapeMismatch, UnsupportedTensor
 
-__all__ = ["layer_kind", "compile_filters", "matches", "select_layers", "relative_change", "TiedHead",
-           "find_tied_heads", "tied_head_module", "LayerPlan", "plan_layers"]
+__all__ = ["FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
+           "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan", "plan_layers"]
 
+#: weights stored in these dtypes are factored; integer and quantized ones (int8, float8, packed uint8) are refused
+FACTORABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # input embeddings an output head can be tied to, in order of preference
 WORD_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in", "shared")
 # leaf names of nn.Embedding weights in transformers / diffusers models, matched whole: a substring test would
 # take Linear layers such as Flux's x_embedder, GPT-NeoX's embed_out or Qwen-MoE's shared_expert_gate
 EMBEDDING_LEAVES = frozenset(WORD_EMBEDDINGS + (
     "wpe", "embed_positions", "position_embeddings", "position_embedding", "token_embedding", "token_type_embeddings",
-    "class_embedding", "relative_attention_bias", "embeddings", "embedding"))
+    "class_embedding", "relative_attention_bias", "embeddings", "embedding", "embed"))
 _HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 _HEAD = "lm_head"
 
@@ -66,19 +68,40 @@ def compile_filters(patterns: Sequence[str], option: str) -> tuple[str, ...]:
     return tuple(patterns)
 
 
-def select_layers(names: Sequence[str], tuned: Checkpoint, include, exclude) -> tuple[dict, dict, list]:
-    """Split paired tensor names into layers to factor ({name: kind}), skipped ones, and 1-D float tensors."""
+def check_factorable(name: str, *ckpts: Checkpoint | None) -> None:
+    """Raise :class:`UnsupportedTensor` when weight ``name`` is stored as integers or a quantized float (int8,
+    float8, 4-bit packed in uint8) in any of ``ckpts``: its raw values are not the weights, so no delta exists."""
+    for ckpt in ckpts:
+        if ckpt is not None and name in ckpt and ckpt.dtype(name) not in FACTORABLE_DTYPES:
+            what = f"{ckpt.dtype(name)} {tuple(ckpt.shape(name))}".replace("torch.", "")
+            raise UnsupportedTensor(f"tensor {name} in {ckpt.path} is {what}: integer and quantized weights (int8, "
+                                    f"float8, 4-bit packed in uint8) cannot be factored: dequantize the checkpoint to "
+                                    f"float16/bfloat16/float32 first, or --exclude '{re.escape(module_name(name))}'")
+
+
+def select_layers(names: Sequence[str], tuned: Checkpoint, include, exclude, *,
+                  base: Checkpoint | None = None) -> tuple[dict, dict, list]:
+    """Split paired tensor names into layers to factor ({name: kind}), skipped ones, and 1-D float tensors.
+
+    A selected weight stored as integers or quantized (in ``tuned``, or ``base`` when given) raises
+    :class:`UnsupportedTensor` (see :func:`check_factorable`)."""
     selected: dict[str, ModuleKind] = {}
-    skipped: dict[str, list[str]] = {"filtered out": [], "not a float tensor": [], "not a weight matrix": []}
+    skipped: dict[str, list[str]] = {"filtered out": [], "not a float tensor": [], "not a weight matrix": [],
+                                     "zero-size": []}
     one_d = []
     for name in names:
         shape, dt = tuned.shape(name), tuned.dtype(name)
+        if 0 in shape:
+            skipped["zero-size"].append(name)
+            continue
+        if layer_kind(name, shape) is not None and matches(module_name(name), include, exclude):
+            check_factorable(name, tuned, base)
         if not dt.is_floating_point:
             skipped["not a float tensor"].append(name)
             continue
         kind = layer_kind(name, shape)
         if kind is None:
-            (one_d if len(shape) == 1 and shape[0] > 0 else skipped["not a weight matrix"]).append(name)
+            (one_d if len(shape) == 1 else skipped["not a weight matrix"]).append(name)
             continue
         if not matches(module_name(name), include, exclude):
             skipped["filtered out"].append(name)
@@ -232,11 +255,13 @@ def _drop_embeddings(plan: LayerPlan) -> None:
         plan.skipped.setdefault(_NO_EMBEDDINGS, []).extend(embeddings + heads)
 
 
-def _check_shapes(pairing: Pairing, plan: LayerPlan, include, exclude) -> None:
-    """A weight whose shape changed cannot be a LoRA: say so, and how to keep it (saved whole) or drop it."""
+def _check_shapes(pairing: Pairing, plan: LayerPlan, include, exclude, ckpts=()) -> None:
+    """A weight whose shape changed cannot be a LoRA: say so, and how to keep it (saved whole) or drop it.
+    A quantized weight (4-bit packed: another shape) is named as such."""
     for name, before, after in pairing.shape_mismatch:
         if name in plan.full or layer_kind(name, after) is None or not matches(module_name(name), include, exclude):
             continue
+        check_factorable(name, *ckpts)
         what = "the vocabulary grew" if before[1:] == after[1:] else "the layer was resized"
         mod = module_name(name)
         raise ShapeMismatch(f"{name} changed shape in the fine-tune ({tuple(before)} -> {tuple(after)}: {what}); a "
@@ -253,11 +278,11 @@ def plan_layers(base: Checkpoint, tuned: Checkpoint, pairing: Pairing, *, includ
     Raises :class:`ShapeMismatch` for a weight that changed shape and is not saved whole.
     """
     full_modules = compile_filters(full_modules, "--full-modules")
-    selected, skipped, one_d = select_layers(pairing.names, tuned, include, exclude)
+    selected, skipped, one_d = select_layers(pairing.names, tuned, include, exclude, base=base)
     plan = LayerPlan(layers=selected, skipped=skipped, one_d=one_d, full=_full_tensors(tuned, full_modules))
     _apply_ties(plan, find_tied_heads(base, tuned), full_modules)
     _drop(plan, plan.full)
     if not embeddings:
         _drop_embeddings(plan)
-    _check_shapes(pairing, plan, include, exclude)
+    _check_shapes(pairing, plan, include, exclude, (tuned, base))
     return plan

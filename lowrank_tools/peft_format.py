@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from .adapter import Adapter, LoraModule, ModuleKind
+from .atomic import write_safetensors
 from .checkpoint import open_checkpoint
 from .errors import AdapterFormatError, ConversionError
 
@@ -50,6 +51,7 @@ _NAMED_LINEAR = re.compile(r"\.(lora_[AB])\.[A-Za-z0-9_-]+\.weight$")
 _NAMED_EMBEDDING = re.compile(r"\.(lora_embedding_[AB])\.[A-Za-z0-9_-]+$")
 _SAVED_WHOLE = re.compile(r"^(.*)\.modules_to_save(?:\.[A-Za-z0-9_-]+)?\.([A-Za-z0-9_]+)$")
 _BASE_LAYER = re.compile(r"\.base_layer\.[A-Za-z0-9_]+$")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LORA_CONFIG_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "use_rslora", "use_dora",
                      "lora_dropout", "bias", "init_lora_weights")
 
@@ -161,8 +163,8 @@ def write_diffusers(adapter: Adapter, folder: Path) -> None:
             config = peft_config(Adapter(modules=modules))
             metadata.update({f"{component}{k}": config[k] for k in _LORA_CONFIG_KEYS})
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(peft_state_dict(adapter, prefix=""), str(folder / DIFFUSERS_NAME),
-              metadata={"format": "pt", DIFFUSERS_METADATA: json.dumps(metadata, sort_keys=True)})
+    write_safetensors(peft_state_dict(adapter, prefix=""), folder / DIFFUSERS_NAME,  # same bytes for the same adapter
+                      metadata={"format": "pt", DIFFUSERS_METADATA: json.dumps(metadata, sort_keys=True)})
 
 
 # ------------------------------------------------------------------------------------------------ read
@@ -259,8 +261,13 @@ def build_module(name: str, A: torch.Tensor, B: torch.Tensor, alpha: float, *, e
     if A.ndim < 2 or B.ndim < 2 or b_rank != r or any(d != 1 for d in B.shape[2:]) or A.ndim != max(B.ndim, 2):
         raise AdapterFormatError(f"{source}: {a_key} {tuple(A.shape)} and {b_key} {tuple(B.shape)} do not fit "
                                  f"(expected A (r, in...) and B (out, r, 1...) of the same r): the file is corrupt")
-    if not A.dtype.is_floating_point or not B.dtype.is_floating_point:
-        raise AdapterFormatError(f"{source}: {a_key} has dtype {A.dtype}, {b_key} {B.dtype}: factors must be floats")
+    if A.dtype not in _FLOATS or B.dtype not in _FLOATS:  # int8 / float8 factors are quantized, not the factors
+        raise AdapterFormatError(f"{source}: {a_key} has dtype {A.dtype}, {b_key} {B.dtype}: factors must be floats "
+                                 f"(float16, bfloat16, float32 or float64)")
+    if 0 in A.shape or 0 in B.shape:
+        raise AdapterFormatError(f"{source}: {a_key} {tuple(A.shape)} and {b_key} {tuple(B.shape)} are empty (rank 0 "
+                                 f"or a zero-size side): the file is corrupt; re-save the adapter without module "
+                                 f"{name}")
     if not math.isfinite(alpha):
         raise AdapterFormatError(f"{source}: module {name}: alpha {alpha} is not a finite number")
     if embedding:

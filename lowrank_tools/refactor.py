@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .adapter import LoraModule
 from .budget import LayerSpectrum, allocate_budget
-from .errors import InvalidOption, NumericalError
+from .errors import InvalidOption, NonFiniteWeight, NumericalError
 from .linalg import RankRule, lowrank_frobenius_diff, resolve_device, truncated_svd
 from .report import MAX_SINGULAR_VALUES, LayerRecord, Progress, Warn
 
@@ -71,7 +71,13 @@ def _on(name: str, warn: Warn | None) -> Warn | None:
 
 @torch.no_grad()
 def module_core(module: LoraModule, *, device: torch.device, name: str = "", warn: Warn | None = None) -> Core:
-    """R-only QRs of B and A^T and the exact SVD of the core ``s R_B R_A^T`` (signs fixed, float64)."""
+    """R-only QRs of B and A^T and the exact SVD of the core ``s R_B R_A^T`` (signs fixed, float64).
+    Raises :class:`NonFiniteWeight` naming the module when a factor holds NaN or Inf."""
+    for which, factor in (("B", module.B), ("A", module.A)):
+        if not bool(torch.isfinite(factor).all()):
+            bad = int((~torch.isfinite(factor)).sum())
+            raise NonFiniteWeight(f"module {name or '?'}: factor {which} {tuple(factor.shape)} holds {bad} NaN/Inf "
+                                  f"values: repair or re-export the adapter, or leave the module out with --exclude")
     R_B = torch.linalg.qr(module.B.to(device, torch.float64), mode="r").R  # (p, R)
     R_A = torch.linalg.qr(module.A.to(device, torch.float64).mT, mode="r").R  # (q, R)
     core = module.scale * (R_B @ R_A.mT)  # (p, q)

@@ -70,6 +70,7 @@ class AdapterResult:
 
     adapter: "Adapter"
     report: Report
+    primary: bool = True  # False on ranks other than 0 of a distributed extract: empty adapter, report of its share
 
 
 def summarize(layers: list[LayerRecord], *, wall_time: float | None = None, **more) -> dict:

@@ -224,3 +224,15 @@ def test_python_dash_m_and_console_script(planted_files, tmp_path):
     assert "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "lowrank_tools", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and "lowrank-tools" in proc.stdout
+
+
+def test_report_never_overwrites_an_input_or_lands_late(planted_files, tmp_path):
+    base, tuned, _, _ = planted_files
+    before = base.read_bytes()
+    result = run("extract", base, tuned, "-o", tmp_path / "a", "--report", base, "--force", "-q")
+    assert_clean_error(result, 1, "also an input")
+    assert base.read_bytes() == before and not (tmp_path / "a").exists()
+    (tmp_path / "r.json").write_text("{}")
+    result = run("extract", base, tuned, "-o", tmp_path / "b", "--report", tmp_path / "r.json", "-q")
+    assert_clean_error(result, 1, "exists")
+    assert not (tmp_path / "b").exists()  # checked before any work, not after the adapter was written

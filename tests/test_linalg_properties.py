@@ -103,3 +103,73 @@ def test_balanced_split_keeps_the_product(m, n, seed, scale, data):
     B, A = balanced_factors(svd, r, scale=scale)  # (m, r), (r, n)
     expected = svd.U[:, :r] * svd.S[:r] @ svd.Vh[:r]
     assert torch.allclose(scale * B @ A, expected, atol=1e-5 * float(svd.S[0]))
+
+
+# ------------------------------------------------------------------ the operations built on the linear algebra
+# (extensions: resize and merge as users call them, every scale convention, and the rank cap)
+
+alphas = st.floats(min_value=0.1, max_value=32.0)
+
+
+def _module(m: int, n: int, R: int, seed: int, alpha: float, rslora: bool):
+    from lowrank_tools import LoraModule
+
+    B = _randn(m, R, seed=seed, dtype=torch.float32)  # (m, R)
+    A = _randn(R, n, seed=seed + 1, dtype=torch.float32)  # (R, n)
+    return LoraModule(B=B, A=A, alpha=alpha, rslora=rslora)
+
+
+@PROPS
+@given(m=sides, n=sides, R=st.integers(min_value=1, max_value=12), seed=seeds, alpha=alphas, rslora=st.booleans(),
+       data=st.data())
+def test_resize_through_the_qr_core_equals_dense_truncation(m, n, R, seed, alpha, rslora, data):
+    """resize(rank r) of scale B A gives the Eckart-Young truncation of the dense product, its reported error is the
+    tail of the exact spectrum, and every scale convention (alpha / r, alpha / sqrt(r)) is honoured."""
+    from lowrank_tools import Adapter, resize
+
+    mod = _module(m, n, R, seed, alpha, rslora)
+    dense = mod.delta_matrix().double()  # (m, n)
+    S = torch.linalg.svdvals(dense)
+    r = data.draw(st.integers(min_value=1, max_value=max(1, min(m, n, R))))
+    done = resize(Adapter(modules={"x": mod}), rule=RankRule(rank=r))
+    if float(S[0]) <= 1e-12:
+        return
+    new = done.adapter.modules["x"]
+    tail = math.sqrt(float((S[r:] ** 2).sum()))
+    norm = float(S.norm())
+    assert math.isclose(done.report.layers[0].rel_error, tail / norm, rel_tol=1e-3, abs_tol=1e-5)
+    err = float((new.delta_matrix().double() - dense).norm())
+    assert math.isclose(err, tail, rel_tol=1e-3, abs_tol=1e-5 * norm)
+    if r < len(S) and float(S[r - 1] - S[r]) > 1e-3 * float(S[0]):  # unique truncation: the same matrix
+        U, Sd, Vh = torch.linalg.svd(dense, full_matrices=False)
+        best = U[:, :r] * Sd[:r] @ Vh[:r]
+        assert torch.allclose(new.delta_matrix().double(), best, atol=1e-4 * float(S[0]))
+
+
+@PROPS
+@given(m=sides, n=sides, ranks=st.lists(st.integers(1, 5), min_size=1, max_size=3), seed=seeds,
+       weights=st.lists(st.floats(min_value=-3.0, max_value=3.0), min_size=3, max_size=3),
+       alphas_=st.lists(alphas, min_size=3, max_size=3), rslora=st.lists(st.booleans(), min_size=3, max_size=3))
+def test_merge_concatenation_equals_weighted_sum(m, n, ranks, seed, weights, alphas_, rslora):
+    """merge without a rank option: one module whose product is sum_i w_i scale_i B_i A_i, rank sum r_i."""
+    from lowrank_tools import Adapter, merge
+
+    mods = [_module(m, n, R, seed + 3 * i, a, rs) for i, (R, a, rs) in enumerate(zip(ranks, alphas_, rslora))]
+    done = merge([(Adapter(modules={"x": mod}), w) for mod, w in zip(mods, weights)])
+    out = done.adapter.modules["x"]
+    expected = sum(w * mod.delta_matrix().double() for mod, w in zip(mods, weights))
+    assert out.rank == sum(ranks)
+    scale_norm = sum(abs(w) * float(mod.delta_matrix().norm()) for mod, w in zip(mods, weights)) + 1e-12
+    assert float((out.delta_matrix().double() - expected).norm()) <= 1e-5 * scale_norm
+
+
+@PROPS
+@given(S=spectra, a=st.integers(min_value=1, max_value=12), b=st.integers(min_value=1, max_value=12),
+       rule=st.sampled_from(["rank", "energy", "sv_ratio", "threshold"]))
+def test_choose_is_monotone_in_the_rank_cap(S, a, b, rule):
+    """A larger --rank never keeps fewer values, whichever dynamic rule it caps; and never more than the cap."""
+    lo, hi = sorted((a, b))
+    extra = {"rank": {}, "energy": {"energy": 0.9}, "sv_ratio": {"sv_ratio": 10.0}, "threshold": {"threshold": 1.0}}
+    r_lo = RankRule(rank=lo, **extra[rule]).choose(S)
+    r_hi = RankRule(rank=hi, **extra[rule]).choose(S)
+    assert r_lo <= r_hi and r_lo <= lo and r_hi <= hi

@@ -1,0 +1,136 @@
+"""The safetensors format, read without memory mapping: dtype table, header parsing, per-tensor reading.
+
+A file is 8 bytes little-endian header length N, N bytes of JSON header (``{name: {"dtype", "shape",
+"data_offsets": [begin, end]}, "__metadata__": {str: str}}``, offsets relative to the end of the header), then
+the tensor bytes. :class:`SafetensorsFile` reads and validates the header at open (every entry's dtype, shape
+and span, and that no span runs past the end of the file) and reads one tensor's bytes into a fresh buffer on
+demand, so memory stays flat and no file handle is held between calls. The host is assumed little-endian, as
+the format is. Writing lives in :mod:`lowrank_tools.atomic`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CorruptCheckpoint, UnsupportedTensor
+
+__all__ = ["SAFETENSORS_DTYPES", "DTYPE_NAMES", "SafetensorsFile", "parse_header"]
+
+#: safetensors dtype strings and the torch dtypes they map to (both directions are unique).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr)
+    for name, attr in [
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+        ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"),
+        ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"), ("U8", "uint8"),
+        ("BOOL", "bool"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+    ]
+    if hasattr(torch, attr)  # uint16/32/64 and float8 need newer torch
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+_MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+_FIX = "re-download or re-save it"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one tensor lies in its file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute offset of the first byte in the file
+    nbytes: int
+
+
+class SafetensorsFile:
+    """A safetensors file: header parsed and checked at open, each tensor read on demand."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries, self.metadata = parse_header(path)
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        entry = self.entries[name]
+        return entry.dtype, entry.shape
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor, CPU, contiguous, in a buffer of its own."""
+        entry = self.entries[name]
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        got = 0
+        if entry.nbytes:
+            with open(self.path, "rb") as file:
+                file.seek(entry.start)
+                got = file.readinto(memoryview(buffer.numpy()))
+        if got != entry.nbytes:
+            raise CorruptCheckpoint(f"tensor {name!r} in {self.path}: the file ended after {got} of {entry.nbytes} "
+                                    f"bytes (was it changed after opening?): {_FIX}")
+        return buffer.view(entry.dtype).reshape(entry.shape)
+
+    def close(self) -> None:
+        """Nothing to release: no handle is held between reads."""
+
+
+def parse_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
+    """Read and validate the header of ``path``: ({name: Entry} in file (data offset) order, metadata).
+
+    Raises :class:`CorruptCheckpoint` for a damaged file (short, bad length, bad JSON, spans that do not fit)
+    and :class:`UnsupportedTensor` for a dtype name this table does not know (e.g. a GGUF-style ``Q4_K``)."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            what = "is empty (0 bytes)" if not prefix else f"is only {size} bytes long"
+            raise CorruptCheckpoint(f"safetensors file {path} {what}: {_FIX}")
+        length = int.from_bytes(prefix, "little")
+        if length > size - 8 or length > _MAX_HEADER:
+            raise CorruptCheckpoint(f"{path}: header length {length} is larger than the file ({size} bytes), so it "
+                                    f"is truncated or not safetensors: {_FIX}")
+        raw = file.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptCheckpoint(f"{path}: header is not valid JSON ({exc}): {_FIX}") from exc
+    if not isinstance(header, dict):
+        raise CorruptCheckpoint(f"{path}: header is a JSON {type(header).__name__}, not an object: {_FIX}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CorruptCheckpoint(f"{path}: __metadata__ is not an object: {_FIX}")
+    entries = {name: _parse_entry(path, name, info, 8 + length, size) for name, info in header.items()}
+    order = sorted(entries, key=lambda n: (entries[n].start, entries[n].nbytes, n))
+    return {name: entries[name] for name in order}, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _parse_entry(path: Path, name: str, info: object, data_start: int, size: int) -> Entry:
+    where = f"tensor {name!r} in {path}"
+    if not isinstance(info, dict):
+        raise CorruptCheckpoint(f"{where}: header entry is not an object: {_FIX}")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPES:
+        if isinstance(dtype, str):
+            raise UnsupportedTensor(f"{where} has dtype {dtype!r}, which this tool cannot read: convert it to F32")
+        raise CorruptCheckpoint(f"{where}: dtype {dtype!r} is not a dtype name: {_FIX}")
+    if not _int_list(shape) or not _int_list(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise CorruptCheckpoint(f"{where}: bad shape {shape!r} or data_offsets {offsets!r}: {_FIX}")
+    torch_dtype = SAFETENSORS_DTYPES[dtype]
+    begin, end = offsets
+    needed = math.prod(shape) * torch_dtype.itemsize
+    if end - begin != needed:
+        raise CorruptCheckpoint(f"{where} spans {end - begin} bytes but {dtype} {tuple(shape)} needs {needed}: {_FIX}")
+    if data_start + end > size:
+        raise CorruptCheckpoint(f"{where} ends at byte {data_start + end}, past the end of the file ({size} bytes), "
+                                f"so the file is truncated: {_FIX}")
+    return Entry(torch_dtype, tuple(shape), data_start + begin, needed)
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
