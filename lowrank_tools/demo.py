@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import atomic_output
+from .checkpoint import atomic_output, check_output
 from .extract import extract
 from .formats import save_adapter
 from .linalg import RankRule
@@ -93,6 +93,7 @@ def run_demo(out_dir: Path, *, seconds: float = 5.0, seed: int = 0, force: bool 
              echo: Callable[[str], None] | None = None, progress=None, warn=None) -> dict:
     """Run the demo into ``out_dir``; returns {name: task-B loss} for base, tuned and each adapter.
     ``echo`` receives the lines to show (the CLI passes click.echo); the global RNG state is left as it was."""
+    check_output(out_dir, force=force)  # before the training: an -o that exists costs no time
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return _run(Path(out_dir), seconds=seconds, seed=seed, force=force, say=echo or (lambda _msg: None),

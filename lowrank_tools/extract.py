@@ -14,18 +14,23 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .adapter import Adapter, LoraModule, ModuleKind, matrix_view, module_name
 from .checkpoint import Checkpoint, as_checkpoint, pair_tensors
+from .distributed import Share, current_share, layer_cost
 from .errors import InvalidOption, NonFiniteWeight, NumericalError
-from .extract_budget import extract_with_budget
+from .extract_budget import budget_top_k, extract_with_budget
 from .layers import compile_filters, plan_layers, relative_change
 from .memory import stream_large_buffers
-from .linalg import Method, RankRule, balanced_factors, frobenius_error, frobenius_norm, resolve_device, truncated_svd
+from .linalg import (Method, RankRule, TruncatedSVD, balanced_factors, frobenius_error, frobenius_norm, resolve_device,
+                     truncated_svd)
+from .pipeline import Stager, batch_size, batched_svds, plan_batches, staged, tf32
 from .prefetch import prefetch
 from .report import MAX_SINGULAR_VALUES, AdapterResult, LayerRecord, Progress, Report, Warn, summarize
 
@@ -52,6 +57,8 @@ class _Options:
     oversample: int
     n_iter: int
     conv_rule: RankRule | None = None  # --conv-rank: the rule for conv kernels (default: rule)
+    batch: int = 1  # layers per stacked SVD (pipeline.batch_size: 1 on the CPU)
+    allow_tf32: bool = False
 
     def rule_for(self, kind: ModuleKind) -> RankRule:
         return self.conv_rule if kind is ModuleKind.CONV and self.conv_rule is not None else self.rule
@@ -59,7 +66,7 @@ class _Options:
 
 @dataclass
 class _Delta:
-    """One layer's delta, ready to factor: dW in its 2-D matrix view, float32, on the CPU."""
+    """One layer's delta, ready to factor: dW in its 2-D matrix view, float32, on the device."""
 
     name: str  # tensor name (``...weight``)
     matrix: Tensor  # (out, in_flat) float32
@@ -68,24 +75,60 @@ class _Delta:
     kind: ModuleKind
 
 
-def _deltas(base: Checkpoint, tuned: Checkpoint, selected: dict[str, ModuleKind]) -> Iterator[_Delta]:
-    """Read each pair and subtract (run in the read-ahead thread): only dW is held, never W0 and W' both."""
+@dataclass
+class _Pair:
+    """One layer as read in the read-ahead thread: W' and W0 as stored, or dW already (float32 pairs)."""
+
+    name: str  # tensor name (``...weight``)
+    kind: ModuleKind
+    tuned: Tensor | None  # W' (a fresh CPU buffer we own), or dW when ``base`` is None; None once consumed
+    base: Tensor | None  # W0; None when float32 W' was turned into dW as it was read
+    dtype: torch.dtype  # the tuned tensor's stored dtype (default output dtype)
+    sources: tuple[Checkpoint, Checkpoint]  # (base, tuned): read again to name a NaN/Inf
+
+
+def _read_pairs(base: Checkpoint, tuned: Checkpoint, selected: dict[str, ModuleKind]) -> Iterator[_Pair]:
+    """Runs in the read-ahead thread. float32 pairs are subtracted here, in place and on this one thread (numpy:
+    no OpenMP team to slow the factoring's small QRs down), so that only dW waits in the queue; other dtypes
+    wait as stored (together no larger than their float32 dW) and are converted by the consumer."""
     for name, kind in selected.items():
-        W1 = tuned.get(name)  # a fresh buffer we own, so it may be changed in place
-        dtype, shape = W1.dtype, tuple(W1.shape)
-        # float32 math whatever the stored dtype: bf16/fp16 differences lose digits otherwise
-        dW = W1.float().sub_(base.get(name))  # in place: W' and dW are never both held (float32 input)
-        if not torch.isfinite(dW).all():
-            _check_finite(base.get(name), f"base tensor {name}")
-            _check_finite(tuned.get(name), f"tuned tensor {name}")
-            _check_finite(dW, f"delta of {name}")
-        del W1
-        yield _Delta(name, matrix_view(dW, kind).contiguous(), shape, dtype, kind)  # (out, in_flat)
-        del dW
+        W1, W0 = tuned.get(name), base.get(name)
+        dtype = W1.dtype
+        if W1.dtype == W0.dtype == torch.float32:
+            with np.errstate(all="ignore"):  # an overflow is reported by _subtract, naming the tensor
+                np.subtract(W1.numpy(), W0.numpy(), out=W1.numpy())
+            W0 = None
+        yield _Pair(name, kind, W1, W0, dtype, (base, tuned))
+        del W1, W0
 
 
-def _factor_layer(delta: _Delta, opts: _Options, warn: Warn | None) -> tuple[LoraModule, LayerRecord] | None:
-    """Factor one layer's delta; None when the delta is exactly zero or the rule keeps nothing."""
+def _subtract(pair: _Pair, stager: Stager, out: Tensor | None = None) -> _Delta:
+    """dW = W' - W0 in float32 on the stager's device, in its (out, in_flat) matrix view; NaN/Inf named.
+
+    Written into ``out`` when given (a slot of a batch), else in place of a float32 W' (read into a fresh
+    buffer), else into the stager's scratch buffer (valid until the next layer): no per-layer allocation."""
+    shape = tuple(pair.tuned.shape)
+    V1 = matrix_view(stager.place(pair.tuned), pair.kind)  # (out, in_flat)
+    if out is None and V1.dtype == torch.float32 and V1.is_contiguous():  # a fresh buffer of ours either way
+        dW = V1
+    else:  # float32 math whatever the stored dtype: bf16/fp16 differences lose digits otherwise
+        dW = (out if out is not None else stager.scratch(V1.shape)).copy_(V1)
+    if pair.base is not None:
+        dW.sub_(matrix_view(stager.place(pair.base), pair.kind))
+    del V1
+    pair.tuned = pair.base = None  # the read-ahead queue still holds the pair until the next one is asked for
+    if not torch.isfinite(dW.sum()):  # NaN/Inf reach the sum (10x cheaper than isfinite(dW).all()); an
+        # overflowing sum of finite values only costs the checks below, which then find nothing
+        _check_finite(pair.sources[0].get(pair.name), f"base tensor {pair.name}")
+        _check_finite(pair.sources[1].get(pair.name), f"tuned tensor {pair.name}")
+        _check_finite(dW, f"delta of {pair.name}")
+    return _Delta(pair.name, dW, shape, pair.dtype, pair.kind)
+
+
+def _factor_layer(delta: _Delta, opts: _Options, warn: Warn | None, svd: TruncatedSVD | None = None,
+                  ) -> tuple[LoraModule, LayerRecord] | None:
+    """Factor one layer's delta (its top-k ``svd`` if already computed in a batch); None when the delta is
+    exactly zero or the rule keeps nothing."""
     dW = delta.matrix.to(opts.device)  # (out, in_flat)
     norm = frobenius_norm(dW)
     if norm == 0.0:
@@ -93,8 +136,9 @@ def _factor_layer(delta: _Delta, opts: _Options, warn: Warn | None) -> tuple[Lor
     mod = module_name(delta.name)
     rule = opts.rule_for(delta.kind)
     k = rule.needed_k(tuple(dW.shape))
-    svd = truncated_svd(dW, k, method=opts.method, oversample=opts.oversample, n_iter=opts.n_iter, seed=opts.seed,
-                        on_warning=(lambda msg: warn(f"{mod}: {msg}")) if warn else None)
+    if svd is None:
+        svd = truncated_svd(dW, k, method=opts.method, oversample=opts.oversample, n_iter=opts.n_iter, seed=opts.seed,
+                            on_warning=(lambda msg: warn(f"{mod}: {msg}")) if warn else None)
     r = rule.choose(svd.S, total_energy=norm**2)
     if r == 0:
         return None
@@ -137,6 +181,9 @@ def extract(
     seed: int = 0,
     oversample: int = 10,
     n_iter: int = 4,
+    distributed: bool | None = None,
+    allow_tf32: bool = False,
+    svd_batch: int | None = None,
     progress: Progress | None = None,
     warn: Warn | None = None,
 ) -> ExtractResult:
@@ -149,6 +196,11 @@ def extract(
     ``conv_rank``: the rank (or cap) for conv kernels, default that of ``rule``. ``full_modules``: regexes of
     modules saved whole (PEFT ``modules_to_save``). ``embeddings=False`` leaves embeddings out (kohya targets).
     Tied weights (an ``lm_head`` that is the embedding) are factored once and carried on both sides.
+    ``distributed``: split the layers over the processes of a torch.distributed group (None: when one of
+    more than one process is initialised), see :mod:`~lowrank_tools.distributed`; rank 0 returns the whole
+    result, other ranks ``primary=False`` with an empty adapter. ``allow_tf32``: let CUDA matmuls use TF32
+    (off by default, restored after). ``svd_batch``: same-shape layers per stacked SVD (default: 1 on the
+    CPU, :data:`~lowrank_tools.pipeline.CUDA_BATCH` on CUDA).
     """
     start = time.perf_counter()
     if rule is None and budget is None:
@@ -159,42 +211,119 @@ def extract(
     include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
     base_ckpt, tuned_ckpt = as_checkpoint(base), as_checkpoint(tuned)
     pairing = pair_tensors(base_ckpt, tuned_ckpt, strict=strict)
-    opts = _Options(rule=rule, method=Method(method), alpha=alpha, dtype=dtype, device=resolve_device(device),
-                    seed=seed, oversample=oversample, n_iter=n_iter, conv_rule=_conv_rule(rule, budget, conv_rank))
+    dev = resolve_device(device)
+    opts = _Options(rule=rule, method=Method(method), alpha=alpha, dtype=dtype, device=dev, seed=seed,
+                    oversample=oversample, n_iter=n_iter, conv_rule=_conv_rule(rule, budget, conv_rank),
+                    batch=batch_size(dev, svd_batch), allow_tf32=bool(allow_tf32))
     plan = plan_layers(base_ckpt, tuned_ckpt, pairing, include=include, exclude=exclude, full_modules=full_modules,
                        embeddings=embeddings)
     pairing = plan.unsaved(pairing)  # tensors saved whole are not "skipped"
     if warn and pairing.warning():
         warn(pairing.warning())
     selected, skipped, one_d = plan.layers, plan.skipped, plan.one_d
-    modules, records, zero = {}, [], []
-    selected_names = list(selected)
-    deltas = prefetch(_deltas(base_ckpt, tuned_ckpt, selected))
-    if budget is not None:  # one pass of top-K SVDs, allocate_budget, truncate; it consumes every delta
-        shapes = {name: tuned_ckpt.shape(name) for name in selected}
-        modules, records, zero = extract_with_budget(deltas, shapes, budget=budget, opts=opts, progress=progress,
-                                                     warn=warn)
-    for i, delta in enumerate(deltas):  # with --budget nothing is left to iterate
-        if progress:
-            progress(i, len(selected), module_name(delta.name))
-        out = _factor_layer(delta, opts, warn)
-        del delta  # the next delta is being read meanwhile: hold one at a time here
-        if out is None:
-            zero.append(module_name(selected_names[i]))
-            continue
-        modules[out[1].name], rec = out
-        records.append(rec)
-    if progress:
-        progress(len(selected), len(selected), "")
+    share = current_share(distributed)
+    with share or nullcontext():
+        modules, records, zero = _factor_layers(base_ckpt, tuned_ckpt, selected, opts, budget=budget, share=share,
+                                                progress=progress, warn=warn)
+    if share is not None and not share.primary:  # rank 0 has the factors and writes; nothing more to do here
+        summary = summarize(records, wall_time=time.perf_counter() - start, distributed_rank=share.rank)
+        return ExtractResult(adapter=Adapter(), report=Report(command="extract", layers=records, summary=summary),
+                             primary=False)
     changed = {n: relative_change(base_ckpt.get(n), tuned_ckpt.get(n)) for n in one_d}
     skipped["zero delta or nothing kept"] = zero
     full = plan.finish(modules, tuned_ckpt)  # tied heads beside their embedding; tensors saved whole
     adapter = Adapter(modules=modules, full_tensors=full, base_model=_base_name(base), source_format="extract")
-    report = Report(command="extract", layers=records, summary=summarize(records, wall_time=time.perf_counter() - start),
+    more = {"processes": share.world_size} if share is not None else {}
+    summary = summarize(records, wall_time=time.perf_counter() - start, **more)
+    report = Report(command="extract", layers=records, summary=summary,
                     skipped={k: v for k, v in skipped.items() if v},
                     notes=([pairing.warning()] if pairing.warning() else []) + plan.notes,
                     changed_1d={n: v for n, v in changed.items() if v > 0})
     return ExtractResult(adapter=adapter, report=report)
+
+
+def _factor_layers(base: Checkpoint, tuned: Checkpoint, selected: dict[str, ModuleKind], opts: _Options, *,
+                   budget: int | None, share: Share | None, progress: Progress | None, warn: Warn | None,
+                   ) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
+    """(modules, records, module names left out) of the selected layers, in their order. Distributed: this rank
+    reads and factors its units only; rank 0 gets everyone's, the other ranks keep their own."""
+    names = list(selected)
+    shapes = [_matrix_shape(tuned.shape(n), selected[n]) for n in names]  # (out, in_flat) views
+    ks = [budget_top_k(s, opts.rule.cap if opts.rule else None) if budget is not None
+          else opts.rule_for(selected[n]).needed_k(s) for n, s in zip(names, shapes)]
+    units = plan_batches(list(zip(shapes, ks)), [math.prod(s) for s in shapes],
+                         batch=1 if budget is not None else opts.batch)  # --budget: one layer at a time
+    if share is not None:
+        costs = [sum(layer_cost(*shapes[i], ks[i], opts.oversample) for i in unit) for unit in units]
+        units = [units[u] for u in share.take(costs, plan=(names, costs))]
+    mine = {names[i]: selected[names[i]] for unit in units for i in unit}
+    with tf32(opts.allow_tf32), (share.guard() if share else nullcontext()):
+        pairs = prefetch(_read_pairs(base, tuned, mine))
+        if budget is not None:  # one pass of top-K SVDs, allocate_budget, truncate; it consumes every delta
+            deltas = (d for group, _ in staged(pairs, sizes=[1] * len(mine), stager=Stager(opts.device),
+                                               make=_subtract) for d in group)
+            result = extract_with_budget(deltas, {n: tuned.shape(n) for n in names}, budget=budget, opts=opts,
+                                         progress=progress, warn=warn, exchange=_spectra_exchange(share, names))
+        else:
+            result = _factor_stream(pairs, [len(unit) for unit in units], opts, progress=progress, warn=warn)
+        if share is not None:
+            share.exchange(None)  # every rank is done, or one's failure is raised on all
+    if progress:
+        progress(len(mine), len(mine), "")
+    return _gathered(share, result, names) if share is not None else result
+
+
+def _factor_stream(pairs: Iterator[_Pair], sizes: list[int], opts: _Options, *, progress: Progress | None,
+                   warn: Warn | None) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
+    """Factor ``pairs`` in batches of ``sizes`` (a stacked SVD for a batch of more than one, see pipeline)."""
+    modules, records, zero = {}, [], []
+    done, total = 0, sum(sizes)
+    for group, stack in staged(pairs, sizes=sizes, stager=Stager(opts.device), make=_subtract):
+        svds = [None] * len(group) if stack is None else batched_svds(
+            stack, opts.rule_for(group[0].kind).needed_k(tuple(stack.shape[1:])), method=opts.method,
+            oversample=opts.oversample, n_iter=opts.n_iter, seed=opts.seed)
+        del stack  # the group's matrices are views of it: it goes with the last of them
+        while group:
+            delta, svd = group.pop(0), svds.pop(0)
+            name = module_name(delta.name)
+            if progress:
+                progress(done, total, name)
+            out = _factor_layer(delta, opts, warn, svd=svd)
+            del delta, svd  # the next delta is being read meanwhile: hold one at a time here
+            done += 1
+            if out is None:
+                zero.append(name)
+                continue
+            modules[name], rec = out
+            records.append(rec)
+    return modules, records, zero
+
+
+def _matrix_shape(shape: Sequence[int], kind: ModuleKind) -> tuple[int, int]:
+    """The (out, in_flat) shape of :func:`~lowrank_tools.adapter.matrix_view` for a weight of ``shape``."""
+    if kind is ModuleKind.EMBEDDING:
+        return int(shape[1]), int(shape[0])
+    return int(shape[0]), math.prod(int(d) for d in shape[1:])
+
+
+def _spectra_exchange(share: Share | None, names: list[str]):
+    """For --budget when distributed: every rank's layer spectra, in the single-process order (None alone)."""
+    if share is None:
+        return None
+    order = {module_name(n): i for i, n in enumerate(names)}
+    return lambda spectra: sorted((s for part in share.exchange(spectra) for s in part), key=lambda s: order[s.name])
+
+
+def _gathered(share: Share, result: tuple, names: list[str]) -> tuple:
+    """Rank 0: every rank's (modules, records, left out) merged in the single-process order; others: ``result``."""
+    parts = share.gather(result)
+    if parts is None:
+        return result
+    order = {module_name(n): i for i, n in enumerate(names)}
+    modules = dict(sorted(((k, m) for part in parts for k, m in part[0].items()), key=lambda km: order[km[0]]))
+    records = sorted((r for part in parts for r in part[1]), key=lambda r: order[r.name])
+    zero = sorted((z for part in parts for z in part[2]), key=order.__getitem__)
+    return modules, records, zero
 
 
 def _conv_rule(rule: RankRule | None, budget: int | None, conv_rank: int | None) -> RankRule | None:

@@ -23,7 +23,7 @@ computed from the factors (:func:`~lowrank_tools.linalg.lowrank_frobenius_diff`)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -120,11 +120,14 @@ def _truncate(top: _Top, r: int, opts) -> tuple[LoraModule, LayerRecord]:
 
 def extract_with_budget(deltas: Iterable, shapes: Mapping[str, Sequence[int]], *, budget: int, opts,
                         progress: Progress | None = None, warn: Warn | None = None,
+                        exchange: Callable[[list[LayerSpectrum]], list[LayerSpectrum]] | None = None,
                         ) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
     """``(modules, records, left out)`` for ``deltas`` (one per tensor name of ``shapes``, in order) within
     ``budget`` parameters. ``opts``: extract's options (rule, method, alpha, dtype, device, seed,
     oversample, n_iter). Layers whose delta is zero or that get rank 0 are left out (their names returned).
-    ``progress`` hears (i, total, name) as each layer's pass starts; the caller reports the end."""
+    ``progress`` hears (i, total, name) as each layer's pass starts; the caller reports the end.
+    ``exchange`` (distributed extract): ``deltas`` are this rank's share of ``shapes``; it turns this rank's
+    spectra into every rank's, in the order of ``shapes``, so that every rank allocates the same ranks."""
     cap = check_budget(budget, opts.rule, shapes)
     tops, zero = [], []
     for i, delta in enumerate(deltas):
@@ -138,7 +141,9 @@ def extract_with_budget(deltas: Iterable, shapes: Mapping[str, Sequence[int]], *
         else:
             tops.append(top)
     spectra = [LayerSpectrum(t.name, _matrix_shape(t.weight_shape), t.S.tolist()) for t in tops]
-    ranks = allocate_budget(spectra, budget, max_rank=cap) if tops else {}
+    if exchange is not None:
+        spectra = exchange(spectra)
+    ranks = allocate_budget(spectra, budget, max_rank=cap) if spectra else {}
     modules, records = {}, []
     for top in tops:
         if ranks[top.name] == 0:

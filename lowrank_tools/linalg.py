@@ -11,6 +11,8 @@ SVD fails to converge. Results come back float32 (float64 kept); callers cast at
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -32,6 +34,10 @@ Warn = Callable[[str], None]
 _ENERGY_RTOL = 1e-12  # relative slack so spectra that reach the target exactly are not off by one
 _RATIO_RTOL = 1e-12  # same for S_1 / sv_ratio, which is rounded when computed
 _CHUNK_ELEMENTS = 1 << 20  # column chunk of frobenius_error: one 4 MiB float32 temporary at a time
+_DEVICE_CHUNK_ELEMENTS = 1 << 24  # the same on a GPU: fewer, larger kernels
+_BF16_ROUNDOFF = 2.0**-8  # unit roundoff of bfloat16
+_BF16_MAX_EXCESS = 0.03  # sqrt(k) ||E||_2 / tail above this: the bf16 range finder is redone in float32
+_CPU_NORM_CHUNK = 1 << 14  # float64 sums of squares, 16K values at a time on the CPU (see _sum_squares)
 _AUTO_MIN_SIDE = 256  # below this an exact SVD is as fast as the randomized one
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # not retried: float64 needs more memory
 
@@ -171,25 +177,73 @@ def _fix_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
     return (U * signs).contiguous(), (Vh * signs.unsqueeze(1)).contiguous()
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run the body on one CPU thread (a no-op off the CPU). MKL's blocked SVD splits its products by the thread
+    count, so 1 and 2 threads differ in the last bits; on one thread the exact factors are the same bits on every
+    machine. The price: a 2048 x 2048 float32 SVD takes 2.1 s instead of 1.3 s on 2 threads."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _exact(M: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)  # (m, p), (p,), (p, n); p = min(m, n)
+    with _one_cpu_thread(M.device):  # the exact method repeats bit for bit whatever the thread count
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)  # (m, p), (p,), (p, n); p = min(m, n)
     return U[:, :k], S, Vh[:k]  # the full S is kept: truncated_svd reports it as .spectrum
 
 
-def _randomized(M: Tensor, k: int, oversample: int, n_iter: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Halko, Martinsson & Tropp 2011: Alg. 4.4 (randomized subspace iteration) then Alg. 5.1 (direct SVD)."""
-    transpose = M.shape[0] < M.shape[1]  # work on the tall problem: QR of (m, l) with m >= n, like torch
-    X = M.mT if transpose else M  # (m, n), m >= n
-    l = min(k + oversample, X.shape[1])
+def _randomized(M: Tensor, k: int, oversample: int, n_iter: int, seed: int, *, bf16: bool = False,
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """Halko, Martinsson & Tropp 2011: Alg. 4.4 (randomized subspace iteration) then Alg. 5.1 (direct SVD).
+
+    ``M`` is (m, n), or a stack (b, m, n) of equal shapes (:mod:`~lowrank_tools.pipeline` batches layers on
+    CUDA); every matrix gets the same test matrix, so a stacked layer sees what it would alone. ``bf16``: the
+    range finder's products by bf16(M) (see :func:`_bf16_close`); the projection ``Q^T M`` stays in M's dtype."""
+    transpose = M.shape[-2] < M.shape[-1]  # work on the tall problem: QR of (m, l) with m >= n, like torch
+    X = M.mT if transpose else M  # (..., m, n), m >= n
+    Xs = X.to(torch.bfloat16) if bf16 else X  # what the range finder multiplies by
+    l = min(k + oversample, X.shape[-1])
     gen = torch.Generator().manual_seed(seed)  # CPU generator: the same test matrix on every device
-    omega = torch.randn(X.shape[1], l, generator=gen, dtype=X.dtype).to(X.device)  # (n, l)
-    Q = torch.linalg.qr(X @ omega).Q  # (m, l)
+    omega = torch.randn(X.shape[-1], l, generator=gen, dtype=X.dtype).to(device=X.device, dtype=Xs.dtype)  # (n, l)
+    Q = torch.linalg.qr((Xs @ omega).to(X.dtype)).Q  # (..., m, l)
     for _ in range(n_iter):  # re-orthonormalise after every product, else the small S are lost
-        Z = torch.linalg.qr(X.mT @ Q).Q  # (n, l)
-        Q = torch.linalg.qr(X @ Z).Q  # (m, l)
-    Ub, S, Vh = torch.linalg.svd(Q.mT @ X, full_matrices=False)  # (l, l), (l,), (l, n)
-    U, S, Vh = Q @ Ub[:, :k], S[:k], Vh[:k]  # (m, k), (k,), (k, n)
+        Z = torch.linalg.qr((Xs.mT @ Q.to(Xs.dtype)).to(X.dtype)).Q  # (..., n, l)
+        Q = torch.linalg.qr((Xs @ Z.to(Xs.dtype)).to(X.dtype)).Q  # (..., m, l)
+    del Xs
+    Ub, S, Vh = torch.linalg.svd(Q.mT @ X, full_matrices=False)  # (..., l, l), (..., l), (..., l, n)
+    U, S, Vh = Q @ Ub[..., :k], S[..., :k], Vh[..., :k, :]  # (..., m, k), (..., k), (..., k, n)
     return (Vh.mT, S, U.mT) if transpose else (U, S, Vh)
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_fast(device_type: str) -> bool:
+    """A CPU with AMX or AVX512-BF16: bf16 products 3-5x the float32 rate (4096 x 11008 by 74 columns, 2 cores).
+    GPUs keep float32 (with TF32 off unless asked): there the SVD is never what extract waits for."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return device_type == "cpu" and any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def _bf16_close(X: Tensor, S: Tensor) -> bool:
+    """Whether the bf16 range finder's top-k factors of ``X`` (m, n) float32 (``S``: their k values) are as
+    good as float32's, to ~0.05% of the error. Mixed precision (Connolly, Higham & Mary 2023, "Randomized
+    low-rank approximation: rounding error analysis and a mixed precision algorithm"): rounding X to bf16
+    (u = 2^-8) perturbs it by E, ``||E||_2 <= 2 u ||X||_F / sqrt(min(m, n))`` for random-sign rounding (x2
+    margin); the found subspace moves by ~||E||_2 / s_i in direction i, so the squared error of the rank-k
+    approximation grows by ~k ||E||_2^2 over the optimal tail^2 = ||X||_F^2 - sum S^2. Accepted when that is
+    under 0.03^2 tail^2, i.e. when the optimal relative error is above ~3% (r=64, 4096 wide): fine-tune
+    deltas (10-60%); a planted low-rank matrix (tail ~ 0) is redone in float32."""
+    total = float(torch.linalg.vector_norm(X)) ** 2  # float32 is enough for this estimate
+    tail2 = total - float((S.double() ** 2).sum())
+    noise2 = (2 * _BF16_ROUNDOFF) ** 2 * total / min(X.shape[-2:])
+    return tail2 > 0 and S.shape[-1] * noise2 <= _BF16_MAX_EXCESS**2 * tail2
 
 
 def _resolve_method(method: Method, side: int, k: int, oversample: int) -> Method:
@@ -252,10 +306,11 @@ def truncated_svd(M: Tensor, k: int, *, method: Method | str = Method.AUTO, over
                   seed: int = 0, on_warning: Warn | None = None) -> TruncatedSVD:
     """Top-k SVD of ``M (m, n)`` on M's device: ``U (m, k)``, ``S (k,)``, ``Vh (k, n)``; k is clamped to min(m, n).
 
-    ``exact``: ``torch.linalg.svd`` then slice. ``randomized``: Halko, Martinsson & Tropp 2011,
-    "Finding structure with randomness", Alg. 4.4 with ``k + oversample`` Gaussian columns (seeded
-    with ``seed``) and ``n_iter`` power iterations, then Alg. 5.1. ``auto``: randomized when
-    ``k + oversample <= min(m, n) // 4`` and ``min(m, n) >= 256``, else exact. Signs are fixed: the
+    ``exact``: ``torch.linalg.svd`` then slice, on one CPU thread (the same bits for any thread count).
+    ``randomized``: Halko, Martinsson & Tropp 2011, "Finding structure with randomness", Alg. 4.4 with
+    ``k + oversample`` Gaussian columns (seeded with ``seed``) and ``n_iter`` power iterations, then Alg. 5.1.
+    ``auto``: randomized when ``k + oversample <= min(m, n) // 4`` and ``min(m, n) >= 256``, else exact. Signs are
+    fixed: the
     largest-|.| entry of each U column is positive. A failed SVD is retried in float64, then exactly on
     CPU, each retry reported through ``on_warning``; :class:`NumericalError` if all fail.
     """
@@ -271,6 +326,10 @@ def truncated_svd(M: Tensor, k: int, *, method: Method | str = Method.AUTO, over
     def compute(X: Tensor, exact: bool) -> tuple[Tensor, ...]:
         if exact or chosen is Method.EXACT:
             return _exact(X, k)
+        if X.dtype == torch.float32 and _bf16_fast(X.device.type):  # the range finder in bf16 where that is fast
+            U, S, Vh = _randomized(X, k, oversample, n_iter, seed, bf16=True)
+            if _bf16_close(X, S):
+                return U, S, Vh
         return _randomized(X, k, oversample, n_iter, seed)
 
     # float32 (float64 kept): see the module docstring; bf16/fp16 SVDs are unsupported or too coarse
@@ -356,23 +415,35 @@ def frobenius_error(M: Tensor, B: Tensor, A: Tensor, *, scale: float = 1.0) -> f
         raise ValueError(f"M {tuple(M.shape)}, B {tuple(B.shape)} and A {tuple(A.shape)} do not match")
     work = _work_dtype(M, B, A)
     B = B.detach().to(device=M.device, dtype=work)
-    step = max(1, _CHUNK_ELEMENTS // max(m, 1))
-    total = 0.0
+    step = max(1, (_CHUNK_ELEMENTS if M.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS) // max(m, 1))
+    buffer = torch.empty(m * min(step, n), dtype=work, device=M.device)  # one temporary for every chunk
+    total = torch.zeros((), dtype=torch.float64, device=M.device)
     for j in range(0, n, step):
-        D = B @ A[:, j:j + step].to(device=M.device, dtype=work)  # (m, c)
-        D.mul_(-scale).add_(M[:, j:j + step])  # in place: one temporary per chunk
-        total += float(torch.linalg.vector_norm(D, dtype=torch.float64)) ** 2
-    return math.sqrt(total)
+        A_j = A[:, j:j + step].to(device=M.device, dtype=work)  # (r, c)
+        D = buffer[: m * A_j.shape[1]].view(m, A_j.shape[1])  # (m, c)
+        torch.addmm(M[:, j:j + step].to(work), B, A_j, alpha=-scale, out=D)  # M_j - scale B A_j: one GEMM pass
+        total += _sum_squares(D)
+    return math.sqrt(float(total))
 
 
 @torch.no_grad()
 def frobenius_norm(M: Tensor) -> float:
-    """``||M||_F`` with float64 accumulation, a chunk of rows at a time (no float64 copy of M)."""
-    flat = M.detach().reshape(-1)
-    step = _CHUNK_ELEMENTS
-    total = sum(float(torch.linalg.vector_norm(flat[i:i + step], dtype=torch.float64)) ** 2
-                for i in range(0, flat.numel(), step))
-    return math.sqrt(total)
+    """``||M||_F`` with float64 accumulation (no float64 copy of M)."""
+    return math.sqrt(float(_sum_squares(M)))
+
+
+def _sum_squares(X: Tensor) -> Tensor:
+    """``sum(X**2)`` accumulated in float64, a 0-d float64 tensor on X's device (one sync for the caller).
+
+    On the CPU 16K values at a time: each chunk's float64 temporary (128 KiB) stays in cache and below
+    malloc's mmap threshold (see memory.py), where 1M-value chunks cost a fresh 8 MiB mapping each, 4x the
+    time. Elsewhere 16M values per kernel, summed on the device."""
+    flat = X.detach().reshape(-1)
+    step = _CPU_NORM_CHUNK if flat.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for chunk in flat.split(step):
+        total += torch.linalg.vector_norm(chunk, dtype=torch.float64).square()
+    return total
 
 
 @torch.no_grad()

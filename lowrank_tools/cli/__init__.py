@@ -15,8 +15,29 @@ from .options import Progress
 
 __all__ = ["main"]
 
+def _flat(exc: BaseException) -> str:
+    """The message on one line (a library or torch message with line breaks would break the one-line contract)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
+def _one_line(exc: click.UsageError) -> click.UsageError:
+    """click prints a usage error over three lines (usage, hint, error); the contract is one: the error, then where
+    to read more. The message is formatted while the context is at hand (option names), then the context dropped."""
+    if exc.ctx is None or isinstance(exc, click.exceptions.NoArgsIsHelpError):
+        return exc
+    line = click.UsageError(f"{exc.format_message()} (see '{exc.ctx.command_path} --help')")
+    line.ctx = None  # click fills it from the current context, and prints the usage when it is set
+    return line
+
+
 class _Group(click.Group):
     """Turns library errors into one-line click errors (exit 1 data, 2 usage); --debug keeps tracebacks."""
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:  # the group's own options: lowrank-tools --bogus
+            raise _one_line(exc) from None
 
     def invoke(self, ctx: click.Context):
         try:
@@ -28,21 +49,26 @@ class _Group(click.Group):
     def _invoke(self, ctx: click.Context):
         try:
             return click.Group.invoke(self, ctx)
+        except click.UsageError as exc:  # a subcommand's options and arguments, or no such command
+            raise _one_line(exc) from None
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except LowRankError as exc:
             if ctx.meta.get("debug"):
                 raise
             if exc.exit_code == 2:
-                raise click.UsageError(str(exc)) from None
-            raise click.ClickException(str(exc)) from None
+                command = " ".join(filter(None, [ctx.command_path, ctx.invoked_subcommand]))
+                line = click.UsageError(f"{_flat(exc)} (see '{command} --help')")
+                line.ctx = None  # one line: no usage block
+                raise line from None
+            raise click.ClickException(_flat(exc)) from None
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written", err=True)
             ctx.exit(130)
         except Exception as exc:  # noqa: BLE001 - last resort: one line, traceback with --debug
             if ctx.meta.get("debug"):
                 raise
-            raise click.ClickException(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the "
+            raise click.ClickException(f"unexpected {type(exc).__name__}: {_flat(exc)} (run with --debug for the "
                                        f"traceback and report it)") from None
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .options import (Progress, common_options, make_rule, out_dtype, rank_options, show, warn_all, warner,
+from .options import (Progress, check_outputs, common_options, make_rule, out_dtype, rank_options, show, warn_all, warner,
                       write_report)
 
 
@@ -21,22 +21,13 @@ def _output_format(fmt: str | None, output: Path) -> str:
     return fmt or ("kohya" if kohya_name else "peft")
 
 
-def _check_outputs(output: Path, report_path: Path | None, *, force: bool, inputs) -> None:
-    """Fail before any work when -o or --report would overwrite something or an input."""
-    from ..checkpoint import check_output
-
-    check_output(output, force=force, inputs=inputs)
-    if report_path is not None:
-        check_output(report_path, force=force, inputs=[*inputs, output])
-
-
 def _finish_adapter(result, output: Path, *, fmt: str, prefix: str, force: bool, inputs, report_path, quiet) -> None:
     from ..formats import save_adapter
 
     if not result.adapter.modules:
         raise click.ClickException(f"every module was left out or truncated to rank 0: nothing to write to {output}")
     save_adapter(result.adapter, output, format=fmt, force=force, inputs=inputs, prefix=prefix)
-    write_report(result.report, report_path, force=force)
+    write_report(result.report, report_path, force=force, inputs=[*inputs, output])
     show(result.report, quiet)
     if not quiet:
         click.echo(f"wrote {output} ({fmt}, {len(result.adapter.modules)} modules, {result.adapter.params:,} parameters)")
@@ -70,7 +61,7 @@ def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
     if rule is None and budget is None:
         raise click.UsageError("resize needs a rank option: --rank, --energy, --sv-ratio, --threshold or --budget")
     fmt = _output_format(fmt, output)
-    _check_outputs(output, report_path, force=force, inputs=[adapter])
+    check_outputs(output, report_path, force=force, inputs=[adapter])
     loaded = load_adapter(adapter)
     warn_all(quiet, loaded.notes)
     result = run(loaded, rule=rule, budget=budget, alpha=alpha, dtype=out_dtype(dtype_name), device=device,
@@ -98,7 +89,7 @@ def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
     rule = make_rule(rank, energy, sv_ratio, threshold)
     fmt = _output_format(fmt, output)
     paths = [s.path for s in specs]
-    _check_outputs(output, report_path, force=force, inputs=paths)
+    check_outputs(output, report_path, force=force, inputs=paths)
     loaded = load_weighted(specs)
     warn_all(quiet, [n for item in loaded for n in item.adapter.notes])
     result = run(loaded, rule=rule, budget=budget, alpha=alpha, dtype=out_dtype(dtype_name), device=device,

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .options import Progress, warner
+from .options import SEED, Progress, warner
 
 
 
@@ -26,7 +26,7 @@ from .options import Progress, warner
               help="Where the linear algebra runs.")
 @click.option("--include", multiple=True, metavar="REGEX", help="Only modules whose name matches (repeatable).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip modules whose name matches (repeatable).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD (--top).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the randomized SVD (--top).")
 @click.option("--force", is_flag=True, help="Overwrite outputs that exist.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, table or warnings.")
 def analyze(paths, json_path, csv_path, plot_dir, top, oversample, power_iters, device, include, exclude, seed, force,

@@ -9,8 +9,10 @@ import click
 
 from ..linalg import Method
 from . import main
-from .options import (DTYPES, Progress, check_kohya_options, common_options, make_rule, out_dtype, rank_options, show,
-                      warn_all, warner, write_report)
+from .options import SEED, finite
+from .options import (DTYPES, Progress, allow_tf32_option, check_kohya_options, check_outputs, common_options, make_rule,
+                      out_dtype,
+                      rank_options, show, warn_all, warner, write_report)
 
 
 
@@ -31,29 +33,56 @@ from .options import (DTYPES, Progress, check_kohya_options, common_options, mak
 @click.option("--conv-rank", type=int, help="Rank (or cap) for conv kernels (default: that of --rank).")
 @click.option("--full-modules", multiple=True, metavar="REGEX",
               help="Save these modules' tensors whole (PEFT modules_to_save), e.g. a grown vocabulary (repeatable).")
+@allow_tf32_option
 @common_options
 def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alpha, fmt, prefix, method, oversample,
-            power_iters, strict, report_path, conv_rank, full_modules, device, dtype_name, include, exclude, seed, force,
-            quiet):
+            power_iters, strict, report_path, conv_rank, full_modules, allow_tf32, device, dtype_name, include, exclude,
+            seed, force, quiet):
     """Extract a LoRA adapter from BASE and fully fine-tuned TUNED checkpoints (default --rank 16).
 
     --budget N spreads ranks over layers within N parameters (one pass: the top K singular values per layer,
-    K = --rank if given, else min(smaller side, 256), then the allocation)."""
-    from ..checkpoint import check_output
-    from ..extract import extract as run
-    from ..formats import save_adapter
+    K = --rank if given, else min(smaller side, 256), then the allocation).
+
+    Under torchrun (torchrun --nproc-per-node N -m lowrank_tools extract ...) the layers are split over the
+    processes (gloo on the CPU, nccl with --device cuda); rank 0 writes the adapter, byte for byte the
+    single-process one with the same seed and threads per process."""
+    from ..distributed import torchrun_group
 
     rule = make_rule(rank, energy, sv_ratio, threshold, default_rank=None if budget is not None else 16)
     check_kohya_options(fmt, prefix, full_modules)
-    check_output(output, force=force, inputs=[base, tuned])
-    result = run(base, tuned, rule=rule, budget=budget, method=method, alpha=alpha, dtype=out_dtype(dtype_name),
-                 device=device, include=include, exclude=exclude, conv_rank=conv_rank, full_modules=full_modules,
-                 embeddings=fmt != "kohya", strict=strict, seed=seed, oversample=oversample,
-                 n_iter=power_iters, progress=Progress(quiet, "extract"), warn=warner(quiet))
+    with torchrun_group(device) as process_rank:
+        _extract(base, tuned, output, dict(rule=rule, budget=budget, method=method, alpha=alpha,
+                 dtype=out_dtype(dtype_name), device=device, include=include, exclude=exclude, conv_rank=conv_rank,
+                 full_modules=full_modules, embeddings=fmt != "kohya", strict=strict, seed=seed, oversample=oversample,
+                 n_iter=power_iters, allow_tf32=allow_tf32), fmt=fmt, prefix=prefix, report_path=report_path,
+                 force=force, quiet=quiet, primary=process_rank == 0)
+
+
+def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, force, quiet, primary):
+    """One process's part: rank 0 (or the only process) checks the output, extracts, writes and reports; the
+    other ranks of a torchrun job factor their share, stay silent and write nothing (errors: exit 1, rank 0 says)."""
+    from ..errors import LowRankError
+    from ..extract import extract as run
+    from ..formats import save_adapter
+
+    if primary:
+        check_outputs(output, report_path, force=force, inputs=[base, tuned])
+    try:
+        result = run(base, tuned, progress=Progress(quiet or not primary, "extract"), warn=warner(quiet or not primary),
+                     **options)
+    except LowRankError as exc:
+        if primary:
+            raise
+        click.get_current_context().exit(exc.exit_code)
+    if not result.primary:
+        return
     if not result.adapter.modules and not result.adapter.full_tensors:
-        raise click.ClickException(f"no layer of {tuned} differs from {base}: nothing to extract, nothing written")
+        why = "; ".join(f"{k}: {', '.join(v[:2])}{' ...' if len(v) > 2 else ''}"
+                        for k, v in result.report.skipped.items())
+        raise click.ClickException(f"no layer of {tuned} differs from {base} in a way a LoRA can hold "
+                                   f"({why or 'no weights'}): nothing to extract, nothing written")
     save_adapter(result.adapter, output, format=fmt, force=force, inputs=[base, tuned], prefix=prefix)
-    write_report(result.report, report_path, force=force)
+    write_report(result.report, report_path, force=force, inputs=[base, tuned, output])
     show(result.report, quiet)
     if not quiet:
         click.echo(f"wrote {output} ({len(result.adapter.modules)} modules, {result.adapter.params:,} parameters)")
@@ -110,8 +139,9 @@ def info(adapter, as_json, base):
 @main.command()
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=Path("lowrank-demo"),
               show_default=True, help="Folder for the generated checkpoints and adapters.")
-@click.option("--seconds", type=click.FloatRange(min=0.5), default=5.0, show_default=True, help="Fine-tuning time.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seconds", type=click.FloatRange(min=0.5, max=3600), default=5.0, show_default=True, callback=finite,
+              help="Fine-tuning time.")
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Reuse the output folder if it exists.")
 @click.option("--quiet", "-q", is_flag=True)
 def demo(out_dir, seconds, seed, force, quiet):

@@ -12,6 +12,26 @@ import torch
 from ..linalg import RankRule
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+class _Seed(click.ParamType):
+    """A whole number that torch.Generator.manual_seed takes, 0 to 2^64 - 1 (a larger one is a usage error)."""
+
+    name = "seed"
+
+    def convert(self, value, param, ctx) -> int:
+        number = click.INT.convert(value, param, ctx)
+        if not 0 <= number < 2**64:
+            self.fail(f"{number} is not a seed: give a whole number from 0 to 2^64 - 1", param, ctx)
+        return number
+
+
+SEED = _Seed()
+
+
+def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """click callback: NaN passes click's range checks (every comparison with it is false), so refuse it here."""
+    if value is not None and value != value:
+        raise click.BadParameter(f"{value} is not a number", ctx=ctx, param=param)
+    return value
 
 
 
@@ -36,11 +56,17 @@ def common_options(f):
                      help="dtype of what is written (auto: that of the input)."),
         click.option("--include", multiple=True, metavar="REGEX", help="Only modules whose name matches (repeatable)."),
         click.option("--exclude", multiple=True, metavar="REGEX", help="Skip modules whose name matches (repeatable)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD."),
+        click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the randomized SVD."),
         click.option("--force", is_flag=True, help="Overwrite the output if it exists."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar, table or warnings."),
     ]
     return functools.reduce(lambda g, o: o(g), reversed(opts), f)
+
+
+def allow_tf32_option(f):
+    """--allow-tf32 (extract): TF32 matmuls on CUDA; off by default for float32-exact factors and errors."""
+    return click.option("--allow-tf32", is_flag=True,
+                        help="Let CUDA float32 matmuls use TF32 (faster, ~1e-3 relative rounding); off by default.")(f)
 
 
 def make_rule(rank, energy, sv_ratio, threshold, *, default_rank: int | None = None) -> RankRule | None:
@@ -52,7 +78,7 @@ def make_rule(rank, energy, sv_ratio, threshold, *, default_rank: int | None = N
 
 def warner(quiet: bool):
     """The library's ``warn`` callback: one ``warning:`` line on stderr each; None (silent) with -q."""
-    return None if quiet else (lambda msg: click.echo(f"warning: {msg}", err=True))
+    return None if quiet else (lambda msg: Progress.echo(f"warning: {msg}"))
 
 
 def warn_all(quiet: bool, notes) -> None:
@@ -77,6 +103,16 @@ class Progress:
             Progress._open.remove(self)
 
     @classmethod
+    def echo(cls, line: str) -> None:
+        """One line on stderr, above an open bar (else it would be glued to the bar's line)."""
+        if any(bar.bar is not None for bar in cls._open):
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)
+        else:
+            click.echo(line, err=True)
+
+    @classmethod
     def close_all(cls) -> None:
         for bar in list(cls._open):
             bar.close()
@@ -95,7 +131,17 @@ class Progress:
             self.close()
 
 
-def write_report(report, path: str | None, *, force: bool) -> None:
+def check_outputs(output: Path, report_path: Path | None, *, force: bool, inputs) -> None:
+    """Fail before any work when -o or --report would overwrite something or an input."""
+    from ..checkpoint import check_output
+
+    check_output(output, force=force, inputs=inputs)
+    if report_path is not None:
+        check_output(report_path, force=force, inputs=[*inputs, output])
+
+
+def write_report(report, path: str | None, *, force: bool, inputs=()) -> None:
+    """The report as JSON (or CSV for a .csv name), atomically; never over an input or the adapter."""
     if not path:
         return
     from ..checkpoint import atomic_output
@@ -103,7 +149,7 @@ def write_report(report, path: str | None, *, force: bool) -> None:
 
     target = Path(path)
     text = report_csv(report) if target.suffix.lower() == ".csv" else report_json(report)
-    with atomic_output(target, force=force) as tmp:
+    with atomic_output(target, force=force, inputs=inputs) as tmp:
         tmp.write_text(text)
 
 
