@@ -224,7 +224,8 @@ def extract(
     share = current_share(distributed)
     with share or nullcontext():
         modules, records, zero = _factor_layers(base_ckpt, tuned_ckpt, selected, opts, budget=budget, share=share,
-                                                progress=progress, warn=warn)
+                                                progress=progress, warn=warn,
+                                                tied=frozenset(module_name(e) for e in plan.tied))
     if share is not None and not share.primary:  # rank 0 has the factors and writes; nothing more to do here
         summary = summarize(records, wall_time=time.perf_counter() - start, distributed_rank=share.rank)
         return ExtractResult(adapter=Adapter(), report=Report(command="extract", layers=records, summary=summary),
@@ -232,6 +233,7 @@ def extract(
     changed = {n: relative_change(base_ckpt.get(n), tuned_ckpt.get(n)) for n in one_d}
     skipped["zero delta or nothing kept"] = zero
     full = plan.finish(modules, tuned_ckpt)  # tied heads beside their embedding; tensors saved whole
+    _count_tied_heads(records, plan, modules)
     adapter = Adapter(modules=modules, full_tensors=full, base_model=_base_name(base), source_format="extract")
     more = {"processes": share.world_size} if share is not None else {}
     summary = summarize(records, wall_time=time.perf_counter() - start, **more)
@@ -242,8 +244,19 @@ def extract(
     return ExtractResult(adapter=adapter, report=report)
 
 
+def _count_tied_heads(records: list[LayerRecord], plan, modules: dict[str, LoraModule]) -> None:
+    """A tied embedding's record also counts the head's copy of its factors: both are in the file."""
+    by_name = {r.name: r for r in records}
+    for emb, tie in plan.tied.items():
+        record = by_name.get(module_name(emb))
+        if record is not None and tie.head in modules:
+            record.params += modules[tie.head].params
+            record.extra["tied_head"] = tie.head
+
+
 def _factor_layers(base: Checkpoint, tuned: Checkpoint, selected: dict[str, ModuleKind], opts: _Options, *,
                    budget: int | None, share: Share | None, progress: Progress | None, warn: Warn | None,
+                   tied: frozenset[str] = frozenset(),
                    ) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
     """(modules, records, module names left out) of the selected layers, in their order. Distributed: this rank
     reads and factors its units only; rank 0 gets everyone's, the other ranks keep their own."""
@@ -263,7 +276,8 @@ def _factor_layers(base: Checkpoint, tuned: Checkpoint, selected: dict[str, Modu
             deltas = (d for group, _ in staged(pairs, sizes=[1] * len(mine), stager=Stager(opts.device),
                                                make=_subtract) for d in group)
             result = extract_with_budget(deltas, {n: tuned.shape(n) for n in names}, budget=budget, opts=opts,
-                                         progress=progress, warn=warn, exchange=_spectra_exchange(share, names))
+                                         progress=progress, warn=warn, exchange=_spectra_exchange(share, names),
+                                         tied=tied)
         else:
             result = _factor_stream(pairs, [len(unit) for unit in units], opts, progress=progress, warn=warn)
         if share is not None:

@@ -121,13 +121,16 @@ def _truncate(top: _Top, r: int, opts) -> tuple[LoraModule, LayerRecord]:
 def extract_with_budget(deltas: Iterable, shapes: Mapping[str, Sequence[int]], *, budget: int, opts,
                         progress: Progress | None = None, warn: Warn | None = None,
                         exchange: Callable[[list[LayerSpectrum]], list[LayerSpectrum]] | None = None,
+                        tied: frozenset[str] = frozenset(),
                         ) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
     """``(modules, records, left out)`` for ``deltas`` (one per tensor name of ``shapes``, in order) within
     ``budget`` parameters. ``opts``: extract's options (rule, method, alpha, dtype, device, seed,
     oversample, n_iter). Layers whose delta is zero or that get rank 0 are left out (their names returned).
     ``progress`` hears (i, total, name) as each layer's pass starts; the caller reports the end.
     ``exchange`` (distributed extract): ``deltas`` are this rank's share of ``shapes``; it turns this rank's
-    spectra into every rank's, in the order of ``shapes``, so that every rank allocates the same ranks."""
+    spectra into every rank's, in the order of ``shapes``, so that every rank allocates the same ranks.
+    ``tied``: embedding modules whose factors are written twice (also on the tied output head): each of
+    their rank units costs twice, so the file stays within the budget."""
     cap = check_budget(budget, opts.rule, shapes)
     tops, zero = [], []
     for i, delta in enumerate(deltas):
@@ -140,7 +143,8 @@ def extract_with_budget(deltas: Iterable, shapes: Mapping[str, Sequence[int]], *
             zero.append(name)
         else:
             tops.append(top)
-    spectra = [LayerSpectrum(t.name, _matrix_shape(t.weight_shape), t.S.tolist()) for t in tops]
+    spectra = [LayerSpectrum(t.name, _matrix_shape(t.weight_shape), t.S.tolist(),
+                             cost=2 * sum(_matrix_shape(t.weight_shape)) if t.name in tied else None) for t in tops]
     if exchange is not None:
         spectra = exchange(spectra)
     ranks = allocate_budget(spectra, budget, max_rank=cap) if spectra else {}

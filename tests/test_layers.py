@@ -204,3 +204,16 @@ def test_cli_conv_rank_and_kohya_leaves_embeddings_out(tmp_path):
     from lowrank_tools.formats import load_adapter
 
     assert load_adapter(out).ranks == {"conv": 2, "lin": 4}
+
+
+@pytest.mark.parametrize("budget", [60, 200, 500])
+def test_budget_counts_the_tied_head_copy(budget):
+    """The tied embedding's factors are written twice (embedding and head): the file must stay within --budget."""
+    base, tuned = _tied_pair(stored=True)
+    result = extract(base, tuned, budget=budget, method="exact")
+    written = result.adapter.params
+    assert written <= budget
+    assert result.report.summary["params"] == written  # the report counts what the file holds
+    emb = result.adapter.modules.get("model.embed_tokens")
+    if emb is not None:
+        assert result.adapter.modules["lm_head"].params == emb.params
