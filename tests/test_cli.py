@@ -236,3 +236,12 @@ def test_report_never_overwrites_an_input_or_lands_late(planted_files, tmp_path)
     result = run("extract", base, tuned, "-o", tmp_path / "b", "--report", tmp_path / "r.json", "-q")
     assert_clean_error(result, 1, "exists")
     assert not (tmp_path / "b").exists()  # checked before any work, not after the adapter was written
+
+
+def test_debug_after_the_command_shows_the_traceback(planted_files, tmp_path):
+    base, _, _, _ = planted_files
+    plain = run("extract", base, tmp_path / "nope", "-o", tmp_path / "o")
+    assert plain.exit_code == 1 and plain.exception is None or isinstance(plain.exception, SystemExit)
+    debug = run("extract", base, tmp_path / "nope", "-o", tmp_path / "o", "--debug")
+    assert debug.exit_code == 1
+    assert type(debug.exception).__name__ == "CheckpointNotFound"  # raised, not turned into one line

@@ -15,6 +15,12 @@ from .options import Progress
 
 __all__ = ["main"]
 
+
+def _set_debug(ctx: click.Context, _param, value: bool) -> None:
+    if value:
+        ctx.meta["debug"] = True  # meta is shared by the group's and the command's contexts
+
+
 def _flat(exc: BaseException) -> str:
     """The message on one line (a library or torch message with line breaks would break the one-line contract)."""
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
@@ -32,6 +38,12 @@ def _one_line(exc: click.UsageError) -> click.UsageError:
 
 class _Group(click.Group):
     """Turns library errors into one-line click errors (exit 1 data, 2 usage); --debug keeps tracebacks."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        """Every command also takes --debug after its name (``lowrank-tools extract ... --debug``)."""
+        cmd.params.append(click.Option(["--debug"], is_flag=True, expose_value=False, is_eager=True,
+                                       callback=_set_debug, help="Show full tracebacks on errors."))
+        super().add_command(cmd, name)
 
     def make_context(self, *args, **kwargs) -> click.Context:
         try:
