@@ -1,8 +1,9 @@
 """The device side of extract: stage tensors onto the device, batch same-shape layers through the SVD, TF32 off.
 
-    reading thread (prefetch)   W0, W' as stored, one pair ahead: I/O only, so nothing competes with the
-                                factoring for the CPU threads (on 2 cores, elementwise work there made the
-                                factoring's small QRs 10x slower); memory stays flat
+    reading thread (prefetch)   W0, W' as stored, one pair ahead (float32 pairs: dW, subtracted there by
+                                numpy on that one thread): no torch op there, so no second OpenMP team competes
+                                with the factoring (on 2 cores, torch's elementwise work in that thread made
+                                the factoring's small QRs 10x slower); memory stays flat
     staging (here)              W0, W' -> device: on CUDA through a ring of two page-locked host buffers and
                                 non-blocking copies (half the bytes of dW for bf16 weights); the CPU fills one
                                 buffer while the other is copied. Then dW = W' - W0 in float32 on the device
