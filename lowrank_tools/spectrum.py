@@ -25,11 +25,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .rank_rules import ENERGY_RTOL  # the same slack as RankRule: F reached exactly is not off by one
+
 __all__ = ["ENERGY_LEVELS", "SpectrumMetrics", "spectrum_metrics", "cumulative_energy", "energy_rank",
            "effective_rank", "stable_rank", "level_key"]
 
 ENERGY_LEVELS = (0.5, 0.9, 0.95, 0.99)  # energy ranks reported per layer
-_ENERGY_RTOL = 1e-12  # same slack as RankRule: a spectrum that reaches F exactly is not off by one
 _TAIL_RTOL = 1e-6  # tail energy below this share of E is float32 rounding, not a tail
 
 
@@ -57,7 +58,7 @@ def _tail(s: Tensor, total: float, full_length: int | None) -> tuple[float, int]
     tail = total - float((s * s).sum())
     if room <= 0 or k == 0 or tail <= _TAIL_RTOL * total or not float(s[-1]) > 0:
         return 0.0, 0
-    return tail, min(room, math.ceil(tail / float(s[-1]) ** 2 * (1 - _ENERGY_RTOL)))
+    return tail, min(room, math.ceil(tail / float(s[-1]) ** 2 * (1 - ENERGY_RTOL)))
 
 
 def cumulative_energy(S: Tensor | Sequence[float], *, total_energy: float | None = None) -> Tensor:
@@ -77,7 +78,7 @@ def energy_rank(S: Tensor | Sequence[float], level: float, *, total_energy: floa
     if total <= 0 or len(s) == 0:
         return 0, False
     cum = torch.cumsum(s * s, 0)  # (k,)
-    target = level * total - _ENERGY_RTOL * total
+    target = level * total - ENERGY_RTOL * total
     r = int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype))[0]) + 1
     if r <= len(s):
         return r, False
@@ -85,7 +86,7 @@ def energy_rank(S: Tensor | Sequence[float], level: float, *, total_energy: floa
     if count == 0:  # complete spectrum (or rounding): every value is needed
         return len(s), False
     missing = target - float(cum[-1])
-    return len(s) + min(count, math.ceil(missing / float(s[-1]) ** 2 * (1 - _ENERGY_RTOL))), True
+    return len(s) + min(count, math.ceil(missing / float(s[-1]) ** 2 * (1 - ENERGY_RTOL))), True
 
 
 def stable_rank(S: Tensor | Sequence[float], *, total_energy: float | None = None) -> float:

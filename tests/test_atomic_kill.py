@@ -94,9 +94,12 @@ class Result:
 def _signal_mid_write(args: list[str], cwd: Path, sig: signal.Signals) -> tuple[int, str, list[str]]:
     """Start the slow child, wait until its temporary exists and has grown, send ``sig``; (exit code, stderr,
     temporaries seen when the signal was sent)."""
-    env = {**os.environ, "LRT_TEST_WRITE_DELAY": "0.1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "LRT_TEST_WRITE_DELAY": "0.25", "PYTHONDONTWRITEBYTECODE": "1"}  # 24 tensors: 6 s of writing
+    # the child starts with SIGINT at its default: an earlier test in this pytest process may have left it ignored,
+    # and an ignored SIGINT is inherited (the child would then finish and exit 0)
     proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     seen: list[str] = []
     while time.monotonic() < deadline and proc.poll() is None and not seen:
