@@ -42,15 +42,18 @@ _REPORT = click.option("--report", "report_path", type=click.Path(path_type=Path
                        help="Write the per-module report (.json or .csv).")
 
 
+def _adapter_out_options(f):
+    """What resize and merge share: -o, the rank options, alpha, format, prefix, report and the common options."""
+    opts = [click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Adapter to write."),
+            rank_options, _ALPHA, _OUT_FORMAT, _PREFIX, _REPORT, common_options]
+    for option in reversed(opts):
+        f = option(f)
+    return f
+
+
 @main.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Adapter to write.")
-@rank_options
-@_ALPHA
-@_OUT_FORMAT
-@_PREFIX
-@_REPORT
-@common_options
+@_adapter_out_options
 def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fmt, prefix, report_path, device,
            dtype_name, include, exclude, seed, force, quiet):
     """Shrink ADAPTER's ranks exactly through each module's QR core (never forms B @ A)."""
@@ -72,13 +75,7 @@ def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
 
 @main.command()
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Adapter to write.")
-@rank_options
-@_ALPHA
-@_OUT_FORMAT
-@_PREFIX
-@_REPORT
-@common_options
+@_adapter_out_options
 def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fmt, prefix, report_path, device,
           dtype_name, include, exclude, seed, force, quiet):
     """Merge weighted adapters: sum_i w_i scale_i B_i A_i. No rank option: exact concatenation."""
