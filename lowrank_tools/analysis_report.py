@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .atomic import atomic_output, check_output
 from .errors import OutputError, UsageError
+from .report import left_out_lines
 from .spectrum import ENERGY_LEVELS, level_key
 
 if TYPE_CHECKING:
@@ -145,12 +146,7 @@ def format_analysis(analysis: Analysis, *, max_rows: int = 40) -> str:
     lines.append(f"analyze: {s['layers']} layers{change}, median rank for 90% energy {s['rank90_median']:g}, "
                  f"mean effective rank {s['effective_rank_mean']:.1f}, {s['wall_time_s']:.2f} s")
     lines += [f"note: {n}" for n in analysis.notes]
-    for reason, names in analysis.skipped.items():
-        lines.append(f"skipped {len(names)} ({reason}): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
-    if analysis.changed_1d:
-        top = sorted(analysis.changed_1d.items(), key=lambda kv: -kv[1])[:5]
-        lines.append(f"not low-rank ({len(analysis.changed_1d)} 1-D tensors changed; ||d||/||W0||): "
-                     + ", ".join(f"{n} {v:.3g}" for n, v in top))
+    lines += left_out_lines(analysis.skipped, analysis.changed_1d, label="not low-rank")
     return "\n".join(lines)
 
 

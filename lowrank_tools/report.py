@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .adapter import Adapter
 
-__all__ = ["Progress", "Warn", "AdapterResult", "LayerRecord", "Report", "summarize", "format_table", "report_json", "report_csv", "MAX_SINGULAR_VALUES"]
+__all__ = ["Progress", "Warn", "AdapterResult", "LayerRecord", "Report", "left_out_lines", "summarize", "format_table", "report_json", "report_csv", "MAX_SINGULAR_VALUES"]
 
 MAX_SINGULAR_VALUES = 64  # leading singular values kept per layer in reports
 
@@ -142,12 +142,17 @@ def format_table(report: Report, *, max_rows: int = 40) -> str:
         f"rel_error {s['rel_error']:.4f} (norm-weighted), retained energy {s['retained_energy']:.4f}"
         + (f", {s['wall_time_s']:.2f} s" if "wall_time_s" in s else "")
     )
-    for reason, names in report.skipped.items():
-        if names:
-            lines.append(f"skipped {len(names)} ({reason}): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
-    if report.changed_1d:
-        top = sorted(report.changed_1d.items(), key=lambda kv: -kv[1])[:5]
-        lines.append(f"not in the adapter ({len(report.changed_1d)} 1-D tensors changed; ||d||/||W0||): "
-                     + ", ".join(f"{n} {v:.3g}" for n, v in top))
+    lines += left_out_lines(report.skipped, report.changed_1d, label="not in the adapter")
     return "\n".join(lines)
+
+
+def left_out_lines(skipped: dict[str, list[str]], changed_1d: dict[str, float], *, label: str) -> list[str]:
+    """Terminal lines for what a run left out: skipped tensors by reason, and the 1-D tensors that changed most."""
+    lines = [f"skipped {len(names)} ({reason}): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+             for reason, names in skipped.items() if names]
+    if changed_1d:
+        top = sorted(changed_1d.items(), key=lambda kv: -kv[1])[:5]
+        lines.append(f"{label} ({len(changed_1d)} 1-D tensors changed; ||d||/||W0||): "
+                     + ", ".join(f"{n} {v:.3g}" for n, v in top))
+    return lines
 

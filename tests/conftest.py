@@ -15,6 +15,15 @@ def planted_delta(out: int, inp: int, k: int, *, seed: int = 0, scale: float = 1
     return scale * (torch.randn(out, k, generator=g) @ torch.randn(k, inp, generator=g)) / k**0.5
 
 
+def planted(values, m: int, n: int, seed: int = 0) -> torch.Tensor:
+    """(m, n) float32 with exactly the singular values ``values`` (orthonormal random U, V)."""
+    g = torch.Generator().manual_seed(seed)
+    k = len(values)
+    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    return ((U * torch.tensor(values, dtype=torch.float64)) @ V.T).float()
+
+
 def make_pair(shapes: dict[str, tuple[int, ...]], *, k: int = 3, seed: int = 0,
               dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
     """Base and tuned state dicts: every tensor of ndim >= 2 gets a planted rank-k delta (1-D: a small change)."""

@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from conftest import planted
 from lowrank_tools.adapter import Adapter, LoraModule, ModuleKind
 from lowrank_tools.analysis_report import format_analysis
 from lowrank_tools.analyze import analyze_adapter, analyze_delta, depth_key, module_type
@@ -22,15 +23,6 @@ from lowrank_tools.cli import main
 from lowrank_tools.errors import InvalidOption, NonFiniteWeight
 from lowrank_tools.formats import save_adapter
 from lowrank_tools.plots import PLOT_FILES
-
-
-def planted(values, m: int, n: int, seed: int = 0) -> torch.Tensor:
-    """(m, n) float32 with exactly the singular values ``values`` (orthonormal random U, V)."""
-    g = torch.Generator().manual_seed(seed)
-    k = len(values)
-    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
-    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
-    return ((U * torch.tensor(values, dtype=torch.float64)) @ V.T).float()
 
 
 def pair(deltas: dict[str, torch.Tensor], seed: int = 0) -> tuple[dict, dict]:

@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import planted
 from lowrank_tools.sketch import fast_bf16, top_singular_values
-
-
-def planted(values, m: int, n: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    k = len(values)
-    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
-    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
-    return ((U * torch.tensor(values, dtype=torch.float64)) @ V.T).float()
 
 
 @pytest.mark.parametrize("bf16", [False, True])
