@@ -4,7 +4,8 @@
     python benchmarks/bench_analyze.py --quick    # 1024-sized shapes, for a smoke run
     python benchmarks/bench_analyze.py --threads 1  # both sides on one thread (steadier on a shared machine)
 
-Side by side in one run, on the same matrices:
+Side by side in one run, on the same matrices. Each side is timed as its best run (svdvals of 2, the fast
+paths of 3-7: a 50 ms call on 2 shared cores varies by +-30% from run to run, a 1.7 s one much less).
 
 1. The spectrum step of ``analyze --top 64`` (``sketch.top_singular_values``, as analyze calls it) against
    ``torch.linalg.svdvals`` of the same 4096 x 4096 delta, which has a slowly decaying spectrum, s_i = 1/i,
@@ -68,8 +69,8 @@ def bench_top(m: int, n: int, k: int) -> list[dict]:
     base = {"model.layers.0.mlp.proj.weight": torch.randn(m, n, generator=g)}
     tuned = {name: w + delta for name, w in base.items()}
     norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
-    exact, t_exact = timed(lambda: torch.linalg.svdvals(delta))
-    (top, how), t_top = timed(lambda: top_singular_values(delta, k, frobenius=norm), repeats=3)
+    exact, t_exact = timed(lambda: torch.linalg.svdvals(delta), repeats=2)
+    (top, how), t_top = timed(lambda: top_singular_values(delta, k, frobenius=norm), repeats=7)
     full, t_full = timed(lambda: analyze_delta(base, tuned))
     result, t_analyze = timed(lambda: analyze_delta(base, tuned, top=k), repeats=3)
     rel = max_rel(result.layers[0].singular_values, exact[:k])

@@ -54,3 +54,24 @@ def test_fast_bf16_flags():
     assert fast_bf16(torch.device("cuda")) is True
     assert isinstance(fast_bf16(torch.device("cpu")), bool)
     assert fast_bf16(torch.device("meta")) is False
+
+
+def test_values_carry_no_bf16_rounding_of_the_matrix():
+    """Every entry 1/3 rounds to bf16 the same way (+0.2%): Ritz values read from bf16(M) would be 0.2% high.
+    The values come from float32 M on the bf16-found subspace, so they are exact here."""
+    M = torch.full((300, 200), 1.0 / 3.0)
+    exact = float(torch.linalg.svdvals(M.double())[0])
+    bf16_value = float(torch.linalg.svdvals(M.bfloat16().double())[0])
+    assert abs(bf16_value / exact - 1) > 1e-3  # the trap is real
+    S, how = top_singular_values(M, 1, bf16=True)
+    assert how == "randomized-bf16"
+    assert float(S[0]) == pytest.approx(exact, rel=1e-6)
+
+
+def test_wide_and_tall_agree_with_the_transpose():
+    M = planted([1.0 / (i + 1) for i in range(120)], 400, 120)
+    tall, _ = top_singular_values(M, 12, bf16=False)
+    wide, _ = top_singular_values(M.T.contiguous(), 12, bf16=False)
+    exact = torch.linalg.svdvals(M.double())[:12]
+    for S in (tall, wide):
+        assert float(((S.double() - exact).abs() / exact).max()) < 1e-4
