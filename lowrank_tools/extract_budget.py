@@ -6,7 +6,8 @@ One pass over the checkpoint, then the allocation, then the factors:
                ||dW||_F and the tail ||dW - U_K S_K Vh_K||_F measured while dW is at hand; dW is dropped.
                K = the --rank cap if given, else min(min side, 256): ranks above 256 are rarely worth
                their parameters, and K bounds the memory kept: K (out + in) float32 values per layer.
-    allocate   r_l = allocate_budget(layers, N, max_rank=--rank): greedy by s_i^2 / (out + in), see budget.py
+    allocate   r_l = allocate_budget(layers, N, max_rank=--rank): greedy by s_i^2 / (out + in), see budget.py;
+               a dynamic rule (--energy, --sv-ratio, --threshold) caps each layer first, as in resize and merge
     truncate   B, A = balanced split of the top r_l (alpha = r_l unless --alpha), cast to the output dtype
     error      ||dW - s B A||_F^2 = ||dW - U_K S_K Vh_K||_F^2 + ||U_K S_K Vh_K - s B A||_F^2
 
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from .adapter import LoraModule, ModuleKind, module_name
 from .budget import LayerSpectrum, allocate_budget
-from .errors import InvalidOption, NumericalError
+from .errors import NumericalError
 from .linalg import Method, TruncatedSVD, balanced_factors, frobenius_error, lowrank_frobenius_diff, truncated_svd
 from .report import MAX_SINGULAR_VALUES, LayerRecord, Progress, Warn
 
@@ -69,11 +70,8 @@ def _matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
 
 
 def check_budget(budget: int, rule, shapes: Mapping[str, Sequence[int]]) -> int | None:
-    """Fail before any reading: a dynamic rank rule beside --budget, or a budget below one rank unit of the
-    cheapest layer (the message of :func:`allocate_budget`). Returns the rank cap (--rank) or None."""
-    if rule is not None and rule.dynamic:
-        raise InvalidOption("--budget excludes --energy, --sv-ratio and --threshold: it chooses every rank "
-                            "itself; keep --rank only, as the cap")
+    """Fail before any reading on a budget below one rank unit of the cheapest layer (the message of
+    :func:`allocate_budget`). Returns the rank cap (--rank) or None."""
     cap = rule.cap if rule is not None else None
     placeholders = [LayerSpectrum(module_name(n), _matrix_shape(s), [1.0]) for n, s in shapes.items()]
     allocate_budget(placeholders, budget, max_rank=cap)  # validation only: raises what the allocation would
@@ -118,6 +116,14 @@ def _truncate(top: _Top, r: int, opts) -> tuple[LoraModule, LayerRecord]:
     return module, record
 
 
+def _capped(top: _Top, rule) -> list[float]:
+    """The values the budget may spend on: the top K, cut where a dynamic rule (--energy, --sv-ratio,
+    --threshold) stops for this layer, as resize and merge do; --energy counts the whole ||dW||_F^2."""
+    if rule is None or not rule.dynamic:
+        return top.S.tolist()
+    return top.S[:rule.choose(top.S, total_energy=top.norm**2)].tolist()
+
+
 def extract_with_budget(deltas: Iterable, shapes: Mapping[str, Sequence[int]], *, budget: int, opts,
                         progress: Progress | None = None, warn: Warn | None = None,
                         exchange: Callable[[list[LayerSpectrum]], list[LayerSpectrum]] | None = None,
@@ -143,7 +149,7 @@ def extract_with_budget(deltas: Iterable, shapes: Mapping[str, Sequence[int]], *
             zero.append(name)
         else:
             tops.append(top)
-    spectra = [LayerSpectrum(t.name, _matrix_shape(t.weight_shape), t.S.tolist(),
+    spectra = [LayerSpectrum(t.name, _matrix_shape(t.weight_shape), _capped(t, opts.rule),
                              cost=2 * sum(_matrix_shape(t.weight_shape)) if t.name in tied else None) for t in tops]
     if exchange is not None:
         spectra = exchange(spectra)

@@ -119,9 +119,20 @@ def test_too_small_budget_fails_before_reading(full_rank_pair):
     assert result.adapter.params == smallest
 
 
-def test_budget_excludes_dynamic_rules(full_rank_pair):
-    with pytest.raises(InvalidOption, match="--budget excludes --energy"):
-        extract(*full_rank_pair, budget=1000, rule=RankRule(energy=0.9))
+@pytest.mark.parametrize("rule", [RankRule(energy=0.5), RankRule(sv_ratio=2.0), RankRule(threshold=1.0)])
+def test_dynamic_rule_caps_each_layer_under_a_budget(full_rank_pair, rule):
+    """--budget with --energy/--sv-ratio/--threshold: the rule caps every layer (as in resize and merge), the
+    budget spreads what is left; a generous budget then gives exactly the rule's ranks."""
+    base, tuned = full_rank_pair
+    free = extract(base, tuned, rule=rule, method="exact").adapter.ranks  # the rule alone
+    capped = extract(base, tuned, budget=10**9, rule=rule, method="exact").adapter.ranks
+    assert capped == free
+    tight = extract(base, tuned, budget=1000, rule=rule, method="exact").adapter
+    assert tight.params <= 1000
+    assert all(r <= free[name] for name, r in tight.ranks.items())
+
+
+def test_budget_needs_no_rule_but_something(full_rank_pair):
     with pytest.raises(InvalidOption, match="no rank rule"):
         extract(*full_rank_pair)
 
@@ -144,8 +155,10 @@ def test_cli_budget(full_rank_pair, tmp_path):
         assert math.isclose(adapter.modules[row["name"]].scale, 1.0)
     bad = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "x"), "--budget", "10"])
     assert bad.exit_code == 2 and "use --budget 48 or more" in bad.output and not (tmp_path / "x").exists()
-    bad = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "x"), "--budget", "1000", "--energy", "0.9"])
-    assert bad.exit_code == 2 and "--budget excludes --energy" in bad.output
+    capped = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "e"), "--budget", "100000", "--energy", "0.5",
+                                       "--method", "exact", "-q"])
+    assert capped.exit_code == 0, capped.output
+    assert load_adapter(tmp_path / "e").ranks == extract(base, tuned, rule=RankRule(energy=0.5), method="exact").adapter.ranks
 
 
 def test_conv_and_zero_layers_under_a_budget():

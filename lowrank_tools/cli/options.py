@@ -42,7 +42,8 @@ def rank_options(f):
         click.option("--energy", type=float, help="Smallest r with retained energy >= F, F in (0, 1]."),
         click.option("--sv-ratio", type=float, help="Keep singular values S_i >= S_1 / F (F >= 1)."),
         click.option("--threshold", type=float, help="Keep singular values S_i > F (F >= 0)."),
-        click.option("--budget", type=int, help="Total adapter parameters, spread over layers to minimise error."),
+        click.option("--budget", type=int, help="Total adapter parameters, spread over layers to minimise error; "
+                     "--rank and the dynamic rules then cap each layer."),
     ]
     return functools.reduce(lambda g, o: o(g), reversed(opts), f)
 
