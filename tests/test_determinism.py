@@ -45,6 +45,11 @@ COMMANDS = [
     ["resize", "exact", "-o", "resized.safetensors", "-r", "5", "-q"],
     ["merge", "exact:0.7", "exact.safetensors:0.3", "-o", "merged", "--format", "peft", "-r", "6", "-q"],
     ["apply", "{in}/base.safetensors", "exact", "-o", "applied.safetensors", "-q"],
+    # resize, merge and apply use no randomness: --seed is accepted and must change nothing
+    ["resize", "exact", "-o", "resized-seed.safetensors", "-r", "5", "--seed", "123", "-q"],
+    ["merge", "exact:0.7", "exact.safetensors:0.3", "-o", "merged-seed", "--format", "peft", "-r", "6", "--seed", "9",
+     "-q"],
+    ["apply", "{in}/base.safetensors", "exact", "-o", "applied-seed.safetensors", "--seed", "5", "-q"],
 ]
 EXACT = ["exact/adapter_model.safetensors", "exact/adapter_config.json", "exact.safetensors"]
 
@@ -126,5 +131,13 @@ def test_the_check_is_not_vacuous(runs):
     """The factors are real: rank 12 of a rank-40 delta, every layer present, so identical bytes mean something."""
     factors = _tensors(runs["one"]["exact/adapter_model.safetensors"])
     assert {tuple(t.shape) for k, t in factors.items() if "lora_A" in k} == {(12, 384), (12, 512), (12, 768)}
-    weights = {k: v for k, v in runs["one"].items() if k.endswith(".safetensors")}
+    weights = {k: v for k, v in runs["one"].items() if k.endswith(".safetensors") and "-seed" not in k}
     assert len({hashlib.sha256(b).hexdigest() for b in weights.values()}) == len(weights) == 6  # no two the same
+
+
+def test_seed_changes_nothing_where_nothing_is_random(runs):
+    files = runs["one"]
+    for plain, seeded in [("resized.safetensors", "resized-seed.safetensors"),
+                          ("merged/adapter_model.safetensors", "merged-seed/adapter_model.safetensors"),
+                          ("applied.safetensors", "applied-seed.safetensors")]:
+        assert files[seeded] == files[plain], seeded

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .options import (Progress, check_outputs, common_options, make_rule, out_dtype, rank_options, show, warn_all, warner,
+from .options import (FORMATS, Progress, check_outputs, common_options, make_rule, out_dtype, rank_options, show, warn_all, warner,
                       write_report)
 
 
@@ -33,7 +33,7 @@ def _finish_adapter(result, output: Path, *, fmt: str, prefix: str, force: bool,
         click.echo(f"wrote {output} ({fmt}, {len(result.adapter.modules)} modules, {result.adapter.params:,} parameters)")
 
 
-_OUT_FORMAT = click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default=None,
+_OUT_FORMAT = click.option("--format", "fmt", type=FORMATS, default=None,
                            help="Output format (default: kohya when -o ends in .safetensors, else a PEFT folder).")
 _PREFIX = click.option("--prefix", default="lora_unet_", show_default=True,
                        help="kohya key prefix for modules without a component.")

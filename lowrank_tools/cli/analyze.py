@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .options import SEED, Progress, warner
+from .options import DEVICES, SEED, Progress, warner
 
 
 
@@ -22,7 +22,7 @@ from .options import SEED, Progress, warner
                    "||dW||_F. Layers whose smaller side is <= K are computed in full, with a warning.")
 @click.option("--oversample", type=click.IntRange(min=0), help="Extra sketch columns for --top (default: K).")
 @click.option("--power-iters", type=click.IntRange(min=0), default=3, show_default=True, help="Power iterations for --top.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+@click.option("--device", type=DEVICES, default="cpu", show_default=True,
               help="Where the linear algebra runs.")
 @click.option("--include", multiple=True, metavar="REGEX", help="Only modules whose name matches (repeatable).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip modules whose name matches (repeatable).")

@@ -9,10 +9,8 @@ import click
 
 from ..linalg import Method
 from . import main
-from .options import SEED, finite
-from .options import (DTYPES, Progress, allow_tf32_option, check_kohya_options, check_outputs, common_options, make_rule,
-                      out_dtype,
-                      rank_options, show, warn_all, warner, write_report)
+from .options import (DTYPES, FORMATS, SEED, Progress, allow_tf32_option, check_kohya_options, check_outputs,
+                      common_options, finite, make_rule, out_dtype, rank_options, show, warn_all, warner, write_report)
 
 
 
@@ -22,7 +20,7 @@ from .options import (DTYPES, Progress, allow_tf32_option, check_kohya_options, 
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Adapter to write.")
 @rank_options
 @click.option("--alpha", type=float, help="LoRA alpha (default: r per layer, so scale = 1).")
-@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True)
+@click.option("--format", "fmt", type=FORMATS, default="peft", show_default=True)
 @click.option("--prefix", default="lora_unet_", show_default=True, help="kohya key prefix for modules without a component.")
 @click.option("--method", type=click.Choice([m.value for m in Method]), default="auto", show_default=True,
               help="SVD: exact, randomized (range finder), or auto (randomized when r is small against the sides).")
@@ -91,7 +89,7 @@ def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, fo
 @main.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), required=True)
+@click.option("--format", "fmt", type=FORMATS, required=True)
 @click.option("--prefix", default="lora_unet_", show_default=True, help="kohya key prefix for modules without a component.")
 @click.option("--dtype", "dtype_name", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True)
 @click.option("--base", type=click.Path(path_type=Path),

@@ -9,9 +9,12 @@ from pathlib import Path
 import click
 import torch
 
+from ..formats import AdapterFormat
 from ..linalg import RankRule
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FORMATS = click.Choice([f.value for f in AdapterFormat])  # peft | kohya
+DEVICES = click.Choice(["cpu", "cuda", "auto"])  # what resolve_device takes by name ("cuda:N" too, from Python)
 class _Seed(click.ParamType):
     """A whole number that torch.Generator.manual_seed takes, 0 to 2^64 - 1 (a larger one is a usage error)."""
 
@@ -51,13 +54,15 @@ def rank_options(f):
 def common_options(f):
     """--device / --dtype / --include / --exclude / --seed / --force / --quiet."""
     opts = [
-        click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+        click.option("--device", type=DEVICES, default="cpu", show_default=True,
                      help="Where the linear algebra runs."),
         click.option("--dtype", "dtype_name", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True,
                      help="dtype of what is written (auto: that of the input)."),
         click.option("--include", multiple=True, metavar="REGEX", help="Only modules whose name matches (repeatable)."),
         click.option("--exclude", multiple=True, metavar="REGEX", help="Skip modules whose name matches (repeatable)."),
-        click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the randomized SVD."),
+        click.option("--seed", type=SEED, default=0, show_default=True,
+                     help="Seed of the randomized SVD (extract). resize, merge and apply are exact and use no "
+                          "randomness: accepted there so every command takes the shared options, it changes nothing."),
         click.option("--force", is_flag=True, help="Overwrite the output if it exists."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar, table or warnings."),
     ]
