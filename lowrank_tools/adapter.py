@@ -23,7 +23,9 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-__all__ = ["ModuleKind", "LoraModule", "Adapter", "module_name", "matrix_view", "weight_from_matrix"]
+from .errors import NumericalError
+
+__all__ = ["ModuleKind", "LoraModule", "Adapter", "module_name", "matrix_view", "weight_from_matrix", "cast_whole"]
 
 
 class ModuleKind(str, Enum):
@@ -133,5 +135,20 @@ class Adapter:
         return {name: m.rank for name, m in self.modules.items()}
 
     def to(self, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> "Adapter":
+        """Factors and tensors saved whole, cast (``--dtype`` is that of everything written) and/or moved."""
         modules = {n: m.to(dtype=dtype, device=device) for n, m in self.modules.items()}
-        return replace(self, modules=modules)
+        full = {n: t.to(device=device) for n, t in cast_whole(self.full_tensors, dtype).items()}
+        return replace(self, modules=modules, full_tensors=full)
+
+
+def cast_whole(tensors: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """Floating-point tensors saved whole, cast to ``dtype`` (others unchanged); an overflow names the tensor."""
+    if dtype is None:
+        return dict(tensors)
+    out = {}
+    for name, t in tensors.items():
+        out[name] = t.to(dtype) if t.is_floating_point() else t
+        if out[name] is not t and not bool(torch.isfinite(out[name]).all()) and bool(torch.isfinite(t).all()):
+            raise NumericalError(f"tensor {name} (saved whole) overflows {dtype} when cast: pass --dtype float32 "
+                                 f"or leave --dtype at auto")
+    return out

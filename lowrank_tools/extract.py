@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, LoraModule, ModuleKind, matrix_view, module_name
+from .adapter import Adapter, LoraModule, ModuleKind, cast_whole, matrix_view, module_name
 from .checkpoint import Checkpoint, as_checkpoint, pair_tensors
 from .distributed import Share, current_share, layer_cost
 from .errors import InvalidOption, NonFiniteWeight, NumericalError
@@ -234,7 +234,8 @@ def extract(
     skipped["zero delta or nothing kept"] = zero
     full = plan.finish(modules, tuned_ckpt)  # tied heads beside their embedding; tensors saved whole
     _count_tied_heads(records, plan, modules)
-    adapter = Adapter(modules=modules, full_tensors=full, base_model=_base_name(base), source_format="extract")
+    adapter = Adapter(modules=modules, full_tensors=cast_whole(full, dtype), base_model=_base_name(base),
+                      source_format="extract")
     more = {"processes": share.world_size} if share is not None else {}
     summary = summarize(records, wall_time=time.perf_counter() - start, **more)
     report = Report(command="extract", layers=records, summary=summary,

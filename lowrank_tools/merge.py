@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .adapter import Adapter, LoraModule
+from .adapter import Adapter, LoraModule, cast_whole
 from .errors import AdapterMismatch, InvalidOption
 from .layers import compile_filters, matches
 from .linalg import RankRule, concat_factors
@@ -116,7 +116,7 @@ def merge(adapters: Sequence[WeightedAdapter | Adapter | tuple], *, rule: RankRu
     notes = [f"inputs name different base models: {', '.join(sorted(set(bases)))}"] if len(set(bases)) > 1 else []
     if notes and warn:
         warn(notes[0])
-    merged = Adapter(modules=done.modules, full_tensors=_full_tensors(inputs, warn),
+    merged = Adapter(modules=done.modules, full_tensors=cast_whole(_full_tensors(inputs, warn), dtype),
                      base_model=bases[0] if bases else None, source_format="merge", notes=notes)
     more = {"inputs": [{"source": i.source, "weight": i.weight} for i in inputs],
             "old_params": sum(m.params for p in parts.values() for m, _, _ in p)}

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 
-from .adapter import Adapter
+from .adapter import Adapter, cast_whole
 from .errors import InvalidOption
 from .layers import compile_filters, matches
 from .linalg import RankRule
@@ -55,7 +55,8 @@ def resize(adapter: Adapter, *, rule: RankRule | None = None, budget: int | None
             modules[name] = done.modules[name]
         elif name not in selected:
             modules[name] = m if dtype is None else m.to(dtype=dtype)
-    out = replace(adapter, modules=modules, source_format="resize", notes=list(adapter.notes))
+    out = replace(adapter, modules=modules, full_tensors=cast_whole(adapter.full_tensors, dtype), source_format="resize",
+                  notes=list(adapter.notes))
     kept = [n for n in adapter.modules if n not in selected]
     more = {"old_params": sum(m.params for m in selected.values())}
     if budget is not None:

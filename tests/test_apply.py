@@ -173,12 +173,13 @@ def test_cli_apply_weights_single_file_and_bad_input(llama_with_lora, tmp_path):
         ([f"{root / 'adapter'}:x"], 2, "weight 'x' is not a number"),
         ([root / "adapter", "--shard-size", "5 parsecs"], 2, "is not a size"),
         ([root / "adapter", "--force", "-o", root / "base"], 1, "also an input"),
+        ([root / "adapter", "--shard-size", "1MB", "-o", tmp_path / "bad.safetensors"], 2, "needs a folder output"),
     ]:
         target = tmp_path / "bad"
         res = run("apply", root / "base", *args, *([] if "-o" in args else ["-o", target]))
         assert res.exit_code == code, res.output
         assert pattern in res.output and "Traceback" not in res.output
-        assert not target.exists()
+        assert not target.exists() and not (tmp_path / "bad.safetensors").exists()
 
 
 def test_cli_apply_foreign_kohya_file_matches_base_names(tmp_path):

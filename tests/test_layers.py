@@ -125,6 +125,29 @@ def test_full_modules_saves_any_tensor_whole_and_skips_its_lora():
         extract(base, tuned, rule=RankRule(rank=2), full_modules=["("])
 
 
+def test_dtype_casts_tensors_saved_whole_everywhere():
+    """--dtype is that of everything written: factors and --full-modules tensors alike, through extract, resize,
+    merge and save; a whole tensor that overflows the dtype is an error naming it."""
+    from lowrank_tools.errors import NumericalError
+    from lowrank_tools.merge import merge
+    from lowrank_tools.resize import resize
+
+    base, tuned = make_pair(SHAPES, k=2)
+    result = extract(base, tuned, rule=RankRule(rank=2), full_modules=["embed_tokens"], dtype=torch.bfloat16)
+    adapter = result.adapter
+    assert {m.B.dtype for m in adapter.modules.values()} == {torch.bfloat16}
+    assert adapter.full_tensors[EMB].dtype == torch.bfloat16
+    assert torch.equal(adapter.full_tensors[EMB], tuned[EMB].bfloat16())
+    kept = extract(base, tuned, rule=RankRule(rank=2), full_modules=["embed_tokens"]).adapter
+    assert kept.full_tensors[EMB].dtype == torch.float32  # auto: as stored
+    assert resize(kept, rule=RankRule(rank=1), dtype=torch.float16).adapter.full_tensors[EMB].dtype == torch.float16
+    assert merge([kept], dtype=torch.bfloat16).adapter.full_tensors[EMB].dtype == torch.bfloat16
+    assert kept.to(dtype=torch.float16).full_tensors[EMB].dtype == torch.float16
+    tuned[EMB] = tuned[EMB] * 1e6  # beyond float16's 65504
+    with pytest.raises(NumericalError, match=r"model\.embed_tokens\.weight \(saved whole\) overflows torch\.float16"):
+        extract(base, tuned, rule=RankRule(rank=2), full_modules=["embed_tokens"], dtype=torch.float16)
+
+
 def test_tied_pair_saved_whole_on_both_sides(tmp_path):
     base, tuned = _tied_pair(stored=False)
     tuned[EMB] = torch.cat([tuned[EMB], torch.randn(2, 8)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from . import main
 from .options import (FORMATS, Progress, check_outputs, common_options, make_rule, out_dtype, rank_options, show, warn_all, warner,
@@ -110,6 +111,10 @@ def apply(base, adapters, output, shard_size, device, dtype_name, include, exclu
     from ..weighted import load_weighted, parse_adapter_spec
 
     size = parse_size(shard_size)
+    explicit = click.get_current_context().get_parameter_source("shard_size") is not ParameterSource.DEFAULT
+    if explicit and output.suffix == ".safetensors":
+        raise click.UsageError(f"--shard-size {shard_size} needs a folder output, but -o {output} is one "
+                               f".safetensors file: drop --shard-size, or give a folder to write shards into")
     specs = [parse_adapter_spec(a) for a in adapters]
     inputs = [base, *(s.path for s in specs)]
     check_output(output, force=force, inputs=inputs)
