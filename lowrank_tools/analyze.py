@@ -29,9 +29,9 @@ from torch import Tensor
 
 from .adapter import Adapter, ModuleKind, matrix_view, module_name
 from .checkpoint import Checkpoint, as_checkpoint, pair_tensors
-from .errors import InvalidOption, NonFiniteWeight
+from .errors import InvalidOption
 from .layers import compile_filters, matches, relative_change, select_layers
-from .linalg import Method, qr_core_svd, resolve_device, singular_values
+from .linalg import Method, check_finite, frobenius_norm, qr_core_svd, resolve_device, singular_values
 from .prefetch import prefetch
 from .recommend import recommend
 from .sketch import top_singular_values
@@ -215,22 +215,6 @@ class _Options:
     n_iter: int
 
 
-def _check_finite(t: Tensor, what: str) -> None:
-    if not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).sum())
-        raise NonFiniteWeight(f"{what} holds {bad} NaN/Inf values: repair or re-export the checkpoint")
-
-
-def _frobenius(t: Tensor) -> float:
-    """``||t||_F``, inf or nan when t holds Inf or NaN. float32 norms of the rows (short sums: accurate) combined
-    in float64: as exact as a float64 norm at a tenth of its cost (one float32 sum over 10^7 terms is off by 1e-3)."""
-    rows = torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)  # (out,)
-    value = float(torch.linalg.vector_norm(rows.double()))
-    if math.isinf(value) and bool(torch.isfinite(t).all()):  # float32 squares overflowed, no Inf entry
-        value = float(torch.linalg.vector_norm(t, dtype=torch.float64))
-    return value
-
-
 def _spectrum(dW: Tensor, norm: float, opts: _Options, warn: Warn | None, mod: str) -> tuple[Tensor, str]:
     """(singular values, method): all of them (svdvals), or the top K by
     :func:`~lowrank_tools.sketch.top_singular_values` (a sketch of 2K columns by default, bfloat16 products
@@ -243,17 +227,36 @@ def _spectrum(dW: Tensor, norm: float, opts: _Options, warn: Warn | None, mod: s
                                frobenius=norm)
 
 
-def _delta_layer(name: str, W0: Tensor, W1: Tensor, kind: ModuleKind, opts: _Options,
-                 warn: Warn | None) -> LayerAnalysis | None:
+@dataclass
+class _Pair:
+    """One layer as read ahead: W0 and W' as stored (fresh buffers from a Checkpoint), emptied by the consumer
+    once it has dW and the norms, so that only dW is held while the spectrum is computed."""
+
+    name: str  # tensor name
+    base: Tensor | None
+    tuned: Tensor | None
+    sources: tuple[Checkpoint, Checkpoint]  # (base, tuned): read again to name a NaN/Inf
+
+
+def _pairs(base: Checkpoint, tuned: Checkpoint, names: Sequence[str]) -> Iterator[_Pair]:
+    for name in names:
+        yield _Pair(name, base.get(name), tuned.get(name), (base, tuned))
+
+
+def _delta_layer(pair: _Pair, kind: ModuleKind, opts: _Options, warn: Warn | None) -> LayerAnalysis | None:
     """One layer's spectrum; None when the delta is exactly zero."""
-    itemsize = W1.element_size()
-    W0f = W0.to(opts.device, torch.float32)  # float32 math whatever the stored dtype
-    # in place: Checkpoint.get hands out tensors that own their memory, and W1 is not used again
-    dW = matrix_view(W1.to(opts.device, torch.float32).sub_(W0f), kind)  # (out, in_flat)
-    norm, base_norm = _frobenius(dW), _frobenius(W0f)
+    name, shape, itemsize = pair.name, tuple(pair.base.shape), pair.tuned.element_size()
+    W0f = pair.base.to(opts.device, torch.float32)  # float32 math whatever the stored dtype
+    base_norm = frobenius_norm(W0f)
+    # in place: Checkpoint.get hands out tensors that own their memory, and W' is not used again
+    dW = matrix_view(pair.tuned.to(opts.device, torch.float32).sub_(W0f), kind)  # (out, in_flat)
+    pair.base = pair.tuned = None  # the read-ahead queue still holds the pair until the next one is asked for
+    del W0f
+    norm = frobenius_norm(dW)
     if not math.isfinite(norm + base_norm):  # finite norms: every entry is finite, no separate pass needed
-        _check_finite(W0, f"base tensor {name}")
-        _check_finite(dW, f"tuned tensor {name} (or its difference from the base)")  # W1 itself became dW
+        check_finite(pair.sources[0].get(name), f"base tensor {name}")
+        check_finite(pair.sources[1].get(name), f"tuned tensor {name}")
+        check_finite(dW, f"delta of {name}")  # finite inputs whose difference overflows float32
     if norm == 0.0:
         return None
     mod = module_name(name)
@@ -261,7 +264,7 @@ def _delta_layer(name: str, W0: Tensor, W1: Tensor, kind: ModuleKind, opts: _Opt
     values = S.double().cpu()
     complete = len(values) >= min(dW.shape)
     metrics = spectrum_metrics(values, total_energy=None if complete else norm**2, full_length=min(dW.shape))
-    return LayerAnalysis(name=mod, shape=tuple(W0.shape), matrix_shape=tuple(dW.shape), kind=kind.value,
+    return LayerAnalysis(name=mod, shape=shape, matrix_shape=tuple(dW.shape), kind=kind.value,
                          singular_values=values.tolist(), delta_norm=norm, base_norm=base_norm, metrics=metrics,
                          method=method, bytes_per_param=itemsize, full_length=min(dW.shape))
 
@@ -270,11 +273,6 @@ def _check_top(top: int | None) -> int | None:
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
         raise InvalidOption(f"--top {top!r} is outside [1, inf): give how many singular values to compute, e.g. 64")
     return top
-
-
-def _pairs(base: Checkpoint, tuned: Checkpoint, names: Sequence[str]) -> Iterator[tuple[str, Tensor, Tensor]]:
-    for name in names:
-        yield name, base.get(name), tuned.get(name)
 
 
 def _top_notes(top: int | None, layers: Sequence[LayerAnalysis], warn: Warn | None) -> list[str]:
@@ -317,12 +315,12 @@ def analyze_delta(base, tuned, *, top: int | None = None, include: Sequence[str]
     opts = _Options(top=top, device=resolve_device(device), seed=seed, oversample=oversample, n_iter=n_iter)
     selected, skipped, one_d = select_layers(pairing.names, tuned_ckpt, include, exclude, base=base_ckpt)
     layers, unchanged = [], []
-    for i, (name, W0, W1) in enumerate(prefetch(_pairs(base_ckpt, tuned_ckpt, selected))):
+    for i, pair in enumerate(prefetch(_pairs(base_ckpt, tuned_ckpt, selected))):
         if progress:
-            progress(i, len(selected), module_name(name))
-        layer = _delta_layer(name, W0, W1, selected[name], opts, warn)
+            progress(i, len(selected), module_name(pair.name))
+        layer = _delta_layer(pair, selected[pair.name], opts, warn)
         if layer is None:
-            unchanged.append(module_name(name))
+            unchanged.append(module_name(pair.name))
         else:
             layers.append(layer)
     if progress:
@@ -371,8 +369,8 @@ def _adapter_layer(name: str, m, device: torch.device, warn: Warn | None) -> Lay
     if m.rank == 0 or m.scale == 0:
         return None
     B, A = m.B.to(device), m.A.to(device)  # (out, r), (r, in_flat)
-    _check_finite(B, f"{name} factor B")
-    _check_finite(A, f"{name} factor A")
+    check_finite(B, f"{name} factor B")
+    check_finite(A, f"{name} factor A")
     on_warning = (lambda msg: warn(f"{name}: {msg}")) if warn else None
     values = qr_core_svd(B, A, scale=m.scale, on_warning=on_warning).S.double().cpu()  # (min(out, in, r),)
     energy = float((values * values).sum())

@@ -24,11 +24,11 @@ from torch import Tensor
 from .adapter import Adapter, LoraModule, ModuleKind, cast_whole, matrix_view, module_name
 from .checkpoint import Checkpoint, as_checkpoint, pair_tensors
 from .distributed import Share, current_share, layer_cost
-from .errors import InvalidOption, NonFiniteWeight, NumericalError
+from .errors import InvalidOption, NumericalError
 from .extract_budget import budget_top_k, extract_with_budget
 from .layers import compile_filters, plan_layers, relative_change
 from .memory import stream_large_buffers
-from .linalg import (Method, RankRule, TruncatedSVD, balanced_factors, frobenius_error, frobenius_norm, resolve_device,
+from .linalg import (Method, RankRule, TruncatedSVD, balanced_factors, check_finite, frobenius_error, frobenius_norm, resolve_device,
                      truncated_svd)
 from .pipeline import Stager, batch_size, batched_svds, plan_batches, staged, tf32
 from .prefetch import prefetch
@@ -38,12 +38,6 @@ __all__ = ["ExtractResult", "extract", "Progress"]
 
 
 ExtractResult = AdapterResult  # the adapter and its report
-
-
-def _check_finite(t: Tensor, what: str) -> None:
-    if not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).sum())
-        raise NonFiniteWeight(f"{what} holds {bad} NaN/Inf values: repair or re-export the checkpoint")
 
 
 @dataclass(frozen=True)
@@ -119,9 +113,9 @@ def _subtract(pair: _Pair, stager: Stager, out: Tensor | None = None) -> _Delta:
     pair.tuned = pair.base = None  # the read-ahead queue still holds the pair until the next one is asked for
     if not torch.isfinite(dW.sum()):  # NaN/Inf reach the sum (10x cheaper than isfinite(dW).all()); an
         # overflowing sum of finite values only costs the checks below, which then find nothing
-        _check_finite(pair.sources[0].get(pair.name), f"base tensor {pair.name}")
-        _check_finite(pair.sources[1].get(pair.name), f"tuned tensor {pair.name}")
-        _check_finite(dW, f"delta of {pair.name}")
+        check_finite(pair.sources[0].get(pair.name), f"base tensor {pair.name}")
+        check_finite(pair.sources[1].get(pair.name), f"tuned tensor {pair.name}")
+        check_finite(dW, f"delta of {pair.name}")
     return _Delta(pair.name, dW, shape, pair.dtype, pair.kind)
 
 

@@ -22,12 +22,12 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .errors import InvalidOption, NumericalError
+from .errors import InvalidOption, NonFiniteWeight, NumericalError
 from .rank_rules import RankRule  # re-exported: the rules live beside the SVDs they truncate
 
 __all__ = [
     "Method", "RankRule", "TruncatedSVD", "truncated_svd", "singular_values", "balanced_factors", "qr_core_svd",
-    "concat_factors", "frobenius_error", "frobenius_norm", "lowrank_frobenius_diff", "lowrank_frobenius_norm", "resolve_device",
+    "concat_factors", "check_finite", "frobenius_error", "frobenius_norm", "lowrank_frobenius_diff", "lowrank_frobenius_norm", "resolve_device",
 ]
 
 Warn = Callable[[str], None]
@@ -36,6 +36,7 @@ _CHUNK_ELEMENTS = 1 << 20  # column chunk of frobenius_error: one 4 MiB float32 
 _DEVICE_CHUNK_ELEMENTS = 1 << 24  # the same on a GPU: fewer, larger kernels
 _BF16_ROUNDOFF = 2.0**-8  # unit roundoff of bfloat16
 _BF16_MAX_EXCESS = 0.03  # sqrt(k) ||E||_2 / tail above this: the bf16 range finder is redone in float32
+_MIN_FLOAT32_NORM = 1e-18  # below this, float32 squares of the entries (< ~1e-36) have lost digits to underflow
 _CPU_NORM_CHUNK = 1 << 14  # float64 sums of squares, 16K values at a time on the CPU (see _sum_squares)
 _AUTO_MIN_SIDE = 256  # below this an exact SVD is as fast as the randomized one
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # not retried: float64 needs more memory
@@ -328,8 +329,27 @@ def frobenius_error(M: Tensor, B: Tensor, A: Tensor, *, scale: float = 1.0) -> f
 
 @torch.no_grad()
 def frobenius_norm(M: Tensor) -> float:
-    """``||M||_F`` with float64 accumulation (no float64 copy of M)."""
-    return math.sqrt(float(_sum_squares(M)))
+    """``||M||_F``; inf or nan when M holds Inf or NaN. float32 norms of the rows (short vectorised sums:
+    ~1e-7 relative) combined in float64: within ~1e-8 of a float64 norm at a fifth of the cost of a chunked one
+    (9 ms against 40 for 4096 x 11008 on 2 cores) and with no float64 copy of M. Squares that overflow or
+    underflow float32 (a norm above ~1e19 or below ~1e-18, e.g. a delta of subnormals) are summed again in
+    float64."""
+    if M.numel() == 0:
+        return 0.0
+    rows = torch.linalg.vector_norm(M.detach().reshape(M.shape[0], -1), dim=1)  # (out,) float32
+    value = float(torch.linalg.vector_norm(rows.double()))
+    if math.isinf(value) and bool(torch.isfinite(M).all()):  # float32 squares overflowed, no Inf entry
+        value = math.sqrt(float(_sum_squares(M)))
+    elif value < _MIN_FLOAT32_NORM and (value > 0 or bool(M.any())):  # squares lost to underflow
+        value = math.sqrt(float(_sum_squares(M)))
+    return value
+
+
+def check_finite(t: Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteWeight` naming ``what`` and the count when ``t`` holds NaN or Inf."""
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteWeight(f"{what} holds {bad} NaN/Inf values: repair or re-export the checkpoint")
 
 
 def _sum_squares(X: Tensor) -> Tensor:

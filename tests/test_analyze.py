@@ -210,6 +210,48 @@ def test_non_finite_weights_name_the_tensor():
         analyze_delta(base, tuned)
 
 
+def test_overflowing_difference_is_named(tmp_path):
+    base, tuned = pair({"m.a.weight": planted([2.0, 1.0], 8, 6)})
+    base["m.a.weight"][0, 0], tuned["m.a.weight"][0, 0] = -3e38, 3e38  # both finite; their difference is not
+    with pytest.raises(NonFiniteWeight, match="delta of m.a.weight holds 1 NaN/Inf"):
+        analyze_delta(base, tuned)
+
+
+def test_only_the_delta_is_held_while_the_spectrum_is_computed(tmp_path, monkeypatch):
+    """The base tensor is dropped before the SVD (extract's memory shape: dW plus the pair read ahead)."""
+    import gc
+    import weakref
+
+    from lowrank_tools import analyze as analyze_module
+    from lowrank_tools.checkpoint import open_checkpoint
+
+    deltas = {f"m.{i}.weight": planted([3.0, 2.0, 1.0], 64, 48, seed=i) for i in range(3)}
+    base, tuned = pair(deltas)
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file(tuned, str(tmp_path / "t.safetensors"))
+    ckpt = open_checkpoint(tmp_path / "b.safetensors")
+    handed_out: dict[str, weakref.ref] = {}
+    get = ckpt.get
+
+    def tracking_get(name):
+        t = get(name)
+        handed_out[name] = weakref.ref(t)
+        return t
+
+    monkeypatch.setattr(ckpt, "get", tracking_get)
+    spectrum, alive = analyze_module._spectrum, []
+
+    def checking_spectrum(dW, norm, opts, warn, mod):
+        gc.collect()
+        alive.append(handed_out[f"{mod}.weight"]() is not None)
+        return spectrum(dW, norm, opts, warn, mod)
+
+    monkeypatch.setattr(analyze_module, "_spectrum", checking_spectrum)
+    result = analyze_delta(ckpt, tmp_path / "t.safetensors")
+    assert alive == [False, False, False]
+    assert [x.singular_values[:3] for x in result.layers] == [pytest.approx([3.0, 2.0, 1.0], rel=1e-5)] * 3
+
+
 def test_unchanged_and_one_d_tensors_are_listed():
     deltas = {"m.a.weight": planted([2.0, 1.0], 8, 6), "m.b.weight": torch.zeros(8, 6), "m.norm.weight": torch.zeros(6)}
     base, tuned = pair(deltas)

@@ -398,3 +398,16 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(InvalidOption, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-40, 1e-20, 1e20, 3e37])  # normal, subnormal, underflowing, overflowing
+def test_frobenius_norm_over_the_float32_range(scale):
+    from lowrank_tools.linalg import frobenius_norm
+
+    g = torch.Generator().manual_seed(3)
+    M = (torch.randn(300, 7, 5, generator=g).double() * scale).float()  # a conv-shaped weight
+    exact = float(torch.linalg.vector_norm(M.double()))
+    assert exact > 0 and frobenius_norm(M) == pytest.approx(exact, rel=1e-6)
+    assert frobenius_norm(torch.zeros(40, 30)) == 0.0 and frobenius_norm(torch.zeros(0, 3)) == 0.0
+    M[3, 2, 1] = float("nan")
+    assert math.isnan(frobenius_norm(M))
