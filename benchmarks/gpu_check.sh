@@ -27,7 +27,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE')
 
 echo "== tests (CUDA ones included)"
 timeout 240 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_pipeline.py tests/test_linalg_bf16.py \
-    tests/test_distributed.py 2>&1 | tee "$OUTDIR/tests.txt" || status=1
+    tests/test_distributed.py tests/test_sketch.py tests/test_memory.py 2>&1 | tee "$OUTDIR/tests.txt" || status=1
 
 echo "== 7B-shaped extract, resize, merge on the GPU"
 cp benchmarks/RESULTS.md "$OUTDIR/RESULTS.md" 2>/dev/null || true

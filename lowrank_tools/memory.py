@@ -1,4 +1,4 @@
-"""Keep the resident set flat while streaming tensors: large buffers go straight back to the OS.
+"""Memory behaviour of large tensor buffers: freed ones go straight back to the OS, fresh ones can take huge pages.
 
 glibc's malloc serves large blocks with mmap only up to a threshold that grows each time such a
 block is freed (up to 32 MiB on 64-bit). Once it has grown, every tensor of a streamed checkpoint is
@@ -7,6 +7,10 @@ then grows with the number of layers. Fixing the threshold (which also turns off
 each tensor buffer an mmap of its own that ``free`` unmaps at once. Measured on 32 layers of
 1024x1024 float32 read ahead and factored: peak RSS above baseline 139 MB with the default, 64 MB
 with the threshold fixed (benchmarks/bench_extract.py measures it on every run).
+
+A fresh buffer written once in full (the bf16 copy the sketch of :mod:`~lowrank_tools.sketch` multiplies by)
+pays a page fault per 4 KiB page; :func:`empty_huge` asks for 2 MiB pages instead (``madvise``). Both use
+libc through ctypes and are no-ops where it is not glibc on Linux.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def stream_large_buffers() -> bool:
 
 
 def _libc_madvise():
+    """libc's ``madvise`` with its C signature, or False where there is none (looked up once)."""
     global _madvise
     if _madvise is None:
         _madvise = False
@@ -74,7 +79,10 @@ def empty_huge(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
 
 
 def _advise_huge_pages(t: Tensor) -> bool:
-    """Advise the 2 MiB-aligned interior of a CPU tensor of 4 MiB or more as huge pages; True if the kernel agreed."""
+    """Advise the 2 MiB-aligned interior of a CPU tensor of 4 MiB or more as huge pages. True when madvise
+    returned 0: the kernel took the advice, which it follows only where transparent huge pages are
+    ``madvise`` or ``always`` and a huge page is free. On a heap block the advice outlives the tensor (the
+    memory is then reused by later tensors, with the same effect)."""
     nbytes = t.numel() * t.element_size()
     madvise = _libc_madvise() if t.device.type == "cpu" and nbytes >= 2 * _HUGE_PAGE else False
     if not madvise:

@@ -75,3 +75,31 @@ def test_wide_and_tall_agree_with_the_transpose():
     exact = torch.linalg.svdvals(M.double())[:12]
     for S in (tall, wide):
         assert float(((S.double() - exact).abs() / exact).max()) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    """The same code on the GPU (bf16 sketch there): the same test matrix (drawn on the CPU), the same values."""
+    M = planted([1.0 / (i + 1) for i in range(500)], 600, 500)
+    cpu, _ = top_singular_values(M, 16, bf16=False)
+    gpu, how = top_singular_values(M.cuda(), 16)
+    assert how == "randomized-bf16" and gpu.device.type == "cuda"
+    exact = torch.linalg.svdvals(M.double())[:16]
+    for S in (cpu, gpu.cpu()):
+        assert float(((S.double() - exact).abs() / exact).max()) < 1e-3
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_rank_below_k_gives_zeros(bf16):
+    """A delta touching 2 rows, and a constant matrix: the sketch has fewer directions than k."""
+    M = torch.zeros(120, 90)
+    g = torch.Generator().manual_seed(4)
+    M[7], M[50] = torch.randn(90, generator=g), torch.randn(90, generator=g)
+    exact = torch.linalg.svdvals(M.double())
+    S, _ = top_singular_values(M, 8, bf16=bf16)
+    assert S[:2].double().tolist() == pytest.approx(exact[:2].tolist(), rel=1e-5)
+    assert float(S[2:].max()) < 1e-6 * float(S[0])  # zero up to float32 rounding
+    S, _ = top_singular_values(torch.full((60, 40), 0.25), 2, bf16=bf16)
+    assert float(S[0]) == pytest.approx(0.25 * (60 * 40) ** 0.5, rel=1e-6) and float(S[1]) < 1e-6 * float(S[0])
+    S, _ = top_singular_values(torch.zeros(50, 30), 4, bf16=bf16)
+    assert S.tolist() == [0.0] * 4
