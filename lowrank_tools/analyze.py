@@ -31,7 +31,8 @@ from .adapter import Adapter, ModuleKind, matrix_view, module_name
 from .checkpoint import Checkpoint, as_checkpoint, pair_tensors
 from .errors import InvalidOption
 from .layers import compile_filters, matches, relative_change, select_layers
-from .linalg import Method, check_finite, frobenius_norm, qr_core_svd, resolve_device, singular_values
+from .linalg import Method, qr_core_svd, resolve_device, singular_values
+from .norms import check_finite, frobenius_norm
 from .prefetch import prefetch
 from .recommend import recommend
 from .sketch import top_singular_values

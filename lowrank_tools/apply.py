@@ -37,7 +37,8 @@ from .atomic import header_bound
 from .checkpoint import Checkpoint, ShardedWriter, as_checkpoint, atomic_output, check_output, parse_size
 from .errors import AdapterMismatch, NonFiniteWeight, NumericalError, UsageError
 from .layers import WORD_EMBEDDINGS, compile_filters, matches
-from .linalg import lowrank_frobenius_diff, lowrank_frobenius_norm, resolve_device
+from .linalg import resolve_device
+from .norms import lowrank_frobenius_diff, lowrank_frobenius_norm
 from .weighted import WeightedAdapter, as_weighted
 from .report import Progress, Warn
 
@@ -274,18 +275,22 @@ def _metadata(base: Checkpoint, adapters: Sequence[WeightedAdapter]) -> dict[str
 
 @torch.no_grad()
 def apply(base, adapters: Sequence[WeightedAdapter], output: str | os.PathLike, *,
-          shard_size: int | str | None = "5GB", dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+          shard_size: int | str | None = None, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
           include: Sequence[str] = (), exclude: Sequence[str] = (), force: bool = False,
           inputs: Sequence[str | os.PathLike] = (), progress: Progress | None = None,
           warn: Warn | None = None) -> ApplyResult:
     """Write ``base + sum_i w_i scale_i B_i A_i`` to ``output``: a ``.safetensors`` file when the name ends so,
-    else an HF folder with shards of at most ``shard_size`` (``"5GB"`` = 5*10^9 bytes, ``"500MiB"``).
+    else an HF folder with shards of at most ``shard_size`` (default ``"5GB"`` = 5*10^9 bytes; ``"500MiB"``;
+    a size with a ``.safetensors`` output is a :class:`UsageError`: one file has no shards).
 
     ``base``: a checkpoint path, :class:`Checkpoint` or name -> tensor mapping (not a diffusers pipeline).
     Modules filtered out by ``include`` / ``exclude`` are not applied. ``inputs``: paths the output may
     not overwrite (the base and adapters). Nothing is written when any check fails.
     """
     output = Path(output)
+    if output.suffix == ".safetensors" and shard_size is not None:
+        raise UsageError(f"--shard-size {shard_size} needs a folder output, but -o {output} is one .safetensors "
+                         f"file: drop --shard-size, or give a folder to write shards into")
     size = None if output.suffix == ".safetensors" else parse_size(shard_size if shard_size is not None else "5GB")
     include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
     check_output(output, force=force, inputs=[*inputs, *([base] if isinstance(base, (str, os.PathLike)) else [])])

@@ -28,8 +28,8 @@ from .errors import InvalidOption, NumericalError
 from .extract_budget import budget_top_k, extract_with_budget
 from .layers import compile_filters, plan_layers, relative_change
 from .memory import stream_large_buffers
-from .linalg import (Method, RankRule, TruncatedSVD, balanced_factors, check_finite, frobenius_error, frobenius_norm, resolve_device,
-                     truncated_svd)
+from .linalg import Method, RankRule, TruncatedSVD, balanced_factors, resolve_device, truncated_svd
+from .norms import check_finite, frobenius_error, frobenius_norm
 from .pipeline import Stager, batch_size, batched_svds, plan_batches, staged, tf32
 from .prefetch import prefetch
 from .report import MAX_SINGULAR_VALUES, AdapterResult, LayerRecord, Progress, Report, Warn, summarize
@@ -186,7 +186,8 @@ def extract(
     ``base`` / ``tuned``: checkpoint paths, :class:`~lowrank_tools.checkpoint.Checkpoint` objects or
     mappings of tensor name -> tensor. ``dtype`` of the written factors defaults to each tuned tensor's
     dtype. ``warn`` receives one-line warnings (skipped tensors, SVD fallbacks). ``budget``: total adapter
-    parameters, spread over layers by :mod:`~lowrank_tools.extract_budget` (``rule`` then only gives the cap).
+    parameters, spread over layers by :mod:`~lowrank_tools.extract_budget` (``rule`` then caps each layer: its
+    rank, or where its dynamic rule stops within the top K computed).
     ``conv_rank``: the rank (or cap) for conv kernels, default that of ``rule``. ``full_modules``: regexes of
     modules saved whole (PEFT ``modules_to_save``). ``embeddings=False`` leaves embeddings out (kohya targets).
     Tied weights (an ``lm_head`` that is the embedding) are factored once and carried on both sides.

@@ -18,7 +18,7 @@ matrices), an orthogonal projection, so T is orthogonal on that side; the identi
 and what is approximate is only how close span(U_K) comes to the optimal one (the range finder's
 accuracy). B A lies in those spans before the cast; the cast to the output dtype adds a rounding E
 whose cross term 2<E, T> (random signs, ~||E|| ||T|| / sqrt(out * in)) is left out. The second term is
-computed from the factors (:func:`~lowrank_tools.linalg.lowrank_frobenius_diff`), never densely.
+computed from the factors (:func:`~lowrank_tools.norms.lowrank_frobenius_diff`), never densely.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from torch import Tensor
 from .adapter import LoraModule, ModuleKind, module_name
 from .budget import LayerSpectrum, allocate_budget
 from .errors import NumericalError
-from .linalg import Method, TruncatedSVD, balanced_factors, frobenius_error, lowrank_frobenius_diff, truncated_svd
+from .linalg import Method, TruncatedSVD, balanced_factors, truncated_svd
+from .norms import frobenius_error, frobenius_norm, lowrank_frobenius_diff
 from .report import MAX_SINGULAR_VALUES, LayerRecord, Progress, Warn
 
 __all__ = ["BUDGET_TOP_K", "budget_top_k", "check_budget", "extract_with_budget"]
@@ -81,7 +82,7 @@ def check_budget(budget: int, rule, shapes: Mapping[str, Sequence[int]]) -> int 
 def _top_layer(delta, cap: int | None, opts, warn: Warn | None) -> _Top | None:
     """The pass for one layer (``delta``: name, matrix (out, in_flat) float32, weight_shape, dtype, kind)."""
     dW = delta.matrix.to(opts.device)  # (out, in_flat)
-    norm = float(torch.linalg.vector_norm(dW, dtype=torch.float64))
+    norm = frobenius_norm(dW)
     if norm == 0.0:
         return None
     mod = module_name(delta.name)

@@ -15,7 +15,7 @@ kept keeps its factors as they are (its product is unchanged bit for bit).
 float64 throughout: it is cheap here (O((m + n) R^2)) and rank rules then see the stored factors' exact
 spectrum, so boundaries are not lost to rounding; the cast to the output dtype happens once, at the end.
 Errors are measured on the factors as written, against the exact module, without densifying:
-``||s B A - s' B' A'||_F`` by :func:`~lowrank_tools.linalg.lowrank_frobenius_diff`.
+``||s B A - s' B' A'||_F`` by :func:`~lowrank_tools.norms.lowrank_frobenius_diff`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from torch import Tensor
 from .adapter import LoraModule
 from .budget import LayerSpectrum, allocate_budget
 from .errors import InvalidOption, NonFiniteWeight, NumericalError
-from .linalg import RankRule, lowrank_frobenius_diff, resolve_device, truncated_svd
+from .linalg import RankRule, resolve_device, truncated_svd
+from .norms import lowrank_frobenius_diff
 from .report import MAX_SINGULAR_VALUES, LayerRecord, Progress, Warn
 
 __all__ = ["Core", "Refactored", "module_core", "truncated_factors", "budget_ranks", "refactor_modules",

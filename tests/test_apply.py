@@ -100,6 +100,14 @@ def test_output_equal_to_base_and_pipeline_base_are_refused(planted_files, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_shard_size_needs_a_folder(tmp_path):
+    base = {"a.weight": torch.randn(4, 4)}
+    with pytest.raises(UsageError, match=r"--shard-size 1MB needs a folder output, but -o .*x\.safetensors is one"):
+        apply(base, [], tmp_path / "x.safetensors", shard_size="1MB")
+    assert not (tmp_path / "x.safetensors").exists()
+    assert apply(base, [], tmp_path / "y.safetensors").files == [tmp_path / "y.safetensors"]  # no size: one file
+
+
 def test_component_folder_keeps_diffusers_names_and_config(tmp_path):
     unet = tmp_path / "unet"
     unet.mkdir()

@@ -9,15 +9,13 @@ import torch
 
 from lowrank_tools import linalg
 from lowrank_tools.errors import InvalidOption, NumericalError
+from lowrank_tools.norms import frobenius_error
 from lowrank_tools.linalg import (
     Method,
     RankRule,
     TruncatedSVD,
     balanced_factors,
     concat_factors,
-    frobenius_error,
-    lowrank_frobenius_diff,
-    lowrank_frobenius_norm,
     qr_core_svd,
     resolve_device,
     singular_values,
@@ -354,36 +352,6 @@ def test_concat_factors_is_exact():
         concat_factors([])
 
 
-def test_frobenius_error_matches_dense_in_chunks(monkeypatch):
-    g = _gen(8)
-    M, B, A = torch.randn(30, 70, generator=g), torch.randn(30, 4, generator=g), torch.randn(4, 70, generator=g)
-    dense = float(torch.linalg.norm((M - 0.3 * B @ A).double()))
-    assert frobenius_error(M, B, A, scale=0.3) == pytest.approx(dense, rel=1e-6)
-    monkeypatch.setattr(linalg, "_CHUNK_ELEMENTS", 90)  # 3 columns per chunk
-    assert frobenius_error(M, B, A, scale=0.3) == pytest.approx(dense, rel=1e-6)
-    assert frobenius_error(M, B[:, :0], A[:0]) == pytest.approx(float(torch.linalg.norm(M.double())), rel=1e-6)
-
-
-def test_lowrank_norms_match_dense():
-    g = _gen(9)
-    B1, A1 = torch.randn(40, 5, generator=g), torch.randn(5, 25, generator=g)
-    B2, A2 = torch.randn(40, 3, generator=g), torch.randn(3, 25, generator=g)
-    P1, P2 = B1.double() @ A1.double(), B2.double() @ A2.double()
-    assert lowrank_frobenius_norm(B1, A1, 0.5) == pytest.approx(float(torch.linalg.norm(0.5 * P1)), rel=1e-6)
-    assert lowrank_frobenius_norm(B1, A1, -2.0) == pytest.approx(float(torch.linalg.norm(2 * P1)), rel=1e-6)
-    diff = lowrank_frobenius_diff(B1, A1, 0.5, B2, A2, 1.5)
-    assert diff == pytest.approx(float(torch.linalg.norm(0.5 * P1 - 1.5 * P2)), rel=1e-6)
-    assert lowrank_frobenius_diff(B1, A1, 1.0, B1, A1, 1.0) == pytest.approx(0.0, abs=1e-4)
-
-
-def test_lowrank_diff_resolves_small_differences():
-    g = _gen(10)
-    B, A = torch.randn(64, 8, generator=g, dtype=torch.float64), torch.randn(8, 48, generator=g, dtype=torch.float64)
-    B2 = B + 1e-7 * torch.randn(64, 8, generator=g, dtype=torch.float64)
-    exact = float(torch.linalg.norm(B @ A - B2 @ A))
-    assert lowrank_frobenius_diff(B, A, 1.0, B2, A, 1.0) == pytest.approx(exact, rel=1e-5)
-
-
 def test_truncated_svd_is_a_dataclass_with_method():
     svd = truncated_svd(torch.eye(3), 2, method=Method.EXACT)
     assert isinstance(svd, TruncatedSVD) and svd.method is Method.EXACT
@@ -398,16 +366,3 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(InvalidOption, match="CUDA is not available"):
             resolve_device("cuda")
-
-
-@pytest.mark.parametrize("scale", [1.0, 1e-40, 1e-20, 1e20, 3e37])  # normal, subnormal, underflowing, overflowing
-def test_frobenius_norm_over_the_float32_range(scale):
-    from lowrank_tools.linalg import frobenius_norm
-
-    g = torch.Generator().manual_seed(3)
-    M = (torch.randn(300, 7, 5, generator=g).double() * scale).float()  # a conv-shaped weight
-    exact = float(torch.linalg.vector_norm(M.double()))
-    assert exact > 0 and frobenius_norm(M) == pytest.approx(exact, rel=1e-6)
-    assert frobenius_norm(torch.zeros(40, 30)) == 0.0 and frobenius_norm(torch.zeros(0, 3)) == 0.0
-    M[3, 2, 1] = float("nan")
-    assert math.isnan(frobenius_norm(M))

@@ -12,10 +12,10 @@ from lowrank_tools.linalg import (
     RankRule,
     balanced_factors,
     concat_factors,
-    frobenius_error,
     qr_core_svd,
     truncated_svd,
 )
+from lowrank_tools.norms import frobenius_error
 
 PROPS = settings(max_examples=25, deadline=None)
 sides = st.integers(min_value=1, max_value=24)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 
 from . import main
 from .options import (FORMATS, Progress, check_outputs, common_options, make_rule, out_dtype, rank_options, show, warn_all, warner,
@@ -101,8 +100,8 @@ def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="A .safetensors file, or an HF folder (shards, index and the base folder's config files).")
-@click.option("--shard-size", default="5GB", show_default=True,
-              help="Largest shard of a folder output: 5GB = 5*10^9 bytes, 500MiB = 500*2^20.")
+@click.option("--shard-size", default=None,
+              help="Largest shard of a folder output (default 5GB): 5GB = 5*10^9 bytes, 500MiB = 500*2^20.")
 @common_options
 def apply(base, adapters, output, shard_size, device, dtype_name, include, exclude, seed, force, quiet):
     """Bake weighted adapters into BASE: W = W0 + sum_i w_i scale_i B_i A_i, streamed tensor by tensor."""
@@ -110,17 +109,14 @@ def apply(base, adapters, output, shard_size, device, dtype_name, include, exclu
     from ..checkpoint import check_output, parse_size
     from ..weighted import load_weighted, parse_adapter_spec
 
-    size = parse_size(shard_size)
-    explicit = click.get_current_context().get_parameter_source("shard_size") is not ParameterSource.DEFAULT
-    if explicit and output.suffix == ".safetensors":
-        raise click.UsageError(f"--shard-size {shard_size} needs a folder output, but -o {output} is one "
-                               f".safetensors file: drop --shard-size, or give a folder to write shards into")
+    if shard_size is not None:
+        parse_size(shard_size)  # a bad size fails before the adapters are read
     specs = [parse_adapter_spec(a) for a in adapters]
     inputs = [base, *(s.path for s in specs)]
     check_output(output, force=force, inputs=inputs)
     loaded = load_weighted(specs, base=base)
     warn_all(quiet, [n for item in loaded for n in item.adapter.notes])
-    result = run(base, loaded, output, shard_size=size, dtype=out_dtype(dtype_name), device=device, include=include,
+    result = run(base, loaded, output, shard_size=shard_size, dtype=out_dtype(dtype_name), device=device, include=include,
                  exclude=exclude, force=force, inputs=inputs, progress=Progress(quiet, "apply"), warn=warner(quiet))
     if not quiet:
         changed = sum(len(v) for v in result.modified.values())
