@@ -210,7 +210,7 @@ def test_non_finite_weights_name_the_tensor():
         analyze_delta(base, tuned)
 
 
-def test_overflowing_difference_is_named(tmp_path):
+def test_overflowing_difference_is_named():
     base, tuned = pair({"m.a.weight": planted([2.0, 1.0], 8, 6)})
     base["m.a.weight"][0, 0], tuned["m.a.weight"][0, 0] = -3e38, 3e38  # both finite; their difference is not
     with pytest.raises(NonFiniteWeight, match="delta of m.a.weight holds 1 NaN/Inf"):

@@ -45,7 +45,9 @@ COMMANDS = [
     ["resize", "exact", "-o", "resized.safetensors", "-r", "5", "-q"],
     ["merge", "exact:0.7", "exact.safetensors:0.3", "-o", "merged", "--format", "peft", "-r", "6", "-q"],
     ["apply", "{in}/base.safetensors", "exact", "-o", "applied.safetensors", "-q"],
-    # resize, merge and apply use no randomness: --seed is accepted and must change nothing
+    # resize, merge and apply use no randomness: --seed is accepted and must change nothing; extract's does count
+    ["extract", "{in}/base.safetensors", "{in}/tuned.safetensors", "-o", "randomized-seed", "--method", "randomized",
+     "-r", "12", "--seed", "8", "-q"],
     ["resize", "exact", "-o", "resized-seed.safetensors", "-r", "5", "--seed", "123", "-q"],
     ["merge", "exact:0.7", "exact.safetensors:0.3", "-o", "merged-seed", "--format", "peft", "-r", "6", "--seed", "9",
      "-q"],
@@ -141,3 +143,5 @@ def test_seed_changes_nothing_where_nothing_is_random(runs):
                           ("merged/adapter_model.safetensors", "merged-seed/adapter_model.safetensors"),
                           ("applied.safetensors", "applied-seed.safetensors")]:
         assert files[seeded] == files[plain], seeded
+    weights = "adapter_model.safetensors"
+    assert files[f"randomized-seed/{weights}"] != files[f"randomized/{weights}"]  # the seed reaches the sketch

@@ -46,7 +46,7 @@ def rank_options(f):
         click.option("--sv-ratio", type=float, help="Keep singular values S_i >= S_1 / F (F >= 1)."),
         click.option("--threshold", type=float, help="Keep singular values S_i > F (F >= 0)."),
         click.option("--budget", type=int, help="Total adapter parameters, spread over layers to minimise error; "
-                     "--rank and the dynamic rules then cap each layer."),
+                     "--rank and the dynamic rules then cap each layer (extract: at most 256 without --rank)."),
     ]
     return functools.reduce(lambda g, o: o(g), reversed(opts), f)
 
