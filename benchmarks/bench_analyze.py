@@ -5,8 +5,8 @@
     python benchmarks/bench_analyze.py --threads 1  # both sides on one thread (steadier on a shared machine)
 
 Side by side in one run, on the same matrices. Each side is timed as its best run: the top-64 step and its
-svdvals baseline in three interleaved rounds (one svdvals, three sketches), the others best of 1-3. A 50 ms
-call on 2 shared cores varies by +-30% from run to run, in spells that last seconds.
+svdvals baseline in five interleaved rounds (one svdvals, three sketches), the others best of 1-3. A 50 ms
+call on 2 shared cores varies by +-30% (at times 2x) from run to run, in spells that last seconds.
 
 1. The spectrum step of ``analyze --top 64`` (``sketch.top_singular_values``, as analyze calls it) against
    ``torch.linalg.svdvals`` of the same 4096 x 4096 delta, which has a slowly decaying spectrum, s_i = 1/i,
@@ -58,7 +58,7 @@ def timed(fn, repeats: int = 1):
     return out, best
 
 
-def interleaved(base_fn, ours_fn, *, rounds: int = 3, ours_per_round: int = 3):
+def interleaved(base_fn, ours_fn, *, rounds: int = 5, ours_per_round: int = 3):
     """``(base result, best base time, our result, best our time)``: ``rounds`` rounds of one baseline run then
     ``ours_per_round`` of ours, so that a slow spell of the machine (they last seconds here) meets both sides
     rather than all of one side's runs."""
