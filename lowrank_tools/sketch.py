@@ -32,6 +32,7 @@ import math
 import torch
 from torch import Tensor
 
+from .linalg import fast_bf16  # re-exported: the sketch's default precision
 from .memory import empty_huge
 
 __all__ = ["top_singular_values", "fast_bf16"]
@@ -40,17 +41,6 @@ _BF16_UNIT_ROUNDOFF = 2.0**-8
 _MIN_PIVOT_RATIO = 1e-3  # Cholesky QR while min/max pivot of L exceeds this (a cheap stand-in for 1 / cond(Y))
 _MIN_RITZ_PIVOT = 1e-4  # the final basis: float64 Cholesky while its pivots stay within 1e4 (orthogonality ~1e-8)
 _BF16_MAX_NOISE = 0.01  # estimated ||E||_2 / s_k above this: the subspace could be off, redo in float32
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products beat float32 on ``device``: CUDA, or a CPU with AMX / AVX512-BF16."""
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
 def _orth_rows(Y: Tensor) -> Tensor:
