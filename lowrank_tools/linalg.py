@@ -26,7 +26,7 @@ from .errors import InvalidOption, NumericalError
 from .rank_rules import RankRule  # re-exported: the rules live beside the SVDs they truncate
 
 __all__ = [
-    "Method", "RankRule", "TruncatedSVD", "truncated_svd", "singular_values", "balanced_factors", "qr_core_svd",
+    "Device", "Method", "RankRule", "TruncatedSVD", "truncated_svd", "singular_values", "balanced_factors", "qr_core_svd",
     "concat_factors", "fast_bf16", "resolve_device",
 ]
 
@@ -36,6 +36,14 @@ _BF16_ROUNDOFF = 2.0**-8  # unit roundoff of bfloat16
 _BF16_MAX_EXCESS = 0.03  # sqrt(k) ||E||_2 / tail above this: the bf16 range finder is redone in float32
 _AUTO_MIN_SIDE = 256  # below this an exact SVD is as fast as the randomized one
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # not retried: float64 needs more memory
+
+
+class Device(str, Enum):
+    """``--device`` by name (:func:`resolve_device` also takes ``"cuda:N"`` and ``torch.device``)."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+    AUTO = "auto"
 
 
 class Method(str, Enum):

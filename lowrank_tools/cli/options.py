@@ -10,11 +10,11 @@ import click
 import torch
 
 from ..formats import AdapterFormat
-from ..linalg import RankRule
+from ..linalg import Device, RankRule
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FORMATS = click.Choice([f.value for f in AdapterFormat])  # peft | kohya
-DEVICES = click.Choice(["cpu", "cuda", "auto"])  # what resolve_device takes by name ("cuda:N" too, from Python)
+DEVICES = click.Choice([d.value for d in Device])  # cpu | cuda | auto
 class _Seed(click.ParamType):
     """A whole number that torch.Generator.manual_seed takes, 0 to 2^64 - 1 (a larger one is a usage error)."""
 
