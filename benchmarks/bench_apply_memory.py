@@ -26,6 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.verdict import verdict  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RANK = 16
 
@@ -156,11 +159,7 @@ def main() -> int:
     failed = [f"peak {peak['ours'] / mb:.0f} MiB >= bar {bar / mb:.0f} MiB"] if peak["ours"] >= bar else []
     failed += [f"max rel diff {diff['max_rel_diff']:.1e} > 1e-2 (bf16 rounding)"] if diff["max_rel_diff"] > 1e-2 else []
     failed += ["tensor names differ"] if not diff["same_names"] else []
-    if args.quick:
-        print("\n--quick: the bar is judged by the full run only" + (f" (would miss: {'; '.join(failed)})" if failed else ""))
-        return 0
-    print("\n" + ("FAILED: " + "; ".join(failed) if failed else "all bars met"))
-    return 1 if failed else 0
+    return verdict(failed, quick=args.quick, what='the bar is')
 
 
 if __name__ == "__main__":

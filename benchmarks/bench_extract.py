@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.verdict import verdict  # noqa: E402
 from lowrank_tools.linalg import truncated_svd  # noqa: E402
 
 
@@ -143,11 +144,7 @@ def main() -> int:
     failed += [f"{r['shape']}: excess error {100 * r['excess']:.2f}% > 1%" for r in rows if r["excess"] > 0.01]
     if mem["peak_above_baseline_MB"] > mem["bound_MB"]:
         failed.append(f"peak memory {mem['peak_above_baseline_MB']:.1f} MB > bound {mem['bound_MB']:.1f} MB")
-    if args.quick:  # fixed costs (library start-up, thread stacks) dominate at small sizes: no verdict
-        print("\n--quick: bars are judged by the full run only" + (f" (would miss: {'; '.join(failed)})" if failed else ""))
-        return 0
-    print("\n" + ("FAILED: " + "; ".join(failed) if failed else "all bars met"))
-    return 1 if failed else 0
+    return verdict(failed, quick=args.quick)
 
 
 if __name__ == "__main__":

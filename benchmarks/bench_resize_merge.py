@@ -34,6 +34,7 @@ from lowrank_tools.linalg import RankRule  # noqa: E402
 from lowrank_tools.norms import lowrank_frobenius_diff, lowrank_frobenius_norm  # noqa: E402
 from lowrank_tools.merge import merge  # noqa: E402
 from lowrank_tools.resize import resize  # noqa: E402
+from benchmarks.verdict import verdict  # noqa: E402
 
 SPEED_BAR, DIFF_BAR = 100.0, 1e-4
 
@@ -120,11 +121,7 @@ def main() -> int:
     failed = [f"{r['case']}: speedup {r['dense_s'] / r['ours_s']:.0f}x < {SPEED_BAR:.0f}x" for r in table
               if r["dense_s"] / r["ours_s"] < SPEED_BAR]
     failed += [f"{r['case']}: max rel diff {r['diff']:.1e} > {DIFF_BAR:.0e}" for r in table if r["diff"] > DIFF_BAR]
-    if args.quick:
-        print("\n--quick: bars are judged by the full run only" + (f" (would miss: {'; '.join(failed)})" if failed else ""))
-        return 0
-    print("\n" + ("FAILED: " + "; ".join(failed) if failed else "all bars met"))
-    return 1 if failed else 0
+    return verdict(failed, quick=args.quick)
 
 
 if __name__ == "__main__":
