@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import planted_delta
-from lowrank_tools import linalg
-from lowrank_tools.linalg import _bf16_close, _randomized, truncated_svd
+from lowrank_tools.linalg import svd as linalg
+from lowrank_tools.linalg.svd import _bf16_close, _randomized, truncated_svd
 
 
 def _decaying(m: int, n: int, seed: int = 0) -> torch.Tensor:

@@ -22,7 +22,7 @@ def _output_format(fmt: str | None, output: Path) -> str:
 
 
 def _finish_adapter(result, output: Path, *, fmt: str, prefix: str, force: bool, inputs, report_path, quiet) -> None:
-    from ..formats import save_adapter
+    from ..io.formats import save_adapter
 
     if not result.adapter.modules:
         raise click.ClickException(f"every module was left out or truncated to rank 0: nothing to write to {output}")
@@ -57,7 +57,7 @@ def _adapter_out_options(f):
 def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fmt, prefix, report_path, device,
            dtype_name, include, exclude, seed, force, quiet):
     """Shrink ADAPTER's ranks exactly through each module's QR core (never forms B @ A)."""
-    from ..formats import load_adapter
+    from ..io.formats import load_adapter
     from ..resize import resize as run
 
     rule = make_rule(rank, energy, sv_ratio, threshold)
@@ -106,7 +106,7 @@ def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
 def apply(base, adapters, output, shard_size, device, dtype_name, include, exclude, seed, force, quiet):
     """Bake weighted adapters into BASE: W = W0 + sum_i w_i scale_i B_i A_i, streamed tensor by tensor."""
     from ..apply import apply as run
-    from ..checkpoint import check_output, parse_size
+    from ..io.checkpoint import check_output, parse_size
     from ..weighted import load_weighted, parse_adapter_spec
 
     if shard_size is not None:

@@ -32,8 +32,8 @@ from .options import DEVICES, SEED, Progress, warner
 def analyze(paths, json_path, csv_path, plot_dir, top, oversample, power_iters, device, include, exclude, seed, force,
             quiet):
     """Singular-value spectra of BASE -> TUNED per layer, or of ADAPTER's modules, grouped, with recommended ranks."""
-    from ..analysis_report import check_analysis_outputs, format_analysis, write_analysis
-    from ..analyze import analyze_adapter, analyze_delta
+    from ..analyze.report import check_analysis_outputs, format_analysis, write_analysis
+    from ..analyze.spectra import analyze_adapter, analyze_delta
 
     if len(paths) > 2:
         raise click.UsageError(f"analyze takes BASE TUNED or one ADAPTER, got {len(paths)} paths")

@@ -13,8 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from .errors import NonFiniteWeight
-from .linalg import _check_matrix, _work_dtype, concat_factors
+from ..errors import NonFiniteWeight
+from .svd import _check_matrix, _work_dtype, concat_factors
 
 __all__ = ["check_finite", "frobenius_error", "frobenius_norm", "lowrank_frobenius_diff", "lowrank_frobenius_norm"]
 

@@ -34,8 +34,8 @@ from typing import Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from .errors import InvalidOption
-from .linalg import Method, TruncatedSVD, _fix_signs, _randomized, _resolve_method
+from ..errors import InvalidOption
+from ..linalg.svd import Method, TruncatedSVD, _fix_signs, _randomized, _resolve_method
 
 __all__ = ["CUDA_BATCH", "MAX_BATCH_ELEMENTS", "Stager", "batch_size", "plan_batches", "staged", "batched_svds", "tf32"]
 
