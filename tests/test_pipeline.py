@@ -130,7 +130,7 @@ def test_batched_svds_defer_to_the_per_layer_path():
     small = _stack(2, 40, 30)
     assert batched_svds(small, 4, method="auto") == [None, None]  # auto resolves to exact on small sides
     assert batched_svds(_stack(2, 300, 260), 8, method="exact") == [None, None]
-    with mock.patch.object(pipeline, "_randomized", side_effect=RuntimeError("failed to converge")):
+    with mock.patch.object(pipeline, "randomized_svd", side_effect=RuntimeError("failed to converge")):
         assert batched_svds(_stack(2, 300, 260), 8, method="randomized") == [None, None]
 
 
