@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from . import main
 from .options import (FORMATS, Progress, check_outputs, common_options, make_rule, out_dtype, rank_options, show, warn_all, warner,
                       write_report)
 
@@ -51,7 +50,7 @@ def _adapter_out_options(f):
     return f
 
 
-@main.command()
+@click.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
 @_adapter_out_options
 def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fmt, prefix, report_path, device,
@@ -73,7 +72,7 @@ def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
                     quiet=quiet)
 
 
-@main.command()
+@click.command()
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
 @_adapter_out_options
 def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fmt, prefix, report_path, device,
@@ -95,7 +94,7 @@ def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
                     quiet=quiet)
 
 
-@main.command()
+@click.command()
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),

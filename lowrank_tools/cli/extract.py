@@ -8,13 +8,12 @@ from pathlib import Path
 import click
 
 from ..linalg.svd import Method
-from . import main
 from .options import (DTYPES, FORMATS, SEED, Progress, allow_tf32_option, check_kohya_options, check_outputs,
                       common_options, finite, make_rule, out_dtype, rank_options, show, warn_all, warner, write_report)
 
 
 
-@main.command()
+@click.command()
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("tuned", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Adapter to write.")
@@ -86,7 +85,7 @@ def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, fo
         click.echo(f"wrote {output} ({len(result.adapter.modules)} modules, {result.adapter.params:,} parameters)")
 
 
-@main.command()
+@click.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=FORMATS, required=True)
@@ -113,7 +112,7 @@ def convert(adapter, output, fmt, prefix, dtype_name, base, force, quiet):
         click.echo(f"wrote {output} ({fmt}, {len(loaded.modules)} modules)")
 
 
-@main.command()
+@click.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--base", type=click.Path(path_type=Path),
@@ -134,7 +133,7 @@ def info(adapter, as_json, base):
         click.echo(f"{key:>14}: {value if value is not None else '-'}")
 
 
-@main.command()
+@click.command()
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=Path("lowrank-demo"),
               show_default=True, help="Folder for the generated checkpoints and adapters.")
 @click.option("--seconds", type=click.FloatRange(min=0.5, max=3600), default=5.0, show_default=True, callback=finite,
