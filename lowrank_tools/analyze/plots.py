@@ -19,7 +19,7 @@ from ..errors import MissingExtra
 from ..linalg.spectrum import level_key
 
 if TYPE_CHECKING:
-    from .spectra import Analysis
+    from .records import Analysis
 
 __all__ = ["PLOT_FILES", "require_matplotlib", "render_plots"]
 

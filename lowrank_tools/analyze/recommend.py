@@ -25,8 +25,8 @@ import torch
 from ..linalg.budget import LayerSpectrum, allocate_budget
 from ..linalg.spectrum import level_key
 
-if TYPE_CHECKING:  # analyze imports this module
-    from .spectra import LayerAnalysis
+if TYPE_CHECKING:  # annotations only
+    from .records import LayerAnalysis
 
 __all__ = ["RECOMMEND_LEVELS", "recommend", "minimal_budget"]
 

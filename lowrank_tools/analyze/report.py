@@ -21,7 +21,7 @@ from ..report import left_out_lines
 from ..linalg.spectrum import ENERGY_LEVELS, level_key
 
 if TYPE_CHECKING:
-    from .spectra import Analysis, LayerAnalysis
+    from .records import Analysis, LayerAnalysis
 
 __all__ = ["format_analysis", "analysis_json", "analysis_csv", "check_analysis_outputs", "write_analysis"]
 
