@@ -5,7 +5,7 @@
 Every check (each module exists in the base with a matching shape) runs before anything is written.
 Then each base tensor is read, updated in place a block of rows at a time (``addmm_`` into a float32
 copy of the block: no dense delta, no float32 copy of the whole weight) and handed to
-:class:`~lowrank_tools.checkpoint.ShardedWriter` inside :func:`~lowrank_tools.checkpoint.atomic_output`;
+:class:`~lowrank_tools.io.checkpoint.ShardedWriter` inside :func:`~lowrank_tools.io.checkpoint.atomic_output`;
 tensors no adapter touches are copied unchanged. Every name and shape being known, the writer reserves the
 header up front and writes each tensor straight to disk: peak memory is about one base tensor, one block and
 the adapters.

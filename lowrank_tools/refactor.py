@@ -15,7 +15,7 @@ kept keeps its factors as they are (its product is unchanged bit for bit).
 float64 throughout: it is cheap here (O((m + n) R^2)) and rank rules then see the stored factors' exact
 spectrum, so boundaries are not lost to rounding; the cast to the output dtype happens once, at the end.
 Errors are measured on the factors as written, against the exact module, without densifying:
-``||s B A - s' B' A'||_F`` by :func:`~lowrank_tools.norms.lowrank_frobenius_diff`.
+``||s B A - s' B' A'||_F`` by :func:`~lowrank_tools.linalg.norms.lowrank_frobenius_diff`.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def budget_ranks(modules: Mapping[str, LoraModule], budget: int, *, rule: RankRu
     """Ranks per module under ``budget`` parameters (cost of a rank unit: out + in of the matrix view).
 
     Every spectrum is computed first (they are small), capped by ``rule`` (its rank, or what its dynamic
-    rule keeps), then :func:`~lowrank_tools.budget.allocate_budget` spreads the budget."""
+    rule keeps), then :func:`~lowrank_tools.linalg.budget.allocate_budget` spreads the budget."""
     layers = []
     for name, m in modules.items():
         S = module_core(m, device=device, name=name, warn=warn).S.cpu()  # (k,)

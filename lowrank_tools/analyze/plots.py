@@ -1,4 +1,4 @@
-"""PNG figures of an :class:`~lowrank_tools.analyze.Analysis`. matplotlib is the optional ``.[plot]`` extra.
+"""PNG figures of an :class:`~lowrank_tools.analyze.records.Analysis`. matplotlib is the optional ``.[plot]`` extra.
 
 - ``singular_values.png``: every layer's singular values on a log scale, one panel per module type;
 - ``cumulative_energy.png``: every layer's cumulative energy ``c_r`` against r, coloured by module type;
@@ -6,7 +6,7 @@
   several layers share a cell).
 
 Figures are drawn on the Agg canvas directly (no pyplot, no global backend switch) and returned as PNG
-bytes; :func:`~lowrank_tools.analysis_report.write_analysis` writes them.
+bytes; :func:`~lowrank_tools.analyze.report.write_analysis` writes them.
 """
 
 from __future__ import annotations

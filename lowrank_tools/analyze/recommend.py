@@ -5,7 +5,7 @@ The energy is the whole delta's, ``E = sum_l ||dW_l||_F^2``; ranks ``r_l`` retai
 
 - ``uniform``: the smallest r that retains >= F E with every layer at ``min(r, p_l)`` (``--rank r``);
 - ``energy``: every layer at its own energy rank (``--energy F``): each layer keeps >= F, so the whole does;
-- ``budget``: rank units taken in the greedy order of :func:`~lowrank_tools.budget.allocate_budget`
+- ``budget``: rank units taken in the greedy order of :func:`~lowrank_tools.linalg.budget.allocate_budget`
   (``s^2 / cost``, best first, ties to the earlier layer) until F E is reached; their cost N is the
   ``--budget N`` to pass, and ``allocate_budget(N)``, which takes that same prefix first, retains >= F E.
 

@@ -1,4 +1,4 @@
-"""An :class:`~lowrank_tools.analyze.Analysis` as a terminal table, JSON, CSV and PNG files. Never computes an SVD.
+"""An :class:`~lowrank_tools.analyze.records.Analysis` as a terminal table, JSON, CSV and PNG files. Never computes an SVD.
 
 ``write_analysis`` renders every requested output in memory first, then writes each under a temporary
 name beside its target and renames them all into place at the end: a failure leaves nothing half-written.

@@ -5,13 +5,13 @@ Two sources, one result (:class:`Analysis`):
 - ``analyze_delta(BASE, TUNED)``: ``dW = W' - W0`` per layer, streamed one tensor pair at a time (the next
   pair is read in a background thread), in float32. All singular values by default (``svdvals``);
   with ``top=K`` only the top K through the randomized range finder (Halko et al. 2011), the tail then
-  estimated from ``||dW||_F`` (see :mod:`lowrank_tools.spectrum`).
+  estimated from ``||dW||_F`` (see :mod:`lowrank_tools.linalg.spectrum`).
 - ``analyze_adapter(ADAPTER)``: each module's ``scale * B @ A`` through the QR core
-  (:func:`~lowrank_tools.linalg.qr_core_svd`): exact, and never the dense product.
+  (:func:`~lowrank_tools.linalg.svd.qr_core_svd`): exact, and never the dense product.
 
 Per layer: singular values, effective / stable rank, energy ranks at 50/90/95/99 %, ``||dW||_F / ||W0||_F``.
 Groups: by module type (the last name component: ``q_proj``, ``to_k``) and by depth (the name up to its
-first integer component: ``layers.12``, ``down_blocks.1``). Recommendations: :mod:`lowrank_tools.recommend`.
+first integer component: ``layers.12``, ``down_blocks.1``). Recommendations: :mod:`lowrank_tools.analyze.recommend`.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class _Options:
 
 def _spectrum(dW: Tensor, norm: float, opts: _Options, warn: Warn | None, mod: str) -> tuple[Tensor, str]:
     """(singular values, method): all of them (svdvals), or the top K by
-    :func:`~lowrank_tools.sketch.top_singular_values` (a sketch of 2K columns by default, bfloat16 products
+    :func:`~lowrank_tools.linalg.sketch.top_singular_values` (a sketch of 2K columns by default, bfloat16 products
     where they are fast, the values from float32)."""
     oversample = opts.top if opts.oversample is None else opts.oversample  # (when top is given)
     if opts.top is None or opts.top + oversample >= min(dW.shape):  # a sketch as wide as the matrix: svdvals
@@ -212,7 +212,7 @@ def analyze_delta(base, tuned, *, top: int | None = None, include: Sequence[str]
                   strict: bool = False, progress: Progress | None = None, warn: Warn | None = None) -> Analysis:
     """Spectra of ``tuned - base`` for every adaptable weight (paths, Checkpoints or name -> tensor mappings).
 
-    ``top``: compute only the top K singular values (randomized, :mod:`~lowrank_tools.sketch`; ``oversample``
+    ``top``: compute only the top K singular values (randomized, :mod:`~lowrank_tools.linalg.sketch`; ``oversample``
     defaults to K, ``n_iter`` power iterations, ``seed``); layers whose smaller side is <= K get their full
     spectrum, with one warning, and so do those below ``K + oversample`` (the sketch would be the whole matrix).
     Unchanged layers are listed under ``skipped``; changed 1-D tensors under ``changed_1d``.

@@ -18,7 +18,7 @@ matrices), an orthogonal projection, so T is orthogonal on that side; the identi
 and what is approximate is only how close span(U_K) comes to the optimal one (the range finder's
 accuracy). B A lies in those spans before the cast; the cast to the output dtype adds a rounding E
 whose cross term 2<E, T> (random signs, ~||E|| ||T|| / sqrt(out * in)) is left out. The second term is
-computed from the factors (:func:`~lowrank_tools.norms.lowrank_frobenius_diff`), never densely.
+computed from the factors (:func:`~lowrank_tools.linalg.norms.lowrank_frobenius_diff`), never densely.
 """
 
 from __future__ import annotations

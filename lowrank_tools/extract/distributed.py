@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 4 -m lowrank_tools extract base/ tuned/ -o adapter --rank 64
 
 Every process opens both checkpoints and plans the same layers. The work units (a layer, or a batch of
-same-shape layers on CUDA, see :mod:`~lowrank_tools.pipeline`) are dealt by :func:`assign`: largest cost first,
+same-shape layers on CUDA, see :mod:`~lowrank_tools.extract.pipeline`) are dealt by :func:`assign`: largest cost first,
 each onto the least-loaded rank (Graham's LPT rule, within 4/3 of the best split), ties to the lower index
 and rank, so every process computes the same split. The cost of a layer is ``out * in * (k + oversample)``
 (capped at ``min(out, in)``): the randomized range finder's products are ``out * in * (k + p)`` each, and
@@ -17,7 +17,7 @@ The factors travel as pickled objects over gloo (a gloo side group when the job'
 GPU memory is never used for them. A failure on one rank (a NaN weight in its share) is sent to the others
 at their next exchange, and every rank raises it: no rank waits for one that will never come.
 
-Python API: :func:`~lowrank_tools.extract.extract` works distributed when a default process group of more
+Python API: :func:`~lowrank_tools.extract.streaming.extract` works distributed when a default process group of more
 than one process is initialised (``distributed=None``, the default), always with ``distributed=True``
 (an error without a group) and never with ``distributed=False``. :func:`torchrun_group` initialises
 and destroys the group from torchrun's environment, as the command line does.

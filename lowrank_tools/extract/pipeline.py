@@ -10,14 +10,14 @@
     batching (here)             consecutive layers of one matrix shape and k, ``batch`` at a time, in one
                                 (b, m, n) device tensor, factored by one stacked randomized SVD (Halko et al.
                                 2011, Alg. 4.4 + 5.1: the batched products and QRs of
-                                :func:`~lowrank_tools.linalg.truncated_svd`, the same test matrix for each)
+                                :func:`~lowrank_tools.linalg.svd.truncated_svd`, the same test matrix for each)
     factoring (extract)         per layer: rank rule, balanced factors, cast, error on the factors as written
 
 One code path for CPU and GPU: on the CPU the batch is 1 and staging moves nothing, so every layer goes
-through :func:`~lowrank_tools.linalg.truncated_svd` exactly as before, bit for bit (dW is exact in float32
+through :func:`~lowrank_tools.linalg.svd.truncated_svd` exactly as before, bit for bit (dW is exact in float32
 wherever it is computed). On CUDA the default batch is :data:`CUDA_BATCH`; batches are planned on the whole
 layer list (:func:`plan_batches`) before any reading, so a layer lands in the same batch whether one process or
-several (:mod:`~lowrank_tools.distributed`) do the work.
+several (:mod:`~lowrank_tools.extract.distributed`) do the work.
 
 TF32: float32 matmuls on Ampere and later GPUs may round their inputs to 10-bit mantissas (~1e-3 relative),
 which is the size of the errors extract reports. :func:`tf32` sets both switches for a run and restores them.
@@ -164,7 +164,7 @@ def staged(items: Iterable[T], *, sizes: Iterable[int], stager: Stager,
 def batched_svds(stack: Tensor, k: int, *, method: Method | str = Method.AUTO, oversample: int = 10, n_iter: int = 4,
                  seed: int = 0) -> list[TruncatedSVD | None]:
     """Top-k SVDs of a stack ``(b, m, n)`` by one batched randomized SVD; a None per matrix where the caller
-    should call :func:`~lowrank_tools.linalg.truncated_svd` on its own: when the method resolves to exact
+    should call :func:`~lowrank_tools.linalg.svd.truncated_svd` on its own: when the method resolves to exact
     (see there), or when the batched run fails (no convergence, out of memory), which keeps that function's
     float64 and exact fallbacks. Results: as ``truncated_svd`` gives them (float32, signs fixed)."""
     b, m, n = stack.shape

@@ -183,19 +183,19 @@ def extract(
 ) -> ExtractResult:
     """Extract a LoRA adapter approximating ``tuned - base`` for every adaptable weight.
 
-    ``base`` / ``tuned``: checkpoint paths, :class:`~lowrank_tools.checkpoint.Checkpoint` objects or
+    ``base`` / ``tuned``: checkpoint paths, :class:`~lowrank_tools.io.checkpoint.Checkpoint` objects or
     mappings of tensor name -> tensor. ``dtype`` of the written factors defaults to each tuned tensor's
     dtype. ``warn`` receives one-line warnings (skipped tensors, SVD fallbacks). ``budget``: total adapter
-    parameters, spread over layers by :mod:`~lowrank_tools.extract_budget` (``rule`` then caps each layer: its
+    parameters, spread over layers by :mod:`~lowrank_tools.extract.budget` (``rule`` then caps each layer: its
     rank, or where its dynamic rule stops within the top K computed).
     ``conv_rank``: the rank (or cap) for conv kernels, default that of ``rule``. ``full_modules``: regexes of
     modules saved whole (PEFT ``modules_to_save``). ``embeddings=False`` leaves embeddings out (kohya targets).
     Tied weights (an ``lm_head`` that is the embedding) are factored once and carried on both sides.
     ``distributed``: split the layers over the processes of a torch.distributed group (None: when one of
-    more than one process is initialised), see :mod:`~lowrank_tools.distributed`; rank 0 returns the whole
+    more than one process is initialised), see :mod:`~lowrank_tools.extract.distributed`; rank 0 returns the whole
     result, other ranks ``primary=False`` with an empty adapter. ``allow_tf32``: let CUDA matmuls use TF32
     (off by default, restored after). ``svd_batch``: same-shape layers per stacked SVD (default: 1 on the
-    CPU, :data:`~lowrank_tools.pipeline.CUDA_BATCH` on CUDA).
+    CPU, :data:`~lowrank_tools.extract.pipeline.CUDA_BATCH` on CUDA).
     """
     start = time.perf_counter()
     if rule is None and budget is None:

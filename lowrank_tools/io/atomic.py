@@ -3,7 +3,7 @@
 :func:`atomic_output` guards every write (a failure or Ctrl-C leaves no half-written output and never touches the
 inputs); :class:`ShardedWriter` streams a full checkpoint into safetensors files, holding one tensor in memory at a
 time; :func:`parse_size` reads ``--shard-size`` values. The safetensors format (shared with the reader in
-``safetensors_io``): 8 bytes little-endian header length N, N bytes of JSON header, then the tensor bytes.
+``io.safetensors``): 8 bytes little-endian header length N, N bytes of JSON header, then the tensor bytes.
 """
 
 from __future__ import annotations

@@ -4,13 +4,13 @@
 diffusers component names, ``pytorch_model.bin`` shards), a diffusers pipeline folder (components prefixed
 ``unet.``, ``text_encoder.``, ...) or a torch pickle (``.bin/.pt/.pth/.ckpt``, ``torch.load(weights_only=True)`` only).
 
-safetensors files are parsed by :mod:`lowrank_tools.safetensors_io`, not memory-mapped: opening reads and
+safetensors files are parsed by :mod:`lowrank_tools.io.safetensors`, not memory-mapped: opening reads and
 validates the header only, and :meth:`Checkpoint.get` reads one tensor's bytes into a fresh buffer, so memory stays
 flat and no file handle is held between calls. Torch pickles cannot be read per tensor:
 each file is loaded once at open with ``mmap=True`` (a mapping, not a copy; old non-zip files are loaded into
 memory) and kept until :meth:`Checkpoint.close`; ``get`` returns a contiguous copy that owns its memory.
 
-Writing lives in :mod:`lowrank_tools.atomic` and is re-exported here.
+Writing lives in :mod:`lowrank_tools.io.atomic` and is re-exported here.
 """
 
 from __future__ import annotations

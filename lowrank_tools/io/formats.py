@@ -8,7 +8,7 @@
 Saving in ``peft`` format writes a PEFT folder, or for a diffusers pipeline's adapter (every module under
 ``unet.`` / ``text_encoder.`` / ``text_encoder_2.`` / ``transformer.``) a folder holding diffusers'
 ``pytorch_lora_weights.safetensors``, which ``pipe.load_lora_weights(folder)`` loads. Every write goes through
-:func:`~lowrank_tools.checkpoint.atomic_output`: a temporary name beside the target, renamed into place at the end.
+:func:`~lowrank_tools.io.checkpoint.atomic_output`: a temporary name beside the target, renamed into place at the end.
 """
 
 from __future__ import annotations

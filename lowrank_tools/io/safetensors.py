@@ -5,7 +5,7 @@ A file is 8 bytes little-endian header length N, N bytes of JSON header (``{name
 the tensor bytes. :class:`SafetensorsFile` reads and validates the header at open (every entry's dtype, shape
 and span, and that no span runs past the end of the file) and reads one tensor's bytes into a fresh buffer on
 demand, so memory stays flat and no file handle is held between calls. The host is assumed little-endian, as
-the format is. Writing lives in :mod:`lowrank_tools.atomic`.
+the format is. Writing lives in :mod:`lowrank_tools.io.atomic`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ each tensor buffer an mmap of its own that ``free`` unmaps at once. Measured on 
 1024x1024 float32 read ahead and factored: peak RSS above baseline 139 MB with the default, 64 MB
 with the threshold fixed (benchmarks/bench_extract.py measures it on every run).
 
-A fresh buffer written once in full (the bf16 copy the sketch of :mod:`~lowrank_tools.sketch` multiplies by)
+A fresh buffer written once in full (the bf16 copy the sketch of :mod:`~lowrank_tools.linalg.sketch` multiplies by)
 pays a page fault per 4 KiB page; :func:`empty_huge` asks for 2 MiB pages instead (``madvise``). Both use
 libc through ctypes and are no-ops where it is not glibc on Linux.
 """

@@ -108,7 +108,7 @@ def randomized_svd(M: Tensor, k: int, oversample: int, n_iter: int, seed: int, *
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Halko, Martinsson & Tropp 2011: Alg. 4.4 (randomized subspace iteration) then Alg. 5.1 (direct SVD).
 
-    ``M`` is (m, n), or a stack (b, m, n) of equal shapes (:mod:`~lowrank_tools.pipeline` batches layers on
+    ``M`` is (m, n), or a stack (b, m, n) of equal shapes (:mod:`~lowrank_tools.extract.pipeline` batches layers on
     CUDA); every matrix gets the same test matrix, so a stacked layer sees what it would alone. ``bf16``: the
     range finder's products by bf16(M) (see :func:`_bf16_close`); the projection ``Q^T M`` stays in M's dtype."""
     transpose = M.shape[-2] < M.shape[-1]  # work on the tall problem: QR of (m, l) with m >= n, like torch
