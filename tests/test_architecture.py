@@ -22,6 +22,15 @@ MATH = "linalg"  # pure torch: imports torch/numpy/stdlib, itself and errors; ne
 OPERATIONS = ("extract", "analyze", "evaluate", "resize", "merge", "apply", "convert")
 MATH_MAY_IMPORT = {"torch", "numpy"}
 MAX_TOP_MODULES = 15
+# Functions of an operation that still touch files themselves, each with the reason it waits. An entry that no
+# longer touches files fails test_known_file_work_is_still_there: delete it then.
+KNOWN_FILE_WORK = {
+    # apply writes an HF folder itself: copies the base's config files, renames shards (and the index) for
+    # diffusers. To move into io/ with the output transactions of issue 11, which rewrite these very functions.
+    ("apply.py", "_copy_configs"), ("apply.py", "_rename_stem"), ("apply.py", "_write"),
+    # fills the temporaries io's atomic_output hands out (one write_bytes each); goes with the same change
+    ("analyze/report.py", "write_analysis"),
+}
 # touching a file: reading, writing, copying, renaming or deleting one (what only io/ does)
 _FILE_IO = (r"(?<![\w.])open\(|\.open\(|\.read_(text|bytes)\(|\.write_(text|bytes)\(|\bshutil\.|\bos\.(replace|rename|remove|"
             r"unlink|rmdir|makedirs|mkdir)\(|\.(unlink|mkdir|rmdir|touch|iterdir|glob|rglob)\(|\btorch\.(load|save)\(|"
@@ -171,10 +180,8 @@ def violations(root: Path) -> list[str]:
                 if ext not in MATH_MAY_IMPORT | stdlib:
                     found.append(f"{where}:{line}: the math imports {ext}")
         if part in (MATH, *OPERATIONS):
-            pattern = _MATH_OPEN if part == MATH else _OPEN
-            for number, text in enumerate(module.source.splitlines(), 1):
-                code = text.split("#")[0]
-                if pattern.search(code) and not _quoted(code, pattern):
+            for number, text in file_work(module, _MATH_OPEN if part == MATH else _OPEN):
+                if (module.path.relative_to(root).as_posix(), _function_at(module, number)) not in KNOWN_FILE_WORK:
                     found.append(f"{where}:{number}: opens a path outside io/: {text.strip()}")
         if part in OPERATIONS:
             for dep, line in module.imports.items():
@@ -185,6 +192,25 @@ def violations(root: Path) -> list[str]:
     if len(top) > MAX_TOP_MODULES:
         found.append(f"{len(top)} modules at the top of {package} (at most {MAX_TOP_MODULES})")
     return found
+
+
+def file_work(module: Module, pattern: re.Pattern) -> list[tuple[int, str]]:
+    """(line number, line) of every line that touches a file (comments and strings aside)."""
+    found = []
+    for number, text in enumerate(module.source.splitlines(), 1):
+        code = text.split("#")[0]
+        if pattern.search(code) and not _quoted(code, pattern):
+            found.append((number, text))
+    return found
+
+
+def _function_at(module: Module, line: int) -> str | None:
+    """The top-level function (or class) around ``line``."""
+    for node in ast.parse(module.source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and \
+                node.lineno <= line <= node.end_lineno:
+            return node.name
+    return None
 
 
 def _quoted(code: str, pattern: re.Pattern) -> bool:
@@ -220,6 +246,12 @@ def report(root: Path = ROOT) -> str:
 
 def test_the_package_keeps_the_layers():
     assert violations(ROOT) == []
+
+
+def test_known_file_work_is_still_there():
+    modules = {m.path.relative_to(ROOT).as_posix(): m for m in load_package(ROOT).values()}
+    touching = {(path, _function_at(m, n)) for path, m in modules.items() for n, _ in file_work(m, _OPEN)}
+    assert KNOWN_FILE_WORK - touching == set()  # moved into io/: delete the entry
 
 
 def test_levels_are_computed_for_every_module():
