@@ -218,7 +218,7 @@ def extract(
     if warn and pairing.warning():
         warn(pairing.warning())
     if warn and plan.skipped.get(NOT_HELD):  # before any work, in the words convert, resize and merge use
-        warn(left_out_warning(plan.skipped[NOT_HELD], "kohya"))
+        warn(left_out_warning([module_name(n) for n in plan.skipped[NOT_HELD]], "kohya"))
     selected, skipped, one_d = plan.layers, plan.skipped, plan.one_d
     share = current_share(distributed)
     with share or nullcontext():

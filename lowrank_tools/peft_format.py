@@ -91,7 +91,7 @@ def file_factors(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
 # PEFT task types by the ending of a transformers architecture name (config.json ``architectures``), first match wins
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
-               ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"))
+               ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"), ("MTModel", "SEQ_2_SEQ_LM"))  # MarianMTModel: a translation LM
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]*[A-Za-z0-9_-]$")  # org/name
 
 
