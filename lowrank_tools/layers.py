@@ -185,7 +185,8 @@ def tied_head_module(embedding: LoraModule) -> LoraModule:
 
 # -------------------------------------------------------------------------------------------------- plan
 
-NOT_HELD = "embedding (the target format cannot hold it: use --format peft)"  # report.skipped reason, also formats.fit_format
+# report.skipped reason of embeddings a target format cannot hold (also formats.fit_format's)
+NOT_HELD = "embedding (the target format cannot hold it: use --format peft)"
 
 
 @dataclass

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .adapter import Adapter
 
-__all__ = ["Progress", "Warn", "AdapterResult", "LayerRecord", "Report", "left_out_lines", "summarize", "format_table", "report_json", "report_csv", "MAX_SINGULAR_VALUES",
-           "short_name", "name_column", "NAME_WIDTH", "format_modules"]
+__all__ = ["Progress", "Warn", "AdapterResult", "LayerRecord", "Report", "left_out_lines", "summarize", "format_table",
+           "report_json", "report_csv", "MAX_SINGULAR_VALUES", "short_name", "name_column", "NAME_WIDTH",
+           "format_modules"]
 
 MAX_SINGULAR_VALUES = 64  # leading singular values kept per layer in reports
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
+from ..formats import output_format
 from ..linalg import Method
 from . import main
-from ..formats import output_format
 from .options import (FORMAT_HELP, FORMATS, SEED, Progress, allow_tf32_option, check_kohya_options, check_outputs,
                       common_options, dtype_option, examples, filter_options, finite, force_option, make_rule,
                       module_table, nothing_left, out_dtype, quiet_option, rank_options, seed_option, show, warn_all,
