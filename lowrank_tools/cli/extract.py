@@ -37,7 +37,8 @@ from .options import (FORMAT_HELP, FORMATS, SEED, Progress, allow_tf32_option, c
 @click.option("--power-iters", type=click.IntRange(min=0), default=4, show_default=True,
               help="Power iterations of the randomized range finder (more: closer to exact on flat spectra).")
 @click.option("--strict", is_flag=True, help="Tensors on one side only, or of different shapes, are errors.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the per-layer report (.json or .csv).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Write the per-layer report (.json or .csv; README: report summary fields).")
 @click.option("--conv-rank", type=int, show_default="that of --rank", help="Rank (or cap) for conv kernels.")
 @click.option("--full-modules", multiple=True, metavar="REGEX",
               help="Save these modules' tensors whole (PEFT modules_to_save), e.g. a grown vocabulary (repeatable).")
