@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from conftest import LLAMA_SHAPES, make_pair
 from lowrank_tools.adapter import Adapter, LoraModule, ModuleKind
 from lowrank_tools.cli import main
-from lowrank_tools.formats import describe_modules, load_adapter, output_format, save_adapter
-from lowrank_tools.peft_format import base_model_reference, task_type
+from lowrank_tools.io.formats import describe_modules, load_adapter, output_format, save_adapter
+from lowrank_tools.io.peft import base_model_reference, task_type
 from lowrank_tools.report import LayerRecord, Report, format_table, short_name, summarize
 
 ROOT = Path(__file__).resolve().parents[1]

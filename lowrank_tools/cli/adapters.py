@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from . import main
-from ..formats import output_format
+from ..io.formats import output_format
 from .options import (FORMAT_HELP, FORMATS, Progress, check_kohya_options, check_outputs, common_options, examples,
                       make_rule, out_dtype, rank_options, show, warn_all, warner, write_report)
 
@@ -15,7 +14,7 @@ from .options import (FORMAT_HELP, FORMATS, Progress, check_kohya_options, check
 
 def _finish_adapter(result, output: Path, *, fmt: str, prefix: str, force: bool, inputs, report_path, quiet,
                     left_out: dict) -> None:
-    from ..formats import save_adapter
+    from ..io.formats import save_adapter
 
     result.report.skipped.update(left_out)  # what the format cannot hold, left out before the work
     if not result.adapter.modules:
@@ -47,7 +46,7 @@ def _adapter_out_options(f):
     return f
 
 
-@main.command(short_help="Shrink an adapter's ranks exactly (QR core, never B @ A).",
+@click.command(short_help="Shrink an adapter's ranks exactly (QR core, never B @ A).",
               epilog=examples("lowrank-tools resize adapter/ -o small -r 8",
                               "lowrank-tools resize lora.safetensors -o small.safetensors --energy 0.95",
                               "lowrank-tools resize adapter/ -o small --budget 5000000 --report resize.json"))
@@ -59,7 +58,7 @@ def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
 
     --include / --exclude choose the modules resized; the others are written unchanged. What a kohya -o cannot
     hold (embeddings, tensors saved whole) is left out with a warning naming it, before any work."""
-    from ..formats import fit_format, load_adapter
+    from ..io.formats import fit_format, load_adapter
     from ..resize import resize as run
 
     rule = make_rule(rank, energy, sv_ratio, threshold)
@@ -77,7 +76,7 @@ def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
                     quiet=quiet, left_out=left_out)
 
 
-@main.command(short_help="Merge weighted adapters into one (exact, or truncated).",
+@click.command(short_help="Merge weighted adapters into one (exact, or truncated).",
               epilog=examples("lowrank-tools merge style/ subject/:0.5 -o merged",
                               "lowrank-tools merge a.safetensors:0.7 b.safetensors:0.3 -o ab.safetensors -r 32",
                               "lowrank-tools merge a/ b/ -o ab --energy 0.99 --report merge.json"))
@@ -91,7 +90,7 @@ def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
     any work."""
     from dataclasses import replace
 
-    from ..formats import fit_all
+    from ..io.formats import fit_all
     from ..merge import merge as run
     from ..weighted import load_weighted, parse_adapter_spec
 
@@ -111,7 +110,7 @@ def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
                     quiet=quiet, left_out=left_out)
 
 
-@main.command(short_help="Bake adapters into a base model's full weights.",
+@click.command(short_help="Bake adapters into a base model's full weights.",
               epilog=examples("lowrank-tools apply base/ adapter/ -o merged-model",
                               "lowrank-tools apply sd15.safetensors style.safetensors:0.8 -o sd15-style.safetensors",
                               "lowrank-tools apply base/ a/ b/:0.5 -o out --shard-size 2GB --dtype bfloat16"))
@@ -125,7 +124,7 @@ def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
 def apply(base, adapters, output, shard_size, device, dtype_name, include, exclude, force, quiet):
     """Bake weighted adapters into BASE: W = W0 + sum_i w_i scale_i B_i A_i, streamed tensor by tensor."""
     from ..apply import apply as run
-    from ..checkpoint import check_output, parse_size
+    from ..io.checkpoint import check_output, parse_size
     from ..weighted import load_weighted, parse_adapter_spec
 
     if shard_size is not None:

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import click
 
-from . import main
 from .options import SEED, Progress, device_option, examples, filter_options, quiet_option, warner
 
 
 
-@main.command(short_help="Singular-value spectra per layer, with recommended ranks.",
+@click.command(short_help="Singular-value spectra per layer, with recommended ranks.",
               epilog=examples("lowrank-tools analyze base/ tuned/ --json spectra.json",
                               "lowrank-tools analyze base/ tuned/ --top 64 --plot figures/",
                               "lowrank-tools analyze adapter/ --csv modules.csv --include 'attn'"))
@@ -34,8 +33,8 @@ from .options import SEED, Progress, device_option, examples, filter_options, qu
 def analyze(paths, json_path, csv_path, plot_dir, top, oversample, power_iters, device, include, exclude, seed, force,
             quiet):
     """Singular-value spectra of BASE -> TUNED per layer, or of ADAPTER's modules, grouped, with recommended ranks."""
-    from ..analysis_report import check_analysis_outputs, format_analysis, write_analysis
-    from ..analyze import analyze_adapter, analyze_delta
+    from ..analyze.report import check_analysis_outputs, format_analysis, write_analysis
+    from ..analyze.spectra import analyze_adapter, analyze_delta
 
     if len(paths) > 2:
         raise click.UsageError(f"analyze takes BASE TUNED or one ADAPTER, got {len(paths)} paths")
@@ -59,6 +58,3 @@ def analyze(paths, json_path, csv_path, plot_dir, top, oversample, power_iters, 
         for path in written:
             click.echo(f"wrote {path}")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..formats import output_format
-from ..linalg import Method
-from . import main
+from ..io.formats import output_format
+from ..linalg.svd import Method
 from .options import (FORMAT_HELP, FORMATS, SEED, Progress, allow_tf32_option, check_kohya_options, check_outputs,
                       common_options, dtype_option, examples, filter_options, finite, force_option, make_rule,
                       module_table, nothing_left, out_dtype, quiet_option, rank_options, seed_option, show, warn_all,
@@ -17,7 +16,7 @@ from .options import (FORMAT_HELP, FORMATS, SEED, Progress, allow_tf32_option, c
 
 
 
-@main.command(short_help="Extract a LoRA adapter from a base and a fine-tuned model.",
+@click.command(short_help="Extract a LoRA adapter from a base and a fine-tuned model.",
               epilog=examples("lowrank-tools extract base/ tuned/ -o adapter -r 32",
                               "lowrank-tools extract sd15.safetensors tuned.safetensors -o lora.safetensors "
                               "--energy 0.9 -r 128",
@@ -59,7 +58,7 @@ def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alph
     Under torchrun (torchrun --nproc-per-node N -m lowrank_tools extract ...) the layers are split over the
     processes (gloo on the CPU, nccl with --device cuda); rank 0 writes the adapter, byte for byte the
     single-process one with the same seed and threads per process."""
-    from ..distributed import torchrun_group
+    from ..extract.distributed import torchrun_group
 
     rule = make_rule(rank, energy, sv_ratio, threshold, default_rank=None if budget is not None else 16)
     fmt = output_format(output, fmt).value
@@ -76,8 +75,8 @@ def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, fo
     """One process's part: rank 0 (or the only process) checks the output, extracts, writes and reports; the
     other ranks of a torchrun job factor their share, stay silent and write nothing (errors: exit 1, rank 0 says)."""
     from ..errors import LowRankError
-    from ..extract import extract as run
-    from ..formats import save_adapter
+    from ..extract.streaming import extract as run
+    from ..io.formats import save_adapter
 
     if primary:
         check_outputs(output, report_path, force=force, inputs=[base, tuned])
@@ -102,7 +101,7 @@ def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, fo
         click.echo(f"wrote {output} ({len(result.adapter.modules)} modules, {result.adapter.params:,} parameters)")
 
 
-@main.command(short_help="Convert an adapter between PEFT and kohya formats.",
+@click.command(short_help="Convert an adapter between PEFT and kohya formats.",
               epilog=examples("lowrank-tools convert adapter/ -o lora.safetensors",
                               "lowrank-tools convert lora.safetensors -o adapter --base sd15.safetensors",
                               "lowrank-tools convert adapter/ -o lora.safetensors --exclude 'lm_head'"))
@@ -123,8 +122,8 @@ def convert(adapter, output, fmt, prefix, dtype_name, base, include, exclude, fo
     Modules under unet. / text_encoder. / text_encoder_2. take their component's kohya prefix, others --prefix.
     A pipeline's adapter converted to peft is written as diffusers' pytorch_lora_weights.safetensors. What kohya
     cannot hold (embeddings, tensors saved whole) is left out with a warning naming it, before anything is written."""
-    from ..checkpoint import check_output
-    from ..formats import fit_format, load_adapter, save_adapter, select_modules
+    from ..io.checkpoint import check_output
+    from ..io.formats import fit_format, load_adapter, save_adapter, select_modules
 
     fmt = output_format(output, fmt).value
     check_kohya_options(fmt, prefix, ())
@@ -139,7 +138,7 @@ def convert(adapter, output, fmt, prefix, dtype_name, base, include, exclude, fo
         click.echo(f"wrote {output} ({fmt}, {len(loaded.modules)} modules)")
 
 
-@main.command(short_help="Describe an adapter; --modules lists every module.",
+@click.command(short_help="Describe an adapter; --modules lists every module.",
               epilog=examples("lowrank-tools info adapter/", "lowrank-tools info lora.safetensors --modules",
                               "lowrank-tools info adapter/ --modules --include 'layers\\.0\\.' --json"))
 @click.argument("adapter", type=click.Path(path_type=Path))
@@ -154,7 +153,7 @@ def info(adapter, list_modules, as_json, base, include, exclude, quiet):
     """Describe ADAPTER: format, modules, ranks, alphas, scale rule, parameters, dtype, base model.
 
     Notes about the input (e.g. module names guessed for a kohya file) go to stderr as warnings; -q drops them."""
-    from ..formats import describe_adapter, describe_modules, load_adapter, select_modules
+    from ..io.formats import describe_adapter, describe_modules, load_adapter, select_modules
 
     loaded = select_modules(load_adapter(adapter, base=base), include, exclude)
     facts = describe_adapter(loaded, adapter)
@@ -175,7 +174,7 @@ def info(adapter, list_modules, as_json, base, include, exclude, quiet):
         click.echo("\n" + module_table(rows))
 
 
-@main.command(short_help="The whole flow on a generated pair, in a few seconds.",
+@click.command(short_help="The whole flow on a generated pair, in a few seconds.",
               epilog=examples("lowrank-tools demo", "lowrank-tools demo --force --seconds 20",
                               "lowrank-tools demo -o /tmp/demo --seed 3"))
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=Path("lowrank-demo"),
