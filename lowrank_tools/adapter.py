@@ -117,6 +117,7 @@ class Adapter:
     modules: dict[str, LoraModule] = field(default_factory=dict)
     full_tensors: dict[str, Tensor] = field(default_factory=dict)  # tensor name -> whole tensor
     base_model: str | None = None
+    task_type: str | None = None  # PEFT's task_type (CAUSAL_LM, SEQ_CLS, ...) from the base's config, if known
     source_format: str | None = None
     notes: list[str] = field(default_factory=list)  # e.g. module names guessed when reading kohya files
 

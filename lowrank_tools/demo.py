@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .io.checkpoint import atomic_output, check_output
+from .errors import OutputExists
 from .extract.streaming import extract
 from .io.formats import save_adapter
 from .linalg.svd import RankRule
@@ -93,7 +94,10 @@ def run_demo(out_dir: Path, *, seconds: float = 5.0, seed: int = 0, force: bool 
              echo: Callable[[str], None] | None = None, progress=None, warn=None) -> dict:
     """Run the demo into ``out_dir``; returns {name: task-B loss} for base, tuned and each adapter.
     ``echo`` receives the lines to show (the CLI passes click.echo); the global RNG state is left as it was."""
-    check_output(out_dir, force=force)  # before the training: an -o that exists costs no time
+    if Path(out_dir).exists() and not force:  # before the training: a folder that exists costs no time
+        raise OutputExists(f"{out_dir} exists (an earlier demo's output?): rerun with --force to replace it, or "
+                           f"-o DIR to write the demo elsewhere")
+    check_output(out_dir, force=force)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return _run(Path(out_dir), seconds=seconds, seed=seed, force=force, say=echo or (lambda _msg: None),

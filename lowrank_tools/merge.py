@@ -61,6 +61,11 @@ def _out_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
     return next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
 
 
+def _common(values: set):
+    """The one value all inputs share, else None (PEFT's task_type of a merge)."""
+    return next(iter(values)) if len(values) == 1 else None
+
+
 def _gather(inputs: list[WeightedAdapter], include, exclude) -> tuple[dict, list[str]]:
     """{module: [(module, weight, source), ...]} in order of first appearance, and the names filtered out."""
     parts: dict[str, list] = {}
@@ -117,7 +122,8 @@ def merge(adapters: Sequence[WeightedAdapter | Adapter | tuple], *, rule: RankRu
     if notes and warn:
         warn(notes[0])
     merged = Adapter(modules=done.modules, full_tensors=cast_whole(_full_tensors(inputs, warn), dtype),
-                     base_model=bases[0] if bases else None, source_format="merge", notes=notes)
+                     base_model=bases[0] if bases else None, source_format="merge", notes=notes,
+                     task_type=_common({i.adapter.task_type for i in inputs}))
     more = {"inputs": [{"source": i.source, "weight": i.weight} for i in inputs],
             "old_params": sum(m.params for p in parts.values() for m, _, _ in p)}
     if budget is not None:

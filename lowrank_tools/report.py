@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .adapter import Adapter
 
-__all__ = ["Progress", "Warn", "AdapterResult", "LayerRecord", "Report", "left_out_lines", "summarize", "format_table", "report_json", "report_csv", "MAX_SINGULAR_VALUES"]
+__all__ = ["Progress", "Warn", "AdapterResult", "LayerRecord", "Report", "left_out_lines", "summarize", "format_table",
+           "report_json", "report_csv", "MAX_SINGULAR_VALUES", "short_name", "name_column", "NAME_WIDTH",
+           "format_modules"]
 
 MAX_SINGULAR_VALUES = 64  # leading singular values kept per layer in reports
 
@@ -117,21 +119,75 @@ def report_csv(report: Report) -> str:
     return out.getvalue()
 
 
-def _short(name: str, width: int) -> str:
-    return name if len(name) <= width else "..." + name[-(width - 3):]
+NAME_WIDTH = 48  # widest layer-name column of a terminal table
+
+
+def short_name(name: str, width: int = NAME_WIDTH) -> str:
+    """``name`` in at most ``width`` characters, shortened in the middle, never cut from the left: its first part,
+    the first block index (with its name) and the leaf always stay; other dotted parts come back, alternately from
+    after the block index and from before the leaf, while they fit; each gap shows as ``...``, e.g.
+    ``down_blocks.1.attentions.0...ff.net.2``. One function for every table (report, analyze, info --modules)."""
+    if len(name) <= width:
+        return name
+    parts = name.split(".")
+    index = next((i for i, p in enumerate(parts) if p.isdigit() and i > 0), None)
+    leaf = len(parts) - (2 if len(parts) > 2 and parts[-1].isdigit() else 1)
+    kept = {0, *range(leaf, len(parts))} | ({index - 1, index} if index is not None else set())
+    if len(_render(parts, kept)) > width or len(kept) >= len(parts):  # no part to drop that would help
+        keep = max(width - 3, 2)
+        return name[:(keep + 1) // 2] + "..." + name[len(name) - keep // 2:]
+    for unit in _units(parts, kept, index or 0, leaf):
+        if len(_render(parts, kept | unit)) <= width:
+            kept |= unit
+    return _render(parts, kept)
+
+
+def _units(parts: list[str], kept: set[int], index: int, leaf: int) -> list[set[int]]:
+    """The parts not kept, in the order they are offered back: alternately the next one after the block index
+    (with the index that follows it) and the next one before the leaf (an index with the name before it); the
+    wrappers between the first part and the block index last."""
+    middle = [i for i in range(index + 1, leaf) if i not in kept]
+    units: list[set[int]] = []
+    taken: set[int] = set()
+    for k in range(len(middle)):
+        left, right = middle[k], middle[-1 - k]
+        for unit in ({left, left + 1} if left + 1 < leaf and parts[left + 1].isdigit() else {left},
+                     {right - 1, right} if parts[right].isdigit() and right - 1 > index else {right}):
+            if not unit & taken:
+                units.append(unit)
+                taken |= unit
+    return units + [{i} for i in range(1, index) if i not in kept]
+
+
+def _render(parts: list[str], kept: set[int]) -> str:
+    out, gap = "", False
+    for i, part in enumerate(parts):
+        if i not in kept:
+            gap = True
+            continue
+        out += ("..." if gap else ".") + part if out else part
+        gap = False
+    return out + ("..." if gap else "")
+
+
+def name_column(names, width: int = NAME_WIDTH) -> tuple[list[str], int]:
+    """The shortened names and the column width that fits them (at least that of the header ``layer``)."""
+    short = [short_name(n, width) for n in names]
+    return short, max([len(n) for n in short] + [5])
 
 
 def format_table(report: Report, *, max_rows: int = 40) -> str:
     """A compact terminal table: worst layers first (by absolute error), then the summary."""
     rows = sorted(report.layers, key=lambda r: -r.delta_norm * r.rel_error)
-    width = min(48, max([len(r.name) for r in rows] + [5]))
+    names, width = name_column([r.name for r in rows[:max_rows]])
     extra_keys = [k for k in ("old_rank",) if any(k in r.extra for r in rows)]
     head = f"{'layer':<{width}}  {'shape':>13}  " + "".join(f"{k:>8}  " for k in extra_keys)
-    lines = [head + f"{'rank':>5}  {'||dW||':>10}  {'energy':>8}  {'rel_err':>8}"]
-    for r in rows[:max_rows]:
+    lines = [f"{report.command}: layers sorted by absolute error ||dW|| * rel_err, largest first",
+             head + f"{'rank':>5}  {'||dW||':>10}  {'energy':>8}  {'rel_err':>8}"]
+    for name, r in zip(names, rows[:max_rows]):
         shape = "x".join(map(str, r.shape))
         extras = "".join(f"{r.extra.get(k, ''):>8}  " for k in extra_keys)
-        lines.append(f"{_short(r.name, width):<{width}}  {shape:>13}  {extras}{r.rank:>5}  {r.delta_norm:>10.4g}  "
+        lines.append(f"{name:<{width}}  {shape:>13}  {extras}{r.rank:>5}  {r.delta_norm:>10.4g}  "
                      f"{r.retained_energy:>8.4f}  {r.rel_error:>8.4f}")
     if len(rows) > max_rows:
         lines.append(f"... {len(rows) - max_rows} more layers (full list: --report FILE.json)")
@@ -143,6 +199,19 @@ def format_table(report: Report, *, max_rows: int = 40) -> str:
         + (f", {s['wall_time_s']:.2f} s" if "wall_time_s" in s else "")
     )
     lines += left_out_lines(report.skipped, report.changed_1d, label="not in the adapter")
+    return "\n".join(lines)
+
+
+def format_modules(rows: list[dict]) -> str:
+    """``info --modules``: one line per module (rows of :func:`~lowrank_tools.formats.describe_modules`), in the
+    adapter's file order, names shortened by :func:`short_name`."""
+    names, width = name_column([r["name"] for r in rows])
+    lines = ["modules in file order", f"{'module':<{width}}  {'kind':>9}  {'rank':>5}  {'alpha':>9}  {'shape':>15}  "
+             f"{'params':>11}"]
+    for name, r in zip(names, rows):
+        rank, alpha = ("-", "-") if r["rank"] is None else (r["rank"], f"{r['alpha']:g}")
+        lines.append(f"{name:<{width}}  {r['kind']:>9}  {rank:>5}  {alpha:>9}  {'x'.join(map(str, r['shape'])):>15}  "
+                     f"{r['params']:>11,}")
     return "\n".join(lines)
 
 

@@ -336,7 +336,8 @@ def test_cli_base_tuned_table_json_csv(model_files, tmp_path):
     assert [p.name for p in pngs] == sorted(PLOT_FILES)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000 for p in pngs)
     lines = result.stdout.splitlines()  # stderr holds the progress bar
-    assert lines[0].split()[0] == "layer" and lines[1].startswith("model.layers.0.mlp.down_proj")  # r90 = 6: worst
+    assert lines[0].startswith("layers sorted by r90")  # the order is stated above the table
+    assert lines[1].split()[0] == "layer" and lines[2].startswith("model.layers.0.mlp.down_proj")  # r90 = 6: worst
     assert "by module type" in result.output and "by depth" in result.output and "--budget" in result.output
     data = json.loads(out_json.read_text())
     assert data["command"] == "analyze" and data["source"] == "delta" and len(data["layers"]) == 5

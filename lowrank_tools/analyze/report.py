@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..io.atomic import atomic_output, check_output
 from ..errors import OutputError, UsageError
-from ..report import left_out_lines
+from ..report import left_out_lines, name_column
 from ..linalg.spectrum import ENERGY_LEVELS, level_key
 
 if TYPE_CHECKING:
@@ -67,10 +67,6 @@ def analysis_csv(analysis: Analysis) -> str:
 # ------------------------------------------------------------------------------------------ table
 
 
-def _short(name: str, width: int) -> str:
-    return name if len(name) <= width else "..." + name[-(width - 3):]
-
-
 def _rank(x: LayerAnalysis, key: str) -> str:
     r = x.metrics.energy_rank[key]
     return f"{r}+" if key in x.metrics.estimated else str(r)
@@ -84,12 +80,13 @@ def _layer_rows(layers: Sequence[LayerAnalysis], max_rows: int) -> list[str]:
     """Worst first: the most rank needed for 90 % of the layer's energy, then the largest ||dW||_F."""
     key90 = level_key(0.9)
     rows = sorted(layers, key=lambda x: (-x.metrics.energy_rank[key90], -x.delta_norm))
-    width = min(48, max([len(x.name) for x in rows] + [5]))
-    lines = [f"{'layer':<{width}}  {'shape':>13}  {'||dW||':>9}  {'change':>8}  {'eff_rank':>9}  {'stable':>7}  "
+    names, width = name_column([x.name for x in rows[:max_rows]])
+    lines = ["layers sorted by r90 (the rank keeping 90% of the layer's energy), then ||dW||, largest first",
+             f"{'layer':<{width}}  {'shape':>13}  {'||dW||':>9}  {'change':>8}  {'eff_rank':>9}  {'stable':>7}  "
              + "  ".join(f"{'r' + k[2:].ljust(2, '0'):>6}" for k in _LEVEL_KEYS)]
-    for x in rows[:max_rows]:
+    for name, x in zip(names, rows[:max_rows]):
         erank = ("~" if "effective_rank" in x.metrics.estimated else "") + f"{x.metrics.effective_rank:.1f}"
-        lines.append(f"{_short(x.name, width):<{width}}  {'x'.join(map(str, x.shape)):>13}  {x.delta_norm:>9.4g}  "
+        lines.append(f"{name:<{width}}  {'x'.join(map(str, x.shape)):>13}  {x.delta_norm:>9.4g}  "
                      f"{_num(x.relative_change, '.4f'):>8}  {erank:>9}  {x.metrics.stable_rank:>7.2f}  "
                      + "  ".join(f"{_rank(x, k):>6}" for k in _LEVEL_KEYS))
     if len(rows) > max_rows:
@@ -97,12 +94,14 @@ def _layer_rows(layers: Sequence[LayerAnalysis], max_rows: int) -> list[str]:
     return lines
 
 
-def _group_rows(title: str, groups: dict[str, dict], max_rows: int) -> list[str]:
-    width = min(32, max([len(k) for k in groups] + [len(title)]))
-    lines = [f"{title:<{width}}  {'layers':>6}  {'energy':>7}  {'change':>8}  {'eff_rank':>8}  {'stable':>7}  "
-             f"{'r90 med':>7}  {'r90 max':>7}  {'r90/side':>8}"]
-    for key, g in list(groups.items())[:max_rows]:
-        lines.append(f"{_short(key, width):<{width}}  {g['layers']:>6}  {100 * g['energy_share']:>6.2f}%  "
+def _group_rows(title: str, order: str, groups: dict[str, dict], max_rows: int) -> list[str]:
+    keys = list(groups)[:max_rows]
+    short, width = name_column(keys, 32)
+    lines = [f"{title} ({order})", f"{'group':<{width}}  {'layers':>6}  {'energy':>7}  {'change':>8}  "
+             f"{'eff_rank':>8}  {'stable':>7}  {'r90 med':>7}  {'r90 max':>7}  {'r90/side':>8}"]
+    for name, key in zip(short, keys):
+        g = groups[key]
+        lines.append(f"{name:<{width}}  {g['layers']:>6}  {100 * g['energy_share']:>6.2f}%  "
                      f"{_num(g['relative_change'], '.4f'):>8}  {g['effective_rank_mean']:>8.1f}  "
                      f"{g['stable_rank_mean']:>7.2f}  {g['rank90_median']:>7g}  {g['rank90_max']:>7}  "
                      f"{g['rank90_share_mean']:>8.3f}")
@@ -139,8 +138,10 @@ def format_analysis(analysis: Analysis, *, max_rows: int = 40) -> str:
         return "no changed layer to analyze"
     s = analysis.summary
     lines = _layer_rows(analysis.layers, max_rows) + [""]
-    lines += _group_rows("by module type", analysis.groups["module_type"], max_rows) + [""]
-    lines += _group_rows("by depth", analysis.groups["depth"], max_rows) + [""]
+    lines += _group_rows("by module type", "in order of first appearance", analysis.groups["module_type"],
+                         max_rows) + [""]
+    lines += _group_rows("by depth", "blocks in index order, layers outside any block last as -",
+                         analysis.groups["depth"], max_rows) + [""]
     lines += _recommendation_rows(analysis.recommendation, len(analysis.layers))
     change = f", ||dW|| / ||W0|| {s['relative_change']:.4f}" if s.get("relative_change") is not None else ""
     lines.append(f"analyze: {s['layers']} layers{change}, median rank for 90% energy {s['rank90_median']:g}, "

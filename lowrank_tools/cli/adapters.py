@@ -6,23 +6,17 @@ from pathlib import Path
 
 import click
 
-from .options import (FORMATS, Progress, check_outputs, common_options, make_rule, out_dtype, rank_options, show, warn_all, warner,
-                      write_report)
+from ..io.formats import output_format
+from .options import (FORMAT_HELP, FORMATS, Progress, check_kohya_options, check_outputs, common_options, examples,
+                      make_rule, out_dtype, rank_options, show, warn_all, warner, write_report)
 
 
 
-def _output_format(fmt: str | None, output: Path) -> str:
-    """--format, else what -o names: a ``.safetensors`` file is kohya, anything else a PEFT folder (so a kohya
-    input resized or merged to a .safetensors name keeps its format, a PEFT folder to a folder keeps its)."""
-    kohya_name = output.suffix == ".safetensors"
-    if fmt == "kohya" and not kohya_name:
-        raise click.UsageError(f"-o {output}: a kohya adapter is one file: give a name ending in .safetensors")
-    return fmt or ("kohya" if kohya_name else "peft")
-
-
-def _finish_adapter(result, output: Path, *, fmt: str, prefix: str, force: bool, inputs, report_path, quiet) -> None:
+def _finish_adapter(result, output: Path, *, fmt: str, prefix: str, force: bool, inputs, report_path, quiet,
+                    left_out: dict) -> None:
     from ..io.formats import save_adapter
 
+    result.report.skipped.update(left_out)  # what the format cannot hold, left out before the work
     if not result.adapter.modules:
         raise click.ClickException(f"every module was left out or truncated to rank 0: nothing to write to {output}")
     save_adapter(result.adapter, output, format=fmt, force=force, inputs=inputs, prefix=prefix)
@@ -32,77 +26,102 @@ def _finish_adapter(result, output: Path, *, fmt: str, prefix: str, force: bool,
         click.echo(f"wrote {output} ({fmt}, {len(result.adapter.modules)} modules, {result.adapter.params:,} parameters)")
 
 
-_OUT_FORMAT = click.option("--format", "fmt", type=FORMATS, default=None,
-                           help="Output format (default: kohya when -o ends in .safetensors, else a PEFT folder).")
+_OUT_FORMAT = click.option("--format", "fmt", type=FORMATS, show_default="from -o", help=FORMAT_HELP)
 _PREFIX = click.option("--prefix", default="lora_unet_", show_default=True,
                        help="kohya key prefix for modules without a component.")
-_ALPHA = click.option("--alpha", type=float, help="LoRA alpha of new modules (default: r per module, so scale = 1).")
+_ALPHA = click.option("--alpha", type=float, show_default="r per module, so scale = 1",
+                      help="LoRA alpha of the modules written.")
 _REPORT = click.option("--report", "report_path", type=click.Path(path_type=Path),
-                       help="Write the per-module report (.json or .csv).")
+                       help="Write the per-module report (.json or .csv; README: report summary fields).")
 
 
 def _adapter_out_options(f):
     """What resize and merge share: -o, the rank options, alpha, format, prefix, report and the common options."""
-    opts = [click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Adapter to write."),
+    opts = [click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+                         help="Adapter to write: a name ending in .safetensors is a kohya file, anything else a PEFT "
+                              "folder."),
             rank_options, _ALPHA, _OUT_FORMAT, _PREFIX, _REPORT, common_options]
     for option in reversed(opts):
         f = option(f)
     return f
 
 
-@click.command()
+@click.command(short_help="Shrink an adapter's ranks exactly (QR core, never B @ A).",
+              epilog=examples("lowrank-tools resize adapter/ -o small -r 8",
+                              "lowrank-tools resize lora.safetensors -o small.safetensors --energy 0.95",
+                              "lowrank-tools resize adapter/ -o small --budget 5000000 --report resize.json"))
 @click.argument("adapter", type=click.Path(path_type=Path))
 @_adapter_out_options
 def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fmt, prefix, report_path, device,
-           dtype_name, include, exclude, seed, force, quiet):
-    """Shrink ADAPTER's ranks exactly through each module's QR core (never forms B @ A)."""
-    from ..io.formats import load_adapter
+           dtype_name, include, exclude, force, quiet):
+    """Shrink ADAPTER's ranks exactly through each module's QR core (never forms B @ A).
+
+    --include / --exclude choose the modules resized; the others are written unchanged. What a kohya -o cannot
+    hold (embeddings, tensors saved whole) is left out with a warning naming it, before any work."""
+    from ..io.formats import fit_format, load_adapter
     from ..resize import resize as run
 
     rule = make_rule(rank, energy, sv_ratio, threshold)
     if rule is None and budget is None:
         raise click.UsageError("resize needs a rank option: --rank, --energy, --sv-ratio, --threshold or --budget")
-    fmt = _output_format(fmt, output)
+    fmt = output_format(output, fmt).value
+    check_kohya_options(fmt, prefix, ())
     check_outputs(output, report_path, force=force, inputs=[adapter])
     loaded = load_adapter(adapter)
     warn_all(quiet, loaded.notes)
+    loaded, left_out = fit_format(loaded, fmt, warn=warner(quiet))
     result = run(loaded, rule=rule, budget=budget, alpha=alpha, dtype=out_dtype(dtype_name), device=device,
                  include=include, exclude=exclude, progress=Progress(quiet, "resize"), warn=warner(quiet))
     _finish_adapter(result, output, fmt=fmt, prefix=prefix, force=force, inputs=[adapter], report_path=report_path,
-                    quiet=quiet)
+                    quiet=quiet, left_out=left_out)
 
 
-@click.command()
+@click.command(short_help="Merge weighted adapters into one (exact, or truncated).",
+              epilog=examples("lowrank-tools merge style/ subject/:0.5 -o merged",
+                              "lowrank-tools merge a.safetensors:0.7 b.safetensors:0.3 -o ab.safetensors -r 32",
+                              "lowrank-tools merge a/ b/ -o ab --energy 0.99 --report merge.json"))
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
 @_adapter_out_options
 def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fmt, prefix, report_path, device,
-          dtype_name, include, exclude, seed, force, quiet):
-    """Merge weighted adapters: sum_i w_i scale_i B_i A_i. No rank option: exact concatenation."""
+          dtype_name, include, exclude, force, quiet):
+    """Merge weighted adapters: sum_i w_i scale_i B_i A_i. No rank option: exact concatenation.
+
+    What a kohya -o cannot hold (embeddings, tensors saved whole) is left out with a warning naming it, before
+    any work."""
+    from dataclasses import replace
+
+    from ..io.formats import fit_all
     from ..merge import merge as run
     from ..weighted import load_weighted, parse_adapter_spec
 
     specs = [parse_adapter_spec(a) for a in adapters]
     rule = make_rule(rank, energy, sv_ratio, threshold)
-    fmt = _output_format(fmt, output)
+    fmt = output_format(output, fmt).value
+    check_kohya_options(fmt, prefix, ())
     paths = [s.path for s in specs]
     check_outputs(output, report_path, force=force, inputs=paths)
     loaded = load_weighted(specs)
     warn_all(quiet, [n for item in loaded for n in item.adapter.notes])
+    fitted, left_out = fit_all([item.adapter for item in loaded], fmt, warn=warner(quiet))
+    loaded = [replace(item, adapter=adapter) for item, adapter in zip(loaded, fitted)]
     result = run(loaded, rule=rule, budget=budget, alpha=alpha, dtype=out_dtype(dtype_name), device=device,
                  include=include, exclude=exclude, progress=Progress(quiet, "merge"), warn=warner(quiet))
     _finish_adapter(result, output, fmt=fmt, prefix=prefix, force=force, inputs=paths, report_path=report_path,
-                    quiet=quiet)
+                    quiet=quiet, left_out=left_out)
 
 
-@click.command()
+@click.command(short_help="Bake adapters into a base model's full weights.",
+              epilog=examples("lowrank-tools apply base/ adapter/ -o merged-model",
+                              "lowrank-tools apply sd15.safetensors style.safetensors:0.8 -o sd15-style.safetensors",
+                              "lowrank-tools apply base/ a/ b/:0.5 -o out --shard-size 2GB --dtype bfloat16"))
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="A .safetensors file, or an HF folder (shards, index and the base folder's config files).")
-@click.option("--shard-size", default=None,
-              help="Largest shard of a folder output (default 5GB): 5GB = 5*10^9 bytes, 500MiB = 500*2^20.")
+@click.option("--shard-size", default=None, show_default="5GB",
+              help="Largest shard of a folder output: 5GB = 5*10^9 bytes, 500MiB = 500*2^20.")
 @common_options
-def apply(base, adapters, output, shard_size, device, dtype_name, include, exclude, seed, force, quiet):
+def apply(base, adapters, output, shard_size, device, dtype_name, include, exclude, force, quiet):
     """Bake weighted adapters into BASE: W = W0 + sum_i w_i scale_i B_i A_i, streamed tensor by tensor."""
     from ..apply import apply as run
     from ..io.checkpoint import check_output, parse_size

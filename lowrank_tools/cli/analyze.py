@@ -6,11 +6,14 @@ from pathlib import Path
 
 import click
 
-from .options import DEVICES, SEED, Progress, warner
+from .options import SEED, Progress, device_option, examples, filter_options, quiet_option, warner
 
 
 
-@click.command()
+@click.command(short_help="Singular-value spectra per layer, with recommended ranks.",
+              epilog=examples("lowrank-tools analyze base/ tuned/ --json spectra.json",
+                              "lowrank-tools analyze base/ tuned/ --top 64 --plot figures/",
+                              "lowrank-tools analyze adapter/ --csv modules.csv --include 'attn'"))
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="(BASE TUNED | ADAPTER)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every layer's spectrum and metrics.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write one row per layer.")
@@ -19,15 +22,14 @@ from .options import DEVICES, SEED, Progress, warner
 @click.option("--top", type=click.IntRange(min=1), metavar="K",
               help="BASE TUNED: only the top K singular values per layer (randomized); the tail is estimated from "
                    "||dW||_F. Layers whose smaller side is <= K are computed in full, with a warning.")
-@click.option("--oversample", type=click.IntRange(min=0), help="Extra sketch columns for --top (default: K).")
+@click.option("--oversample", type=click.IntRange(min=0), show_default="K",
+              help="Extra sketch columns of the randomized SVD for --top.")
 @click.option("--power-iters", type=click.IntRange(min=0), default=3, show_default=True, help="Power iterations for --top.")
-@click.option("--device", type=DEVICES, default="cpu", show_default=True,
-              help="Where the linear algebra runs.")
-@click.option("--include", multiple=True, metavar="REGEX", help="Only modules whose name matches (repeatable).")
-@click.option("--exclude", multiple=True, metavar="REGEX", help="Skip modules whose name matches (repeatable).")
+@device_option
+@filter_options
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the randomized SVD (--top).")
 @click.option("--force", is_flag=True, help="Overwrite outputs that exist.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar, table or warnings.")
+@quiet_option
 def analyze(paths, json_path, csv_path, plot_dir, top, oversample, power_iters, device, include, exclude, seed, force,
             quiet):
     """Singular-value spectra of BASE -> TUNED per layer, or of ADAPTER's modules, grouped, with recommended ranks."""

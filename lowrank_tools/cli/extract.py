@@ -7,35 +7,50 @@ from pathlib import Path
 
 import click
 
+from ..io.formats import output_format
 from ..linalg.svd import Method
-from .options import (DTYPES, FORMATS, SEED, Progress, allow_tf32_option, check_kohya_options, check_outputs,
-                      common_options, finite, make_rule, out_dtype, rank_options, show, warn_all, warner, write_report)
+from .options import (FORMAT_HELP, FORMATS, SEED, Progress, allow_tf32_option, check_kohya_options, check_outputs,
+                      common_options, dtype_option, examples, filter_options, finite, force_option, make_rule,
+                      module_table, nothing_left, out_dtype, quiet_option, rank_options, seed_option, show, warn_all,
+                      warner, write_report)
 
 
 
-@click.command()
+@click.command(short_help="Extract a LoRA adapter from a base and a fine-tuned model.",
+              epilog=examples("lowrank-tools extract base/ tuned/ -o adapter -r 32",
+                              "lowrank-tools extract sd15.safetensors tuned.safetensors -o lora.safetensors "
+                              "--energy 0.9 -r 128",
+                              "lowrank-tools extract base/ tuned/ -o adapter --budget 20000000 --report report.json"))
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("tuned", type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Adapter to write.")
-@rank_options
-@click.option("--alpha", type=float, help="LoRA alpha (default: r per layer, so scale = 1).")
-@click.option("--format", "fmt", type=FORMATS, default="peft", show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Adapter to write: a name ending in .safetensors is a kohya file, anything else a PEFT folder.")
+@rank_options(default_rank="16 without --budget")
+@click.option("--alpha", type=float, show_default="r per layer, so scale = 1", help="LoRA alpha of every layer.")
+@click.option("--format", "fmt", type=FORMATS, show_default="from -o", help=FORMAT_HELP)
 @click.option("--prefix", default="lora_unet_", show_default=True, help="kohya key prefix for modules without a component.")
 @click.option("--method", type=click.Choice([m.value for m in Method]), default="auto", show_default=True,
               help="SVD: exact, randomized (range finder), or auto (randomized when r is small against the sides).")
-@click.option("--oversample", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--power-iters", type=click.IntRange(min=0), default=4, show_default=True)
+@click.option("--oversample", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Extra columns of the randomized range finder beyond r (Halko et al. 2011, p).")
+@click.option("--power-iters", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Power iterations of the randomized range finder (more: closer to exact on flat spectra).")
 @click.option("--strict", is_flag=True, help="Tensors on one side only, or of different shapes, are errors.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the per-layer report (.json or .csv).")
-@click.option("--conv-rank", type=int, help="Rank (or cap) for conv kernels (default: that of --rank).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Write the per-layer report (.json or .csv; README: report summary fields).")
+@click.option("--conv-rank", type=int, show_default="that of --rank", help="Rank (or cap) for conv kernels.")
 @click.option("--full-modules", multiple=True, metavar="REGEX",
               help="Save these modules' tensors whole (PEFT modules_to_save), e.g. a grown vocabulary (repeatable).")
 @allow_tf32_option
 @common_options
+@seed_option
 def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alpha, fmt, prefix, method, oversample,
             power_iters, strict, report_path, conv_rank, full_modules, allow_tf32, device, dtype_name, include, exclude,
             seed, force, quiet):
     """Extract a LoRA adapter from BASE and fully fine-tuned TUNED checkpoints (default --rank 16).
+
+    Embeddings, which a kohya file cannot hold, are left out of a kohya -o with a warning naming them (as convert,
+    resize and merge do), before any work; a PEFT folder keeps them.
 
     --budget N spreads ranks over layers within N parameters (one pass: the top K singular values per layer,
     K = --rank if given, else min(smaller side, 256), then the allocation).
@@ -46,6 +61,7 @@ def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alph
     from ..extract.distributed import torchrun_group
 
     rule = make_rule(rank, energy, sv_ratio, threshold, default_rank=None if budget is not None else 16)
+    fmt = output_format(output, fmt).value
     check_kohya_options(fmt, prefix, full_modules)
     with torchrun_group(device) as process_rank:
         _extract(base, tuned, output, dict(rule=rule, budget=budget, method=method, alpha=alpha,
@@ -85,62 +101,89 @@ def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, fo
         click.echo(f"wrote {output} ({len(result.adapter.modules)} modules, {result.adapter.params:,} parameters)")
 
 
-@click.command()
+@click.command(short_help="Convert an adapter between PEFT and kohya formats.",
+              epilog=examples("lowrank-tools convert adapter/ -o lora.safetensors",
+                              "lowrank-tools convert lora.safetensors -o adapter --base sd15.safetensors",
+                              "lowrank-tools convert adapter/ -o lora.safetensors --exclude 'lm_head'"))
 @click.argument("adapter", type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=FORMATS, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Adapter to write: a name ending in .safetensors is a kohya file, anything else a PEFT folder.")
+@click.option("--format", "fmt", type=FORMATS, show_default="from -o", help=FORMAT_HELP)
 @click.option("--prefix", default="lora_unet_", show_default=True, help="kohya key prefix for modules without a component.")
-@click.option("--dtype", "dtype_name", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True)
+@dtype_option
 @click.option("--base", type=click.Path(path_type=Path),
               help="Checkpoint the adapter was made for: kohya keys without recorded names are matched against it.")
-@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
-@click.option("--quiet", "-q", is_flag=True)
-def convert(adapter, output, fmt, prefix, dtype_name, base, force, quiet):
+@filter_options
+@force_option
+@quiet_option
+def convert(adapter, output, fmt, prefix, dtype_name, base, include, exclude, force, quiet):
     """Convert ADAPTER between PEFT and kohya formats; every module's product is unchanged.
 
     Modules under unet. / text_encoder. / text_encoder_2. take their component's kohya prefix, others --prefix.
-    A pipeline's adapter converted to peft is written as diffusers' pytorch_lora_weights.safetensors."""
+    A pipeline's adapter converted to peft is written as diffusers' pytorch_lora_weights.safetensors. What kohya
+    cannot hold (embeddings, tensors saved whole) is left out with a warning naming it, before anything is written."""
     from ..io.checkpoint import check_output
-    from ..io.formats import load_adapter, save_adapter
+    from ..io.formats import fit_format, load_adapter, save_adapter, select_modules
 
+    fmt = output_format(output, fmt).value
     check_kohya_options(fmt, prefix, ())
     check_output(output, force=force, inputs=[adapter])
     loaded = load_adapter(adapter, base=base)
     warn_all(quiet, loaded.notes)
+    loaded, left_out = fit_format(select_modules(loaded, include, exclude), fmt, warn=warner(quiet))
+    if not loaded.modules and not loaded.full_tensors:
+        raise click.ClickException(f"nothing of {adapter} left to write to {output}: {nothing_left(left_out, fmt)}")
     save_adapter(loaded, output, format=fmt, force=force, inputs=[adapter], dtype=out_dtype(dtype_name), prefix=prefix)
     if not quiet:
         click.echo(f"wrote {output} ({fmt}, {len(loaded.modules)} modules)")
 
 
-@click.command()
+@click.command(short_help="Describe an adapter; --modules lists every module.",
+              epilog=examples("lowrank-tools info adapter/", "lowrank-tools info lora.safetensors --modules",
+                              "lowrank-tools info adapter/ --modules --include 'layers\\.0\\.' --json"))
 @click.argument("adapter", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--modules", "list_modules", is_flag=True,
+              help="List every module (file order) with its kind, rank, alpha and the shape of the weight it adapts.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (with --modules: module_list).")
 @click.option("--base", type=click.Path(path_type=Path),
               help="Checkpoint the adapter was made for: kohya keys without recorded names are matched against it.")
-def info(adapter, as_json, base):
-    """Describe ADAPTER: format, modules, ranks, alphas, scale rule, parameters, dtype, base model."""
-    from ..io.formats import describe_adapter, load_adapter
+@filter_options
+@quiet_option
+def info(adapter, list_modules, as_json, base, include, exclude, quiet):
+    """Describe ADAPTER: format, modules, ranks, alphas, scale rule, parameters, dtype, base model.
 
-    facts = describe_adapter(load_adapter(adapter, base=base), adapter)
+    Notes about the input (e.g. module names guessed for a kohya file) go to stderr as warnings; -q drops them."""
+    from ..io.formats import describe_adapter, describe_modules, load_adapter, select_modules
+
+    loaded = select_modules(load_adapter(adapter, base=base), include, exclude)
+    facts = describe_adapter(loaded, adapter)
+    warn_all(quiet or as_json, facts.pop("notes") if not as_json else ())
+    if list_modules:
+        facts["module_list"] = describe_modules(loaded)
     if as_json:
         click.echo(json.dumps(facts, indent=2))
         return
+    rows = facts.pop("module_list", None)
     for key, value in facts.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
         elif isinstance(value, list):
             value = "; ".join(map(str, value)) or "-"
         click.echo(f"{key:>14}: {value if value is not None else '-'}")
+    if rows is not None:
+        click.echo("\n" + module_table(rows))
 
 
-@click.command()
+@click.command(short_help="The whole flow on a generated pair, in a few seconds.",
+              epilog=examples("lowrank-tools demo", "lowrank-tools demo --force --seconds 20",
+                              "lowrank-tools demo -o /tmp/demo --seed 3"))
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=Path("lowrank-demo"),
               show_default=True, help="Folder for the generated checkpoints and adapters.")
 @click.option("--seconds", type=click.FloatRange(min=0.5, max=3600), default=5.0, show_default=True, callback=finite,
               help="Fine-tuning time.")
-@click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--force", is_flag=True, help="Reuse the output folder if it exists.")
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the generated tasks and training.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@quiet_option
 def demo(out_dir, seconds, seed, force, quiet):
     """The whole flow on a generated pair: fine-tune a small model for real, extract at two ranks, report."""
     from ..demo import run_demo

@@ -14,6 +14,8 @@ from ..linalg.svd import Device, RankRule
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FORMATS = click.Choice([f.value for f in AdapterFormat])  # peft | kohya
+FORMAT_HELP = ("Output format: peft (a folder) or kohya (one .safetensors file); a kohya -o must end in .safetensors, "
+               "a peft one must not.")
 DEVICES = click.Choice([d.value for d in Device])  # cpu | cuda | auto
 class _Seed(click.ParamType):
     """A whole number that torch.Generator.manual_seed takes, 0 to 2^64 - 1 (a larger one is a usage error)."""
@@ -38,35 +40,67 @@ def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> f
 
 
 
-def rank_options(f):
-    """--rank / --energy / --sv-ratio / --threshold / --budget (extract, resize, merge)."""
-    opts = [
-        click.option("--rank", "-r", type=int, help="Fixed rank; also the cap for the dynamic rules."),
-        click.option("--energy", type=float, help="Smallest r with retained energy >= F, F in (0, 1]."),
-        click.option("--sv-ratio", type=float, help="Keep singular values S_i >= S_1 / F (F >= 1)."),
-        click.option("--threshold", type=float, help="Keep singular values S_i > F (F >= 0)."),
-        click.option("--budget", type=int, help="Total adapter parameters, spread over layers to minimise error; "
-                     "--rank and the dynamic rules then cap each layer (extract: at most 256 without --rank)."),
-    ]
+def rank_options(f=None, *, default_rank: str | None = None):
+    """--rank / --energy / --sv-ratio / --threshold / --budget (extract, resize, merge); ``default_rank``: what a run
+    without any of them does, shown as --rank's default."""
+    def decorate(g):
+        opts = [
+            click.option("--rank", "-r", type=int, show_default=default_rank or False,
+                         help="Fixed rank; also the cap for the dynamic rules."),
+            click.option("--energy", type=float, help="Smallest r with retained energy >= F, F in (0, 1]."),
+            click.option("--sv-ratio", type=float, help="Keep singular values S_i >= S_1 / F (F >= 1)."),
+            click.option("--threshold", type=float, help="Keep singular values S_i > F (F >= 0)."),
+            click.option("--budget", type=int, help="Total adapter parameters, spread over layers to minimise error; "
+                         "--rank and the dynamic rules then cap each layer (extract: at most 256 without --rank)."),
+        ]
+        return functools.reduce(lambda h, o: o(h), reversed(opts), g)
+
+    return decorate(f) if f is not None else decorate
+
+
+def device_option(f):
+    """--device (every command that computes): cuda when available unless told otherwise."""
+    return click.option("--device", type=DEVICES, default="auto", show_default=True,
+                        help="Where the linear algebra runs: auto is cuda when available, else cpu.")(f)
+
+
+def filter_options(f):
+    """--include / --exclude: every command that reads checkpoints or adapters."""
+    opts = [click.option("--include", multiple=True, metavar="REGEX",
+                         help="Only modules whose name matches (repeatable; default: all)."),
+            click.option("--exclude", multiple=True, metavar="REGEX",
+                         help="Skip modules whose name matches (repeatable; default: none).")]
     return functools.reduce(lambda g, o: o(g), reversed(opts), f)
+
+
+def dtype_option(f):
+    return click.option("--dtype", "dtype_name", type=click.Choice(["auto", *DTYPES]), default="auto",
+                        show_default=True, help="dtype of what is written (auto: that of the input).")(f)
+
+
+def quiet_option(f):
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bar, table or warnings.")(f)
+
+
+def force_option(f):
+    return click.option("--force", is_flag=True, help="Overwrite the output if it exists.")(f)
+
+
+def seed_option(f):
+    """--seed: only where randomness acts (extract's and analyze's randomized SVD, demo's training)."""
+    return click.option("--seed", type=SEED, default=0, show_default=True,
+                        help="Seed of the randomized SVD: the same seed gives the same bytes.")(f)
 
 
 def common_options(f):
-    """--device / --dtype / --include / --exclude / --seed / --force / --quiet."""
-    opts = [
-        click.option("--device", type=DEVICES, default="cpu", show_default=True,
-                     help="Where the linear algebra runs."),
-        click.option("--dtype", "dtype_name", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True,
-                     help="dtype of what is written (auto: that of the input)."),
-        click.option("--include", multiple=True, metavar="REGEX", help="Only modules whose name matches (repeatable)."),
-        click.option("--exclude", multiple=True, metavar="REGEX", help="Skip modules whose name matches (repeatable)."),
-        click.option("--seed", type=SEED, default=0, show_default=True,
-                     help="Seed of the randomized SVD (extract). resize, merge and apply are exact and use no "
-                          "randomness: accepted there so every command takes the shared options, it changes nothing."),
-        click.option("--force", is_flag=True, help="Overwrite the output if it exists."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bar, table or warnings."),
-    ]
-    return functools.reduce(lambda g, o: o(g), reversed(opts), f)
+    """--device / --dtype / --include / --exclude / --force / --quiet (no --seed: resize, merge and apply are exact)."""
+    return functools.reduce(lambda g, o: o(g), reversed([device_option, dtype_option, filter_options, force_option,
+                                                         quiet_option]), f)
+
+
+def examples(*lines: str) -> str:
+    """A click epilog: the command's examples, kept line by line (click's no-rewrap marker first)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def allow_tf32_option(f):
@@ -170,6 +204,21 @@ def check_kohya_options(fmt: str | None, prefix: str, full_modules) -> None:
     check_prefix(prefix)
     if fmt == "kohya" and full_modules:
         raise click.UsageError("--full-modules needs --format peft: kohya files hold LoRA factors only")
+
+
+def module_table(rows) -> str:
+    from ..report import format_modules
+
+    return format_modules(rows)
+
+
+def nothing_left(left_out: dict, fmt: str) -> str:
+    """Why an adapter came out empty, from fit_format's {reason: names}."""
+    names = [n for group in left_out.values() for n in group]
+    if not names:
+        return "no module passed --include / --exclude"
+    return (f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}: a {fmt} file cannot hold "
+            f"{'it' if len(names) == 1 else 'them'}: use --format peft and an -o folder name")
 
 
 def show(report, quiet: bool) -> None:

@@ -26,9 +26,11 @@ from ..io.checkpoint import Checkpoint, as_checkpoint, pair_tensors
 from .distributed import Share, current_share, layer_cost
 from ..errors import InvalidOption, NumericalError
 from .budget import budget_top_k, extract_with_budget
-from ..io.layers import compile_filters, plan_layers, relative_change
+from ..io.formats import left_out_warning
+from ..io.layers import NOT_HELD, compile_filters, plan_layers, relative_change
 from ..linalg.memory import stream_large_buffers
 from ..linalg.svd import Method, RankRule, TruncatedSVD, balanced_factors, resolve_device, truncated_svd
+from ..io.peft import base_model_reference, task_type
 from ..linalg.norms import check_finite, frobenius_error, frobenius_norm
 from .pipeline import Stager, batch_size, batched_svds, plan_batches, staged, tf32
 from ..io.prefetch import prefetch
@@ -215,6 +217,8 @@ def extract(
     pairing = plan.unsaved(pairing)  # tensors saved whole are not "skipped"
     if warn and pairing.warning():
         warn(pairing.warning())
+    if warn and plan.skipped.get(NOT_HELD):  # before any work, in the words convert, resize and merge use
+        warn(left_out_warning([module_name(n) for n in plan.skipped[NOT_HELD]], "kohya"))
     selected, skipped, one_d = plan.layers, plan.skipped, plan.one_d
     share = current_share(distributed)
     with share or nullcontext():
@@ -229,8 +233,9 @@ def extract(
     skipped["zero delta or nothing kept"] = zero
     full = plan.finish(modules, tuned_ckpt)  # tied heads beside their embedding; tensors saved whole
     _count_tied_heads(records, plan, modules)
-    adapter = Adapter(modules=modules, full_tensors=cast_whole(full, dtype), base_model=_base_name(base),
-                      source_format="extract")
+    adapter = Adapter(modules=modules, full_tensors=cast_whole(full, dtype), source_format="extract",
+                      base_model=base_model_reference(base_ckpt.config, getattr(base_ckpt, "path", None)),
+                      task_type=task_type(base_ckpt.config or tuned_ckpt.config))
     more = {"processes": share.world_size} if share is not None else {}
     summary = summarize(records, wall_time=time.perf_counter() - start, **more)
     report = Report(command="extract", layers=records, summary=summary,
@@ -347,10 +352,3 @@ def _conv_rule(rule: RankRule | None, budget: int | None, conv_rank: int | None)
     return replace(rule, rank=conv_rank)
 
 
-def _base_name(base) -> str | None:
-    """base_model_name_or_path: the base checkpoint's config ``_name_or_path``, else its path."""
-    ckpt_config = getattr(base, "config", None) or {}
-    name = ckpt_config.get("_name_or_path") if isinstance(ckpt_config, dict) else None
-    if name:
-        return str(name)
-    return str(base) if isinstance(base, (str,)) or hasattr(base, "__fspath__") else None

@@ -15,24 +15,100 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, module_name
+from ..adapter import Adapter, ModuleKind, module_name
 from .checkpoint import Checkpoint, as_checkpoint, atomic_output, open_checkpoint
 from ..errors import AdapterFormatError, CheckpointNotFound, ConversionError, UsageError
+from .layers import NOT_HELD, compile_filters, matches
 from .kohya import is_kohya_keys, kohya_state_dict, read_kohya, write_kohya
 from .peft import (DIFFUSERS_COMPONENTS, DIFFUSERS_NAME, WEIGHTS_NAME, is_diffusers_adapter, is_peft_folder,
                           lora_keys_seen, read_peft, read_peft_file, write_diffusers, write_peft)
 
-__all__ = ["AdapterFormat", "load_adapter", "save_adapter", "detect_format", "describe_adapter", "check_target"]
+__all__ = ["AdapterFormat", "load_adapter", "save_adapter", "detect_format", "describe_adapter", "describe_modules",
+           "check_target", "output_format", "fit_format", "fit_all", "left_out_warning", "select_modules", "LEFT_OUT",
+           "LEFT_OUT_WHOLE"]
 
 
 class AdapterFormat(str, Enum):
     PEFT = "peft"
     KOHYA = "kohya"
+
+
+# report.skipped reasons of what an output format cannot hold (the same words in extract, convert, resize and merge)
+LEFT_OUT = NOT_HELD
+LEFT_OUT_WHOLE = "saved whole (the target format cannot hold it: use --format peft)"
+
+
+def output_format(target: str | os.PathLike, format: AdapterFormat | str | None = None) -> AdapterFormat:
+    """The format an adapter written to ``target`` (``-o``) takes; one rule for extract, convert, resize and merge.
+
+    No ``format``: a name ending in ``.safetensors`` is a kohya file, anything else a PEFT folder. ``kohya`` needs a
+    ``.safetensors`` name (a kohya adapter is one file); ``peft`` refuses one (a PEFT adapter is a folder, and a
+    folder named ``x.safetensors`` would fool every tool that reads it as a file). Raises :class:`UsageError`.
+    """
+    target = Path(target)
+    file_name = target.suffix.lower() == ".safetensors"
+    fmt = AdapterFormat(format) if format is not None else (AdapterFormat.KOHYA if file_name else AdapterFormat.PEFT)
+    if fmt is AdapterFormat.KOHYA and not file_name:
+        raise UsageError(f"-o {target}: a kohya adapter is one file: give a name ending in .safetensors, or "
+                         f"--format peft for a PEFT folder")
+    if fmt is AdapterFormat.PEFT and file_name:
+        raise UsageError(f"-o {target}: a PEFT adapter is a folder: give a name without .safetensors, or "
+                         f"--format kohya for one kohya file")
+    return fmt
+
+
+def _unholdable(adapter: Adapter, fmt: AdapterFormat) -> tuple[list[str], list[str]]:
+    """(modules, tensors saved whole) that ``fmt`` cannot hold: a kohya file holds LoRA factors of linear and conv
+    layers only."""
+    if fmt is not AdapterFormat.KOHYA:
+        return [], []
+    return [n for n, m in adapter.modules.items() if m.kind is ModuleKind.EMBEDDING], sorted(adapter.full_tensors)
+
+
+def fit_format(adapter: Adapter, format: AdapterFormat | str, *, warn=None) -> tuple[Adapter, dict[str, list[str]]]:
+    """``adapter`` without what ``format`` cannot hold (embeddings and tensors saved whole, in kohya), and what was
+    left out as {report.skipped reason: names}; ``warn`` gets one line naming them. Called before any work (the same
+    in extract, convert, resize and merge), so a run never ends in a refusal after its progress bar is full."""
+    (fitted,), left_out = fit_all([adapter], format, warn=warn)
+    return fitted, left_out
+
+
+def fit_all(adapters, format: AdapterFormat | str, *, warn=None) -> tuple[list[Adapter], dict[str, list[str]]]:
+    """:func:`fit_format` for the inputs of a merge: one warning for all of them."""
+    fitted, modules, whole = [], [], []
+    for adapter in adapters:
+        drop, drop_whole = _unholdable(adapter, AdapterFormat(format))
+        modules += [n for n in drop if n not in modules]
+        whole += [n for n in drop_whole if n not in whole]
+        fitted.append(replace(adapter, modules={n: m for n, m in adapter.modules.items() if n not in drop},
+                              full_tensors={}) if drop or drop_whole else adapter)
+    if warn and (modules or whole):
+        warn(left_out_warning(modules + whole, format))
+    return fitted, {k: v for k, v in {LEFT_OUT: modules, LEFT_OUT_WHOLE: whole}.items() if v}
+
+
+def left_out_warning(names, format: AdapterFormat | str) -> str:
+    """The one warning line for modules an output format cannot hold (extract, convert, resize and merge)."""
+    names = list(names)
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"left out {len(names)} module(s) a {AdapterFormat(format).value} file cannot hold (embeddings, tensors "
+            f"saved whole): {shown}; keep them with --format peft and an -o folder name")
+
+
+def select_modules(adapter: Adapter, include=(), exclude=()) -> Adapter:
+    """``adapter`` with only the modules (and tensors saved whole) whose name passes --include / --exclude."""
+    include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
+    if not include and not exclude:
+        return adapter
+    return replace(adapter, modules={n: m for n, m in adapter.modules.items() if matches(n, include, exclude)},
+                   full_tensors={n: t for n, t in adapter.full_tensors.items()
+                                 if matches(module_name(n), include, exclude)})
 
 
 def _single_file(folder: Path) -> Path | None:
@@ -96,17 +172,17 @@ def check_target(adapter: Adapter, format: AdapterFormat | str, *, prefix: str =
                               f"--full-modules, or extract the component folder alone (PEFT modules_to_save)")
 
 
-def save_adapter(adapter: Adapter, target: str | os.PathLike, *, format: AdapterFormat | str = AdapterFormat.PEFT,
+def save_adapter(adapter: Adapter, target: str | os.PathLike, *, format: AdapterFormat | str | None = None,
                  force: bool = False, inputs=(), dtype: torch.dtype | None = None, prefix: str = "lora_unet_") -> Path:
     """Write ``adapter`` atomically in ``format`` (PEFT: a folder; kohya: a .safetensors file).
 
+    ``format`` None: decided by :func:`output_format` from the name (``.safetensors``: kohya, else PEFT).
     ``prefix``: the kohya prefix of modules without a pipeline component (``unet.`` and ``text_encoder.`` modules
-    take ``lora_unet_`` / ``lora_te_``). Nothing is written when the format cannot hold a module.
+    take ``lora_unet_`` / ``lora_te_``). Nothing is written when the format cannot hold a module (the commands
+    leave those out first, with :func:`fit_format`).
     """
-    fmt = AdapterFormat(format)
     target = Path(target)
-    if fmt is AdapterFormat.KOHYA and target.suffix != ".safetensors":
-        raise UsageError(f"-o {target}: a kohya adapter is one file: give a name ending in .safetensors")
+    fmt = output_format(target, format)
     if dtype is not None:
         adapter = adapter.to(dtype=dtype)
     check_target(adapter, fmt, prefix=prefix)
@@ -151,3 +227,15 @@ def describe_adapter(adapter: Adapter, path: str | os.PathLike) -> dict:
         "base_model": adapter.base_model,
         "notes": adapter.notes,
     }
+
+
+def describe_modules(adapter: Adapter) -> list[dict]:
+    """One row per module for ``info --modules``, in the adapter's order: name, kind, rank, alpha, scale (alpha / r,
+    or alpha / sqrt(r) for rsLoRA), the shape of the weight it adapts and its parameters; tensors saved
+    whole follow as kind ``whole`` (rank and alpha None)."""
+    rows = [{"name": name, "kind": m.kind.value, "rank": m.rank, "alpha": round(m.alpha, 6),
+             "scale": round(m.scale, 6), "shape": list(m.weight_shape), "params": m.params}
+            for name, m in adapter.modules.items()]
+    rows += [{"name": name, "kind": "whole", "rank": None, "alpha": None, "scale": None, "shape": list(t.shape),
+              "params": int(t.numel())} for name, t in adapter.full_tensors.items()]
+    return rows

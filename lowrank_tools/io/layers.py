@@ -185,7 +185,8 @@ def tied_head_module(embedding: LoraModule) -> LoraModule:
 
 # -------------------------------------------------------------------------------------------------- plan
 
-_NO_EMBEDDINGS = "embedding (the target format cannot hold it: use --format peft)"
+# report.skipped reason of embeddings a target format cannot hold (also formats.fit_format's)
+NOT_HELD = "embedding (the target format cannot hold it: use --format peft)"
 
 
 @dataclass
@@ -252,7 +253,7 @@ def _drop_embeddings(plan: LayerPlan) -> None:
     _drop(plan, embeddings)
     heads = [f"{plan.tied.pop(n).head}.weight" for n in embeddings if n in plan.tied]
     if embeddings:
-        plan.skipped.setdefault(_NO_EMBEDDINGS, []).extend(embeddings + heads)
+        plan.skipped.setdefault(NOT_HELD, []).extend(embeddings + heads)
 
 
 def _check_shapes(pairing: Pairing, plan: LayerPlan, include, exclude, ckpts=()) -> None:
