@@ -171,7 +171,7 @@ def test_embedding_left_out_of_kohya_alike_and_before_the_work(inputs, tmp_path,
     import importlib
 
     extract_module, merge_module, resize_module = (importlib.import_module(f"lowrank_tools.{m}")
-                                                   for m in ("extract", "merge", "resize"))
+                                                   for m in ("extract.streaming", "merge", "resize"))
 
     seen = []
     for module, attr in [(resize_module, "resize"), (merge_module, "merge")]:
