@@ -124,7 +124,7 @@ def info(adapter, as_json, base):
 
     facts = describe_adapter(load_adapter(adapter, base=base), adapter)
     if as_json:
-        click.echo(json.dumps(facts, indent=2))
+        click.echo(json.dumps(facts, indent=2, allow_nan=False))  # strict: no NaN/Infinity tokens
         return
     for key, value in facts.items():
         if isinstance(value, dict):
