@@ -39,7 +39,8 @@ _PREFIX = click.option("--prefix", default="lora_unet_", show_default=True,
                        help="kohya key prefix for modules without a component.")
 _ALPHA = click.option("--alpha", type=float, help="LoRA alpha of new modules (default: r per module, so scale = 1).")
 _REPORT = click.option("--report", "report_path", type=click.Path(path_type=Path),
-                       help="Write the per-module report (.json or .csv).")
+                       help="Write the per-module report (.json or .csv). Strict JSON: null (an empty CSV field) is "
+                            "a value that does not exist.")
 
 
 def _adapter_out_options(f):

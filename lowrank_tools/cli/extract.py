@@ -27,7 +27,9 @@ from .options import (DTYPES, FORMATS, SEED, Progress, allow_tf32_option, check_
 @click.option("--oversample", type=click.IntRange(min=0), default=10, show_default=True)
 @click.option("--power-iters", type=click.IntRange(min=0), default=4, show_default=True)
 @click.option("--strict", is_flag=True, help="Tensors on one side only, or of different shapes, are errors.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the per-layer report (.json or .csv).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Write the per-layer report (.json or .csv). Strict JSON: not_low_rank is null for a 1-D tensor "
+                   "whose base is all zero (no ratio).")
 @click.option("--conv-rank", type=int, help="Rank (or cap) for conv kernels (default: that of --rank).")
 @click.option("--full-modules", multiple=True, metavar="REGEX",
               help="Save these modules' tensors whole (PEFT modules_to_save), e.g. a grown vocabulary (repeatable).")
@@ -115,7 +117,7 @@ def convert(adapter, output, fmt, prefix, dtype_name, base, force, quiet):
 
 @main.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable (strict) JSON; null: not known.")
 @click.option("--base", type=click.Path(path_type=Path),
               help="Checkpoint the adapter was made for: kohya keys without recorded names are matched against it.")
 def info(adapter, as_json, base):
