@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .adapter import LoraModule, ModuleKind
-from .atomic import header_bound
+from .atomic import all_finite, header_bound
 from .checkpoint import Checkpoint, ShardedWriter, as_checkpoint, atomic_output, check_output, parse_size
 from .errors import AdapterMismatch, NonFiniteWeight, NumericalError, UsageError
 from .layers import WORD_EMBEDDINGS, compile_filters, matches
@@ -224,7 +224,7 @@ def _check_overflow(target: Tensor, block: Tensor, name: str, terms: Sequence[Te
 
 def _check_input(t: Tensor, what: str) -> None:
     """A tensor read that already holds NaN/Inf is refused, naming it: apply writes only finite tensors."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise NonFiniteWeight(f"{what} holds {bad} NaN/Inf values: apply writes only finite tensors: repair or "
                               f"re-export it")
@@ -235,7 +235,7 @@ def _cast(t: Tensor, dtype: torch.dtype, what: str) -> Tensor:
     if dtype == t.dtype:
         return t
     out = t.to(dtype)
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         peak = float(t.detach().abs().amax())
         raise NumericalError(f"{what} holds values up to {peak:.4g}, past the range of {dtype}: pass --dtype float32, "
                              f"or --dtype auto to keep each tensor's own dtype")

@@ -26,7 +26,7 @@ from .safetensors_io import DTYPE_NAMES as _DTYPE_NAMES
 from .safetensors_io import SAFETENSORS_DTYPES  # re-exported: the table lives with the reader
 
 __all__ = ["atomic_output", "check_output", "parse_size", "ShardedWriter", "SAFETENSORS_DTYPES", "header_bound",
-           "write_safetensors", "check_finite_output"]
+           "write_safetensors", "check_finite_output", "all_finite"]
 
 _TMP_MARK = ".lrt-tmp-"
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -201,11 +201,9 @@ def check_finite_output(name: str, tensor: torch.Tensor, output: str | os.PathLi
     Every tensor this tool writes goes through here (the safetensors writer below, and any other saver): a value
     past the output dtype's range is a loud error naming the tensor and the output, never a silent Inf on disk.
     ``output`` may be a temporary of :func:`atomic_output`: the message names its target."""
-    if not (tensor.is_floating_point() or tensor.is_complex()):
+    if all_finite(tensor):
         return
     flat = tensor.detach().reshape(-1)
-    if all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(_FINITE_CHUNK)):
-        return
     nan = int(torch.isnan(flat).sum())
     inf = int(torch.isinf(flat).sum())
     dtype = str(tensor.dtype).replace("torch.", "")
@@ -213,6 +211,19 @@ def check_finite_output(name: str, tensor: torch.Tensor, output: str | os.PathLi
     raise NonFiniteOutput(f"tensor {name} for {_target_of(Path(output))} would hold {inf} Inf and {nan} NaN values "
                           f"in {dtype}{hint}: nothing was written; pass --dtype float32, use smaller adapter weights "
                           f"or --alpha, or repair the input that holds them")
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no entry of ``tensor`` is NaN or Inf; a chunk at a time, with no temporary the size of the tensor.
+
+    A chunk's float32 (float64) sum is finite when every entry is (NaN and Inf reach the sum), at a fraction of
+    ``isfinite``'s cost; only a sum that overflowed from finite entries takes the exact check."""
+    if not tensor.is_floating_point():
+        return True  # integers and bools are finite
+    flat = tensor.detach().reshape(-1)
+    acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    return all(bool(torch.isfinite(chunk.sum(dtype=acc))) or bool(torch.isfinite(chunk).all())
+               for chunk in flat.split(_FINITE_CHUNK))
 
 
 def _target_of(path: Path) -> Path:

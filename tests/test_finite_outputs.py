@@ -392,3 +392,17 @@ def test_plan_drops_terms_that_add_nothing_and_the_bytes_stay():
     for name in ("a.weight", "b.weight"):
         assert torch.equal(out[name].view(torch.int16), W.view(torch.int16)), name  # -0.0 kept
     assert not torch.equal(out["c.weight"], W)
+
+
+def test_all_finite_sums_a_chunk_and_checks_exactly_when_the_sum_overflows():
+    from lowrank_tools.atomic import all_finite
+
+    assert all_finite(torch.full((10,), 6e4).half())  # its float16 sum would overflow: summed in float32
+    big = torch.full((3 << 20,), 3e38)  # finite entries whose float32 sum overflows: the exact check decides
+    assert all_finite(big)
+    big[-1] = float("inf")
+    assert not all_finite(big)
+    nan = torch.zeros(5, dtype=torch.bfloat16)
+    nan[2] = float("nan")
+    assert not all_finite(nan) and not all_finite(torch.tensor(float("-inf")))
+    assert all_finite(torch.arange(5)) and all_finite(torch.zeros(0)) and all_finite(torch.ones(2, 3).mT)
