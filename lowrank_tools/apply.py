@@ -146,6 +146,10 @@ def _add_whole(whole: dict[str, Tensor], item: WeightedAdapter, base: Checkpoint
             got = tuple(base.shape(name)) if name in base else "missing"
             raise AdapterMismatch(f"{item.source}: tensor {name} saved whole has shape {tuple(t.shape)} but the "
                                   f"base has {got}: the adapter was made for another model")
+        if item.weight == 0:  # weight 0: nothing of this adapter, its whole tensors included (bit for bit)
+            if warn:
+                warn(f"{item.source}: tensor {name} is saved whole: weight 0 leaves the base tensor as it is")
+            continue
         if warn and (name in whole or item.weight != 1.0):
             warn(f"{item.source}: tensor {name} is saved whole: it replaces the base tensor (weights do not apply)")
         whole[name] = t
@@ -213,9 +217,9 @@ def _add_terms(W: Tensor, terms: Sequence[Term], *, device: torch.device, dtype:
 
 def _check_overflow(target: Tensor, block: Tensor, name: str, terms: Sequence[Term]) -> None:
     """Every written value finite: the float32 sum (a huge weight) or its cast (float16 stops at 65504)."""
-    if bool(torch.isfinite(target).all()):
+    if all_finite(target):
         return
-    if not bool(torch.isfinite(block).all()):  # the base is finite (checked when read): the adapters overflowed
+    if not all_finite(block):  # the base is finite (checked when read): the adapters overflowed
         coef = max(abs(t.coef) for t in terms)
         raise NumericalError(f"applying the adapters to {name} overflows float32 (weight x scale up to {coef:.3g}): "
                              f"use smaller adapter weights")

@@ -186,6 +186,7 @@ PASSING = {
     "apply-weight-0": ["apply", "{in}/base.safetensors", "{in}/adapter:0", "-o", "out.safetensors", "-q"],
     "apply-weight-0-fp16": ["apply", "{in}/base16.safetensors", "{in}/adapter:0", "-o", "out.safetensors", "-q"],
     "apply-weight-0-bf16": ["apply", "{in}/basebf16.safetensors", "{in}/adapter:0", "-o", "out.safetensors", "-q"],
+    "apply-weight-0-whole": ["apply", "{in}/base.safetensors", "{in}/whole:0", "-o", "out.safetensors", "-q"],
     "apply-fp16-auto": ["apply", "{in}/base16.safetensors", "{in}/adapter", "-o", "out.safetensors", "--dtype", "auto",
                         "-q"],
     "apply-bf16": ["apply", "{in}/basebf16.safetensors", "{in}/adapter", "-o", "model", "--shard-size", "1KB", "-q"],
@@ -277,7 +278,7 @@ def test_info_json_is_strict(outcomes):
 
 
 @pytest.mark.parametrize("case, base", [("apply-weight-0", "base"), ("apply-weight-0-fp16", "base16"),
-                                        ("apply-weight-0-bf16", "basebf16")])
+                                        ("apply-weight-0-bf16", "basebf16"), ("apply-weight-0-whole", "base")])
 def test_apply_weight_zero_copies_the_base_bit_for_bit(outcomes, case, base):
     got = outcomes[case]
     _ok(got)
