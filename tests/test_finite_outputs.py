@@ -32,7 +32,7 @@ from click.testing import CliRunner
 from conftest import planted_delta
 from lowrank_tools.adapter import Adapter, LoraModule
 from lowrank_tools.cli import main
-from lowrank_tools.formats import save_adapter
+from lowrank_tools.io.formats import save_adapter
 
 TIMEOUT = 120
 Q, UP, LN, NORM, O = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj",
@@ -334,7 +334,7 @@ def test_report_with_zero_base_encodes_null_everywhere():
 
 
 def test_writer_refuses_a_non_finite_tensor_naming_it_and_the_output(tmp_path):
-    from lowrank_tools.atomic import ShardedWriter, atomic_output, check_finite_output, write_safetensors
+    from lowrank_tools.io.atomic import ShardedWriter, atomic_output, check_finite_output, write_safetensors
     from lowrank_tools.errors import NonFiniteOutput
 
     with pytest.raises(NonFiniteOutput, match=r"tensor b for .*out\.safetensors would hold 1 Inf and 1 NaN values in "
@@ -368,7 +368,7 @@ def test_peft_writer_checks_tensors_before_save_file(tmp_path):
 @pytest.mark.parametrize("alpha", [1e39, 1e-40, 1e-46])
 def test_kohya_alpha_outside_float32_is_refused(alpha):
     from lowrank_tools.errors import ConversionError
-    from lowrank_tools.kohya_format import kohya_state_dict
+    from lowrank_tools.io.kohya import kohya_state_dict
 
     adapter = Adapter(modules={"m": _module(torch.ones(4, 1), torch.ones(1, 4), alpha=alpha)})
     with pytest.raises(ConversionError, match=r"module m: alpha .* does not fit the float32 \.alpha"):
@@ -377,7 +377,7 @@ def test_kohya_alpha_outside_float32_is_refused(alpha):
 
 def test_plan_drops_terms_that_add_nothing_and_the_bytes_stay():
     from lowrank_tools.apply import applied_tensors, plan_apply
-    from lowrank_tools.checkpoint import as_checkpoint
+    from lowrank_tools.io.checkpoint import as_checkpoint
     from lowrank_tools.weighted import WeightedAdapter
 
     W = torch.randn(6, 5).half()
@@ -396,7 +396,7 @@ def test_plan_drops_terms_that_add_nothing_and_the_bytes_stay():
 
 
 def test_all_finite_sums_a_chunk_and_checks_exactly_when_the_sum_overflows():
-    from lowrank_tools.atomic import all_finite
+    from lowrank_tools.io.atomic import all_finite
 
     assert all_finite(torch.full((10,), 6e4).half())  # its float16 sum would overflow: summed in float32
     big = torch.full((3 << 20,), 3e38)  # finite entries whose float32 sum overflows: the exact check decides

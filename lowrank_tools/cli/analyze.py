@@ -6,12 +6,11 @@ from pathlib import Path
 
 import click
 
-from . import main
 from .options import DEVICES, SEED, Progress, warner
 
 
 
-@main.command()
+@click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="(BASE TUNED | ADAPTER)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path),
               help="Write every layer's spectrum and metrics (strict JSON; relative_change is null for an adapter or "
@@ -35,8 +34,8 @@ from .options import DEVICES, SEED, Progress, warner
 def analyze(paths, json_path, csv_path, plot_dir, top, oversample, power_iters, device, include, exclude, seed, force,
             quiet):
     """Singular-value spectra of BASE -> TUNED per layer, or of ADAPTER's modules, grouped, with recommended ranks."""
-    from ..analysis_report import check_analysis_outputs, format_analysis, write_analysis
-    from ..analyze import analyze_adapter, analyze_delta
+    from ..analyze.report import check_analysis_outputs, format_analysis, write_analysis
+    from ..analyze.spectra import analyze_adapter, analyze_delta
 
     if len(paths) > 2:
         raise click.UsageError(f"analyze takes BASE TUNED or one ADAPTER, got {len(paths)} paths")
@@ -60,6 +59,3 @@ def analyze(paths, json_path, csv_path, plot_dir, top, oversample, power_iters, 
         for path in written:
             click.echo(f"wrote {path}")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
