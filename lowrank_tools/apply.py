@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .adapter import LoraModule, ModuleKind
-from .io.atomic import header_bound
+from .io.atomic import all_finite, header_bound
 from .io.checkpoint import Checkpoint, ShardedWriter, as_checkpoint, atomic_output, check_output, parse_size
 from .errors import AdapterMismatch, NonFiniteWeight, NumericalError, UsageError
 from .io.layers import WORD_EMBEDDINGS, compile_filters, matches
@@ -146,6 +146,10 @@ def _add_whole(whole: dict[str, Tensor], item: WeightedAdapter, base: Checkpoint
             got = tuple(base.shape(name)) if name in base else "missing"
             raise AdapterMismatch(f"{item.source}: tensor {name} saved whole has shape {tuple(t.shape)} but the "
                                   f"base has {got}: the adapter was made for another model")
+        if item.weight == 0:  # weight 0: nothing of this adapter, its whole tensors included (bit for bit)
+            if warn:
+                warn(f"{item.source}: tensor {name} is saved whole: weight 0 leaves the base tensor as it is")
+            continue
         if warn and (name in whole or item.weight != 1.0):
             warn(f"{item.source}: tensor {name} is saved whole: it replaces the base tensor (weights do not apply)")
         whole[name] = t
@@ -172,7 +176,16 @@ def plan_apply(base: Checkpoint, adapters: Sequence[WeightedAdapter], *, include
         for name, m in heads:  # after the embedding's own terms
             _add_tied_head(plan, name, m, item, base)
         _add_whole(whole, item, base, include, exclude, warn)
-    return plan, whole
+    return _drop_zero_terms(plan), whole
+
+
+def _drop_zero_terms(plan: dict[str, list[Term]]) -> dict[str, list[Term]]:
+    """Terms that add exactly nothing (weight 0, or a factor that is all zero, e.g. a fresh PEFT ``lora_B``) are
+    dropped after their checks: float addition would still turn the base's -0.0 into +0.0, and a tensor with no
+    term left is copied bit for bit."""
+    kept = {name: [t for t in terms if t.coef != 0 and bool(t.L.any()) and bool(t.R.any())]
+            for name, terms in plan.items()}
+    return {name: terms for name, terms in kept.items() if terms}
 
 
 # --------------------------------------------------------------------------------------------- the math
@@ -198,14 +211,39 @@ def _add_terms(W: Tensor, terms: Sequence[Term], *, device: torch.device, dtype:
         target = O[i:i + step]
         if block.data_ptr() != target.data_ptr():
             target.copy_(block)  # the cast to the stored dtype (and the move back to CPU), no temporary
-        if dtype == torch.float16:  # bf16 has float32's range; float16 overflows past 65504
-            _check_overflow(target, block, name)
+        _check_overflow(target, block, name, terms)
     return out
 
 
-def _check_overflow(target: Tensor, block: Tensor, name: str) -> None:
-    if math.isinf(float(target.abs().amax())) and bool(torch.isfinite(block).all()):
-        raise NumericalError(f"applying the adapters to {name} overflows {target.dtype}: pass --dtype float32")
+def _check_overflow(target: Tensor, block: Tensor, name: str, terms: Sequence[Term]) -> None:
+    """Every written value finite: the float32 sum (a huge weight) or its cast (float16 stops at 65504)."""
+    if all_finite(target):
+        return
+    if not all_finite(block):  # the base is finite (checked when read): the adapters overflowed
+        coef = max(abs(t.coef) for t in terms)
+        raise NumericalError(f"applying the adapters to {name} overflows float32 (weight x scale up to {coef:.3g}): "
+                             f"use smaller adapter weights")
+    raise NumericalError(f"applying the adapters to {name} overflows {target.dtype}: pass --dtype float32")
+
+
+def _check_input(t: Tensor, what: str) -> None:
+    """A tensor read that already holds NaN/Inf is refused, naming it: apply writes only finite tensors."""
+    if not all_finite(t):
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteWeight(f"{what} holds {bad} NaN/Inf values: apply writes only finite tensors: repair or "
+                              f"re-export it")
+
+
+def _cast(t: Tensor, dtype: torch.dtype, what: str) -> Tensor:
+    """``t`` as ``dtype``; a value past the new dtype's range is an error naming the tensor (``what``)."""
+    if dtype == t.dtype:
+        return t
+    out = t.to(dtype)
+    if not all_finite(out):
+        peak = float(t.detach().abs().amax())
+        raise NumericalError(f"{what} holds values up to {peak:.4g}, past the range of {dtype}: pass --dtype float32, "
+                             f"or --dtype auto to keep each tensor's own dtype")
+    return out
 
 
 def applied_tensors(base: Checkpoint, plan: Mapping[str, Sequence[Term]], whole: Mapping[str, Tensor] | None = None,
@@ -220,13 +258,16 @@ def applied_tensors(base: Checkpoint, plan: Mapping[str, Sequence[Term]], whole:
         if progress:
             progress(i, len(names), name)
         t = base.get(name)
-        if whole and name in whole:
-            t = whole[name].to(t.dtype).clone()
+        _check_input(t, f"base tensor {name} in {base.path}")
         target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        if whole and name in whole:
+            what = f"tensor {name} saved whole in the adapter"
+            _check_input(whole[name], what)
+            t = _cast(whole[name], target, what).clone()
         if name in plan:
             t = _add_terms(t, plan[name], device=dev, dtype=target, name=name)
-        elif target != t.dtype:
-            t = t.to(target)
+        else:  # untouched: the very bytes read (byte for byte), or their cast to --dtype
+            t = _cast(t, target, f"base tensor {name}")
         yield name, t
         del t  # before the next read: one tensor in memory at a time
     if progress:
@@ -262,14 +303,15 @@ def _rename_stem(folder: Path, files: list[Path], stem: str) -> list[Path]:
     data = json.loads(index.read_text())
     data["weight_map"] = {k: renamed.get(v, v) for k, v in data["weight_map"].items()}
     new_index = folder / f"{stem}.safetensors.index.json"
-    new_index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    new_index.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
     index.unlink()
     return [folder / renamed[p.name] for p in files if p.name in renamed] + [new_index]
 
 
 def _metadata(base: Checkpoint, adapters: Sequence[WeightedAdapter]) -> dict[str, str]:
     meta = {k: v for k, v in base.metadata.items() if k != "format"}
-    meta["lowrank_tools.applied"] = json.dumps([{"adapter": a.source, "weight": a.weight} for a in adapters])
+    applied = [{"adapter": a.source, "weight": a.weight} for a in adapters]
+    meta["lowrank_tools.applied"] = json.dumps(applied, allow_nan=False)
     return meta
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "ShapeMismatch",
     "MissingTensor",
     "NonFiniteWeight",
+    "NonFiniteOutput",
     "UnsupportedTensor",
     "AdapterFormatError",
     "AdapterMismatch",
@@ -76,6 +77,10 @@ class MissingTensor(LowRankError):
 
 class NonFiniteWeight(LowRankError):
     """A weight or delta that holds NaN or Inf."""
+
+
+class NonFiniteOutput(LowRankError):
+    """A tensor about to be written holds NaN or Inf (a value past the output dtype's range, a huge weight)."""
 
 
 class UnsupportedTensor(LowRankError):

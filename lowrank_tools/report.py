@@ -18,13 +18,40 @@ if TYPE_CHECKING:
     from .adapter import Adapter
 
 __all__ = ["Progress", "Warn", "AdapterResult", "LayerRecord", "Report", "left_out_lines", "summarize", "format_table",
-           "report_json", "report_csv", "MAX_SINGULAR_VALUES", "short_name", "name_column", "NAME_WIDTH",
-           "format_modules"]
+           "report_json", "report_csv", "strict_json", "finite_or_none", "csv_number", "ratio_cell", "BASE_IS_ZERO",
+           "MAX_SINGULAR_VALUES", "short_name", "name_column", "NAME_WIDTH", "format_modules"]
 
 MAX_SINGULAR_VALUES = 64  # leading singular values kept per layer in reports
 
 Progress = Callable[[int, int, str], None]  # operations report (done, total, current name) through this
 Warn = Callable[[str], None]  # one-line warnings; nothing below the CLI prints
+BASE_IS_ZERO = "n/a (base is zero)"  # a ratio ||d|| / ||W0|| over an all-zero base tensor: null in JSON
+
+
+# ------------------------------------------------------------------------------------------ strict encoding
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """``value``, or None when it is None, Inf or NaN: how a ratio with no meaning (over a zero norm) is written."""
+    return value if value is None or math.isfinite(value) else None
+
+
+def strict_json(data, **kwargs) -> str:
+    """``json.dumps`` that refuses NaN and Inf (``allow_nan=False``): every report, config and ``info --json`` goes
+    through it, so a value that should have been made ``null`` is a loud ValueError, never an invalid file."""
+    return json.dumps(data, allow_nan=False, **kwargs)
+
+
+def csv_number(value: float | None, fmt: str = ".6g") -> str:
+    """A CSV cell: the number formatted, or an empty field for None (no value) and Inf/NaN (no meaning)."""
+    return "" if value is None or not math.isfinite(value) else format(value, fmt)
+
+
+def ratio_cell(value: float | None, fmt: str = ".4g", *, missing: str = "-") -> str:
+    """A table cell for a ratio ``||d|| / ||W0||``: ``BASE_IS_ZERO`` when it is infinite, ``missing`` for None."""
+    if value is None:
+        return missing
+    return format(value, fmt) if math.isfinite(value) else BASE_IS_ZERO
 
 
 @dataclass
@@ -63,7 +90,7 @@ class Report:
             row.update(extra)
             layers.append(row)
         return {"command": self.command, "summary": self.summary, "layers": layers, "skipped": self.skipped,
-                "not_low_rank": self.changed_1d, "notes": self.notes}
+                "not_low_rank": {k: finite_or_none(v) for k, v in self.changed_1d.items()}, "notes": self.notes}
 
 
 @dataclass
@@ -101,7 +128,9 @@ def summarize(layers: list[LayerRecord], *, wall_time: float | None = None, **mo
 
 
 def report_json(report: Report) -> str:
-    return json.dumps(report.to_dict(), indent=2, allow_nan=False, default=str) + "\n"
+    """The report as strict JSON. ``not_low_rank`` maps each changed 1-D tensor to ``||d|| / ||W0||``, null when
+    the base tensor is all zero (the ratio has no value)."""
+    return strict_json(report.to_dict(), indent=2, default=str) + "\n"
 
 
 _CSV_FIELDS = ["name", "shape", "rank", "delta_norm", "retained_energy", "rel_error", "params", "weight_params"]
@@ -113,9 +142,10 @@ def report_csv(report: Report) -> str:
     writer = csv.writer(out)
     writer.writerow(_CSV_FIELDS + extra_keys + ["singular_values"])
     for r in report.layers:
-        writer.writerow([r.name, "x".join(map(str, r.shape)), r.rank, f"{r.delta_norm:.6g}", f"{r.retained_energy:.6g}",
-                         f"{r.rel_error:.6g}", r.params, r.weight_params] + [r.extra.get(k, "") for k in extra_keys]
-                        + [" ".join(f"{s:.6g}" for s in r.singular_values)])
+        writer.writerow([r.name, "x".join(map(str, r.shape)), r.rank, csv_number(r.delta_norm),
+                         csv_number(r.retained_energy), csv_number(r.rel_error), r.params, r.weight_params]
+                        + [_csv_extra(r.extra.get(k, "")) for k in extra_keys]
+                        + [" ".join(csv_number(s) for s in r.singular_values)])
     return out.getvalue()
 
 
@@ -176,6 +206,10 @@ def name_column(names, width: int = NAME_WIDTH) -> tuple[list[str], int]:
     return short, max([len(n) for n in short] + [5])
 
 
+def _csv_extra(value) -> str:
+    return csv_number(value) if isinstance(value, float) else value
+
+
 def format_table(report: Report, *, max_rows: int = 40) -> str:
     """A compact terminal table: worst layers first (by absolute error), then the summary."""
     rows = sorted(report.layers, key=lambda r: -r.delta_norm * r.rel_error)
@@ -220,8 +254,8 @@ def left_out_lines(skipped: dict[str, list[str]], changed_1d: dict[str, float], 
     lines = [f"skipped {len(names)} ({reason}): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
              for reason, names in skipped.items() if names]
     if changed_1d:
-        top = sorted(changed_1d.items(), key=lambda kv: -kv[1])[:5]
+        top = sorted(changed_1d.items(), key=lambda kv: -kv[1])[:5]  # inf (base is zero) first
         lines.append(f"{label} ({len(changed_1d)} 1-D tensors changed; ||d||/||W0||): "
-                     + ", ".join(f"{n} {v:.3g}" for n, v in top))
+                     + ", ".join(f"{n} {ratio_cell(v, '.3g')}" for n, v in top))
     return lines
 

@@ -285,7 +285,7 @@ def test_short_name_property(first, rest, width):
     assert short[0] == name[0] and short[-1] == name[-1]
     index = next((i for i, p in enumerate(parts) if p.isdigit() and i > 0), None)
     kept = ".".join(parts[index - 1:index + 1]) if index is not None else None
-    essential = len(parts[0]) + (len(kept) + 3 if kept else 0) + len(parts[-1]) + 3 + len(parts[-2]) + 1
+    essential = len(parts[0]) + (len(kept) + 3 if kept else 0) + len(parts[-1]) + 3 + (len(parts[-2]) + 1 if len(parts) > 1 else 0)
     if kept and essential <= width:
         assert kept in short and short.endswith(parts[-1]), (name, short)
 

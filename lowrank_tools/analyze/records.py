@@ -80,7 +80,7 @@ class Analysis:
         return {"command": "analyze", "source": self.source, "top": self.top, "summary": self.summary,
                 "groups": self.groups, "recommendation": self.recommendation,
                 "layers": [layer.to_dict() for layer in self.layers], "skipped": self.skipped,
-                "not_low_rank": self.changed_1d, "notes": self.notes}
+                "not_low_rank": {k: _finite(v) for k, v in self.changed_1d.items()}, "notes": self.notes}
 
 
 def _finite(x: float | None) -> float | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..io.atomic import atomic_output, check_output
 from ..errors import OutputError, UsageError
-from ..report import left_out_lines, name_column
+from ..report import BASE_IS_ZERO, csv_number, left_out_lines, name_column, ratio_cell, strict_json
 from ..linalg.spectrum import ENERGY_LEVELS, level_key
 
 if TYPE_CHECKING:
@@ -34,11 +33,13 @@ _LEVEL_KEYS = [level_key(f) for f in ENERGY_LEVELS]
 
 def analysis_json(analysis: Analysis) -> str:
     """Per layer ``name``, ``shape``, ``singular_values``, ``energy_rank`` ({"0.5": r, ...}), ``effective_rank``,
-    ``stable_rank``, ``relative_change`` (and more); plus summary, groups and recommendation."""
+    ``stable_rank``, ``relative_change`` (and more); plus summary, groups and recommendation. Strict JSON:
+    ``relative_change`` (layers, groups, summary) and ``not_low_rank`` values are null when the ratio has no value
+    (an adapter has no base; a base tensor that is all zero)."""
     data = analysis.to_dict()
     for row in data["layers"]:  # float32 values: 8 significant digits say all they hold
         row["singular_values"] = [float(f"{s:.8g}") for s in row["singular_values"]]
-    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+    return strict_json(data, indent=2) + "\n"
 
 
 def _csv_header() -> list[str]:
@@ -48,7 +49,8 @@ def _csv_header() -> list[str]:
 
 
 def analysis_csv(analysis: Analysis) -> str:
-    """One row per layer; ``top_singular_values`` holds the leading 64, space-separated."""
+    """One row per layer; ``top_singular_values`` holds the leading 64, space-separated. An empty field is a value
+    with no meaning (``relative_change`` of an adapter, or over an all-zero base tensor)."""
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(_csv_header())
@@ -56,11 +58,11 @@ def analysis_csv(analysis: Analysis) -> str:
         m = x.metrics
         change = x.relative_change
         writer.writerow([x.name, x.module_type, x.depth or "", x.kind, "x".join(map(str, x.shape)),
-                         "x".join(map(str, x.matrix_shape)), x.method, f"{x.delta_norm:.8g}",
-                         "" if change is None else f"{change:.6g}", f"{m.effective_rank:.6g}", f"{m.stable_rank:.6g}"]
+                         "x".join(map(str, x.matrix_shape)), x.method, csv_number(x.delta_norm, ".8g"),
+                         csv_number(change), csv_number(m.effective_rank), csv_number(m.stable_rank)]
                         + [m.energy_rank[k] for k in _LEVEL_KEYS]
                         + [int(m.complete), " ".join(m.estimated),
-                           " ".join(f"{s:.6g}" for s in x.singular_values[:CSV_SINGULAR_VALUES])])
+                           " ".join(csv_number(s) for s in x.singular_values[:CSV_SINGULAR_VALUES])])
     return out.getvalue()
 
 
@@ -73,7 +75,8 @@ def _rank(x: LayerAnalysis, key: str) -> str:
 
 
 def _num(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+    """A ratio cell: "-" for none (an adapter), "n/a" over an all-zero base (explained under the table)."""
+    return ratio_cell(value, fmt).replace(BASE_IS_ZERO, "n/a")
 
 
 def _layer_rows(layers: Sequence[LayerAnalysis], max_rows: int) -> list[str]:
@@ -91,10 +94,14 @@ def _layer_rows(layers: Sequence[LayerAnalysis], max_rows: int) -> list[str]:
                      + "  ".join(f"{_rank(x, k):>6}" for k in _LEVEL_KEYS))
     if len(rows) > max_rows:
         lines.append(f"... {len(rows) - max_rows} more layers (all of them: --json FILE or --csv FILE)")
+    zero = [x.name for x in layers if x.base_norm == 0]
+    if zero:
+        lines.append(f"change n/a: base is zero ({len(zero)} layers, e.g. {zero[0]}): ||dW|| / ||W0|| has no value "
+                     "(null in --json, empty in --csv)")
     return lines
 
 
-def _group_rows(title: str, order: str, groups: dict[str, dict], max_rows: int) -> list[str]:
+def _group_rows(title: str, order: str, groups: dict[str, dict], max_rows: int, missing: str = "-") -> list[str]:
     keys = list(groups)[:max_rows]
     short, width = name_column(keys, 32)
     lines = [f"{title} ({order})", f"{'group':<{width}}  {'layers':>6}  {'energy':>7}  {'change':>8}  "
@@ -102,7 +109,8 @@ def _group_rows(title: str, order: str, groups: dict[str, dict], max_rows: int) 
     for name, key in zip(short, keys):
         g = groups[key]
         lines.append(f"{name:<{width}}  {g['layers']:>6}  {100 * g['energy_share']:>6.2f}%  "
-                     f"{_num(g['relative_change'], '.4f'):>8}  {g['effective_rank_mean']:>8.1f}  "
+                     f"{_num(g['relative_change'], '.4f') if g['relative_change'] is not None else missing:>8}  "
+                     f"{g['effective_rank_mean']:>8.1f}  "
                      f"{g['stable_rank_mean']:>7.2f}  {g['rank90_median']:>7g}  {g['rank90_max']:>7}  "
                      f"{g['rank90_share_mean']:>8.3f}")
     if len(groups) > max_rows:
@@ -138,10 +146,11 @@ def format_analysis(analysis: Analysis, *, max_rows: int = 40) -> str:
         return "no changed layer to analyze"
     s = analysis.summary
     lines = _layer_rows(analysis.layers, max_rows) + [""]
+    missing = "n/a" if analysis.source == "delta" else "-"  # a group of BASE TUNED without a ratio: its base is zero
     lines += _group_rows("by module type", "in order of first appearance", analysis.groups["module_type"],
-                         max_rows) + [""]
+                         max_rows, missing) + [""]
     lines += _group_rows("by depth", "blocks in index order, layers outside any block last as -",
-                         analysis.groups["depth"], max_rows) + [""]
+                         analysis.groups["depth"], max_rows, missing) + [""]
     lines += _recommendation_rows(analysis.recommendation, len(analysis.layers))
     change = f", ||dW|| / ||W0|| {s['relative_change']:.4f}" if s.get("relative_change") is not None else ""
     lines.append(f"analyze: {s['layers']} layers{change}, median rank for 90% energy {s['rank90_median']:g}, "

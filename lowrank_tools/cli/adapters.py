@@ -32,7 +32,8 @@ _PREFIX = click.option("--prefix", default="lora_unet_", show_default=True,
 _ALPHA = click.option("--alpha", type=float, show_default="r per module, so scale = 1",
                       help="LoRA alpha of the modules written.")
 _REPORT = click.option("--report", "report_path", type=click.Path(path_type=Path),
-                       help="Write the per-module report (.json or .csv; README: report summary fields).")
+                       help="Write the per-module report (.json or .csv; README: report summary fields). Strict "
+                            "JSON: null (an empty CSV field) is a value that does not exist.")
 
 
 def _adapter_out_options(f):

@@ -15,8 +15,11 @@ from .options import SEED, Progress, device_option, examples, filter_options, qu
                               "lowrank-tools analyze base/ tuned/ --top 64 --plot figures/",
                               "lowrank-tools analyze adapter/ --csv modules.csv --include 'attn'"))
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="(BASE TUNED | ADAPTER)")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every layer's spectrum and metrics.")
-@click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write one row per layer.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path),
+              help="Write every layer's spectrum and metrics (strict JSON; relative_change is null for an adapter or "
+                   "an all-zero base, as the README's Reports table says).")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path),
+              help="Write one row per layer (an empty field where the JSON has null).")
 @click.option("--plot", "plot_dir", type=click.Path(path_type=Path),
               help="Write PNG figures into this folder (needs the .[plot] extra: matplotlib).")
 @click.option("--top", type=click.IntRange(min=1), metavar="K",

@@ -37,7 +37,8 @@ from .options import (FORMAT_HELP, FORMATS, SEED, Progress, allow_tf32_option, c
               help="Power iterations of the randomized range finder (more: closer to exact on flat spectra).")
 @click.option("--strict", is_flag=True, help="Tensors on one side only, or of different shapes, are errors.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
-              help="Write the per-layer report (.json or .csv; README: report summary fields).")
+              help="Write the per-layer report (.json or .csv; README: report summary fields). Strict JSON: "
+                   "not_low_rank is null for a 1-D tensor whose base is all zero (no ratio).")
 @click.option("--conv-rank", type=int, show_default="that of --rank", help="Rank (or cap) for conv kernels.")
 @click.option("--full-modules", multiple=True, metavar="REGEX",
               help="Save these modules' tensors whole (PEFT modules_to_save), e.g. a grown vocabulary (repeatable).")
@@ -144,7 +145,8 @@ def convert(adapter, output, fmt, prefix, dtype_name, base, include, exclude, fo
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("--modules", "list_modules", is_flag=True,
               help="List every module (file order) with its kind, rank, alpha and the shape of the weight it adapts.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (with --modules: module_list).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print machine-readable (strict) JSON, null where not known (with --modules: module_list).")
 @click.option("--base", type=click.Path(path_type=Path),
               help="Checkpoint the adapter was made for: kohya keys without recorded names are matched against it.")
 @filter_options
@@ -161,7 +163,7 @@ def info(adapter, list_modules, as_json, base, include, exclude, quiet):
     if list_modules:
         facts["module_list"] = describe_modules(loaded)
     if as_json:
-        click.echo(json.dumps(facts, indent=2))
+        click.echo(json.dumps(facts, indent=2, allow_nan=False))  # strict: no NaN/Infinity tokens
         return
     rows = facts.pop("module_list", None)
     for key, value in facts.items():

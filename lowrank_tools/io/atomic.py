@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InvalidOption, OutputError, OutputExists, UnsupportedTensor
+from ..errors import InvalidOption, NonFiniteOutput, OutputError, OutputExists, UnsupportedTensor
 from .safetensors import DTYPE_NAMES as _DTYPE_NAMES
 from .safetensors import SAFETENSORS_DTYPES  # re-exported: the table lives with the reader
 
 __all__ = ["atomic_output", "check_output", "parse_size", "ShardedWriter", "SAFETENSORS_DTYPES", "header_bound",
-           "write_safetensors"]
+           "write_safetensors", "check_finite_output", "all_finite"]
 
 _TMP_MARK = ".lrt-tmp-"
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -192,6 +192,49 @@ def _tensor_bytes(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
     return _DTYPE_NAMES[tensor.dtype], flat.view(torch.uint8)
 
 
+_FINITE_CHUNK = 1 << 20  # elements per isfinite pass: a 1 MiB bool temporary, never one the size of the tensor
+
+
+def check_finite_output(name: str, tensor: torch.Tensor, output: str | os.PathLike) -> None:
+    """Raise :class:`NonFiniteOutput` when ``tensor``, about to be written to ``output``, holds NaN or Inf.
+
+    Every tensor this tool writes goes through here (the safetensors writer below, and any other saver): a value
+    past the output dtype's range is a loud error naming the tensor and the output, never a silent Inf on disk.
+    ``output`` may be a temporary of :func:`atomic_output`: the message names its target."""
+    if all_finite(tensor):
+        return
+    flat = tensor.detach().reshape(-1)
+    nan = int(torch.isnan(flat).sum())
+    inf = int(torch.isinf(flat).sum())
+    dtype = str(tensor.dtype).replace("torch.", "")
+    hint = " (float16 stops at 65504)" if tensor.dtype == torch.float16 else ""
+    raise NonFiniteOutput(f"tensor {name} for {_target_of(Path(output))} would hold {inf} Inf and {nan} NaN values "
+                          f"in {dtype}{hint}: nothing was written; pass --dtype float32, use smaller adapter weights "
+                          f"or --alpha, or repair the input that holds them")
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no entry of ``tensor`` is NaN or Inf; a chunk at a time, with no temporary the size of the tensor.
+
+    A chunk's float32 (float64) sum is finite when every entry is (NaN and Inf reach the sum), at a fraction of
+    ``isfinite``'s cost; only a sum that overflowed from finite entries takes the exact check."""
+    if not tensor.is_floating_point():
+        return True  # integers and bools are finite
+    flat = tensor.detach().reshape(-1)
+    acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    return all(bool(torch.isfinite(chunk.sum(dtype=acc))) or bool(torch.isfinite(chunk).all())
+               for chunk in flat.split(_FINITE_CHUNK))
+
+
+def _target_of(path: Path) -> Path:
+    """The output a path under an :func:`atomic_output` temporary belongs to (``dir/.NAME.lrt-tmp-...`` -> NAME)."""
+    parts = path.parts
+    for i, part in enumerate(parts):
+        if part.startswith(".") and _TMP_MARK in part:
+            return Path(*parts[:i], part[1:part.index(_TMP_MARK)])
+    return path
+
+
 class _SafetensorsStream:
     """One safetensors file written tensor by tensor.
 
@@ -217,6 +260,7 @@ class _SafetensorsStream:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         dtype, data = _tensor_bytes(name, tensor)
+        check_finite_output(name, data.view(tensor.dtype) if tensor.is_floating_point() else tensor, self.path)
         end = self.nbytes + data.numel()
         self._header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [self.nbytes, end]}
         self.nbytes = end
@@ -259,7 +303,7 @@ class _SafetensorsStream:
         self._pending.clear()
 
     def _header_bytes(self) -> bytes:
-        return json.dumps(self._header, separators=(",", ":")).encode()
+        return json.dumps(self._header, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _round8(n: int) -> int:
@@ -365,7 +409,7 @@ class ShardedWriter:
         index = {"metadata": {"total_size": sum(s.nbytes for s in self._shards)},
                  "weight_map": {name: final[i].name for name, i in self._weight_map.items()}}
         index_path = self.path / "model.safetensors.index.json"
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True, allow_nan=False) + "\n")
         return [*final, index_path]
 
     def _shard_path(self, i: int) -> Path:

@@ -65,8 +65,18 @@ def kohya_state_dict(adapter: Adapter, *, prefix: str = "lora_unet_") -> tuple[d
         down, up = file_factors(m)
         tensors[key + _DOWN] = down.contiguous()
         tensors[key + _UP] = up.contiguous()
-        tensors[key + _ALPHA] = torch.tensor(m.scale * m.rank, dtype=torch.float32)
+        tensors[key + _ALPHA] = _alpha_tensor(name, m.scale * m.rank)
     return tensors, names
+
+
+def _alpha_tensor(name: str, alpha: float) -> torch.Tensor:
+    """kohya's ``.alpha`` is a float32 scalar: an alpha past its range (Inf) or below it (0) would change the
+    module's product, so it is refused with the module's name."""
+    t = torch.tensor(alpha, dtype=torch.float32)
+    if not (math.isfinite(float(t)) and float(t) >= torch.finfo(torch.float32).tiny):  # subnormal: digits lost
+        raise ConversionError(f"module {name}: alpha {alpha:g} does not fit the float32 .alpha of a kohya file: "
+                              f"give an --alpha within float32's range (1e-38 to 3e38), or use --format peft")
+    return t
 
 
 def write_kohya(adapter: Adapter, path: Path, *, prefix: str = "lora_unet_") -> None:
@@ -74,7 +84,7 @@ def write_kohya(adapter: Adapter, path: Path, *, prefix: str = "lora_unet_") -> 
     tensors, names = kohya_state_dict(adapter, prefix=prefix)
     ranks = sorted({m.rank for m in adapter.modules.values()})
     alphas = sorted({m.scale * m.rank for m in adapter.modules.values()})
-    metadata = {"format": "pt", NAMES_KEY: json.dumps(names), "ss_network_module": "networks.lora",
+    metadata = {"format": "pt", NAMES_KEY: json.dumps(names, allow_nan=False), "ss_network_module": "networks.lora",
                 "ss_network_dim": str(ranks[-1] if ranks else 0),
                 "ss_network_alpha": "dynamic" if len(alphas) > 1 else f"{alphas[0] if alphas else 0:g}"}
     if adapter.base_model:

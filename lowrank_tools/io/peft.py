@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..adapter import Adapter, LoraModule, ModuleKind
-from .atomic import write_safetensors
+from .atomic import check_finite_output, write_safetensors
 from .checkpoint import open_checkpoint
 from ..errors import AdapterFormatError, ConversionError
 
@@ -175,9 +175,12 @@ def peft_state_dict(adapter: Adapter, *, prefix: str = _PREFIX) -> dict[str, tor
 
 def write_peft(adapter: Adapter, folder: Path) -> None:
     """Write ``adapter`` as a PEFT folder at ``folder`` (created; the caller makes it atomic)."""
+    tensors = peft_state_dict(adapter)
+    for key, tensor in tensors.items():  # save_file does not pass through our writer: the same check, here
+        check_finite_output(key, tensor, folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(peft_state_dict(adapter), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-    (folder / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2) + "\n")
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2, allow_nan=False) + "\n")
 
 
 def _config_name(name: str, component: str) -> str:
@@ -202,7 +205,8 @@ def write_diffusers(adapter: Adapter, folder: Path) -> None:
             metadata.update({f"{component}{k}": config[k] for k in _LORA_CONFIG_KEYS})
     folder.mkdir(parents=True, exist_ok=True)
     write_safetensors(peft_state_dict(adapter, prefix=""), folder / DIFFUSERS_NAME,  # same bytes for the same adapter
-                      metadata={"format": "pt", DIFFUSERS_METADATA: json.dumps(metadata, sort_keys=True)})
+                      metadata={"format": "pt",
+                                DIFFUSERS_METADATA: json.dumps(metadata, sort_keys=True, allow_nan=False)})
 
 
 # ------------------------------------------------------------------------------------------------ read
