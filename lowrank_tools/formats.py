@@ -97,11 +97,14 @@ def check_target(adapter: Adapter, format: AdapterFormat | str, *, prefix: str =
 
 
 def save_adapter(adapter: Adapter, target: str | os.PathLike, *, format: AdapterFormat | str = AdapterFormat.PEFT,
-                 force: bool = False, inputs=(), dtype: torch.dtype | None = None, prefix: str = "lora_unet_") -> Path:
+                 force: bool = False, inputs=(), dtype: torch.dtype | None = None, prefix: str = "lora_unet_",
+                 transaction=None) -> Path:
     """Write ``adapter`` atomically in ``format`` (PEFT: a folder; kohya: a .safetensors file).
 
     ``prefix``: the kohya prefix of modules without a pipeline component (``unet.`` and ``text_encoder.`` modules
-    take ``lora_unet_`` / ``lora_te_``). Nothing is written when the format cannot hold a module.
+    take ``lora_unet_`` / ``lora_te_``). Nothing is written when the format cannot hold a module. ``transaction``
+    (an :class:`~lowrank_tools.outputs.OutputTransaction`): written under a temporary name and installed with the
+    run's other outputs when it commits (its ``force`` applies).
     """
     fmt = AdapterFormat(format)
     target = Path(target)
@@ -110,7 +113,7 @@ def save_adapter(adapter: Adapter, target: str | os.PathLike, *, format: Adapter
     if dtype is not None:
         adapter = adapter.to(dtype=dtype)
     check_target(adapter, fmt, prefix=prefix)
-    with atomic_output(target, force=force, inputs=inputs) as tmp:
+    with atomic_output(target, force=force, inputs=inputs, transaction=transaction) as tmp:
         if fmt is AdapterFormat.KOHYA:
             write_kohya(adapter, tmp, prefix=prefix)
         elif is_diffusers_adapter(adapter):
