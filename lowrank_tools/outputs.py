@@ -190,7 +190,11 @@ def _remove_stale(target: Path) -> None:
     """Clean up after runs to ``target`` that were killed (their pid is gone): temporaries are deleted; a previous
     output set aside and not yet replaced (the run died between the two renames) is put back."""
     prefix = f".{_key(target.name)}{TMP_MARK}"
-    for entry in target.parent.iterdir():
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
         if not entry.name.startswith(prefix):
             continue
         pid = entry.name[len(prefix):].split("-", 1)[0]
@@ -347,8 +351,8 @@ class OutputTransaction:
         if exc_type is None:
             self.commit()
             return
-        self.abort()
         error = _as_output_error(exc, self._staged, self._current)
+        self.abort()
         if error is not None:
             raise error from exc
 
@@ -359,13 +363,14 @@ class OutputTransaction:
             a, b = target.resolve(), other.target.resolve()
             if a == b or a.is_relative_to(b) or b.is_relative_to(a):
                 raise UsageError(f"two outputs of one run overlap ({other.target} and {target}): give each its own")
+        if target.parent.is_dir() and os.access(target.parent, os.W_OK | os.X_OK):
+            _remove_stale(target)  # first: an output a killed run had set aside is put back, then checked
         check_output(target, force=self.force, inputs=[*self.inputs, *inputs])
         created = _make_parent(target.parent)
         staged = _Staged(target, temp_path(target), created)
         self._staged.append(staged)
         self._current = staged
         _check_writable(target.parent)
-        _remove_stale(target)
         return staged.tmp
 
     def commit(self) -> list[Path]:
@@ -376,8 +381,8 @@ class OutputTransaction:
                 staged.aside = _install(staged.tmp, staged.target, force=self.force)
                 staged.installed = True
         except BaseException as exc:
-            self.abort()
             error = _as_output_error(exc, self._staged, self._current)
+            self.abort()
             if error is not None:
                 raise error from exc
             raise
