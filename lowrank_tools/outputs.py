@@ -341,15 +341,19 @@ class OutputTransaction:
 
     force: bool = False
     inputs: Sequence[str | os.PathLike] = ()
-    _staged: list[_Staged] = field(default_factory=list)
-    _current: _Staged | None = None
+    _staged: list[_Staged] = field(default_factory=list, init=False, repr=False)
+    _current: _Staged | None = field(default=None, init=False, repr=False)
 
     def __enter__(self) -> OutputTransaction:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.commit()
+            try:
+                self.commit()
+            except BaseException:  # a signal anywhere in it, even before its own clean-up could start
+                self.abort()
+                raise
             return
         error = _as_output_error(exc, self._staged, self._current)
         self.abort()
@@ -386,11 +390,10 @@ class OutputTransaction:
             if error is not None:
                 raise error from exc
             raise
-        for staged in self._staged:
-            if staged.aside is not None:
-                _remove(staged.aside)
-        done = [s.target for s in self._staged]
-        self._staged.clear()
+        done, asides = [s.target for s in self._staged], [s.aside for s in self._staged if s.aside is not None]
+        self._staged.clear()  # committed: from here on nothing is undone (a previous output set aside is gone next)
+        for aside in asides:
+            _remove(aside)
         return done
 
     def abort(self) -> None:

@@ -305,3 +305,22 @@ def test_apply_records_exact_changes(tmp_path):
     assert layer["modules"] == ["layer"] and layer["max_abs_delta"] == 0.5
     assert layer["delta_norm"] == pytest.approx(2.0) and layer["relative_change"] == pytest.approx(0.25)
     assert records["zero.weight"]["relative_change"] is None and "all zeros" in records["zero.weight"]["note"]
+
+
+def test_an_interrupt_during_the_installs_restores_everything(tmp_path, monkeypatch):
+    first, second = tmp_path / "out.safetensors", tmp_path / "report.json"
+    first.write_text("previous")
+    install, calls = outputs._install, []
+
+    def interrupted_second(tmp, target, *, force):
+        calls.append(target)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C / SIGTERM between two installs
+        return install(tmp, target, force=force)
+
+    monkeypatch.setattr(outputs, "_install", interrupted_second)
+    with pytest.raises(KeyboardInterrupt):
+        with OutputTransaction(force=True) as txn:
+            txn.stage(first).write_text("new")
+            txn.stage(second).write_text("{}")
+    assert first.read_text() == "previous" and not second.exists() and _tmps(tmp_path) == []
