@@ -40,7 +40,8 @@ from .errors import AdapterMismatch, NonFiniteWeight, NumericalError, UsageError
 from .layers import WORD_EMBEDDINGS, compile_filters, matches
 from .linalg import resolve_device
 from .norms import lowrank_frobenius_diff, lowrank_frobenius_norm
-from .outputs import COPIED_KEY, OutputTransaction
+from .outputs import OutputTransaction
+from .replaceable import COPIED_KEY
 from .weighted import WeightedAdapter, as_weighted
 from .report import Progress, Warn
 

@@ -11,7 +11,7 @@ The rules (the README's "Output guarantees" says them to users):
   ``link()`` + ``unlink()`` for a file and ``mkdir()`` + ``rename()`` for a folder; an output that appeared after
   the start-time check is never replaced, and of two runs racing for one name exactly one wins.
 - ``--force`` replaces only a file, a symbolic link (the link, never what it points to), an empty folder, or a
-  folder every entry of which is a name lowrank-tools writes (:func:`foreign_entries`). The current folder, one of
+  folder every entry of which is a name lowrank-tools writes (:mod:`lowrank_tools.replaceable`). The current folder, one of
   its parents, the home folder and ``/`` are never outputs, with or without ``--force``.
 - Temporaries are ``.<name><MARK><pid>-<hex>`` (a long name is shortened to a prefix and a hash, so the temporary
   fits the 255-byte name limit); a later run to the same target removes those of runs that were killed.
@@ -23,20 +23,20 @@ import contextlib
 import ctypes
 import errno
 import hashlib
-import json
 import os
 import re
 import secrets
 import shutil
-import stat
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import OutputError, OutputExists, UsageError
+from .replaceable import check_replaceable, foreign_entries
 
-__all__ = ["OutputTransaction", "atomic_output", "check_output", "foreign_entries", "temp_path", "TMP_MARK"]
+__all__ = ["OutputTransaction", "atomic_output", "check_output", "check_replaceable", "foreign_entries", "temp_path",
+           "rename_noreplace", "TMP_MARK"]
 
 TMP_MARK = ".lrt-tmp-"
 _OLD = "-old"  # suffix of a replaced output kept aside until the run commits
@@ -45,12 +45,6 @@ _DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _CANNOT_WRITE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
                  errno.ENAMETOOLONG, errno.EXDEV, errno.EIO, errno.EINVAL}
 
-# names lowrank-tools writes into a folder output (PEFT / diffusers adapters, apply's model folders, demo)
-_ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors"}
-_MODEL_FILE = re.compile(r"(model|diffusion_pytorch_model)((-\d{5}-of-\d{5})?\.safetensors|\.safetensors\.index\.json)")
-_DEMO_FILE = re.compile(r"(base|tuned)\.safetensors|report-r\d+\.json")
-_DEMO_ADAPTER = re.compile(r"adapter-r\d+")
-COPIED_KEY = "lowrank_tools.copied"  # apply's safetensors metadata: the config files it copied beside the weights
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -88,82 +82,6 @@ def _refuse_protected(target: Path) -> None:
         return
     raise OutputError(f"output {target} is {what}: lowrank-tools never writes over it, even with --force: give a new "
                       f"name, e.g. {target / 'out'}")
-
-
-def check_replaceable(target: Path) -> None:
-    """Raise :class:`OutputError` unless ``--force`` may replace the existing ``target``."""
-    try:
-        mode = os.lstat(target).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
-        return
-    if not stat.S_ISDIR(mode):
-        raise OutputError(f"{target} is not a file or folder ({_kind(mode)}): outputs are written under a temporary "
-                          f"name and renamed into place, which cannot replace it: choose another output")
-    foreign = foreign_entries(target)
-    if foreign:
-        count = f"{len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'}"
-        raise OutputError(f"--force will not replace folder {target}: it holds {count}, e.g. {foreign[0]}, that "
-                          f"lowrank-tools did not write (--force replaces files, empty folders and the adapter or "
-                          f"model folders lowrank-tools writes): remove it yourself or choose another output")
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "a special file"
-
-
-def foreign_entries(folder: Path, *, nested: bool = False) -> list[str]:
-    """Entries of ``folder`` that lowrank-tools does not write, sorted: every name but regular files named
-    ``adapter_config.json``, ``adapter_model.safetensors``, ``pytorch_lora_weights.safetensors``, apply's
-    ``model*.safetensors`` / ``diffusion_pytorch_model*.safetensors`` shards and index and the config files its
-    metadata lists as copied, and the demo's ``base``/``tuned.safetensors``, ``report-rN.json`` and ``adapter-rN``
-    adapter folders."""
-    entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    copied = set() if nested else _copied_names(folder, entries)
-    foreign = []
-    for entry in entries:
-        name = entry.name
-        if entry.is_dir(follow_symlinks=False):
-            ours = not nested and _DEMO_ADAPTER.fullmatch(name) and not foreign_entries(Path(entry.path), nested=True)
-        elif entry.is_file(follow_symlinks=False):
-            ours = name in _ADAPTER_FILES or (not nested and (_MODEL_FILE.fullmatch(name) or _DEMO_FILE.fullmatch(name)
-                                                              or name in copied))
-        else:
-            ours = False
-        if not ours:
-            foreign.append(name + ("/" if entry.is_dir(follow_symlinks=False) else ""))
-    return foreign
-
-
-def _copied_names(folder: Path, entries) -> set[str]:
-    """The config files an apply run copied into ``folder``, as its safetensors metadata records them."""
-    for entry in entries:
-        if _MODEL_FILE.fullmatch(entry.name) and entry.name.endswith(".safetensors"):
-            names = _safetensors_metadata(Path(entry.path)).get(COPIED_KEY)
-            try:
-                listed = json.loads(names) if isinstance(names, str) else []
-            except ValueError:
-                return set()
-            return {n for n in listed if isinstance(n, str)} if isinstance(listed, list) else set()
-    return set()
-
-
-def _safetensors_metadata(path: Path) -> dict:
-    try:
-        with open(path, "rb") as file:
-            size = int.from_bytes(file.read(8), "little")
-            if not 0 < size <= 100 * 2**20:
-                return {}
-            header = json.loads(file.read(size))
-    except (OSError, ValueError, RecursionError):
-        return {}
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return meta if isinstance(meta, dict) else {}
 
 
 def _exists(path: Path) -> bool:
