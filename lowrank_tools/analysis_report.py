@@ -188,7 +188,8 @@ def _check_folder(folder: Path) -> None:
 
 
 def write_analysis(analysis: Analysis, *, json_path=None, csv_path=None, plot_dir=None, force: bool = False,
-                   inputs: Sequence[str | os.PathLike] = (), transaction: OutputTransaction | None = None) -> list[Path]:
+                   inputs: Sequence[str | os.PathLike] = (),
+                   transaction: OutputTransaction | None = None) -> list[Path]:
     """Write the requested outputs (JSON file, CSV file, PNGs into ``plot_dir``) all or nothing; return their paths.
 
     Each is rendered in memory, written under a temporary name and installed when every one is written (with

@@ -11,8 +11,8 @@ The rules (the README's "Output guarantees" says them to users):
   ``link()`` + ``unlink()`` for a file and ``mkdir()`` + ``rename()`` for a folder; an output that appeared after
   the start-time check is never replaced, and of two runs racing for one name exactly one wins.
 - ``--force`` replaces only a file, a symbolic link (the link, never what it points to), an empty folder, or a
-  folder every entry of which is a name lowrank-tools writes (:mod:`lowrank_tools.replaceable`). The current folder, one of
-  its parents, the home folder and ``/`` are never outputs, with or without ``--force``.
+  folder every entry of which is a name lowrank-tools writes (:mod:`lowrank_tools.replaceable`). The current
+  folder, one of its parents, the home folder and ``/`` are never outputs, with or without ``--force``.
 - Temporaries are ``.<name><MARK><pid>-<hex>`` (a long name is shortened to a prefix and a hash, so the temporary
   fits the 255-byte name limit); a later run to the same target removes those of runs that were killed.
 """
@@ -44,7 +44,6 @@ _KEY_BYTES = 120  # longer target names are cut to 100 bytes + "~" + 12 hex digi
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _CANNOT_WRITE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
                  errno.ENAMETOOLONG, errno.EXDEV, errno.EIO, errno.EINVAL}
-
 
 
 # ---------------------------------------------------------------------------------------------- checks

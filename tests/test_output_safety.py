@@ -219,6 +219,21 @@ def _closed_stdout(inp: Path, case: Path) -> Run:
     return _finish(proc, case)
 
 
+def _closed_stderr(inp: Path, case: Path) -> Run:
+    """An error to report with stderr closed (``2>&-``: descriptor 2 gets /dev/null) or a closed pipe (141)."""
+    read, write = os.pipe()
+    os.close(read)
+    args = [sys.executable, "-m", "lowrank_tools", "info", "missing"]
+    try:
+        pipe = subprocess.run(args, cwd=case, env=_env(), stdout=subprocess.PIPE, stderr=write, timeout=300)
+    finally:
+        os.close(write)
+    closed = subprocess.run(args, cwd=case, env=_env(), stdout=subprocess.PIPE, timeout=300,
+                            preexec_fn=lambda: os.close(2))
+    return Run(0, "", "", _listing(case), {"pipe": pipe.returncode, "closed": closed.returncode,
+                                           "stdout": pipe.stdout + closed.stdout})
+
+
 def _apply_report(inp: Path, case: Path) -> Run:
     run = _cli(case, "apply", inp / "base.safetensors", f"{inp / 'adapter'}:0.5", "-o", "m.safetensors", "--report",
                "r.json", "-q")
@@ -238,7 +253,8 @@ def _plot_dir(inp: Path, case: Path) -> Run:
 
 
 SCENARIOS = {f.__name__[1:]: f for f in (_cwd_force, _foreign_force, _own_force, _report_fails, _report_appears, _race,
-                                         _sigterm, _sighup, _long_name, _proc, _closed_stdout, _apply_report,
+                                         _sigterm, _sighup, _long_name, _proc, _closed_stdout, _closed_stderr,
+                                         _apply_report,
                                          _plot_dir)}
 
 
@@ -254,8 +270,9 @@ def results(tmp_path_factory):
     save_file(slow_base, str(inp / "slow-base.safetensors"))
     save_file(slow_tuned, str(inp / "slow-tuned.safetensors"))
     g = torch.Generator().manual_seed(0)
-    modules = {k[: -len(".weight")]: LoraModule(B=torch.randn(s[0], 2, generator=g), A=torch.randn(2, s[1], generator=g),
-                                                alpha=2.0) for k, s in LLAMA_SHAPES.items() if len(s) == 2}
+    modules = {k[: -len(".weight")]: LoraModule(B=torch.randn(s[0], 2, generator=g),
+                                                A=torch.randn(2, s[1], generator=g), alpha=2.0)
+               for k, s in LLAMA_SHAPES.items() if len(s) == 2}
     save_adapter(Adapter(modules=modules), inp / "adapter")
     slow = {k[: -len(".weight")]: LoraModule(B=torch.randn(64, 2, generator=g), A=torch.randn(2, 64, generator=g),
                                              alpha=2.0) for k in SLOW_SHAPES}
@@ -352,6 +369,12 @@ def test_an_unwritable_place_is_one_line_naming_it(results):
 def test_a_closed_stdout_ends_quietly(results):
     run = results["closed_stdout"]
     assert run.code == 141 and run.stderr == ""
+
+
+def test_a_closed_stderr_keeps_the_exit_status_meaningful(results):
+    run = results["closed_stderr"]
+    assert run.extra["pipe"] == 141 and run.extra["closed"] == 1 and run.extra["stdout"] == b""
+    assert run.files == []
 
 
 def test_apply_report(results):

@@ -305,6 +305,14 @@ def test_apply_records_exact_changes(tmp_path):
     assert layer["modules"] == ["layer"] and layer["max_abs_delta"] == 0.5
     assert layer["delta_norm"] == pytest.approx(2.0) and layer["relative_change"] == pytest.approx(0.25)
     assert records["zero.weight"]["relative_change"] is None and "all zeros" in records["zero.weight"]["note"]
+    import csv
+    import io
+
+    from lowrank_tools.apply_report import apply_report_csv
+
+    rows = list(csv.DictReader(io.StringIO(apply_report_csv(result))))
+    assert [r["tensor"] for r in rows] == ["layer.weight", "zero.weight"]
+    assert rows[0]["relative_change"] == "0.25" and rows[1]["relative_change"] == "" and rows[0]["modules"] == "layer"
 
 
 def test_an_interrupt_during_the_installs_restores_everything(tmp_path, monkeypatch):
@@ -324,3 +332,22 @@ def test_an_interrupt_during_the_installs_restores_everything(tmp_path, monkeypa
             txn.stage(first).write_text("new")
             txn.stage(second).write_text("{}")
     assert first.read_text() == "previous" and not second.exists() and _tmps(tmp_path) == []
+
+
+def test_sigterm_becomes_an_exception_and_an_ignored_sighup_stays_ignored():
+    import signal
+
+    from lowrank_tools.cli import Interrupted, _signals_unwind
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+    try:
+        with pytest.raises(Interrupted) as caught:
+            with _signals_unwind():
+                assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(100):  # the handler runs at the next bytecode boundary
+                    pass
+        assert caught.value.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    finally:
+        signal.signal(signal.SIGHUP, previous)
