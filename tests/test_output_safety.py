@@ -34,14 +34,14 @@ import os, sys, time
 from pathlib import Path
 hook = os.environ.get("LRT_TEST_HOOK", "")
 if hook == "slow":  # a slow disk: each tensor written takes a while, so a signal lands mid-write
-    import lowrank_tools.atomic as atomic
+    import lowrank_tools.io.atomic as atomic
     _add = atomic._SafetensorsStream.add
     def slow_add(self, name, tensor):
         _add(self, name, tensor)
         time.sleep(0.15)
     atomic._SafetensorsStream.add = slow_add
 if hook == "slow-commit":  # the outputs are written, not yet installed: a signal lands here
-    from lowrank_tools.outputs import OutputTransaction
+    from lowrank_tools.io.outputs import OutputTransaction
     _install_all = OutputTransaction.commit
     def slow_commit(self):
         time.sleep(4)
@@ -57,7 +57,7 @@ if hook in ("report-fails", "report-appears"):
         return _json(r)
     report.report_json = report_json
 if hook == "wait-go":  # hold before installing until the rival run is there too
-    from lowrank_tools.outputs import OutputTransaction
+    from lowrank_tools.io.outputs import OutputTransaction
     _commit = OutputTransaction.commit
     def commit(self):
         Path(os.environ["LRT_TEST_READY"] + str(os.getpid())).touch()

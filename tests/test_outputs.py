@@ -1,4 +1,4 @@
-"""Unit tests of lowrank_tools.outputs: what --force may replace, no-clobber installs (raced), all-or-nothing
+"""Unit tests of lowrank_tools.io.outputs: what --force may replace, no-clobber installs (raced), all-or-nothing
 transactions, temporary names, error attribution. The same guarantees through the real CLI: test_output_safety.py."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import lowrank_tools.outputs as outputs
+import lowrank_tools.io.outputs as outputs
 from lowrank_tools import Adapter, LoraModule, save_adapter
 from lowrank_tools.errors import OutputError, OutputExists, UsageError
-from lowrank_tools.outputs import OutputTransaction, atomic_output, check_output, foreign_entries, temp_path
+from lowrank_tools.io.outputs import OutputTransaction, atomic_output, check_output, foreign_entries, temp_path
 
 
 def _tmps(folder: Path) -> list[str]:

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import OutputError, OutputExists, UsageError
+from ..errors import OutputError, OutputExists, UsageError
 from .replaceable import check_replaceable, foreign_entries
 
 __all__ = ["OutputTransaction", "atomic_output", "check_output", "check_replaceable", "foreign_entries", "temp_path",

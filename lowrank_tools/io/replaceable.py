@@ -14,7 +14,7 @@ import re
 import stat
 from pathlib import Path
 
-from .errors import OutputError
+from ..errors import OutputError
 
 __all__ = ["check_replaceable", "foreign_entries", "COPIED_KEY"]
 

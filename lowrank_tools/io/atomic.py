@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import InvalidOption, UnsupportedTensor
+from ..errors import InvalidOption, UnsupportedTensor
 from .outputs import OutputTransaction, atomic_output, check_output
-from .safetensors_io import DTYPE_NAMES as _DTYPE_NAMES
-from .safetensors_io import SAFETENSORS_DTYPES  # re-exported: the table lives with the reader
+from .safetensors import DTYPE_NAMES as _DTYPE_NAMES
+from .safetensors import SAFETENSORS_DTYPES  # re-exported: the table lives with the reader
 
 __all__ = ["atomic_output", "check_output", "OutputTransaction", "parse_size", "ShardedWriter", "SAFETENSORS_DTYPES",
            "header_bound", "write_safetensors"]
