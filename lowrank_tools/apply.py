@@ -38,7 +38,9 @@ from .io.checkpoint import Checkpoint, ShardedWriter, as_checkpoint, atomic_outp
 from .errors import AdapterMismatch, NonFiniteWeight, NumericalError, UsageError
 from .io.layers import WORD_EMBEDDINGS, compile_filters, matches
 from .linalg.svd import resolve_device
-from .linalg.norms import lowrank_frobenius_diff, lowrank_frobenius_norm
+from .linalg.norms import delta_stats, lowrank_frobenius_diff, lowrank_frobenius_norm
+from .io.outputs import OutputTransaction
+from .io.replaceable import COPIED_KEY
 from .weighted import WeightedAdapter, as_weighted
 from .report import Progress, Warn
 
@@ -70,6 +72,7 @@ class ApplyResult:
     modified: dict[str, list[str]] = field(default_factory=dict)  # tensor -> adapter modules added to it
     replaced: list[str] = field(default_factory=list)  # tensors taken whole from an adapter (modules_to_save)
     copied: list[str] = field(default_factory=list)  # config files copied from the base folder
+    changes: dict[str, dict] = field(default_factory=dict)  # tensor -> delta_stats (apply(measure=True))
 
 
 # --------------------------------------------------------------------------------------------- planning
@@ -277,17 +280,13 @@ def applied_tensors(base: Checkpoint, plan: Mapping[str, Sequence[Term]], whole:
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _copy_configs(base_path: Path, folder: Path) -> list[str]:
-    """Copy the base folder's top-level non-weight files (config.json, tokenizer files, ...)."""
-    copied = []
+def _config_files(base_path: Path) -> list[str]:
+    """The base folder's top-level non-weight files (config.json, tokenizer files, ...), to copy beside the weights."""
     if not base_path.is_dir():
-        return copied
-    for entry in sorted(base_path.iterdir()):
-        weights = entry.suffix.lower() in _WEIGHT_SUFFIXES or entry.name.endswith(".index.json")
-        if entry.is_file() and not weights and not entry.name.startswith("."):
-            shutil.copy2(entry, folder / entry.name)
-            copied.append(entry.name)
-    return copied
+        return []
+    return [entry.name for entry in sorted(base_path.iterdir())
+            if entry.is_file() and not entry.name.startswith(".")
+            and entry.suffix.lower() not in _WEIGHT_SUFFIXES and not entry.name.endswith(".index.json")]
 
 
 def _rename_stem(folder: Path, files: list[Path], stem: str) -> list[Path]:
@@ -308,10 +307,13 @@ def _rename_stem(folder: Path, files: list[Path], stem: str) -> list[Path]:
     return [folder / renamed[p.name] for p in files if p.name in renamed] + [new_index]
 
 
-def _metadata(base: Checkpoint, adapters: Sequence[WeightedAdapter]) -> dict[str, str]:
-    meta = {k: v for k, v in base.metadata.items() if k != "format"}
-    applied = [{"adapter": a.source, "weight": a.weight} for a in adapters]
-    meta["lowrank_tools.applied"] = json.dumps(applied, allow_nan=False)
+def _metadata(base: Checkpoint, adapters: Sequence[WeightedAdapter], copied: Sequence[str]) -> dict[str, str]:
+    """The base's metadata, the adapters applied and (a folder) the config files copied: the last tells a later
+    ``--force`` that those files are ours to replace (:func:`~lowrank_tools.outputs.foreign_entries`)."""
+    meta = {k: v for k, v in base.metadata.items() if k not in ("format", COPIED_KEY)}
+    meta["lowrank_tools.applied"] = json.dumps([{"adapter": a.source, "weight": a.weight} for a in adapters], allow_nan=False)
+    if copied:
+        meta[COPIED_KEY] = json.dumps(list(copied), allow_nan=False)
     return meta
 
 
@@ -320,14 +322,17 @@ def apply(base, adapters: Sequence[WeightedAdapter], output: str | os.PathLike, 
           shard_size: int | str | None = None, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
           include: Sequence[str] = (), exclude: Sequence[str] = (), force: bool = False,
           inputs: Sequence[str | os.PathLike] = (), progress: Progress | None = None,
-          warn: Warn | None = None) -> ApplyResult:
+          warn: Warn | None = None, transaction: OutputTransaction | None = None,
+          measure: bool = False) -> ApplyResult:
     """Write ``base + sum_i w_i scale_i B_i A_i`` to ``output``: a ``.safetensors`` file when the name ends so,
     else an HF folder with shards of at most ``shard_size`` (default ``"5GB"`` = 5*10^9 bytes; ``"500MiB"``;
     a size with a ``.safetensors`` output is a :class:`UsageError`: one file has no shards).
 
     ``base``: a checkpoint path, :class:`Checkpoint` or name -> tensor mapping (not a diffusers pipeline).
     Modules filtered out by ``include`` / ``exclude`` are not applied. ``inputs``: paths the output may
-    not overwrite (the base and adapters). Nothing is written when any check fails.
+    not overwrite (the base and adapters). Nothing is written when any check fails. ``transaction``: the output
+    is installed with the run's other outputs when it commits. ``measure``: fill ``ApplyResult.changes`` with each
+    changed tensor's max |dW|, ||dW||_F and ||W0||_F (one more read of each changed base tensor).
     """
     output = Path(output)
     if output.suffix == ".safetensors" and shard_size is not None:
@@ -342,20 +347,24 @@ def apply(base, adapters: Sequence[WeightedAdapter], output: str | os.PathLike, 
                          f"folder (e.g. {ckpt.path / next(iter(ckpt.components))}) and keep its modules with --include")
     items = as_weighted(adapters)
     plan, whole = plan_apply(ckpt, items, include=include, exclude=exclude, warn=warn)
-    with atomic_output(output, force=force, inputs=inputs) as tmp:
+    changes: dict[str, dict] = {}
+    with atomic_output(output, force=force, inputs=inputs, transaction=transaction) as tmp:
         files, count = _write(ckpt, items, plan, whole, tmp, shard_size=size, dtype=dtype, device=device,
-                              progress=progress)
+                              progress=progress, changes=changes if measure else None)
     files = [output if size is None else output / Path(f).name for f in files]
     copied = [f.name for f in files if f.suffix != ".safetensors" and not f.name.endswith(".index.json")]
     modified = {k: [t.module for t in v] for k, v in plan.items()}
     return ApplyResult(output=output, files=files, tensors=count, modified=modified, replaced=sorted(whole),
-                       copied=copied)
+                       copied=copied, changes=changes)
 
 
 def _write(ckpt: Checkpoint, items: Sequence[WeightedAdapter], plan, whole, tmp: Path, *, shard_size: int | None,
-           dtype: torch.dtype | None, device, progress: Progress | None) -> tuple[list[Path], int]:
-    """Stream the applied tensors into ``tmp`` (a file, or a folder with the base folder's configs)."""
-    metadata = _metadata(ckpt, items)
+           dtype: torch.dtype | None, device, progress: Progress | None,
+           changes: dict[str, dict] | None) -> tuple[list[Path], int]:
+    """Stream the applied tensors into ``tmp`` (a file, or a folder with the base folder's configs); with
+    ``changes``, measure each changed tensor against the base."""
+    copied = _config_files(ckpt.path) if shard_size is not None else []
+    metadata = _metadata(ckpt, items, copied)
     entries = [(k, dtype if dtype is not None and ckpt.dtype(k).is_floating_point else ckpt.dtype(k), ckpt.shape(k))
                for k in ckpt.keys()]
     reserve = header_bound(entries, metadata)  # every name and shape is known: the writer streams from the start
@@ -363,11 +372,15 @@ def _write(ckpt: Checkpoint, items: Sequence[WeightedAdapter], plan, whole, tmp:
     with ShardedWriter(tmp, shard_size=shard_size, metadata=metadata, header_reserve=reserve) as writer:
         for name, tensor in applied_tensors(ckpt, plan, whole, device=device, dtype=dtype, progress=progress):
             writer.add(name, tensor)
+            if changes is not None and (name in plan or name in whole):
+                sources = list(dict.fromkeys(t.source for t in plan.get(name, ())))
+                changes[name] = {**delta_stats(ckpt.get(name), tensor), "adapters": sources}
             count += 1
             del tensor  # one tensor in memory at a time
     files = writer.close()
     if shard_size is None:
         return files, count
     stem = "diffusion_pytorch_model" if any(ckpt.path.glob("diffusion_pytorch_model*")) else "model"
-    copied = _copy_configs(ckpt.path, tmp)
+    for name in copied:
+        shutil.copy2(ckpt.path / name, tmp / name)
     return _rename_stem(tmp, files, stem) + [tmp / name for name in copied], count

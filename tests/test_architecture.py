@@ -27,7 +27,7 @@ MAX_TOP_MODULES = 15
 KNOWN_FILE_WORK = {
     # apply writes an HF folder itself: copies the base's config files, renames shards (and the index) for
     # diffusers. To move into io/ with the output transactions of issue 11, which rewrite these very functions.
-    ("apply.py", "_copy_configs"), ("apply.py", "_rename_stem"), ("apply.py", "_write"),
+    ("apply.py", "_config_files"), ("apply.py", "_rename_stem"), ("apply.py", "_write"),
     # fills the temporaries io's atomic_output hands out (one write_bytes each); goes with the same change
     ("analyze/report.py", "write_analysis"),
 }

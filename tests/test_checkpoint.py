@@ -472,11 +472,13 @@ def test_atomic_exists_and_force(tmp_path):
 def test_atomic_force_replaces_folder_with_folder_and_file(tmp_path):
     target = tmp_path / "adapter"
     _mkdir(target)
-    (target / "stale.txt").write_text("old")
+    (target / "adapter_model.safetensors").write_text("old")  # a name lowrank-tools writes: --force may replace it
     with atomic_output(target, force=True) as tmp:
         tmp.mkdir()
         (tmp / "fresh.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["fresh.txt"]
+    target.rename(tmp_path / "other")
+    _mkdir(target)
     with atomic_output(target, force=True) as tmp:
         tmp.write_text("now a file")
     assert target.read_text() == "now a file" and _leftovers(tmp_path) == []

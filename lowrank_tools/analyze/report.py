@@ -1,7 +1,8 @@
 """An :class:`~lowrank_tools.analyze.records.Analysis` as a terminal table, JSON, CSV and PNG files. Never computes an SVD.
 
 ``write_analysis`` renders every requested output in memory first, then writes each under a temporary
-name beside its target and renames them all into place at the end: a failure leaves nothing half-written.
+name beside its target and installs them all at the end (an :class:`~lowrank_tools.outputs.OutputTransaction`):
+a failure leaves nothing half-written and none of them installed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..io.atomic import atomic_output, check_output
+from ..io.outputs import OutputTransaction, check_output
 from ..errors import OutputError, UsageError
 from ..report import BASE_IS_ZERO, csv_number, left_out_lines, name_column, ratio_cell, strict_json
 from ..linalg.spectrum import ENERGY_LEVELS, level_key
@@ -197,9 +198,15 @@ def _check_folder(folder: Path) -> None:
 
 
 def write_analysis(analysis: Analysis, *, json_path=None, csv_path=None, plot_dir=None, force: bool = False,
-                   inputs: Sequence[str | os.PathLike] = ()) -> list[Path]:
-    """Write the requested outputs (JSON file, CSV file, PNGs into ``plot_dir``) all or nothing; return their paths."""
-    check_analysis_outputs(json_path=json_path, csv_path=csv_path, plot_dir=plot_dir, force=force, inputs=inputs)
+                   inputs: Sequence[str | os.PathLike] = (),
+                   transaction: OutputTransaction | None = None) -> list[Path]:
+    """Write the requested outputs (JSON file, CSV file, PNGs into ``plot_dir``) all or nothing; return their paths.
+
+    Each is rendered in memory, written under a temporary name and installed when every one is written (with
+    ``transaction``: when it commits, with the run's other outputs). ``plot_dir`` may hold other files: only the
+    PNG names of :data:`~lowrank_tools.plots.PLOT_FILES` are written there (replaced only with ``force``)."""
+    check_analysis_outputs(json_path=json_path, csv_path=csv_path, plot_dir=plot_dir,
+                           force=transaction.force if transaction is not None else force, inputs=inputs)
     files: dict[Path, bytes] = {}
     if json_path is not None:
         files[Path(json_path)] = analysis_json(analysis).encode()
@@ -209,7 +216,8 @@ def write_analysis(analysis: Analysis, *, json_path=None, csv_path=None, plot_di
         from .plots import render_plots
 
         files.update({Path(plot_dir) / name: data for name, data in render_plots(analysis).items()})
-    with contextlib.ExitStack() as stack:  # every temporary is renamed into place only once all are written
+    with contextlib.ExitStack() as stack:
+        txn = transaction or stack.enter_context(OutputTransaction(force=force, inputs=inputs))
         for target, data in files.items():
-            stack.enter_context(atomic_output(target, force=force, inputs=inputs)).write_bytes(data)
+            txn.stage(target, inputs=inputs).write_bytes(data)
     return list(files)

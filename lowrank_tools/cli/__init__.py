@@ -2,7 +2,9 @@
 place that imports click (split in modules by command family, each under ~400 lines).
 
 Exit status: 0 ok, 1 a data or file problem, 2 a usage problem. Errors are one line on stderr; a
-traceback only with ``--debug``.
+traceback only with ``--debug``. Ctrl-C, SIGTERM and SIGHUP unwind the run (every temporary removed, nothing
+installed): one line, exit 128 + the signal's number (130, 143, 129). A closed stdout or stderr ends the run
+quietly with 141 (128 + SIGPIPE), as coreutils do.
 """
 
 from __future__ import annotations

@@ -15,12 +15,14 @@ from .options import (FORMAT_HELP, FORMATS, Progress, check_kohya_options, check
 def _finish_adapter(result, output: Path, *, fmt: str, prefix: str, force: bool, inputs, report_path, quiet,
                     left_out: dict) -> None:
     from ..io.formats import save_adapter
+    from ..io.outputs import OutputTransaction
 
     result.report.skipped.update(left_out)  # what the format cannot hold, left out before the work
     if not result.adapter.modules:
         raise click.ClickException(f"every module was left out or truncated to rank 0: nothing to write to {output}")
-    save_adapter(result.adapter, output, format=fmt, force=force, inputs=inputs, prefix=prefix)
-    write_report(result.report, report_path, force=force, inputs=[*inputs, output])
+    with OutputTransaction(force=force, inputs=inputs) as outputs:  # the adapter and report, or neither
+        save_adapter(result.adapter, output, format=fmt, prefix=prefix, transaction=outputs)
+        write_report(result.report, report_path, transaction=outputs)
     show(result.report, quiet)
     if not quiet:
         click.echo(f"wrote {output} ({fmt}, {len(result.adapter.modules)} modules, {result.adapter.params:,} parameters)")
@@ -121,23 +123,38 @@ def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
               help="A .safetensors file, or an HF folder (shards, index and the base folder's config files).")
 @click.option("--shard-size", default=None, show_default="5GB",
               help="Largest shard of a folder output: 5GB = 5*10^9 bytes, 500MiB = 500*2^20.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Write what changed per tensor: modules, adapters, max |dW|, ||dW|| / ||W0|| (.json or .csv).")
 @common_options
-def apply(base, adapters, output, shard_size, device, dtype_name, include, exclude, force, quiet):
+def apply(base, adapters, output, shard_size, report_path, device, dtype_name, include, exclude, force, quiet):
     """Bake weighted adapters into BASE: W = W0 + sum_i w_i scale_i B_i A_i, streamed tensor by tensor."""
     from ..apply import apply as run
-    from ..io.checkpoint import check_output, parse_size
+    from ..io.checkpoint import parse_size
+    from ..io.outputs import OutputTransaction
     from ..weighted import load_weighted, parse_adapter_spec
 
     if shard_size is not None:
         parse_size(shard_size)  # a bad size fails before the adapters are read
     specs = [parse_adapter_spec(a) for a in adapters]
     inputs = [base, *(s.path for s in specs)]
-    check_output(output, force=force, inputs=inputs)
+    check_outputs(output, report_path, force=force, inputs=inputs)
     loaded = load_weighted(specs, base=base)
     warn_all(quiet, [n for item in loaded for n in item.adapter.notes])
-    result = run(base, loaded, output, shard_size=shard_size, dtype=out_dtype(dtype_name), device=device, include=include,
-                 exclude=exclude, force=force, inputs=inputs, progress=Progress(quiet, "apply"), warn=warner(quiet))
+    with OutputTransaction(force=force, inputs=inputs) as outputs:  # the model and report, or neither
+        result = run(base, loaded, output, shard_size=shard_size, dtype=out_dtype(dtype_name), device=device,
+                     include=include, exclude=exclude, force=force, inputs=inputs, progress=Progress(quiet, "apply"),
+                     warn=warner(quiet), transaction=outputs, measure=report_path is not None)
+        _write_apply_report(result, report_path, outputs)
     if not quiet:
         changed = sum(len(v) for v in result.modified.values())
         click.echo(f"wrote {output} ({len(result.files)} file(s), {result.tensors} tensors: {len(result.modified)} "
                    f"changed by {changed} adapter modules, {len(result.replaced)} replaced whole, the rest copied)")
+
+
+def _write_apply_report(result, path: Path | None, outputs) -> None:
+    if path is None:
+        return
+    from ..apply_report import apply_report_csv, apply_report_json
+
+    text = apply_report_csv(result) if path.suffix.lower() == ".csv" else apply_report_json(result)
+    outputs.stage(path).write_text(text)

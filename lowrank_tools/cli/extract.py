@@ -78,6 +78,7 @@ def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, fo
     from ..errors import LowRankError
     from ..extract.streaming import extract as run
     from ..io.formats import save_adapter
+    from ..io.outputs import OutputTransaction
 
     if primary:
         check_outputs(output, report_path, force=force, inputs=[base, tuned])
@@ -95,8 +96,9 @@ def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, fo
                         for k, v in result.report.skipped.items())
         raise click.ClickException(f"no layer of {tuned} differs from {base} in a way a LoRA can hold "
                                    f"({why or 'no weights'}): nothing to extract, nothing written")
-    save_adapter(result.adapter, output, format=fmt, force=force, inputs=[base, tuned], prefix=prefix)
-    write_report(result.report, report_path, force=force, inputs=[base, tuned, output])
+    with OutputTransaction(force=force, inputs=[base, tuned]) as outputs:  # the adapter and report, or neither
+        save_adapter(result.adapter, output, format=fmt, prefix=prefix, transaction=outputs)
+        write_report(result.report, report_path, transaction=outputs)
     show(result.report, quiet)
     if not quiet:
         click.echo(f"wrote {output} ({len(result.adapter.modules)} modules, {result.adapter.params:,} parameters)")

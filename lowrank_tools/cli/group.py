@@ -3,6 +3,12 @@ keeps tracebacks and is accepted after any command name."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import sys
+import threading
+
 import click
 
 from .. import __version__
@@ -32,6 +38,72 @@ def _one_line(exc: click.UsageError) -> click.UsageError:
     return line
 
 
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP as an exception (a BaseException, like KeyboardInterrupt): it unwinds through every
+    ``with`` block, so temporaries are removed and no output is installed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, _frame) -> None:
+    for sig in _SIGNALS:  # a second signal must not interrupt the clean-up that the first one starts
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_unwind():
+    """SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread (where Python runs signal handlers; the
+    read-ahead thread only ever sees its consumer stop). A signal already ignored (``nohup``) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _on_signal) for sig in _SIGNALS if signal.getsignal(sig) is signal.SIG_DFL}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _say(line: str) -> None:
+    """One line on stderr, if stderr can still take it (a closed terminal after SIGHUP cannot)."""
+    with contextlib.suppress(OSError, ValueError):
+        click.echo(line, err=True)
+
+
+def _silence_std_streams() -> None:
+    """After a broken pipe: point stdout and stderr at /dev/null, so that nothing (Python's own flush at exit
+    included) reports the closed pipe."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(null, stream.fileno())
+    os.close(null)
+
+
+def _open_missing_std_fds() -> None:
+    """A closed descriptor 0, 1 or 2 (``2>&-``) gets /dev/null, as coreutils do: else the first file opened would
+    take its number, and a library writing to "stderr" would write into an output."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            got = os.open(os.devnull, os.O_RDWR)
+            if got != fd:  # a lower one was free after all: keep the order simple
+                os.dup2(got, fd)
+                os.close(got)
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+
+
 class _Group(click.Group):
     """Turns library errors into one-line click errors (exit 1 data, 2 usage); --debug keeps tracebacks."""
 
@@ -47,11 +119,21 @@ class _Group(click.Group):
         except click.UsageError as exc:  # the group's own options: lowrank-tools --bogus
             raise _one_line(exc) from None
 
+    def main(self, *args, **kwargs):
+        _open_missing_std_fds()
+        try:
+            return super().main(*args, **kwargs)
+        except BrokenPipeError:  # the error line itself met a closed stderr
+            _silence_std_streams()
+            sys.exit(141)
+
     def invoke(self, ctx: click.Context):
         try:
-            return self._invoke(ctx)
+            with _signals_unwind():
+                return self._invoke(ctx)
         except BaseException:
-            Progress.close_all()  # an open bar would otherwise share its line with the error
+            with contextlib.suppress(Exception):
+                Progress.close_all()  # an open bar would otherwise share its line with the error
             raise
 
     def _invoke(self, ctx: click.Context):
@@ -71,8 +153,14 @@ class _Group(click.Group):
                 raise line from None
             raise click.ClickException(_flat(exc)) from None
         except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
+            _say("interrupted: nothing was written")
             ctx.exit(130)
+        except Interrupted as exc:
+            _say(f"interrupted by {signal.Signals(exc.signum).name}: nothing was written")
+            ctx.exit(128 + exc.signum)
+        except BrokenPipeError:  # stdout (or stderr) closed by the reader: `lowrank-tools info X | head -1`
+            _silence_std_streams()
+            ctx.exit(141)
         except Exception as exc:  # noqa: BLE001 - last resort: one line, traceback with --debug
             if ctx.meta.get("debug"):
                 raise

@@ -180,8 +180,9 @@ def check_outputs(output: Path, report_path: Path | None, *, force: bool, inputs
         check_output(report_path, force=force, inputs=[*inputs, output])
 
 
-def write_report(report, path: str | None, *, force: bool, inputs=()) -> None:
-    """The report as JSON (or CSV for a .csv name), atomically; never over an input or the adapter."""
+def write_report(report, path: str | None, *, force: bool = False, inputs=(), transaction=None) -> None:
+    """The report as JSON (or CSV for a .csv name), atomically; never over an input or the adapter. With a
+    ``transaction`` it is installed with the run's other outputs, or not at all."""
     if not path:
         return
     from ..io.checkpoint import atomic_output
@@ -189,7 +190,7 @@ def write_report(report, path: str | None, *, force: bool, inputs=()) -> None:
 
     target = Path(path)
     text = report_csv(report) if target.suffix.lower() == ".csv" else report_json(report)
-    with atomic_output(target, force=force, inputs=inputs) as tmp:
+    with atomic_output(target, force=force, inputs=inputs, transaction=transaction) as tmp:
         tmp.write_text(text)
 
 

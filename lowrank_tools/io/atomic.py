@@ -1,35 +1,32 @@
 """Atomic writing: temporary name beside the target, renamed into place at the end.
 
-:func:`atomic_output` guards every write (a failure or Ctrl-C leaves no half-written output and never touches the
-inputs); :class:`ShardedWriter` streams a full checkpoint into safetensors files, holding one tensor in memory at a
+:func:`atomic_output` guards every write (a failure, Ctrl-C or SIGTERM leaves no half-written output and never
+touches the inputs; it lives in :mod:`lowrank_tools.outputs` with the install rules and is re-exported here);
+:class:`ShardedWriter` streams a full checkpoint into safetensors files, holding one tensor in memory at a
 time; :func:`parse_size` reads ``--shard-size`` values. The safetensors format (shared with the reader in
 ``io.safetensors``): 8 bytes little-endian header length N, N bytes of JSON header, then the tensor bytes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import math
 import os
 import re
-import secrets
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from ..errors import InvalidOption, NonFiniteOutput, OutputError, OutputExists, UnsupportedTensor
+from ..errors import InvalidOption, NonFiniteOutput, UnsupportedTensor
+from .outputs import TMP_MARK as _TMP_MARK
+from .outputs import OutputTransaction, atomic_output, check_output
 from .safetensors import DTYPE_NAMES as _DTYPE_NAMES
 from .safetensors import SAFETENSORS_DTYPES  # re-exported: the table lives with the reader
 
-__all__ = ["atomic_output", "check_output", "parse_size", "ShardedWriter", "SAFETENSORS_DTYPES", "header_bound",
-           "write_safetensors", "check_finite_output", "all_finite"]
+__all__ = ["atomic_output", "check_output", "OutputTransaction", "parse_size", "ShardedWriter", "SAFETENSORS_DTYPES",
+           "header_bound", "write_safetensors", "check_finite_output", "all_finite"]
 
-_TMP_MARK = ".lrt-tmp-"
-_DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _SIZE_UNITS = {
     "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -52,132 +49,6 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise InvalidOption(f"size {text!r} is not positive: give at least one byte, e.g. 5GB")
     return value
-
-
-# ---------------------------------------------------------------------------- atomic_output
-
-
-@contextlib.contextmanager
-def atomic_output(target: str | os.PathLike, *, force: bool = False,
-                  inputs: Sequence[str | os.PathLike] = ()) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success rename it into place.
-
-    The body writes a file or a folder at the yielded path. On any exception (Ctrl-C too) the temporary, and any
-    parent folders created for it, are removed and the exception re-raised; a full disk becomes
-    :class:`OutputError`. With ``force`` an existing target (file or folder) is replaced.
-    """
-    target = Path(target)
-    check_output(target, force=force, inputs=inputs)
-    created = _make_parent(target.parent)
-    tmp = target.parent / f".{target.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        _check_writable(target.parent)
-        _remove_stale(target)
-        yield tmp
-        _install(tmp, target)
-    except BaseException as exc:
-        _remove(tmp)
-        for folder in reversed(created):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        code = _os_error(exc)
-        if code in _DISK_FULL:
-            message = f"could not write {target}: disk full ({os.strerror(code)}): free space or choose another -o"
-            raise OutputError(message) from exc
-        if code in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise OutputError(f"could not write {target}: {os.strerror(code)}: choose another -o") from exc
-        raise
-
-
-def _os_error(exc: BaseException) -> int | None:
-    """The errno of a failed write: an OSError's, or the one safetensors' (Rust) writer quotes in its message
-    ("I/O error: File too large (os error 27)"); None for anything else."""
-    if isinstance(exc, OSError):
-        return exc.errno
-    found = re.search(r"\(os error (\d+)\)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
-    return int(found.group(1)) if found else None
-
-
-def check_output(target: str | os.PathLike, *, force: bool = False, inputs: Sequence[str | os.PathLike] = ()) -> None:
-    """Fail early, before any work, if ``target`` is an input or exists without ``force``."""
-    target = Path(target)
-    out = target.resolve()
-    for item in inputs:
-        src = Path(item).resolve()
-        if out == src or out.is_relative_to(src) or src.is_relative_to(out):
-            raise OutputError(f"output {target} is also an input ({item}): choose another -o")
-    if (target.exists() or target.is_symlink()) and not force:
-        raise OutputExists(f"{target} exists: pass --force to overwrite it or choose another -o")
-
-
-def _make_parent(parent: Path) -> list[Path]:
-    """Create ``parent`` if missing; return the folders created, outermost first."""
-    missing = [p for p in [parent, *parent.parents] if not p.exists()][::-1]
-    blocking = next((p for p in [parent, *parent.parents] if p.exists() and not p.is_dir()), None)
-    if blocking is not None:  # mkdir would only say "File exists"
-        raise OutputError(f"cannot create output folder {parent}: {blocking} is a file, not a folder: choose "
-                          f"another -o")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create output folder {parent}: {exc.strerror}: choose another -o") from exc
-    return missing
-
-
-def _check_writable(parent: Path) -> None:
-    if not parent.is_dir():
-        raise OutputError(f"output folder {parent} is not a folder: choose another -o")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"output folder {parent} is not writable: choose another -o")
-
-
-def _remove_stale(target: Path) -> None:
-    """Delete temporaries of this target left by runs that were killed (their pid is gone)."""
-    prefix = f".{target.name}{_TMP_MARK}"
-    for entry in target.parent.iterdir():
-        if not entry.name.startswith(prefix):
-            continue
-        pid = entry.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            _remove(entry)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists but belongs to someone else, or we cannot tell: keep it
-    return True
-
-
-def _install(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing target (file or folder) is replaced."""
-    if not (tmp.exists() or tmp.is_symlink()):
-        raise OutputError(f"nothing was written for {target}: the writer produced no output")
-    both_files = not tmp.is_dir() and not (target.is_dir() and not target.is_symlink())
-    if both_files or not target.exists():
-        os.replace(tmp, target)  # atomic for files, and for a folder onto nothing
-        return
-    aside = tmp.with_name(f"{tmp.name}-old")
-    os.replace(target, aside)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(aside, target)
-        raise
-    _remove(aside)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
 
 
 # ---------------------------------------------------------------------------- writers

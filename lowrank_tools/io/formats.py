@@ -173,20 +173,23 @@ def check_target(adapter: Adapter, format: AdapterFormat | str, *, prefix: str =
 
 
 def save_adapter(adapter: Adapter, target: str | os.PathLike, *, format: AdapterFormat | str | None = None,
-                 force: bool = False, inputs=(), dtype: torch.dtype | None = None, prefix: str = "lora_unet_") -> Path:
+                 force: bool = False, inputs=(), dtype: torch.dtype | None = None, prefix: str = "lora_unet_",
+                 transaction=None) -> Path:
     """Write ``adapter`` atomically in ``format`` (PEFT: a folder; kohya: a .safetensors file).
 
     ``format`` None: decided by :func:`output_format` from the name (``.safetensors``: kohya, else PEFT).
     ``prefix``: the kohya prefix of modules without a pipeline component (``unet.`` and ``text_encoder.`` modules
     take ``lora_unet_`` / ``lora_te_``). Nothing is written when the format cannot hold a module (the commands
-    leave those out first, with :func:`fit_format`).
+    leave those out first, with :func:`fit_format`). ``transaction`` (an
+    :class:`~lowrank_tools.io.outputs.OutputTransaction`): written under a temporary name and installed with the
+    run's other outputs when it commits (its ``force`` applies).
     """
     target = Path(target)
     fmt = output_format(target, format)
     if dtype is not None:
         adapter = adapter.to(dtype=dtype)
     check_target(adapter, fmt, prefix=prefix)
-    with atomic_output(target, force=force, inputs=inputs) as tmp:
+    with atomic_output(target, force=force, inputs=inputs, transaction=transaction) as tmp:
         if fmt is AdapterFormat.KOHYA:
             write_kohya(adapter, tmp, prefix=prefix)
         elif is_diffusers_adapter(adapter):

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..errors import NonFiniteWeight
 from .svd import check_matrix, work_dtype, concat_factors
 
-__all__ = ["check_finite", "frobenius_error", "frobenius_norm", "lowrank_frobenius_diff", "lowrank_frobenius_norm"]
+__all__ = ["delta_stats", "check_finite", "frobenius_error", "frobenius_norm", "lowrank_frobenius_diff", "lowrank_frobenius_norm"]
 
 _CHUNK_ELEMENTS = 1 << 20  # column chunk of frobenius_error: one 4 MiB float32 temporary at a time
 _DEVICE_CHUNK_ELEMENTS = 1 << 24  # the same on a GPU: fewer, larger kernels
@@ -112,3 +112,23 @@ def lowrank_frobenius_diff(B1: Tensor, A1: Tensor, s1: float, B2: Tensor, A2: Te
     ``[s1 B1 | -s2 B2] [A1; A2]`` (see :func:`lowrank_frobenius_norm`)."""
     B, A = concat_factors([(B1.double(), A1, s1), (B2.double(), A2, -s2)])
     return lowrank_frobenius_norm(B, A)
+
+
+_BLOCK_ELEMENTS = 1 << 20  # float64 working memory per block of delta_stats: 8 MiB
+
+
+@torch.no_grad()
+def delta_stats(W0: Tensor, W: Tensor) -> dict[str, float]:
+    """``max_abs_delta``, ``delta_norm`` and ``base_norm`` of W - W0 (any equal shapes), in float64 a block of rows
+    at a time (no full-size float64 copy)."""
+    a, b = W0.reshape(W0.shape[0] if W0.dim() else 1, -1), W.reshape(W.shape[0] if W.dim() else 1, -1)  # (rows, cols)
+    step = max(1, _BLOCK_ELEMENTS // max(1, a.shape[1]))
+    peak, delta_sq, base_sq = 0.0, 0.0, 0.0
+    for i in range(0, a.shape[0], step):
+        w0 = a[i:i + step].to(torch.float64)
+        d = b[i:i + step].to(torch.float64) - w0
+        if d.numel():
+            peak = max(peak, float(d.abs().max()))
+        delta_sq += float((d * d).sum())
+        base_sq += float((w0 * w0).sum())
+    return {"max_abs_delta": peak, "delta_norm": delta_sq**0.5, "base_norm": base_sq**0.5}
