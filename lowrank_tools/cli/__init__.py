@@ -96,3 +96,4 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 # the commands register themselves on `main` when imported
 from . import adapters, analyze, extract  # noqa: E402,F401
+from . import evaluate  # noqa: E402,F401
