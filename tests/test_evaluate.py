@@ -343,3 +343,19 @@ def test_diffusers_folder_is_refused(tmp_path, llama):
     (tmp_path / "pipe" / "model_index.json").write_text("{}")
     with pytest.raises(UsageError, match="diffusers pipeline"):
         evaluate(tmp_path / "pipe", llama["tuned"], [], texts=["w1 w2"], device="cpu")
+
+
+def test_blocks_of_positions_and_truncation_give_the_same_numbers(llama, monkeypatch):
+    from lowrank_tools.evaluate import metrics
+
+    whole = evaluate(llama["base"], llama["tuned"], [("low", llama["low"])], texts=llama["texts"], max_length=5,
+                     device="cpu")
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 3 * VOCAB)  # three positions per float64 block
+    blocks = evaluate(llama["base"], llama["tuned"], [("low", llama["low"])], texts=llama["texts"], max_length=5,
+                      device="cpu")
+    tok = transformers.AutoTokenizer.from_pretrained(llama["tuned"])
+    lengths = [len(tok(t)["input_ids"]) for t in llama["texts"]]
+    assert whole.tokens == sum(min(n, 5) - 1 for n in lengths if n >= 2)
+    assert blocks.adapters[0].kl == pytest.approx(whole.adapters[0].kl, rel=1e-12)
+    assert blocks.base.loss == pytest.approx(whole.base.loss, rel=1e-12)
+    assert blocks.adapters[0].top1_agreement == whole.adapters[0].top1_agreement

@@ -30,7 +30,7 @@ def _curve(base, tuned, ranks, budgets, energies, *, device, seed, quiet):
     from ..linalg import RankRule
 
     cap = max([*ranks, *([256] if budgets or energies else [])])
-    result = extract(base, tuned, rule=RankRule(rank=cap), dtype=None, device="cpu" if device == "auto" else device,
+    result = extract(base, tuned, rule=RankRule(rank=cap), dtype=None, device=device,
                      seed=seed, progress=Progress(quiet, "extract"), warn=warner(quiet))
     if not result.adapter.modules:
         raise click.ClickException(f"no layer of {tuned} differs from {base} in a way a LoRA can hold: no curve")

@@ -22,25 +22,34 @@ from torch import Tensor
 __all__ = ["CausalTarget", "CausalSums", "EncoderTarget", "EncoderSums", "causal_target", "encoder_target"]
 
 
+_CHUNK_ELEMENTS = 1 << 22  # positions x vocabulary per float64 block: 32 MiB per temporary, whatever the vocabulary
+
+
 @dataclass
 class CausalTarget:
-    """The tuned model's next-token log-probabilities at one batch's real positions, and the tokens that follow."""
+    """The tuned model's next-token logits at one batch's real positions, and the tokens that follow."""
 
-    logp: Tensor  # (N, V) float64
+    logits: Tensor  # (N, V) as the model gave them; log-softmax in float64 a block of positions at a time
     top1: Tensor  # (N,)
     next_tokens: Tensor  # (N,)
     select: Tensor  # (B, T - 1) bool: which positions are real next-token positions
 
+    def blocks(self):
+        """(rows, tuned log-probs (n, V) float64) per block of positions."""
+        step = max(1, _CHUNK_ELEMENTS // max(1, self.logits.shape[1]))
+        for i in range(0, self.logits.shape[0], step):
+            yield slice(i, i + step), torch.log_softmax(self.logits[i:i + step].double(), dim=-1)
 
-def _log_probs(logits: Tensor, select: Tensor) -> Tensor:
-    return torch.log_softmax(logits[:, :-1][select].double(), dim=-1)  # (N, V)
+
+def _positions(logits: Tensor, select: Tensor) -> Tensor:
+    return logits[:, :-1][select]  # (N, V): the logits at real next-token positions
 
 
 def causal_target(logits: Tensor, input_ids: Tensor, mask: Tensor) -> CausalTarget:
     """``logits`` (B, T, V) of the tuned model; ``mask`` (B, T) 1 on real tokens (right padding)."""
     select = mask[:, 1:].bool() & mask[:, :-1].bool()  # (B, T - 1): position t is real and so is token t + 1
-    logp = _log_probs(logits, select)
-    return CausalTarget(logp=logp, top1=logp.argmax(-1), next_tokens=input_ids[:, 1:][select], select=select)
+    real = _positions(logits, select)
+    return CausalTarget(logits=real, top1=real.argmax(-1), next_tokens=input_ids[:, 1:][select], select=select)
 
 
 @dataclass
@@ -53,12 +62,14 @@ class CausalSums:
     nll: float = 0.0
 
     def add(self, logits: Tensor, target: CausalTarget) -> None:
-        logp = _log_probs(logits, target.select)  # (N, V)
-        p = target.logp.exp()
-        term = torch.where(p > 0, p * (target.logp - logp), torch.zeros_like(p))  # 0 log 0 = 0
-        self.kl += float(term.sum())
-        self.agree += int((logp.argmax(-1) == target.top1).sum())
-        self.nll -= float(logp.gather(1, target.next_tokens.unsqueeze(1)).sum())
+        real = _positions(logits, target.select)  # (N, V)
+        for rows, logp_t in target.blocks():
+            logp = torch.log_softmax(real[rows].double(), dim=-1)  # (n, V)
+            p = logp_t.exp()
+            term = torch.where(p > 0, p * (logp_t - logp), torch.zeros_like(p))  # 0 log 0 = 0
+            self.kl += float(term.sum())
+            self.agree += int((logp.argmax(-1) == target.top1[rows]).sum())
+            self.nll -= float(logp.gather(1, target.next_tokens[rows].unsqueeze(1)).sum())
         self.positions += int(target.select.sum())
 
     def mean(self, value: float) -> float | None:

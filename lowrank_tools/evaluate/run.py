@@ -128,6 +128,44 @@ def _score(label: str, params: int, kind: ModelKind, sums, base_sums=None) -> Sc
     return Score(path=label, params=params, cosine=cos, recovered=rec, rel_l2_error=sums.mean(sums.rel_error))
 
 
+def _prepare(base, tuned, texts, max_length: int, warn: Warn | None):
+    """The model kind, the tokenizer and the token ids of every text long enough to measure."""
+    kind = model_kind(tuned)
+    if model_kind(base) is not kind:
+        raise InvalidOption(f"base {base} is {model_kind(base).value} but tuned {tuned} is {kind.value}: give the "
+                            f"base the fine-tune started from")
+    tokenizer = load_tokenizer(tuned, base)
+    minimum = 2 if kind is ModelKind.CAUSAL else 1
+    ids, skipped = _token_ids(tokenizer, texts, max_length, minimum)
+    if not ids:
+        raise DataError(f"every text is shorter than {minimum} token(s) once tokenized: nothing to measure; give "
+                        f"longer texts")
+    if skipped and warn:
+        warn(f"{skipped} text(s) shorter than {minimum} tokens left out (no position to measure)")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return kind, ids, skipped, pad
+
+
+def _measure(kind, tuned_model, base_model, patches, batches, total, progress):
+    """Per batch: the tuned model once (the target), the base, then base + each adapter; sums of each."""
+    new_sums = CausalSums if kind is ModelKind.CAUSAL else EncoderSums
+    tuned_sums, base_sums, sums = new_sums(), new_sums(), [new_sums() for _ in patches]
+    for done, (input_ids, mask) in enumerate(batches):
+        if progress:
+            progress(done, total, f"batch {done + 1}")
+        out = _forward(tuned_model, kind, input_ids, mask)
+        target = causal_target(out, input_ids, mask) if kind is ModelKind.CAUSAL else encoder_target(out, mask)
+        tuned_sums.add(out, target)
+        del out
+        base_sums.add(_forward(base_model, kind, input_ids, mask), target)
+        for patch, s in zip(patches, sums):
+            with applied(base_model, patch):
+                s.add(_forward(base_model, kind, input_ids, mask), target)
+    if progress:
+        progress(total, total, "")
+    return tuned_sums, base_sums, sums
+
+
 @torch.no_grad()
 def evaluate(base: str | os.PathLike, tuned: str | os.PathLike, adapters: Sequence[tuple[str, Adapter]], *,
              texts: Sequence[str], max_length: int = 128, batch_size: int = 8, device: str | torch.device = "auto",
@@ -138,38 +176,14 @@ def evaluate(base: str | os.PathLike, tuned: str | os.PathLike, adapters: Sequen
     ``sizes``: per adapter ``{"rank": r}`` / ``{"budget": n}`` recorded with its score (a curve)."""
     _check_options(max_length, batch_size)
     start = time.perf_counter()
-    kind = model_kind(tuned)
-    if model_kind(base) is not kind:
-        raise InvalidOption(f"base {base} is {model_kind(base).value} but tuned {tuned} is {kind.value}: give the "
-                            f"base the fine-tune started from")
     dev = resolve_device(device)
-    tokenizer = load_tokenizer(tuned, base)
-    minimum = 2 if kind is ModelKind.CAUSAL else 1
-    ids, skipped = _token_ids(tokenizer, texts, max_length, minimum)
-    if not ids:
-        raise DataError(f"every text is shorter than {minimum} token(s) once tokenized: nothing to measure; give "
-                        f"longer texts")
-    if skipped and warn:
-        warn(f"{skipped} text(s) shorter than {minimum} tokens left out (no position to measure)")
+    kind, ids, skipped, pad = _prepare(base, tuned, texts, max_length, warn)
     tuned_model = load_model(tuned, kind, dev)
     base_model = load_model(base, kind, dev)
     patches = [plan_patch(base_model, adapter, label) for label, adapter in adapters]  # every check before work
-    new_sums = CausalSums if kind is ModelKind.CAUSAL else EncoderSums
-    tuned_sums, base_sums, sums = new_sums(), new_sums(), [new_sums() for _ in adapters]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total = math.ceil(len(ids) / batch_size)
-    for done, (input_ids, mask) in enumerate(_batches(ids, batch_size, pad, dev)):
-        if progress:
-            progress(done, total, f"batch {done + 1}")
-        out = _forward(tuned_model, kind, input_ids, mask)
-        target = causal_target(out, input_ids, mask) if kind is ModelKind.CAUSAL else encoder_target(out, mask)
-        tuned_sums.add(out, target)
-        base_sums.add(_forward(base_model, kind, input_ids, mask), target)
-        for patch, s in zip(patches, sums):
-            with applied(base_model, patch):
-                s.add(_forward(base_model, kind, input_ids, mask), target)
-    if progress:
-        progress(total, total, "")
+    tuned_sums, base_sums, sums = _measure(kind, tuned_model, base_model, patches,
+                                           _batches(ids, batch_size, pad, dev), math.ceil(len(ids) / batch_size),
+                                           progress)
     base_score = _score("base", 0, kind, base_sums)
     scores = [_score(label, adapter.params, kind, s, base_sums) for (label, adapter), s in zip(adapters, sums)]
     for score, size in zip(scores, sizes or []):
