@@ -359,3 +359,20 @@ def test_blocks_of_positions_and_truncation_give_the_same_numbers(llama, monkeyp
     assert blocks.adapters[0].kl == pytest.approx(whole.adapters[0].kl, rel=1e-12)
     assert blocks.base.loss == pytest.approx(whole.base.loss, rel=1e-12)
     assert blocks.adapters[0].top1_agreement == whole.adapters[0].top1_agreement
+
+
+def test_head_checkpoint_names_map_onto_the_base_model():
+    """A BertForMaskedLM adapter (``bert.`` names, ``cls.`` head) on the BertModel that AutoModel loads."""
+    from lowrank_tools.adapter import LoraModule
+
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64)
+    model = transformers.BertModel(config)
+    module = LoraModule(B=torch.ones(32, 1), A=torch.ones(1, 32), alpha=1.0)
+    adapter = Adapter(modules={"bert.encoder.layer.0.attention.self.query": module,
+                               "cls.predictions.transform.dense": module})
+    patch = plan_patch(model, adapter, "mlm", skip_heads=True)
+    assert list(patch.terms) == ["encoder.layer.0.attention.self.query.weight"]
+    assert patch.outside == ["cls.predictions.transform.dense"]
+    with pytest.raises(AdapterMismatch, match="cls.predictions.transform.dense is not in the model"):
+        plan_patch(model, adapter, "mlm")

@@ -38,6 +38,7 @@ class Patch:
     source: str
     terms: dict[str, list[tuple[str, LoraModule]]] = field(default_factory=dict)
     whole: dict[str, Tensor] = field(default_factory=dict)
+    outside: list[str] = field(default_factory=list)  # modules of a head the loaded model has not (skip_heads)
 
 
 def _candidates(name: str, prefix: str) -> list[str]:
@@ -66,12 +67,25 @@ def _fits(m: LoraModule, shape: tuple[int, ...]) -> bool:
     return len(shape) >= 2 and shape[0] == out and math.prod(shape[1:]) == inp
 
 
-def plan_patch(model: torch.nn.Module, adapter: Adapter, source: str) -> Patch:
-    """Check every module against ``model`` (name, shape, finite factors) before anything is changed."""
+def _outside(name: str, params: dict[str, Tensor], prefix: str, skip_heads: bool) -> bool:
+    """A module of a task head (``cls.predictions.*`` of a ``BertForMaskedLM`` checkpoint) that the loaded base
+    model (``BertModel``, its weights under ``bert.``) does not have: it cannot change the hidden states."""
+    return (skip_heads and bool(prefix) and not name.startswith(prefix + ".")
+            and not any(c + ".weight" in params for c in _candidates(name, prefix)))
+
+
+def plan_patch(model: torch.nn.Module, adapter: Adapter, source: str, *, skip_heads: bool = False) -> Patch:
+    """Check every module against ``model`` (name, shape, finite factors) before anything is changed.
+
+    ``skip_heads`` (encoders loaded with ``AutoModel``): modules outside the base model's prefix that it lacks
+    are listed in ``Patch.outside`` instead of raising."""
     params = dict(model.named_parameters(remove_duplicate=False))
     prefix = getattr(model, "base_model_prefix", "") or ""
     patch = Patch(source=source)
     for name, m in adapter.modules.items():
+        if _outside(name, params, prefix, skip_heads):
+            patch.outside.append(name)
+            continue
         target = _find(name, params, prefix, source)
         shape = tuple(params[target].shape)
         if not _fits(m, shape):
@@ -82,6 +96,9 @@ def plan_patch(model: torch.nn.Module, adapter: Adapter, source: str) -> Patch:
         patch.terms.setdefault(target, []).append((name, m))
     for tensor, t in adapter.full_tensors.items():
         base_name, _, leaf = tensor.rpartition(".")
+        if _outside(base_name, params, prefix, skip_heads):
+            patch.outside.append(base_name)
+            continue
         target = _find(base_name, params, prefix, source, suffix="." + leaf)
         if tuple(params[target].shape) != tuple(t.shape):
             raise AdapterMismatch(f"{source}: tensor {tensor} saved whole is {tuple(t.shape)} but parameter {target} "

@@ -180,7 +180,12 @@ def evaluate(base: str | os.PathLike, tuned: str | os.PathLike, adapters: Sequen
     kind, ids, skipped, pad = _prepare(base, tuned, texts, max_length, warn)
     tuned_model = load_model(tuned, kind, dev)
     base_model = load_model(base, kind, dev)
-    patches = [plan_patch(base_model, adapter, label) for label, adapter in adapters]  # every check before work
+    patches = [plan_patch(base_model, adapter, label, skip_heads=kind is ModelKind.ENCODER)
+               for label, adapter in adapters]  # every check before any work
+    for patch in patches:
+        if patch.outside and warn:
+            warn(f"{patch.source}: {len(patch.outside)} module(s) of a head the {kind.value} model has not are "
+                 f"left out (e.g. {patch.outside[0]}): they cannot change its hidden states")
     tuned_sums, base_sums, sums = _measure(kind, tuned_model, base_model, patches,
                                            _batches(ids, batch_size, pad, dev), math.ceil(len(ids) / batch_size),
                                            progress)
