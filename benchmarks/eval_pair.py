@@ -80,7 +80,7 @@ def train(model, tok, texts, steps: int, lr: float, seed: int, mlm: bool = False
         loss.backward()
         opt.step()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def save(model, tok, folder: Path) -> None:

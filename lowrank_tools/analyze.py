@@ -34,7 +34,7 @@ from .layers import compile_filters, matches, relative_change, select_layers
 from .linalg import Method, qr_core_svd, resolve_device, singular_values
 from .norms import check_finite, frobenius_norm
 from .prefetch import prefetch
-from .recommend import recommend
+from .recommend import energy_curve, recommend
 from .sketch import top_singular_values
 from .spectrum import ENERGY_LEVELS, SpectrumMetrics, level_key, spectrum_metrics
 from .report import Progress, Warn
@@ -105,10 +105,11 @@ class Analysis:
     skipped: dict[str, list[str]] = field(default_factory=dict)
     changed_1d: dict[str, float] = field(default_factory=dict)  # 1-D tensors: ||d|| / ||W0||
     notes: list[str] = field(default_factory=list)
+    energy_curve: dict = field(default_factory=dict)  # recommend.energy_curve: retained energy vs params
 
     def to_dict(self) -> dict:
         return {"command": "analyze", "source": self.source, "top": self.top, "summary": self.summary,
-                "groups": self.groups, "recommendation": self.recommendation,
+                "groups": self.groups, "recommendation": self.recommendation, "energy_curve": self.energy_curve,
                 "layers": [layer.to_dict() for layer in self.layers], "skipped": self.skipped,
                 "not_low_rank": self.changed_1d, "notes": self.notes}
 
@@ -200,6 +201,7 @@ def _assemble(source: str, layers: list[LayerAnalysis], start: float, *, top: in
               skipped: dict[str, list[str]], changed_1d: dict[str, float], notes: list[str]) -> Analysis:
     groups = {by: group_layers(layers, by) for by in ("module_type", "depth")} if layers else {}
     return Analysis(source=source, layers=layers, groups=groups, recommendation=recommend(layers), top=top,
+                    energy_curve=energy_curve(layers),
                     summary=_summary(layers, time.perf_counter() - start, top=top), notes=notes,
                     skipped={k: v for k, v in skipped.items() if v}, changed_1d=changed_1d)
 
