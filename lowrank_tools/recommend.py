@@ -105,7 +105,9 @@ def minimal_budget(spectra: Sequence[LayerSpectrum], target: float) -> int | Non
 
 
 def _log_spaced(n: int, points: int) -> np.ndarray:
-    """At most ``points`` indices in [0, n), log-spaced, the last one included."""
+    """At most ``points`` indices in [0, n), log-spaced, the last one included (all of them when points >= n)."""
+    if points >= n:
+        return np.arange(n)
     return np.unique(np.round(np.geomspace(1, n, num=min(points, n))).astype(np.int64)) - 1
 
 

@@ -52,6 +52,8 @@ def test_energy_curve_is_in_the_json_and_thins_to_log_spaced_points(tmp_path):
     thin = energy_curve(analysis.layers, points=2)
     longest = max(len(x.singular_values) for x in analysis.layers)
     assert [p["rank"] for p in thin["uniform"]] == [1, longest] and len(thin["budget"]) == 2
+    every = energy_curve(analysis.layers, points=10**6)  # more points than ranks: every rank, none skipped
+    assert [p["rank"] for p in every["uniform"]] == list(range(1, longest + 1))
     from safetensors.torch import save_file
 
     save_file(base, str(tmp_path / "b.safetensors"))
