@@ -58,7 +58,7 @@ def _curve(base, tuned, ranks, budgets, energies, *, device, seed, quiet):
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the measures as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write one row per adapter.")
 @click.option("--plot", "plot_dir", type=click.Path(path_type=Path),
-              help=f"Write recovered_vs_params.png into this folder (needs the .[plot] extra: matplotlib).")
+              help="Write recovered_vs_params.png into this folder (needs the .[plot] extra: matplotlib).")
 @click.option("--force", is_flag=True, help="Overwrite outputs that exist.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, table or warnings.")
 def evaluate(paths, data, max_samples, max_length, batch_size, device, text_field, ranks, budgets, energies, seed,
