@@ -1,15 +1,16 @@
 """Real pretrain-then-finetune pairs for `lowrank-tools evaluate` (issue 15's reference figures).
 
-    python benchmarks/eval_pair.py OUT            # ~1 minute on 2 idle CPU cores; needs transformers + tokenizers
+    python benchmarks/eval_pair.py OUT            # ~3 minutes on 2 busy CPU cores; needs transformers + tokenizers
 
 writes OUT/causal/{base,tuned,heldout.txt} (a 4-layer Llama) and OUT/encoder/{base,tuned,heldout.txt} (a 2-layer
 BertForMaskedLM). Task A, the "pretraining": texts from a Markov chain over 48 words (each word has three likely
 successors). Task B, the fine-tune: the same chain with the successors of 12 words changed. Every weight is
 trained with AdamW on A, then every weight (norms included) is trained with AdamW on B: a genuine full fine-tune,
-not a planted delta. heldout.txt holds task-B texts never trained on. Then, e.g.:
+not a planted delta. heldout.txt holds task-B texts never trained on. The encoder is undertrained (MLM loss
+3.4 after pretraining, ln 53 = 4.0 at chance): enough for a real delta, not for a meaningful encoder. Then, e.g.:
 
     lowrank-tools evaluate OUT/causal/base OUT/causal/tuned --data OUT/causal/heldout.txt \\
-        --ranks 1,2,4,8,16,32,64 --budgets 5000,10000,20000,40000,80000 --energies 0.5,0.8,0.9,0.95,0.99 \\
+        --ranks 1,2,4,8,16,32,64 --budgets 5000,10000,20000,40000,80000,160000 --energies 0.5,0.8,0.9,0.95,0.99 \\
         --json OUT/causal.json --plot OUT/causal-plots
 """
 
