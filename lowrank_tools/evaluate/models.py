@@ -105,7 +105,7 @@ def load_model(path: str | os.PathLike, kind: ModelKind, device: torch.device) -
         raise NotACheckpoint(f"{path}: transformers cannot load it as {cls.__name__} ({first})") from None
     for p in model.parameters():
         p.requires_grad_(False)
-    return model.to(device).eval()
+    return model.to(device).train(False)  # inference mode: dropout off (same as .eval())
 
 
 def load_tokenizer(*paths: str | os.PathLike):
