@@ -9,9 +9,9 @@ from click.testing import CliRunner
 
 from conftest import LLAMA_SHAPES, make_pair
 from lowrank_tools.analyze import analyze_delta
-from lowrank_tools.budget import LayerSpectrum, allocate_budget
+from lowrank_tools.linalg.budget import LayerSpectrum, allocate_budget
 from lowrank_tools.cli import main
-from lowrank_tools.recommend import energy_curve
+from lowrank_tools.analyze.recommend import energy_curve
 
 
 def _pair():

@@ -20,7 +20,7 @@ from lowrank_tools.evaluate import evaluate, read_texts  # noqa: E402
 from lowrank_tools.evaluate.models import require_transformers  # noqa: E402
 from lowrank_tools.evaluate.patch import applied, plan_patch  # noqa: E402
 from lowrank_tools.extract import extract  # noqa: E402
-from lowrank_tools.formats import load_adapter, save_adapter  # noqa: E402
+from lowrank_tools.io.formats import load_adapter, save_adapter  # noqa: E402
 from lowrank_tools.linalg import RankRule  # noqa: E402
 
 VOCAB = 64

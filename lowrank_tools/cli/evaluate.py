@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from . import main
 from .options import DEVICES, SEED, Progress, warn_all, warner
 
 
@@ -26,8 +25,8 @@ def _numbers(kind):
 def _curve(base, tuned, ranks, budgets, energies, *, device, seed, quiet):
     """One in-memory extraction at the largest size asked, truncated to every point (see evaluate.curve)."""
     from ..evaluate.curve import curve_adapters
-    from ..extract import extract
-    from ..linalg import RankRule
+    from ..extract.streaming import extract
+    from ..linalg.svd import RankRule
 
     cap = max([*ranks, *([256] if budgets or energies else [])])
     result = extract(base, tuned, rule=RankRule(rank=cap), dtype=None, device=device,
@@ -38,7 +37,7 @@ def _curve(base, tuned, ranks, budgets, energies, *, device, seed, quiet):
     return [(label, adapter) for label, adapter, _ in points], [size for _, _, size in points]
 
 
-@main.command()
+@click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="BASE TUNED [ADAPTER ...]")
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="Texts: .txt (one per non-empty line), .jsonl (field 'text') or .json (a list of strings).")
@@ -72,7 +71,7 @@ def evaluate(paths, data, max_samples, max_length, batch_size, device, text_fiel
     from ..evaluate import evaluate as run, read_texts
     from ..evaluate.output import check_evaluation_outputs, format_evaluation, write_evaluation
     from ..evaluate.models import require_transformers
-    from ..formats import load_adapter
+    from ..io.formats import load_adapter
 
     if len(paths) < 2:
         raise click.UsageError("evaluate takes BASE TUNED [ADAPTER ...]")

@@ -18,7 +18,7 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import InvalidOption
-from ..linalg import RankRule
+from ..linalg.svd import RankRule
 from ..refactor import refactor_modules
 from ..report import Warn
 from .run import Score

@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..atomic import atomic_output, check_output
+from ..io.atomic import atomic_output, check_output
 from ..errors import MissingExtra, OutputError, UsageError
 from .curve import LEVELS, smallest_reaching
 from .models import ModelKind

@@ -25,7 +25,7 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import DataError, InvalidOption
-from ..linalg import resolve_device
+from ..linalg.svd import resolve_device
 from ..report import Progress, Warn
 from .metrics import CausalSums, EncoderSums, causal_target, encoder_target
 from .models import ModelKind, load_model, load_tokenizer, model_kind
