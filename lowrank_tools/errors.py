@@ -28,6 +28,7 @@ __all__ = [
     "NumericalError",
     "MissingExtra",
     "DistributedError",
+    "DataError",
 ]
 
 
@@ -117,3 +118,7 @@ class MissingExtra(UsageError):
 
 class DistributedError(LowRankError):
     """A distributed run that cannot go on: no process group, ranks that disagree, a rank that was lost."""
+
+
+class DataError(LowRankError):
+    """A data file (evaluation or calibration texts) that is empty, unreadable or malformed at a given line."""

@@ -28,8 +28,6 @@ KNOWN_FILE_WORK = {
     # apply writes an HF folder itself: copies the base's config files, renames shards (and the index) for
     # diffusers. To move into io/ with the output transactions of issue 11, which rewrite these very functions.
     ("apply.py", "_config_files"), ("apply.py", "_rename_stem"), ("apply.py", "_write"),
-    # fills the temporaries io's atomic_output hands out (one write_bytes each); goes with the same change
-    ("analyze/report.py", "write_analysis"),
 }
 # touching a file: reading, writing, copying, renaming or deleting one (what only io/ does)
 _FILE_IO = (r"(?<![\w.])open\(|\.open\(|\.read_(text|bytes)\(|\.write_(text|bytes)\(|\bshutil\.|\bos\.(replace|rename|remove|"

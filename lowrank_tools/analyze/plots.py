@@ -2,6 +2,9 @@
 
 - ``singular_values.png``: every layer's singular values on a log scale, one panel per module type;
 - ``cumulative_energy.png``: every layer's cumulative energy ``c_r`` against r, coloured by module type;
+- ``retained_energy_vs_params.png``: the whole delta's retained energy against adapter parameters, for a uniform
+  rank and for ``--budget`` (:func:`~lowrank_tools.analyze.recommend.energy_curve`), the recommended points marked (the
+  weight-space twin of ``evaluate``'s ``recovered_vs_params.png``);
 - ``rank90_heatmap.png``: depth x module type, the rank needed for 90 % of the energy (the largest, where
   several layers share a cell).
 
@@ -23,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PLOT_FILES", "require_matplotlib", "render_plots"]
 
-PLOT_FILES = ("singular_values.png", "cumulative_energy.png", "rank90_heatmap.png")
+PLOT_FILES = ("singular_values.png", "cumulative_energy.png", "rank90_heatmap.png", "retained_energy_vs_params.png")
 _DPI = 100
 _ANNOTATE_CELLS = 400  # heat maps with more cells get no numbers
 
@@ -142,10 +145,38 @@ def _heatmap(analysis: Analysis) -> bytes:
     return _png(fig)
 
 
+def _retained_vs_params(analysis: Analysis) -> bytes:
+    from matplotlib.ticker import NullFormatter
+
+    curve = analysis.energy_curve
+    fig = _figure(7.5, 4.8)
+    ax = fig.subplots()
+    for key, label, color in (("uniform", "uniform --rank", "tab:blue"), ("budget", "--budget", "tab:orange")):
+        points = [p for p in curve.get(key, []) if p["params"] > 0]
+        ax.plot([p["params"] for p in points], [p["retained_energy"] for p in points], color=color, label=label,
+                marker="." if key == "uniform" else None)
+        chosen = [rec[key] for rec in analysis.recommendation.values() if rec.get(key)]
+        ax.scatter([c["params"] for c in chosen], [c["retained_energy"] for c in chosen], s=120, facecolors="none",
+                   edgecolors=color, linewidths=1.5, zorder=3)
+    for level, style in zip((0.5, 0.9, 0.95, 0.99), (":", "--", "-.", (0, (5, 1)))):
+        ax.axhline(level, color="0.45", linestyle=style, linewidth=0.8)
+        ax.annotate(f"{level:.0%}", xy=(1.0, level), xycoords=("axes fraction", "data"), xytext=(3, 0),
+                    textcoords="offset points", va="center", fontsize=8, color="0.3")
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("adapter parameters")
+    ax.set_ylabel("retained energy of the whole delta")
+    ax.set_title("retained energy vs adapter size (circled: recommended for 90/95/99%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    return _png(fig)
+
+
 def render_plots(analysis: Analysis) -> dict[str, bytes]:
-    """``{file name: PNG bytes}`` for the three figures of the module docstring."""
+    """``{file name: PNG bytes}`` for the four figures of the module docstring."""
     require_matplotlib()
     if not analysis.layers:
         return {}
     return {PLOT_FILES[0]: _singular_values(analysis), PLOT_FILES[1]: _cumulative_energy(analysis),
-            PLOT_FILES[2]: _heatmap(analysis)}
+            PLOT_FILES[2]: _heatmap(analysis), PLOT_FILES[3]: _retained_vs_params(analysis)}

@@ -28,7 +28,7 @@ from ..linalg.spectrum import level_key
 if TYPE_CHECKING:  # annotations only
     from .records import LayerAnalysis
 
-__all__ = ["RECOMMEND_LEVELS", "recommend", "minimal_budget"]
+__all__ = ["RECOMMEND_LEVELS", "recommend", "minimal_budget", "energy_curve"]
 
 RECOMMEND_LEVELS = (0.9, 0.95, 0.99)
 _RTOL = 1e-12  # same slack as the energy rule
@@ -75,9 +75,9 @@ def _spectra(layers: Sequence[LayerAnalysis]) -> list[LayerSpectrum]:
     return [LayerSpectrum(x.name, x.matrix_shape, x.singular_values) for x in layers]
 
 
-def minimal_budget(spectra: Sequence[LayerSpectrum], target: float) -> int | None:
-    """The cost of the shortest prefix, in ``allocate_budget``'s greedy order, whose gains reach ``target``
-    (squared singular values); None when all units together fall short."""
+def _greedy(spectra: Sequence[LayerSpectrum]) -> tuple[np.ndarray, np.ndarray]:
+    """(gains, costs) of every rank unit in ``allocate_budget``'s greedy order (``s^2 / cost``, best first, ties to
+    the earlier layer, then the earlier unit)."""
     gains, costs, layer_idx, unit_idx = [], [], [], []
     for i, layer in enumerate(spectra):
         cap = min(len(layer.singular_values), min(layer.shape))
@@ -87,14 +87,50 @@ def minimal_budget(spectra: Sequence[LayerSpectrum], target: float) -> int | Non
         costs += [layer.unit_cost] * len(g)
         layer_idx += [i] * len(g)
         unit_idx += list(range(len(g)))
-    if not gains:
-        return None
     gains_a, costs_a = np.asarray(gains, dtype=np.float64), np.asarray(costs, dtype=np.int64)
+    if not gains:
+        return gains_a, costs_a
     order = np.lexsort((np.asarray(unit_idx), np.asarray(layer_idx), -(gains_a / costs_a)))
-    reached = np.nonzero(np.cumsum(gains_a[order]) >= target)[0]
+    return gains_a[order], costs_a[order]
+
+
+def minimal_budget(spectra: Sequence[LayerSpectrum], target: float) -> int | None:
+    """The cost of the shortest prefix, in ``allocate_budget``'s greedy order, whose gains reach ``target``
+    (squared singular values); None when all units together fall short."""
+    gains, costs = _greedy(spectra)
+    reached = np.nonzero(np.cumsum(gains) >= target)[0]
     if len(reached) == 0:
         return None
-    return int(np.cumsum(costs_a[order])[reached[0]])
+    return int(np.cumsum(costs)[reached[0]])
+
+
+def _log_spaced(n: int, points: int) -> np.ndarray:
+    """At most ``points`` indices in [0, n), log-spaced, the last one included (all of them when points >= n)."""
+    if points >= n:
+        return np.arange(n)
+    return np.unique(np.round(np.geomspace(1, n, num=min(points, n))).astype(np.int64)) - 1
+
+
+def energy_curve(layers: Sequence[LayerAnalysis], *, points: int = 48) -> dict:
+    """The whole delta's retained energy share against adapter parameters, from the computed singular values:
+    ``uniform`` (``rank``, ``params``, ``retained_energy``: every layer at min(r, its length), r = 1..longest) and
+    ``budget`` (``params``, ``retained_energy``: the greedy prefixes ``allocate_budget`` takes), each at most
+    ``points`` log-spaced points. The data of ``retained_energy_vs_params.png``."""
+    total = math.fsum(x.metrics.total_energy for x in layers)
+    if not layers or total <= 0:
+        return {"uniform": [], "budget": []}
+    longest = max(len(x.singular_values) for x in layers)
+    uniform = []
+    for i in _log_spaced(longest, points):
+        r = int(i) + 1
+        ranks = [min(r, x.full_length) for x in layers]
+        uniform.append({"rank": r, "params": _size(layers, ranks)["params"],
+                        "retained_energy": min(1.0, _retained(layers, ranks) / total)})
+    gains, costs = _greedy(_spectra(layers))
+    cum_gain, cum_cost = np.cumsum(gains), np.cumsum(costs)
+    budget = [{"params": int(cum_cost[i]), "retained_energy": min(1.0, float(cum_gain[i]) / total)}
+              for i in (_log_spaced(len(gains), points) if len(gains) else [])]
+    return {"uniform": uniform, "budget": budget}
 
 
 def _budget(layers: Sequence[LayerAnalysis], target: float, total: float) -> dict | None:

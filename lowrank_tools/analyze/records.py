@@ -75,10 +75,11 @@ class Analysis:
     skipped: dict[str, list[str]] = field(default_factory=dict)
     changed_1d: dict[str, float] = field(default_factory=dict)  # 1-D tensors: ||d|| / ||W0||
     notes: list[str] = field(default_factory=list)
+    energy_curve: dict = field(default_factory=dict)  # recommend.energy_curve: retained energy vs params
 
     def to_dict(self) -> dict:
         return {"command": "analyze", "source": self.source, "top": self.top, "summary": self.summary,
-                "groups": self.groups, "recommendation": self.recommendation,
+                "groups": self.groups, "recommendation": self.recommendation, "energy_curve": self.energy_curve,
                 "layers": [layer.to_dict() for layer in self.layers], "skipped": self.skipped,
                 "not_low_rank": {k: _finite(v) for k, v in self.changed_1d.items()}, "notes": self.notes}
 

@@ -7,7 +7,6 @@ a failure leaves nothing half-written and none of them installed.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import os
@@ -15,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..io.outputs import OutputTransaction, check_output
+from ..io.outputs import OutputTransaction, check_output, write_files
 from ..errors import OutputError, UsageError
 from ..report import BASE_IS_ZERO, csv_number, left_out_lines, name_column, ratio_cell, strict_json
 from ..linalg.spectrum import ENERGY_LEVELS, level_key
@@ -216,8 +215,4 @@ def write_analysis(analysis: Analysis, *, json_path=None, csv_path=None, plot_di
         from .plots import render_plots
 
         files.update({Path(plot_dir) / name: data for name, data in render_plots(analysis).items()})
-    with contextlib.ExitStack() as stack:
-        txn = transaction or stack.enter_context(OutputTransaction(force=force, inputs=inputs))
-        for target, data in files.items():
-            txn.stage(target, inputs=inputs).write_bytes(data)
-    return list(files)
+    return write_files(files, force=force, inputs=inputs, transaction=transaction)

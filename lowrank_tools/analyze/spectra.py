@@ -33,7 +33,7 @@ from ..io.layers import compile_filters, matches, relative_change, select_layers
 from ..linalg.svd import Method, qr_core_svd, resolve_device, singular_values
 from ..linalg.norms import check_finite, frobenius_norm
 from ..io.prefetch import prefetch
-from .recommend import recommend
+from .recommend import energy_curve, recommend
 from .records import Analysis, LayerAnalysis, depth_key, module_type
 from ..linalg.sketch import top_singular_values
 from ..linalg.spectrum import ENERGY_LEVELS, level_key, spectrum_metrics
@@ -111,6 +111,7 @@ def _assemble(source: str, layers: list[LayerAnalysis], start: float, *, top: in
               skipped: dict[str, list[str]], changed_1d: dict[str, float], notes: list[str]) -> Analysis:
     groups = {by: group_layers(layers, by) for by in ("module_type", "depth")} if layers else {}
     return Analysis(source=source, layers=layers, groups=groups, recommendation=recommend(layers), top=top,
+                    energy_curve=energy_curve(layers),
                     summary=_summary(layers, time.perf_counter() - start, top=top), notes=notes,
                     skipped={k: v for k, v in skipped.items() if v}, changed_1d=changed_1d)
 

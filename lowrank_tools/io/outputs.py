@@ -28,7 +28,7 @@ import re
 import secrets
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from ..errors import OutputError, OutputExists, UsageError
 from .replaceable import check_replaceable, foreign_entries
 
 __all__ = ["OutputTransaction", "atomic_output", "check_output", "check_replaceable", "foreign_entries", "temp_path",
-           "rename_noreplace", "TMP_MARK"]
+           "rename_noreplace", "TMP_MARK", "write_files"]
 
 TMP_MARK = ".lrt-tmp-"
 _OLD = "-old"  # suffix of a replaced output kept aside until the run commits
@@ -339,6 +339,17 @@ def atomic_output(target: str | os.PathLike, *, force: bool = False, inputs: Seq
         return
     with OutputTransaction(force=force, inputs=inputs) as txn:
         yield txn.stage(target)
+
+
+def write_files(files: Mapping[Path, bytes], *, force: bool = False, inputs: Sequence[str | os.PathLike] = (),
+                transaction: OutputTransaction | None = None) -> list[Path]:
+    """Write files rendered in memory (reports, plots) all or nothing: each under a temporary name, installed when
+    every one is written (with ``transaction``: when it commits, with the run's other outputs). Returns the targets."""
+    with contextlib.ExitStack() as stack:
+        txn = transaction or stack.enter_context(OutputTransaction(force=force, inputs=inputs))
+        for target, data in files.items():
+            txn.stage(target, inputs=inputs).write_bytes(data)
+    return list(files)
 
 
 def _make_parent(parent: Path) -> list[Path]:

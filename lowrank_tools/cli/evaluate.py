@@ -1,0 +1,101 @@
+"""The evaluate command: behaviour kept by base + adapter against the fine-tune, or the curve over adapter sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .options import DEVICES, SEED, Progress, warn_all, warner
+
+
+def _numbers(kind):
+    """click callback: a comma-separated list of ``kind`` values ("4,8,16")."""
+    def parse(ctx, param, value):
+        if value is None:
+            return ()
+        try:
+            return tuple(kind(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers, e.g. 4,8,16", ctx=ctx,
+                                     param=param) from None
+    return parse
+
+
+def _curve(base, tuned, ranks, budgets, energies, *, device, seed, quiet):
+    """One in-memory extraction at the largest size asked, truncated to every point (see evaluate.curve)."""
+    from ..evaluate.curve import curve_adapters
+    from ..extract.streaming import extract
+    from ..linalg.svd import RankRule
+
+    cap = max([*ranks, *([256] if budgets or energies else [])])
+    result = extract(base, tuned, rule=RankRule(rank=cap), dtype=None, device=device,
+                     seed=seed, progress=Progress(quiet, "extract"), warn=warner(quiet))
+    if not result.adapter.modules:
+        raise click.ClickException(f"no layer of {tuned} differs from {base} in a way a LoRA can hold: no curve")
+    points = curve_adapters(result.adapter, ranks=ranks, budgets=budgets, energies=energies, warn=warner(quiet))
+    return [(label, adapter) for label, adapter, _ in points], [size for _, _, size in points]
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="BASE TUNED [ADAPTER ...]")
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Texts: .txt (one per non-empty line), .jsonl (field 'text') or .json (a list of strings).")
+@click.option("--max-samples", type=click.IntRange(min=1), help="Only the first N texts.")
+@click.option("--max-length", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens per text (each text is truncated on its own).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--device", type=DEVICES, default="auto", show_default=True, help="Where the models run.")
+@click.option("--text-field", help="Field of each .jsonl record holding the text (default: text).")
+@click.option("--ranks", callback=_numbers(int), metavar="LIST",
+              help="BASE TUNED only: extract in memory and evaluate at each rank, e.g. 4,8,16,32,64.")
+@click.option("--budgets", callback=_numbers(int), metavar="LIST",
+              help="BASE TUNED only: evaluate at each total parameter budget (as extract --budget).")
+@click.option("--energies", callback=_numbers(float), metavar="LIST",
+              help="BASE TUNED only: evaluate at each retained-energy share (as extract --energy), e.g. 0.5,0.9.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the in-memory extraction (curves).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the measures as JSON.")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write one row per adapter.")
+@click.option("--plot", "plot_dir", type=click.Path(path_type=Path),
+              help="Write recovered_vs_params.png into this folder (needs the .[plot] extra: matplotlib).")
+@click.option("--force", is_flag=True, help="Overwrite outputs that exist.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, table or warnings.")
+def evaluate(paths, data, max_samples, max_length, batch_size, device, text_field, ranks, budgets, energies, seed,
+             json_path, csv_path, plot_dir, force, quiet):
+    """How much of TUNED's behaviour BASE + each ADAPTER keeps, on the texts of --data.
+
+    Causal LMs: mean KL(tuned || model) per next-token position, kl_recovered = 1 - KL(adapter) / KL(base),
+    top-1 agreement and loss. Encoders: cosine of mean-pooled last hidden states, recovered =
+    (cos(adapter) - cos(base)) / (1 - cos(base)). With --ranks / --budgets / --energies and no ADAPTER: the curve
+    adapter size -> recovered, and the smallest size reaching 90/95/99 %."""
+    from ..evaluate import evaluate as run, read_texts
+    from ..evaluate.output import check_evaluation_outputs, format_evaluation, write_evaluation
+    from ..evaluate.models import require_transformers
+    from ..io.formats import load_adapter
+
+    if len(paths) < 2:
+        raise click.UsageError("evaluate takes BASE TUNED [ADAPTER ...]")
+    base, tuned, adapter_paths = paths[0], paths[1], paths[2:]
+    curve = bool(ranks or budgets or energies)
+    if curve == bool(adapter_paths):
+        raise click.UsageError("give ADAPTER paths, or --ranks / --budgets / --energies with BASE TUNED only")
+    outputs = {"json_path": json_path, "csv_path": csv_path, "plot_dir": plot_dir}
+    check_evaluation_outputs(**outputs, force=force, inputs=paths + (data,))
+    require_transformers()
+    texts = read_texts(data, text_field=text_field, max_samples=max_samples)
+    sizes = None
+    if curve:
+        adapters, sizes = _curve(base, tuned, ranks, budgets, energies, device=device, seed=seed, quiet=quiet)
+    else:
+        adapters = []
+        for path in adapter_paths:
+            adapter = load_adapter(path, base=base)
+            warn_all(quiet, adapter.notes)
+            adapters.append((str(path), adapter))
+    result = run(base, tuned, adapters, texts=texts, max_length=max_length, batch_size=batch_size, device=device,
+                 sizes=sizes, progress=Progress(quiet, "evaluate"), warn=warner(quiet))
+    written = write_evaluation(result, **outputs, force=force, inputs=paths + (data,))
+    if not quiet:
+        click.echo(format_evaluation(result))
+        for path in written:
+            click.echo(f"wrote {path}")

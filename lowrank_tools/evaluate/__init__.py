@@ -1,0 +1,12 @@
+"""evaluate: behaviour kept by base + adapter against the fine-tuned model, measured on texts (issue 15).
+
+Pieces: :mod:`.texts` (read TEXTS), :mod:`.models` (transformers loading, the ``[eval]`` extra), :mod:`.patch`
+(adapters added to the base in memory and taken out exactly), :mod:`.metrics` (KL, top-1, loss; pooled cosine),
+:mod:`.run` (the protocol), :mod:`.curve` (one adapter truncated to several sizes), :mod:`.output` (table,
+JSON, CSV, plot). An operation: it imports the adapter, io, refactor, report and linalg layers only.
+"""
+
+from .run import Evaluation, Score, evaluate
+from ..io.texts import read_texts
+
+__all__ = ["evaluate", "Evaluation", "Score", "read_texts"]

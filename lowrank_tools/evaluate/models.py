@@ -1,0 +1,99 @@
+"""Load BASE and TUNED with transformers (the optional ``lowrank-tools[eval]`` extra) and their tokenizer.
+
+The kind is decided from the config's ``architectures``: a ``*ForCausalLM`` / ``*LMHeadModel`` is a causal LM
+(``AutoModelForCausalLM``, next-token distributions compared); anything else transformers loads is an encoder
+(``AutoModel``, mean-pooled last hidden states compared). Diffusers folders are refused for now (no protocol yet).
+Weights are loaded in float32 whatever their stored dtype: an adapter's delta added to bf16 weights would lose
+the low digits the measure is about.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+from ..errors import MissingExtra, UsageError
+from ..io.model_config import read_model_config
+
+__all__ = ["ModelKind", "require_transformers", "model_kind", "load_model", "load_tokenizer"]
+
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+class ModelKind(str, Enum):
+    """How outputs are compared: next-token distributions, or pooled hidden states."""
+
+    CAUSAL = "causal"
+    ENCODER = "encoder"
+
+
+def require_transformers():
+    """The transformers module; :class:`MissingExtra` naming the extra when it is not installed."""
+    try:
+        import transformers
+    except ImportError:
+        raise MissingExtra("evaluate needs transformers, which is not installed: pip install 'lowrank-tools[eval]' "
+                           "(or pip install transformers)") from None
+    return transformers
+
+
+def model_kind(path: str | os.PathLike) -> ModelKind:
+    """CAUSAL when the config's ``architectures`` name a ``*ForCausalLM`` / ``*LMHeadModel``, else ENCODER."""
+    architectures = read_model_config(Path(path)).get("architectures") or []
+    return ModelKind.CAUSAL if any(str(a).endswith(_CAUSAL_SUFFIXES) for a in architectures) else ModelKind.ENCODER
+
+
+def _dtype_kwargs(transformers) -> dict:
+    """float32 weights: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": torch.float32} if (major, minor) >= (4, 56) else {"torch_dtype": torch.float32}
+
+
+@contextmanager
+def _quiet(transformers) -> Iterator[None]:
+    """transformers' own progress bars and info lines off while loading (nothing below the CLI prints)."""
+    logging = transformers.utils.logging
+    bars, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def load_model(path: str | os.PathLike, kind: ModelKind, device: torch.device) -> torch.nn.Module:
+    """The model in float32 on ``device``, in eval mode. Raises :class:`NotACheckpoint` (one line) on failure."""
+    transformers = require_transformers()
+    path = Path(path)
+    read_model_config(path)
+    cls = transformers.AutoModelForCausalLM if kind is ModelKind.CAUSAL else transformers.AutoModel
+    try:
+        with _quiet(transformers):
+            model = cls.from_pretrained(str(path), **_dtype_kwargs(transformers))
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NotACheckpoint(f"{path}: transformers cannot load it as {cls.__name__} ({first})") from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device).train(False)  # inference mode: dropout off (same as .eval())
+
+
+def load_tokenizer(*paths: str | os.PathLike):
+    """The tokenizer saved with the first of ``paths`` that has one (tuned first, then base)."""
+    transformers = require_transformers()
+    for path in paths:
+        try:
+            with _quiet(transformers):
+                return transformers.AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    raise NotACheckpoint(f"no tokenizer in {' or '.join(map(str, paths))}: save one with the model "
+                         f"(tokenizer.save_pretrained(folder))")

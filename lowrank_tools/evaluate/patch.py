@@ -1,0 +1,154 @@
+"""Adapters applied to a loaded model in memory, then taken out again, bit for bit.
+
+Each module's dense delta comes from :meth:`~lowrank_tools.adapter.LoraModule.delta` (``scale * B @ A`` laid
+out as the weight) and is added in place to the model parameter it adapts; a copy of every touched parameter is
+kept first (on the CPU) and copied back on exit: subtracting the delta again would not restore the weights
+exactly. Memory: the copies of the touched weights and one dense delta at a time, never a second model.
+
+Names: an adapter module ``model.layers.0.self_attn.q_proj`` adapts parameter ``<name>.weight``; the model's
+``base_model_prefix`` may be present on one side only (a ``bert.`` checkpoint loaded as ``BertModel``). Tied
+parameters (an ``lm_head`` sharing the embedding) get the delta once when the adapter carries the same product
+on both sides (extract writes a tie so), else both (as ``apply`` and PEFT's ``merge_and_unload`` do).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..adapter import Adapter, LoraModule, ModuleKind
+from ..errors import AdapterMismatch, NonFiniteWeight
+
+__all__ = ["Patch", "plan_patch", "applied"]
+
+_SAME = 1e-5  # relative Frobenius difference under which two deltas on one tied weight are one
+
+
+@dataclass
+class Patch:
+    """What an adapter changes in one model: parameter name -> modules adding to it / tensor replacing it."""
+
+    source: str
+    terms: dict[str, list[tuple[str, LoraModule]]] = field(default_factory=dict)
+    whole: dict[str, Tensor] = field(default_factory=dict)
+    outside: list[str] = field(default_factory=list)  # modules of a head the loaded model has not (skip_heads)
+
+
+def _candidates(name: str, prefix: str) -> list[str]:
+    names = [name]
+    if prefix and name.startswith(prefix + "."):
+        names.append(name[len(prefix) + 1:])
+    elif prefix:
+        names.append(f"{prefix}.{name}")
+    return names
+
+
+def _find(name: str, params: dict[str, Tensor], prefix: str, source: str, *, suffix: str = ".weight") -> str:
+    for candidate in _candidates(name, prefix):
+        if candidate + suffix in params:
+            return candidate + suffix
+    close = difflib.get_close_matches(name + suffix, list(params), n=1)
+    hint = f" (closest: {close[0]})" if close else ""
+    raise AdapterMismatch(f"{source}: module {name} is not in the model (no parameter {name}{suffix}{hint}): use the "
+                          f"adapter made for this base model, or drop the module ('^{re.escape(name)}$')")
+
+
+def _fits(m: LoraModule, shape: tuple[int, ...]) -> bool:
+    if m.kind is ModuleKind.EMBEDDING:
+        return shape == tuple(m.weight_shape)
+    out, inp = m.matrix_shape  # a linear LoRA on a 1x1 conv (or the reverse) fits when the matrix views agree
+    return len(shape) >= 2 and shape[0] == out and math.prod(shape[1:]) == inp
+
+
+def _outside(name: str, params: dict[str, Tensor], prefix: str, skip_heads: bool) -> bool:
+    """A module of a task head (``cls.predictions.*`` of a ``BertForMaskedLM`` checkpoint) that the loaded base
+    model (``BertModel``, its weights under ``bert.``) does not have: it cannot change the hidden states."""
+    return (skip_heads and bool(prefix) and not name.startswith(prefix + ".")
+            and not any(c + ".weight" in params for c in _candidates(name, prefix)))
+
+
+def plan_patch(model: torch.nn.Module, adapter: Adapter, source: str, *, skip_heads: bool = False) -> Patch:
+    """Check every module against ``model`` (name, shape, finite factors) before anything is changed.
+
+    ``skip_heads`` (encoders loaded with ``AutoModel``): modules outside the base model's prefix that it lacks
+    are listed in ``Patch.outside`` instead of raising."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    patch = Patch(source=source)
+    for name, m in adapter.modules.items():
+        if _outside(name, params, prefix, skip_heads):
+            patch.outside.append(name)
+            continue
+        target = _find(name, params, prefix, source)
+        shape = tuple(params[target].shape)
+        if not _fits(m, shape):
+            raise AdapterMismatch(f"{source}: module {name} is {m.kind.value} {tuple(m.weight_shape)} but parameter "
+                                  f"{target} is {shape}: the adapter was made for another model")
+        if not (torch.isfinite(m.B).all() and torch.isfinite(m.A).all()):
+            raise NonFiniteWeight(f"{source}: module {name} holds NaN/Inf factors: repair or re-export the adapter")
+        patch.terms.setdefault(target, []).append((name, m))
+    for tensor, t in adapter.full_tensors.items():
+        base_name, _, leaf = tensor.rpartition(".")
+        if _outside(base_name, params, prefix, skip_heads):
+            patch.outside.append(base_name)
+            continue
+        target = _find(base_name, params, prefix, source, suffix="." + leaf)
+        if tuple(params[target].shape) != tuple(t.shape):
+            raise AdapterMismatch(f"{source}: tensor {tensor} saved whole is {tuple(t.shape)} but parameter {target} "
+                                  f"is {tuple(params[target].shape)}: the adapter was made for another model")
+        patch.whole[target] = t
+    return patch
+
+
+def _shared(params: dict[str, Tensor], names) -> dict[str, list[str]]:
+    """Parameter names grouped by the storage they share (tied weights): first name -> all names."""
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        p = params[name]
+        groups.setdefault((p.data_ptr(), tuple(p.shape)), []).append(name)
+    return {group[0]: group for group in groups.values()}
+
+
+def _delta(terms: list[tuple[str, LoraModule]], param: Tensor) -> Tensor:
+    """The float32 sum of the modules' deltas in ``param``'s layout; a repeat of a delta already summed (both
+    sides of a tie) is counted once."""
+    total, seen = None, []
+    for _, m in terms:
+        d = m.to(device=param.device).delta().reshape(param.shape)  # float32, the weight's layout
+        norm = float(torch.linalg.vector_norm(d))
+        if any(float(torch.linalg.vector_norm(d - s)) <= _SAME * max(norm, 1e-30) for s in seen):
+            continue
+        seen.append(d)
+        total = d if total is None else total + d
+    return total
+
+
+@contextmanager
+@torch.no_grad()
+def applied(model: torch.nn.Module, patch: Patch) -> Iterator[None]:
+    """``model`` with ``patch`` added in place for the body of the ``with``; restored exactly afterwards."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    touched = set(patch.terms) | set(patch.whole)
+    groups = _shared(params, touched)
+    saved: dict[str, Tensor] = {}
+    try:
+        for first, names in groups.items():
+            param = params[first]
+            saved[first] = param.detach().to("cpu", copy=True)
+            whole = next((patch.whole[n] for n in names if n in patch.whole), None)
+            if whole is not None:
+                param.copy_(whole.to(param.device, param.dtype))
+            terms = [t for n in names for t in patch.terms.get(n, [])]
+            if terms:
+                param.add_(_delta(terms, param).to(param.dtype))
+        yield
+    finally:
+        for first, copy in saved.items():
+            params[first].copy_(copy.to(params[first].device))

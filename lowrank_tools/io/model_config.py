@@ -1,0 +1,36 @@
+"""The config of a transformers model folder, for the operations that run the model (evaluate)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import CheckpointNotFound, NotACheckpoint, UsageError
+
+__all__ = ["read_model_config"]
+
+
+def read_model_config(path: str | os.PathLike) -> dict:
+    """The ``config.json`` of a transformers model folder (saved by ``save_pretrained``), as a dict; diffusers
+    pipelines and components are refused (evaluate and calibrate measure transformers models only)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFound(f"model {path} does not exist: check the path")
+    if (path / "model_index.json").is_file() or (path.is_dir() and not (path / "config.json").is_file()
+                                                 and (path / "unet").is_dir()):
+        raise UsageError(f"{path} is a diffusers pipeline: evaluate measures transformers models (causal LMs and "
+                         f"encoders) only for now")
+    if not (path / "config.json").is_file():
+        raise NotACheckpoint(f"{path}: not a transformers model folder (no config.json): evaluate needs folders "
+                             f"saved by save_pretrained, with their config and tokenizer")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NotACheckpoint(f"{path / 'config.json'}: unreadable ({exc}): re-save the model") from None
+    if not isinstance(config, dict):
+        raise NotACheckpoint(f"{path / 'config.json'}: not a JSON object: re-save the model")
+    if "_class_name" in config:  # a diffusers component (UNet, transformer, VAE)
+        raise UsageError(f"{path} is a diffusers {config['_class_name']}: evaluate measures transformers models "
+                         f"(causal LMs and encoders) only for now")
+    return config
