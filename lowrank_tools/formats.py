@@ -24,6 +24,7 @@ from .adapter import Adapter, module_name
 from .checkpoint import Checkpoint, as_checkpoint, atomic_output, open_checkpoint
 from .errors import AdapterFormatError, CheckpointNotFound, ConversionError, UsageError
 from .kohya_format import is_kohya_keys, kohya_state_dict, read_kohya, write_kohya
+from .lycoris_format import is_lycoris_keys, read_lycoris
 from .peft_format import (DIFFUSERS_COMPONENTS, DIFFUSERS_NAME, WEIGHTS_NAME, is_diffusers_adapter, is_peft_folder,
                           lora_keys_seen, read_peft, read_peft_file, write_diffusers, write_peft)
 
@@ -55,6 +56,8 @@ def detect_format(path: Path) -> str:
         raise AdapterFormatError(f"{path}: a folder without adapter_config.json or {DIFFUSERS_NAME}: not an adapter "
                                  f"folder")
     keys = open_checkpoint(path).keys()
+    if is_lycoris_keys(keys):  # LoHa / LoKr / Tucker / DoRA / diffs, with or without plain LoRA modules
+        return "lycoris"
     if is_kohya_keys(keys):
         return "kohya"
     if any(".lora_A." in k or ".lora_B." in k or "lora_embedding_" in k for k in keys):
@@ -80,9 +83,9 @@ def load_adapter(path: str | os.PathLike, *, base: Checkpoint | str | os.PathLik
     fmt = detect_format(path)
     if fmt == "peft":
         return read_peft(path)
-    if fmt == "kohya":
+    if fmt in ("kohya", "lycoris"):
         names, label = _module_names(base) if base is not None else (None, None)
-        return read_kohya(path, module_names=names, base=label)
+        return (read_lycoris if fmt == "lycoris" else read_kohya)(path, module_names=names, base=label)
     return read_peft_file(_single_file(path) if path.is_dir() else path)
 
 
@@ -140,6 +143,10 @@ def describe_adapter(adapter: Adapter, path: str | os.PathLike) -> dict:
         "format": adapter.source_format,
         "modules": len(adapter.modules),
         "kinds": _counts(m.kind.value for m in mods),
+        "types": _counts(m.kind_name for m in mods),  # lora, loha, lokr, tucker, dora, diff
+        "exact_ranks": {t: _counts(m.rank for m in mods if m.kind_name == t) for t in sorted({m.kind_name for m in mods})
+                        if t != "lora"},
+        "tensor_deltas": len(adapter.tensor_deltas),
         "components": dict(sorted(components.items())) if set(components) != {"-"} else {},
         "ranks": _counts(m.rank for m in mods),
         "alphas": _counts(round(m.alpha, 6) for m in mods),

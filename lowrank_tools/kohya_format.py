@@ -29,7 +29,8 @@ from .errors import AdapterFormatError, ConversionError
 from .kohya_names import check_prefix, guess_module_name, kohya_key, match_keys
 from .peft_format import build_module, file_factors, lora_keys_seen
 
-__all__ = ["NAMES_KEY", "kohya_key", "is_kohya_keys", "read_kohya", "write_kohya", "kohya_state_dict"]
+__all__ = ["NAMES_KEY", "kohya_key", "is_kohya_keys", "read_kohya", "write_kohya", "kohya_state_dict",
+           "resolve_module_names"]
 
 NAMES_KEY = "lowrank_tools.modules"
 _DOWN, _UP, _ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
@@ -98,7 +99,7 @@ def _group_keys(ckpt, path: Path) -> set[str]:
             raise AdapterFormatError(f"{path}: key {key} has no lora_down / lora_up beside it: the file is incomplete")
         if not (key.endswith(_DOWN) or key.endswith(_UP) or key.endswith(_ALPHA)):
             raise AdapterFormatError(f"{path}: key {key} is not a LoRA factor (keys seen: {lora_keys_seen(ckpt.keys())})"
-                                     f": only lora_down / lora_up / alpha are supported (not LoHa, LoKr, DoRA)")
+                                     f": supported are lora_down / lora_up / alpha and the LyCORIS kinds (LoHa, LoKr, Tucker, DoRA, diffs)")
     return downs
 
 
@@ -144,6 +145,13 @@ def _module_names(keys: list[str], recorded: dict, path: Path, module_names, bas
             raise AdapterFormatError(f"{path}: keys {seen[name]} and {key} both stand for module {name}")
         seen[name] = key
     return names, notes
+
+
+def resolve_module_names(ckpt, keys: list[str], path: Path, module_names=None, base: str | None = None
+                         ) -> tuple[dict[str, str], list[str]]:
+    """{kohya module key: module name} and notes for ``keys`` of ``ckpt``: recorded names, else matched against
+    ``module_names`` (a base's), else guessed (what :func:`read_kohya` does; LyCORIS files use it too)."""
+    return _module_names(keys, _recorded_names(ckpt, path), path, module_names, base)
 
 
 def read_kohya(path: Path, *, module_names=None, base: str | None = None) -> Adapter:

@@ -29,10 +29,11 @@ from .adapter import Adapter, LoraModule, ModuleKind
 from .atomic import write_safetensors
 from .checkpoint import open_checkpoint
 from .errors import AdapterFormatError, ConversionError
+from .peft_extras import attach_extras, split_extras
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_peft_folder",
            "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft", "write_diffusers", "peft_config",
-           "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen"]
+           "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen", "pattern_value"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -181,6 +182,9 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
+pattern_value = _pattern_value  # public: LoHa / LoKr folders (lycoris_format) follow the same rule
+
+
 def _split_key(key: str) -> tuple[str, str, bool] | None:
     """``base_model.model.x.lora_A.weight`` -> (``x``, ``A``, is_embedding); None for other keys."""
     key = _NAMED_EMBEDDING.sub(r".\1", _NAMED_LINEAR.sub(r".\1.weight", key))
@@ -304,10 +308,8 @@ def _read_config(path: Path) -> dict:
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise AdapterFormatError(f"{path}: peft_type {peft_type} is not LORA: only LoRA adapters are supported")
-    if config.get("use_dora"):
-        raise AdapterFormatError(f"{path}: use_dora is set: DoRA adapters are not supported")
+    if peft_type not in ("LORA", "LOHA", "LOKR"):
+        raise AdapterFormatError(f"{path}: peft_type {peft_type} is not LORA, LOHA or LOKR: not supported")
     return config
 
 
@@ -342,15 +344,19 @@ def read_peft(folder: Path) -> Adapter:
     """Read a PEFT LoRA folder (written by PEFT, mergekit, or this tool) into an :class:`Adapter`."""
     config = _read_config(folder / CONFIG_NAME)
     weights = _weights_file(folder)
-    halves, full, alphas, notes = collect_factors(open_checkpoint(weights), weights,
-                                                  modules_to_save=config.get("modules_to_save") or ())
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":  # LoHa / LoKr: exact factors via lycoris_format
+        from .lycoris_format import read_peft_lycoris  # imported here: lycoris_format builds on this module
+        return read_peft_lycoris(folder, config, weights)
+    ckpt, extras = split_extras(open_checkpoint(weights))  # DoRA magnitudes, lora_B.bias
+    halves, full, alphas, notes = collect_factors(ckpt, weights, modules_to_save=config.get("modules_to_save") or ())
     if alphas:
         key = next(iter(alphas.values()))
         raise AdapterFormatError(f"{weights}: key {key} is a kohya alpha inside a PEFT folder: alphas belong in "
                                  f"{CONFIG_NAME} (lora_alpha / alpha_pattern)")
     modules = _modules_from_config(halves, config, folder / CONFIG_NAME, weights)
+    deltas = attach_extras(modules, extras, ckpt, weights)
     return Adapter(modules=modules, full_tensors=full, base_model=config.get("base_model_name_or_path"),
-                   source_format="peft", notes=notes)
+                   source_format="peft", notes=notes, tensor_deltas=deltas)
 
 
 def _scalar(ckpt, key: str, where: Path) -> float:
@@ -363,7 +369,7 @@ def _scalar(ckpt, key: str, where: Path) -> float:
 def read_peft_file(path: Path) -> Adapter:
     """A single file of PEFT-style keys: diffusers' ``pytorch_lora_weights.safetensors`` (LoraConfigs in its
     metadata, else per-module ``.alpha`` keys, else alpha = r as diffusers assumes) or a bare adapter file."""
-    ckpt = open_checkpoint(path)
+    ckpt, extras = split_extras(open_checkpoint(path))  # DoRA magnitudes, lora_B.bias
     halves, full, alphas, notes = collect_factors(ckpt, path)
     raw = ckpt.metadata.get(DIFFUSERS_METADATA)
     try:
@@ -389,4 +395,5 @@ def read_peft_file(path: Path) -> Adapter:
     fmt = "diffusers" if path.name == DIFFUSERS_NAME or all(n.startswith(DIFFUSERS_COMPONENTS) for n in modules) \
         else "peft-file"
     return Adapter(modules=modules, full_tensors=full, source_format=fmt, notes=notes,
-                   base_model=ckpt.metadata.get("base_model_name_or_path"))
+                   base_model=ckpt.metadata.get("base_model_name_or_path"),
+                   tensor_deltas=attach_extras(modules, extras, ckpt, path))

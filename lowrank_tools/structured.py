@@ -34,7 +34,7 @@ from torch import Tensor
 
 __all__ = ["ExactSVD", "face_splitting", "khatri_rao", "loha_factors", "tucker_down", "tucker_loha_pair",
            "tucker_locon_factors", "lokr_w2_tucker", "factor_svd", "lowrank_svd", "loha_svd", "kron_svd",
-           "numerical_rank"]
+           "numerical_rank", "exact_rank"]
 
 _EPS64 = torch.finfo(torch.float64).eps
 
@@ -60,12 +60,30 @@ class ExactSVD:
     def dense(self) -> Tensor:
         return (self.U * self.S) @ self.Vh
 
+    def trimmed(self, eps: float) -> "ExactSVD":
+        """The smallest leading part whose dropped tail is within ``eps`` of the whole (Frobenius): with ``eps`` the
+        unit roundoff of the dtype written, the product is the original's to that rounding (see :func:`exact_rank`)."""
+        r = exact_rank(self.S, eps)
+        return ExactSVD(U=self.U[:, :r], S=self.S[:r], Vh=self.Vh[:r])
+
 
 def numerical_rank(S: Tensor, shape: tuple[int, ...]) -> int:
     """Count of singular values above ``S_1 * max(shape) * eps64`` (numerically zero in float64 below it)."""
     if S.numel() == 0 or float(S[0]) == 0.0:
         return 0
     return int((S > float(S[0]) * max(shape) * _EPS64).sum())
+
+
+def exact_rank(S: Tensor, eps: float) -> int:
+    """Smallest r with ``sqrt(sum_{i > r} S_i^2) <= eps * sqrt(sum S_i^2)`` (S descending): the rank at which a
+    product is its original's to relative rounding ``eps`` (e.g. float32's 1.2e-7)."""
+    if S.numel() == 0:
+        return 0
+    energy = S.double() ** 2
+    tail = energy.flip(0).cumsum(0).flip(0)  # tail[i] = sum_{j >= i} S_j^2
+    limit = (eps**2) * float(tail[0])
+    above = (tail > limit).nonzero()
+    return int(above[-1]) + 1 if len(above) else 0
 
 
 def _fix_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
