@@ -23,6 +23,7 @@ import torch
 from .adapter import Adapter, module_name
 from .checkpoint import Checkpoint, as_checkpoint, atomic_output, open_checkpoint
 from .errors import AdapterFormatError, CheckpointNotFound, ConversionError, UsageError
+from .adapter_extras import check_peft_extras
 from .kohya_format import is_kohya_keys, kohya_state_dict, read_kohya, write_kohya
 from .lycoris_format import is_lycoris_keys, read_lycoris
 from .peft_format import (DIFFUSERS_COMPONENTS, DIFFUSERS_NAME, WEIGHTS_NAME, is_diffusers_adapter, is_peft_folder,
@@ -93,7 +94,9 @@ def check_target(adapter: Adapter, format: AdapterFormat | str, *, prefix: str =
     """Raise :class:`ConversionError` (naming the module) when ``format`` cannot hold the adapter."""
     if AdapterFormat(format) is AdapterFormat.KOHYA:
         kohya_state_dict(adapter, prefix=prefix)
-    elif is_diffusers_adapter(adapter) and adapter.full_tensors:
+        return
+    check_peft_extras(adapter)  # DoRA all-or-none on the output axis, deltas only as lora_B.bias
+    if is_diffusers_adapter(adapter) and adapter.full_tensors:
         name = next(iter(adapter.full_tensors))
         raise ConversionError(f"tensor {name} is saved whole, which a diffusers LoRA file cannot hold: drop "
                               f"--full-modules, or extract the component folder alone (PEFT modules_to_save)")

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter, LoraModule, ModuleKind
+from .adapter_extras import kohya_extras
 from .atomic import write_safetensors
 from .checkpoint import open_checkpoint
 from .errors import AdapterFormatError, ConversionError
@@ -67,7 +68,20 @@ def kohya_state_dict(adapter: Adapter, *, prefix: str = "lora_unet_") -> tuple[d
         tensors[key + _DOWN] = down.contiguous()
         tensors[key + _UP] = up.contiguous()
         tensors[key + _ALPHA] = torch.tensor(m.scale * m.rank, dtype=torch.float32)
+    tensors.update(_extras(adapter, names, prefix, two_encoders))
     return tensors, names
+
+
+def _extras(adapter: Adapter, names: dict[str, str], prefix: str, two_encoders: bool) -> dict[str, torch.Tensor]:
+    """DoRA ``dora_scale`` and whole-tensor deltas (``diff_b``, ``w_norm``, ``b_norm``); ``names`` gains the keys
+    of modules that only have tensor deltas."""
+    keys = {name: key for key, name in names.items()}
+    for tensor in adapter.tensor_deltas:
+        owner = tensor.rsplit(".", 1)[0]
+        if owner not in keys:
+            keys[owner] = kohya_key(owner, prefix=prefix, two_encoders=two_encoders)
+            names[keys[owner]] = owner
+    return kohya_extras(adapter, keys)
 
 
 def write_kohya(adapter: Adapter, path: Path, *, prefix: str = "lora_unet_") -> None:

@@ -35,7 +35,7 @@ from .checkpoint import open_checkpoint
 from .errors import AdapterFormatError
 from .kohya_format import resolve_module_names
 from .peft_format import CONFIG_NAME, build_module, lora_keys_seen, pattern_value
-from .structured import (ExactSVD, kron_svd, loha_svd, lokr_w2_tucker, tucker_locon_factors, tucker_loha_pair)
+from .structured import (ExactSVD, factor_svd, kron_svd, loha_svd, lokr_w2_tucker, tucker_locon_factors, tucker_loha_pair)
 
 __all__ = ["STRUCTURED_SUFFIXES", "is_lycoris_keys", "read_lycoris", "read_peft_lycoris", "structured_module",
            "PLACEHOLDER_ALPHA"]
@@ -125,13 +125,12 @@ def _scale(t: dict[str, Tensor], alpha: float | None, rank: int | None, *, peft:
     return alpha / rank
 
 
-def _diff_module(diff: Tensor) -> LoraModule:
-    """A whole-weight delta as exact factors of rank min(out, in_flat): (D, I) or (I, D); scale 1."""
-    D = diff.reshape(diff.shape[0], -1).float() if diff.dtype != torch.float64 else diff.reshape(diff.shape[0], -1)
-    m, n = D.shape
-    B, A = (torch.eye(m, dtype=D.dtype), D) if m <= n else (D, torch.eye(n, dtype=D.dtype))
+def _diff_module(diff: Tensor, dtype: torch.dtype) -> LoraModule:
+    """A whole-weight delta as exact factors at its exact rank (one dense SVD: a diff is dense by nature)."""
+    svd = factor_svd(diff.reshape(diff.shape[0], -1))
     kind = ModuleKind.CONV if diff.ndim > 2 else ModuleKind.LINEAR
-    return LoraModule(B=B, A=A, alpha=float(min(m, n)), kind=kind, weight_shape=tuple(diff.shape), param=Param.DIFF)
+    return LoraModule.from_svd(svd, param=Param.DIFF, dtype=dtype, kind=kind, weight_shape=tuple(diff.shape),
+                               stored_rank="full")
 
 
 def _check_parts(name: str, t: dict[str, Tensor], where) -> None:
@@ -190,7 +189,7 @@ def _build(name, t, alpha, rank, peft, where) -> LoraModule | None:
         r = A.shape[0] if A.ndim else 0
         return build_module(name, A, B, float(alpha if alpha is not None else r), embedding=False, source=where)
     if "diff" in t:
-        return _diff_module(t["diff"])
+        return _diff_module(t["diff"], dtype)
     return None
 
 

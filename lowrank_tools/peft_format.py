@@ -29,7 +29,7 @@ from .adapter import Adapter, LoraModule, ModuleKind
 from .atomic import write_safetensors
 from .checkpoint import open_checkpoint
 from .errors import AdapterFormatError, ConversionError
-from .peft_extras import attach_extras, split_extras
+from .adapter_extras import attach_extras, peft_extras, peft_extras_config, split_extras
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_peft_folder",
            "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft", "write_diffusers", "peft_config",
@@ -119,6 +119,7 @@ def peft_config(adapter: Adapter) -> dict:
         "use_rslora": False,
         "use_dora": False,
         "inference_mode": True,
+        **peft_extras_config(adapter),  # use_dora, lora_bias
     }
 
 
@@ -133,6 +134,7 @@ def peft_state_dict(adapter: Adapter, *, prefix: str = _PREFIX) -> dict[str, tor
         tensors[f"{prefix}{name}.{b_key}"] = B.contiguous()
     for tensor_name, t in adapter.full_tensors.items():
         tensors[f"{prefix}{tensor_name}"] = t.contiguous()  # PEFT saves modules_to_save under the module's own name
+    tensors.update(peft_extras(adapter, prefix))  # DoRA magnitudes, lora_B.bias
     return tensors
 
 
