@@ -31,7 +31,7 @@ CASES = {
     "loha": dict(algo="loha"),
     "loha-tucker": dict(algo="loha", use_tucker=True),
     "lokr": dict(algo="lokr", factor=4),
-    "lokr-tucker": dict(algo="lokr", factor=4, use_tucker=True),
+    "lokr-tucker": dict(algo="lokr", factor=2, use_tucker=True),  # factor 2: conv gets lokr_t2
     "locon-tucker": dict(algo="locon", use_tucker=True),
     "dora": dict(algo="lora", dora_wd=True),
     "loha-dora": dict(algo="loha", dora_wd=True),
