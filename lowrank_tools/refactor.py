@@ -155,8 +155,11 @@ def _record(name: str, exact: LoraModule, new: LoraModule, S: Tensor, r: int, de
     S = S.double().cpu()  # (k,)
     total = float((S**2).sum())
     norm = math.sqrt(total)
-    err = lowrank_frobenius_diff(exact.B.to(device), exact.A.to(device), exact.scale,
-                                 new.B.to(device), new.A.to(device), new.scale)
+    if exact.spectrum is not None and r < len(S):  # a slice of an exact SVD: its error is the spectrum's tail
+        err = math.sqrt(float((S[r:] ** 2).sum()))  # (the cast of the written factors aside, ~their rounding)
+    else:
+        err = lowrank_frobenius_diff(exact.B.to(device), exact.A.to(device), exact.scale,
+                                     new.B.to(device), new.A.to(device), new.scale)
     return LayerRecord(
         name=name, shape=tuple(exact.weight_shape), rank=new.rank, delta_norm=norm,
         singular_values=[float(s) for s in S[:MAX_SINGULAR_VALUES]],

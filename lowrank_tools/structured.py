@@ -151,10 +151,17 @@ def lowrank_svd(B: Tensor, A: Tensor) -> ExactSVD:
     if R >= min(m, n):
         U, S, Vh = torch.linalg.svd(B @ A, full_matrices=False)
         return _trimmed(U, S, Vh, (m, n, R))
-    Q_B, R_B = torch.linalg.qr(B)  # (m, R), (R, R)
-    Q_A, R_A = torch.linalg.qr(A.mT)  # (n, R), (R, R)
+    R_B = torch.linalg.qr(B, mode="r").R  # (R, R): no explicit Q (half the cost of a QR)
+    R_A = torch.linalg.qr(A.mT, mode="r").R  # (R, R)
     Uc, S, Vhc = torch.linalg.svd(R_B @ R_A.mT, full_matrices=False)
-    return _trimmed(Q_B @ Uc, S, Vhc @ Q_A.mT, (m, n, R))
+    r = numerical_rank(S, (m, n, R))
+    S = S[:r]
+    # U S = B R_A^T Vc and S Vh = Uc^T R_B A (M V = U S with V = Q_A Vc, U^T M = S Vh with U = Q_B Uc): two skinny
+    # products instead of forming Q_B, Q_A; S_i is above the rank tolerance, so the division is well conditioned
+    U = (B @ (R_A.mT @ Vhc[:r].mT)) / S  # (m, r)
+    Vh = ((Uc[:, :r].mT @ R_B) @ A) / S.unsqueeze(1)  # (r, n)
+    U, Vh = _fix_signs(U, Vh)
+    return ExactSVD(U=U, S=S, Vh=Vh)
 
 
 def factor_svd(W: Tensor | tuple[Tensor, Tensor]) -> ExactSVD:
