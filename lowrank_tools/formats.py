@@ -25,7 +25,7 @@ from .checkpoint import Checkpoint, as_checkpoint, atomic_output, open_checkpoin
 from .errors import AdapterFormatError, CheckpointNotFound, ConversionError, UsageError
 from .adapter_extras import check_peft_extras
 from .kohya_format import is_kohya_keys, kohya_state_dict, read_kohya, write_kohya
-from .lycoris_format import is_lycoris_keys, read_lycoris
+from .lycoris_format import fit_kernels, is_lycoris_keys, read_lycoris
 from .peft_format import (DIFFUSERS_COMPONENTS, DIFFUSERS_NAME, WEIGHTS_NAME, is_diffusers_adapter, is_peft_folder,
                           lora_keys_seen, read_peft, read_peft_file, write_diffusers, write_peft)
 
@@ -83,11 +83,26 @@ def load_adapter(path: str | os.PathLike, *, base: Checkpoint | str | os.PathLik
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "peft":
-        return read_peft(path)
-    if fmt in ("kohya", "lycoris"):
+        adapter = read_peft(path)
+    elif fmt in ("kohya", "lycoris"):
         names, label = _module_names(base) if base is not None else (None, None)
-        return (read_lycoris if fmt == "lycoris" else read_kohya)(path, module_names=names, base=label)
-    return read_peft_file(_single_file(path) if path.is_dir() else path)
+        adapter = (read_lycoris if fmt == "lycoris" else read_kohya)(path, module_names=names, base=label)
+    else:
+        adapter = read_peft_file(_single_file(path) if path.is_dir() else path)
+    if base is not None:  # LoHa / LoKr conv factors stored flattened get their kernel from the base
+        fit_kernels(adapter, _base_shapes(base))
+    return adapter
+
+
+def _base_shapes(base):
+    ckpt = as_checkpoint(base)
+
+    def shape_of(name: str):
+        for candidate in (name, *(name[len(c):] for c in DIFFUSERS_COMPONENTS if name.startswith(c))):
+            if f"{candidate}.weight" in ckpt:
+                return tuple(ckpt.shape(f"{candidate}.weight"))
+        return None
+    return shape_of
 
 
 def check_target(adapter: Adapter, format: AdapterFormat | str, *, prefix: str = "lora_unet_") -> None:

@@ -38,7 +38,7 @@ from .peft_format import CONFIG_NAME, build_module, lora_keys_seen, pattern_valu
 from .structured import (ExactSVD, factor_svd, kron_svd, loha_svd, lokr_w2_tucker, tucker_locon_factors, tucker_loha_pair)
 
 __all__ = ["STRUCTURED_SUFFIXES", "is_lycoris_keys", "read_lycoris", "read_peft_lycoris", "structured_module",
-           "PLACEHOLDER_ALPHA"]
+           "PLACEHOLDER_ALPHA", "fit_kernels"]
 
 _LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 _LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -292,3 +292,19 @@ def read_peft_lycoris(folder: Path, config: dict, weights: Path) -> Adapter:
         modules[name] = structured_module(name, t, alpha=a, rank=rank, peft=True, where=weights)
     return Adapter(modules=modules, base_model=config.get("base_model_name_or_path"),
                    source_format=f"peft-{str(config.get('peft_type')).lower()}")
+
+
+def fit_kernels(adapter: Adapter, shape_of) -> list[str]:
+    """Give LoHa / LoKr modules stored with flattened conv factors (r, in*kh*kw) their kernel from the base:
+    ``shape_of(module name)`` is the base weight's shape or None. Returns the names still without one."""
+    unknown = []
+    for name, m in adapter.modules.items():
+        if m.param not in (Param.LOHA, Param.LOKR) or m.kind is not ModuleKind.LINEAR:
+            continue
+        shape = shape_of(name)
+        if shape is not None and len(shape) > 2 and shape[0] == m.weight_shape[0] \
+                and math.prod(shape[1:]) == m.weight_shape[1]:
+            m.kind, m.weight_shape = ModuleKind.CONV, tuple(int(d) for d in shape)
+        elif shape is None:
+            unknown.append(name)
+    return unknown
