@@ -39,6 +39,7 @@ from .errors import AdapterMismatch, NonFiniteWeight, NumericalError, UsageError
 from .layers import WORD_EMBEDDINGS, compile_filters, matches
 from .linalg import resolve_device
 from .norms import lowrank_frobenius_diff, lowrank_frobenius_norm
+from .structured import dora_rescale_
 from .weighted import WeightedAdapter, as_weighted
 from .report import Progress, Warn
 
@@ -239,17 +240,7 @@ def _add_terms_dora(W: Tensor, terms: Sequence[Term], *, device: torch.device, d
                               f"magnitudes for one weight are not defined; apply them one after another")
     d = dora[0]
     work = _add_terms(W, terms, device=device, dtype=torch.float32, name=name)  # W' (float32, fresh or in place)
-    M = work.reshape(work.shape[0], -1).to(device)  # (out, in_flat)
-    m = d.magnitude.to(device, torch.float32)
-    tiny = torch.finfo(torch.float32).tiny
-    if d.axis == "out":
-        factor = d.weight * (m / M.norm(dim=1).clamp_min(tiny) - 1) + 1  # (out,)
-        M.mul_(factor.unsqueeze(1))
-    else:  # per input channel: norm over the outputs and the kernel positions of that channel
-        per = M.shape[1] // m.numel()
-        norms = (M.square().sum(0).reshape(m.numel(), per).sum(1)).sqrt().clamp_min(tiny)  # (in,)
-        factor = d.weight * (m / norms - 1) + 1
-        M.mul_(factor.repeat_interleave(per).unsqueeze(0))
+    M = dora_rescale_(work.reshape(work.shape[0], -1).to(device), d.magnitude, d.axis, d.weight)  # (out, in_flat)
     out = M.reshape(W.shape).to("cpu", dtype)
     if dtype == torch.float16:
         _check_overflow(out, M, name)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 __all__ = ["ExactSVD", "face_splitting", "khatri_rao", "loha_factors", "tucker_down", "tucker_loha_pair",
            "tucker_locon_factors", "lokr_w2_tucker", "factor_svd", "lowrank_svd", "loha_svd", "kron_svd",
-           "numerical_rank", "exact_rank"]
+           "numerical_rank", "exact_rank", "dora_rescale_", "dora_row_norms"]
 
 _EPS64 = torch.finfo(torch.float64).eps
 
@@ -193,3 +193,35 @@ def kron_svd(W1: Tensor | tuple[Tensor, Tensor], W2: Tensor | tuple[Tensor, Tens
     U = face_splitting(s1.U[:, i].mT, s2.U[:, j].mT).reshape(len(order), -1).mT  # (out, k): kron(u1_i, u2_j)
     Vh = face_splitting(s1.Vh[i], s2.Vh[j]).reshape(len(order), -1)  # (k, in): kron(v1_i, v2_j)
     return ExactSVD(U=U, S=products[order], Vh=Vh)
+
+
+# ------------------------------------------------------------------------------------------------------ DoRA
+
+
+def dora_rescale_(M: Tensor, magnitude: Tensor, axis: str = "out", weight: float = 1.0) -> Tensor:
+    """DoRA in place on ``M = W0 + s B A`` (out, in_flat): each output row (``axis="out"``, PEFT and LyCORIS) or
+    input channel (``"in"``, LyCORIS' legacy ``wd_on_out=False``; a channel spans in_flat / len(m) columns) scaled by
+    ``w (m / ||.|| - 1) + 1``, i.e. ``m / ||.||`` at weight 1 (Liu et al., "DoRA", 2024, eq. 5; LyCORIS' multiplier
+    rule otherwise). No epsilon (PEFT's choice; LyCORIS adds float eps, a difference below float32 rounding unless a
+    norm is ~0); a zero norm is clamped to the smallest normal float, not divided by."""
+    m = magnitude.to(M.device, M.dtype)
+    tiny = torch.finfo(M.dtype).tiny
+    if axis == "out":
+        return M.mul_((weight * (m / M.norm(dim=1).clamp_min(tiny) - 1) + 1).unsqueeze(1))
+    per = M.shape[1] // m.numel()
+    norms = M.square().sum(0).reshape(m.numel(), per).sum(1).sqrt().clamp_min(tiny)  # (in,)
+    return M.mul_((weight * (m / norms - 1) + 1).repeat_interleave(per).unsqueeze(0))
+
+
+def dora_row_norms(W0: Tensor, B: Tensor, A: Tensor, scale: float, *, block: int = 1024) -> Tensor:
+    """``||W0 + s B A||`` per output row without forming it: ``||w_i||^2 + 2 s b_i . (A w_i) + s^2 b_i G b_i``,
+    ``G = A A^T`` (r, r); O(out in r) in row blocks of W0 (out, in_flat), float64."""
+    A64 = A.double()
+    G = A64 @ A64.mT  # (r, r)
+    out = torch.empty(W0.shape[0], dtype=torch.float64)
+    for i in range(0, W0.shape[0], block):
+        w = W0[i:i + block].double()  # (b, in)
+        b = B[i:i + block].double()  # (b, r)
+        sq = w.square().sum(1) + 2 * scale * (b * (w @ A64.mT)).sum(1) + scale**2 * ((b @ G) * b).sum(1)
+        out[i:i + block] = sq.clamp_min(0).sqrt()
+    return out

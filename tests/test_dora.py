@@ -138,3 +138,50 @@ def test_legacy_input_axis_dora_applies_by_column_and_refuses_peft(tmp_path):
     back = load_file(str(tmp_path / "back.safetensors"))
     assert [tuple(v.shape) for k, v in back.items() if k.endswith(".dora_scale")] == [(1, 12)]
     assert load_adapter(tmp_path / "back.safetensors").modules["lin"].dora_axis == "in"
+
+
+def test_dora_row_norms_without_forming_the_weight():
+    from lowrank_tools.structured import dora_row_norms
+    g = torch.Generator().manual_seed(4)
+    W0, B, A = torch.randn(50, 30, generator=g), torch.randn(50, 3, generator=g), torch.randn(3, 30, generator=g)
+    want = (W0.double() + 0.7 * (B.double() @ A.double())).norm(dim=1)
+    assert torch.allclose(dora_row_norms(W0, B, A, 0.7, block=16), want, rtol=1e-12)
+
+
+def test_lora_to_dora_is_exact_and_peft_loads_it(tmp_path):
+    from lowrank_tools.dora import lora_to_dora
+    folder, base, merged, x, y = _peft_dora(tmp_path, bias=False)
+    plain = load_adapter(folder)
+    for m in plain.modules.values():
+        m.magnitude = None  # the same factors as plain LoRA
+    dora = lora_to_dora(plain, base).adapter
+    apply(base, [plain], tmp_path / "plain.safetensors")
+    apply(base, [dora], tmp_path / "dora.safetensors")
+    a, b = load_file(str(tmp_path / "plain.safetensors")), load_file(str(tmp_path / "dora.safetensors"))
+    for key in a:
+        assert _rel(b[key], a[key]) < 1e-6, key
+    save_adapter(dora, tmp_path / "ours", format="peft")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.PeftModel.from_pretrained(_Net(), tmp_path / "ours")
+    W = model.merge_and_unload().state_dict()
+    assert _rel(W["lin.weight"], a["lin.weight"]) < 1e-5 and _rel(W["conv.weight"], a["conv.weight"]) < 1e-5
+
+
+def test_dora_to_lora_is_lossy_and_says_how_much(tmp_path):
+    from lowrank_tools.dora import dora_to_lora
+    folder, base, merged, _, _ = _peft_dora(tmp_path)
+    adapter = load_adapter(folder)
+    w0 = load_file(str(base))
+    low = dora_to_lora(adapter, base)
+    full = dora_to_lora(adapter, base, rule=RankRule(rank=1000))  # every singular value: exact
+    for name in ("lin", "conv"):
+        D = (merged[f"{name}.weight"] - w0[f"{name}.weight"]).double().reshape(merged[f"{name}.weight"].shape[0], -1)
+        S = torch.linalg.svdvals(D)
+        assert low.adapter.modules[name].rank == 4 and low.adapter.modules[name].magnitude is None
+        assert abs(low.rel_errors[name] - float(S[4:].norm() / S.norm())) < 1e-4
+        assert low.rel_errors[name] > 1e-3  # a row-scaled W0 is not low-rank: the loss is real
+        assert full.rel_errors[name] < 1e-6
+        got = full.adapter.modules[name].delta_matrix()
+        assert _rel(got, D) < 1e-5
