@@ -185,3 +185,18 @@ def test_dora_to_lora_is_lossy_and_says_how_much(tmp_path):
         assert full.rel_errors[name] < 1e-6
         got = full.adapter.modules[name].delta_matrix()
         assert _rel(got, D) < 1e-5
+
+
+def test_cli_convert_dora_to_lora_reports_its_error(tmp_path):
+    from click.testing import CliRunner
+    from lowrank_tools.cli import main
+    folder, base, *_ = _peft_dora(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(main, ["convert", str(folder), "-o", str(tmp_path / "plain"), "--format", "peft",
+                               "--dora", "lora"])
+    assert res.exit_code == 2 and "needs --base" in res.output
+    res = runner.invoke(main, ["convert", str(folder), "-o", str(tmp_path / "plain"), "--format", "peft",
+                               "--dora", "lora", "--base", str(base)])
+    assert res.exit_code == 0, res.output
+    assert "largest rel error" in res.output
+    assert {m.kind_name for m in load_adapter(tmp_path / "plain").modules.values()} == {"lora"}

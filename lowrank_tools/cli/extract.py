@@ -94,10 +94,16 @@ def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, fo
 @click.option("--dtype", "dtype_name", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True)
 @click.option("--base", type=click.Path(path_type=Path),
               help="Checkpoint the adapter was made for: kohya keys without recorded names are matched against it.")
+@click.option("--dora", "dora_to", type=click.Choice(["keep", "lora", "dora"]), default="keep", show_default=True,
+              help="lora: DoRA modules -> plain LoRA (lossy, errors reported); dora: LoRA -> DoRA (exact). "
+                   "Both need --base.")
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
 @click.option("--quiet", "-q", is_flag=True)
-def convert(adapter, output, fmt, prefix, dtype_name, base, force, quiet):
+def convert(adapter, output, fmt, prefix, dtype_name, base, dora_to, force, quiet):
     """Convert ADAPTER between PEFT and kohya formats; every module's product is unchanged.
+
+    LoHa, LoKr, Tucker and diff modules are written as plain LoRA at their smallest exact rank (resize --format
+    truncates them optimally). DoRA stays DoRA unless --dora lora (which needs --base).
 
     Modules under unet. / text_encoder. / text_encoder_2. take their component's kohya prefix, others --prefix.
     A pipeline's adapter converted to peft is written as diffusers' pytorch_lora_weights.safetensors."""
@@ -106,8 +112,19 @@ def convert(adapter, output, fmt, prefix, dtype_name, base, force, quiet):
 
     check_kohya_options(fmt, prefix, ())
     check_output(output, force=force, inputs=[adapter])
+    if dora_to != "keep" and base is None:
+        raise click.UsageError(f"--dora {dora_to} needs --base: DoRA's weight depends on the base weights")
     loaded = load_adapter(adapter, base=base)
     warn_all(quiet, loaded.notes)
+    if dora_to != "keep":
+        from ..dora import dora_to_lora, lora_to_dora
+
+        done = (dora_to_lora if dora_to == "lora" else lora_to_dora)(loaded, base)
+        loaded = done.adapter
+        worst = max(done.rel_errors.items(), key=lambda kv: kv[1], default=None)
+        if worst and not quiet:
+            click.echo(f"--dora {dora_to}: {len(done.rel_errors)} modules converted, largest rel error "
+                       f"{worst[1]:.3g} ({worst[0]})", err=True)
     save_adapter(loaded, output, format=fmt, force=force, inputs=[adapter], dtype=out_dtype(dtype_name), prefix=prefix)
     if not quiet:
         click.echo(f"wrote {output} ({fmt}, {len(loaded.modules)} modules)")
