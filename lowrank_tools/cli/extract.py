@@ -31,11 +31,15 @@ from .options import (DTYPES, FORMATS, SEED, Progress, allow_tf32_option, check_
 @click.option("--conv-rank", type=int, help="Rank (or cap) for conv kernels (default: that of --rank).")
 @click.option("--full-modules", multiple=True, metavar="REGEX",
               help="Save these modules' tensors whole (PEFT modules_to_save), e.g. a grown vocabulary (repeatable).")
+@click.option("--dora", is_flag=True, help="DoRA: magnitude m = ||W'||_row, factors = the truncated delta.")
+@click.option("--keep-bias", is_flag=True, help="Carry the adapted modules' bias deltas (PEFT lora_B.bias, kohya diff_b).")
+@click.option("--keep-norms", is_flag=True,
+              help="Carry 1-D norm weights/biases that changed (kohya w_norm/b_norm; PEFT: saved whole).")
 @allow_tf32_option
 @common_options
 def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alpha, fmt, prefix, method, oversample,
-            power_iters, strict, report_path, conv_rank, full_modules, allow_tf32, device, dtype_name, include, exclude,
-            seed, force, quiet):
+            power_iters, strict, report_path, conv_rank, full_modules, dora, keep_bias, keep_norms, allow_tf32, device,
+            dtype_name, include, exclude, seed, force, quiet):
     """Extract a LoRA adapter from BASE and fully fine-tuned TUNED checkpoints (default --rank 16).
 
     --budget N spreads ranks over layers within N parameters (one pass: the top K singular values per layer,
@@ -53,10 +57,20 @@ def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alph
                  dtype=out_dtype(dtype_name), device=device, include=include, exclude=exclude, conv_rank=conv_rank,
                  full_modules=full_modules, embeddings=fmt != "kohya", strict=strict, seed=seed, oversample=oversample,
                  n_iter=power_iters, allow_tf32=allow_tf32), fmt=fmt, prefix=prefix, report_path=report_path,
-                 force=force, quiet=quiet, primary=process_rank == 0)
+                 force=force, quiet=quiet, primary=process_rank == 0,
+                 extras=dict(dora=dora, biases=keep_bias, norms=keep_norms))
 
 
-def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, force, quiet, primary):
+def _carry(adapter, base, tuned, fmt: str, *, dora: bool, biases: bool, norms: bool):
+    """extract --dora / --keep-bias / --keep-norms (lowrank_tools.extract_extras)."""
+    from ..extract_extras import carry_tensors, with_magnitudes
+
+    if biases or norms:
+        adapter = carry_tensors(adapter, base, tuned, biases=biases, norms=norms, whole=fmt != "kohya")
+    return with_magnitudes(adapter, tuned) if dora else adapter
+
+
+def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, force, quiet, primary, extras=None):
     """One process's part: rank 0 (or the only process) checks the output, extracts, writes and reports; the
     other ranks of a torchrun job factor their share, stay silent and write nothing (errors: exit 1, rank 0 says)."""
     from ..errors import LowRankError
@@ -79,7 +93,8 @@ def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, fo
                         for k, v in result.report.skipped.items())
         raise click.ClickException(f"no layer of {tuned} differs from {base} in a way a LoRA can hold "
                                    f"({why or 'no weights'}): nothing to extract, nothing written")
-    save_adapter(result.adapter, output, format=fmt, force=force, inputs=[base, tuned], prefix=prefix)
+    adapter = _carry(result.adapter, base, tuned, fmt, **extras) if extras and any(extras.values()) else result.adapter
+    save_adapter(adapter, output, format=fmt, force=force, inputs=[base, tuned], prefix=prefix)
     write_report(result.report, report_path, force=force, inputs=[base, tuned, output])
     show(result.report, quiet)
     if not quiet:
