@@ -172,6 +172,10 @@ def _build(name, t, alpha, rank, peft, where) -> LoraModule | None:
     if "hada_w1_a" in t or "lokr_w1" in t or "lokr_w1_a" in t:
         loha = "hada_w1_a" in t
         r = rank if peft else (int(t["hada_w1_b"].shape[0]) if loha else None)
+        stored = int(t["hada_w1_b"].shape[0]) if loha else _lokr_rank(t)
+        if peft and stored is not None and stored != rank:
+            raise AdapterFormatError(f"{where}: rank {rank} for {name} (r / rank_pattern) but its factors have rank "
+                                     f"{stored}: the config and weights disagree")
         if peft and alpha is None:
             alpha = float(rank)
         svd, kind, shape, stored = (_loha if loha else _lokr)(t, _scale(t, alpha, r, peft=peft))

@@ -203,3 +203,16 @@ def test_peft_dora_magnitude_is_read(tmp_path):
     adapter = load_adapter(folder)
     assert adapter.modules["lin"].magnitude.shape == (10,) and adapter.modules["conv"].magnitude.shape == (6,)
     assert adapter.modules["conv"].kind_name == "dora"
+
+
+def test_peft_loha_rank_disagreeing_with_config_is_refused(tmp_path):
+    import json
+    folder = tmp_path / "a"
+    folder.mkdir()
+    save_file({f"base_model.model.x.{k}": v for k, v in {"hada_w1_a": _r(4, 2, seed=1), "hada_w1_b": _r(2, 5, seed=2),
+                                                            "hada_w2_a": _r(4, 2, seed=3),
+                                                            "hada_w2_b": _r(2, 5, seed=4)}.items()},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA", "r": 8, "alpha": 8}))
+    with pytest.raises(AdapterFormatError, match=r"rank 8 for x .* factors have rank 2"):
+        load_adapter(folder)
