@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lowrank_tools.adapter import Adapter  # noqa: E402
 from lowrank_tools.linalg import RankRule  # noqa: E402
-from lowrank_tools.lycoris_format import structured_module  # noqa: E402
+from lowrank_tools.io.lycoris import structured_module  # noqa: E402
 from lowrank_tools.resize import resize  # noqa: E402
 from benchmarks.verdict import verdict  # noqa: E402
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .adapter import Adapter, LoraModule, ModuleKind
-from .checkpoint import as_checkpoint
+from .io.checkpoint import as_checkpoint
 from .errors import AdapterMismatch, ConversionError
-from .linalg import RankRule
-from .structured import dora_rescale_, dora_row_norms
+from .linalg.svd import RankRule
+from .linalg.structured import dora_rescale_, dora_row_norms
 
 __all__ = ["DoraConversion", "lora_to_dora", "dora_to_lora"]
 

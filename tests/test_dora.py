@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from lowrank_tools.apply import apply
 from lowrank_tools.errors import AdapterMismatch, ConversionError
-from lowrank_tools.formats import load_adapter, save_adapter
+from lowrank_tools.io.formats import load_adapter, save_adapter
 from lowrank_tools.linalg import RankRule
 from lowrank_tools.merge import merge
 from lowrank_tools.resize import resize
@@ -141,7 +141,7 @@ def test_legacy_input_axis_dora_applies_by_column_and_refuses_peft(tmp_path):
 
 
 def test_dora_row_norms_without_forming_the_weight():
-    from lowrank_tools.structured import dora_row_norms
+    from lowrank_tools.linalg.structured import dora_row_norms
     g = torch.Generator().manual_seed(4)
     W0, B, A = torch.randn(50, 30, generator=g), torch.randn(50, 3, generator=g), torch.randn(3, 30, generator=g)
     want = (W0.double() + 0.7 * (B.double() @ A.double())).norm(dim=1)

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from lowrank_tools.cli import main
-from lowrank_tools.formats import load_adapter
+from lowrank_tools.io.formats import load_adapter
 
 
 def _pair(tmp_path, seed=0):

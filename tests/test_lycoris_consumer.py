@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lowrank_tools.apply import apply
-from lowrank_tools.formats import load_adapter, save_adapter
+from lowrank_tools.io.formats import load_adapter, save_adapter
 
 lycoris = pytest.importorskip("lycoris")
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from lowrank_tools.adapter import ModuleKind, Param
 from lowrank_tools.errors import AdapterFormatError
-from lowrank_tools.formats import describe_adapter, detect_format, load_adapter
+from lowrank_tools.io.formats import describe_adapter, detect_format, load_adapter
 
 
 def _r(*shape, seed):

@@ -1,9 +1,9 @@
-"""Exact algebra of LoHa / LoKr / Tucker deltas (lowrank_tools.structured) against dense products."""
+"""Exact algebra of LoHa / LoKr / Tucker deltas (lowrank_tools.linalg.structured) against dense products."""
 
 import pytest
 import torch
 
-from lowrank_tools.structured import (face_splitting, khatri_rao, kron_svd, loha_factors, loha_svd, lokr_w2_tucker,
+from lowrank_tools.linalg.structured import (face_splitting, khatri_rao, kron_svd, loha_factors, loha_svd, lokr_w2_tucker,
                                       lowrank_svd, numerical_rank, tucker_locon_factors, tucker_loha_pair)
 
 # (out, in_flat, r1, r2): square, wide, tall, conv-flattened, ranks above a side

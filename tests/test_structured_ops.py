@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 
 from lowrank_tools.adapter import Adapter, LoraModule
 from lowrank_tools.cli import main
-from lowrank_tools.formats import load_adapter, save_adapter
+from lowrank_tools.io.formats import load_adapter, save_adapter
 from lowrank_tools.linalg import RankRule
-from lowrank_tools.lycoris_format import structured_module
+from lowrank_tools.io.lycoris import structured_module
 from lowrank_tools.merge import merge
 from lowrank_tools.resize import resize
 

@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, LoraModule, ModuleKind, Param
+from ..adapter import Adapter, LoraModule, ModuleKind, Param
 from .checkpoint import open_checkpoint
-from .errors import AdapterFormatError
-from .kohya_format import resolve_module_names
-from .peft_format import CONFIG_NAME, build_module, lora_keys_seen, pattern_value
-from .structured import (ExactSVD, factor_svd, kron_svd, loha_svd, lokr_w2_tucker, tucker_locon_factors, tucker_loha_pair)
+from ..errors import AdapterFormatError
+from .kohya import resolve_module_names
+from .peft import CONFIG_NAME, build_module, lora_keys_seen, pattern_value
+from ..linalg.structured import (ExactSVD, factor_svd, kron_svd, loha_svd, lokr_w2_tucker, tucker_locon_factors, tucker_loha_pair)
 
 __all__ = ["STRUCTURED_SUFFIXES", "is_lycoris_keys", "read_lycoris", "read_peft_lycoris", "structured_module",
            "PLACEHOLDER_ALPHA", "fit_kernels"]

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .adapter import LoraModule
-from .errors import AdapterFormatError, ConversionError
+from ..adapter import LoraModule
+from ..errors import AdapterFormatError, ConversionError
 
 __all__ = ["split_extras", "attach_extras", "ExtrasView", "check_peft_extras", "peft_extras", "peft_extras_config",
            "kohya_extras"]

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapter import Adapter, LoraModule, ModuleKind
+from ..adapter import Adapter, LoraModule, ModuleKind
 from .atomic import write_safetensors
 from .checkpoint import open_checkpoint
-from .errors import AdapterFormatError, ConversionError
+from ..errors import AdapterFormatError, ConversionError
 from .adapter_extras import attach_extras, peft_extras, peft_extras_config, split_extras
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_peft_folder",
@@ -347,7 +347,7 @@ def read_peft(folder: Path) -> Adapter:
     config = _read_config(folder / CONFIG_NAME)
     weights = _weights_file(folder)
     if str(config.get("peft_type", "LORA")).upper() != "LORA":  # LoHa / LoKr: exact factors via lycoris_format
-        from .lycoris_format import read_peft_lycoris  # imported here: lycoris_format builds on this module
+        from .lycoris import read_peft_lycoris  # imported here: lycoris_format builds on this module
         return read_peft_lycoris(folder, config, weights)
     ckpt, extras = split_extras(open_checkpoint(weights))  # DoRA magnitudes, lora_B.bias
     halves, full, alphas, notes = collect_factors(ckpt, weights, modules_to_save=config.get("modules_to_save") or ())

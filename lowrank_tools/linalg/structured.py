@@ -86,7 +86,7 @@ def exact_rank(S: Tensor, eps: float) -> int:
     return int(above[-1]) + 1 if len(above) else 0
 
 
-def _fix_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+def fix_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
     """Largest-|.| entry of each U column positive (flipping the Vh row), so results repeat."""
     if U.shape[1] == 0:
         return U, Vh
@@ -97,7 +97,7 @@ def _fix_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
 
 def _trimmed(U: Tensor, S: Tensor, Vh: Tensor, shape: tuple[int, ...]) -> ExactSVD:
     r = numerical_rank(S, shape)
-    U, Vh = _fix_signs(U[:, :r], Vh[:r])
+    U, Vh = fix_signs(U[:, :r], Vh[:r])
     return ExactSVD(U=U, S=S[:r], Vh=Vh)
 
 
@@ -160,7 +160,7 @@ def lowrank_svd(B: Tensor, A: Tensor) -> ExactSVD:
     # products instead of forming Q_B, Q_A; S_i is above the rank tolerance, so the division is well conditioned
     U = (B @ (R_A.mT @ Vhc[:r].mT)) / S  # (m, r)
     Vh = ((Uc[:, :r].mT @ R_B) @ A) / S.unsqueeze(1)  # (r, n)
-    U, Vh = _fix_signs(U, Vh)
+    U, Vh = fix_signs(U, Vh)
     return ExactSVD(U=U, S=S, Vh=Vh)
 
 

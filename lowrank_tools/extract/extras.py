@@ -16,8 +16,8 @@ from dataclasses import replace
 
 import torch
 
-from .adapter import Adapter, ModuleKind
-from .checkpoint import as_checkpoint
+from ..adapter import Adapter, ModuleKind
+from ..io.checkpoint import as_checkpoint
 
 __all__ = ["with_magnitudes", "carry_tensors"]
 
