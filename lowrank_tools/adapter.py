@@ -11,7 +11,15 @@ and ``weight_shape`` says how that matrix maps back onto the base weight:
 - conv:      weight (out, in, *kernel)     = delta_matrix.reshape(weight_shape)   (A is (r, in*kh*kw))
 - embedding: weight (vocab, dim)           = delta_matrix.T   (PEFT's lora_embedding_A (r, vocab), _B (dim, r))
 
-File formats (PEFT folders, kohya files) read and write this type in ``peft_format`` and ``kohya_format``.
+File formats (PEFT folders, kohya files) read and write this type in ``peft_format`` and ``kohya_format``;
+LyCORIS-style modules in ``lycoris_format``.
+
+Parametrisations (``Param``): whatever a module was stored as (LoHa, LoKr, Tucker LoCon, a full diff), B and A are
+always its exact plain-LoRA factors, the factored view every operation consumes (see :mod:`structured`). When the
+reader built them from an exact SVD, ``spectrum`` holds its singular values and ``B = U sqrt(S / s)``,
+``A = sqrt(S / s) Vh``, so a truncation is a column slice (:func:`refactor.module_core` uses it). DoRA modules add a
+``magnitude`` m: the adapted weight is ``m * (W0 + s B A) / ||W0 + s B A||`` (norm per output row, or per input
+column for LyCORIS' legacy ``wd_on_out=False`` files, ``dora_axis = "in"``).
 """
 
 from __future__ import annotations
@@ -25,7 +33,20 @@ from torch import Tensor
 
 from .errors import NumericalError
 
-__all__ = ["ModuleKind", "LoraModule", "Adapter", "module_name", "matrix_view", "weight_from_matrix", "cast_whole"]
+__all__ = ["Param", "ModuleKind", "LoraModule", "Adapter", "module_name", "matrix_view", "weight_from_matrix", "cast_whole"]
+
+
+_SVD_DTYPES = (torch.float32, torch.float64)  # factors exact to their rounding: the spectrum still describes them
+
+
+class Param(str, Enum):
+    """How a module was parametrised in its file (``info`` names it); B, A are its exact LoRA factors whatever it is."""
+
+    LORA = "lora"
+    LOHA = "loha"
+    LOKR = "lokr"
+    TUCKER = "tucker"
+    DIFF = "diff"
 
 
 class ModuleKind(str, Enum):
@@ -65,6 +86,11 @@ class LoraModule:
     kind: ModuleKind = ModuleKind.LINEAR
     weight_shape: tuple[int, ...] = ()
     rslora: bool = False
+    param: Param = Param.LORA  # how the file stored it (B, A: its exact LoRA factors)
+    spectrum: Tensor | None = None  # (r,) when B, A are a balanced exact SVD (see the module doc)
+    magnitude: Tensor | None = None  # DoRA m: (out,) ("out" axis) or (in_flat,) ("in" axis)
+    dora_axis: str = "out"
+    stored_rank: str | None = None  # the file's own rank, e.g. "8x8" for a LoHa (info)
 
     def __post_init__(self) -> None:
         if not self.weight_shape:
@@ -80,6 +106,11 @@ class LoraModule:
         return int(self.A.shape[0])
 
     @property
+    def kind_name(self) -> str:
+        """What ``info`` calls it: dora (with a magnitude, whatever its delta), else the parametrisation."""
+        return "dora" if self.magnitude is not None else self.param.value
+
+    @property
     def scale(self) -> float:
         """alpha / r (alpha / sqrt(r) with rsLoRA); 0 for an empty module."""
         if self.rank == 0:
@@ -92,7 +123,7 @@ class LoraModule:
 
     @property
     def params(self) -> int:
-        return int(self.B.numel() + self.A.numel())
+        return int(self.B.numel() + self.A.numel() + (self.magnitude.numel() if self.magnitude is not None else 0))
 
     def delta_matrix(self) -> Tensor:
         """scale * B @ A in float32, (out, in_flat). Dense: for tests and small modules only."""
@@ -103,11 +134,27 @@ class LoraModule:
         return weight_from_matrix(self.delta_matrix(), self.kind, self.weight_shape)
 
     def with_factors(self, B: Tensor, A: Tensor, alpha: float) -> "LoraModule":
-        """A copy with new factors (same kind, layout and scale rule)."""
-        return replace(self, B=B, A=A, alpha=float(alpha))
+        """A copy with new factors (same kind, layout, scale rule and magnitude; plain LoRA from now on)."""
+        return replace(self, B=B, A=A, alpha=float(alpha), param=Param.LORA, spectrum=None, stored_rank=None)
 
     def to(self, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> "LoraModule":
-        return replace(self, B=self.B.to(device=device, dtype=dtype), A=self.A.to(device=device, dtype=dtype))
+        keep = dtype is None or dtype in _SVD_DTYPES  # a pair cast to half precision is no longer an exact SVD
+        mag = self.magnitude.to(device=device, dtype=dtype) if self.magnitude is not None else None
+        return replace(self, B=self.B.to(device=device, dtype=dtype), A=self.A.to(device=device, dtype=dtype),
+                       spectrum=self.spectrum if keep else None, magnitude=mag)
+
+    @classmethod
+    def from_svd(cls, svd, *, param: Param, dtype: torch.dtype, kind: ModuleKind = ModuleKind.LINEAR,
+                 weight_shape: tuple[int, ...] = (), stored_rank: str | None = None) -> "LoraModule":
+        """Exact LoRA factors of a :class:`~lowrank_tools.structured.ExactSVD` (scale 1, alpha = rank); a zero
+        delta becomes one zero component."""
+        svd = svd.trimmed(torch.finfo(dtype).eps)  # the smallest rank whose product is exact to dtype's rounding
+        B, A = svd.factors()  # (out, R), (R, in) float64
+        S = svd.S
+        if svd.rank == 0:
+            B, A, S = B.new_zeros(B.shape[0], 1), A.new_zeros(1, A.shape[1]), None
+        return cls(B=B.to(dtype), A=A.to(dtype), alpha=float(B.shape[1]), kind=kind, weight_shape=weight_shape,
+                   param=param, spectrum=S if dtype in _SVD_DTYPES else None, stored_rank=stored_rank)
 
 
 @dataclass
@@ -120,10 +167,14 @@ class Adapter:
     task_type: str | None = None  # PEFT's task_type (CAUSAL_LM, SEQ_CLS, ...) from the base's config, if known
     source_format: str | None = None
     notes: list[str] = field(default_factory=list)  # e.g. module names guessed when reading kohya files
+    # deltas added to base tensors whole (``x.bias`` from kohya ``.diff_b`` / PEFT ``lora_B.bias``, norm weights
+    # from ``w_norm`` / ``b_norm``): base tensor name -> delta, already scaled
+    tensor_deltas: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def params(self) -> int:
-        return sum(m.params for m in self.modules.values()) + sum(int(t.numel()) for t in self.full_tensors.values())
+        return (sum(m.params for m in self.modules.values()) + sum(int(t.numel()) for t in self.full_tensors.values())
+                + sum(int(t.numel()) for t in self.tensor_deltas.values()))
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -139,7 +190,8 @@ class Adapter:
         """Factors and tensors saved whole, cast (``--dtype`` is that of everything written) and/or moved."""
         modules = {n: m.to(dtype=dtype, device=device) for n, m in self.modules.items()}
         full = {n: t.to(device=device) for n, t in cast_whole(self.full_tensors, dtype).items()}
-        return replace(self, modules=modules, full_tensors=full)
+        deltas = {n: t.to(device=device) for n, t in cast_whole(self.tensor_deltas, dtype).items()}
+        return replace(self, modules=modules, full_tensors=full, tensor_deltas=deltas)
 
 
 def cast_whole(tensors: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:

@@ -41,6 +41,7 @@ from .linalg.svd import resolve_device
 from .linalg.norms import delta_stats, lowrank_frobenius_diff, lowrank_frobenius_norm
 from .io.outputs import OutputTransaction
 from .io.replaceable import COPIED_KEY
+from .linalg.structured import dora_rescale_
 from .weighted import WeightedAdapter, as_weighted
 from .report import Progress, Warn
 
@@ -62,6 +63,9 @@ class Term:
     L: Tensor  # (rows, r): B, or A^T for embeddings
     R: Tensor  # (r, cols): A, or B^T for embeddings
     coef: float  # weight * scale
+    magnitude: Tensor | None = None  # DoRA m (see _add_terms_dora)
+    axis: str = "out"  # DoRA norm: per output row, or per input channel (LyCORIS legacy wd_on_out=False)
+    weight: float = 1.0  # the adapter's weight (DoRA: w (m / ||W'|| - 1) + 1, LyCORIS' multiplier rule)
 
 
 @dataclass
@@ -110,7 +114,11 @@ def _term(name: str, m: LoraModule, item: WeightedAdapter, tensor: str, base: Ch
     if not (torch.isfinite(m.B).all() and torch.isfinite(m.A).all()):
         raise NonFiniteWeight(f"{item.source}: module {name} holds NaN/Inf factors: repair or re-export the adapter")
     L, R = (m.A.mT, m.B.mT) if m.kind is ModuleKind.EMBEDDING else (m.B, m.A)  # weight (rows, cols) = L @ R
-    return Term(module=name, source=item.source, L=L, R=R, coef=float(item.weight) * m.scale)
+    if m.magnitude is not None and m.kind is ModuleKind.EMBEDDING:
+        raise AdapterMismatch(f"{item.source}: module {name} is a DoRA embedding: not supported; leave it out with "
+                              f"--exclude '^{re.escape(name)}$'")
+    return Term(module=name, source=item.source, L=L, R=R, coef=float(item.weight) * m.scale, magnitude=m.magnitude,
+                axis=m.dora_axis, weight=float(item.weight))
 
 
 def _tied_embedding(name: str, m: LoraModule, base: Checkpoint) -> str | None:
@@ -179,16 +187,35 @@ def plan_apply(base: Checkpoint, adapters: Sequence[WeightedAdapter], *, include
         for name, m in heads:  # after the embedding's own terms
             _add_tied_head(plan, name, m, item, base)
         _add_whole(whole, item, base, include, exclude, warn)
+        _add_tensor_deltas(plan, item, base, include, exclude)
     return _drop_zero_terms(plan), whole
 
 
 def _drop_zero_terms(plan: dict[str, list[Term]]) -> dict[str, list[Term]]:
     """Terms that add exactly nothing (weight 0, or a factor that is all zero, e.g. a fresh PEFT ``lora_B``) are
     dropped after their checks: float addition would still turn the base's -0.0 into +0.0, and a tensor with no
-    term left is copied bit for bit."""
-    kept = {name: [t for t in terms if t.coef != 0 and bool(t.L.any()) and bool(t.R.any())]
+    term left is copied bit for bit. A DoRA term with a non-zero weight stays: its magnitude rescales the rows
+    even when its factors are zero."""
+    kept = {name: [t for t in terms if t.coef != 0 and (t.magnitude is not None or (bool(t.L.any())
+                                                                                    and bool(t.R.any())))]
             for name, terms in plan.items()}
     return {name: terms for name, terms in kept.items() if terms}
+
+
+def _add_tensor_deltas(plan: dict[str, list[Term]], item: WeightedAdapter, base: Checkpoint, include, exclude) -> None:
+    """Whole-tensor deltas (biases, norm weights: kohya diff_b / w_norm / b_norm, PEFT lora_B.bias) as rank-1 terms
+    ``w * delta @ [1]`` on the tensor's (n, 1) view."""
+    for name, delta in item.adapter.tensor_deltas.items():
+        if not matches(name.rsplit(".", 1)[0], include, exclude):
+            continue
+        tensor = name if name in base else next((name[len(c):] for c in _COMPONENTS
+                                                 if name.startswith(c) and name[len(c):] in base), None)
+        if tensor is None or math.prod(base.shape(tensor)) != delta.numel():
+            got = tuple(base.shape(tensor)) if tensor else "missing"
+            raise AdapterMismatch(f"{item.source}: tensor {name} has a delta of shape {tuple(delta.shape)} but the base "
+                                  f"has {got}: the adapter was made for another model")
+        plan.setdefault(tensor, []).append(Term(module=name, source=item.source, L=delta.reshape(-1, 1),
+                                                R=torch.ones(1, 1, dtype=delta.dtype), coef=float(item.weight)))
 
 
 # --------------------------------------------------------------------------------------------- the math
@@ -215,6 +242,24 @@ def _add_terms(W: Tensor, terms: Sequence[Term], *, device: torch.device, dtype:
         if block.data_ptr() != target.data_ptr():
             target.copy_(block)  # the cast to the stored dtype (and the move back to CPU), no temporary
         _check_overflow(target, block, name, terms)
+    return out
+
+
+@torch.no_grad()
+def _add_terms_dora(W: Tensor, terms: Sequence[Term], *, device: torch.device, dtype: torch.dtype, name: str) -> Tensor:
+    """DoRA: ``W' = W0 + sum coef L @ R`` (all terms, in float32), then each output row (``axis="out"``: PEFT, LyCORIS)
+    or input channel (``"in"``: LyCORIS' legacy ``wd_on_out=False``) scaled by ``w (m / ||W'|| - 1) + 1``, which is
+    ``m / ||W'||`` at weight 1 (PEFT's ``m * W' / ||W' ||_row``; PEFT adds no epsilon, LyCORIS adds float32 eps: the
+    two agree to float32 rounding on any row that is not ~0). One float32 copy of the tensor."""
+    dora = [t for t in terms if t.magnitude is not None]
+    if len(dora) > 1:
+        raise AdapterMismatch(f"tensor {name} gets DoRA modules from {dora[0].source} and {dora[1].source}: two "
+                              f"magnitudes for one weight are not defined; apply them one after another")
+    d = dora[0]
+    work = _add_terms(W, terms, device=device, dtype=torch.float32, name=name)  # W' (float32, fresh or in place)
+    M = dora_rescale_(work.reshape(work.shape[0], -1).to(device), d.magnitude, d.axis, d.weight)  # (out, in_flat)
+    out = M.reshape(W.shape).to("cpu", dtype)
+    _check_overflow(out, M, name, terms)
     return out
 
 
@@ -268,7 +313,8 @@ def applied_tensors(base: Checkpoint, plan: Mapping[str, Sequence[Term]], whole:
             _check_input(whole[name], what)
             t = _cast(whole[name], target, what).clone()
         if name in plan:
-            t = _add_terms(t, plan[name], device=dev, dtype=target, name=name)
+            add = _add_terms_dora if any(term.magnitude is not None for term in plan[name]) else _add_terms
+            t = add(t, plan[name], device=dev, dtype=target, name=name)
         else:  # untouched: the very bytes read (byte for byte), or their cast to --dtype
             t = _cast(t, target, f"base tensor {name}")
         yield name, t

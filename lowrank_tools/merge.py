@@ -51,9 +51,36 @@ def weighted_sum_module(name: str, parts: Sequence[tuple[LoraModule, float, str]
             raise AdapterMismatch(f"module {name} is {kind0} {shape0} in {first_src} but {kind1} {shape1} in {src}: "
                                   f"the adapters were made for different base models; leave it out with "
                                   f"--exclude '^{re.escape(name)}$'")
+    magnitude = _dora_magnitude(name, parts)
     # float32 (float64 if any input is): the coefficients are folded in before any rounding
     B, A = concat_factors([(m.B, m.A, w * m.scale) for m, w, _ in parts])  # (out, R), (R, in)
-    return LoraModule(B=B, A=A, alpha=float(B.shape[1]), kind=first.kind, weight_shape=first.weight_shape)
+    return LoraModule(B=B, A=A, alpha=float(B.shape[1]), kind=first.kind, weight_shape=first.weight_shape,
+                      magnitude=magnitude, dora_axis=first.dora_axis)
+
+
+def _dora_magnitude(name: str, parts: Sequence[tuple[LoraModule, float, str]]):
+    """A DoRA module passes through a merge alone at weight 1 (its magnitude kept); a sum involving a DoRA module has
+    no defined magnitude (PEFT's add_weighted_adapter gets it wrong, PEFT #3761): an error naming the module."""
+    dora = [src for m, _, src in parts if m.magnitude is not None]
+    if not dora:
+        return None
+    if len(parts) == 1 and parts[0][1] == 1.0:
+        return parts[0][0].magnitude
+    raise AdapterMismatch(f"module {name} is DoRA in {dora[0]}: a weighted sum of DoRA modules has no defined "
+                          f"magnitude; apply the adapters one after another, or leave it out with "
+                          f"--exclude '^{re.escape(name)}$'")
+
+
+def _tensor_deltas(inputs: list[WeightedAdapter], include, exclude) -> dict[str, torch.Tensor]:
+    """Whole-tensor deltas (biases, norms) add up: sum_i w_i delta_i (float32, float64 if an input is)."""
+    out: dict[str, torch.Tensor] = {}
+    for item in inputs:
+        for name, t in item.adapter.tensor_deltas.items():
+            if matches(name.rsplit(".", 1)[0], include, exclude):
+                term = t.double() * float(item.weight)
+                out[name] = out[name] + term if name in out else term
+    return {n: t.to(torch.float64 if any(i.adapter.tensor_deltas.get(n, torch.empty(0)).dtype == torch.float64
+                                         for i in inputs) else torch.float32) for n, t in out.items()}
 
 
 def _out_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
@@ -123,7 +150,8 @@ def merge(adapters: Sequence[WeightedAdapter | Adapter | tuple], *, rule: RankRu
         warn(notes[0])
     merged = Adapter(modules=done.modules, full_tensors=cast_whole(_full_tensors(inputs, warn), dtype),
                      base_model=bases[0] if bases else None, source_format="merge", notes=notes,
-                     task_type=_common({i.adapter.task_type for i in inputs}))
+                     task_type=_common({i.adapter.task_type for i in inputs}),
+                     tensor_deltas=_tensor_deltas(inputs, include, exclude))
     more = {"inputs": [{"source": i.source, "weight": i.weight} for i in inputs],
             "old_params": sum(m.params for p in parts.values() for m, _, _ in p)}
     if budget is not None:

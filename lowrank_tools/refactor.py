@@ -79,11 +79,23 @@ def module_core(module: LoraModule, *, device: torch.device, name: str = "", war
             bad = int((~torch.isfinite(factor)).sum())
             raise NonFiniteWeight(f"module {name or '?'}: factor {which} {tuple(factor.shape)} holds {bad} NaN/Inf "
                                   f"values: repair or re-export the adapter, or leave the module out with --exclude")
+    if module.spectrum is not None:
+        return _svd_form_core(module, device)
     R_B = torch.linalg.qr(module.B.to(device, torch.float64), mode="r").R  # (p, R)
     R_A = torch.linalg.qr(module.A.to(device, torch.float64).mT, mode="r").R  # (q, R)
     core = module.scale * (R_B @ R_A.mT)  # (p, q)
     svd = truncated_svd(core, min(core.shape), method="exact", on_warning=_on(name, warn))
     return Core(S=svd.S, Uc=svd.U, Vhc=svd.Vh, R_B=R_B, R_A=R_A)
+
+
+def _svd_form_core(module: LoraModule, device: torch.device) -> Core:
+    """The core of factors that already are a balanced exact SVD (``B = U sqrt(S / s)``, ``A = sqrt(S / s) Vh``, as
+    :meth:`LoraModule.from_svd` builds for LoHa / LoKr): ``R_B = R_A = diag(sqrt(S / s))``, ``Uc = Vhc = I``; a
+    truncation is then a column slice (for LoKr the top-k products ``s1_i s2_j``), no QR, no SVD."""
+    S = module.spectrum.to(device, torch.float64)  # (R,) descending
+    d = (S / module.scale).sqrt()  # (R,)
+    eye = torch.eye(len(S), dtype=torch.float64, device=device)
+    return Core(S=S, Uc=eye, Vhc=eye, R_B=torch.diag(d), R_A=torch.diag(d))
 
 
 @torch.no_grad()
@@ -119,11 +131,11 @@ def budget_ranks(modules: Mapping[str, LoraModule], budget: int, *, rule: RankRu
 def _kept(module: LoraModule, alpha: float | None, dtype: torch.dtype) -> LoraModule:
     """The module's own factors (cast to ``dtype``); with ``alpha``, B is rescaled so the product stays."""
     if alpha is None:
-        return module.to(dtype=dtype, device="cpu")
+        return module.with_factors(module.B, module.A, module.alpha).to(dtype=dtype, device="cpu")  # plain LoRA now
     ratio = module.scale / (alpha / module.rank)  # old scale / new scale
     B = (module.B.to("cpu", torch.float64) * ratio).to(dtype)  # float64: one rounding, at the cast
     return LoraModule(B=B, A=module.A.to("cpu", dtype), alpha=float(alpha), kind=module.kind,
-                      weight_shape=module.weight_shape)
+                      weight_shape=module.weight_shape, magnitude=module.magnitude, dora_axis=module.dora_axis)
 
 
 def _truncated(module: LoraModule, core: Core, r: int, alpha: float | None, dtype: torch.dtype,
@@ -134,7 +146,8 @@ def _truncated(module: LoraModule, core: Core, r: int, alpha: float | None, dtyp
     B, A = B.to(dtype), A.to(dtype)  # the cast happens once, here, at the boundary
     if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
         raise NumericalError(f"{name}: factors overflow {dtype} when cast: pass --dtype float32")
-    return LoraModule(B=B.cpu(), A=A.cpu(), alpha=alpha_out, kind=module.kind, weight_shape=module.weight_shape)
+    return LoraModule(B=B.cpu(), A=A.cpu(), alpha=alpha_out, kind=module.kind, weight_shape=module.weight_shape,
+                      magnitude=module.magnitude, dora_axis=module.dora_axis)  # DoRA keeps m (PEFT's semantics)
 
 
 def _record(name: str, exact: LoraModule, new: LoraModule, S: Tensor, r: int, device: torch.device,
@@ -142,8 +155,11 @@ def _record(name: str, exact: LoraModule, new: LoraModule, S: Tensor, r: int, de
     S = S.double().cpu()  # (k,)
     total = float((S**2).sum())
     norm = math.sqrt(total)
-    err = lowrank_frobenius_diff(exact.B.to(device), exact.A.to(device), exact.scale,
-                                 new.B.to(device), new.A.to(device), new.scale)
+    if exact.spectrum is not None and r < len(S):  # a slice of an exact SVD: its error is the spectrum's tail
+        err = math.sqrt(float((S[r:] ** 2).sum()))  # (the cast of the written factors aside, ~their rounding)
+    else:
+        err = lowrank_frobenius_diff(exact.B.to(device), exact.A.to(device), exact.scale,
+                                     new.B.to(device), new.A.to(device), new.scale)
     return LayerRecord(
         name=name, shape=tuple(exact.weight_shape), rank=new.rank, delta_norm=norm,
         singular_values=[float(s) for s in S[:MAX_SINGULAR_VALUES]],

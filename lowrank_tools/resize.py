@@ -56,7 +56,7 @@ def resize(adapter: Adapter, *, rule: RankRule | None = None, budget: int | None
         elif name not in selected:
             modules[name] = m if dtype is None else m.to(dtype=dtype)
     out = replace(adapter, modules=modules, full_tensors=cast_whole(adapter.full_tensors, dtype), source_format="resize",
-                  notes=list(adapter.notes))
+                  notes=list(adapter.notes), tensor_deltas=cast_whole(adapter.tensor_deltas, dtype))
     kept = [n for n in adapter.modules if n not in selected]
     more = {"old_params": sum(m.params for m in selected.values())}
     if budget is not None:

@@ -82,7 +82,7 @@ def test_device_defaults_to_auto_everywhere():
 
 def test_seed_only_where_it_acts():
     with_seed = {name for name in COMMANDS if any(o.name == "seed" for o in _options(main.commands[name]))}
-    assert with_seed == {"extract", "analyze", "demo"}
+    assert with_seed == {"extract", "analyze", "demo", "evaluate"}  # evaluate: the in-memory extraction of its curves
     for name in ("resize", "merge", "apply"):
         result = run(name, "x", "-o", "y", "--seed", "1")
         assert result.exit_code == 2 and "--seed" in result.output, result.output

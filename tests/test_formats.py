@@ -189,8 +189,8 @@ def test_bad_input_one_line_error_nothing_written(tmp_path, case):
     out = tmp_path / ("out.safetensors" if case == "embedding_to_kohya" else "out")
     fmt = "kohya" if case == "embedding_to_kohya" else "peft"
     if case == "unknown":
-        save_file({"foo.hada_w1_a": torch.ones(2, 2), "foo.hada_w1_b": torch.ones(2, 2)}, str(tmp_path / "in.safetensors"))
-        source, patterns = tmp_path / "in.safetensors", [r"in\.safetensors: unknown adapter layout", r"\*foo\.hada_wN_a"]
+        save_file({"foo.oft_blocks": torch.ones(2, 2), "foo.oft_r": torch.ones(2, 2)}, str(tmp_path / "in.safetensors"))
+        source, patterns = tmp_path / "in.safetensors", [r"in\.safetensors: unknown adapter layout", r"\*foo\.oft_blocks"]
     elif case == "shapes":
         source = _peft_folder(tmp_path, {A_KEY: torch.ones(2, 8), B_KEY: torch.ones(8, 3)})
         patterns = [re.escape(A_KEY) + r" \(2, 8\) and " + re.escape(B_KEY) + r" \(8, 3\) do not fit"]

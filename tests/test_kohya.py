@@ -119,7 +119,7 @@ def test_missing_alpha_means_scale_one(tmp_path):
     ({"lora_unet_a.lora_down.weight": torch.ones(2, 3), "lora_unet_a.lora_up.weight": torch.ones(4, 3)},
      r"lora_unet_a\.lora_down\.weight \(2, 3\) and lora_unet_a\.lora_up\.weight \(4, 3\) do not fit"),
     ({"lora_unet_a.lora_down.weight": torch.ones(2, 3), "lora_unet_a.lora_up.weight": torch.ones(4, 2),
-      "lora_unet_a.hada_w1_a": torch.ones(2, 2)}, r"key lora_unet_a\.hada_w1_a is not a LoRA factor"),
+      "lora_unet_a.oft_blocks": torch.ones(2, 2)}, r"key lora_unet_a\.oft_blocks is not a LoRA factor"),
     ({"lora_unet_a.lora_down.weight": torch.ones(2, 3), "lora_unet_a.lora_up.weight": torch.ones(4, 2),
       "lora_unet_b.alpha": torch.tensor(1.0)}, r"key lora_unet_b\.alpha has no lora_down"),
 ])

@@ -42,12 +42,16 @@ from .options import (FORMAT_HELP, FORMATS, SEED, Progress, allow_tf32_option, c
 @click.option("--conv-rank", type=int, show_default="that of --rank", help="Rank (or cap) for conv kernels.")
 @click.option("--full-modules", multiple=True, metavar="REGEX",
               help="Save these modules' tensors whole (PEFT modules_to_save), e.g. a grown vocabulary (repeatable).")
+@click.option("--dora", is_flag=True, help="DoRA: magnitude m = ||W'||_row, factors = the truncated delta.")
+@click.option("--keep-bias", is_flag=True, help="Carry the adapted modules' bias deltas (PEFT lora_B.bias, kohya diff_b).")
+@click.option("--keep-norms", is_flag=True,
+              help="Carry 1-D norm weights/biases that changed (kohya w_norm/b_norm; PEFT: saved whole).")
 @allow_tf32_option
 @common_options
 @seed_option
 def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alpha, fmt, prefix, method, oversample,
-            power_iters, strict, report_path, conv_rank, full_modules, allow_tf32, device, dtype_name, include, exclude,
-            seed, force, quiet):
+            power_iters, strict, report_path, conv_rank, full_modules, dora, keep_bias, keep_norms, allow_tf32, device,
+            dtype_name, include, exclude, seed, force, quiet):
     """Extract a LoRA adapter from BASE and fully fine-tuned TUNED checkpoints (default --rank 16).
 
     Embeddings, which a kohya file cannot hold, are left out of a kohya -o with a warning naming them (as convert,
@@ -69,10 +73,20 @@ def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alph
                  dtype=out_dtype(dtype_name), device=device, include=include, exclude=exclude, conv_rank=conv_rank,
                  full_modules=full_modules, embeddings=fmt != "kohya", strict=strict, seed=seed, oversample=oversample,
                  n_iter=power_iters, allow_tf32=allow_tf32), fmt=fmt, prefix=prefix, report_path=report_path,
-                 force=force, quiet=quiet, primary=process_rank == 0)
+                 force=force, quiet=quiet, primary=process_rank == 0,
+                 extras=dict(dora=dora, biases=keep_bias, norms=keep_norms))
 
 
-def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, force, quiet, primary):
+def _carry(adapter, base, tuned, fmt: str, *, dora: bool, biases: bool, norms: bool):
+    """extract --dora / --keep-bias / --keep-norms (lowrank_tools.extract_extras)."""
+    from ..extract.extras import carry_tensors, with_magnitudes
+
+    if biases or norms:
+        adapter = carry_tensors(adapter, base, tuned, biases=biases, norms=norms, whole=fmt != "kohya")
+    return with_magnitudes(adapter, tuned) if dora else adapter
+
+
+def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, force, quiet, primary, extras=None):
     """One process's part: rank 0 (or the only process) checks the output, extracts, writes and reports; the
     other ranks of a torchrun job factor their share, stay silent and write nothing (errors: exit 1, rank 0 says)."""
     from ..errors import LowRankError
@@ -96,8 +110,9 @@ def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, fo
                         for k, v in result.report.skipped.items())
         raise click.ClickException(f"no layer of {tuned} differs from {base} in a way a LoRA can hold "
                                    f"({why or 'no weights'}): nothing to extract, nothing written")
+    adapter = _carry(result.adapter, base, tuned, fmt, **extras) if extras and any(extras.values()) else result.adapter
     with OutputTransaction(force=force, inputs=[base, tuned]) as outputs:  # the adapter and report, or neither
-        save_adapter(result.adapter, output, format=fmt, prefix=prefix, transaction=outputs)
+        save_adapter(adapter, output, format=fmt, prefix=prefix, transaction=outputs)
         write_report(result.report, report_path, transaction=outputs)
     show(result.report, quiet)
     if not quiet:
@@ -116,11 +131,17 @@ def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, fo
 @dtype_option
 @click.option("--base", type=click.Path(path_type=Path),
               help="Checkpoint the adapter was made for: kohya keys without recorded names are matched against it.")
+@click.option("--dora", "dora_to", type=click.Choice(["keep", "lora", "dora"]), default="keep", show_default=True,
+              help="lora: DoRA modules -> plain LoRA (lossy, errors reported); dora: LoRA -> DoRA (exact). "
+                   "Both need --base.")
 @filter_options
 @force_option
 @quiet_option
-def convert(adapter, output, fmt, prefix, dtype_name, base, include, exclude, force, quiet):
+def convert(adapter, output, fmt, prefix, dtype_name, base, dora_to, include, exclude, force, quiet):
     """Convert ADAPTER between PEFT and kohya formats; every module's product is unchanged.
+
+    LoHa, LoKr, Tucker and diff modules are written as plain LoRA at their smallest exact rank (resize --format
+    truncates them optimally). DoRA stays DoRA unless --dora lora (which needs --base).
 
     Modules under unet. / text_encoder. / text_encoder_2. take their component's kohya prefix, others --prefix.
     A pipeline's adapter converted to peft is written as diffusers' pytorch_lora_weights.safetensors. What kohya
@@ -131,8 +152,19 @@ def convert(adapter, output, fmt, prefix, dtype_name, base, include, exclude, fo
     fmt = output_format(output, fmt).value
     check_kohya_options(fmt, prefix, ())
     check_output(output, force=force, inputs=[adapter])
+    if dora_to != "keep" and base is None:
+        raise click.UsageError(f"--dora {dora_to} needs --base: DoRA's weight depends on the base weights")
     loaded = load_adapter(adapter, base=base)
     warn_all(quiet, loaded.notes)
+    if dora_to != "keep":
+        from ..dora import dora_to_lora, lora_to_dora
+
+        done = (dora_to_lora if dora_to == "lora" else lora_to_dora)(loaded, base)
+        loaded = done.adapter
+        worst = max(done.rel_errors.items(), key=lambda kv: kv[1], default=None)
+        if worst and not quiet:
+            click.echo(f"--dora {dora_to}: {len(done.rel_errors)} modules converted, largest rel error "
+                       f"{worst[1]:.3g} ({worst[0]})", err=True)
     loaded, left_out = fit_format(select_modules(loaded, include, exclude), fmt, warn=warner(quiet))
     if not loaded.modules and not loaded.full_tensors:
         raise click.ClickException(f"nothing of {adapter} left to write to {output}: {nothing_left(left_out, fmt)}")

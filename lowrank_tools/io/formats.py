@@ -24,10 +24,13 @@ import torch
 from ..adapter import Adapter, ModuleKind, module_name
 from .checkpoint import Checkpoint, as_checkpoint, atomic_output, open_checkpoint
 from ..errors import AdapterFormatError, CheckpointNotFound, ConversionError, UsageError
+from .adapter_extras import check_peft_extras
 from .layers import NOT_HELD, compile_filters, matches
 from .kohya import is_kohya_keys, kohya_state_dict, read_kohya, write_kohya
+from .lycoris import fit_kernels, is_lycoris_keys, read_lycoris, read_peft_lycoris
 from .peft import (DIFFUSERS_COMPONENTS, DIFFUSERS_NAME, WEIGHTS_NAME, is_diffusers_adapter, is_peft_folder,
-                          lora_keys_seen, read_peft, read_peft_file, write_diffusers, write_peft)
+                          lora_keys_seen, peft_folder_parts, read_peft, read_peft_file, write_diffusers,
+                   write_peft)
 
 __all__ = ["AdapterFormat", "load_adapter", "save_adapter", "detect_format", "describe_adapter", "describe_modules",
            "check_target", "output_format", "fit_format", "fit_all", "left_out_warning", "select_modules", "LEFT_OUT",
@@ -131,6 +134,8 @@ def detect_format(path: Path) -> str:
         raise AdapterFormatError(f"{path}: a folder without adapter_config.json or {DIFFUSERS_NAME}: not an adapter "
                                  f"folder")
     keys = open_checkpoint(path).keys()
+    if is_lycoris_keys(keys):  # LoHa / LoKr / Tucker / DoRA / diffs, with or without plain LoRA modules
+        return "lycoris"
     if is_kohya_keys(keys):
         return "kohya"
     if any(".lora_A." in k or ".lora_B." in k or "lora_embedding_" in k for k in keys):
@@ -155,18 +160,36 @@ def load_adapter(path: str | os.PathLike, *, base: Checkpoint | str | os.PathLik
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "peft":
-        return read_peft(path)
-    if fmt == "kohya":
+        config, weights, peft_type = peft_folder_parts(path)
+        adapter = read_peft(path) if peft_type == "LORA" else read_peft_lycoris(path, config, weights)
+    elif fmt in ("kohya", "lycoris"):
         names, label = _module_names(base) if base is not None else (None, None)
-        return read_kohya(path, module_names=names, base=label)
-    return read_peft_file(_single_file(path) if path.is_dir() else path)
+        adapter = (read_lycoris if fmt == "lycoris" else read_kohya)(path, module_names=names, base=label)
+    else:
+        adapter = read_peft_file(_single_file(path) if path.is_dir() else path)
+    if base is not None:  # LoHa / LoKr conv factors stored flattened get their kernel from the base
+        fit_kernels(adapter, _base_shapes(base))
+    return adapter
+
+
+def _base_shapes(base):
+    ckpt = as_checkpoint(base)
+
+    def shape_of(name: str):
+        for candidate in (name, *(name[len(c):] for c in DIFFUSERS_COMPONENTS if name.startswith(c))):
+            if f"{candidate}.weight" in ckpt:
+                return tuple(ckpt.shape(f"{candidate}.weight"))
+        return None
+    return shape_of
 
 
 def check_target(adapter: Adapter, format: AdapterFormat | str, *, prefix: str = "lora_unet_") -> None:
     """Raise :class:`ConversionError` (naming the module) when ``format`` cannot hold the adapter."""
     if AdapterFormat(format) is AdapterFormat.KOHYA:
         kohya_state_dict(adapter, prefix=prefix)
-    elif is_diffusers_adapter(adapter) and adapter.full_tensors:
+        return
+    check_peft_extras(adapter)  # DoRA all-or-none on the output axis, deltas only as lora_B.bias
+    if is_diffusers_adapter(adapter) and adapter.full_tensors:
         name = next(iter(adapter.full_tensors))
         raise ConversionError(f"tensor {name} is saved whole, which a diffusers LoRA file cannot hold: drop "
                               f"--full-modules, or extract the component folder alone (PEFT modules_to_save)")
@@ -219,6 +242,10 @@ def describe_adapter(adapter: Adapter, path: str | os.PathLike) -> dict:
         "format": adapter.source_format,
         "modules": len(adapter.modules),
         "kinds": _counts(m.kind.value for m in mods),
+        "types": _counts(m.kind_name for m in mods),  # lora, loha, lokr, tucker, dora, diff
+        "exact_ranks": {t: _counts(m.rank for m in mods if m.kind_name == t) for t in sorted({m.kind_name for m in mods})
+                        if t != "lora"},
+        "tensor_deltas": len(adapter.tensor_deltas),
         "components": dict(sorted(components.items())) if set(components) != {"-"} else {},
         "ranks": _counts(m.rank for m in mods),
         "alphas": _counts(round(m.alpha, 6) for m in mods),

@@ -23,13 +23,15 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter, LoraModule, ModuleKind
+from .adapter_extras import kohya_extras
 from .atomic import write_safetensors
 from .checkpoint import open_checkpoint
 from ..errors import AdapterFormatError, ConversionError
 from .kohya_names import check_prefix, guess_module_name, kohya_key, match_keys
 from .peft import build_module, file_factors, lora_keys_seen
 
-__all__ = ["NAMES_KEY", "kohya_key", "is_kohya_keys", "read_kohya", "write_kohya", "kohya_state_dict"]
+__all__ = ["NAMES_KEY", "kohya_key", "is_kohya_keys", "read_kohya", "write_kohya", "kohya_state_dict",
+           "resolve_module_names"]
 
 NAMES_KEY = "lowrank_tools.modules"
 _DOWN, _UP, _ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
@@ -66,6 +68,7 @@ def kohya_state_dict(adapter: Adapter, *, prefix: str = "lora_unet_") -> tuple[d
         tensors[key + _DOWN] = down.contiguous()
         tensors[key + _UP] = up.contiguous()
         tensors[key + _ALPHA] = _alpha_tensor(name, m.scale * m.rank)
+    tensors.update(_extras(adapter, names, prefix, two_encoders))
     return tensors, names
 
 
@@ -77,6 +80,18 @@ def _alpha_tensor(name: str, alpha: float) -> torch.Tensor:
         raise ConversionError(f"module {name}: alpha {alpha:g} does not fit the float32 .alpha of a kohya file: "
                               f"give an --alpha within float32's range (1e-38 to 3e38), or use --format peft")
     return t
+
+
+def _extras(adapter: Adapter, names: dict[str, str], prefix: str, two_encoders: bool) -> dict[str, torch.Tensor]:
+    """DoRA ``dora_scale`` and whole-tensor deltas (``diff_b``, ``w_norm``, ``b_norm``); ``names`` gains the keys
+    of modules that only have tensor deltas."""
+    keys = {name: key for key, name in names.items()}
+    for tensor in adapter.tensor_deltas:
+        owner = tensor.rsplit(".", 1)[0]
+        if owner not in keys:
+            keys[owner] = kohya_key(owner, prefix=prefix, two_encoders=two_encoders)
+            names[keys[owner]] = owner
+    return kohya_extras(adapter, keys)
 
 
 def write_kohya(adapter: Adapter, path: Path, *, prefix: str = "lora_unet_") -> None:
@@ -108,7 +123,7 @@ def _group_keys(ckpt, path: Path) -> set[str]:
             raise AdapterFormatError(f"{path}: key {key} has no lora_down / lora_up beside it: the file is incomplete")
         if not (key.endswith(_DOWN) or key.endswith(_UP) or key.endswith(_ALPHA)):
             raise AdapterFormatError(f"{path}: key {key} is not a LoRA factor (keys seen: {lora_keys_seen(ckpt.keys())})"
-                                     f": only lora_down / lora_up / alpha are supported (not LoHa, LoKr, DoRA)")
+                                     f": supported are lora_down / lora_up / alpha and the LyCORIS kinds (LoHa, LoKr, Tucker, DoRA, diffs)")
     return downs
 
 
@@ -154,6 +169,13 @@ def _module_names(keys: list[str], recorded: dict, path: Path, module_names, bas
             raise AdapterFormatError(f"{path}: keys {seen[name]} and {key} both stand for module {name}")
         seen[name] = key
     return names, notes
+
+
+def resolve_module_names(ckpt, keys: list[str], path: Path, module_names=None, base: str | None = None
+                         ) -> tuple[dict[str, str], list[str]]:
+    """{kohya module key: module name} and notes for ``keys`` of ``ckpt``: recorded names, else matched against
+    ``module_names`` (a base's), else guessed (what :func:`read_kohya` does; LyCORIS files use it too)."""
+    return _module_names(keys, _recorded_names(ckpt, path), path, module_names, base)
 
 
 def read_kohya(path: Path, *, module_names=None, base: str | None = None) -> Adapter:

@@ -30,10 +30,12 @@ from ..adapter import Adapter, LoraModule, ModuleKind
 from .atomic import check_finite_output, write_safetensors
 from .checkpoint import open_checkpoint
 from ..errors import AdapterFormatError, ConversionError
+from .adapter_extras import attach_extras, peft_extras, peft_extras_config, split_extras
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_peft_folder",
            "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft", "write_diffusers", "peft_config",
-           "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen", "task_type", "base_model_reference"]
+           "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen", "task_type", "base_model_reference",
+           "pattern_value", "peft_folder_parts"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -156,6 +158,7 @@ def peft_config(adapter: Adapter) -> dict:
         "use_rslora": False,
         "use_dora": False,
         "inference_mode": True,
+        **peft_extras_config(adapter),  # use_dora, lora_bias
     }
 
 
@@ -170,6 +173,7 @@ def peft_state_dict(adapter: Adapter, *, prefix: str = _PREFIX) -> dict[str, tor
         tensors[f"{prefix}{name}.{b_key}"] = B.contiguous()
     for tensor_name, t in adapter.full_tensors.items():
         tensors[f"{prefix}{tensor_name}"] = t.contiguous()  # PEFT saves modules_to_save under the module's own name
+    tensors.update(peft_extras(adapter, prefix))  # DoRA magnitudes, lora_B.bias
     return tensors
 
 
@@ -221,6 +225,9 @@ def _pattern_value(patterns: dict, name: str, default):
         except re.error:
             continue  # PEFT would fail on it too; a literal name that is not a regex matches nothing here
     return default
+
+
+pattern_value = _pattern_value  # public: LoHa / LoKr folders (lycoris_format) follow the same rule
 
 
 def _split_key(key: str) -> tuple[str, str, bool] | None:
@@ -346,10 +353,8 @@ def _read_config(path: Path) -> dict:
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise AdapterFormatError(f"{path}: peft_type {peft_type} is not LORA: only LoRA adapters are supported")
-    if config.get("use_dora"):
-        raise AdapterFormatError(f"{path}: use_dora is set: DoRA adapters are not supported")
+    if peft_type not in ("LORA", "LOHA", "LOKR"):
+        raise AdapterFormatError(f"{path}: peft_type {peft_type} is not LORA, LOHA or LOKR: not supported")
     return config
 
 
@@ -380,20 +385,30 @@ def _modules_from_config(halves: dict, config: dict, where: Path, source: Path, 
     return modules
 
 
+def peft_folder_parts(folder: Path) -> tuple[dict, Path, str]:
+    """The checked ``adapter_config.json``, the weights file and the ``peft_type`` (LORA, LOHA or LOKR) of a PEFT
+    folder: LoHa / LoKr folders are read by :func:`~lowrank_tools.io.lycoris.read_peft_lycoris`."""
+    config = _read_config(folder / CONFIG_NAME)
+    return config, _weights_file(folder), str(config.get("peft_type", "LORA")).upper()
+
+
 def read_peft(folder: Path) -> Adapter:
     """Read a PEFT LoRA folder (written by PEFT, mergekit, or this tool) into an :class:`Adapter`."""
-    config = _read_config(folder / CONFIG_NAME)
-    weights = _weights_file(folder)
-    halves, full, alphas, notes = collect_factors(open_checkpoint(weights), weights,
-                                                  modules_to_save=config.get("modules_to_save") or ())
+    config, weights, peft_type = peft_folder_parts(folder)
+    if peft_type != "LORA":
+        raise AdapterFormatError(f"{folder}: a PEFT {peft_type} folder, not LoRA: read it with load_adapter")
+    ckpt, extras = split_extras(open_checkpoint(weights))  # DoRA magnitudes, lora_B.bias
+    halves, full, alphas, notes = collect_factors(ckpt, weights, modules_to_save=config.get("modules_to_save") or ())
     if alphas:
         key = next(iter(alphas.values()))
         raise AdapterFormatError(f"{weights}: key {key} is a kohya alpha inside a PEFT folder: alphas belong in "
                                  f"{CONFIG_NAME} (lora_alpha / alpha_pattern)")
     modules = _modules_from_config(halves, config, folder / CONFIG_NAME, weights)
+    deltas = attach_extras(modules, extras, ckpt, weights)
     task = config.get("task_type")
     return Adapter(modules=modules, full_tensors=full, base_model=config.get("base_model_name_or_path"),
-                   task_type=task if isinstance(task, str) else None, source_format="peft", notes=notes)
+                   task_type=task if isinstance(task, str) else None, source_format="peft", notes=notes,
+                   tensor_deltas=deltas)
 
 
 def _scalar(ckpt, key: str, where: Path) -> float:
@@ -406,7 +421,7 @@ def _scalar(ckpt, key: str, where: Path) -> float:
 def read_peft_file(path: Path) -> Adapter:
     """A single file of PEFT-style keys: diffusers' ``pytorch_lora_weights.safetensors`` (LoraConfigs in its
     metadata, else per-module ``.alpha`` keys, else alpha = r as diffusers assumes) or a bare adapter file."""
-    ckpt = open_checkpoint(path)
+    ckpt, extras = split_extras(open_checkpoint(path))  # DoRA magnitudes, lora_B.bias
     halves, full, alphas, notes = collect_factors(ckpt, path)
     raw = ckpt.metadata.get(DIFFUSERS_METADATA)
     try:
@@ -432,4 +447,5 @@ def read_peft_file(path: Path) -> Adapter:
     fmt = "diffusers" if path.name == DIFFUSERS_NAME or all(n.startswith(DIFFUSERS_COMPONENTS) for n in modules) \
         else "peft-file"
     return Adapter(modules=modules, full_tensors=full, source_format=fmt, notes=notes,
-                   base_model=ckpt.metadata.get("base_model_name_or_path"))
+                   base_model=ckpt.metadata.get("base_model_name_or_path"),
+                   tensor_deltas=attach_extras(modules, extras, ckpt, path))

@@ -1,0 +1,90 @@
+"""DoRA <-> plain LoRA, given the base the adapter was made for.
+
+A DoRA module ``(B, A, s, m)`` makes the weight ``W = m * W' / ||W'||_row`` with ``W' = W0 + s B A`` (PEFT's
+semantics; LyCORIS' legacy modules norm per input channel instead). Its delta ``W - W0 = diag(f - 1) W0 + diag(f) s B A``
+(``f = m / ||W'||_row``) holds a row-scaled copy of W0, full rank in general, so:
+
+- :func:`lora_to_dora` is exact: ``m = ||W0 + s B A||_row`` (computed without forming W', see
+  :func:`~lowrank_tools.structured.dora_row_norms`) makes ``W = W'``. This is how PEFT initialises a DoRA adapter.
+- :func:`dora_to_lora` is lossy: the optimal rank-k truncation of the dense delta (one module at a time, an SVD of
+  (out, in)), with the relative error of each module reported. Default k: the module's own rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .adapter import Adapter, LoraModule, ModuleKind
+from .io.checkpoint import as_checkpoint
+from .errors import AdapterMismatch, ConversionError
+from .linalg.svd import RankRule
+from .linalg.structured import dora_rescale_, dora_row_norms
+
+__all__ = ["DoraConversion", "lora_to_dora", "dora_to_lora"]
+
+_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
+
+
+@dataclass
+class DoraConversion:
+    """The converted adapter and, per module converted, ``||delta - delta_k||_F / ||delta||_F`` (0 when exact)."""
+
+    adapter: Adapter
+    rel_errors: dict[str, float] = field(default_factory=dict)
+
+
+def _base_matrix(ckpt, name: str, m: LoraModule) -> torch.Tensor:
+    """The base weight a module adapts, as its (out, in_flat) matrix (float64)."""
+    if m.kind is ModuleKind.EMBEDDING:
+        raise ConversionError(f"module {name} is an embedding: DoRA conversion supports linear and conv modules only")
+    for candidate in (name, *(name[len(c):] for c in _COMPONENTS if name.startswith(c))):
+        key = f"{candidate}.weight"
+        if key in ckpt:
+            W0 = ckpt.get(key)
+            if W0.shape[0] != m.matrix_shape[0] or W0[0].numel() != m.matrix_shape[1]:
+                raise AdapterMismatch(f"module {name} is {tuple(m.weight_shape)} but base tensor {key} is "
+                                      f"{tuple(W0.shape)}: give the base the adapter was made for")
+            return W0.reshape(W0.shape[0], -1).double()
+    raise AdapterMismatch(f"module {name} has no weight in base {getattr(ckpt, 'path', '')}: give the base the "
+                          f"adapter was made for")
+
+
+@torch.no_grad()
+def lora_to_dora(adapter: Adapter, base) -> DoraConversion:
+    """Every plain module gets ``m = ||W0 + s B A||_row``: the same weights, now a PEFT DoRA adapter (exact)."""
+    ckpt = as_checkpoint(base)
+    modules = {}
+    for name, m in adapter.modules.items():
+        if m.magnitude is not None:
+            modules[name] = m
+            continue
+        W0 = _base_matrix(ckpt, name, m)
+        norms = dora_row_norms(W0, m.B, m.A, m.scale)  # (out,) float64
+        modules[name] = replace(m, magnitude=norms.to(torch.float64 if m.B.dtype == torch.float64 else torch.float32),
+                                dora_axis="out")
+    return DoraConversion(adapter=replace(adapter, modules=modules), rel_errors={n: 0.0 for n in modules})
+
+
+@torch.no_grad()
+def dora_to_lora(adapter: Adapter, base, *, rule: RankRule | None = None) -> DoraConversion:
+    """Every DoRA module becomes the optimal rank-k LoRA of its whole delta ``m W'/||W'|| - W0`` (lossy; k by
+    ``rule``, else the module's rank); plain modules pass unchanged."""
+    ckpt = as_checkpoint(base)
+    modules, errors = {}, {}
+    for name, m in adapter.modules.items():
+        if m.magnitude is None:
+            modules[name] = m
+            continue
+        W0 = _base_matrix(ckpt, name, m)
+        D = dora_rescale_(W0 + m.scale * (m.B.double() @ m.A.double()), m.magnitude.double(), m.dora_axis) - W0
+        U, S, Vh = torch.linalg.svd(D, full_matrices=False)  # dense: the delta is full rank in general
+        k = max(1, rule.choose(S) if rule is not None else m.rank)
+        root = S[:k].sqrt()
+        dtype = torch.float64 if m.B.dtype == torch.float64 else torch.float32
+        modules[name] = LoraModule(B=(U[:, :k] * root).to(dtype), A=(root.unsqueeze(1) * Vh[:k]).to(dtype),
+                                   alpha=float(k), kind=m.kind, weight_shape=m.weight_shape)
+        total = float(S.square().sum())
+        errors[name] = (float(S[k:].square().sum()) / total) ** 0.5 if total else 0.0
+    return DoraConversion(adapter=replace(adapter, modules=modules), rel_errors=errors)
