@@ -26,7 +26,8 @@ from .errors import InvalidOption, NumericalError
 from .rank_rules import RankRule  # re-exported: the rules live beside the SVDs they truncate
 
 __all__ = [
-    "Device", "Method", "RankRule", "TruncatedSVD", "truncated_svd", "singular_values", "balanced_factors", "qr_core_svd",
+    "Device", "Method", "QRCore", "RankRule", "TruncatedSVD", "truncated_svd", "singular_values", "balanced_factors",
+    "qr_core", "qr_core_svd",
     "concat_factors", "fast_bf16", "resolve_device",
 ]
 
@@ -275,27 +276,57 @@ def balanced_factors(svd: TruncatedSVD, r: int, *, scale: float = 1.0) -> tuple[
     return (svd.U[:, :r] * root).contiguous(), (root.unsqueeze(1) * svd.Vh[:r]).contiguous()
 
 
-@torch.no_grad()
-def qr_core_svd(B: Tensor, A: Tensor, *, scale: float = 1.0, on_warning: Warn | None = None) -> TruncatedSVD:
-    """Exact SVD of ``scale * B @ A`` (B (m, r), A (r, n)) without forming the (m, n) product.
+@dataclass
+class QRCore:
+    """The QR core of ``scale * B @ A`` (B (m, r), A (r, n)): ``B = Q_B R_B``, ``A^T = Q_A R_A`` (reduced QR) and
+    ``core = scale * R_B @ R_A^T``, which has the product's singular values and Frobenius norm."""
 
-    ``B = Q_B R_B`` and ``A^T = Q_A R_A`` (reduced QR), SVD of the small core
-    ``scale * R_B @ R_A^T = U_c S V_c^T``, then ``U = Q_B U_c`` and ``Vh = V_c^T Q_A^T``. Works for
-    r > m or r > n (the core is then rectangular) and rank-deficient factors. Returns
-    ``min(m, n, r)`` components, signs fixed as in :func:`truncated_svd`; float32 (float64 kept).
-    """
+    core: Tensor  # (p, q); p = min(m, r), q = min(n, r)
+    R_B: Tensor  # (p, r)
+    R_A: Tensor  # (q, r)
+    Q_B: Tensor | None = None  # (m, p) orthonormal columns; None unless asked for
+    Q_A: Tensor | None = None  # (n, q)
+
+
+def _check_chain(B: Tensor, A: Tensor) -> None:
     _check_matrix(B, "B")
     _check_matrix(A, "A")
     if B.shape[1] != A.shape[0]:
         raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} do not chain: B is (m, r), A is (r, n)")
-    work = _work_dtype(B, A)
-    B = B.detach().to(work)
-    A = A.detach().to(device=B.device, dtype=work)
-    Q_B, R_B = torch.linalg.qr(B)  # (m, p), (p, r); p = min(m, r)
-    Q_A, R_A = torch.linalg.qr(A.mT)  # (n, q), (q, r); q = min(n, r)
+
+
+@torch.no_grad()
+def qr_core(B: Tensor, A: Tensor, *, scale: float = 1.0, dtype: torch.dtype | None = None, device=None,
+            orthonormal: bool = False) -> QRCore:
+    """The QR core of ``scale * B @ A`` (:class:`QRCore`), the one step every product-free computation on a
+    low-rank product starts from (:func:`qr_core_svd`; resize and merge; ``norms.lowrank_frobenius_norm``).
+
+    ``dtype``: of the QRs (default float32, float64 kept); ``device``: B's unless given. ``orthonormal``: also
+    form ``Q_B`` and ``Q_A`` (to lift singular vectors of the core); without it only the R factors are computed
+    (LAPACK's R-only QR, cheaper, the same R). Works for r > m or r > n and rank-deficient factors."""
+    _check_chain(B, A)
+    work = dtype or _work_dtype(B, A)
+    device = B.device if device is None else device
+    B = B.detach().to(device=device, dtype=work)
+    A = A.detach().to(device=device, dtype=work)
+    mode = "reduced" if orthonormal else "r"
+    Q_B, R_B = torch.linalg.qr(B, mode=mode)  # (m, p), (p, r)
+    Q_A, R_A = torch.linalg.qr(A.mT, mode=mode)  # (n, q), (q, r)
     core = scale * (R_B @ R_A.mT)  # (p, q)
-    (Uc, S, Vch), _ = _with_fallback(lambda X, exact: torch.linalg.svd(X, full_matrices=False), core, on_warning)
-    U, Vh = _fix_signs(Q_B @ Uc, Vch @ Q_A.mT)  # (m, min(p, q)), (min(p, q), n)
+    return QRCore(core, R_B, R_A, Q_B if orthonormal else None, Q_A if orthonormal else None)
+
+
+@torch.no_grad()
+def qr_core_svd(B: Tensor, A: Tensor, *, scale: float = 1.0, on_warning: Warn | None = None) -> TruncatedSVD:
+    """Exact SVD of ``scale * B @ A`` (B (m, r), A (r, n)) without forming the (m, n) product.
+
+    SVD of the :func:`qr_core` ``scale * R_B @ R_A^T = U_c S V_c^T``, then ``U = Q_B U_c`` and
+    ``Vh = V_c^T Q_A^T``. Works for r > m or r > n (the core is then rectangular) and rank-deficient factors.
+    Returns ``min(m, n, r)`` components, signs fixed as in :func:`truncated_svd`; float32 (float64 kept).
+    """
+    qr = qr_core(B, A, scale=scale, orthonormal=True)
+    (Uc, S, Vch), _ = _with_fallback(lambda X, exact: torch.linalg.svd(X, full_matrices=False), qr.core, on_warning)
+    U, Vh = _fix_signs(qr.Q_B @ Uc, Vch @ qr.Q_A.mT)  # (m, min(p, q)), (min(p, q), n)
     return TruncatedSVD(U=U, S=S.contiguous(), Vh=Vh, method=Method.EXACT)
 
 

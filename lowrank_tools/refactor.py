@@ -30,7 +30,7 @@ from torch import Tensor
 from .adapter import LoraModule
 from .budget import LayerSpectrum, allocate_budget
 from .errors import InvalidOption, NonFiniteWeight, NumericalError
-from .linalg import RankRule, resolve_device, truncated_svd
+from .linalg import RankRule, qr_core, resolve_device, truncated_svd
 from .norms import lowrank_frobenius_diff
 from .report import MAX_SINGULAR_VALUES, LayerRecord, Progress, Warn
 
@@ -72,18 +72,17 @@ def _on(name: str, warn: Warn | None) -> Warn | None:
 
 @torch.no_grad()
 def module_core(module: LoraModule, *, device: torch.device, name: str = "", warn: Warn | None = None) -> Core:
-    """R-only QRs of B and A^T and the exact SVD of the core ``s R_B R_A^T`` (signs fixed, float64).
+    """The :func:`~lowrank_tools.linalg.qr_core` of the module (R factors only: the new factors are rebuilt from
+    B and A, no Q is formed) and the exact SVD of the core ``s R_B R_A^T`` (signs fixed, float64).
     Raises :class:`NonFiniteWeight` naming the module when a factor holds NaN or Inf."""
     for which, factor in (("B", module.B), ("A", module.A)):
         if not bool(torch.isfinite(factor).all()):
             bad = int((~torch.isfinite(factor)).sum())
             raise NonFiniteWeight(f"module {name or '?'}: factor {which} {tuple(factor.shape)} holds {bad} NaN/Inf "
                                   f"values: repair or re-export the adapter, or leave the module out with --exclude")
-    R_B = torch.linalg.qr(module.B.to(device, torch.float64), mode="r").R  # (p, R)
-    R_A = torch.linalg.qr(module.A.to(device, torch.float64).mT, mode="r").R  # (q, R)
-    core = module.scale * (R_B @ R_A.mT)  # (p, q)
-    svd = truncated_svd(core, min(core.shape), method="exact", on_warning=_on(name, warn))
-    return Core(S=svd.S, Uc=svd.U, Vhc=svd.Vh, R_B=R_B, R_A=R_A)
+    qr = qr_core(module.B, module.A, scale=module.scale, dtype=torch.float64, device=device)  # R factors only
+    svd = truncated_svd(qr.core, min(qr.core.shape), method="exact", on_warning=_on(name, warn))
+    return Core(S=svd.S, Uc=svd.U, Vhc=svd.Vh, R_B=qr.R_B, R_A=qr.R_A)
 
 
 @torch.no_grad()
