@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .atomic import atomic_output, check_output
 from .errors import OutputError, UsageError
-from .report import left_out_lines
+from .report import left_out_lines, short_name
 from .spectrum import ENERGY_LEVELS, level_key
 
 if TYPE_CHECKING:
@@ -67,10 +67,6 @@ def analysis_csv(analysis: Analysis) -> str:
 # ------------------------------------------------------------------------------------------ table
 
 
-def _short(name: str, width: int) -> str:
-    return name if len(name) <= width else "..." + name[-(width - 3):]
-
-
 def _rank(x: LayerAnalysis, key: str) -> str:
     r = x.metrics.energy_rank[key]
     return f"{r}+" if key in x.metrics.estimated else str(r)
@@ -89,7 +85,7 @@ def _layer_rows(layers: Sequence[LayerAnalysis], max_rows: int) -> list[str]:
              + "  ".join(f"{'r' + k[2:].ljust(2, '0'):>6}" for k in _LEVEL_KEYS)]
     for x in rows[:max_rows]:
         erank = ("~" if "effective_rank" in x.metrics.estimated else "") + f"{x.metrics.effective_rank:.1f}"
-        lines.append(f"{_short(x.name, width):<{width}}  {'x'.join(map(str, x.shape)):>13}  {x.delta_norm:>9.4g}  "
+        lines.append(f"{short_name(x.name, width):<{width}}  {'x'.join(map(str, x.shape)):>13}  {x.delta_norm:>9.4g}  "
                      f"{_num(x.relative_change, '.4f'):>8}  {erank:>9}  {x.metrics.stable_rank:>7.2f}  "
                      + "  ".join(f"{_rank(x, k):>6}" for k in _LEVEL_KEYS))
     if len(rows) > max_rows:
@@ -102,7 +98,7 @@ def _group_rows(title: str, groups: dict[str, dict], max_rows: int) -> list[str]
     lines = [f"{title:<{width}}  {'layers':>6}  {'energy':>7}  {'change':>8}  {'eff_rank':>8}  {'stable':>7}  "
              f"{'r90 med':>7}  {'r90 max':>7}  {'r90/side':>8}"]
     for key, g in list(groups.items())[:max_rows]:
-        lines.append(f"{_short(key, width):<{width}}  {g['layers']:>6}  {100 * g['energy_share']:>6.2f}%  "
+        lines.append(f"{short_name(key, width):<{width}}  {g['layers']:>6}  {100 * g['energy_share']:>6.2f}%  "
                      f"{_num(g['relative_change'], '.4f'):>8}  {g['effective_rank_mean']:>8.1f}  "
                      f"{g['stable_rank_mean']:>7.2f}  {g['rank90_median']:>7g}  {g['rank90_max']:>7}  "
                      f"{g['rank90_share_mean']:>8.3f}")

@@ -27,7 +27,8 @@ from .kohya_format import is_kohya_keys, kohya_state_dict, read_kohya, write_koh
 from .peft_format import (DIFFUSERS_COMPONENTS, DIFFUSERS_NAME, WEIGHTS_NAME, is_diffusers_adapter, is_peft_folder,
                           lora_keys_seen, read_peft, read_peft_file, write_diffusers, write_peft)
 
-__all__ = ["AdapterFormat", "load_adapter", "save_adapter", "detect_format", "describe_adapter", "check_target"]
+__all__ = ["AdapterFormat", "load_adapter", "save_adapter", "detect_format", "describe_adapter", "check_target",
+           "check_kohya_target"]
 
 
 class AdapterFormat(str, Enum):
@@ -96,6 +97,12 @@ def check_target(adapter: Adapter, format: AdapterFormat | str, *, prefix: str =
                               f"--full-modules, or extract the component folder alone (PEFT modules_to_save)")
 
 
+def check_kohya_target(target: str | os.PathLike) -> None:
+    """A kohya adapter is one ``.safetensors`` file: :class:`UsageError` for any other name."""
+    if Path(target).suffix != ".safetensors":
+        raise UsageError(f"-o {target}: a kohya adapter is one file: give a name ending in .safetensors")
+
+
 def save_adapter(adapter: Adapter, target: str | os.PathLike, *, format: AdapterFormat | str = AdapterFormat.PEFT,
                  force: bool = False, inputs=(), dtype: torch.dtype | None = None, prefix: str = "lora_unet_") -> Path:
     """Write ``adapter`` atomically in ``format`` (PEFT: a folder; kohya: a .safetensors file).
@@ -105,8 +112,8 @@ def save_adapter(adapter: Adapter, target: str | os.PathLike, *, format: Adapter
     """
     fmt = AdapterFormat(format)
     target = Path(target)
-    if fmt is AdapterFormat.KOHYA and target.suffix != ".safetensors":
-        raise UsageError(f"-o {target}: a kohya adapter is one file: give a name ending in .safetensors")
+    if fmt is AdapterFormat.KOHYA:
+        check_kohya_target(target)
     if dtype is not None:
         adapter = adapter.to(dtype=dtype)
     check_target(adapter, fmt, prefix=prefix)

@@ -22,21 +22,19 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .errors import InvalidOption, NumericalError
+from .errors import InvalidOption, NumericalError, Warn
 from .rank_rules import RankRule  # re-exported: the rules live beside the SVDs they truncate
 
 __all__ = [
-    "Device", "Method", "QRCore", "RankRule", "TruncatedSVD", "truncated_svd", "singular_values", "balanced_factors",
+    "Device", "Method", "OutOfMemory", "QRCore", "RankRule", "TruncatedSVD", "truncated_svd", "singular_values", "balanced_factors",
     "qr_core", "qr_core_svd",
-    "concat_factors", "fast_bf16", "resolve_device",
+    "concat_factors", "fast_bf16", "bf16_accepts", "range_finder", "resolve_device",
 ]
 
-Warn = Callable[[str], None]
-
 _BF16_ROUNDOFF = 2.0**-8  # unit roundoff of bfloat16
-_BF16_MAX_EXCESS = 0.03  # sqrt(k) ||E||_2 / tail above this: the bf16 range finder is redone in float32
+_BF16_TOLERANCE = 0.03  # bf16 rounding may move at most this share (squared) of the energy a result is measured by
 _AUTO_MIN_SIDE = 256  # below this an exact SVD is as fast as the randomized one
-_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # not retried: float64 needs more memory
+OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # never retried: more memory is no help
 
 
 class Device(str, Enum):
@@ -105,23 +103,53 @@ def _exact(M: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return U[:, :k], S, Vh[:k]  # the full S is kept: truncated_svd reports it as .spectrum
 
 
+@functools.lru_cache(maxsize=4)
+def _test_matrix(n: int, l: int, seed: int, dtype: torch.dtype) -> Tensor:
+    """The Gaussian test matrix Omega (n, l) of ``seed``, drawn on the CPU (the same on every device; the caller
+    moves it) in float32 (float64 for float64 products), then cast to ``dtype``. Stored column-major (as the
+    transpose of an (l, n) matrix): the first product ``M @ Omega`` is then the faster oneDNN kind for bf16.
+    Cached: analyze asks for the same one for every layer of a shape; never written to, a few MiB at most."""
+    gen = torch.Generator().manual_seed(seed)
+    drawn = torch.randn(n, l, generator=gen, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return drawn.to(dtype).mT.contiguous().mT
+
+
+def range_finder(Ms: Tensor, l: int, n_iter: int, seed: int, orth_rows: Callable[[Tensor], Tensor]) -> Tensor:
+    """Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4), the one range finder (the
+    randomized SVD here, the values-only sketch of :mod:`~lowrank_tools.sketch`): ``W = Ms Z`` (..., m, l), Z (n, l)
+    an orthonormal basis of the dominant row space after ``n_iter`` power iterations, from the Gaussian test
+    matrix of ``seed``; W's columns span the dominant column space, each scaled by about its singular value.
+
+    ``Ms`` (m, n) or a stack (b, m, n), in the product dtype (bf16 for the mixed-precision runs). Every product
+    is re-orthonormalised (else the small values are lost) by ``orth_rows(Y)``: rows orthonormal spanning the
+    rows of Y (..., l, r) (Householder here; Cholesky QR in the sketch). The products are ``Ms @ X`` and
+    ``X @ Ms``, 2 n_iter + 1 in all, and W is returned in Ms's dtype, not orthonormalised."""
+    W = Ms @ _test_matrix(Ms.shape[-1], l, seed, Ms.dtype).to(Ms.device)  # (..., m, l)
+    for _ in range(n_iter):
+        Qt = orth_rows(W.mT).to(Ms.dtype)  # (..., l, m): the column space so far
+        Zt = orth_rows(Qt @ Ms).to(Ms.dtype)  # (..., l, n): the row space it maps to
+        W = Ms @ Zt.mT  # (..., m, l)
+    return W
+
+
+def _householder_rows(Y: Tensor, dtype: torch.dtype) -> Tensor:
+    """Orthonormal rows (..., l, r) in ``dtype`` spanning the rows of ``Y``: Householder QR of ``Y^T``."""
+    return torch.linalg.qr(Y.mT.to(dtype)).Q.mT
+
+
 def _randomized(M: Tensor, k: int, oversample: int, n_iter: int, seed: int, *, bf16: bool = False,
                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Halko, Martinsson & Tropp 2011: Alg. 4.4 (randomized subspace iteration) then Alg. 5.1 (direct SVD).
+    """Halko, Martinsson & Tropp 2011: Alg. 4.4 (:func:`range_finder`, Householder QR) then Alg. 5.1 (direct SVD).
 
     ``M`` is (m, n), or a stack (b, m, n) of equal shapes (:mod:`~lowrank_tools.pipeline` batches layers on
     CUDA); every matrix gets the same test matrix, so a stacked layer sees what it would alone. ``bf16``: the
-    range finder's products by bf16(M) (see :func:`_bf16_close`); the projection ``Q^T M`` stays in M's dtype."""
+    range finder's products by bf16(M) (see :func:`bf16_accepts`); the projection ``Q^T M`` stays in M's dtype."""
     transpose = M.shape[-2] < M.shape[-1]  # work on the tall problem: QR of (m, l) with m >= n, like torch
     X = M.mT if transpose else M  # (..., m, n), m >= n
     Xs = X.to(torch.bfloat16) if bf16 else X  # what the range finder multiplies by
     l = min(k + oversample, X.shape[-1])
-    gen = torch.Generator().manual_seed(seed)  # CPU generator: the same test matrix on every device
-    omega = torch.randn(X.shape[-1], l, generator=gen, dtype=X.dtype).to(device=X.device, dtype=Xs.dtype)  # (n, l)
-    Q = torch.linalg.qr((Xs @ omega).to(X.dtype)).Q  # (..., m, l)
-    for _ in range(n_iter):  # re-orthonormalise after every product, else the small S are lost
-        Z = torch.linalg.qr((Xs.mT @ Q.to(Xs.dtype)).to(X.dtype)).Q  # (..., n, l)
-        Q = torch.linalg.qr((Xs @ Z.to(Xs.dtype)).to(X.dtype)).Q  # (..., m, l)
+    orth = functools.partial(_householder_rows, dtype=X.dtype)
+    Q = orth(range_finder(Xs, l, n_iter, seed, orth).mT).mT  # (..., m, l) orthonormal columns
     del Xs
     Ub, S, Vh = torch.linalg.svd(Q.mT @ X, full_matrices=False)  # (..., l, l), (..., l), (..., l, n)
     U, S, Vh = Q @ Ub[..., :k], S[..., :k], Vh[..., :k, :]  # (..., m, k), (..., k), (..., k, n)
@@ -149,19 +177,25 @@ def _bf16_fast(device_type: str) -> bool:
     return device_type == "cpu" and fast_bf16(torch.device("cpu"))
 
 
-def _bf16_close(X: Tensor, S: Tensor) -> bool:
-    """Whether the bf16 range finder's top-k factors of ``X`` (m, n) float32 (``S``: their k values) are as
-    good as float32's, to ~0.05% of the error. Mixed precision (Connolly, Higham & Mary 2023, "Randomized
-    low-rank approximation: rounding error analysis and a mixed precision algorithm"): rounding X to bf16
-    (u = 2^-8) perturbs it by E, ``||E||_2 <= 2 u ||X||_F / sqrt(min(m, n))`` for random-sign rounding (x2
-    margin); the found subspace moves by ~||E||_2 / s_i in direction i, so the squared error of the rank-k
-    approximation grows by ~k ||E||_2^2 over the optimal tail^2 = ||X||_F^2 - sum S^2. Accepted when that is
-    under 0.03^2 tail^2, i.e. when the optimal relative error is above ~3% (r=64, 4096 wide): fine-tune
-    deltas (10-60%); a planted low-rank matrix (tail ~ 0) is redone in float32."""
-    total = float(torch.linalg.vector_norm(X)) ** 2  # float32 is enough for this estimate
-    tail2 = total - float((S.double() ** 2).sum())
-    noise2 = (2 * _BF16_ROUNDOFF) ** 2 * total / min(X.shape[-2:])
-    return tail2 > 0 and S.shape[-1] * noise2 <= _BF16_MAX_EXCESS**2 * tail2
+def bf16_accepts(S: Tensor, frobenius: float, shape: Sequence[int]) -> bool:
+    """Whether the top-k ``S`` (k,) found through ``bf16(M)`` (M of ``shape`` (m, n), ``||M||_F = frobenius``) are
+    as good as float32's: the one acceptance rule of the bf16 range finder (extract's factors, analyze's values).
+
+    Mixed precision (Connolly, Higham & Mary 2023, "Randomized low-rank approximation: rounding error analysis
+    and a mixed precision algorithm"): rounding M to bf16 (u = 2^-8) perturbs it by E, ``||E||_2 <= 2 u ||M||_F /
+    sqrt(min(m, n))`` for random-sign rounding (x2 margin); the found subspace turns by ~||E||_2 / s_i in direction
+    i, which moves ~||E||_2^2 of energy out of it per direction. Accepted when that is at most 0.03^2 of what the
+    results are measured against: each value (``||E||_2 <= 0.03 s_k``, which also keeps the first-order estimate
+    valid) and the tail the k leave out (``k ||E||_2^2 <= 0.03^2 tail^2``, ``tail^2 = ||M||_F^2 - sum S^2``: the
+    rank-k error grows by ~0.05%). Fine-tune deltas (optimal error 10-60%) pass; a planted low-rank matrix
+    (tail ~ 0) or a steep spectrum (s_k far below the RMS singular value) is redone in float32."""
+    k = S.shape[-1]
+    if k == 0 or not math.isfinite(frobenius):
+        return False
+    noise = 2 * _BF16_ROUNDOFF * frobenius / math.sqrt(min(int(d) for d in shape[-2:]))  # estimated ||E||_2
+    tail2 = frobenius**2 - float((S.double() ** 2).sum())
+    s_k = float(S[..., -1].min())
+    return tail2 > 0 and noise <= _BF16_TOLERANCE * s_k and k * noise**2 <= _BF16_TOLERANCE**2 * tail2
 
 
 def _resolve_method(method: Method, side: int, k: int, oversample: int) -> Method:
@@ -203,7 +237,7 @@ def _with_fallback(compute: Callable[[Tensor, bool], tuple[Tensor, ...]], M: Ten
             on_warning(f"SVD did not converge ({_one_line(error)}), retried {how}")
         try:
             out = compute(M.to(device=device, dtype=dtype), exact)
-        except _OOM:
+        except OutOfMemory:  # float64 needs more memory
             raise
         except RuntimeError as exc:  # includes torch.linalg.LinAlgError ("failed to converge")
             error = exc
@@ -246,7 +280,7 @@ def truncated_svd(M: Tensor, k: int, *, method: Method | str = Method.AUTO, over
             return _exact(X, k)
         if X.dtype == torch.float32 and _bf16_fast(X.device.type):  # the range finder in bf16 where that is fast
             U, S, Vh = _randomized(X, k, oversample, n_iter, seed, bf16=True)
-            if _bf16_close(X, S):
+            if bf16_accepts(S, float(torch.linalg.vector_norm(X)), X.shape):  # float32 norm: enough here
                 return U, S, Vh
         return _randomized(X, k, oversample, n_iter, seed)
 

@@ -15,10 +15,16 @@ from torch import Tensor
 
 from .errors import InvalidOption
 
-__all__ = ["RankRule", "ENERGY_RTOL", "energy_count"]
+__all__ = ["RankRule", "ENERGY_RTOL", "energy_count", "require_rank_option"]
 
 ENERGY_RTOL = 1e-12  # relative slack so spectra that reach the target exactly are not off by one
 _RATIO_RTOL = 1e-12  # same for S_1 / sv_ratio, which is rounded when computed
+
+
+def require_rank_option(rule: RankRule | None, budget: int | None, command: str) -> None:
+    """Every command with rank options (extract, resize; merge has a default): a rule, a budget, or both."""
+    if rule is None and budget is None:
+        raise InvalidOption(f"{command} needs a rank option: pass --rank, --energy, --sv-ratio, --threshold or --budget")
 
 
 def energy_count(cumulative: Tensor, level: float, total: float) -> int:

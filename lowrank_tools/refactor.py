@@ -27,15 +27,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .adapter import LoraModule
+from .adapter import LoraModule, cast_factors, check_alpha
 from .budget import LayerSpectrum, allocate_budget
-from .errors import InvalidOption, NonFiniteWeight, NumericalError
+from .errors import NonFiniteWeight
 from .linalg import RankRule, qr_core, resolve_device, truncated_svd
 from .norms import lowrank_frobenius_diff
-from .report import MAX_SINGULAR_VALUES, LayerRecord, Progress, Warn
+from .errors import Warn
+from .report import LayerRecord, Progress, factor_record
 
-__all__ = ["Core", "Refactored", "module_core", "truncated_factors", "budget_ranks", "refactor_modules",
-           "check_alpha"]
+__all__ = ["Core", "Refactored", "module_core", "truncated_factors", "budget_ranks", "refactor_modules"]
 
 
 _EPS64 = torch.finfo(torch.float64).eps
@@ -59,11 +59,6 @@ class Core:
     Vhc: Tensor  # (k, q)
     R_B: Tensor  # (p, R), p = min(m, R)
     R_A: Tensor  # (q, R), q = min(n, R)
-
-
-def check_alpha(alpha: float | None) -> None:
-    if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-        raise InvalidOption(f"--alpha {alpha!r} must be a positive number (scale = alpha / r)")
 
 
 def _on(name: str, warn: Warn | None) -> Warn | None:
@@ -129,27 +124,17 @@ def _truncated(module: LoraModule, core: Core, r: int, alpha: float | None, dtyp
                name: str) -> LoraModule:
     """Balanced rank-r factors, ``scale = alpha / r`` (alpha = r unless given), cast to ``dtype``."""
     alpha_out = float(alpha) if alpha is not None else float(r)
-    B, A = truncated_factors(module, core, r, scale=alpha_out / r)  # (m, r), (r, n) float64
-    B, A = B.to(dtype), A.to(dtype)  # the cast happens once, here, at the boundary
-    if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
-        raise NumericalError(f"{name}: factors overflow {dtype} when cast: pass --dtype float32")
+    B, A = cast_factors(*truncated_factors(module, core, r, scale=alpha_out / r), dtype, name)  # from float64
     return LoraModule(B=B.cpu(), A=A.cpu(), alpha=alpha_out, kind=module.kind, weight_shape=module.weight_shape)
 
 
-def _record(name: str, exact: LoraModule, new: LoraModule, S: Tensor, r: int, device: torch.device,
-            extra: dict) -> LayerRecord:
+def _record(name: str, exact: LoraModule, new: LoraModule, S: Tensor, device: torch.device, extra: dict,
+            ) -> LayerRecord:
     S = S.double().cpu()  # (k,)
-    total = float((S**2).sum())
-    norm = math.sqrt(total)
     err = lowrank_frobenius_diff(exact.B.to(device), exact.A.to(device), exact.scale,
                                  new.B.to(device), new.A.to(device), new.scale)
-    return LayerRecord(
-        name=name, shape=tuple(exact.weight_shape), rank=new.rank, delta_norm=norm,
-        singular_values=[float(s) for s in S[:MAX_SINGULAR_VALUES]],
-        retained_energy=min(1.0, float((S[:r] ** 2).sum()) / total) if total else 1.0,
-        rel_error=err / norm if norm else 0.0, params=new.params, weight_params=math.prod(exact.weight_shape),
-        extra=dict(extra),
-    )
+    return factor_record(name, exact.weight_shape, rank=new.rank, values=S, norm=math.sqrt(float((S**2).sum())), err=err,
+                         params=new.params, extra=extra)
 
 
 @torch.no_grad()
@@ -182,7 +167,7 @@ def refactor_modules(modules: Mapping[str, LoraModule], *, rule: RankRule | None
         dtype = (dtypes or {}).get(name, m.B.dtype)
         new = _kept(m, alpha, dtype) if r >= m.rank else _truncated(m, core, r, alpha, dtype, name)
         out.modules[name] = new
-        out.records.append(_record(name, m, new, core.S, r, dev, (extra or {}).get(name, {})))
+        out.records.append(_record(name, m, new, core.S, dev, (extra or {}).get(name, {})))
     if progress:
         progress(len(modules), len(modules), "")
     return out

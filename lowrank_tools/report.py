@@ -14,15 +14,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from .errors import Warn
+
 if TYPE_CHECKING:
     from .adapter import Adapter
 
-__all__ = ["Progress", "Warn", "AdapterResult", "LayerRecord", "Report", "left_out_lines", "summarize", "format_table", "report_json", "report_csv", "MAX_SINGULAR_VALUES"]
+__all__ = ["Progress", "Warn", "AdapterResult", "LayerRecord", "Report", "left_out_lines", "summarize", "format_table", "report_json", "report_csv", "MAX_SINGULAR_VALUES",
+           "factor_record", "short_name"]
 
 MAX_SINGULAR_VALUES = 64  # leading singular values kept per layer in reports
 
 Progress = Callable[[int, int, str], None]  # operations report (done, total, current name) through this
-Warn = Callable[[str], None]  # one-line warnings; nothing below the CLI prints
 
 
 @dataclass
@@ -40,6 +42,18 @@ class LayerRecord:
     weight_params: int = 0  # parameters of the weight it covers
     extra: dict = field(default_factory=dict)  # per-command fields (old_rank, method, ...)
 
+
+
+def factor_record(name: str, weight_shape: tuple[int, ...], *, rank: int, values, norm: float, err: float,
+                  params: int, shown=None, extra: dict | None = None) -> LayerRecord:
+    """The record of one layer factored at ``rank``: ``values`` its singular values, descending (at least the
+    top ``rank``: the retained energy), ``norm`` ``||dW||_F``, ``err`` ``||dW - scale B A||_F`` measured on the
+    factors as written; ``shown`` the values listed (default ``values``), at most :data:`MAX_SINGULAR_VALUES`."""
+    kept = math.fsum(float(s) ** 2 for s in values[:rank])
+    return LayerRecord(name=name, shape=tuple(weight_shape), rank=rank, delta_norm=norm,
+                       singular_values=[float(s) for s in (values if shown is None else shown)[:MAX_SINGULAR_VALUES]],
+                       retained_energy=min(1.0, kept / norm**2) if norm else 1.0, rel_error=err / norm if norm else 0.0,
+                       params=int(params), weight_params=math.prod(weight_shape), extra=dict(extra or {}))
 
 @dataclass
 class Report:
@@ -117,7 +131,8 @@ def report_csv(report: Report) -> str:
     return out.getvalue()
 
 
-def _short(name: str, width: int) -> str:
+def short_name(name: str, width: int) -> str:
+    """``name`` cut to ``width`` characters for a table (the one rule of every table)."""
     return name if len(name) <= width else "..." + name[-(width - 3):]
 
 
@@ -131,7 +146,7 @@ def format_table(report: Report, *, max_rows: int = 40) -> str:
     for r in rows[:max_rows]:
         shape = "x".join(map(str, r.shape))
         extras = "".join(f"{r.extra.get(k, ''):>8}  " for k in extra_keys)
-        lines.append(f"{_short(r.name, width):<{width}}  {shape:>13}  {extras}{r.rank:>5}  {r.delta_norm:>10.4g}  "
+        lines.append(f"{short_name(r.name, width):<{width}}  {shape:>13}  {extras}{r.rank:>5}  {r.delta_norm:>10.4g}  "
                      f"{r.retained_energy:>8.4f}  {r.rel_error:>8.4f}")
     if len(rows) > max_rows:
         lines.append(f"... {len(rows) - max_rows} more layers (full list: --report FILE.json)")

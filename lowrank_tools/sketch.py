@@ -12,10 +12,9 @@ Mixed precision (Connolly, Higham & Mary 2023, "Randomized low-rank approximatio
 and a mixed precision algorithm"): the subspace tolerates low-precision products, so the sketch and power
 iterations multiply by ``bf16(M)`` where bf16 matrix products are fast (CUDA; CPUs with AMX or
 AVX512-BF16), 5-7x the float32 rate; only the last product, ``U^T M`` with k rows, is float32. The values
-therefore carry no bf16 rounding of M, only its effect on the subspace: rounding M to bf16 (u = 2^-8)
-perturbs it by E with ``||E||_2 ~ u ||M||_F / sqrt(min(m, n))`` (random-sign rounding), which turns the
-subspace by about ``||E||_2 / s_k``. When that estimate exceeds ``_BF16_MAX_NOISE`` (steep spectra: s_k / s_1
-below ~1e-3) the sketch is redone in float32.
+therefore carry no bf16 rounding of M, only its effect on the subspace, which
+:func:`~lowrank_tools.linalg.bf16_accepts` bounds (the rule the randomized SVD of extract uses too); where it
+does not accept (steep spectra, a matrix of rank below k), the sketch is redone in float32.
 
 Cost on 2 CPU cores with AMX, 4096 x 4096, k = 64, 3 power iterations (benchmarks/bench_analyze.py): the
 bf16 copy of M (~7 ms, one pass over M, in huge pages: 11 ms with 4 KiB pages), seven bf16 products with 128
@@ -26,21 +25,16 @@ touches files.
 
 from __future__ import annotations
 
-import functools
-import math
-
 import torch
 from torch import Tensor
 
-from .linalg import fast_bf16  # re-exported: the sketch's default precision
+from .linalg import bf16_accepts, fast_bf16, range_finder  # fast_bf16 re-exported: the default precision
 from .memory import empty_huge
 
 __all__ = ["top_singular_values", "fast_bf16"]
 
-_BF16_UNIT_ROUNDOFF = 2.0**-8
 _MIN_PIVOT_RATIO = 1e-3  # Cholesky QR while min/max pivot of L exceeds this (a cheap stand-in for 1 / cond(Y))
 _MIN_RITZ_PIVOT = 1e-4  # the final basis: float64 Cholesky while its pivots stay within 1e4 (orthogonality ~1e-8)
-_BF16_MAX_NOISE = 0.01  # estimated ||E||_2 / s_k above this: the subspace could be off, redo in float32
 
 
 def _orth_rows(Y: Tensor) -> Tensor:
@@ -62,27 +56,11 @@ def _orth_rows(Y: Tensor) -> Tensor:
     return torch.linalg.qr(Y.mT).Q.mT
 
 
-@functools.lru_cache(maxsize=4)
-def _test_matrix(l: int, n: int, seed: int, dtype: torch.dtype) -> Tensor:
-    """The Gaussian test matrix, stored as its transpose (l, n), on the CPU (the same on every device; the
-    caller moves it). Cached: analyze asks for the same one for every layer of a shape (1.5 ms for 128 x 4096);
-    never written to, a few MiB of CPU memory at most."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(l, n, generator=gen).to(dtype)
-
-
 def _sketch(Ms: Tensor, l: int, n_iter: int, seed: int) -> Tensor:
-    """``(M Z)^T`` (l, m) float32, ``Z`` (n, l) an orthonormal basis of the dominant row space after ``n_iter``
-    power iterations: its rows span the dominant column space, each scaled by about its singular value.
-    Every product is by ``Ms`` (M in the sketch dtype) and re-orthonormalised (else the small values are
-    lost). Four products ``Ms @ X`` and three ``X @ Ms`` for n_iter = 3: the first kind is ~30% faster with
-    oneDNN's bf16 kernels, so the sketch starts and ends with it."""
-    W = Ms @ _test_matrix(l, Ms.shape[1], seed, Ms.dtype).to(Ms.device).mT  # (m, l)
-    for _ in range(n_iter):
-        Qt = _orth_rows(W.mT).to(Ms.dtype)  # (l, m): the column space so far
-        Zt = _orth_rows(Qt @ Ms).to(Ms.dtype)  # (l, n): the row space it maps to
-        W = Ms @ Zt.mT  # (m, l)
-    return W.mT.float()
+    """``(M Z)^T`` (l, m) float32: the :func:`~lowrank_tools.linalg.range_finder` with Cholesky QR
+    (:func:`_orth_rows`). Four products ``Ms @ X`` and three ``X @ Ms`` for n_iter = 3: the first kind is ~30%
+    faster with oneDNN's bf16 kernels, and the range finder starts and ends with it."""
+    return range_finder(Ms, l, n_iter, seed, _orth_rows).mT.float()
 
 
 def _ritz_values(M: Tensor, Y: Tensor, k: int, *, gram_dtype: torch.dtype) -> Tensor:
@@ -146,7 +124,6 @@ def top_singular_values(M: Tensor, k: int, *, oversample: int | None = None, n_i
         S = _ritz_values(M, _sketch(Mb, l, n_iter, seed), k, gram_dtype=torch.float32)
         del Mb
         norm = float(torch.linalg.vector_norm(M)) if frobenius is None else frobenius
-        noise = _BF16_UNIT_ROUNDOFF * norm / math.sqrt(side)  # estimated ||E||_2 of rounding M to bf16
-        if float(S[-1]) > 0 and noise <= _BF16_MAX_NOISE * float(S[-1]):
+        if bf16_accepts(S, norm, M.shape):
             return S, "randomized-bf16"
     return _ritz_values(M, _sketch(M, l, n_iter, seed), k, gram_dtype=torch.float64), "randomized"

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ..formats import check_kohya_target
+from ..rank_rules import require_rank_option
 from . import main
 from .options import (FORMATS, Progress, check_outputs, common_options, make_rule, out_dtype, rank_options, show, warn_all, warner,
                       write_report)
@@ -15,10 +17,9 @@ from .options import (FORMATS, Progress, check_outputs, common_options, make_rul
 def _output_format(fmt: str | None, output: Path) -> str:
     """--format, else what -o names: a ``.safetensors`` file is kohya, anything else a PEFT folder (so a kohya
     input resized or merged to a .safetensors name keeps its format, a PEFT folder to a folder keeps its)."""
-    kohya_name = output.suffix == ".safetensors"
-    if fmt == "kohya" and not kohya_name:
-        raise click.UsageError(f"-o {output}: a kohya adapter is one file: give a name ending in .safetensors")
-    return fmt or ("kohya" if kohya_name else "peft")
+    if fmt == "kohya":
+        check_kohya_target(output)
+    return fmt or ("kohya" if output.suffix == ".safetensors" else "peft")
 
 
 def _finish_adapter(result, output: Path, *, fmt: str, prefix: str, force: bool, inputs, report_path, quiet) -> None:
@@ -61,8 +62,7 @@ def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
     from ..resize import resize as run
 
     rule = make_rule(rank, energy, sv_ratio, threshold)
-    if rule is None and budget is None:
-        raise click.UsageError("resize needs a rank option: --rank, --energy, --sv-ratio, --threshold or --budget")
+    require_rank_option(rule, budget, "resize")  # before any reading
     fmt = _output_format(fmt, output)
     check_outputs(output, report_path, force=force, inputs=[adapter])
     loaded = load_adapter(adapter)
