@@ -206,10 +206,9 @@ def _factor_layers(base: Checkpoint, tuned: Checkpoint, selected: dict[str, Modu
     with tf32(opts.allow_tf32), (share.guard() if share else nullcontext()):
         pairs = prefetch(_read_pairs(base, tuned, mine))
         if opts.budget is not None:  # one pass of top-K SVDs, allocate_budget, truncate; it consumes every delta
-            deltas = (d for group, _ in staged(pairs, sizes=[1] * len(mine), stager=Stager(opts.device),
-                                               make=_subtract) for d in group)
-            result = extract_with_budget(deltas, dict(zip(names, shapes)), opts=opts, progress=progress, warn=warn,
-                                         exchange=_spectra_exchange(share, names), tied=tied)
+            result = extract_with_budget(_one_by_one(pairs, len(mine), opts), dict(zip(names, shapes)), opts=opts,
+                                         progress=progress, warn=warn, exchange=_spectra_exchange(share, names),
+                                         tied=tied)
         else:
             result = _factor_stream(pairs, [len(unit) for unit in units], opts, progress=progress, warn=warn)
         if share is not None:
@@ -232,6 +231,12 @@ def _units(names: list[str], shapes: list[tuple[int, int]], kinds: list[ModuleKi
         return units
     costs = [sum(layer_cost(*shapes[i], ks[i], opts.oversample) for i in unit) for unit in units]
     return [units[u] for u in share.take(costs, plan=(names, costs))]
+
+
+def _one_by_one(pairs: Iterator[_Pair], count: int, opts: ExtractOptions) -> Iterator[_Delta]:
+    """The deltas of ``count`` pairs, one at a time on the device (--budget: no stacked SVDs)."""
+    for group, _ in staged(pairs, sizes=[1] * count, stager=Stager(opts.device), make=_subtract):
+        yield from group
 
 
 def _factor_stream(pairs: Iterator[_Pair], sizes: list[int], opts: ExtractOptions, *, progress: Progress | None,

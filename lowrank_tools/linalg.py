@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .errors import InvalidOption, NumericalError, Warn
+from .sketch import bf16_accepts, fast_bf16, range_finder  # the range finder, its bf16 rule (re-exported)
 from .rank_rules import RankRule  # re-exported: the rules live beside the SVDs they truncate
 
 __all__ = [
@@ -31,8 +32,6 @@ __all__ = [
     "concat_factors", "fast_bf16", "bf16_accepts", "range_finder", "resolve_device",
 ]
 
-_BF16_ROUNDOFF = 2.0**-8  # unit roundoff of bfloat16
-_BF16_TOLERANCE = 0.03  # bf16 rounding may move at most this share (squared) of the energy a result is measured by
 _AUTO_MIN_SIDE = 256  # below this an exact SVD is as fast as the randomized one
 OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # never retried: more memory is no help
 
@@ -103,35 +102,6 @@ def _exact(M: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return U[:, :k], S, Vh[:k]  # the full S is kept: truncated_svd reports it as .spectrum
 
 
-@functools.lru_cache(maxsize=4)
-def _test_matrix(n: int, l: int, seed: int, dtype: torch.dtype) -> Tensor:
-    """The Gaussian test matrix Omega (n, l) of ``seed``, drawn on the CPU (the same on every device; the caller
-    moves it) in float32 (float64 for float64 products), then cast to ``dtype``. Stored column-major (as the
-    transpose of an (l, n) matrix): the first product ``M @ Omega`` is then the faster oneDNN kind for bf16.
-    Cached: analyze asks for the same one for every layer of a shape; never written to, a few MiB at most."""
-    gen = torch.Generator().manual_seed(seed)
-    drawn = torch.randn(n, l, generator=gen, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    return drawn.to(dtype).mT.contiguous().mT
-
-
-def range_finder(Ms: Tensor, l: int, n_iter: int, seed: int, orth_rows: Callable[[Tensor], Tensor]) -> Tensor:
-    """Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4), the one range finder (the
-    randomized SVD here, the values-only sketch of :mod:`~lowrank_tools.sketch`): ``W = Ms Z`` (..., m, l), Z (n, l)
-    an orthonormal basis of the dominant row space after ``n_iter`` power iterations, from the Gaussian test
-    matrix of ``seed``; W's columns span the dominant column space, each scaled by about its singular value.
-
-    ``Ms`` (m, n) or a stack (b, m, n), in the product dtype (bf16 for the mixed-precision runs). Every product
-    is re-orthonormalised (else the small values are lost) by ``orth_rows(Y)``: rows orthonormal spanning the
-    rows of Y (..., l, r) (Householder here; Cholesky QR in the sketch). The products are ``Ms @ X`` and
-    ``X @ Ms``, 2 n_iter + 1 in all, and W is returned in Ms's dtype, not orthonormalised."""
-    W = Ms @ _test_matrix(Ms.shape[-1], l, seed, Ms.dtype).to(Ms.device)  # (..., m, l)
-    for _ in range(n_iter):
-        Qt = orth_rows(W.mT).to(Ms.dtype)  # (..., l, m): the column space so far
-        Zt = orth_rows(Qt @ Ms).to(Ms.dtype)  # (..., l, n): the row space it maps to
-        W = Ms @ Zt.mT  # (..., m, l)
-    return W
-
-
 def _householder_rows(Y: Tensor, dtype: torch.dtype) -> Tensor:
     """Orthonormal rows (..., l, r) in ``dtype`` spanning the rows of ``Y``: Householder QR of ``Y^T``."""
     return torch.linalg.qr(Y.mT.to(dtype)).Q.mT
@@ -156,46 +126,10 @@ def _randomized(M: Tensor, k: int, oversample: int, n_iter: int, seed: int, *, b
     return (Vh.mT, S, U.mT) if transpose else (U, S, Vh)
 
 
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products beat float32 on ``device``: CUDA, or a CPU with AMX / AVX512-BF16
-    (3-5x the float32 rate for 4096 x 11008 by 74 columns on 2 cores)."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and _cpu_bf16_fast()
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_bf16_fast() -> bool:
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-
-
 def _bf16_fast(device_type: str) -> bool:
     """The range finder of :func:`truncated_svd` in bf16: on the CPUs of :func:`fast_bf16` only. GPUs keep
     float32 (with TF32 off unless asked): there the SVD is never what extract waits for."""
     return device_type == "cpu" and fast_bf16(torch.device("cpu"))
-
-
-def bf16_accepts(S: Tensor, frobenius: float, shape: Sequence[int]) -> bool:
-    """Whether the top-k ``S`` (k,) found through ``bf16(M)`` (M of ``shape`` (m, n), ``||M||_F = frobenius``) are
-    as good as float32's: the one acceptance rule of the bf16 range finder (extract's factors, analyze's values).
-
-    Mixed precision (Connolly, Higham & Mary 2023, "Randomized low-rank approximation: rounding error analysis
-    and a mixed precision algorithm"): rounding M to bf16 (u = 2^-8) perturbs it by E, ``||E||_2 <= 2 u ||M||_F /
-    sqrt(min(m, n))`` for random-sign rounding (x2 margin); the found subspace turns by ~||E||_2 / s_i in direction
-    i, which moves ~||E||_2^2 of energy out of it per direction. Accepted when that is at most 0.03^2 of what the
-    results are measured against: each value (``||E||_2 <= 0.03 s_k``, which also keeps the first-order estimate
-    valid) and the tail the k leave out (``k ||E||_2^2 <= 0.03^2 tail^2``, ``tail^2 = ||M||_F^2 - sum S^2``: the
-    rank-k error grows by ~0.05%). Fine-tune deltas (optimal error 10-60%) pass; a planted low-rank matrix
-    (tail ~ 0) or a steep spectrum (s_k far below the RMS singular value) is redone in float32."""
-    k = S.shape[-1]
-    if k == 0 or not math.isfinite(frobenius):
-        return False
-    noise = 2 * _BF16_ROUNDOFF * frobenius / math.sqrt(min(int(d) for d in shape[-2:]))  # estimated ||E||_2
-    tail2 = frobenius**2 - float((S.double() ** 2).sum())
-    s_k = float(S[..., -1].min())
-    return tail2 > 0 and noise <= _BF16_TOLERANCE * s_k and k * noise**2 <= _BF16_TOLERANCE**2 * tail2
 
 
 def _resolve_method(method: Method, side: int, k: int, oversample: int) -> Method:
