@@ -121,7 +121,8 @@ def extract_with_budget(deltas: Iterable, shapes: Mapping[str, tuple[int, int]],
                         ) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
     """``(modules, records, left out)`` for ``deltas`` (one per tensor name of ``shapes``: (out, in_flat), the
     matrix views, in order) within ``opts.budget`` parameters (``opts``: extract's options; the rule, method,
-    alpha, dtype, device, seed, oversample and n_iter act here). Layers whose delta is zero or that get rank 0 are left out (their names returned).
+    alpha, dtype, device, seed, oversample and n_iter act here). Layers whose delta is zero or that get rank 0
+    are left out (their names returned).
     ``progress`` hears (i, total, name) as each layer's pass starts; the caller reports the end.
     ``exchange`` (distributed extract): ``deltas`` are this rank's share of ``shapes``; it turns this rank's
     spectra into every rank's, in the order of ``shapes``, so that every rank allocates the same ranks.

@@ -27,7 +27,8 @@ from .sketch import bf16_accepts, fast_bf16, range_finder  # the range finder, i
 from .rank_rules import RankRule  # re-exported: the rules live beside the SVDs they truncate
 
 __all__ = [
-    "Device", "Method", "OutOfMemory", "QRCore", "RankRule", "TruncatedSVD", "truncated_svd", "singular_values", "balanced_factors",
+    "Device", "Method", "OutOfMemory", "QRCore", "RankRule", "TruncatedSVD", "truncated_svd", "singular_values",
+    "balanced_factors",
     "qr_core", "qr_core_svd",
     "concat_factors", "fast_bf16", "bf16_accepts", "range_finder", "resolve_device",
 ]

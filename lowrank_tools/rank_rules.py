@@ -24,7 +24,8 @@ _RATIO_RTOL = 1e-12  # same for S_1 / sv_ratio, which is rounded when computed
 def require_rank_option(rule: RankRule | None, budget: int | None, command: str) -> None:
     """Every command with rank options (extract, resize; merge has a default): a rule, a budget, or both."""
     if rule is None and budget is None:
-        raise InvalidOption(f"{command} needs a rank option: pass --rank, --energy, --sv-ratio, --threshold or --budget")
+        raise InvalidOption(f"{command} needs a rank option: pass --rank, --energy, --sv-ratio, --threshold "
+                            f"or --budget")
 
 
 def energy_count(cumulative: Tensor, level: float, total: float) -> int:
@@ -114,12 +115,9 @@ class RankRule:
         return int((s > thr).sum())
 
     def needed_k(self, shape: Sequence[int]) -> int:
-        """How many singular values to compute for a matrix of ``shape``: ``rank`` if given, else all.
-
-        A shape with more than two dims is read as ``(shape[0], prod(shape[1:]))`` (flattened conv).
-        """
-        dims = [int(d) for d in shape]
-        side = min(dims[0], math.prod(dims[1:])) if len(dims) > 1 else dims[0]
+        """How many singular values to compute for a matrix of ``shape`` (out, in_flat), the matrix view
+        (``adapter.matrix_shape``): ``rank`` if given, else all."""
+        side = min(int(shape[0]), int(shape[1]))
         return side if self.rank is None else min(int(self.rank), side)
 
 

@@ -133,8 +133,8 @@ def _record(name: str, exact: LoraModule, new: LoraModule, S: Tensor, device: to
     S = S.double().cpu()  # (k,)
     err = lowrank_frobenius_diff(exact.B.to(device), exact.A.to(device), exact.scale,
                                  new.B.to(device), new.A.to(device), new.scale)
-    return factor_record(name, exact.weight_shape, rank=new.rank, values=S, norm=math.sqrt(float((S**2).sum())), err=err,
-                         params=new.params, extra=extra)
+    return factor_record(name, exact.weight_shape, rank=new.rank, values=S, norm=math.sqrt(float((S**2).sum())),
+                         err=err, params=new.params, extra=extra)
 
 
 @torch.no_grad()

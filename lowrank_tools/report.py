@@ -19,8 +19,8 @@ from .errors import Warn
 if TYPE_CHECKING:
     from .adapter import Adapter
 
-__all__ = ["Progress", "Warn", "AdapterResult", "LayerRecord", "Report", "left_out_lines", "summarize", "format_table", "report_json", "report_csv", "MAX_SINGULAR_VALUES",
-           "factor_record", "short_name"]
+__all__ = ["Progress", "Warn", "AdapterResult", "LayerRecord", "Report", "left_out_lines", "summarize", "format_table", "report_json", "report_csv", "MAX_SINGULAR_VALUES"]
+__all__ += ["factor_record", "short_name"]
 
 MAX_SINGULAR_VALUES = 64  # leading singular values kept per layer in reports
 
@@ -41,7 +41,6 @@ class LayerRecord:
     params: int = 0  # adapter parameters of this layer: r * (out + in)
     weight_params: int = 0  # parameters of the weight it covers
     extra: dict = field(default_factory=dict)  # per-command fields (old_rank, method, ...)
-
 
 
 def factor_record(name: str, weight_shape: tuple[int, ...], *, rank: int, values, norm: float, err: float,

@@ -61,14 +61,15 @@ def _test_matrix(n: int, l: int, seed: int, dtype: torch.dtype) -> Tensor:
 
 def range_finder(Ms: Tensor, l: int, n_iter: int, seed: int, orth_rows: Callable[[Tensor], Tensor]) -> Tensor:
     """Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4), the one range finder (the
-    randomized SVD of :func:`~lowrank_tools.linalg.truncated_svd`, the values-only sketch here): ``W = Ms Z`` (..., m, l), Z (n, l)
-    an orthonormal basis of the dominant row space after ``n_iter`` power iterations, from the Gaussian test
-    matrix of ``seed``; W's columns span the dominant column space, each scaled by about its singular value.
+    randomized SVD of :func:`~lowrank_tools.linalg.truncated_svd`, the values-only sketch here): ``W = Ms Z``
+    (..., m, l), Z (n, l) an orthonormal basis of the dominant row space after ``n_iter`` power iterations, from
+    the Gaussian test matrix of ``seed``; W's columns span the dominant column space, each scaled by about its
+    singular value.
 
     ``Ms`` (m, n) or a stack (b, m, n), in the product dtype (bf16 for the mixed-precision runs). Every product
     is re-orthonormalised (else the small values are lost) by ``orth_rows(Y)``: rows orthonormal spanning the
-    rows of Y (..., l, r) (Householder QR in the randomized SVD; Cholesky QR in the sketch). The products are ``Ms @ X`` and
-    ``X @ Ms``, 2 n_iter + 1 in all, and W is returned in Ms's dtype, not orthonormalised."""
+    rows of Y (..., l, r) (Householder QR in the randomized SVD; Cholesky QR in the sketch). The products are
+    ``Ms @ X`` and ``X @ Ms``, 2 n_iter + 1 in all, and W is returned in Ms's dtype, not orthonormalised."""
     W = Ms @ _test_matrix(Ms.shape[-1], l, seed, Ms.dtype).to(Ms.device)  # (..., m, l)
     for _ in range(n_iter):
         Qt = orth_rows(W.mT).to(Ms.dtype)  # (..., l, m): the column space so far

@@ -270,7 +270,7 @@ def test_rule_properties_and_needed_k():
     assert RankRule(rank=8).needed_k((64, 4)) == 4
     assert RankRule(rank=8).needed_k((64, 100)) == 8
     assert RankRule(energy=0.9).needed_k((64, 100)) == 64
-    assert RankRule(threshold=0.1).needed_k((64, 3, 3, 3)) == 27  # conv: (out, in*kh*kw)
+    assert RankRule(threshold=0.1).needed_k((64, 27)) == 27  # conv: the (out, in*kh*kw) view
 
 
 @pytest.mark.parametrize(
