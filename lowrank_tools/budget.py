@@ -137,7 +137,7 @@ def allocate_budget(layers: Sequence[LayerSpectrum], budget: int, *, max_rank: i
     over budget; retained energy ``>= OPT - g`` where ``g`` is the gain of the first unit that did not
     fit (the classic fractional-knapsack bound), and never less than the largest uniform rank that
     fits. Zero singular values are never taken; ``max_rank`` caps every layer. Ties go to the earlier
-    layer. O(U log L) for U units over L layers.
+    layer. O(U log U) for U units (one sort, the same order :func:`minimal_budget` walks).
 
     Raises :class:`InvalidOption` when the budget cannot buy one rank unit of the cheapest layer.
     """
