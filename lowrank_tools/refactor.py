@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 
 from .adapter import LoraModule, cast_factors, check_alpha
-from .budget import LayerSpectrum, allocate_budget
+from .linalg.budget import LayerSpectrum, allocate_budget
 from .errors import NonFiniteWeight
-from .linalg import RankRule, qr_core, resolve_device, truncated_svd
-from .norms import lowrank_frobenius_diff
+from .linalg.svd import RankRule, qr_core, resolve_device, truncated_svd
+from .linalg.norms import lowrank_frobenius_diff
 from .errors import Warn
 from .report import LayerRecord, Progress, factor_record
 

@@ -17,9 +17,9 @@ from dataclasses import replace
 import torch
 
 from .adapter import Adapter, cast_whole
-from .layers import compile_filters, matches
-from .linalg import RankRule
-from .rank_rules import require_rank_option
+from .io.layers import compile_filters, matches
+from .linalg.svd import RankRule
+from .linalg.rank_rules import require_rank_option
 from .refactor import refactor_modules
 from .report import AdapterResult, Progress, Report, Warn, summarize
 

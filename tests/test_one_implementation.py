@@ -12,19 +12,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import planted, planted_delta
-from lowrank_tools import extract_budget, extract_options, linalg, sketch
+from lowrank_tools.extract import budget as extract_budget, extract_options, linalg, sketch
 from lowrank_tools.adapter import LoraModule, ModuleKind, cast_factors, check_alpha, matrix_shape, matrix_view
-from lowrank_tools.budget import LayerSpectrum, allocate_budget, minimal_budget
+from lowrank_tools.linalg.budget import LayerSpectrum, allocate_budget, minimal_budget
 from lowrank_tools.errors import InvalidOption, NumericalError
 from lowrank_tools.extract import ExtractOptions, extract
 from lowrank_tools.linalg import RankRule, qr_core, qr_core_svd
-from lowrank_tools.norms import lowrank_frobenius_norm
-from lowrank_tools.rank_rules import energy_count, require_rank_option
+from lowrank_tools.linalg.norms import lowrank_frobenius_norm
+from lowrank_tools.linalg.rank_rules import energy_count, require_rank_option
 from lowrank_tools.refactor import module_core
 from lowrank_tools.report import factor_record
 from lowrank_tools.resize import resize
-from lowrank_tools.sketch import bf16_accepts, top_singular_values
-from lowrank_tools.spectrum import energy_rank
+from lowrank_tools.linalg.sketch import bf16_accepts, top_singular_values
+from lowrank_tools.linalg.spectrum import energy_rank
 
 # ------------------------------------------------------------------------------------------ the energy rule
 
@@ -101,7 +101,7 @@ def test_bf16_rule_is_the_same_for_the_sketch_and_the_svd():
         _, how = top_singular_values(M, 8, bf16=True)
         assert how == ("randomized-bf16" if expected else "randomized")
         with mock.patch.object(linalg, "_bf16_fast", lambda device_type: device_type == "cpu"), \
-                mock.patch.object(linalg, "_randomized", wraps=linalg._randomized) as spy:
+                mock.patch.object(linalg, "randomized_svd", wraps=linalg.randomized_svd) as spy:
             linalg.truncated_svd(M, 8, method="randomized")
         assert [c.kwargs.get("bf16", False) for c in spy.call_args_list] == ([True] if expected else [True, False])
     M = torch.full((300, 200), 1.0 / 3.0)  # rank 1: no tail, float32, exact

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .errors import InvalidOption, NumericalError, Warn
+from ..errors import InvalidOption, NumericalError, Warn
 from .sketch import bf16_accepts, fast_bf16, range_finder  # the range finder, its bf16 rule (re-exported)
 from .rank_rules import RankRule  # re-exported: the rules live beside the SVDs they truncate
 
@@ -67,11 +67,11 @@ class TruncatedSVD:
     spectrum: Tensor | None = None  # every singular value computed: exact gives the full spectrum (for reports)
 
 
-def _work_dtype(*tensors: Tensor) -> torch.dtype:
+def work_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _fix_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+def fix_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
     """Make the largest-|.| entry of each U column positive, flipping the matching Vh row."""
     if U.shape[1] == 0:
         return U, Vh
@@ -108,7 +108,7 @@ def _householder_rows(Y: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.linalg.qr(Y.mT.to(dtype)).Q.mT
 
 
-def _randomized(M: Tensor, k: int, oversample: int, n_iter: int, seed: int, *, bf16: bool = False,
+def randomized_svd(M: Tensor, k: int, oversample: int, n_iter: int, seed: int, *, bf16: bool = False,
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Halko, Martinsson & Tropp 2011: Alg. 4.4 (:func:`range_finder`, Householder QR) then Alg. 5.1 (direct SVD).
 
@@ -133,7 +133,7 @@ def _bf16_fast(device_type: str) -> bool:
     return device_type == "cpu" and fast_bf16(torch.device("cpu"))
 
 
-def _resolve_method(method: Method, side: int, k: int, oversample: int) -> Method:
+def resolve_method(method: Method, side: int, k: int, oversample: int) -> Method:
     if method is Method.AUTO:
         small_k = k + oversample <= side // 4
         return Method.RANDOMIZED if side >= _AUTO_MIN_SIDE and small_k else Method.EXACT
@@ -160,7 +160,7 @@ def _with_fallback(compute: Callable[[Tensor, bool], tuple[Tensor, ...]], M: Ten
     """Run ``compute(X, exact)`` on M in its working dtype; if the SVD fails retry in float64, then
     exactly in float64 on CPU. Returns the results (working dtype, M's device) and whether the last
     (exact) attempt was the one that succeeded."""
-    work = _work_dtype(M)
+    work = work_dtype(M)
     cpu = torch.device("cpu")
     attempts = [(work, M.device, False, "")]
     if work != torch.float64:
@@ -183,7 +183,7 @@ def _with_fallback(compute: Callable[[Tensor, bool], tuple[Tensor, ...]], M: Ten
                          f"fallbacks ({_one_line(error)}){hint}") from error
 
 
-def _check_matrix(M: Tensor, what: str) -> None:
+def check_matrix(M: Tensor, what: str) -> None:
     if not isinstance(M, Tensor) or M.ndim != 2:
         raise ValueError(f"{what} must be a 2-D tensor, got {getattr(M, 'shape', type(M).__name__)}")
 
@@ -201,34 +201,34 @@ def truncated_svd(M: Tensor, k: int, *, method: Method | str = Method.AUTO, over
     largest-|.| entry of each U column is positive. A failed SVD is retried in float64, then exactly on
     CPU, each retry reported through ``on_warning``; :class:`NumericalError` if all fail.
     """
-    _check_matrix(M, "M")
+    check_matrix(M, "M")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be a whole number >= 1, got {k!r}")
     if oversample < 0 or n_iter < 0:
         raise InvalidOption(f"oversample ({oversample}) and n_iter ({n_iter}) must be 0 or more")
     side = min(M.shape)
     k = min(int(k), side)
-    chosen = _resolve_method(_as_method(method), side, k, oversample)
+    chosen = resolve_method(_as_method(method), side, k, oversample)
 
     def compute(X: Tensor, exact: bool) -> tuple[Tensor, ...]:
         if exact or chosen is Method.EXACT:
             return _exact(X, k)
         if X.dtype == torch.float32 and _bf16_fast(X.device.type):  # the range finder in bf16 where that is fast
-            U, S, Vh = _randomized(X, k, oversample, n_iter, seed, bf16=True)
+            U, S, Vh = randomized_svd(X, k, oversample, n_iter, seed, bf16=True)
             if bf16_accepts(S, float(torch.linalg.vector_norm(X)), X.shape):  # float32 norm: enough here
                 return U, S, Vh
-        return _randomized(X, k, oversample, n_iter, seed)
+        return randomized_svd(X, k, oversample, n_iter, seed)
 
     # float32 (float64 kept): see the module docstring; bf16/fp16 SVDs are unsupported or too coarse
     (U, S, Vh), fell_back = _with_fallback(compute, M.detach(), on_warning)
-    U, Vh = _fix_signs(U, Vh)
+    U, Vh = fix_signs(U, Vh)
     return TruncatedSVD(U=U, S=S[:k].contiguous(), Vh=Vh, method=Method.EXACT if fell_back else chosen, spectrum=S)
 
 
 @torch.no_grad()
 def singular_values(M: Tensor, *, on_warning: Warn | None = None) -> Tensor:
     """All singular values of ``M (m, n)``, descending, shape ``(min(m, n),)``; float32 (float64 kept)."""
-    _check_matrix(M, "M")
+    check_matrix(M, "M")
     (S,), _ = _with_fallback(lambda X, exact: (torch.linalg.svdvals(X),), M.detach(), on_warning)
     return S
 
@@ -258,8 +258,8 @@ class QRCore:
 
 
 def _check_chain(B: Tensor, A: Tensor) -> None:
-    _check_matrix(B, "B")
-    _check_matrix(A, "A")
+    check_matrix(B, "B")
+    check_matrix(A, "A")
     if B.shape[1] != A.shape[0]:
         raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} do not chain: B is (m, r), A is (r, n)")
 
@@ -274,7 +274,7 @@ def qr_core(B: Tensor, A: Tensor, *, scale: float = 1.0, dtype: torch.dtype | No
     form ``Q_B`` and ``Q_A`` (to lift singular vectors of the core); without it only the R factors are computed
     (LAPACK's R-only QR, cheaper, the same R). Works for r > m or r > n and rank-deficient factors."""
     _check_chain(B, A)
-    work = dtype or _work_dtype(B, A)
+    work = dtype or work_dtype(B, A)
     device = B.device if device is None else device
     B = B.detach().to(device=device, dtype=work)
     A = A.detach().to(device=device, dtype=work)
@@ -295,7 +295,7 @@ def qr_core_svd(B: Tensor, A: Tensor, *, scale: float = 1.0, on_warning: Warn | 
     """
     qr = qr_core(B, A, scale=scale, orthonormal=True)
     (Uc, S, Vch), _ = _with_fallback(lambda X, exact: torch.linalg.svd(X, full_matrices=False), qr.core, on_warning)
-    U, Vh = _fix_signs(qr.Q_B @ Uc, Vch @ qr.Q_A.mT)  # (m, min(p, q)), (min(p, q), n)
+    U, Vh = fix_signs(qr.Q_B @ Uc, Vch @ qr.Q_A.mT)  # (m, min(p, q)), (min(p, q), n)
     return TruncatedSVD(U=U, S=S.contiguous(), Vh=Vh, method=Method.EXACT)
 
 
@@ -309,7 +309,7 @@ def concat_factors(parts: Sequence[tuple[Tensor, Tensor, float]]) -> tuple[Tenso
     float32 (float64 if any factor is)."""
     if not parts:
         raise ValueError("concat_factors needs at least one (B, A, coef) part")
-    work = _work_dtype(*(t for B, A, _ in parts for t in (B, A)))
+    work = work_dtype(*(t for B, A, _ in parts for t in (B, A)))
     device = parts[0][0].device
     m, n = parts[0][0].shape[0], parts[0][1].shape[1]
     for i, (B, A, _) in enumerate(parts):

@@ -30,13 +30,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .adapter import LoraModule, ModuleKind, cast_factors, matrix_shape, module_name
-from .budget import LayerSpectrum, allocate_budget
-from .errors import Warn
-from .extract_options import ExtractOptions
-from .linalg import Method, TruncatedSVD, balanced_factors, truncated_svd
-from .norms import frobenius_error, frobenius_norm, lowrank_frobenius_diff
-from .report import MAX_SINGULAR_VALUES, LayerRecord, Progress, factor_record
+from ..adapter import LoraModule, ModuleKind, cast_factors, matrix_shape, module_name
+from ..linalg.budget import LayerSpectrum, allocate_budget
+from ..errors import Warn
+from .options import ExtractOptions
+from ..linalg.svd import Method, TruncatedSVD, balanced_factors, truncated_svd
+from ..linalg.norms import frobenius_error, frobenius_norm, lowrank_frobenius_diff
+from ..report import MAX_SINGULAR_VALUES, LayerRecord, Progress, factor_record
 
 __all__ = ["BUDGET_TOP_K", "budget_top_k", "check_budget", "extract_with_budget"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CorruptCheckpoint, UnsupportedTensor
+from ..errors import CorruptCheckpoint, UnsupportedTensor
 
 __all__ = ["SAFETENSORS_DTYPES", "DTYPE_NAMES", "SafetensorsFile", "parse_header"]
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .adapter import LoraModule, ModuleKind, module_name
+from ..adapter import LoraModule, ModuleKind, module_name
 from .checkpoint import Checkpoint, Pairing
-from .errors import InvalidOption, ShapeMismatch, UnsupportedTensor
+from ..errors import InvalidOption, ShapeMismatch, UnsupportedTensor
 
 __all__ = ["FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
            "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan", "plan_layers"]

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .budget import LayerSpectrum, allocate_budget, minimal_budget
-from .rank_rules import ENERGY_RTOL, energy_count
-from .spectrum import level_key
+from ..linalg.budget import LayerSpectrum, allocate_budget, minimal_budget
+from ..linalg.rank_rules import ENERGY_RTOL, energy_count
+from ..linalg.spectrum import level_key
 
 if TYPE_CHECKING:  # analyze imports this module
-    from .analyze import LayerAnalysis
+    from .spectra import LayerAnalysis
 
 __all__ = ["RECOMMEND_LEVELS", "recommend"]
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapter import Adapter, LoraModule, ModuleKind
+from ..adapter import Adapter, LoraModule, ModuleKind
 from .atomic import write_safetensors
 from .checkpoint import open_checkpoint
-from .errors import AdapterFormatError, ConversionError
+from ..errors import AdapterFormatError, ConversionError
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_peft_folder",
            "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft", "write_diffusers", "peft_config",

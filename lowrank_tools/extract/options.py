@@ -11,11 +11,11 @@ from typing import Sequence
 
 import torch
 
-from .adapter import ModuleKind, check_alpha
-from .errors import InvalidOption
-from .linalg import Method, RankRule, resolve_device
+from ..adapter import ModuleKind, check_alpha
+from ..errors import InvalidOption
+from ..linalg.svd import Method, RankRule, resolve_device
 from .pipeline import batch_size
-from .rank_rules import require_rank_option
+from ..linalg.rank_rules import require_rank_option
 
 __all__ = ["ExtractOptions"]
 

@@ -21,19 +21,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, LoraModule, ModuleKind, cast_factors, cast_whole, matrix_shape, matrix_view, module_name
-from .checkpoint import Checkpoint, Pairing, as_checkpoint, pair_tensors
+from ..adapter import Adapter, LoraModule, ModuleKind, cast_factors, cast_whole, matrix_shape, matrix_view, module_name
+from ..io.checkpoint import Checkpoint, Pairing, as_checkpoint, pair_tensors
 from .distributed import Share, current_share, layer_cost
-from .errors import Warn
-from .extract_budget import budget_top_k, extract_with_budget
-from .extract_options import ExtractOptions
-from .layers import LayerPlan, compile_filters, plan_layers, relative_change
-from .linalg import TruncatedSVD, balanced_factors, truncated_svd
-from .memory import stream_large_buffers
-from .norms import check_finite, frobenius_error, frobenius_norm
+from ..errors import Warn
+from .budget import budget_top_k, extract_with_budget
+from .options import ExtractOptions
+from ..io.layers import LayerPlan, compile_filters, plan_layers, relative_change
+from ..linalg.svd import TruncatedSVD, balanced_factors, truncated_svd
+from ..linalg.memory import stream_large_buffers
+from ..linalg.norms import check_finite, frobenius_error, frobenius_norm
 from .pipeline import Stager, batched_svds, plan_batches, staged, tf32
-from .prefetch import prefetch
-from .report import AdapterResult, LayerRecord, Progress, Report, factor_record, summarize
+from ..io.prefetch import prefetch
+from ..report import AdapterResult, LayerRecord, Progress, Report, factor_record, summarize
 
 __all__ = ["ExtractOptions", "ExtractResult", "extract", "Progress"]
 

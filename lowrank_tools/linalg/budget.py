@@ -15,7 +15,7 @@ import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
-from .errors import InvalidOption
+from ..errors import InvalidOption
 
 __all__ = ["LayerSpectrum", "allocate_budget", "minimal_budget", "uniform_rank_params"]
 
