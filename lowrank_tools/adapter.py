@@ -31,9 +31,10 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from .errors import NumericalError
+from .errors import InvalidOption, NumericalError
 
-__all__ = ["Param", "ModuleKind", "LoraModule", "Adapter", "module_name", "matrix_view", "weight_from_matrix", "cast_whole"]
+__all__ = ["Param", "ModuleKind", "LoraModule", "Adapter", "module_name", "matrix_view", "matrix_shape",
+           "weight_from_matrix", "cast_whole", "cast_factors", "check_alpha"]
 
 
 _SVD_DTYPES = (torch.float32, torch.float64)  # factors exact to their rounding: the spectrum still describes them
@@ -67,6 +68,29 @@ def matrix_view(weight: Tensor, kind: ModuleKind) -> Tensor:
     if kind is ModuleKind.EMBEDDING:
         return weight.t()  # (dim, vocab): PEFT's B (dim, r) @ A (r, vocab)
     return weight.reshape(weight.shape[0], -1)  # conv (out, in, *k) -> (out, in*prod(k))
+
+
+def matrix_shape(weight_shape: tuple[int, ...], kind: ModuleKind) -> tuple[int, int]:
+    """The (out, in_flat) shape of :func:`matrix_view` for a weight of ``weight_shape``; for embeddings (dim, vocab)."""
+    if kind is ModuleKind.EMBEDDING:
+        return int(weight_shape[1]), int(weight_shape[0])
+    return int(weight_shape[0]), math.prod(int(d) for d in weight_shape[1:])
+
+
+def check_alpha(alpha: float | None) -> None:
+    """``--alpha``: None (alpha = r per module) or a positive finite number."""
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not math.isfinite(alpha) or alpha <= 0):
+        raise InvalidOption(f"--alpha {alpha!r} must be a positive number (scale = alpha / r)")
+
+
+def cast_factors(B: Tensor, A: Tensor, dtype: torch.dtype, name: str) -> tuple[Tensor, Tensor]:
+    """``B``, ``A`` cast to the output ``dtype``, the one cast of the factors (they are computed in float32 or
+    float64); :class:`NumericalError` naming module ``name`` when a value overflows."""
+    B, A = B.to(dtype), A.to(dtype)
+    if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+        raise NumericalError(f"{name}: factors overflow {dtype} when cast: pass --dtype float32")
+    return B, A
 
 
 def weight_from_matrix(matrix: Tensor, kind: ModuleKind, weight_shape: tuple[int, ...]) -> Tensor:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .adapter import LoraModule, ModuleKind
+from .adapter import LoraModule, ModuleKind, matrix_shape
 from .io.atomic import all_finite, header_bound
 from .io.checkpoint import Checkpoint, ShardedWriter, as_checkpoint, atomic_output, check_output, parse_size
 from .errors import AdapterMismatch, NonFiniteWeight, NumericalError, UsageError
@@ -102,11 +102,8 @@ def _missing(name: str, source: str, base: Checkpoint) -> AdapterMismatch:
 
 def _term(name: str, m: LoraModule, item: WeightedAdapter, tensor: str, base: Checkpoint) -> Term:
     shape = tuple(base.shape(tensor))
-    out, inp = m.matrix_shape
-    if m.kind is ModuleKind.EMBEDDING:
-        fits = shape == tuple(m.weight_shape)
-    else:  # a linear LoRA on a 1x1 conv (or the reverse) fits when the matrix views agree
-        fits = len(shape) >= 2 and shape[0] == out and math.prod(shape[1:]) == inp
+    # the matrix views agree (a linear LoRA fits a 1x1 conv, and the reverse)
+    fits = len(shape) >= 2 and matrix_shape(shape, m.kind) == m.matrix_shape
     if not fits or not base.dtype(tensor).is_floating_point:
         what = f"{base.dtype(tensor)} {shape}".replace("torch.", "")
         raise AdapterMismatch(f"{item.source}: module {name} is {m.kind.value} {tuple(m.weight_shape)} but base "

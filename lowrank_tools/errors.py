@@ -6,7 +6,10 @@ fix it. The CLI turns :class:`LowRankError` into exit status 1 and :class:`Usage
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 __all__ = [
+    "Warn",
     "LowRankError",
     "UsageError",
     "InvalidOption",
@@ -30,6 +33,9 @@ __all__ = [
     "DistributedError",
     "DataError",
 ]
+
+
+Warn = Callable[[str], None]  # receives one-line warnings (the non-fatal messages); nothing below the CLI prints
 
 
 class LowRankError(Exception):

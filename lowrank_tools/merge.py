@@ -19,11 +19,11 @@ from collections.abc import Sequence
 
 import torch
 
-from .adapter import Adapter, LoraModule, cast_whole
+from .adapter import Adapter, LoraModule, cast_whole, check_alpha
 from .errors import AdapterMismatch, InvalidOption
 from .io.layers import compile_filters, matches
 from .linalg.svd import RankRule, concat_factors
-from .refactor import check_alpha, refactor_modules
+from .refactor import refactor_modules
 from .report import AdapterResult, Progress, Report, Warn, summarize
 from .weighted import WeightedAdapter, as_weighted
 

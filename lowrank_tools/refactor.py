@@ -27,15 +27,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .adapter import LoraModule
+from .adapter import LoraModule, cast_factors, check_alpha
 from .linalg.budget import LayerSpectrum, allocate_budget
-from .errors import InvalidOption, NonFiniteWeight, NumericalError
-from .linalg.svd import RankRule, resolve_device, truncated_svd
+from .errors import NonFiniteWeight
+from .linalg.svd import RankRule, qr_core, resolve_device, truncated_svd
 from .linalg.norms import lowrank_frobenius_diff
-from .report import MAX_SINGULAR_VALUES, LayerRecord, Progress, Warn
+from .errors import Warn
+from .report import LayerRecord, Progress, factor_record
 
-__all__ = ["Core", "Refactored", "module_core", "truncated_factors", "budget_ranks", "refactor_modules",
-           "check_alpha"]
+__all__ = ["Core", "Refactored", "module_core", "truncated_factors", "budget_ranks", "refactor_modules"]
 
 
 _EPS64 = torch.finfo(torch.float64).eps
@@ -61,18 +61,14 @@ class Core:
     R_A: Tensor  # (q, R), q = min(n, R)
 
 
-def check_alpha(alpha: float | None) -> None:
-    if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-        raise InvalidOption(f"--alpha {alpha!r} must be a positive number (scale = alpha / r)")
-
-
 def _on(name: str, warn: Warn | None) -> Warn | None:
     return (lambda msg: warn(f"{name}: {msg}")) if warn else None
 
 
 @torch.no_grad()
 def module_core(module: LoraModule, *, device: torch.device, name: str = "", warn: Warn | None = None) -> Core:
-    """R-only QRs of B and A^T and the exact SVD of the core ``s R_B R_A^T`` (signs fixed, float64).
+    """The :func:`~lowrank_tools.linalg.qr_core` of the module (R factors only: the new factors are rebuilt from
+    B and A, no Q is formed) and the exact SVD of the core ``s R_B R_A^T`` (signs fixed, float64).
     Raises :class:`NonFiniteWeight` naming the module when a factor holds NaN or Inf."""
     for which, factor in (("B", module.B), ("A", module.A)):
         if not bool(torch.isfinite(factor).all()):
@@ -81,11 +77,9 @@ def module_core(module: LoraModule, *, device: torch.device, name: str = "", war
                                   f"values: repair or re-export the adapter, or leave the module out with --exclude")
     if module.spectrum is not None:
         return _svd_form_core(module, device)
-    R_B = torch.linalg.qr(module.B.to(device, torch.float64), mode="r").R  # (p, R)
-    R_A = torch.linalg.qr(module.A.to(device, torch.float64).mT, mode="r").R  # (q, R)
-    core = module.scale * (R_B @ R_A.mT)  # (p, q)
-    svd = truncated_svd(core, min(core.shape), method="exact", on_warning=_on(name, warn))
-    return Core(S=svd.S, Uc=svd.U, Vhc=svd.Vh, R_B=R_B, R_A=R_A)
+    qr = qr_core(module.B, module.A, scale=module.scale, dtype=torch.float64, device=device)  # R factors only
+    svd = truncated_svd(qr.core, min(qr.core.shape), method="exact", on_warning=_on(name, warn))
+    return Core(S=svd.S, Uc=svd.U, Vhc=svd.Vh, R_B=qr.R_B, R_A=qr.R_A)
 
 
 def _svd_form_core(module: LoraModule, device: torch.device) -> Core:
@@ -142,31 +136,22 @@ def _truncated(module: LoraModule, core: Core, r: int, alpha: float | None, dtyp
                name: str) -> LoraModule:
     """Balanced rank-r factors, ``scale = alpha / r`` (alpha = r unless given), cast to ``dtype``."""
     alpha_out = float(alpha) if alpha is not None else float(r)
-    B, A = truncated_factors(module, core, r, scale=alpha_out / r)  # (m, r), (r, n) float64
-    B, A = B.to(dtype), A.to(dtype)  # the cast happens once, here, at the boundary
-    if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
-        raise NumericalError(f"{name}: factors overflow {dtype} when cast: pass --dtype float32")
+    B, A = cast_factors(*truncated_factors(module, core, r, scale=alpha_out / r), dtype, name)  # from float64
     return LoraModule(B=B.cpu(), A=A.cpu(), alpha=alpha_out, kind=module.kind, weight_shape=module.weight_shape,
                       magnitude=module.magnitude, dora_axis=module.dora_axis)  # DoRA keeps m (PEFT's semantics)
 
 
-def _record(name: str, exact: LoraModule, new: LoraModule, S: Tensor, r: int, device: torch.device,
-            extra: dict) -> LayerRecord:
+def _record(name: str, exact: LoraModule, new: LoraModule, S: Tensor, device: torch.device, extra: dict,
+            ) -> LayerRecord:
     S = S.double().cpu()  # (k,)
-    total = float((S**2).sum())
-    norm = math.sqrt(total)
+    r = new.rank
     if exact.spectrum is not None and r < len(S):  # a slice of an exact SVD: its error is the spectrum's tail
         err = math.sqrt(float((S[r:] ** 2).sum()))  # (the cast of the written factors aside, ~their rounding)
     else:
         err = lowrank_frobenius_diff(exact.B.to(device), exact.A.to(device), exact.scale,
                                      new.B.to(device), new.A.to(device), new.scale)
-    return LayerRecord(
-        name=name, shape=tuple(exact.weight_shape), rank=new.rank, delta_norm=norm,
-        singular_values=[float(s) for s in S[:MAX_SINGULAR_VALUES]],
-        retained_energy=min(1.0, float((S[:r] ** 2).sum()) / total) if total else 1.0,
-        rel_error=err / norm if norm else 0.0, params=new.params, weight_params=math.prod(exact.weight_shape),
-        extra=dict(extra),
-    )
+    return factor_record(name, exact.weight_shape, rank=new.rank, values=S, norm=math.sqrt(float((S**2).sum())),
+                         err=err, params=new.params, extra=extra)
 
 
 @torch.no_grad()
@@ -199,7 +184,7 @@ def refactor_modules(modules: Mapping[str, LoraModule], *, rule: RankRule | None
         dtype = (dtypes or {}).get(name, m.B.dtype)
         new = _kept(m, alpha, dtype) if r >= m.rank else _truncated(m, core, r, alpha, dtype, name)
         out.modules[name] = new
-        out.records.append(_record(name, m, new, core.S, r, dev, (extra or {}).get(name, {})))
+        out.records.append(_record(name, m, new, core.S, dev, (extra or {}).get(name, {})))
     if progress:
         progress(len(modules), len(modules), "")
     return out

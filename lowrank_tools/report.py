@@ -14,17 +14,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from .errors import Warn
+
 if TYPE_CHECKING:
     from .adapter import Adapter
 
 __all__ = ["Progress", "Warn", "AdapterResult", "LayerRecord", "Report", "left_out_lines", "summarize", "format_table",
            "report_json", "report_csv", "strict_json", "finite_or_none", "csv_number", "ratio_cell", "BASE_IS_ZERO",
-           "MAX_SINGULAR_VALUES", "short_name", "name_column", "NAME_WIDTH", "format_modules"]
+           "MAX_SINGULAR_VALUES", "short_name", "name_column", "NAME_WIDTH", "format_modules", "factor_record"]
 
 MAX_SINGULAR_VALUES = 64  # leading singular values kept per layer in reports
 
 Progress = Callable[[int, int, str], None]  # operations report (done, total, current name) through this
-Warn = Callable[[str], None]  # one-line warnings; nothing below the CLI prints
 BASE_IS_ZERO = "n/a (base is zero)"  # a ratio ||d|| / ||W0|| over an all-zero base tensor: null in JSON
 
 
@@ -68,6 +69,18 @@ class LayerRecord:
     params: int = 0  # adapter parameters of this layer: r * (out + in)
     weight_params: int = 0  # parameters of the weight it covers
     extra: dict = field(default_factory=dict)  # per-command fields (old_rank, method, ...)
+
+
+def factor_record(name: str, weight_shape: tuple[int, ...], *, rank: int, values, norm: float, err: float,
+                  params: int, shown=None, extra: dict | None = None) -> LayerRecord:
+    """The record of one layer factored at ``rank``: ``values`` its singular values, descending (at least the
+    top ``rank``: the retained energy), ``norm`` ``||dW||_F``, ``err`` ``||dW - scale B A||_F`` measured on the
+    factors as written; ``shown`` the values listed (default ``values``), at most :data:`MAX_SINGULAR_VALUES`."""
+    kept = math.fsum(float(s) ** 2 for s in values[:rank])
+    return LayerRecord(name=name, shape=tuple(weight_shape), rank=rank, delta_norm=norm,
+                       singular_values=[float(s) for s in (values if shown is None else shown)[:MAX_SINGULAR_VALUES]],
+                       retained_energy=min(1.0, kept / norm**2) if norm else 1.0, rel_error=err / norm if norm else 0.0,
+                       params=int(params), weight_params=math.prod(weight_shape), extra=dict(extra or {}))
 
 
 @dataclass

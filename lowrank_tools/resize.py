@@ -17,9 +17,9 @@ from dataclasses import replace
 import torch
 
 from .adapter import Adapter, cast_whole
-from .errors import InvalidOption
 from .io.layers import compile_filters, matches
 from .linalg.svd import RankRule
+from .linalg.rank_rules import require_rank_option
 from .refactor import refactor_modules
 from .report import AdapterResult, Progress, Report, Warn, summarize
 
@@ -41,8 +41,7 @@ def resize(adapter: Adapter, *, rule: RankRule | None = None, budget: int | None
     unchanged; a module left with rank 0 is dropped (listed in the report). ``dtype`` of the written
     factors defaults to the input's. The report measures, per module, the new factors against the original.
     """
-    if rule is None and budget is None:
-        raise InvalidOption("resize needs a rank option: pass --rank, --energy, --sv-ratio, --threshold or --budget")
+    require_rank_option(rule, budget, "resize")
     start = time.perf_counter()
     include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
     selected = {n: m for n, m in adapter.modules.items() if matches(n, include, exclude)}

@@ -103,7 +103,7 @@ def test_randomized_top_k_in_one_pass():
 def test_default_k():
     assert BUDGET_TOP_K == 256
     assert budget_top_k((4096, 11008), None) == 256 and budget_top_k((64, 32), None) == 32
-    assert budget_top_k((4096, 4096), 16) == 16 and budget_top_k((8, 4, 3, 3), None) == 8  # conv: (8, 36)
+    assert budget_top_k((4096, 4096), 16) == 16 and budget_top_k((8, 36), None) == 8  # the (out, in_flat) view
 
 
 def test_too_small_budget_fails_before_reading(full_rank_pair):
@@ -133,7 +133,7 @@ def test_dynamic_rule_caps_each_layer_under_a_budget(full_rank_pair, rule):
 
 
 def test_budget_needs_no_rule_but_something(full_rank_pair):
-    with pytest.raises(InvalidOption, match="no rank rule"):
+    with pytest.raises(InvalidOption, match="extract needs a rank option"):
         extract(*full_rank_pair)
 
 

@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..linalg.budget import LayerSpectrum, allocate_budget
+from ..linalg.budget import LayerSpectrum, allocate_budget, greedy_units, minimal_budget
+from ..linalg.rank_rules import ENERGY_RTOL, energy_count
 from ..linalg.spectrum import level_key
 
 if TYPE_CHECKING:  # annotations only
     from .records import LayerAnalysis
 
-__all__ = ["RECOMMEND_LEVELS", "recommend", "minimal_budget", "energy_curve"]
+__all__ = ["RECOMMEND_LEVELS", "recommend", "energy_curve"]
 
 RECOMMEND_LEVELS = (0.9, 0.95, 0.99)
-_RTOL = 1e-12  # same slack as the energy rule
 
 
 def _size(layers: Sequence[LayerAnalysis], ranks: Sequence[int]) -> dict:
@@ -45,7 +45,7 @@ def _retained(layers: Sequence[LayerAnalysis], ranks: Sequence[int]) -> float:
     return math.fsum(s * s for x, r in zip(layers, ranks) for s in x.singular_values[:r])
 
 
-def _uniform(layers: Sequence[LayerAnalysis], target: float, total: float) -> dict | None:
+def _uniform(layers: Sequence[LayerAnalysis], level: float, total: float) -> dict | None:
     """Smallest uniform r whose computed values retain >= target (None if they never do)."""
     longest = max(len(x.singular_values) for x in layers)
     retained = torch.zeros(longest, dtype=torch.float64)  # (longest,): energy retained at r = 1..longest
@@ -53,10 +53,9 @@ def _uniform(layers: Sequence[LayerAnalysis], target: float, total: float) -> di
         cum = torch.cumsum(torch.tensor(x.singular_values, dtype=torch.float64) ** 2, 0)
         retained[: len(cum)] += cum
         retained[len(cum):] += cum[-1]
-    hit = torch.nonzero(retained >= target - _RTOL * total)
-    if len(hit) == 0:
+    r = energy_count(retained, level, total)
+    if r > longest:
         return None
-    r = int(hit[0]) + 1
     ranks = [min(r, x.full_length) for x in layers]
     estimated = any(not x.metrics.complete and r > len(x.singular_values) for x in layers)
     return {"rank": r, **_size(layers, ranks), "retained_energy": float(retained[r - 1]) / total,
@@ -73,35 +72,6 @@ def _per_layer(layers: Sequence[LayerAnalysis], level: float, total: float) -> d
 
 def _spectra(layers: Sequence[LayerAnalysis]) -> list[LayerSpectrum]:
     return [LayerSpectrum(x.name, x.matrix_shape, x.singular_values) for x in layers]
-
-
-def _greedy(spectra: Sequence[LayerSpectrum]) -> tuple[np.ndarray, np.ndarray]:
-    """(gains, costs) of every rank unit in ``allocate_budget``'s greedy order (``s^2 / cost``, best first, ties to
-    the earlier layer, then the earlier unit)."""
-    gains, costs, layer_idx, unit_idx = [], [], [], []
-    for i, layer in enumerate(spectra):
-        cap = min(len(layer.singular_values), min(layer.shape))
-        values = sorted(layer.singular_values, reverse=True)[:cap]
-        g = [v * v for v in values if v > 0 and math.isfinite(v)]  # as budget._gains
-        gains += g
-        costs += [layer.unit_cost] * len(g)
-        layer_idx += [i] * len(g)
-        unit_idx += list(range(len(g)))
-    gains_a, costs_a = np.asarray(gains, dtype=np.float64), np.asarray(costs, dtype=np.int64)
-    if not gains:
-        return gains_a, costs_a
-    order = np.lexsort((np.asarray(unit_idx), np.asarray(layer_idx), -(gains_a / costs_a)))
-    return gains_a[order], costs_a[order]
-
-
-def minimal_budget(spectra: Sequence[LayerSpectrum], target: float) -> int | None:
-    """The cost of the shortest prefix, in ``allocate_budget``'s greedy order, whose gains reach ``target``
-    (squared singular values); None when all units together fall short."""
-    gains, costs = _greedy(spectra)
-    reached = np.nonzero(np.cumsum(gains) >= target)[0]
-    if len(reached) == 0:
-        return None
-    return int(np.cumsum(costs)[reached[0]])
 
 
 def _log_spaced(n: int, points: int) -> np.ndarray:
@@ -126,16 +96,16 @@ def energy_curve(layers: Sequence[LayerAnalysis], *, points: int = 48) -> dict:
         ranks = [min(r, x.full_length) for x in layers]
         uniform.append({"rank": r, "params": _size(layers, ranks)["params"],
                         "retained_energy": min(1.0, _retained(layers, ranks) / total)})
-    gains, costs = _greedy(_spectra(layers))
-    cum_gain, cum_cost = np.cumsum(gains), np.cumsum(costs)
+    gains, costs = greedy_units(_spectra(layers))
+    cum_gain, cum_cost = np.cumsum(np.asarray(gains, dtype=np.float64)), np.cumsum(np.asarray(costs, dtype=np.int64))
     budget = [{"params": int(cum_cost[i]), "retained_energy": min(1.0, float(cum_gain[i]) / total)}
               for i in (_log_spaced(len(gains), points) if len(gains) else [])]
     return {"uniform": uniform, "budget": budget}
 
 
-def _budget(layers: Sequence[LayerAnalysis], target: float, total: float) -> dict | None:
+def _budget(layers: Sequence[LayerAnalysis], level: float, total: float) -> dict | None:
     spectra = _spectra(layers)
-    budget = minimal_budget(spectra, target - _RTOL * total)
+    budget = minimal_budget(spectra, level * total - ENERGY_RTOL * total)  # the slack of the energy rule
     if budget is None:
         return None
     chosen = allocate_budget(spectra, budget)
@@ -152,8 +122,7 @@ def recommend(layers: Sequence[LayerAnalysis], *, levels: Sequence[float] = RECO
         return {}
     out = {}
     for level in levels:
-        target = level * total
-        out[level_key(level)] = {"uniform": _uniform(layers, target, total),
+        out[level_key(level)] = {"uniform": _uniform(layers, level, total),
                                  "energy": _per_layer(layers, level, total),
-                                 "budget": _budget(layers, target, total)}
+                                 "budget": _budget(layers, level, total)}
     return out

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..io.formats import output_format
+from ..linalg.rank_rules import require_rank_option
 from .options import (FORMAT_HELP, FORMATS, Progress, check_kohya_options, check_outputs, common_options, examples,
                       make_rule, out_dtype, rank_options, show, warn_all, warner, write_report)
 
@@ -65,8 +66,7 @@ def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
     from ..resize import resize as run
 
     rule = make_rule(rank, energy, sv_ratio, threshold)
-    if rule is None and budget is None:
-        raise click.UsageError("resize needs a rank option: --rank, --energy, --sv-ratio, --threshold or --budget")
+    require_rank_option(rule, budget, "resize")  # before any reading
     fmt = output_format(output, fmt).value
     check_kohya_options(fmt, prefix, ())
     check_outputs(output, report_path, force=force, inputs=[adapter])

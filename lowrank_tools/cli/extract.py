@@ -64,17 +64,18 @@ def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alph
     processes (gloo on the CPU, nccl with --device cuda); rank 0 writes the adapter, byte for byte the
     single-process one with the same seed and threads per process."""
     from ..extract.distributed import torchrun_group
+    from ..extract.options import ExtractOptions
 
     rule = make_rule(rank, energy, sv_ratio, threshold, default_rank=None if budget is not None else 16)
     fmt = output_format(output, fmt).value
     check_kohya_options(fmt, prefix, full_modules)
-    with torchrun_group(device) as process_rank:
-        _extract(base, tuned, output, dict(rule=rule, budget=budget, method=method, alpha=alpha,
-                 dtype=out_dtype(dtype_name), device=device, include=include, exclude=exclude, conv_rank=conv_rank,
-                 full_modules=full_modules, embeddings=fmt != "kohya", strict=strict, seed=seed, oversample=oversample,
-                 n_iter=power_iters, allow_tf32=allow_tf32), fmt=fmt, prefix=prefix, report_path=report_path,
-                 force=force, quiet=quiet, primary=process_rank == 0,
-                 extras=dict(dora=dora, biases=keep_bias, norms=keep_norms))
+    options = ExtractOptions(rule=rule, budget=budget, method=method, alpha=alpha, dtype=out_dtype(dtype_name),
+                             device=device, include=include, exclude=exclude, conv_rank=conv_rank,
+                             full_modules=full_modules, embeddings=fmt != "kohya", strict=strict, seed=seed,
+                             oversample=oversample, n_iter=power_iters, allow_tf32=allow_tf32)
+    with torchrun_group(options.device) as process_rank:
+        _extract(base, tuned, output, options, fmt=fmt, prefix=prefix, report_path=report_path, force=force,
+                 quiet=quiet, primary=process_rank == 0, extras=dict(dora=dora, biases=keep_bias, norms=keep_norms))
 
 
 def _carry(adapter, base, tuned, fmt: str, *, dora: bool, biases: bool, norms: bool):
@@ -86,7 +87,7 @@ def _carry(adapter, base, tuned, fmt: str, *, dora: bool, biases: bool, norms: b
     return with_magnitudes(adapter, tuned) if dora else adapter
 
 
-def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, force, quiet, primary, extras=None):
+def _extract(base, tuned, output, options, *, fmt, prefix, report_path, force, quiet, primary, extras=None):
     """One process's part: rank 0 (or the only process) checks the output, extracts, writes and reports; the
     other ranks of a torchrun job factor their share, stay silent and write nothing (errors: exit 1, rank 0 says)."""
     from ..errors import LowRankError
@@ -97,8 +98,8 @@ def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, fo
     if primary:
         check_outputs(output, report_path, force=force, inputs=[base, tuned])
     try:
-        result = run(base, tuned, progress=Progress(quiet or not primary, "extract"), warn=warner(quiet or not primary),
-                     **options)
+        result = run(base, tuned, options, progress=Progress(quiet or not primary, "extract"),
+                     warn=warner(quiet or not primary))
     except LowRankError as exc:
         if primary:
             raise

@@ -24,18 +24,19 @@ computed from the factors (:func:`~lowrank_tools.linalg.norms.lowrank_frobenius_
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..adapter import LoraModule, ModuleKind, module_name
+from ..adapter import LoraModule, ModuleKind, cast_factors, matrix_shape, module_name
 from ..linalg.budget import LayerSpectrum, allocate_budget
-from ..errors import NumericalError
+from ..errors import Warn
+from .options import ExtractOptions
 from ..linalg.svd import Method, TruncatedSVD, balanced_factors, truncated_svd
 from ..linalg.norms import frobenius_error, frobenius_norm, lowrank_frobenius_diff
-from ..report import MAX_SINGULAR_VALUES, LayerRecord, Progress, Warn
+from ..report import MAX_SINGULAR_VALUES, LayerRecord, Progress, factor_record
 
 __all__ = ["BUDGET_TOP_K", "budget_top_k", "check_budget", "extract_with_budget"]
 
@@ -60,26 +61,21 @@ class _Top:
     method: str
 
 
-def budget_top_k(shape: Sequence[int], cap: int | None) -> int:
-    """K for a weight of ``shape`` (read as (out, in_flat)): ``cap`` if given, else 256; at most the smaller side."""
-    side = min(int(shape[0]), math.prod(int(d) for d in shape[1:]))
-    return min(side, cap if cap is not None else BUDGET_TOP_K)
+def budget_top_k(shape: tuple[int, int], cap: int | None) -> int:
+    """K for a matrix of ``shape`` (out, in_flat): ``cap`` if given, else 256; at most the smaller side."""
+    return min(int(shape[0]), int(shape[1]), cap if cap is not None else BUDGET_TOP_K)
 
 
-def _matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
-    return int(shape[0]), math.prod(int(d) for d in shape[1:])
-
-
-def check_budget(budget: int, rule, shapes: Mapping[str, Sequence[int]]) -> int | None:
+def check_budget(budget: int, rule, shapes: Mapping[str, tuple[int, int]]) -> int | None:
     """Fail before any reading on a budget below one rank unit of the cheapest layer (the message of
-    :func:`allocate_budget`). Returns the rank cap (--rank) or None."""
+    :func:`allocate_budget`; ``shapes``: tensor name -> (out, in_flat)). Returns the rank cap (--rank) or None."""
     cap = rule.cap if rule is not None else None
-    placeholders = [LayerSpectrum(module_name(n), _matrix_shape(s), [1.0]) for n, s in shapes.items()]
+    placeholders = [LayerSpectrum(module_name(n), s, [1.0]) for n, s in shapes.items()]
     allocate_budget(placeholders, budget, max_rank=cap)  # validation only: raises what the allocation would
     return cap
 
 
-def _top_layer(delta, cap: int | None, opts, warn: Warn | None) -> _Top | None:
+def _top_layer(delta, cap: int | None, opts: ExtractOptions, warn: Warn | None) -> _Top | None:
     """The pass for one layer (``delta``: name, matrix (out, in_flat) float32, weight_shape, dtype, kind)."""
     dW = delta.matrix.to(opts.device)  # (out, in_flat)
     norm = frobenius_norm(dW)
@@ -96,23 +92,16 @@ def _top_layer(delta, cap: int | None, opts, warn: Warn | None) -> _Top | None:
                 head=[float(s) for s in spectrum[:MAX_SINGULAR_VALUES].double()])
 
 
-def _truncate(top: _Top, r: int, opts) -> tuple[LoraModule, LayerRecord]:
+def _truncate(top: _Top, r: int, opts: ExtractOptions) -> tuple[LoraModule, LayerRecord]:
     """Factors of rank r from the kept top-K SVD, cast, and their error by the identity of the module docstring."""
     alpha = float(opts.alpha) if opts.alpha is not None else float(r)
     scale = alpha / r
     svd = TruncatedSVD(U=top.U, S=top.S, Vh=top.Vh, method=Method(top.method))
-    B, A = balanced_factors(svd, r, scale=scale)  # (out, r), (r, in_flat)
-    out_dtype = opts.dtype or top.dtype
-    B, A = B.to(out_dtype), A.to(out_dtype)
-    if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
-        raise NumericalError(f"{top.name}: factors overflow {out_dtype} when cast: pass --dtype float32")
+    B, A = cast_factors(*balanced_factors(svd, r, scale=scale), opts.dtype or top.dtype, top.name)  # (out, r), (r, in)
     head = lowrank_frobenius_diff(top.U * top.S, top.Vh, 1.0, B.float(), A.float(), scale)  # (top K) - (written)
-    err = math.sqrt(top.tail**2 + head**2)
-    retained = float((top.S[:r].double() ** 2).sum()) / top.norm**2
-    record = LayerRecord(name=top.name, shape=top.weight_shape, rank=r, delta_norm=top.norm,
-                         singular_values=top.head, retained_energy=min(1.0, retained), rel_error=err / top.norm,
-                         params=int(B.numel() + A.numel()), weight_params=math.prod(top.weight_shape),
-                         extra={"method": top.method, "budget_k": int(top.S.shape[0])})
+    record = factor_record(top.name, top.weight_shape, rank=r, values=top.S.double(), shown=top.head, norm=top.norm,
+                           err=math.sqrt(top.tail**2 + head**2), params=B.numel() + A.numel(),
+                           extra={"method": top.method, "budget_k": int(top.S.shape[0])})
     module = LoraModule(B=B, A=A, alpha=alpha, kind=top.kind, weight_shape=top.weight_shape)
     return module, record
 
@@ -125,19 +114,21 @@ def _capped(top: _Top, rule) -> list[float]:
     return top.S[:rule.choose(top.S, total_energy=top.norm**2)].tolist()
 
 
-def extract_with_budget(deltas: Iterable, shapes: Mapping[str, Sequence[int]], *, budget: int, opts,
+def extract_with_budget(deltas: Iterable, shapes: Mapping[str, tuple[int, int]], *, opts: ExtractOptions,
                         progress: Progress | None = None, warn: Warn | None = None,
                         exchange: Callable[[list[LayerSpectrum]], list[LayerSpectrum]] | None = None,
                         tied: frozenset[str] = frozenset(),
                         ) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
-    """``(modules, records, left out)`` for ``deltas`` (one per tensor name of ``shapes``, in order) within
-    ``budget`` parameters. ``opts``: extract's options (rule, method, alpha, dtype, device, seed,
-    oversample, n_iter). Layers whose delta is zero or that get rank 0 are left out (their names returned).
+    """``(modules, records, left out)`` for ``deltas`` (one per tensor name of ``shapes``: (out, in_flat), the
+    matrix views, in order) within ``opts.budget`` parameters (``opts``: extract's options; the rule, method,
+    alpha, dtype, device, seed, oversample and n_iter act here). Layers whose delta is zero or that get rank 0
+    are left out (their names returned).
     ``progress`` hears (i, total, name) as each layer's pass starts; the caller reports the end.
     ``exchange`` (distributed extract): ``deltas`` are this rank's share of ``shapes``; it turns this rank's
     spectra into every rank's, in the order of ``shapes``, so that every rank allocates the same ranks.
     ``tied``: embedding modules whose factors are written twice (also on the tied output head): each of
     their rank units costs twice, so the file stays within the budget."""
+    budget = opts.budget
     cap = check_budget(budget, opts.rule, shapes)
     tops, zero = [], []
     for i, delta in enumerate(deltas):
@@ -150,8 +141,9 @@ def extract_with_budget(deltas: Iterable, shapes: Mapping[str, Sequence[int]], *
             zero.append(name)
         else:
             tops.append(top)
-    spectra = [LayerSpectrum(t.name, _matrix_shape(t.weight_shape), _capped(t, opts.rule),
-                             cost=2 * sum(_matrix_shape(t.weight_shape)) if t.name in tied else None) for t in tops]
+    spectra = [LayerSpectrum(t.name, matrix_shape(t.weight_shape, t.kind), _capped(t, opts.rule),
+                             cost=2 * sum(matrix_shape(t.weight_shape, t.kind)) if t.name in tied else None)
+               for t in tops]
     if exchange is not None:
         spectra = exchange(spectra)
     ranks = allocate_budget(spectra, budget, max_rank=cap) if spectra else {}

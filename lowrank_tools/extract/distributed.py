@@ -215,7 +215,7 @@ def torchrun_world_size() -> int:
 @contextmanager
 def torchrun_group(device: str | torch.device = "cpu") -> Iterator[int]:
     """Under torchrun (``WORLD_SIZE`` > 1): initialise the default process group from its environment (nccl
-    when ``device`` resolves to CUDA, pinning this process to ``cuda:LOCAL_RANK``; else gloo), yield this
+    when ``device`` is or resolves to CUDA, pinning this process to ``cuda:LOCAL_RANK``; else gloo), yield this
     process's rank, destroy the group after. Otherwise (one process, or a group that exists already):
     yield the current rank and change nothing."""
     dist = _dist() if torch.distributed.is_available() else None
@@ -225,7 +225,7 @@ def torchrun_group(device: str | torch.device = "cpu") -> Iterator[int]:
     if dist is None:
         raise DistributedError("WORLD_SIZE > 1 but this torch build has no torch.distributed: install a torch "
                                "with distributed support, or run one process")
-    cuda = resolve_device(device).type == "cuda"
+    cuda = (device if isinstance(device, torch.device) else resolve_device(device)).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=TIMEOUT)

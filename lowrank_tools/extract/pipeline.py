@@ -35,13 +35,12 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidOption
-from ..linalg.svd import Method, TruncatedSVD, fix_signs, randomized_svd, resolve_method
+from ..linalg.svd import Method, OutOfMemory, TruncatedSVD, fix_signs, randomized_svd, resolve_method
 
 __all__ = ["CUDA_BATCH", "MAX_BATCH_ELEMENTS", "Stager", "batch_size", "plan_batches", "staged", "batched_svds", "tf32"]
 
 CUDA_BATCH = 4  # layers per stacked SVD on CUDA: enough to fill the GPU with 4096-wide layers
 MAX_BATCH_ELEMENTS = 1 << 28  # a stack holds at most 2^28 float32 values (1 GiB of device memory)
-_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 T = TypeVar("T")
 D = TypeVar("D", bound="_Delta")
 
@@ -173,7 +172,7 @@ def batched_svds(stack: Tensor, k: int, *, method: Method | str = Method.AUTO, o
         return [None] * b
     try:
         U, S, Vh = randomized_svd(stack.float(), k, oversample, n_iter, seed)  # (b, m, k), (b, k), (b, k, n)
-    except (_OOM, RuntimeError):  # the per-layer path needs 1/b of the memory and has the fallbacks
+    except (OutOfMemory, RuntimeError):  # the per-layer path needs 1/b of the memory and has the fallbacks
         if stack.is_cuda:
             torch.cuda.empty_cache()
         return [None] * b

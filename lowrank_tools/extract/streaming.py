@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -21,43 +21,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..adapter import Adapter, LoraModule, ModuleKind, cast_whole, matrix_view, module_name
-from ..io.checkpoint import Checkpoint, as_checkpoint, pair_tensors
+from ..adapter import Adapter, LoraModule, ModuleKind, cast_factors, cast_whole, matrix_shape, matrix_view, module_name
+from ..io.checkpoint import Checkpoint, Pairing, as_checkpoint, pair_tensors
 from .distributed import Share, current_share, layer_cost
-from ..errors import InvalidOption, NumericalError
+from ..errors import Warn
 from .budget import budget_top_k, extract_with_budget
+from .options import ExtractOptions
 from ..io.formats import left_out_warning
-from ..io.layers import NOT_HELD, compile_filters, plan_layers, relative_change
-from ..linalg.memory import stream_large_buffers
-from ..linalg.svd import Method, RankRule, TruncatedSVD, balanced_factors, resolve_device, truncated_svd
+from ..io.layers import NOT_HELD, LayerPlan, compile_filters, plan_layers, relative_change
 from ..io.peft import base_model_reference, task_type
+from ..linalg.svd import TruncatedSVD, balanced_factors, truncated_svd
+from ..linalg.memory import stream_large_buffers
 from ..linalg.norms import check_finite, frobenius_error, frobenius_norm
-from .pipeline import Stager, batch_size, batched_svds, plan_batches, staged, tf32
+from .pipeline import Stager, batched_svds, plan_batches, staged, tf32
 from ..io.prefetch import prefetch
-from ..report import MAX_SINGULAR_VALUES, AdapterResult, LayerRecord, Progress, Report, Warn, summarize
+from ..report import AdapterResult, LayerRecord, Progress, Report, factor_record, summarize
 
-__all__ = ["ExtractResult", "extract", "Progress"]
+__all__ = ["ExtractOptions", "ExtractResult", "extract", "Progress"]
 
 
 ExtractResult = AdapterResult  # the adapter and its report
-
-
-@dataclass(frozen=True)
-class _Options:
-    rule: RankRule
-    method: Method
-    alpha: float | None
-    dtype: torch.dtype | None
-    device: torch.device
-    seed: int
-    oversample: int
-    n_iter: int
-    conv_rule: RankRule | None = None  # --conv-rank: the rule for conv kernels (default: rule)
-    batch: int = 1  # layers per stacked SVD (pipeline.batch_size: 1 on the CPU)
-    allow_tf32: bool = False
-
-    def rule_for(self, kind: ModuleKind) -> RankRule:
-        return self.conv_rule if kind is ModuleKind.CONV and self.conv_rule is not None else self.rule
 
 
 @dataclass
@@ -121,7 +104,7 @@ def _subtract(pair: _Pair, stager: Stager, out: Tensor | None = None) -> _Delta:
     return _Delta(pair.name, dW, shape, pair.dtype, pair.kind)
 
 
-def _factor_layer(delta: _Delta, opts: _Options, warn: Warn | None, svd: TruncatedSVD | None = None,
+def _factor_layer(delta: _Delta, opts: ExtractOptions, warn: Warn | None, svd: TruncatedSVD | None = None,
                   ) -> tuple[LoraModule, LayerRecord] | None:
     """Factor one layer's delta (its top-k ``svd`` if already computed in a batch); None when the delta is
     exactly zero or the rule keeps nothing."""
@@ -131,118 +114,78 @@ def _factor_layer(delta: _Delta, opts: _Options, warn: Warn | None, svd: Truncat
         return None
     mod = module_name(delta.name)
     rule = opts.rule_for(delta.kind)
-    k = rule.needed_k(tuple(dW.shape))
     if svd is None:
-        svd = truncated_svd(dW, k, method=opts.method, oversample=opts.oversample, n_iter=opts.n_iter, seed=opts.seed,
+        svd = truncated_svd(dW, rule.needed_k(tuple(dW.shape)), method=opts.method, oversample=opts.oversample,
+                            n_iter=opts.n_iter, seed=opts.seed,
                             on_warning=(lambda msg: warn(f"{mod}: {msg}")) if warn else None)
     r = rule.choose(svd.S, total_energy=norm**2)
     if r == 0:
         return None
     alpha = float(opts.alpha) if opts.alpha is not None else float(r)
-    scale = alpha / r
-    B, A = balanced_factors(svd, r, scale=scale)  # (out, r), (r, in_flat)
-    out_dtype = opts.dtype or delta.dtype
-    B, A = B.to(out_dtype), A.to(out_dtype)
-    if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
-        raise NumericalError(f"{mod}: factors overflow {out_dtype} when cast: pass --dtype float32")
-    err = frobenius_error(dW, B.float(), A.float(), scale=scale)  # measured on the factors as written
-    S = (svd.spectrum if svd.spectrum is not None else svd.S).double()
-    record = LayerRecord(
-        name=mod, shape=delta.weight_shape, rank=r, delta_norm=norm,
-        singular_values=[float(s) for s in S[:MAX_SINGULAR_VALUES]],
-        retained_energy=min(1.0, float((S[:r] ** 2).sum()) / norm**2), rel_error=err / norm,
-        params=int(B.numel() + A.numel()), weight_params=int(dW.numel()), extra={"method": svd.method.value},
-    )
+    B, A = cast_factors(*balanced_factors(svd, r, scale=alpha / r), opts.dtype or delta.dtype, mod)  # (out, r), (r, in)
+    err = frobenius_error(dW, B.float(), A.float(), scale=alpha / r)  # measured on the factors as written
+    record = factor_record(mod, delta.weight_shape, rank=r, values=svd.spectrum if svd.spectrum is not None else svd.S,
+                           norm=norm, err=err, params=B.numel() + A.numel(), extra={"method": svd.method.value})
     module = LoraModule(B=B.cpu(), A=A.cpu(), alpha=alpha, kind=delta.kind, weight_shape=delta.weight_shape)
     return module, record
 
 
 @torch.no_grad()
-def extract(
-    base,
-    tuned,
-    *,
-    rule: RankRule | None = None,
-    budget: int | None = None,
-    method: Method | str = Method.AUTO,
-    alpha: float | None = None,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    conv_rank: int | None = None,
-    full_modules: Sequence[str] = (),
-    embeddings: bool = True,
-    strict: bool = False,
-    seed: int = 0,
-    oversample: int = 10,
-    n_iter: int = 4,
-    distributed: bool | None = None,
-    allow_tf32: bool = False,
-    svd_batch: int | None = None,
-    progress: Progress | None = None,
-    warn: Warn | None = None,
-) -> ExtractResult:
+def extract(base, tuned, options: ExtractOptions | None = None, *, progress: Progress | None = None,
+            warn: Warn | None = None, **kwargs) -> ExtractResult:
     """Extract a LoRA adapter approximating ``tuned - base`` for every adaptable weight.
 
-    ``base`` / ``tuned``: checkpoint paths, :class:`~lowrank_tools.io.checkpoint.Checkpoint` objects or
-    mappings of tensor name -> tensor. ``dtype`` of the written factors defaults to each tuned tensor's
-    dtype. ``warn`` receives one-line warnings (skipped tensors, SVD fallbacks). ``budget``: total adapter
-    parameters, spread over layers by :mod:`~lowrank_tools.extract.budget` (``rule`` then caps each layer: its
-    rank, or where its dynamic rule stops within the top K computed).
-    ``conv_rank``: the rank (or cap) for conv kernels, default that of ``rule``. ``full_modules``: regexes of
-    modules saved whole (PEFT ``modules_to_save``). ``embeddings=False`` leaves embeddings out (kohya targets).
-    Tied weights (an ``lm_head`` that is the embedding) are factored once and carried on both sides.
-    ``distributed``: split the layers over the processes of a torch.distributed group (None: when one of
-    more than one process is initialised), see :mod:`~lowrank_tools.extract.distributed`; rank 0 returns the whole
-    result, other ranks ``primary=False`` with an empty adapter. ``allow_tf32``: let CUDA matmuls use TF32
-    (off by default, restored after). ``svd_batch``: same-shape layers per stacked SVD (default: 1 on the
-    CPU, :data:`~lowrank_tools.extract.pipeline.CUDA_BATCH` on CUDA).
+    ``base`` / ``tuned``: checkpoint paths, :class:`~lowrank_tools.io.checkpoint.Checkpoint` objects or mappings of
+    tensor name -> tensor. ``options``: an :class:`~lowrank_tools.extract.options.ExtractOptions` (rank rule or
+    budget, method, dtype, device, filters, ...); or its fields as keywords (``extract(base, tuned,
+    rule=RankRule(rank=16))``), which also override those of ``options`` when both are given. ``progress`` hears
+    (done, total, module); ``warn`` receives one-line warnings (skipped tensors, SVD fallbacks).
+    Tied weights (an ``lm_head`` that is the embedding) are factored once and carried on both sides. Under
+    torch.distributed (see ``ExtractOptions.distributed``) rank 0 returns the whole result, other ranks
+    ``primary=False`` with an empty adapter.
     """
     start = time.perf_counter()
-    if rule is None and budget is None:
-        raise InvalidOption("no rank rule: pass --rank, --energy, --sv-ratio, --threshold or --budget")
+    opts = replace(options, **kwargs) if options is not None and kwargs else options or ExtractOptions(**kwargs)
     stream_large_buffers()
-    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
-        raise InvalidOption(f"--alpha {alpha} must be a positive number")
-    include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
     base_ckpt, tuned_ckpt = as_checkpoint(base), as_checkpoint(tuned)
-    pairing = pair_tensors(base_ckpt, tuned_ckpt, strict=strict)
-    dev = resolve_device(device)
-    opts = _Options(rule=rule, method=Method(method), alpha=alpha, dtype=dtype, device=dev, seed=seed,
-                    oversample=oversample, n_iter=n_iter, conv_rule=_conv_rule(rule, budget, conv_rank),
-                    batch=batch_size(dev, svd_batch), allow_tf32=bool(allow_tf32))
-    plan = plan_layers(base_ckpt, tuned_ckpt, pairing, include=include, exclude=exclude, full_modules=full_modules,
-                       embeddings=embeddings)
-    pairing = plan.unsaved(pairing)  # tensors saved whole are not "skipped"
-    if warn and pairing.warning():
-        warn(pairing.warning())
-    if warn and plan.skipped.get(NOT_HELD):  # before any work, in the words convert, resize and merge use
-        warn(left_out_warning([module_name(n) for n in plan.skipped[NOT_HELD]], "kohya"))
-    selected, skipped, one_d = plan.layers, plan.skipped, plan.one_d
-    share = current_share(distributed)
+    pairing, plan = _plan(base_ckpt, tuned_ckpt, opts, warn)
+    share = current_share(opts.distributed)
     with share or nullcontext():
-        modules, records, zero = _factor_layers(base_ckpt, tuned_ckpt, selected, opts, budget=budget, share=share,
+        modules, records, zero = _factor_layers(base_ckpt, tuned_ckpt, plan.layers, opts, share=share,
                                                 progress=progress, warn=warn,
                                                 tied=frozenset(module_name(e) for e in plan.tied))
     if share is not None and not share.primary:  # rank 0 has the factors and writes; nothing more to do here
         summary = summarize(records, wall_time=time.perf_counter() - start, distributed_rank=share.rank)
         return ExtractResult(adapter=Adapter(), report=Report(command="extract", layers=records, summary=summary),
                              primary=False)
-    changed = {n: relative_change(base_ckpt.get(n), tuned_ckpt.get(n)) for n in one_d}
-    skipped["zero delta or nothing kept"] = zero
+    plan.skipped["zero delta or nothing kept"] = zero
     full = plan.finish(modules, tuned_ckpt)  # tied heads beside their embedding; tensors saved whole
     _count_tied_heads(records, plan, modules)
-    adapter = Adapter(modules=modules, full_tensors=cast_whole(full, dtype), source_format="extract",
+    adapter = Adapter(modules=modules, full_tensors=cast_whole(full, opts.dtype), source_format="extract",
                       base_model=base_model_reference(base_ckpt.config, getattr(base_ckpt, "path", None)),
                       task_type=task_type(base_ckpt.config or tuned_ckpt.config))
     more = {"processes": share.world_size} if share is not None else {}
-    summary = summarize(records, wall_time=time.perf_counter() - start, **more)
-    report = Report(command="extract", layers=records, summary=summary,
-                    skipped={k: v for k, v in skipped.items() if v},
+    changed = {n: relative_change(base_ckpt.get(n), tuned_ckpt.get(n)) for n in plan.one_d}
+    report = Report(command="extract", layers=records,
+                    summary=summarize(records, wall_time=time.perf_counter() - start, **more),
+                    skipped={k: v for k, v in plan.skipped.items() if v},
                     notes=([pairing.warning()] if pairing.warning() else []) + plan.notes,
                     changed_1d={n: v for n, v in changed.items() if v > 0})
     return ExtractResult(adapter=adapter, report=report)
+
+
+def _plan(base: Checkpoint, tuned: Checkpoint, opts: ExtractOptions, warn: Warn | None) -> tuple[Pairing, LayerPlan]:
+    """(pairing, layer plan): which tensors pair up, which become modules, which are saved whole or skipped."""
+    include, exclude = compile_filters(opts.include, "--include"), compile_filters(opts.exclude, "--exclude")
+    pairing = pair_tensors(base, tuned, strict=opts.strict)
+    plan = plan_layers(base, tuned, pairing, include=include, exclude=exclude, full_modules=opts.full_modules,
+                       embeddings=opts.embeddings)
+    pairing = plan.unsaved(pairing)  # tensors saved whole are not "skipped"
+    if warn and pairing.warning():
+        warn(pairing.warning())
+    if warn and plan.skipped.get(NOT_HELD):  # before any work, in the words convert, resize and merge use
+        warn(left_out_warning([module_name(n) for n in plan.skipped[NOT_HELD]], "kohya"))
+    return pairing, plan
 
 
 def _count_tied_heads(records: list[LayerRecord], plan, modules: dict[str, LoraModule]) -> None:
@@ -255,28 +198,20 @@ def _count_tied_heads(records: list[LayerRecord], plan, modules: dict[str, LoraM
             record.extra["tied_head"] = tie.head
 
 
-def _factor_layers(base: Checkpoint, tuned: Checkpoint, selected: dict[str, ModuleKind], opts: _Options, *,
-                   budget: int | None, share: Share | None, progress: Progress | None, warn: Warn | None,
+def _factor_layers(base: Checkpoint, tuned: Checkpoint, selected: dict[str, ModuleKind], opts: ExtractOptions, *,
+                   share: Share | None, progress: Progress | None, warn: Warn | None,
                    tied: frozenset[str] = frozenset(),
                    ) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
     """(modules, records, module names left out) of the selected layers, in their order. Distributed: this rank
     reads and factors its units only; rank 0 gets everyone's, the other ranks keep their own."""
     names = list(selected)
-    shapes = [_matrix_shape(tuned.shape(n), selected[n]) for n in names]  # (out, in_flat) views
-    ks = [budget_top_k(s, opts.rule.cap if opts.rule else None) if budget is not None
-          else opts.rule_for(selected[n]).needed_k(s) for n, s in zip(names, shapes)]
-    units = plan_batches(list(zip(shapes, ks)), [math.prod(s) for s in shapes],
-                         batch=1 if budget is not None else opts.batch)  # --budget: one layer at a time
-    if share is not None:
-        costs = [sum(layer_cost(*shapes[i], ks[i], opts.oversample) for i in unit) for unit in units]
-        units = [units[u] for u in share.take(costs, plan=(names, costs))]
+    shapes = [matrix_shape(tuned.shape(n), selected[n]) for n in names]  # (out, in_flat) views
+    units = _units(names, shapes, [selected[n] for n in names], opts, share)
     mine = {names[i]: selected[names[i]] for unit in units for i in unit}
     with tf32(opts.allow_tf32), (share.guard() if share else nullcontext()):
         pairs = prefetch(_read_pairs(base, tuned, mine))
-        if budget is not None:  # one pass of top-K SVDs, allocate_budget, truncate; it consumes every delta
-            deltas = (d for group, _ in staged(pairs, sizes=[1] * len(mine), stager=Stager(opts.device),
-                                               make=_subtract) for d in group)
-            result = extract_with_budget(deltas, {n: tuned.shape(n) for n in names}, budget=budget, opts=opts,
+        if opts.budget is not None:  # one pass of top-K SVDs, allocate_budget, truncate; it consumes every delta
+            result = extract_with_budget(_one_by_one(pairs, len(mine), opts), dict(zip(names, shapes)), opts=opts,
                                          progress=progress, warn=warn, exchange=_spectra_exchange(share, names),
                                          tied=tied)
         else:
@@ -288,7 +223,28 @@ def _factor_layers(base: Checkpoint, tuned: Checkpoint, selected: dict[str, Modu
     return _gathered(share, result, names) if share is not None else result
 
 
-def _factor_stream(pairs: Iterator[_Pair], sizes: list[int], opts: _Options, *, progress: Progress | None,
+def _units(names: list[str], shapes: list[tuple[int, int]], kinds: list[ModuleKind], opts: ExtractOptions,
+           share: Share | None) -> list[list[int]]:
+    """Layer indices in units of work: runs of one shape and k batched by :func:`~lowrank_tools.pipeline.plan_batches`
+    (one layer at a time under --budget); distributed: this rank's units only."""
+    if opts.budget is not None:
+        ks = [budget_top_k(s, opts.rule.cap if opts.rule else None) for s in shapes]
+    else:
+        ks = [opts.rule_for(kind).needed_k(s) for kind, s in zip(kinds, shapes)]
+    units = plan_batches(list(zip(shapes, ks)), [math.prod(s) for s in shapes], batch=opts.batch)
+    if share is None:
+        return units
+    costs = [sum(layer_cost(*shapes[i], ks[i], opts.oversample) for i in unit) for unit in units]
+    return [units[u] for u in share.take(costs, plan=(names, costs))]
+
+
+def _one_by_one(pairs: Iterator[_Pair], count: int, opts: ExtractOptions) -> Iterator[_Delta]:
+    """The deltas of ``count`` pairs, one at a time on the device (--budget: no stacked SVDs)."""
+    for group, _ in staged(pairs, sizes=[1] * count, stager=Stager(opts.device), make=_subtract):
+        yield from group
+
+
+def _factor_stream(pairs: Iterator[_Pair], sizes: list[int], opts: ExtractOptions, *, progress: Progress | None,
                    warn: Warn | None) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
     """Factor ``pairs`` in batches of ``sizes`` (a stacked SVD for a batch of more than one, see pipeline)."""
     modules, records, zero = {}, [], []
@@ -314,13 +270,6 @@ def _factor_stream(pairs: Iterator[_Pair], sizes: list[int], opts: _Options, *, 
     return modules, records, zero
 
 
-def _matrix_shape(shape: Sequence[int], kind: ModuleKind) -> tuple[int, int]:
-    """The (out, in_flat) shape of :func:`~lowrank_tools.adapter.matrix_view` for a weight of ``shape``."""
-    if kind is ModuleKind.EMBEDDING:
-        return int(shape[1]), int(shape[0])
-    return int(shape[0]), math.prod(int(d) for d in shape[1:])
-
-
 def _spectra_exchange(share: Share | None, names: list[str]):
     """For --budget when distributed: every rank's layer spectra, in the single-process order (None alone)."""
     if share is None:
@@ -339,16 +288,5 @@ def _gathered(share: Share, result: tuple, names: list[str]) -> tuple:
     records = sorted((r for part in parts for r in part[1]), key=lambda r: order[r.name])
     zero = sorted((z for part in parts for z in part[2]), key=order.__getitem__)
     return modules, records, zero
-
-
-def _conv_rule(rule: RankRule | None, budget: int | None, conv_rank: int | None) -> RankRule | None:
-    """--conv-rank: the rule with conv kernels' own rank (or cap); None when not given."""
-    if conv_rank is None:
-        return None
-    if isinstance(conv_rank, bool) or not isinstance(conv_rank, int) or conv_rank < 1:
-        raise InvalidOption(f"--conv-rank {conv_rank!r} is outside [1, inf): use a whole number of 1 or more")
-    if budget is not None or rule is None:
-        raise InvalidOption("--conv-rank cannot be combined with --budget: the budget decides every rank")
-    return replace(rule, rank=conv_rank)
 
 

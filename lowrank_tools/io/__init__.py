@@ -1,35 +1,55 @@
 """Files: the only layer that opens paths. Checkpoint readers (:mod:`.checkpoint`, :mod:`.safetensors`),
-atomic outputs (:mod:`.atomic`), the adapter formats (:mod:`.peft`, :mod:`.kohya` and its name tables,
-:mod:`.formats` to detect and dispatch), the layer plan of a checkpoint pair (:mod:`.layers`) and the
-background reader (:mod:`.prefetch`).
+outputs that stand or fall together (:mod:`.outputs`, with what ``--force`` may replace in :mod:`.replaceable`,
+and the streaming writers in :mod:`.atomic`), the adapter formats (:mod:`.peft`, :mod:`.kohya` and its name
+tables, LyCORIS LoHa/LoKr/Tucker in :mod:`.lycoris`, DoRA magnitudes and tensor deltas in :mod:`.adapter_extras`,
+:mod:`.formats` to detect and dispatch), the layer plan of a checkpoint pair (:mod:`.layers`), the background
+reader (:mod:`.prefetch`), and the inputs of evaluate (texts in :mod:`.texts`, a model folder's config in
+:mod:`.model_config`).
 """
 
 from __future__ import annotations
 
 from .safetensors import SAFETENSORS_DTYPES, DTYPE_NAMES, SafetensorsFile, parse_header
-from .atomic import atomic_output, check_output, parse_size, ShardedWriter, header_bound, write_safetensors
+from .outputs import (OutputTransaction, atomic_output, check_output, check_replaceable, foreign_entries, temp_path, rename_noreplace,
+    TMP_MARK, write_files)
+from .replaceable import COPIED_KEY
+from .atomic import parse_size, ShardedWriter, header_bound, write_safetensors, check_finite_output, all_finite
 from .checkpoint import Checkpoint, open_checkpoint, as_checkpoint, Pairing, pair_tensors
-from .kohya_names import (COMPONENT_PREFIXES, KOHYA_PREFIXES, kohya_key, split_prefix, check_prefix, guess_module_name,
-    match_keys, is_text_encoder_prefix)
-from .peft import (CONFIG_NAME, WEIGHTS_NAME, DIFFUSERS_NAME, DIFFUSERS_COMPONENTS, is_peft_folder,
-    is_diffusers_adapter, read_peft, read_peft_file, write_peft, write_diffusers, peft_config, peft_state_dict,
-    collect_factors, build_module, lora_keys_seen)
-from .kohya import NAMES_KEY, is_kohya_keys, read_kohya, write_kohya, kohya_state_dict
-from .formats import AdapterFormat, load_adapter, save_adapter, detect_format, describe_adapter, check_target
-from .layers import (FACTORABLE_DTYPES, check_factorable, layer_kind, compile_filters, matches, select_layers,
-    relative_change, TiedHead, find_tied_heads, tied_head_module, LayerPlan, plan_layers)
+from .kohya_names import (COMPONENT_PREFIXES, KOHYA_PREFIXES, kohya_key, split_prefix, check_prefix, guess_module_name, match_keys,
+    is_text_encoder_prefix)
+from .peft import (CONFIG_NAME, WEIGHTS_NAME, DIFFUSERS_NAME, DIFFUSERS_COMPONENTS, is_peft_folder, is_diffusers_adapter, read_peft,
+    read_peft_file, write_peft, write_diffusers, peft_config, peft_state_dict, collect_factors, build_module,
+    lora_keys_seen, task_type, base_model_reference, pattern_value, peft_folder_parts)
+from .kohya import NAMES_KEY, is_kohya_keys, read_kohya, write_kohya, kohya_state_dict, resolve_module_names
+from .lycoris import (STRUCTURED_SUFFIXES, is_lycoris_keys, read_lycoris, read_peft_lycoris, structured_module, PLACEHOLDER_ALPHA,
+    fit_kernels)
+from .adapter_extras import (split_extras, attach_extras, ExtrasView, check_peft_extras, peft_extras, peft_extras_config, kohya_extras)
+from .formats import (AdapterFormat, load_adapter, save_adapter, detect_format, describe_adapter, describe_modules, check_target,
+    output_format, fit_format, fit_all, left_out_warning, select_modules, LEFT_OUT, LEFT_OUT_WHOLE,
+    check_kohya_target)
+from .layers import (FACTORABLE_DTYPES, check_factorable, layer_kind, compile_filters, matches, select_layers, relative_change,
+    TiedHead, find_tied_heads, tied_head_module, LayerPlan, plan_layers)
 from .prefetch import prefetch
+from .texts import read_texts, TEXT_SUFFIXES
+from .model_config import read_model_config
 
 __all__ = [
-    "SAFETENSORS_DTYPES", "DTYPE_NAMES", "SafetensorsFile", "parse_header", "atomic_output", "check_output",
-    "parse_size", "ShardedWriter", "header_bound", "write_safetensors", "Checkpoint", "open_checkpoint",
-    "as_checkpoint", "Pairing", "pair_tensors", "COMPONENT_PREFIXES", "KOHYA_PREFIXES", "kohya_key",
-    "split_prefix", "check_prefix", "guess_module_name", "match_keys", "is_text_encoder_prefix", "CONFIG_NAME",
-    "WEIGHTS_NAME", "DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_peft_folder", "is_diffusers_adapter",
-    "read_peft", "read_peft_file", "write_peft", "write_diffusers", "peft_config", "peft_state_dict",
-    "collect_factors", "build_module", "lora_keys_seen", "NAMES_KEY", "is_kohya_keys", "read_kohya",
-    "write_kohya", "kohya_state_dict", "AdapterFormat", "load_adapter", "save_adapter", "detect_format",
-    "describe_adapter", "check_target", "FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters",
-    "matches", "select_layers", "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan",
-    "plan_layers", "prefetch",
+    "SAFETENSORS_DTYPES", "DTYPE_NAMES", "SafetensorsFile", "parse_header", "OutputTransaction", "atomic_output",
+    "check_output", "check_replaceable", "foreign_entries", "temp_path", "rename_noreplace", "TMP_MARK",
+    "write_files", "COPIED_KEY", "parse_size", "ShardedWriter", "header_bound", "write_safetensors",
+    "check_finite_output", "all_finite", "Checkpoint", "open_checkpoint", "as_checkpoint", "Pairing",
+    "pair_tensors", "COMPONENT_PREFIXES", "KOHYA_PREFIXES", "kohya_key", "split_prefix", "check_prefix",
+    "guess_module_name", "match_keys", "is_text_encoder_prefix", "CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME",
+    "DIFFUSERS_COMPONENTS", "is_peft_folder", "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft",
+    "write_diffusers", "peft_config", "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen",
+    "task_type", "base_model_reference", "pattern_value", "peft_folder_parts", "NAMES_KEY", "is_kohya_keys",
+    "read_kohya", "write_kohya", "kohya_state_dict", "resolve_module_names", "STRUCTURED_SUFFIXES",
+    "is_lycoris_keys", "read_lycoris", "read_peft_lycoris", "structured_module", "PLACEHOLDER_ALPHA",
+    "fit_kernels", "split_extras", "attach_extras", "ExtrasView", "check_peft_extras", "peft_extras",
+    "peft_extras_config", "kohya_extras", "AdapterFormat", "load_adapter", "save_adapter", "detect_format",
+    "describe_adapter", "describe_modules", "check_target", "output_format", "fit_format", "fit_all",
+    "left_out_warning", "select_modules", "LEFT_OUT", "LEFT_OUT_WHOLE", "check_kohya_target", "FACTORABLE_DTYPES",
+    "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers", "relative_change",
+    "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan", "plan_layers", "prefetch", "read_texts",
+    "TEXT_SUFFIXES", "read_model_config",
 ]

@@ -34,7 +34,7 @@ from .peft import (DIFFUSERS_COMPONENTS, DIFFUSERS_NAME, WEIGHTS_NAME, is_diffus
 
 __all__ = ["AdapterFormat", "load_adapter", "save_adapter", "detect_format", "describe_adapter", "describe_modules",
            "check_target", "output_format", "fit_format", "fit_all", "left_out_warning", "select_modules", "LEFT_OUT",
-           "LEFT_OUT_WHOLE"]
+           "LEFT_OUT_WHOLE", "check_kohya_target"]
 
 
 class AdapterFormat(str, Enum):
@@ -193,6 +193,12 @@ def check_target(adapter: Adapter, format: AdapterFormat | str, *, prefix: str =
         name = next(iter(adapter.full_tensors))
         raise ConversionError(f"tensor {name} is saved whole, which a diffusers LoRA file cannot hold: drop "
                               f"--full-modules, or extract the component folder alone (PEFT modules_to_save)")
+
+
+def check_kohya_target(target: str | os.PathLike) -> None:
+    """A kohya adapter is one ``.safetensors`` file: :class:`UsageError` for any other name."""
+    if Path(target).suffix != ".safetensors":
+        raise UsageError(f"-o {target}: a kohya adapter is one file: give a name ending in .safetensors")
 
 
 def save_adapter(adapter: Adapter, target: str | os.PathLike, *, format: AdapterFormat | str | None = None,

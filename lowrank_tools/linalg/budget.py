@@ -10,7 +10,6 @@ choice of the fractional knapsack (Dantzig 1957).
 
 from __future__ import annotations
 
-import heapq
 import math
 import numbers
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import NamedTuple, Sequence
 
 from ..errors import InvalidOption
 
-__all__ = ["LayerSpectrum", "allocate_budget", "uniform_rank_params"]
+__all__ = ["LayerSpectrum", "allocate_budget", "minimal_budget", "uniform_rank_params", "greedy_units"]
 
 
 @dataclass(frozen=True)
@@ -61,24 +60,30 @@ def _gains(layer: LayerSpectrum, max_rank: int | None) -> list[float]:
     return [v * v for v in values if v > 0 and math.isfinite(v)]
 
 
-def _greedy(gains: list[list[float]], costs: list[int], start: list[int], budget: int) -> _Allocation:
-    """Greedy by ``gain / cost`` over each layer's next unit, from ranks ``start``; a unit that does not
-    fit drops its layer (its later units cost the same) and the scan goes on to fill the leftover.
-    Ties go to the earlier layer, then the lower index."""
+def _greedy_order(gains: list[list[float]], costs: list[int]) -> list[tuple[int, int]]:
+    """Every unit ``(layer, index)`` in the allocator's greedy order: ``gain / cost`` best first, ties to the
+    earlier layer, then the lower index. A layer's gains are non-increasing, so its units come in index order."""
+    units = [(-g[r] / c, i, r) for i, (g, c) in enumerate(zip(gains, costs)) for r in range(len(g))]
+    return [(i, r) for _, i, r in sorted(units)]
+
+
+def _greedy(gains: list[list[float]], costs: list[int], start: list[int], budget: int,
+            order: list[tuple[int, int]]) -> _Allocation:
+    """Units in the greedy ``order``, from ranks ``start``; a unit that does not fit drops its layer (its later
+    units cost the same) and the scan goes on to fill the leftover."""
     ranks = list(start)
     remaining = budget - sum(r * c for r, c in zip(ranks, costs))
-    heap = [(-g[r] / c, i, r) for i, (g, c, r) in enumerate(zip(gains, costs, ranks)) if r < len(g)]
-    heapq.heapify(heap)
+    dropped = [False] * len(gains)
     first_miss = None
-    while heap:
-        _, i, r = heapq.heappop(heap)
+    for i, r in order:
+        if r < ranks[i] or dropped[i]:
+            continue
         if costs[i] > remaining:
             first_miss = gains[i][r] if first_miss is None else first_miss
+            dropped[i] = True
             continue
         remaining -= costs[i]
         ranks[i] = r + 1
-        if r + 1 < len(gains[i]):
-            heapq.heappush(heap, (-gains[i][r + 1] / costs[i], i, r + 1))
     retained = math.fsum(v for g, r in zip(gains, ranks) for v in g[:r])
     return _Allocation(ranks, retained, first_miss)
 
@@ -98,10 +103,11 @@ def _uniform_start(gains: list[list[float]], costs: list[int], budget: int) -> l
 def _allocate(layers: Sequence[LayerSpectrum], budget: int, max_rank: int | None) -> _Allocation:
     gains = [_gains(layer, max_rank) for layer in layers]
     costs = [layer.unit_cost for layer in layers]
-    greedy = _greedy(gains, costs, [0] * len(layers), budget)
+    order = _greedy_order(gains, costs)
+    greedy = _greedy(gains, costs, [0] * len(layers), budget, order)
     # The greedy can strand budget behind one expensive unit; a uniform start then filled greedily
     # never does worse than the uniform rank, so keep whichever retains more.
-    seeded = _greedy(gains, costs, _uniform_start(gains, costs, budget), budget)
+    seeded = _greedy(gains, costs, _uniform_start(gains, costs, budget), budget, order)
     if seeded.retained > greedy.retained:
         return _Allocation(seeded.ranks, seeded.retained, greedy.first_miss)
     return greedy
@@ -131,7 +137,7 @@ def allocate_budget(layers: Sequence[LayerSpectrum], budget: int, *, max_rank: i
     over budget; retained energy ``>= OPT - g`` where ``g`` is the gain of the first unit that did not
     fit (the classic fractional-knapsack bound), and never less than the largest uniform rank that
     fits. Zero singular values are never taken; ``max_rank`` caps every layer. Ties go to the earlier
-    layer. O(U log L) for U units over L layers.
+    layer. O(U log U) for U units (one sort, the same order :func:`minimal_budget` walks).
 
     Raises :class:`InvalidOption` when the budget cannot buy one rank unit of the cheapest layer.
     """
@@ -147,3 +153,25 @@ def uniform_rank_params(layers: Sequence[LayerSpectrum], r: int) -> int:
     if r < 0:
         raise ValueError(f"r must be >= 0, got {r}")
     return sum(min(r, min(layer.shape)) * layer.unit_cost for layer in layers)
+
+
+def minimal_budget(layers: Sequence[LayerSpectrum], target: float) -> int | None:
+    """The cost of the shortest prefix of :func:`allocate_budget`'s greedy order whose gains (squared singular
+    values) reach ``target``: ``allocate_budget`` with that budget takes the same prefix first, so it retains
+    at least ``target``. None when all units together fall short."""
+    reached, spent = 0.0, 0
+    for gain, cost in zip(*greedy_units(layers)):
+        reached += gain
+        spent += cost
+        if reached >= target:
+            return spent
+    return None
+
+
+def greedy_units(layers: Sequence[LayerSpectrum]) -> tuple[list[float], list[int]]:
+    """(gain, cost) of every rank unit in :func:`allocate_budget`'s greedy order (``s^2 / cost`` best first):
+    what :func:`minimal_budget` and analyze's retained-energy curve walk."""
+    gains = [_gains(layer, None) for layer in layers]
+    costs = [layer.unit_cost for layer in layers]
+    order = _greedy_order(gains, costs)
+    return [gains[i][r] for i, r in order], [costs[i] for i, _ in order]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import NonFiniteWeight
-from .svd import check_matrix, work_dtype, concat_factors
+from .svd import check_matrix, work_dtype, concat_factors, qr_core
 
 __all__ = ["delta_stats", "check_finite", "frobenius_error", "frobenius_norm", "lowrank_frobenius_diff", "lowrank_frobenius_norm"]
 
@@ -93,17 +93,8 @@ def lowrank_frobenius_norm(B: Tensor, A: Tensor, s: float = 1.0) -> float:
 
     QR of both factors in float64: ``||B A||_F = ||R_B R_A^T||_F`` (orthonormal Q's drop out). Same
     cost as the Gram trick ``tr((B^T B)(A A^T))`` but no squaring, so small differences survive."""
-    check_matrix(B, "B")
-    check_matrix(A, "A")
-    if B.shape[1] != A.shape[0]:
-        raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} do not chain: B is (m, r), A is (r, n)")
-    if B.shape[1] == 0 or s == 0:
-        return 0.0
-    B = B.detach().to(torch.float64)
-    A = A.detach().to(device=B.device, dtype=torch.float64)
-    R_B = torch.linalg.qr(B, mode="r").R  # (p, r)
-    R_A = torch.linalg.qr(A.mT, mode="r").R  # (q, r)
-    return abs(float(s)) * float(torch.linalg.matrix_norm(R_B @ R_A.mT))
+    core = qr_core(B, A, dtype=torch.float64).core  # (p, q): R_B R_A^T, float64; (0, 0) when r = 0
+    return abs(float(s)) * float(torch.linalg.matrix_norm(core)) if s != 0 else 0.0
 
 
 @torch.no_grad()

@@ -15,12 +15,26 @@ from torch import Tensor
 
 from ..errors import InvalidOption
 
-__all__ = ["RankRule", "ENERGY_RTOL"]
+__all__ = ["RankRule", "ENERGY_RTOL", "energy_count", "require_rank_option"]
 
 ENERGY_RTOL = 1e-12  # relative slack so spectra that reach the target exactly are not off by one
-_ENERGY_RTOL = ENERGY_RTOL
 _RATIO_RTOL = 1e-12  # same for S_1 / sv_ratio, which is rounded when computed
 
+
+def require_rank_option(rule: RankRule | None, budget: int | None, command: str) -> None:
+    """Every command with rank options (extract, resize; merge has a default): a rule, a budget, or both."""
+    if rule is None and budget is None:
+        raise InvalidOption(f"{command} needs a rank option: pass --rank, --energy, --sv-ratio, --threshold "
+                            f"or --budget")
+
+
+def energy_count(cumulative: Tensor, level: float, total: float) -> int:
+    """The energy rule, the one implementation (``--energy``, analyze's energy ranks, recommend's uniform rank):
+    the smallest r with ``cumulative[r - 1] >= level * total`` (``cumulative``: (k,) float64, non-decreasing, the
+    energy retained at r = 1..k), with a relative slack of ``ENERGY_RTOL * total`` so that a spectrum reaching
+    the target exactly is not off by one. ``k + 1`` when even ``cumulative[-1]`` falls short."""
+    target = level * total - ENERGY_RTOL * total
+    return int(torch.searchsorted(cumulative, torch.tensor([target], dtype=cumulative.dtype))[0]) + 1
 
 
 def _check_range(option: str, value: object, ok: Callable[[float], bool], allowed: str, hint: str) -> None:
@@ -90,11 +104,9 @@ class RankRule:
 
     def _dynamic_count(self, s: Tensor, dtype: torch.dtype, total_energy: float | None) -> int:
         if self.energy is not None:
-            sq = s * s
-            cum = torch.cumsum(sq, 0)  # (k,) float64: exact enough for boundary comparisons
+            cum = torch.cumsum(s * s, 0)  # (k,) float64: exact enough for boundary comparisons
             total = float(cum[-1]) if total_energy is None else max(float(total_energy), float(cum[-1]))
-            target = self.energy * total - _ENERGY_RTOL * total
-            return min(int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype))[0]) + 1, len(s))
+            return min(energy_count(cum, self.energy, total), len(s))
         if self.sv_ratio is not None:
             cutoff = float(s[0]) / self.sv_ratio * (1 - _RATIO_RTOL)
             return int((s >= cutoff).sum())
@@ -103,12 +115,9 @@ class RankRule:
         return int((s > thr).sum())
 
     def needed_k(self, shape: Sequence[int]) -> int:
-        """How many singular values to compute for a matrix of ``shape``: ``rank`` if given, else all.
-
-        A shape with more than two dims is read as ``(shape[0], prod(shape[1:]))`` (flattened conv).
-        """
-        dims = [int(d) for d in shape]
-        side = min(dims[0], math.prod(dims[1:])) if len(dims) > 1 else dims[0]
+        """How many singular values to compute for a matrix of ``shape`` (out, in_flat), the matrix view
+        (``adapter.matrix_shape``): ``rank`` if given, else all."""
+        side = min(int(shape[0]), int(shape[1]))
         return side if self.rank is None else min(int(self.rank), side)
 
 

@@ -1,4 +1,6 @@
-"""Top-k singular values of a large matrix, fast: a randomized subspace iteration in bfloat16, values in float32.
+"""The randomized range finder (the one: :func:`range_finder`, also that of ``linalg.truncated_svd``), its bf16
+acceptance rule (:func:`bf16_accepts`), and top-k singular values of a large matrix, fast: the range finder in
+bfloat16 with Cholesky QR, values in float32 (:func:`top_singular_values`, for ``analyze --top``).
 
 Halko, Martinsson & Tropp 2011, "Finding structure with randomness", Alg. 4.4 (randomized subspace
 iteration): ``W = M Z`` (m, l), ``l = k + oversample``, with Z (n, l) an orthonormal basis of the dominant
@@ -12,10 +14,9 @@ Mixed precision (Connolly, Higham & Mary 2023, "Randomized low-rank approximatio
 and a mixed precision algorithm"): the subspace tolerates low-precision products, so the sketch and power
 iterations multiply by ``bf16(M)`` where bf16 matrix products are fast (CUDA; CPUs with AMX or
 AVX512-BF16), 5-7x the float32 rate; only the last product, ``U^T M`` with k rows, is float32. The values
-therefore carry no bf16 rounding of M, only its effect on the subspace: rounding M to bf16 (u = 2^-8)
-perturbs it by E with ``||E||_2 ~ u ||M||_F / sqrt(min(m, n))`` (random-sign rounding), which turns the
-subspace by about ``||E||_2 / s_k``. When that estimate exceeds ``_BF16_MAX_NOISE`` (steep spectra: s_k / s_1
-below ~1e-3) the sketch is redone in float32.
+therefore carry no bf16 rounding of M, only its effect on the subspace, which
+:func:`bf16_accepts` bounds (the rule the randomized SVD of extract uses too); where it
+does not accept (steep spectra, a matrix of rank below k), the sketch is redone in float32.
 
 Cost on 2 CPU cores with AMX, 4096 x 4096, k = 64, 3 power iterations (benchmarks/bench_analyze.py): the
 bf16 copy of M (~7 ms, one pass over M, in huge pages: 11 ms with 4 KiB pages), seven bf16 products with 128
@@ -28,19 +29,92 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .svd import fast_bf16  # re-exported: the sketch's default precision
 from .memory import empty_huge
 
-__all__ = ["top_singular_values", "fast_bf16"]
+__all__ = ["top_singular_values", "range_finder", "bf16_accepts", "fast_bf16"]
 
-_BF16_UNIT_ROUNDOFF = 2.0**-8
+_BF16_ROUNDOFF = 2.0**-8  # unit roundoff of bfloat16
+_BF16_TOLERANCE = 0.03  # bf16 rounding may move at most this share (squared) of the energy a result is measured by
+
 _MIN_PIVOT_RATIO = 1e-3  # Cholesky QR while min/max pivot of L exceeds this (a cheap stand-in for 1 / cond(Y))
 _MIN_RITZ_PIVOT = 1e-4  # the final basis: float64 Cholesky while its pivots stay within 1e4 (orthogonality ~1e-8)
-_BF16_MAX_NOISE = 0.01  # estimated ||E||_2 / s_k above this: the subspace could be off, redo in float32
+
+
+# ------------------------------------------------------------------ the range finder (also truncated_svd's)
+
+
+@functools.lru_cache(maxsize=4)
+def _test_matrix(n: int, l: int, seed: int, dtype: torch.dtype) -> Tensor:
+    """The Gaussian test matrix Omega (n, l) of ``seed``, drawn on the CPU (the same on every device; the caller
+    moves it) in float32 (float64 for float64 products), then cast to ``dtype``. Stored column-major (as the
+    transpose of an (l, n) matrix): the first product ``M @ Omega`` is then the faster oneDNN kind for bf16.
+    Cached: analyze asks for the same one for every layer of a shape; never written to, a few MiB at most."""
+    gen = torch.Generator().manual_seed(seed)
+    drawn = torch.randn(n, l, generator=gen, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return drawn.to(dtype).mT.contiguous().mT
+
+
+def range_finder(Ms: Tensor, l: int, n_iter: int, seed: int, orth_rows: Callable[[Tensor], Tensor]) -> Tensor:
+    """Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4), the one range finder (the
+    randomized SVD of :func:`~lowrank_tools.linalg.truncated_svd`, the values-only sketch here): ``W = Ms Z``
+    (..., m, l), Z (n, l) an orthonormal basis of the dominant row space after ``n_iter`` power iterations, from
+    the Gaussian test matrix of ``seed``; W's columns span the dominant column space, each scaled by about its
+    singular value.
+
+    ``Ms`` (m, n) or a stack (b, m, n), in the product dtype (bf16 for the mixed-precision runs). Every product
+    is re-orthonormalised (else the small values are lost) by ``orth_rows(Y)``: rows orthonormal spanning the
+    rows of Y (..., l, r) (Householder QR in the randomized SVD; Cholesky QR in the sketch). The products are
+    ``Ms @ X`` and ``X @ Ms``, 2 n_iter + 1 in all, and W is returned in Ms's dtype, not orthonormalised."""
+    W = Ms @ _test_matrix(Ms.shape[-1], l, seed, Ms.dtype).to(Ms.device)  # (..., m, l)
+    for _ in range(n_iter):
+        Qt = orth_rows(W.mT).to(Ms.dtype)  # (..., l, m): the column space so far
+        Zt = orth_rows(Qt @ Ms).to(Ms.dtype)  # (..., l, n): the row space it maps to
+        W = Ms @ Zt.mT  # (..., m, l)
+    return W
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products beat float32 on ``device``: CUDA, or a CPU with AMX / AVX512-BF16
+    (3-5x the float32 rate for 4096 x 11008 by 74 columns on 2 cores)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and _cpu_bf16_fast()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_bf16_fast() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def bf16_accepts(S: Tensor, frobenius: float, shape: Sequence[int]) -> bool:
+    """Whether the top-k ``S`` (k,) found through ``bf16(M)`` (M of ``shape`` (m, n), ``||M||_F = frobenius``) are
+    as good as float32's: the one acceptance rule of the bf16 range finder (extract's factors, analyze's values).
+
+    Mixed precision (Connolly, Higham & Mary 2023, "Randomized low-rank approximation: rounding error analysis
+    and a mixed precision algorithm"): rounding M to bf16 (u = 2^-8) perturbs it by E, ``||E||_2 <= 2 u ||M||_F /
+    sqrt(min(m, n))`` for random-sign rounding (x2 margin); the found subspace turns by ~||E||_2 / s_i in direction
+    i, which moves ~||E||_2^2 of energy out of it per direction. Accepted when that is at most 0.03^2 of what the
+    results are measured against: each value (``||E||_2 <= 0.03 s_k``, which also keeps the first-order estimate
+    valid) and the tail the k leave out (``k ||E||_2^2 <= 0.03^2 tail^2``, ``tail^2 = ||M||_F^2 - sum S^2``: the
+    rank-k error grows by ~0.05%). Fine-tune deltas (optimal error 10-60%) pass; a planted low-rank matrix
+    (tail ~ 0) or a steep spectrum (s_k far below the RMS singular value) is redone in float32."""
+    k = S.shape[-1]
+    if k == 0 or not math.isfinite(frobenius):
+        return False
+    noise = 2 * _BF16_ROUNDOFF * frobenius / math.sqrt(min(int(d) for d in shape[-2:]))  # estimated ||E||_2
+    tail2 = frobenius**2 - float((S.double() ** 2).sum())
+    s_k = float(S[..., -1].min())
+    return tail2 > 0 and noise <= _BF16_TOLERANCE * s_k and k * noise**2 <= _BF16_TOLERANCE**2 * tail2
+
+
+# ------------------------------------------------------------------ the values-only sketch
 
 
 def _orth_rows(Y: Tensor) -> Tensor:
@@ -62,27 +136,11 @@ def _orth_rows(Y: Tensor) -> Tensor:
     return torch.linalg.qr(Y.mT).Q.mT
 
 
-@functools.lru_cache(maxsize=4)
-def _test_matrix(l: int, n: int, seed: int, dtype: torch.dtype) -> Tensor:
-    """The Gaussian test matrix, stored as its transpose (l, n), on the CPU (the same on every device; the
-    caller moves it). Cached: analyze asks for the same one for every layer of a shape (1.5 ms for 128 x 4096);
-    never written to, a few MiB of CPU memory at most."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(l, n, generator=gen).to(dtype)
-
-
 def _sketch(Ms: Tensor, l: int, n_iter: int, seed: int) -> Tensor:
-    """``(M Z)^T`` (l, m) float32, ``Z`` (n, l) an orthonormal basis of the dominant row space after ``n_iter``
-    power iterations: its rows span the dominant column space, each scaled by about its singular value.
-    Every product is by ``Ms`` (M in the sketch dtype) and re-orthonormalised (else the small values are
-    lost). Four products ``Ms @ X`` and three ``X @ Ms`` for n_iter = 3: the first kind is ~30% faster with
-    oneDNN's bf16 kernels, so the sketch starts and ends with it."""
-    W = Ms @ _test_matrix(l, Ms.shape[1], seed, Ms.dtype).to(Ms.device).mT  # (m, l)
-    for _ in range(n_iter):
-        Qt = _orth_rows(W.mT).to(Ms.dtype)  # (l, m): the column space so far
-        Zt = _orth_rows(Qt @ Ms).to(Ms.dtype)  # (l, n): the row space it maps to
-        W = Ms @ Zt.mT  # (m, l)
-    return W.mT.float()
+    """``(M Z)^T`` (l, m) float32: the :func:`~lowrank_tools.linalg.range_finder` with Cholesky QR
+    (:func:`_orth_rows`). Four products ``Ms @ X`` and three ``X @ Ms`` for n_iter = 3: the first kind is ~30%
+    faster with oneDNN's bf16 kernels, and the range finder starts and ends with it."""
+    return range_finder(Ms, l, n_iter, seed, _orth_rows).mT.float()
 
 
 def _ritz_values(M: Tensor, Y: Tensor, k: int, *, gram_dtype: torch.dtype) -> Tensor:
@@ -146,7 +204,6 @@ def top_singular_values(M: Tensor, k: int, *, oversample: int | None = None, n_i
         S = _ritz_values(M, _sketch(Mb, l, n_iter, seed), k, gram_dtype=torch.float32)
         del Mb
         norm = float(torch.linalg.vector_norm(M)) if frobenius is None else frobenius
-        noise = _BF16_UNIT_ROUNDOFF * norm / math.sqrt(side)  # estimated ||E||_2 of rounding M to bf16
-        if float(S[-1]) > 0 and noise <= _BF16_MAX_NOISE * float(S[-1]):
+        if bf16_accepts(S, norm, M.shape):
             return S, "randomized-bf16"
     return _ritz_values(M, _sketch(M, l, n_iter, seed), k, gram_dtype=torch.float64), "randomized"

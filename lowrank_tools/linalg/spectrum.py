@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .rank_rules import ENERGY_RTOL  # the same slack as RankRule: F reached exactly is not off by one
+from .rank_rules import ENERGY_RTOL, energy_count  # the energy rule of --energy: F reached exactly is not off by one
 
 __all__ = ["ENERGY_LEVELS", "SpectrumMetrics", "spectrum_metrics", "cumulative_energy", "energy_rank",
            "effective_rank", "stable_rank", "level_key"]
@@ -78,14 +78,13 @@ def energy_rank(S: Tensor | Sequence[float], level: float, *, total_energy: floa
     if total <= 0 or len(s) == 0:
         return 0, False
     cum = torch.cumsum(s * s, 0)  # (k,)
-    target = level * total - ENERGY_RTOL * total
-    r = int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype))[0]) + 1
+    r = energy_count(cum, level, total)
     if r <= len(s):
         return r, False
     tail, count = _tail(s, total, full_length)
     if count == 0:  # complete spectrum (or rounding): every value is needed
         return len(s), False
-    missing = target - float(cum[-1])
+    missing = level * total - ENERGY_RTOL * total - float(cum[-1])
     return len(s) + min(count, math.ceil(missing / float(s[-1]) ** 2 * (1 - ENERGY_RTOL))), True
 
 

@@ -22,20 +22,19 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import InvalidOption, NumericalError
+from ..errors import InvalidOption, NumericalError, Warn
+from .sketch import bf16_accepts, fast_bf16, range_finder  # the range finder, its bf16 rule (re-exported)
 from .rank_rules import RankRule  # re-exported: the rules live beside the SVDs they truncate
 
 __all__ = [
-    "Device", "Method", "RankRule", "TruncatedSVD", "truncated_svd", "singular_values", "balanced_factors", "qr_core_svd",
-    "concat_factors", "fast_bf16", "resolve_device",
+    "Device", "Method", "OutOfMemory", "QRCore", "RankRule", "TruncatedSVD", "truncated_svd", "singular_values",
+    "balanced_factors",
+    "qr_core", "qr_core_svd",
+    "concat_factors", "fast_bf16", "bf16_accepts", "range_finder", "resolve_device",
 ]
 
-Warn = Callable[[str], None]
-
-_BF16_ROUNDOFF = 2.0**-8  # unit roundoff of bfloat16
-_BF16_MAX_EXCESS = 0.03  # sqrt(k) ||E||_2 / tail above this: the bf16 range finder is redone in float32
 _AUTO_MIN_SIDE = 256  # below this an exact SVD is as fast as the randomized one
-_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # not retried: float64 needs more memory
+OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # never retried: more memory is no help
 
 
 class Device(str, Enum):
@@ -104,63 +103,34 @@ def _exact(M: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return U[:, :k], S, Vh[:k]  # the full S is kept: truncated_svd reports it as .spectrum
 
 
+def _householder_rows(Y: Tensor, dtype: torch.dtype) -> Tensor:
+    """Orthonormal rows (..., l, r) in ``dtype`` spanning the rows of ``Y``: Householder QR of ``Y^T``."""
+    return torch.linalg.qr(Y.mT.to(dtype)).Q.mT
+
+
 def randomized_svd(M: Tensor, k: int, oversample: int, n_iter: int, seed: int, *, bf16: bool = False,
                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Halko, Martinsson & Tropp 2011: Alg. 4.4 (randomized subspace iteration) then Alg. 5.1 (direct SVD).
+    """Halko, Martinsson & Tropp 2011: Alg. 4.4 (:func:`range_finder`, Householder QR) then Alg. 5.1 (direct SVD).
 
     ``M`` is (m, n), or a stack (b, m, n) of equal shapes (:mod:`~lowrank_tools.extract.pipeline` batches layers on
     CUDA); every matrix gets the same test matrix, so a stacked layer sees what it would alone. ``bf16``: the
-    range finder's products by bf16(M) (see :func:`_bf16_close`); the projection ``Q^T M`` stays in M's dtype."""
+    range finder's products by bf16(M) (see :func:`bf16_accepts`); the projection ``Q^T M`` stays in M's dtype."""
     transpose = M.shape[-2] < M.shape[-1]  # work on the tall problem: QR of (m, l) with m >= n, like torch
     X = M.mT if transpose else M  # (..., m, n), m >= n
     Xs = X.to(torch.bfloat16) if bf16 else X  # what the range finder multiplies by
     l = min(k + oversample, X.shape[-1])
-    gen = torch.Generator().manual_seed(seed)  # CPU generator: the same test matrix on every device
-    omega = torch.randn(X.shape[-1], l, generator=gen, dtype=X.dtype).to(device=X.device, dtype=Xs.dtype)  # (n, l)
-    Q = torch.linalg.qr((Xs @ omega).to(X.dtype)).Q  # (..., m, l)
-    for _ in range(n_iter):  # re-orthonormalise after every product, else the small S are lost
-        Z = torch.linalg.qr((Xs.mT @ Q.to(Xs.dtype)).to(X.dtype)).Q  # (..., n, l)
-        Q = torch.linalg.qr((Xs @ Z.to(Xs.dtype)).to(X.dtype)).Q  # (..., m, l)
+    orth = functools.partial(_householder_rows, dtype=X.dtype)
+    Q = orth(range_finder(Xs, l, n_iter, seed, orth).mT).mT  # (..., m, l) orthonormal columns
     del Xs
     Ub, S, Vh = torch.linalg.svd(Q.mT @ X, full_matrices=False)  # (..., l, l), (..., l), (..., l, n)
     U, S, Vh = Q @ Ub[..., :k], S[..., :k], Vh[..., :k, :]  # (..., m, k), (..., k), (..., k, n)
     return (Vh.mT, S, U.mT) if transpose else (U, S, Vh)
 
 
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products beat float32 on ``device``: CUDA, or a CPU with AMX / AVX512-BF16
-    (3-5x the float32 rate for 4096 x 11008 by 74 columns on 2 cores)."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and _cpu_bf16_fast()
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_bf16_fast() -> bool:
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-
-
 def _bf16_fast(device_type: str) -> bool:
     """The range finder of :func:`truncated_svd` in bf16: on the CPUs of :func:`fast_bf16` only. GPUs keep
     float32 (with TF32 off unless asked): there the SVD is never what extract waits for."""
     return device_type == "cpu" and fast_bf16(torch.device("cpu"))
-
-
-def _bf16_close(X: Tensor, S: Tensor) -> bool:
-    """Whether the bf16 range finder's top-k factors of ``X`` (m, n) float32 (``S``: their k values) are as
-    good as float32's, to ~0.05% of the error. Mixed precision (Connolly, Higham & Mary 2023, "Randomized
-    low-rank approximation: rounding error analysis and a mixed precision algorithm"): rounding X to bf16
-    (u = 2^-8) perturbs it by E, ``||E||_2 <= 2 u ||X||_F / sqrt(min(m, n))`` for random-sign rounding (x2
-    margin); the found subspace moves by ~||E||_2 / s_i in direction i, so the squared error of the rank-k
-    approximation grows by ~k ||E||_2^2 over the optimal tail^2 = ||X||_F^2 - sum S^2. Accepted when that is
-    under 0.03^2 tail^2, i.e. when the optimal relative error is above ~3% (r=64, 4096 wide): fine-tune
-    deltas (10-60%); a planted low-rank matrix (tail ~ 0) is redone in float32."""
-    total = float(torch.linalg.vector_norm(X)) ** 2  # float32 is enough for this estimate
-    tail2 = total - float((S.double() ** 2).sum())
-    noise2 = (2 * _BF16_ROUNDOFF) ** 2 * total / min(X.shape[-2:])
-    return tail2 > 0 and S.shape[-1] * noise2 <= _BF16_MAX_EXCESS**2 * tail2
 
 
 def resolve_method(method: Method, side: int, k: int, oversample: int) -> Method:
@@ -202,7 +172,7 @@ def _with_fallback(compute: Callable[[Tensor, bool], tuple[Tensor, ...]], M: Ten
             on_warning(f"SVD did not converge ({_one_line(error)}), retried {how}")
         try:
             out = compute(M.to(device=device, dtype=dtype), exact)
-        except _OOM:
+        except OutOfMemory:  # float64 needs more memory
             raise
         except RuntimeError as exc:  # includes torch.linalg.LinAlgError ("failed to converge")
             error = exc
@@ -245,7 +215,7 @@ def truncated_svd(M: Tensor, k: int, *, method: Method | str = Method.AUTO, over
             return _exact(X, k)
         if X.dtype == torch.float32 and _bf16_fast(X.device.type):  # the range finder in bf16 where that is fast
             U, S, Vh = randomized_svd(X, k, oversample, n_iter, seed, bf16=True)
-            if _bf16_close(X, S):
+            if bf16_accepts(S, float(torch.linalg.vector_norm(X)), X.shape):  # float32 norm: enough here
                 return U, S, Vh
         return randomized_svd(X, k, oversample, n_iter, seed)
 
@@ -275,27 +245,57 @@ def balanced_factors(svd: TruncatedSVD, r: int, *, scale: float = 1.0) -> tuple[
     return (svd.U[:, :r] * root).contiguous(), (root.unsqueeze(1) * svd.Vh[:r]).contiguous()
 
 
-@torch.no_grad()
-def qr_core_svd(B: Tensor, A: Tensor, *, scale: float = 1.0, on_warning: Warn | None = None) -> TruncatedSVD:
-    """Exact SVD of ``scale * B @ A`` (B (m, r), A (r, n)) without forming the (m, n) product.
+@dataclass
+class QRCore:
+    """The QR core of ``scale * B @ A`` (B (m, r), A (r, n)): ``B = Q_B R_B``, ``A^T = Q_A R_A`` (reduced QR) and
+    ``core = scale * R_B @ R_A^T``, which has the product's singular values and Frobenius norm."""
 
-    ``B = Q_B R_B`` and ``A^T = Q_A R_A`` (reduced QR), SVD of the small core
-    ``scale * R_B @ R_A^T = U_c S V_c^T``, then ``U = Q_B U_c`` and ``Vh = V_c^T Q_A^T``. Works for
-    r > m or r > n (the core is then rectangular) and rank-deficient factors. Returns
-    ``min(m, n, r)`` components, signs fixed as in :func:`truncated_svd`; float32 (float64 kept).
-    """
+    core: Tensor  # (p, q); p = min(m, r), q = min(n, r)
+    R_B: Tensor  # (p, r)
+    R_A: Tensor  # (q, r)
+    Q_B: Tensor | None = None  # (m, p) orthonormal columns; None unless asked for
+    Q_A: Tensor | None = None  # (n, q)
+
+
+def _check_chain(B: Tensor, A: Tensor) -> None:
     check_matrix(B, "B")
     check_matrix(A, "A")
     if B.shape[1] != A.shape[0]:
         raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} do not chain: B is (m, r), A is (r, n)")
-    work = work_dtype(B, A)
-    B = B.detach().to(work)
-    A = A.detach().to(device=B.device, dtype=work)
-    Q_B, R_B = torch.linalg.qr(B)  # (m, p), (p, r); p = min(m, r)
-    Q_A, R_A = torch.linalg.qr(A.mT)  # (n, q), (q, r); q = min(n, r)
+
+
+@torch.no_grad()
+def qr_core(B: Tensor, A: Tensor, *, scale: float = 1.0, dtype: torch.dtype | None = None, device=None,
+            orthonormal: bool = False) -> QRCore:
+    """The QR core of ``scale * B @ A`` (:class:`QRCore`), the one step every product-free computation on a
+    low-rank product starts from (:func:`qr_core_svd`; resize and merge; ``norms.lowrank_frobenius_norm``).
+
+    ``dtype``: of the QRs (default float32, float64 kept); ``device``: B's unless given. ``orthonormal``: also
+    form ``Q_B`` and ``Q_A`` (to lift singular vectors of the core); without it only the R factors are computed
+    (LAPACK's R-only QR, cheaper, the same R). Works for r > m or r > n and rank-deficient factors."""
+    _check_chain(B, A)
+    work = dtype or work_dtype(B, A)
+    device = B.device if device is None else device
+    B = B.detach().to(device=device, dtype=work)
+    A = A.detach().to(device=device, dtype=work)
+    mode = "reduced" if orthonormal else "r"
+    Q_B, R_B = torch.linalg.qr(B, mode=mode)  # (m, p), (p, r)
+    Q_A, R_A = torch.linalg.qr(A.mT, mode=mode)  # (n, q), (q, r)
     core = scale * (R_B @ R_A.mT)  # (p, q)
-    (Uc, S, Vch), _ = _with_fallback(lambda X, exact: torch.linalg.svd(X, full_matrices=False), core, on_warning)
-    U, Vh = fix_signs(Q_B @ Uc, Vch @ Q_A.mT)  # (m, min(p, q)), (min(p, q), n)
+    return QRCore(core, R_B, R_A, Q_B if orthonormal else None, Q_A if orthonormal else None)
+
+
+@torch.no_grad()
+def qr_core_svd(B: Tensor, A: Tensor, *, scale: float = 1.0, on_warning: Warn | None = None) -> TruncatedSVD:
+    """Exact SVD of ``scale * B @ A`` (B (m, r), A (r, n)) without forming the (m, n) product.
+
+    SVD of the :func:`qr_core` ``scale * R_B @ R_A^T = U_c S V_c^T``, then ``U = Q_B U_c`` and
+    ``Vh = V_c^T Q_A^T``. Works for r > m or r > n (the core is then rectangular) and rank-deficient factors.
+    Returns ``min(m, n, r)`` components, signs fixed as in :func:`truncated_svd`; float32 (float64 kept).
+    """
+    qr = qr_core(B, A, scale=scale, orthonormal=True)
+    (Uc, S, Vch), _ = _with_fallback(lambda X, exact: torch.linalg.svd(X, full_matrices=False), qr.core, on_warning)
+    U, Vh = fix_signs(qr.Q_B @ Uc, Vch @ qr.Q_A.mT)  # (m, min(p, q)), (min(p, q), n)
     return TruncatedSVD(U=U, S=S.contiguous(), Vh=Vh, method=Method.EXACT)
 
 
