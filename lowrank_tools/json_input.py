@@ -117,8 +117,8 @@ def _get(obj: Mapping, key: str, default, where: str, error, want: str):
 
 
 def _wrong(key: str, value: object, where: str, want: str, error) -> LowRankError:
-    shown = _short(repr(value)) if isinstance(value, (str, int, float)) else type_name(value)
-    return error(f"{where}: field {key!r} is {shown}, expected {want}")
+    shown = repr(value) if isinstance(value, (str, int, float, list)) and len(repr(value)) <= 60 else type_name(value)
+    return error(f"{where}: {key} {shown} is not {want}")
 
 
 def get_mapping(obj: Mapping, key: str, where: str, *, default=_REQUIRED, error=CorruptCheckpoint) -> dict:
@@ -160,7 +160,7 @@ def get_number(obj: Mapping, key: str, where: str, *, default=_REQUIRED, error=C
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, int) and
                                                                           abs(value) > 2**1023):
-        raise _wrong(key, value, where, "a finite number", error)
+        raise _wrong(key, value, where, "a number", error)
     return float(value)
 
 
