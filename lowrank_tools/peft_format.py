@@ -30,6 +30,7 @@ from .atomic import write_safetensors
 from .checkpoint import open_checkpoint
 from .errors import AdapterFormatError, ConversionError
 from .json_input import get_bool, get_number, get_str, get_str_list, load_json, type_name
+from .patterns import peft_pattern_value
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_peft_folder",
            "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft", "write_diffusers", "peft_config",
@@ -171,15 +172,10 @@ def write_diffusers(adapter: Adapter, folder: Path) -> None:
 # ------------------------------------------------------------------------------------------------ read
 
 
-def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's rule (``get_pattern_key``): the first pattern key matching the end of the module name wins."""
-    for key, value in patterns.items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return value
-        except re.error:
-            continue  # PEFT would fail on it too; a literal name that is not a regex matches nothing here
-    return default
+def _pattern_value(patterns: dict, name: str, default, what: str):
+    """PEFT's rule (``get_pattern_key``): the first pattern key matching the end of the module name wins; plain names
+    are matched as strings and other keys' work is bounded (:mod:`lowrank_tools.patterns`)."""
+    return peft_pattern_value(patterns, name, default, what=what, error=AdapterFormatError)
 
 
 def _split_key(key: str) -> tuple[str, str, bool] | None:
@@ -325,11 +321,11 @@ def _modules_from_config(halves: dict, config: dict, where: Path, source: Path, 
     for name, parts in halves.items():
         local = name[len(strip):]
         A, B = parts["A"], parts["B"]
-        want = int(_pattern_value(rank_pattern, local, r))
+        want = int(_pattern_value(rank_pattern, local, r, f"{where}: rank_pattern"))
         if A.ndim >= 1 and A.shape[0] != want:
             raise AdapterFormatError(f"{where}: rank {want} for {local} (r / rank_pattern) but {parts['A_key']} has "
                                      f"{A.shape[0]} rows: the config and weights disagree")
-        alpha = float(_pattern_value(alpha_pattern, local, lora_alpha))
+        alpha = float(_pattern_value(alpha_pattern, local, lora_alpha, f"{where}: alpha_pattern"))
         modules[name] = build_module(name, A, B, alpha, embedding=parts["emb"], rslora=rslora, source=source,
                                      keys=(parts["A_key"], parts["B_key"]))
     return modules
