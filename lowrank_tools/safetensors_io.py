@@ -136,7 +136,7 @@ def _parse_entry(path: Path, name: str, info: object, data_start: int) -> Entry:
     if not isinstance(info, dict):
         raise CorruptCheckpoint(f"{where}: header entry is {type_name(info)}, not an object: {_FIX}")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         if isinstance(dtype, str):
             raise UnsupportedTensor(f"{where} has dtype {dtype[:40]!r}, which this tool cannot read: convert it to F32")
         raise CorruptCheckpoint(f"{where}: dtype is {type_name(dtype)}, not a dtype name: {_FIX}")
