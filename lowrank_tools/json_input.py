@@ -1,4 +1,5 @@
-"""JSON read from files a user gives: parsed strictly, checked by type, every failure one line naming the file and field.
+"""JSON read from files a user gives: parsed strictly, checked by type, every failure one line naming the file and
+field.
 
 Every JSON the tool reads goes through :func:`load_json`: safetensors headers, ``config.json``, ``adapter_config.json``,
 shard indexes and JSON held in safetensors metadata strings (kohya names, diffusers LoraConfigs). It refuses what
@@ -8,7 +9,7 @@ would otherwise surface as a Python error far from the file:
 - ``NaN``, ``Infinity``, ``-Infinity`` and numbers that overflow a float (``1e400``), which are not JSON;
 - nesting deeper than :data:`MAX_DEPTH` (200,000 ``[`` would raise ``RecursionError``, and a deep value breaks
   whatever walks it later, ``repr`` included);
-- bytes that are not UTF-8.
+- bytes that are not UTF-8, and ``\\ud800``-style escapes of lone surrogates (not Unicode text either).
 
 The accessors (:func:`get_str`, :func:`get_int`, :func:`get_number`, ...) read one field and raise the caller's error
 class naming the field and the type found, so call sites never meet a ``TypeError`` / ``AttributeError``.
@@ -82,16 +83,34 @@ def load_json(source: str | bytes | Path, *, what: str | None = None, error: typ
 
 def check_depth(value: object, what: str, *, error: type[LowRankError] = CorruptCheckpoint, fix: str = "re-save it",
                 limit: int = MAX_DEPTH) -> None:
-    """Raise ``error`` when lists/objects in ``value`` nest deeper than ``limit`` (walked without recursion)."""
+    """Raise ``error`` when lists/objects in ``value`` nest deeper than ``limit`` or a string is not Unicode text
+    (walked without recursion)."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_text(item, what, error, fix)
+            continue
         children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
         if children is None:
             continue
         if depth > limit:
             raise error(f"{what}: JSON nested deeper than {limit} levels: {fix}")
+        if isinstance(item, dict):
+            for key in item:
+                _check_text(key, what, error, fix)
         stack.extend((child, depth + 1) for child in children)
+
+
+def _check_text(text: str, what: str, error, fix: str) -> None:
+    """A string escape ``\\ud800`` decodes to a lone surrogate, which is not Unicode text (the reference
+    safetensors parser refuses it, and printing it would fail later)."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise error(f"{what}: string {text[:40]!r} holds a lone surrogate escape (\\ud800-\\udfff): "
+                        f"{fix}") from None
 
 
 def type_name(value: object) -> str:
