@@ -28,7 +28,7 @@ import torch
 
 from .atomic import ShardedWriter, atomic_output, check_output, parse_size
 from .errors import (CheckpointNotFound, CorruptCheckpoint, MissingTensor, NoCommonTensors, NotACheckpoint,
-                     ShapeMismatch, UnsafeCheckpoint)
+                     ShapeMismatch, UnsafeCheckpoint, UnsupportedTensor)
 from .json_input import get_bool, get_str, get_str_list, get_str_map, load_json, type_name
 from .safetensors_io import SAFETENSORS_DTYPES  # noqa: F401 - importable from here as before the split
 from .safetensors_io import SafetensorsFile as _SafetensorsFile
@@ -107,8 +107,14 @@ def _load_pickle(path: Path, *, use_mmap: bool) -> dict[str, torch.Tensor]:
 def _check_storage(path: Path, name: str, tensor: torch.Tensor) -> None:
     """Refuse a view that reads as far more bytes than its storage holds (a stride-0 ``expand``, overlapping
     strides): reading it would allocate its logical size, which the file does not bound. Nothing is copied here."""
-    logical = tensor.numel() * tensor.element_size()
-    stored = tensor.untyped_storage().nbytes()
+    try:
+        if tensor.layout is not torch.strided:
+            raise RuntimeError(f"a {tensor.layout} tensor")
+        logical = tensor.numel() * tensor.element_size()
+        stored = tensor.untyped_storage().nbytes()
+    except RuntimeError as exc:  # sparse, quantized or nested: no plain storage to bound it by
+        raise UnsupportedTensor(f"tensor {name!r} in {path} is {str(exc).splitlines()[0][:80]}, not a plain dense "
+                                f"tensor: re-save it with tensor.to_dense().contiguous()") from None
     if logical > _VIEW_FACTOR * stored + _VIEW_SLACK:
         raise CorruptCheckpoint(f"tensor {name!r} in {path} is a view of {tuple(tensor.shape)} "
                                 f"({logical:,} bytes) over {stored:,} stored bytes (repeated by zero or overlapping "

@@ -108,6 +108,8 @@ def check_pattern(pattern: str, what: str, *, error: type[LowRankError] = Invali
         raise error(f"{what} {shown!r} is not a valid regular expression ({exc})") from None
     try:
         c, d = _cost(parsed.data)
+    except RecursionError:
+        raise error(f"{what} {shown!r} nests groups too deeply: simplify it") from None
     except _Refused as exc:
         raise error(f"{what} {shown!r} could take exponential time to match: it holds {exc}; simplify it "
                     f"(e.g. [a-z0-9_.]* instead of ([a-z0-9_.]|[a-z0-9_.])*)") from None

@@ -109,7 +109,7 @@ def mutated_header(draw) -> bytes:
         name = draw(st.sampled_from(names))
         if name not in header:
             continue
-        if what in ("dtype", "shape", "data_offsets"):
+        if what in ("dtype", "shape", "data_offsets") and isinstance(header[name], dict):
             header[name][what] = draw(JSON_VALUE | st.lists(st.integers(-4, 2**64), max_size=4))
         elif what == "entry":
             header[name] = draw(JSON_VALUE)
@@ -117,10 +117,12 @@ def mutated_header(draw) -> bytes:
             header["__metadata__"] = draw(JSON_VALUE | st.dictionaries(st.text(max_size=20), st.text(max_size=20)))
         elif what == "drop":
             header.pop(name)
-        elif what == "shift" and isinstance(header[name], dict):
+        elif what == "shift" and isinstance(header[name], dict) and isinstance(header[name].get("data_offsets"), list) \
+                and len(header[name]["data_offsets"]) == 2:
             begin, end = header[name]["data_offsets"]
-            delta = draw(st.integers(-16, 16))
-            header[name]["data_offsets"] = [begin + delta, end + draw(st.sampled_from([0, delta]))]
+            if isinstance(begin, int) and isinstance(end, int):
+                delta = draw(st.integers(-16, 16))
+                header[name]["data_offsets"] = [begin + delta, end + draw(st.sampled_from([0, delta]))]
     text = json.dumps(header, allow_nan=True)
     if draw(st.booleans()) and names:  # a key written twice
         dup = draw(st.sampled_from(names))

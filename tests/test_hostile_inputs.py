@@ -194,6 +194,10 @@ CASES = [
     # 11. a 1.5 KB pickle holding a stride-0 view of 40000 x 40000 float32 (6.4 GB when expanded)
     Case("pickle-expand", lambda d: ["analyze", _expand_pickle(d / "base.pt"), _expand_pickle(d / "tuned.pt")],
          names=["base\\.pt", "'w\\.weight'", "40000, 40000"], sub=True),
+    Case("pickle-overlapping-strides", lambda d: ["analyze", _strided_pickle(d / "base.pt"), _strided_pickle(d / "t.pt")],
+         names=["base\\.pt", "'w\\.weight'", "view"]),
+    Case("pickle-sparse", lambda d: ["analyze", _sparse_pickle(d / "base.pt"), _sparse_pickle(d / "t.pt")],
+         names=["base\\.pt", "'w\\.weight'", "sparse"]),
 ]
 
 
@@ -201,6 +205,18 @@ def _diffusers_file(path: Path, metadata: str) -> Path:
     tensors = {k.replace("base_model.model.", "unet."): v for k, v in peft_tensors().items()}
     save_file(tensors, str(path), metadata={"format": "pt", "lora_adapter_metadata": metadata})
     return path
+
+
+def _strided_pickle(path: Path) -> str:
+    """Overlapping strides (each row starts one element after the last): 80 KB stored, 400 MB logical."""
+    torch.save({"w.weight": torch.zeros(20000).as_strided((10000, 10000), (1, 1))}, path)
+    return str(path)
+
+
+def _sparse_pickle(path: Path) -> str:
+    indices = torch.tensor([[0, 99999], [0, 99999]])
+    torch.save({"w.weight": torch.sparse_coo_tensor(indices, torch.ones(2), (100000, 100000))}, path)
+    return str(path)
 
 
 def _expand_pickle(path: Path) -> str:
@@ -328,6 +344,10 @@ def test_controls_valid_versions_are_read(tmp_path):
     from lowrank_tools.checkpoint import open_checkpoint
     ckpt = open_checkpoint(tmp_path / "ok.safetensors")
     assert ckpt.keys() == ["a", "b"] and ckpt.get("b").tolist() == [3.0]
+    base = torch.arange(16.0).reshape(4, 4)
+    torch.save({"t.weight": base.t(), "s.bias": torch.arange(10.0)[2:5]}, tmp_path / "views.pt")
+    views = open_checkpoint(tmp_path / "views.pt")  # transposed and sliced views are ordinary: read as they are
+    assert torch.equal(views.get("t.weight"), base.t()) and views.get("s.bias").tolist() == [2.0, 3.0, 4.0]
 
 
 def test_max_rss_probe_is_meaningful(tmp_path):
