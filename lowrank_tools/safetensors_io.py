@@ -3,9 +3,9 @@
 A file is 8 bytes little-endian header length N, N bytes of JSON header (``{name: {"dtype", "shape",
 "data_offsets": [begin, end]}, "__metadata__": {str: str}}``, offsets relative to the end of the header), then
 the tensor bytes. :class:`SafetensorsFile` reads and validates the header at open (every entry's dtype, shape
-and span, and that no span runs past the end of the file) and reads one tensor's bytes into a fresh buffer on
-demand, so memory stays flat and no file handle is held between calls. The host is assumed little-endian, as
-the format is. Writing lives in :mod:`lowrank_tools.atomic`.
+and span, and that the spans tile the data section exactly, as the reference library requires) and reads one
+tensor's bytes into a fresh buffer on demand, so memory stays flat and no file handle is held between calls. The
+host is assumed little-endian, as the format is. Writing lives in :mod:`lowrank_tools.atomic`.
 """
 
 from __future__ import annotations
@@ -163,5 +163,6 @@ def _int_list(value: object) -> bool:
 
 def _show(value: object) -> str:
     """A header value for a message, cut short (a hostile list may be long)."""
-    text = repr(value) if not isinstance(value, (dict, list)) or len(value) <= 8 else f"{type_name(value)} of {len(value)}"
+    long = isinstance(value, (dict, list)) and len(value) > 8
+    text = f"{type_name(value)} of {len(value)}" if long else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."

@@ -119,7 +119,8 @@ CASES = [
     st_case("st-overlap", {"a": _f32((2,), 0), "b": _f32((2,), 4)}, b"\0" * 12, ["'b'", "overlaps"], sub=True),
     st_case("st-gap", {"a": _f32((2,), 8), "b": _f32((1,), 0)}, b"\0" * 16, ["'a'", "gap"]),
     st_case("st-trailing", {"a": A8}, b"\0" * 12, ["4 bytes follow"]),
-    st_case("st-duplicate-key", '{"a":%s,"a":%s}' % (json.dumps(A8), json.dumps(A8)), b"\0" * 8, ["'a'", "twice"], sub=True),
+    st_case("st-duplicate-key", '{"a":%s,"a":%s}' % (json.dumps(A8), json.dumps(A8)), b"\0" * 8, ["'a'", "twice"],
+            sub=True),
     st_case("st-shape-overflow", {"a": {"dtype": "F32", "shape": [0, 2**63], "data_offsets": [0, 0]}}, b"",
             ["'a'", "shape"], sub=True),
     st_case("st-numel-overflow", {"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 0]}}, b"",
@@ -161,7 +162,8 @@ CASES = [
     Case("model-config-list", lambda d: ["analyze", str(model_folder(d / "b", seed=0, config="[]")),
                                          str(model_folder(d / "t", seed=1))], names=["config\\.json", "array"]),
     Case("model-config-architectures", lambda d: [
-        "analyze", str(model_folder(d / "b", seed=0, config='{"architectures": 5}')), str(model_folder(d / "t", seed=1))],
+        "analyze", str(model_folder(d / "b", seed=0, config='{"architectures": 5}')),
+        str(model_folder(d / "t", seed=1))],
         names=["config\\.json", "architectures"], sub=True),
     Case("index-weight-map-list", lambda d: [
         "analyze", str(model_folder(d / "b", seed=0, index='{"weight_map": []}')), str(model_folder(d / "t", seed=1))],
@@ -194,7 +196,8 @@ CASES = [
     # 11. a 1.5 KB pickle holding a stride-0 view of 40000 x 40000 float32 (6.4 GB when expanded)
     Case("pickle-expand", lambda d: ["analyze", _expand_pickle(d / "base.pt"), _expand_pickle(d / "tuned.pt")],
          names=["base\\.pt", "'w\\.weight'", "40000, 40000"], sub=True),
-    Case("pickle-overlapping-strides", lambda d: ["analyze", _strided_pickle(d / "base.pt"), _strided_pickle(d / "t.pt")],
+    Case("pickle-overlapping-strides", lambda d: ["analyze", _strided_pickle(d / "base.pt"),
+                                                  _strided_pickle(d / "t.pt")],
          names=["base\\.pt", "'w\\.weight'", "view"]),
     Case("pickle-sparse", lambda d: ["analyze", _sparse_pickle(d / "base.pt"), _sparse_pickle(d / "t.pt")],
          names=["base\\.pt", "'w\\.weight'", "sparse"]),
