@@ -67,6 +67,9 @@ def kohya_state_dict(adapter: Adapter, *, prefix: str = "lora_unet_") -> tuple[d
         tensors[key + _DOWN] = down.contiguous()
         tensors[key + _UP] = up.contiguous()
         tensors[key + _ALPHA] = torch.tensor(m.scale * m.rank, dtype=torch.float32)
+        if not torch.isfinite(tensors[key + _ALPHA]):  # e.g. alpha_pattern 1e308 read from a config
+            raise ConversionError(f"module {name}: alpha {m.scale * m.rank:g} does not fit the float32 alpha of a "
+                                  f"kohya file: use --format peft, or fix the adapter's alpha")
     return tensors, names
 
 

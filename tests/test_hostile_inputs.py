@@ -159,6 +159,9 @@ CASES = [
          names=["adapter_config\\.json", "base_model_name_or_path"]),
     Case("cfg-rslora-string", lambda d: ["info", str(peft_folder(d / "a", {"use_rslora": "yes"}))],
          names=["adapter_config\\.json", "use_rslora"]),
+    Case("cfg-alpha-beyond-float32", lambda d: [
+        "convert", str(peft_folder(d / "a", {"alpha_pattern": {"q_proj": 1e308}})), "-o", "k.safetensors",
+        "--format", "kohya"], names=[re.escape(Q), "float32"]),  # found by the fuzz suite: an inf alpha was written
     Case("model-config-list", lambda d: ["analyze", str(model_folder(d / "b", seed=0, config="[]")),
                                          str(model_folder(d / "t", seed=1))], names=["config\\.json", "array"]),
     Case("model-config-architectures", lambda d: [
