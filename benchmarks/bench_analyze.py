@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lowrank_tools.adapter import Adapter, LoraModule  # noqa: E402
 from lowrank_tools.analyze import analyze_adapter, analyze_delta  # noqa: E402
-from lowrank_tools.sketch import top_singular_values  # noqa: E402
+from lowrank_tools.linalg.sketch import top_singular_values  # noqa: E402
 
 TOP_SPEEDUP, ADAPTER_SPEEDUP, ACCURACY = 30.0, 100.0, 1e-3
 

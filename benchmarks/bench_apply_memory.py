@@ -49,8 +49,8 @@ def generate(folder: str, layers: int, side: int) -> dict:
     import torch
 
     from lowrank_tools.adapter import Adapter, LoraModule
-    from lowrank_tools.checkpoint import ShardedWriter
-    from lowrank_tools.formats import save_adapter
+    from lowrank_tools.io.checkpoint import ShardedWriter
+    from lowrank_tools.io.formats import save_adapter
 
     g = torch.Generator().manual_seed(0)
     modules = {}
@@ -111,7 +111,7 @@ def measure(mode: str, base: str, adapter: str, out: str) -> dict:
 
 def compare(ours: str, naive: str) -> dict:
     """Max over tensors of ||ours - naive|| / ||naive||, one tensor pair at a time."""
-    from lowrank_tools.checkpoint import open_checkpoint
+    from lowrank_tools.io.checkpoint import open_checkpoint
 
     a, b = open_checkpoint(ours), open_checkpoint(naive)
     worst = 0.0

@@ -82,7 +82,7 @@ import json, sys, torch
 from pathlib import Path
 from lowrank_tools.extract import extract
 from lowrank_tools.linalg import RankRule
-from lowrank_tools.formats import save_adapter
+from lowrank_tools.io.formats import save_adapter
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):

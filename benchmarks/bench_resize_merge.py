@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lowrank_tools.adapter import Adapter, LoraModule  # noqa: E402
 from lowrank_tools.linalg import RankRule  # noqa: E402
-from lowrank_tools.norms import lowrank_frobenius_diff, lowrank_frobenius_norm  # noqa: E402
+from lowrank_tools.linalg.norms import lowrank_frobenius_diff, lowrank_frobenius_norm  # noqa: E402
 from lowrank_tools.merge import merge  # noqa: E402
 from lowrank_tools.resize import resize  # noqa: E402
 from benchmarks.verdict import verdict  # noqa: E402

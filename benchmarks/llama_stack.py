@@ -43,8 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lowrank_tools import RankRule, extract, save_adapter  # noqa: E402
-from lowrank_tools.checkpoint import ShardedWriter  # noqa: E402
-from lowrank_tools.atomic import header_bound  # noqa: E402
+from lowrank_tools.io.checkpoint import ShardedWriter  # noqa: E402
+from lowrank_tools.io.atomic import header_bound  # noqa: E402
 
 DELTA_RANK, DELTA_RMS = 256, 2e-3
 
@@ -114,7 +114,7 @@ def _warm_up(device: str) -> None:
 @contextlib.contextmanager
 def _peer_threads():
     """Lift linalg's one-thread pin of the exact SVD (if this version has one) for the peers' method."""
-    from lowrank_tools import linalg
+    from lowrank_tools.linalg import svd as linalg
 
     pin = getattr(linalg, "_one_cpu_thread", None)
     if pin is None:

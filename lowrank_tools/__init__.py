@@ -9,10 +9,10 @@ __version__ = "0.1.0"
 
 from .adapter import Adapter, LoraModule, ModuleKind  # noqa: E402
 from .apply import apply  # noqa: E402
-from .checkpoint import open_checkpoint  # noqa: E402
-from .extract import extract  # noqa: E402
-from .formats import load_adapter, save_adapter  # noqa: E402
-from .linalg import Method, RankRule  # noqa: E402
+from .io.checkpoint import open_checkpoint  # noqa: E402
+from .extract.streaming import extract  # noqa: E402
+from .io.formats import load_adapter, save_adapter  # noqa: E402
+from .linalg.svd import Method, RankRule  # noqa: E402
 from .merge import merge  # noqa: E402
 from .resize import resize  # noqa: E402
 

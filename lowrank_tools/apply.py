@@ -33,12 +33,12 @@ import torch
 from torch import Tensor
 
 from .adapter import LoraModule, ModuleKind
-from .atomic import header_bound
-from .checkpoint import Checkpoint, ShardedWriter, as_checkpoint, atomic_output, check_output, parse_size
+from .io.atomic import header_bound
+from .io.checkpoint import Checkpoint, ShardedWriter, as_checkpoint, atomic_output, check_output, parse_size
 from .errors import AdapterMismatch, NonFiniteWeight, NumericalError, UsageError
-from .layers import WORD_EMBEDDINGS, compile_filters, matches
-from .linalg import resolve_device
-from .norms import lowrank_frobenius_diff, lowrank_frobenius_norm
+from .io.layers import WORD_EMBEDDINGS, compile_filters, matches
+from .linalg.svd import resolve_device
+from .linalg.norms import lowrank_frobenius_diff, lowrank_frobenius_norm
 from .weighted import WeightedAdapter, as_weighted
 from .report import Progress, Warn
 

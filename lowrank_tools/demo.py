@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import atomic_output, check_output
-from .extract import extract
-from .formats import save_adapter
-from .linalg import RankRule
+from .io.checkpoint import atomic_output, check_output
+from .extract.streaming import extract
+from .io.formats import save_adapter
+from .linalg.svd import RankRule
 from .report import format_table, report_json
 
 __all__ = ["TinyModel", "run_demo", "DEMO_RANKS"]

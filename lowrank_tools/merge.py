@@ -21,8 +21,8 @@ import torch
 
 from .adapter import Adapter, LoraModule, cast_whole
 from .errors import AdapterMismatch, InvalidOption
-from .layers import compile_filters, matches
-from .linalg import RankRule, concat_factors
+from .io.layers import compile_filters, matches
+from .linalg.svd import RankRule, concat_factors
 from .refactor import check_alpha, refactor_modules
 from .report import AdapterResult, Progress, Report, Warn, summarize
 from .weighted import WeightedAdapter, as_weighted

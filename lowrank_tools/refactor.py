@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 
 from .adapter import LoraModule
-from .budget import LayerSpectrum, allocate_budget
+from .linalg.budget import LayerSpectrum, allocate_budget
 from .errors import InvalidOption, NonFiniteWeight, NumericalError
-from .linalg import RankRule, resolve_device, truncated_svd
-from .norms import lowrank_frobenius_diff
+from .linalg.svd import RankRule, resolve_device, truncated_svd
+from .linalg.norms import lowrank_frobenius_diff
 from .report import MAX_SINGULAR_VALUES, LayerRecord, Progress, Warn
 
 __all__ = ["Core", "Refactored", "module_core", "truncated_factors", "budget_ranks", "refactor_modules",

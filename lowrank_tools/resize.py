@@ -18,8 +18,8 @@ import torch
 
 from .adapter import Adapter, cast_whole
 from .errors import InvalidOption
-from .layers import compile_filters, matches
-from .linalg import RankRule
+from .io.layers import compile_filters, matches
+from .linalg.svd import RankRule
 from .refactor import refactor_modules
 from .report import AdapterResult, Progress, Report, Warn, summarize
 

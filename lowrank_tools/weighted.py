@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .adapter import Adapter
 from .errors import InvalidOption
-from .formats import load_adapter
+from .io.formats import load_adapter
 
 __all__ = ["AdapterSpec", "WeightedAdapter", "parse_adapter_spec", "load_weighted", "as_weighted"]
 

@@ -16,13 +16,13 @@ from safetensors.torch import save_file
 
 from conftest import planted
 from lowrank_tools.adapter import Adapter, LoraModule, ModuleKind
-from lowrank_tools.analysis_report import format_analysis
+from lowrank_tools.analyze.report import format_analysis
 from lowrank_tools.analyze import analyze_adapter, analyze_delta, depth_key, module_type
-from lowrank_tools.budget import LayerSpectrum, allocate_budget
+from lowrank_tools.linalg.budget import LayerSpectrum, allocate_budget
 from lowrank_tools.cli import main
 from lowrank_tools.errors import InvalidOption, NonFiniteWeight
-from lowrank_tools.formats import save_adapter
-from lowrank_tools.plots import PLOT_FILES
+from lowrank_tools.io.formats import save_adapter
+from lowrank_tools.analyze.plots import PLOT_FILES
 
 
 def pair(deltas: dict[str, torch.Tensor], seed: int = 0) -> tuple[dict, dict]:
@@ -222,8 +222,8 @@ def test_only_the_delta_is_held_while_the_spectrum_is_computed(tmp_path, monkeyp
     import gc
     import weakref
 
-    from lowrank_tools import analyze as analyze_module
-    from lowrank_tools.checkpoint import open_checkpoint
+    from lowrank_tools.analyze import spectra as analyze_module
+    from lowrank_tools.io.checkpoint import open_checkpoint
 
     deltas = {f"m.{i}.weight": planted([3.0, 2.0, 1.0], 64, 48, seed=i) for i in range(3)}
     base, tuned = pair(deltas)

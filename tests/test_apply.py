@@ -13,11 +13,11 @@ from safetensors.torch import load_file, save_file
 from conftest import LLAMA_SHAPES, make_pair
 from lowrank_tools.adapter import Adapter, LoraModule, ModuleKind
 from lowrank_tools.apply import applied_tensors, apply, plan_apply
-from lowrank_tools.checkpoint import as_checkpoint, open_checkpoint
+from lowrank_tools.io.checkpoint import as_checkpoint, open_checkpoint
 from lowrank_tools.cli import main
 from lowrank_tools.errors import AdapterMismatch, OutputError, UsageError
 from lowrank_tools.extract import extract
-from lowrank_tools.formats import load_adapter
+from lowrank_tools.io.formats import load_adapter
 from lowrank_tools.linalg import RankRule
 from lowrank_tools.weighted import WeightedAdapter
 from test_resize import random_module
@@ -221,7 +221,7 @@ def test_header_bound_holds_every_header(tmp_path):
     """apply reserves the safetensors header up front (header_bound): it must never be smaller than the header."""
     import struct
 
-    from lowrank_tools.atomic import ShardedWriter, header_bound
+    from lowrank_tools.io.atomic import ShardedWriter, header_bound
 
     tensors = {"a": torch.zeros(()), "b" * 200: torch.zeros(3, dtype=torch.int8), "é.weight": torch.zeros(7, 1, 2),
                **{f"model.layers.{i}.mlp.up_proj.weight": torch.zeros(2, 3, dtype=torch.bfloat16) for i in range(300)}}

@@ -28,7 +28,7 @@ from conftest import make_pair
 TMP_MARK = ".lrt-tmp-"
 CHILD = """
 import os, sys, time
-import lowrank_tools.atomic as atomic
+import lowrank_tools.io.atomic as atomic
 
 _add = atomic._SafetensorsStream.add
 
@@ -124,7 +124,7 @@ def run_scenario(s: Scenario, inp: Path, root: Path) -> Result:
     code, stderr, seen = _signal_mid_write(args, cwd, s.sig)
     got = Result(code, stderr, seen, before, _digest(target), _temporaries(cwd))
     if s.sig is signal.SIGKILL:
-        from lowrank_tools.checkpoint import open_checkpoint
+        from lowrank_tools.io.checkpoint import open_checkpoint
 
         got.rerun_code = subprocess.run(_cli(*args, "--force"), cwd=cwd, capture_output=True).returncode
         got.rerun_tensors = sorted(open_checkpoint(target).keys()) if got.rerun_code == 0 else []

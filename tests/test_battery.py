@@ -401,7 +401,7 @@ def test_bad_input(case: Case, outcomes):
 
 def test_unreadable_file_names_it(tmp_path, monkeypatch):
     """A file the user may not read (chmod 000 as non-root; simulated under root, where chmod does not stop reads)."""
-    from lowrank_tools.checkpoint import open_checkpoint
+    from lowrank_tools.io.checkpoint import open_checkpoint
     from lowrank_tools.errors import NotACheckpoint
 
     path = tmp_path / "locked.safetensors"

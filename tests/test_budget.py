@@ -1,4 +1,4 @@
-"""Tests for lowrank_tools.budget: the greedy allocation against brute force."""
+"""Tests for lowrank_tools.linalg.budget: the greedy allocation against brute force."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from lowrank_tools.budget import LayerSpectrum, _allocate, allocate_budget, uniform_rank_params
+from lowrank_tools.linalg.budget import LayerSpectrum, _allocate, allocate_budget, uniform_rank_params
 from lowrank_tools.errors import InvalidOption
 
 

@@ -1,4 +1,4 @@
-"""Tests for lowrank_tools.checkpoint (reading, pairing) and lowrank_tools.atomic (writing)."""
+"""Tests for lowrank_tools.io.checkpoint (reading, pairing) and lowrank_tools.io.atomic (writing)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowrank_tools.checkpoint import (
+from lowrank_tools.io.checkpoint import (
     Checkpoint,
     ShardedWriter,
     as_checkpoint,
@@ -623,7 +623,7 @@ def test_writer_one_shard_is_plain_model_safetensors(tmp_path):
 
 @pytest.mark.parametrize("count", [3, 400])  # header fits the reserved space / must be shifted
 def test_writer_streams_to_disk(tmp_path, count):
-    from lowrank_tools.atomic import _SafetensorsStream
+    from lowrank_tools.io.atomic import _SafetensorsStream
 
     path = tmp_path / "s.safetensors"
     stream = _SafetensorsStream(path, {"format": "pt"}, spill_bytes=64)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import LLAMA_SHAPES, make_pair
 from lowrank_tools.cli import main
-from lowrank_tools.formats import load_adapter
+from lowrank_tools.io.formats import load_adapter
 
 
 def run(*args: str):

@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from lowrank_tools.cli import main  # noqa: E402
-from lowrank_tools.formats import load_adapter  # noqa: E402
-from lowrank_tools.kohya_format import NAMES_KEY  # noqa: E402
+from lowrank_tools.io.formats import load_adapter  # noqa: E402
+from lowrank_tools.io.kohya import NAMES_KEY  # noqa: E402
 
 
 def tiny_unet(*, sdxl: bool):

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import make_pair
-from lowrank_tools.distributed import assign, current_share, layer_cost, torchrun_group, torchrun_world_size
+from lowrank_tools.extract.distributed import assign, current_share, layer_cost, torchrun_group, torchrun_world_size
 from lowrank_tools.errors import DistributedError, InvalidOption
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def test_torchrun_cli_writes_the_single_process_adapter_byte_for_byte(pair: Path
 _API_JOB = r"""
 import json, sys
 from lowrank_tools import RankRule, extract, save_adapter
-from lowrank_tools.distributed import torchrun_group
+from lowrank_tools.extract.distributed import torchrun_group
 
 folder, out = sys.argv[1], sys.argv[2]
 base, tuned = f"{folder}/base.safetensors", f"{folder}/tuned.safetensors"

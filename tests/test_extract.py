@@ -9,7 +9,7 @@ from conftest import LLAMA_SHAPES, make_pair
 from lowrank_tools.adapter import ModuleKind
 from lowrank_tools.errors import InvalidOption, NoCommonTensors, NonFiniteWeight
 from lowrank_tools.extract import extract
-from lowrank_tools.layers import layer_kind
+from lowrank_tools.io.layers import layer_kind
 from lowrank_tools.linalg import RankRule
 
 

@@ -12,12 +12,12 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from conftest import LLAMA_SHAPES, make_pair
-from lowrank_tools.budget import LayerSpectrum, allocate_budget, uniform_rank_params
+from lowrank_tools.linalg.budget import LayerSpectrum, allocate_budget, uniform_rank_params
 from lowrank_tools.cli import main
 from lowrank_tools.errors import InvalidOption
 from lowrank_tools.extract import extract
-from lowrank_tools.extract_budget import BUDGET_TOP_K, budget_top_k
-from lowrank_tools.formats import load_adapter
+from lowrank_tools.extract.budget import BUDGET_TOP_K, budget_top_k
+from lowrank_tools.io.formats import load_adapter
 from lowrank_tools.linalg import RankRule
 
 SHAPES = {k: v for k, v in LLAMA_SHAPES.items() if len(v) == 2}

@@ -15,7 +15,7 @@ from torch import nn
 
 from lowrank_tools.adapter import Adapter, LoraModule, ModuleKind
 from lowrank_tools.cli import main
-from lowrank_tools.formats import describe_adapter, detect_format, load_adapter, save_adapter
+from lowrank_tools.io.formats import describe_adapter, detect_format, load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
 

@@ -277,13 +277,13 @@ def _check_safetensors_case(raw: bytes) -> None:
         if info.exit_code == 0 or conv.exit_code == 0:
             # what we accept, the reference library accepts too, with the same tensors
             assert reference is not None, "read a safetensors file that the reference library refuses"
-            from lowrank_tools.checkpoint import open_checkpoint
+            from lowrank_tools.io.checkpoint import open_checkpoint
             ckpt = open_checkpoint(folder / "k.safetensors")
             assert sorted(ckpt.keys()) == sorted(reference)
             for name, tensor in reference.items():
                 assert torch.equal(ckpt.get(name), tensor), name
         if conv.exit_code == 0:
-            from lowrank_tools.formats import load_adapter
+            from lowrank_tools.io.formats import load_adapter
             assert load_adapter(folder / "out").modules
 
 
@@ -315,7 +315,7 @@ def test_fuzz_adapter_config(text):
         if info.exit_code == 0:
             assert json.loads(info.stdout)["modules"] == 2
         if conv.exit_code == 0:
-            from lowrank_tools.formats import load_adapter
+            from lowrank_tools.io.formats import load_adapter
             assert set(load_adapter(folder / "k.safetensors").modules) == {Q, V}
 
 
@@ -329,7 +329,7 @@ def test_fuzz_shard_index(text):
         (folder / "tuned" / "model.safetensors.index.json").write_text(text)
         result = run_cli(folder, ["extract", "base", "tuned", "-o", "out", "--rank", "2", "-q"], output="out")
         if result.exit_code == 0:
-            from lowrank_tools.formats import load_adapter
+            from lowrank_tools.io.formats import load_adapter
             assert set(load_adapter(folder / "out").modules) <= {Q, V}
 
 

@@ -348,7 +348,7 @@ def test_controls_valid_versions_are_read(tmp_path):
     assert facts["ranks"] == {"2": 1} and facts["alphas"] == {"8.0": 1}, facts
     raw_safetensors(tmp_path / "ok.safetensors", {"__metadata__": None, "b": _f32((1,), 8), "a": _f32((2,), 0)},
                     struct.pack("<3f", 1, 2, 3))
-    from lowrank_tools.checkpoint import open_checkpoint
+    from lowrank_tools.io.checkpoint import open_checkpoint
     ckpt = open_checkpoint(tmp_path / "ok.safetensors")
     assert ckpt.keys() == ["a", "b"] and ckpt.get("b").tolist() == [3.0]
     base = torch.arange(16.0).reshape(4, 4)

@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 
 from lowrank_tools.adapter import Adapter, LoraModule, ModuleKind
 from lowrank_tools.errors import AdapterFormatError, AdapterMismatch, ConversionError, InvalidOption
-from lowrank_tools.formats import load_adapter, save_adapter
-from lowrank_tools.kohya_format import NAMES_KEY
-from lowrank_tools.kohya_names import check_prefix, guess_module_name, kohya_key, match_keys
+from lowrank_tools.io.formats import load_adapter, save_adapter
+from lowrank_tools.io.kohya import NAMES_KEY
+from lowrank_tools.io.kohya_names import check_prefix, guess_module_name, kohya_key, match_keys
 
 
 @pytest.mark.parametrize(("name", "options", "key"), [

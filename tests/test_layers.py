@@ -10,10 +10,10 @@ from safetensors.torch import save_file
 
 from conftest import make_pair, planted_delta
 from lowrank_tools.adapter import ModuleKind
-from lowrank_tools.checkpoint import as_checkpoint, open_checkpoint, pair_tensors
+from lowrank_tools.io.checkpoint import as_checkpoint, open_checkpoint, pair_tensors
 from lowrank_tools.errors import InvalidOption, ShapeMismatch
 from lowrank_tools.extract import extract
-from lowrank_tools.layers import find_tied_heads, layer_kind, plan_layers, tied_head_module
+from lowrank_tools.io.layers import find_tied_heads, layer_kind, plan_layers, tied_head_module
 from lowrank_tools.linalg import RankRule
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -224,7 +224,7 @@ def test_cli_conv_rank_and_kohya_leaves_embeddings_out(tmp_path):
                   "-r", 4, "--conv-rank", 2)
     assert result.exit_code == 0, result.output
     assert "embedding (the target format cannot hold it" in result.output and "tok_embeddings.weight" in result.output
-    from lowrank_tools.formats import load_adapter
+    from lowrank_tools.io.formats import load_adapter
 
     assert load_adapter(out).ranks == {"conv": 2, "lin": 4}
 

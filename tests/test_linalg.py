@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from lowrank_tools import linalg
+from lowrank_tools.linalg import svd as linalg
 from lowrank_tools.errors import InvalidOption, NumericalError
-from lowrank_tools.norms import frobenius_error
+from lowrank_tools.linalg.norms import frobenius_error
 from lowrank_tools.linalg import (
     Method,
     RankRule,

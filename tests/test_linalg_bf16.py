@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import planted_delta
-from lowrank_tools import linalg
-from lowrank_tools.linalg import _bf16_close, _randomized, truncated_svd
+from lowrank_tools.linalg import svd as linalg
+from lowrank_tools.linalg.svd import _bf16_close, randomized_svd, truncated_svd
 
 
 def _decaying(m: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -34,7 +34,7 @@ def bf16_cpu(monkeypatch):
 
 def test_planted_low_rank_goes_to_float32_bit_for_bit(bf16_cpu):
     M = planted_delta(300, 280, 5, seed=3)  # exactly rank 5: tail ~ 0, bf16 rounding would be all the error
-    _, S, _ = _randomized(M, 8, 10, 4, 0, bf16=True)
+    _, S, _ = randomized_svd(M, 8, 10, 4, 0, bf16=True)
     assert not _bf16_close(M, S)
     got = truncated_svd(M, 8, method="randomized")
     with mock.patch.object(linalg, "_bf16_fast", lambda device_type: False):
@@ -48,9 +48,9 @@ def test_decaying_spectrum_uses_bf16_within_a_tenth_of_a_percent(bf16_cpu, shape
     M = _decaying(*shape)
     S_opt = torch.linalg.svdvals(M).double()
     optimal = float(S_opt[8:].square().sum().sqrt() / S_opt.square().sum().sqrt())
-    _, S, _ = _randomized(M, 8, 10, 4, 0, bf16=True)
+    _, S, _ = randomized_svd(M, 8, 10, 4, 0, bf16=True)
     assert _bf16_close(M, S)
-    with mock.patch.object(linalg, "_randomized", wraps=linalg._randomized) as spy:
+    with mock.patch.object(linalg, "randomized_svd", wraps=linalg.randomized_svd) as spy:
         got = truncated_svd(M, 8, method="randomized")
     assert [c.kwargs.get("bf16", False) for c in spy.call_args_list] == [True]  # one run, in bf16
     with mock.patch.object(linalg, "_bf16_fast", lambda device_type: False):
@@ -62,7 +62,7 @@ def test_decaying_spectrum_uses_bf16_within_a_tenth_of_a_percent(bf16_cpu, shape
 
 def test_float64_and_other_devices_never_use_bf16(bf16_cpu):
     M = _decaying(300, 260).double()
-    with mock.patch.object(linalg, "_randomized", wraps=linalg._randomized) as spy:
+    with mock.patch.object(linalg, "randomized_svd", wraps=linalg.randomized_svd) as spy:
         truncated_svd(M, 8, method="randomized")
     assert [c.kwargs.get("bf16", False) for c in spy.call_args_list] == [False]
 

@@ -15,7 +15,7 @@ from lowrank_tools.linalg import (
     qr_core_svd,
     truncated_svd,
 )
-from lowrank_tools.norms import frobenius_error
+from lowrank_tools.linalg.norms import frobenius_error
 
 PROPS = settings(max_examples=25, deadline=None)
 sides = st.integers(min_value=1, max_value=24)

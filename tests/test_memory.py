@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowrank_tools.memory import empty_huge, stream_large_buffers
+from lowrank_tools.linalg.memory import empty_huge, stream_large_buffers
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (2048, 1024), (1, 4 << 20)])  # below, at and above the 4 MiB floor
@@ -29,7 +29,7 @@ def _thp_mode() -> str | None:
 
 @pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="transparent huge pages are off or absent")
 def test_huge_page_advice_is_taken():
-    from lowrank_tools.memory import _advise_huge_pages
+    from lowrank_tools.linalg.memory import _advise_huge_pages
 
     assert _advise_huge_pages(torch.empty(4096, 1024))  # 16 MiB: the kernel accepts the aligned interior
     assert not _advise_huge_pages(torch.empty(256, 1024))  # 1 MiB: below the floor, left alone

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from lowrank_tools.adapter import Adapter, ModuleKind
 from lowrank_tools.cli import main
 from lowrank_tools.errors import AdapterMismatch, CheckpointNotFound, InvalidOption
-from lowrank_tools.formats import load_adapter, save_adapter
+from lowrank_tools.io.formats import load_adapter, save_adapter
 from lowrank_tools.linalg import RankRule
 from lowrank_tools.merge import merge
 from lowrank_tools.weighted import AdapterSpec, WeightedAdapter, load_weighted, parse_adapter_spec

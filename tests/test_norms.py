@@ -1,4 +1,4 @@
-"""Tests for lowrank_tools.norms: Frobenius norms and errors against float64 dense references."""
+"""Tests for lowrank_tools.linalg.norms: Frobenius norms and errors against float64 dense references."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from lowrank_tools import norms
+from lowrank_tools.linalg import norms
 from lowrank_tools.errors import NonFiniteWeight
-from lowrank_tools.norms import check_finite, frobenius_error, frobenius_norm, lowrank_frobenius_diff, lowrank_frobenius_norm
+from lowrank_tools.linalg.norms import check_finite, frobenius_error, frobenius_norm, lowrank_frobenius_diff, lowrank_frobenius_norm
 
 
 def test_frobenius_error_matches_dense_in_chunks(monkeypatch):

@@ -57,7 +57,7 @@ def test_fp16_delta_past_fp16_range_is_computed_in_float32(tmp_path):
     assert _rel(m.delta(), dW) < 2e-3  # float16 rounding of the factors only
     # applying it back in float16: W0 + delta fits (it is W'), computed in float32 and cast once
     save_file({f"{UP}.weight": W0}, str(tmp_path / "base.safetensors"))
-    from lowrank_tools.formats import save_adapter
+    from lowrank_tools.io.formats import save_adapter
 
     save_adapter(result.adapter, tmp_path / "adapter")
     assert _cli("apply", tmp_path / "base.safetensors", tmp_path / "adapter", "-o", tmp_path / "out.safetensors",
@@ -81,7 +81,7 @@ def test_fp16_factors_that_overflow_are_an_error_naming_the_module(tmp_path):
     ok = _cli("extract", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "-o", out, "-r", 1, "--alpha",
               "1e-6", "--dtype", "float32", "-q")
     assert ok.exit_code == 0, ok.output
-    from lowrank_tools.formats import load_adapter
+    from lowrank_tools.io.formats import load_adapter
 
     m = load_adapter(out).modules[UP]
     assert m.B.dtype == torch.float32 and float(m.B.abs().max()) > FP16_MAX
@@ -91,7 +91,7 @@ def test_fp16_factors_that_overflow_are_an_error_naming_the_module(tmp_path):
 def test_apply_overflowing_fp16_is_an_error_naming_the_tensor(tmp_path):
     base = {f"{UP}.weight": torch.full((8, 8), 65000.0, dtype=torch.float16)}
     save_file(base, str(tmp_path / "base.safetensors"))
-    from lowrank_tools.formats import save_adapter
+    from lowrank_tools.io.formats import save_adapter
 
     plus = LoraModule(B=torch.full((8, 1), 40.0), A=torch.full((1, 8), 40.0), alpha=1.0)  # adds 1600 everywhere
     save_adapter(Adapter(modules={UP: plus}), tmp_path / "adapter")

@@ -1,4 +1,4 @@
-"""Bounded regex matching (lowrank_tools.patterns): PEFT's semantics kept exactly, pathological patterns refused."""
+"""Bounded regex matching (lowrank_tools.io.patterns): PEFT's semantics kept exactly, pathological patterns refused."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from peft.utils.other import get_pattern_key
 
 from lowrank_tools.errors import AdapterFormatError, InvalidOption
-from lowrank_tools.patterns import check_pattern, peft_key_matches, peft_pattern_value, safe_search
+from lowrank_tools.io.patterns import check_pattern, peft_key_matches, peft_pattern_value, safe_search
 
 NAMES = ["model.layers.0.self_attn.q_proj", "layers.0.self_attn.q_proj", "q_proj", "self_attn.q_proj",
          "model.layers.10.self_attn.q_proj", "model.layersX0.self_attn.q_proj", "x.q_proj.y", "xq_proj",

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from lowrank_tools.extract import extract  # noqa: E402
-from lowrank_tools.formats import load_adapter, save_adapter  # noqa: E402
+from lowrank_tools.io.formats import load_adapter, save_adapter  # noqa: E402
 from lowrank_tools.linalg import RankRule  # noqa: E402
 
 

@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 
 from conftest import make_pair, planted_delta
 from lowrank_tools import RankRule, extract
-from lowrank_tools import pipeline
+from lowrank_tools.extract import pipeline
 from lowrank_tools.errors import InvalidOption, NonFiniteWeight
 from lowrank_tools.linalg import Method, truncated_svd
-from lowrank_tools.pipeline import (CUDA_BATCH, Stager, _PinnedRing, batch_size, batched_svds, plan_batches, staged,
+from lowrank_tools.extract.pipeline import (CUDA_BATCH, Stager, _PinnedRing, batch_size, batched_svds, plan_batches, staged,
                                     tf32)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -130,7 +130,7 @@ def test_batched_svds_defer_to_the_per_layer_path():
     small = _stack(2, 40, 30)
     assert batched_svds(small, 4, method="auto") == [None, None]  # auto resolves to exact on small sides
     assert batched_svds(_stack(2, 300, 260), 8, method="exact") == [None, None]
-    with mock.patch.object(pipeline, "_randomized", side_effect=RuntimeError("failed to converge")):
+    with mock.patch.object(pipeline, "randomized_svd", side_effect=RuntimeError("failed to converge")):
         assert batched_svds(_stack(2, 300, 260), 8, method="randomized") == [None, None]
 
 
@@ -173,7 +173,7 @@ def test_extract_runs_with_tf32_off_unless_asked(tmp_path):
         seen.append(allow)
         return real(allow)
 
-    with mock.patch("lowrank_tools.extract.tf32", spy):
+    with mock.patch("lowrank_tools.extract.streaming.tf32", spy):
         extract(base, tuned, rule=RankRule(rank=2))
         extract(base, tuned, rule=RankRule(rank=2), allow_tf32=True)
     assert seen == [False, True]
@@ -217,7 +217,7 @@ def test_cuda_extract_matches_cpu(tmp_path):
     cpu = extract(base, tuned, rule=RankRule(rank=6), method="randomized")
     stacks = []
     real = pipeline.batched_svds
-    with mock.patch("lowrank_tools.extract.batched_svds", lambda stack, *a, **k: stacks.append(stack.shape) or
+    with mock.patch("lowrank_tools.extract.streaming.batched_svds", lambda stack, *a, **k: stacks.append(stack.shape) or
                     real(stack, *a, **k)):
         gpu = extract(base, tuned, rule=RankRule(rank=6), method="randomized", device="cuda")
     assert stacks == [(CUDA_BATCH, 300, 280)]  # 4 layers stacked, the fifth alone

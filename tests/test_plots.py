@@ -9,13 +9,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from lowrank_tools import plots
+from lowrank_tools.analyze import plots
 from lowrank_tools.adapter import Adapter, LoraModule
-from lowrank_tools.analysis_report import write_analysis
+from lowrank_tools.analyze.report import write_analysis
 from lowrank_tools.analyze import analyze_adapter, analyze_delta
 from lowrank_tools.cli import main
 from lowrank_tools.errors import MissingExtra, OutputError, OutputExists
-from lowrank_tools.plots import PLOT_FILES, render_plots
+from lowrank_tools.analyze.plots import PLOT_FILES, render_plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

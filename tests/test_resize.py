@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lowrank_tools.adapter import Adapter, LoraModule, ModuleKind
-from lowrank_tools.budget import LayerSpectrum, allocate_budget
+from lowrank_tools.linalg.budget import LayerSpectrum, allocate_budget
 from lowrank_tools.cli import main
 from lowrank_tools.errors import InvalidOption
-from lowrank_tools.formats import load_adapter, save_adapter
+from lowrank_tools.io.formats import load_adapter, save_adapter
 from lowrank_tools.linalg import RankRule
 from lowrank_tools.resize import resize
 

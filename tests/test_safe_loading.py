@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from conftest import LLAMA_SHAPES, make_pair
-from lowrank_tools.checkpoint import open_checkpoint
+from lowrank_tools.io.checkpoint import open_checkpoint
 from lowrank_tools.cli import main
 from lowrank_tools.errors import UnsafeCheckpoint
-from lowrank_tools.formats import load_adapter
+from lowrank_tools.io.formats import load_adapter
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lowrank_tools"
 Q = "model.layers.0.self_attn.q_proj"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import planted
-from lowrank_tools.sketch import fast_bf16, top_singular_values
+from lowrank_tools.linalg.sketch import fast_bf16, top_singular_values
 
 
 @pytest.mark.parametrize("bf16", [False, True])

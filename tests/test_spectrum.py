@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowrank_tools.linalg import RankRule, singular_values
-from lowrank_tools.spectrum import (cumulative_energy, effective_rank, energy_rank, level_key, spectrum_metrics,
+from lowrank_tools.linalg.spectrum import (cumulative_energy, effective_rank, energy_rank, level_key, spectrum_metrics,
                                     stable_rank)
 
 

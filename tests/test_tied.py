@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 
 from lowrank_tools.errors import ShapeMismatch  # noqa: E402
 from lowrank_tools.extract import extract  # noqa: E402
-from lowrank_tools.formats import load_adapter, save_adapter  # noqa: E402
+from lowrank_tools.io.formats import load_adapter, save_adapter  # noqa: E402
 from lowrank_tools.linalg import RankRule  # noqa: E402
 
 VOCAB = 64
@@ -71,7 +71,7 @@ IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5)
 def test_checkpoint_has_no_head_and_config_ties(tied_pair):
     root, _ = tied_pair
     assert json.loads((root / "tuned" / "config.json").read_text())["tie_word_embeddings"] is True
-    from lowrank_tools.checkpoint import open_checkpoint
+    from lowrank_tools.io.checkpoint import open_checkpoint
     assert "lm_head.weight" not in open_checkpoint(root / "tuned")
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from . import main
 from .options import (FORMATS, Progress, check_outputs, common_options, make_rule, out_dtype, rank_options, show, warn_all, warner,
                       write_report)
 
@@ -22,7 +21,7 @@ def _output_format(fmt: str | None, output: Path) -> str:
 
 
 def _finish_adapter(result, output: Path, *, fmt: str, prefix: str, force: bool, inputs, report_path, quiet) -> None:
-    from ..formats import save_adapter
+    from ..io.formats import save_adapter
 
     if not result.adapter.modules:
         raise click.ClickException(f"every module was left out or truncated to rank 0: nothing to write to {output}")
@@ -51,13 +50,13 @@ def _adapter_out_options(f):
     return f
 
 
-@main.command()
+@click.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
 @_adapter_out_options
 def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fmt, prefix, report_path, device,
            dtype_name, include, exclude, seed, force, quiet):
     """Shrink ADAPTER's ranks exactly through each module's QR core (never forms B @ A)."""
-    from ..formats import load_adapter
+    from ..io.formats import load_adapter
     from ..resize import resize as run
 
     rule = make_rule(rank, energy, sv_ratio, threshold)
@@ -73,7 +72,7 @@ def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
                     quiet=quiet)
 
 
-@main.command()
+@click.command()
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
 @_adapter_out_options
 def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fmt, prefix, report_path, device,
@@ -95,7 +94,7 @@ def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
                     quiet=quiet)
 
 
-@main.command()
+@click.command()
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
@@ -106,7 +105,7 @@ def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
 def apply(base, adapters, output, shard_size, device, dtype_name, include, exclude, seed, force, quiet):
     """Bake weighted adapters into BASE: W = W0 + sum_i w_i scale_i B_i A_i, streamed tensor by tensor."""
     from ..apply import apply as run
-    from ..checkpoint import check_output, parse_size
+    from ..io.checkpoint import check_output, parse_size
     from ..weighted import load_weighted, parse_adapter_spec
 
     if shard_size is not None:

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import click
 
-from . import main
 from .options import DEVICES, SEED, Progress, warner
 
 
 
-@main.command()
+@click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="(BASE TUNED | ADAPTER)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every layer's spectrum and metrics.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write one row per layer.")
@@ -32,8 +31,8 @@ from .options import DEVICES, SEED, Progress, warner
 def analyze(paths, json_path, csv_path, plot_dir, top, oversample, power_iters, device, include, exclude, seed, force,
             quiet):
     """Singular-value spectra of BASE -> TUNED per layer, or of ADAPTER's modules, grouped, with recommended ranks."""
-    from ..analysis_report import check_analysis_outputs, format_analysis, write_analysis
-    from ..analyze import analyze_adapter, analyze_delta
+    from ..analyze.report import check_analysis_outputs, format_analysis, write_analysis
+    from ..analyze.spectra import analyze_adapter, analyze_delta
 
     if len(paths) > 2:
         raise click.UsageError(f"analyze takes BASE TUNED or one ADAPTER, got {len(paths)} paths")
@@ -57,6 +56,3 @@ def analyze(paths, json_path, csv_path, plot_dir, top, oversample, power_iters, 
         for path in written:
             click.echo(f"wrote {path}")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import click
 
-from ..linalg import Method
-from . import main
+from ..linalg.svd import Method
 from .options import (DTYPES, FORMATS, SEED, Progress, allow_tf32_option, check_kohya_options, check_outputs,
                       common_options, finite, make_rule, out_dtype, rank_options, show, warn_all, warner, write_report)
 
 
 
-@main.command()
+@click.command()
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("tuned", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Adapter to write.")
@@ -44,7 +43,7 @@ def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alph
     Under torchrun (torchrun --nproc-per-node N -m lowrank_tools extract ...) the layers are split over the
     processes (gloo on the CPU, nccl with --device cuda); rank 0 writes the adapter, byte for byte the
     single-process one with the same seed and threads per process."""
-    from ..distributed import torchrun_group
+    from ..extract.distributed import torchrun_group
 
     rule = make_rule(rank, energy, sv_ratio, threshold, default_rank=None if budget is not None else 16)
     check_kohya_options(fmt, prefix, full_modules)
@@ -60,8 +59,8 @@ def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, fo
     """One process's part: rank 0 (or the only process) checks the output, extracts, writes and reports; the
     other ranks of a torchrun job factor their share, stay silent and write nothing (errors: exit 1, rank 0 says)."""
     from ..errors import LowRankError
-    from ..extract import extract as run
-    from ..formats import save_adapter
+    from ..extract.streaming import extract as run
+    from ..io.formats import save_adapter
 
     if primary:
         check_outputs(output, report_path, force=force, inputs=[base, tuned])
@@ -86,7 +85,7 @@ def _extract(base, tuned, output, options: dict, *, fmt, prefix, report_path, fo
         click.echo(f"wrote {output} ({len(result.adapter.modules)} modules, {result.adapter.params:,} parameters)")
 
 
-@main.command()
+@click.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=FORMATS, required=True)
@@ -101,8 +100,8 @@ def convert(adapter, output, fmt, prefix, dtype_name, base, force, quiet):
 
     Modules under unet. / text_encoder. / text_encoder_2. take their component's kohya prefix, others --prefix.
     A pipeline's adapter converted to peft is written as diffusers' pytorch_lora_weights.safetensors."""
-    from ..checkpoint import check_output
-    from ..formats import load_adapter, save_adapter
+    from ..io.checkpoint import check_output
+    from ..io.formats import load_adapter, save_adapter
 
     check_kohya_options(fmt, prefix, ())
     check_output(output, force=force, inputs=[adapter])
@@ -113,14 +112,14 @@ def convert(adapter, output, fmt, prefix, dtype_name, base, force, quiet):
         click.echo(f"wrote {output} ({fmt}, {len(loaded.modules)} modules)")
 
 
-@main.command()
+@click.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--base", type=click.Path(path_type=Path),
               help="Checkpoint the adapter was made for: kohya keys without recorded names are matched against it.")
 def info(adapter, as_json, base):
     """Describe ADAPTER: format, modules, ranks, alphas, scale rule, parameters, dtype, base model."""
-    from ..formats import describe_adapter, load_adapter
+    from ..io.formats import describe_adapter, load_adapter
 
     facts = describe_adapter(load_adapter(adapter, base=base), adapter)
     if as_json:
@@ -134,7 +133,7 @@ def info(adapter, as_json, base):
         click.echo(f"{key:>14}: {value if value is not None else '-'}")
 
 
-@main.command()
+@click.command()
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=Path("lowrank-demo"),
               show_default=True, help="Folder for the generated checkpoints and adapters.")
 @click.option("--seconds", type=click.FloatRange(min=0.5, max=3600), default=5.0, show_default=True, callback=finite,

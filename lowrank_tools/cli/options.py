@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 import torch
 
-from ..formats import AdapterFormat
-from ..linalg import Device, RankRule
+from ..io.formats import AdapterFormat
+from ..linalg.svd import Device, RankRule
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FORMATS = click.Choice([f.value for f in AdapterFormat])  # peft | kohya
@@ -139,7 +139,7 @@ class Progress:
 
 def check_outputs(output: Path, report_path: Path | None, *, force: bool, inputs) -> None:
     """Fail before any work when -o or --report would overwrite something or an input."""
-    from ..checkpoint import check_output
+    from ..io.checkpoint import check_output
 
     check_output(output, force=force, inputs=inputs)
     if report_path is not None:
@@ -150,7 +150,7 @@ def write_report(report, path: str | None, *, force: bool, inputs=()) -> None:
     """The report as JSON (or CSV for a .csv name), atomically; never over an input or the adapter."""
     if not path:
         return
-    from ..checkpoint import atomic_output
+    from ..io.checkpoint import atomic_output
     from ..report import report_csv, report_json
 
     target = Path(path)
@@ -165,7 +165,7 @@ def out_dtype(name: str):
 
 def check_kohya_options(fmt: str | None, prefix: str, full_modules) -> None:
     """Before any work: a well-formed --prefix, and nothing a kohya file cannot hold."""
-    from ..kohya_names import check_prefix
+    from ..io.kohya_names import check_prefix
 
     check_prefix(prefix)
     if fmt == "kohya" and full_modules:

@@ -16,7 +16,7 @@ import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
-from .errors import InvalidOption
+from ..errors import InvalidOption
 
 __all__ = ["LayerSpectrum", "allocate_budget", "uniform_rank_params"]
 

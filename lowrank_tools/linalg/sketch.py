@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from .linalg import fast_bf16  # re-exported: the sketch's default precision
+from .svd import fast_bf16  # re-exported: the sketch's default precision
 from .memory import empty_huge
 
 __all__ = ["top_singular_values", "fast_bf16"]

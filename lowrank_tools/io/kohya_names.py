@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from .errors import AdapterMismatch, InvalidOption
+from ..errors import AdapterMismatch, InvalidOption
 
 __all__ = ["COMPONENT_PREFIXES", "KOHYA_PREFIXES", "kohya_key", "split_prefix", "check_prefix", "guess_module_name",
            "match_keys", "is_text_encoder_prefix"]

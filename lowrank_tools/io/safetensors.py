@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CorruptCheckpoint, UnsupportedTensor
+from ..errors import CorruptCheckpoint, UnsupportedTensor
 from .json_input import get_str_map, load_json, type_name
 
 __all__ = ["SAFETENSORS_DTYPES", "DTYPE_NAMES", "SafetensorsFile", "parse_header"]

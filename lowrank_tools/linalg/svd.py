@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .errors import InvalidOption, NumericalError
+from ..errors import InvalidOption, NumericalError
 from .rank_rules import RankRule  # re-exported: the rules live beside the SVDs they truncate
 
 __all__ = [
@@ -68,11 +68,11 @@ class TruncatedSVD:
     spectrum: Tensor | None = None  # every singular value computed: exact gives the full spectrum (for reports)
 
 
-def _work_dtype(*tensors: Tensor) -> torch.dtype:
+def work_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _fix_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+def fix_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
     """Make the largest-|.| entry of each U column positive, flipping the matching Vh row."""
     if U.shape[1] == 0:
         return U, Vh
@@ -104,7 +104,7 @@ def _exact(M: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return U[:, :k], S, Vh[:k]  # the full S is kept: truncated_svd reports it as .spectrum
 
 
-def _randomized(M: Tensor, k: int, oversample: int, n_iter: int, seed: int, *, bf16: bool = False,
+def randomized_svd(M: Tensor, k: int, oversample: int, n_iter: int, seed: int, *, bf16: bool = False,
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Halko, Martinsson & Tropp 2011: Alg. 4.4 (randomized subspace iteration) then Alg. 5.1 (direct SVD).
 
@@ -163,7 +163,7 @@ def _bf16_close(X: Tensor, S: Tensor) -> bool:
     return tail2 > 0 and S.shape[-1] * noise2 <= _BF16_MAX_EXCESS**2 * tail2
 
 
-def _resolve_method(method: Method, side: int, k: int, oversample: int) -> Method:
+def resolve_method(method: Method, side: int, k: int, oversample: int) -> Method:
     if method is Method.AUTO:
         small_k = k + oversample <= side // 4
         return Method.RANDOMIZED if side >= _AUTO_MIN_SIDE and small_k else Method.EXACT
@@ -190,7 +190,7 @@ def _with_fallback(compute: Callable[[Tensor, bool], tuple[Tensor, ...]], M: Ten
     """Run ``compute(X, exact)`` on M in its working dtype; if the SVD fails retry in float64, then
     exactly in float64 on CPU. Returns the results (working dtype, M's device) and whether the last
     (exact) attempt was the one that succeeded."""
-    work = _work_dtype(M)
+    work = work_dtype(M)
     cpu = torch.device("cpu")
     attempts = [(work, M.device, False, "")]
     if work != torch.float64:
@@ -213,7 +213,7 @@ def _with_fallback(compute: Callable[[Tensor, bool], tuple[Tensor, ...]], M: Ten
                          f"fallbacks ({_one_line(error)}){hint}") from error
 
 
-def _check_matrix(M: Tensor, what: str) -> None:
+def check_matrix(M: Tensor, what: str) -> None:
     if not isinstance(M, Tensor) or M.ndim != 2:
         raise ValueError(f"{what} must be a 2-D tensor, got {getattr(M, 'shape', type(M).__name__)}")
 
@@ -231,34 +231,34 @@ def truncated_svd(M: Tensor, k: int, *, method: Method | str = Method.AUTO, over
     largest-|.| entry of each U column is positive. A failed SVD is retried in float64, then exactly on
     CPU, each retry reported through ``on_warning``; :class:`NumericalError` if all fail.
     """
-    _check_matrix(M, "M")
+    check_matrix(M, "M")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be a whole number >= 1, got {k!r}")
     if oversample < 0 or n_iter < 0:
         raise InvalidOption(f"oversample ({oversample}) and n_iter ({n_iter}) must be 0 or more")
     side = min(M.shape)
     k = min(int(k), side)
-    chosen = _resolve_method(_as_method(method), side, k, oversample)
+    chosen = resolve_method(_as_method(method), side, k, oversample)
 
     def compute(X: Tensor, exact: bool) -> tuple[Tensor, ...]:
         if exact or chosen is Method.EXACT:
             return _exact(X, k)
         if X.dtype == torch.float32 and _bf16_fast(X.device.type):  # the range finder in bf16 where that is fast
-            U, S, Vh = _randomized(X, k, oversample, n_iter, seed, bf16=True)
+            U, S, Vh = randomized_svd(X, k, oversample, n_iter, seed, bf16=True)
             if _bf16_close(X, S):
                 return U, S, Vh
-        return _randomized(X, k, oversample, n_iter, seed)
+        return randomized_svd(X, k, oversample, n_iter, seed)
 
     # float32 (float64 kept): see the module docstring; bf16/fp16 SVDs are unsupported or too coarse
     (U, S, Vh), fell_back = _with_fallback(compute, M.detach(), on_warning)
-    U, Vh = _fix_signs(U, Vh)
+    U, Vh = fix_signs(U, Vh)
     return TruncatedSVD(U=U, S=S[:k].contiguous(), Vh=Vh, method=Method.EXACT if fell_back else chosen, spectrum=S)
 
 
 @torch.no_grad()
 def singular_values(M: Tensor, *, on_warning: Warn | None = None) -> Tensor:
     """All singular values of ``M (m, n)``, descending, shape ``(min(m, n),)``; float32 (float64 kept)."""
-    _check_matrix(M, "M")
+    check_matrix(M, "M")
     (S,), _ = _with_fallback(lambda X, exact: (torch.linalg.svdvals(X),), M.detach(), on_warning)
     return S
 
@@ -284,18 +284,18 @@ def qr_core_svd(B: Tensor, A: Tensor, *, scale: float = 1.0, on_warning: Warn | 
     r > m or r > n (the core is then rectangular) and rank-deficient factors. Returns
     ``min(m, n, r)`` components, signs fixed as in :func:`truncated_svd`; float32 (float64 kept).
     """
-    _check_matrix(B, "B")
-    _check_matrix(A, "A")
+    check_matrix(B, "B")
+    check_matrix(A, "A")
     if B.shape[1] != A.shape[0]:
         raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} do not chain: B is (m, r), A is (r, n)")
-    work = _work_dtype(B, A)
+    work = work_dtype(B, A)
     B = B.detach().to(work)
     A = A.detach().to(device=B.device, dtype=work)
     Q_B, R_B = torch.linalg.qr(B)  # (m, p), (p, r); p = min(m, r)
     Q_A, R_A = torch.linalg.qr(A.mT)  # (n, q), (q, r); q = min(n, r)
     core = scale * (R_B @ R_A.mT)  # (p, q)
     (Uc, S, Vch), _ = _with_fallback(lambda X, exact: torch.linalg.svd(X, full_matrices=False), core, on_warning)
-    U, Vh = _fix_signs(Q_B @ Uc, Vch @ Q_A.mT)  # (m, min(p, q)), (min(p, q), n)
+    U, Vh = fix_signs(Q_B @ Uc, Vch @ Q_A.mT)  # (m, min(p, q)), (min(p, q), n)
     return TruncatedSVD(U=U, S=S.contiguous(), Vh=Vh, method=Method.EXACT)
 
 
@@ -309,7 +309,7 @@ def concat_factors(parts: Sequence[tuple[Tensor, Tensor, float]]) -> tuple[Tenso
     float32 (float64 if any factor is)."""
     if not parts:
         raise ValueError("concat_factors needs at least one (B, A, coef) part")
-    work = _work_dtype(*(t for B, A, _ in parts for t in (B, A)))
+    work = work_dtype(*(t for B, A, _ in parts for t in (B, A)))
     device = parts[0][0].device
     m, n = parts[0][0].shape[0], parts[0][1].shape[1]
     for i, (B, A, _) in enumerate(parts):

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, LoraModule, ModuleKind
+from ..adapter import Adapter, LoraModule, ModuleKind
 from .atomic import write_safetensors
 from .checkpoint import open_checkpoint
-from .errors import AdapterFormatError, ConversionError
+from ..errors import AdapterFormatError, ConversionError
 from .json_input import get_str_map, load_json
 from .kohya_names import check_prefix, guess_module_name, kohya_key, match_keys
-from .peft_format import build_module, file_factors, lora_keys_seen
+from .peft import build_module, file_factors, lora_keys_seen
 
 __all__ = ["NAMES_KEY", "kohya_key", "is_kohya_keys", "read_kohya", "write_kohya", "kohya_state_dict"]
 

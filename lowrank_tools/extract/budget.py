@@ -30,12 +30,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .adapter import LoraModule, ModuleKind, module_name
-from .budget import LayerSpectrum, allocate_budget
-from .errors import NumericalError
-from .linalg import Method, TruncatedSVD, balanced_factors, truncated_svd
-from .norms import frobenius_error, frobenius_norm, lowrank_frobenius_diff
-from .report import MAX_SINGULAR_VALUES, LayerRecord, Progress, Warn
+from ..adapter import LoraModule, ModuleKind, module_name
+from ..linalg.budget import LayerSpectrum, allocate_budget
+from ..errors import NumericalError
+from ..linalg.svd import Method, TruncatedSVD, balanced_factors, truncated_svd
+from ..linalg.norms import frobenius_error, frobenius_norm, lowrank_frobenius_diff
+from ..report import MAX_SINGULAR_VALUES, LayerRecord, Progress, Warn
 
 __all__ = ["BUDGET_TOP_K", "budget_top_k", "check_budget", "extract_with_budget"]
 

@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - Python 3.10
     import sre_constants as _C  # type: ignore[no-redef]
     import sre_parse as _sre  # type: ignore[no-redef]
 
-from .errors import InvalidOption, LowRankError
+from ..errors import InvalidOption, LowRankError
 
 __all__ = ["MAX_PATTERN", "MAX_DEGREE", "MAX_WORK", "check_pattern", "check_patterns", "safe_search",
            "peft_key_matches", "peft_pattern_value"]

@@ -27,17 +27,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, ModuleKind, matrix_view, module_name
-from .checkpoint import Checkpoint, as_checkpoint, pair_tensors
-from .errors import InvalidOption
-from .layers import compile_filters, matches, relative_change, select_layers
-from .linalg import Method, qr_core_svd, resolve_device, singular_values
-from .norms import check_finite, frobenius_norm
-from .prefetch import prefetch
+from ..adapter import Adapter, ModuleKind, matrix_view, module_name
+from ..io.checkpoint import Checkpoint, as_checkpoint, pair_tensors
+from ..errors import InvalidOption
+from ..io.layers import compile_filters, matches, relative_change, select_layers
+from ..linalg.svd import Method, qr_core_svd, resolve_device, singular_values
+from ..linalg.norms import check_finite, frobenius_norm
+from ..io.prefetch import prefetch
 from .recommend import recommend
-from .sketch import top_singular_values
-from .spectrum import ENERGY_LEVELS, SpectrumMetrics, level_key, spectrum_metrics
-from .report import Progress, Warn
+from ..linalg.sketch import top_singular_values
+from ..linalg.spectrum import ENERGY_LEVELS, SpectrumMetrics, level_key, spectrum_metrics
+from ..report import Progress, Warn
 
 __all__ = ["Analysis", "LayerAnalysis", "analyze_delta", "analyze_adapter", "module_type", "depth_key",
            "group_layers"]
@@ -344,7 +344,7 @@ def analyze_adapter(adapter: Adapter | str | os.PathLike, *, include: Sequence[s
     start = time.perf_counter()
     include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
     if not isinstance(adapter, Adapter):
-        from .formats import load_adapter  # formats pulls in both file layouts: only when given a path
+        from ..io.formats import load_adapter  # formats pulls in both file layouts: only when given a path
 
         adapter = load_adapter(adapter)
     dev = resolve_device(device)

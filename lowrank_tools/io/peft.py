@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapter import Adapter, LoraModule, ModuleKind
+from ..adapter import Adapter, LoraModule, ModuleKind
 from .atomic import write_safetensors
 from .checkpoint import open_checkpoint
-from .errors import AdapterFormatError, ConversionError
+from ..errors import AdapterFormatError, ConversionError
 from .json_input import get_bool, get_number, get_str, get_str_list, load_json, type_name
 from .patterns import peft_pattern_value
 

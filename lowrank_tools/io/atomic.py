@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import InvalidOption, OutputError, OutputExists, UnsupportedTensor
-from .safetensors_io import DTYPE_NAMES as _DTYPE_NAMES
-from .safetensors_io import SAFETENSORS_DTYPES  # re-exported: the table lives with the reader
+from ..errors import InvalidOption, OutputError, OutputExists, UnsupportedTensor
+from .safetensors import DTYPE_NAMES as _DTYPE_NAMES
+from .safetensors import SAFETENSORS_DTYPES  # re-exported: the table lives with the reader
 
 __all__ = ["atomic_output", "check_output", "parse_size", "ShardedWriter", "SAFETENSORS_DTYPES", "header_bound",
            "write_safetensors"]

@@ -34,8 +34,8 @@ from typing import Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from .errors import InvalidOption
-from .linalg import Method, TruncatedSVD, _fix_signs, _randomized, _resolve_method
+from ..errors import InvalidOption
+from ..linalg.svd import Method, TruncatedSVD, fix_signs, randomized_svd, resolve_method
 
 __all__ = ["CUDA_BATCH", "MAX_BATCH_ELEMENTS", "Stager", "batch_size", "plan_batches", "staged", "batched_svds", "tf32"]
 
@@ -169,10 +169,10 @@ def batched_svds(stack: Tensor, k: int, *, method: Method | str = Method.AUTO, o
     float64 and exact fallbacks. Results: as ``truncated_svd`` gives them (float32, signs fixed)."""
     b, m, n = stack.shape
     k = min(int(k), m, n)
-    if _resolve_method(Method(method), min(m, n), k, oversample) is not Method.RANDOMIZED:
+    if resolve_method(Method(method), min(m, n), k, oversample) is not Method.RANDOMIZED:
         return [None] * b
     try:
-        U, S, Vh = _randomized(stack.float(), k, oversample, n_iter, seed)  # (b, m, k), (b, k), (b, k, n)
+        U, S, Vh = randomized_svd(stack.float(), k, oversample, n_iter, seed)  # (b, m, k), (b, k), (b, k, n)
     except (_OOM, RuntimeError):  # the per-layer path needs 1/b of the memory and has the fallbacks
         if stack.is_cuda:
             torch.cuda.empty_cache()
@@ -181,7 +181,7 @@ def batched_svds(stack: Tensor, k: int, *, method: Method | str = Method.AUTO, o
         return [None] * b
     out = []
     for i in range(b):
-        Ui, Vhi = _fix_signs(U[i], Vh[i])  # (m, k), (k, n)
+        Ui, Vhi = fix_signs(U[i], Vh[i])  # (m, k), (k, n)
         out.append(TruncatedSVD(U=Ui, S=S[i].contiguous(), Vh=Vhi, method=Method.RANDOMIZED, spectrum=S[i]))
     return out
 

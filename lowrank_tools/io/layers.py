@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .adapter import LoraModule, ModuleKind, module_name
+from ..adapter import LoraModule, ModuleKind, module_name
 from .checkpoint import Checkpoint, Pairing
-from .errors import ShapeMismatch, UnsupportedTensor
+from ..errors import ShapeMismatch, UnsupportedTensor
 from .patterns import check_patterns, safe_search
 
 __all__ = ["FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",

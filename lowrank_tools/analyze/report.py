@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .atomic import atomic_output, check_output
-from .errors import OutputError, UsageError
-from .report import left_out_lines
-from .spectrum import ENERGY_LEVELS, level_key
+from ..io.atomic import atomic_output, check_output
+from ..errors import OutputError, UsageError
+from ..report import left_out_lines
+from ..linalg.spectrum import ENERGY_LEVELS, level_key
 
 if TYPE_CHECKING:
-    from .analyze import Analysis, LayerAnalysis
+    from .spectra import Analysis, LayerAnalysis
 
 __all__ = ["format_analysis", "analysis_json", "analysis_csv", "check_analysis_outputs", "write_analysis"]
 

@@ -21,18 +21,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, LoraModule, ModuleKind, cast_whole, matrix_view, module_name
-from .checkpoint import Checkpoint, as_checkpoint, pair_tensors
+from ..adapter import Adapter, LoraModule, ModuleKind, cast_whole, matrix_view, module_name
+from ..io.checkpoint import Checkpoint, as_checkpoint, pair_tensors
 from .distributed import Share, current_share, layer_cost
-from .errors import InvalidOption, NumericalError
-from .extract_budget import budget_top_k, extract_with_budget
-from .layers import compile_filters, plan_layers, relative_change
-from .memory import stream_large_buffers
-from .linalg import Method, RankRule, TruncatedSVD, balanced_factors, resolve_device, truncated_svd
-from .norms import check_finite, frobenius_error, frobenius_norm
+from ..errors import InvalidOption, NumericalError
+from .budget import budget_top_k, extract_with_budget
+from ..io.layers import compile_filters, plan_layers, relative_change
+from ..linalg.memory import stream_large_buffers
+from ..linalg.svd import Method, RankRule, TruncatedSVD, balanced_factors, resolve_device, truncated_svd
+from ..linalg.norms import check_finite, frobenius_error, frobenius_norm
 from .pipeline import Stager, batch_size, batched_svds, plan_batches, staged, tf32
-from .prefetch import prefetch
-from .report import MAX_SINGULAR_VALUES, AdapterResult, LayerRecord, Progress, Report, Warn, summarize
+from ..io.prefetch import prefetch
+from ..report import MAX_SINGULAR_VALUES, AdapterResult, LayerRecord, Progress, Report, Warn, summarize
 
 __all__ = ["ExtractResult", "extract", "Progress"]
 

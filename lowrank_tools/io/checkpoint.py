@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from .atomic import ShardedWriter, atomic_output, check_output, parse_size
-from .errors import (CheckpointNotFound, CorruptCheckpoint, MissingTensor, NoCommonTensors, NotACheckpoint,
+from ..errors import (CheckpointNotFound, CorruptCheckpoint, MissingTensor, NoCommonTensors, NotACheckpoint,
                      ShapeMismatch, UnsafeCheckpoint, UnsupportedTensor)
 from .json_input import get_bool, get_str, get_str_list, get_str_map, load_json, type_name
-from .safetensors_io import SAFETENSORS_DTYPES  # noqa: F401 - importable from here as before the split
-from .safetensors_io import SafetensorsFile as _SafetensorsFile
+from .safetensors import SAFETENSORS_DTYPES  # noqa: F401 - importable from here as before the split
+from .safetensors import SafetensorsFile as _SafetensorsFile
 
 __all__ = ["Checkpoint", "open_checkpoint", "as_checkpoint", "Pairing", "pair_tensors", "atomic_output",
            "check_output", "parse_size", "ShardedWriter"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import InvalidOption
+from ..errors import InvalidOption
 
 __all__ = ["RankRule", "ENERGY_RTOL"]
 

@@ -33,8 +33,8 @@ from datetime import timedelta
 
 import torch
 
-from .errors import DistributedError, InvalidOption
-from .linalg import resolve_device
+from ..errors import DistributedError, InvalidOption
+from ..linalg.svd import resolve_device
 
 __all__ = ["Share", "assign", "layer_cost", "current_share", "torchrun_group", "torchrun_world_size"]
 

@@ -15,11 +15,11 @@ import io
 import math
 from typing import TYPE_CHECKING
 
-from .errors import MissingExtra
-from .spectrum import level_key
+from ..errors import MissingExtra
+from ..linalg.spectrum import level_key
 
 if TYPE_CHECKING:
-    from .analyze import Analysis
+    from .spectra import Analysis
 
 __all__ = ["PLOT_FILES", "require_matplotlib", "render_plots"]
 

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .budget import LayerSpectrum, allocate_budget
-from .spectrum import level_key
+from ..linalg.budget import LayerSpectrum, allocate_budget
+from ..linalg.spectrum import level_key
 
 if TYPE_CHECKING:  # analyze imports this module
-    from .analyze import LayerAnalysis
+    from .spectra import LayerAnalysis
 
 __all__ = ["RECOMMEND_LEVELS", "recommend", "minimal_budget"]
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, module_name
+from ..adapter import Adapter, module_name
 from .checkpoint import Checkpoint, as_checkpoint, atomic_output, open_checkpoint
-from .errors import AdapterFormatError, CheckpointNotFound, ConversionError, UsageError
-from .kohya_format import is_kohya_keys, kohya_state_dict, read_kohya, write_kohya
-from .peft_format import (DIFFUSERS_COMPONENTS, DIFFUSERS_NAME, WEIGHTS_NAME, is_diffusers_adapter, is_peft_folder,
+from ..errors import AdapterFormatError, CheckpointNotFound, ConversionError, UsageError
+from .kohya import is_kohya_keys, kohya_state_dict, read_kohya, write_kohya
+from .peft import (DIFFUSERS_COMPONENTS, DIFFUSERS_NAME, WEIGHTS_NAME, is_diffusers_adapter, is_peft_folder,
                           lora_keys_seen, read_peft, read_peft_file, write_diffusers, write_peft)
 
 __all__ = ["AdapterFormat", "load_adapter", "save_adapter", "detect_format", "describe_adapter", "check_target"]

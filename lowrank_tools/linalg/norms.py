@@ -13,8 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from .errors import NonFiniteWeight
-from .linalg import _check_matrix, _work_dtype, concat_factors
+from ..errors import NonFiniteWeight
+from .svd import check_matrix, work_dtype, concat_factors
 
 __all__ = ["check_finite", "frobenius_error", "frobenius_norm", "lowrank_frobenius_diff", "lowrank_frobenius_norm"]
 
@@ -30,11 +30,11 @@ def frobenius_error(M: Tensor, B: Tensor, A: Tensor, *, scale: float = 1.0) -> f
 
     float32 (float64 kept) with float64 accumulation, a chunk of columns at a time so the temporary
     stays small next to M."""
-    _check_matrix(M, "M")
+    check_matrix(M, "M")
     m, n = M.shape
     if B.shape[0] != m or A.shape[1] != n or B.shape[1] != A.shape[0]:
         raise ValueError(f"M {tuple(M.shape)}, B {tuple(B.shape)} and A {tuple(A.shape)} do not match")
-    work = _work_dtype(M, B, A)
+    work = work_dtype(M, B, A)
     B = B.detach().to(device=M.device, dtype=work)
     step = max(1, (_CHUNK_ELEMENTS if M.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS) // max(m, 1))
     buffer = torch.empty(m * min(step, n), dtype=work, device=M.device)  # one temporary for every chunk
@@ -93,8 +93,8 @@ def lowrank_frobenius_norm(B: Tensor, A: Tensor, s: float = 1.0) -> float:
 
     QR of both factors in float64: ``||B A||_F = ||R_B R_A^T||_F`` (orthonormal Q's drop out). Same
     cost as the Gram trick ``tr((B^T B)(A A^T))`` but no squaring, so small differences survive."""
-    _check_matrix(B, "B")
-    _check_matrix(A, "A")
+    check_matrix(B, "B")
+    check_matrix(A, "A")
     if B.shape[1] != A.shape[0]:
         raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} do not chain: B is (m, r), A is (r, n)")
     if B.shape[1] == 0 or s == 0:

@@ -22,7 +22,7 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from .errors import CorruptCheckpoint, LowRankError
+from ..errors import CorruptCheckpoint, LowRankError
 
 __all__ = ["MAX_DEPTH", "load_json", "check_depth", "type_name", "get_mapping", "get_str", "get_int", "get_number",
            "get_bool", "get_str_list", "get_str_map"]
