@@ -1,4 +1,6 @@
-"""Files: the only layer that opens paths. Checkpoint readers (:mod:`.checkpoint`, :mod:`.safetensors`),
+"""Files: the only layer that opens paths. Checkpoint readers (:mod:`.checkpoint`, :mod:`.safetensors`), every JSON
+read through one strict reader (:mod:`.json_input`) and every pattern from a user or a file through one bounded
+matcher (:mod:`.patterns`),
 outputs that stand or fall together (:mod:`.outputs`, with what ``--force`` may replace in :mod:`.replaceable`,
 and the streaming writers in :mod:`.atomic`), the adapter formats (:mod:`.peft`, :mod:`.kohya` and its name
 tables, LyCORIS LoHa/LoKr/Tucker in :mod:`.lycoris`, DoRA magnitudes and tensor deltas in :mod:`.adapter_extras`,
@@ -10,6 +12,10 @@ reader (:mod:`.prefetch`), and the inputs of evaluate (texts in :mod:`.texts`, a
 from __future__ import annotations
 
 from .safetensors import SAFETENSORS_DTYPES, DTYPE_NAMES, SafetensorsFile, parse_header
+from .json_input import (MAX_DEPTH, load_json, check_depth, type_name, get_mapping, get_str, get_int, get_number, get_bool, get_str_list,
+    get_str_map)
+from .patterns import (MAX_PATTERN, MAX_DEGREE, MAX_WORK, check_pattern, check_patterns, safe_search, peft_key_matches,
+    peft_pattern_value)
 from .outputs import (OutputTransaction, atomic_output, check_output, check_replaceable, foreign_entries, temp_path, rename_noreplace,
     TMP_MARK, write_files)
 from .replaceable import COPIED_KEY
@@ -34,12 +40,15 @@ from .texts import read_texts, TEXT_SUFFIXES
 from .model_config import read_model_config
 
 __all__ = [
-    "SAFETENSORS_DTYPES", "DTYPE_NAMES", "SafetensorsFile", "parse_header", "OutputTransaction", "atomic_output",
-    "check_output", "check_replaceable", "foreign_entries", "temp_path", "rename_noreplace", "TMP_MARK",
-    "write_files", "COPIED_KEY", "parse_size", "ShardedWriter", "header_bound", "write_safetensors",
-    "check_finite_output", "all_finite", "Checkpoint", "open_checkpoint", "as_checkpoint", "Pairing",
-    "pair_tensors", "COMPONENT_PREFIXES", "KOHYA_PREFIXES", "kohya_key", "split_prefix", "check_prefix",
-    "guess_module_name", "match_keys", "is_text_encoder_prefix", "CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME",
+    "SAFETENSORS_DTYPES", "DTYPE_NAMES", "SafetensorsFile", "parse_header", "MAX_DEPTH", "load_json",
+    "check_depth", "type_name", "get_mapping", "get_str", "get_int", "get_number", "get_bool", "get_str_list",
+    "get_str_map", "MAX_PATTERN", "MAX_DEGREE", "MAX_WORK", "check_pattern", "check_patterns", "safe_search",
+    "peft_key_matches", "peft_pattern_value", "OutputTransaction", "atomic_output", "check_output",
+    "check_replaceable", "foreign_entries", "temp_path", "rename_noreplace", "TMP_MARK", "write_files",
+    "COPIED_KEY", "parse_size", "ShardedWriter", "header_bound", "write_safetensors", "check_finite_output",
+    "all_finite", "Checkpoint", "open_checkpoint", "as_checkpoint", "Pairing", "pair_tensors",
+    "COMPONENT_PREFIXES", "KOHYA_PREFIXES", "kohya_key", "split_prefix", "check_prefix", "guess_module_name",
+    "match_keys", "is_text_encoder_prefix", "CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME",
     "DIFFUSERS_COMPONENTS", "is_peft_folder", "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft",
     "write_diffusers", "peft_config", "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen",
     "task_type", "base_model_reference", "pattern_value", "peft_folder_parts", "NAMES_KEY", "is_kohya_keys",

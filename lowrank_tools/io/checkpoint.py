@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import difflib
 import errno
-import json
 import math
 import os
 import pickle
@@ -29,7 +28,8 @@ import torch
 
 from .atomic import ShardedWriter, atomic_output, check_output, parse_size
 from ..errors import (CheckpointNotFound, CorruptCheckpoint, MissingTensor, NoCommonTensors, NotACheckpoint,
-                     ShapeMismatch, UnsafeCheckpoint)
+                     ShapeMismatch, UnsafeCheckpoint, UnsupportedTensor)
+from .json_input import get_bool, get_str, get_str_list, get_str_map, load_json, type_name
 from .safetensors import SAFETENSORS_DTYPES  # noqa: F401 - importable from here as before the split
 from .safetensors import SafetensorsFile as _SafetensorsFile
 
@@ -46,6 +46,9 @@ _FOLDER_FILES = [  # in order of preference
 _SKIPPED_COMPONENTS = ("vae", "scheduler", "feature_extractor", "safety_checker")
 _ACCEPTED = "a .safetensors file, a .bin/.pt/.pth/.ckpt torch file, an HF model folder or a diffusers pipeline folder"
 _FIX = "re-download or re-save it"
+# a pickled tensor may read as at most this many times its storage's bytes (plus the slack): a stride-0 expand
+# of a few bytes to gigabytes is refused before anything is allocated
+_VIEW_FACTOR, _VIEW_SLACK = 2, 1 << 20
 
 
 # ---------------------------------------------------------------------------- single files
@@ -96,7 +99,26 @@ def _load_pickle(path: Path, *, use_mmap: bool) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise NotACheckpoint(f"{path} holds no tensors: give the file with the model weights")
+    for name, tensor in tensors.items():
+        _check_storage(path, name, tensor)
     return tensors
+
+
+def _check_storage(path: Path, name: str, tensor: torch.Tensor) -> None:
+    """Refuse a view that reads as far more bytes than its storage holds (a stride-0 ``expand``, overlapping
+    strides): reading it would allocate its logical size, which the file does not bound. Nothing is copied here."""
+    try:
+        if tensor.layout is not torch.strided:
+            raise RuntimeError(f"a {tensor.layout} tensor")
+        logical = tensor.numel() * tensor.element_size()
+        stored = tensor.untyped_storage().nbytes()
+    except RuntimeError as exc:  # sparse, quantized or nested: no plain storage to bound it by
+        raise UnsupportedTensor(f"tensor {name!r} in {path} is {str(exc).splitlines()[0][:80]}, not a plain dense "
+                                f"tensor: re-save it with tensor.to_dense().contiguous()") from None
+    if logical > _VIEW_FACTOR * stored + _VIEW_SLACK:
+        raise CorruptCheckpoint(f"tensor {name!r} in {path} is a view of {tuple(tensor.shape)} "
+                                f"({logical:,} bytes) over {stored:,} stored bytes (repeated by zero or overlapping "
+                                f"strides): refusing to expand it; re-save it with tensor.contiguous()")
 
 
 def _pickle_error(path: Path, exc: BaseException) -> Exception:
@@ -254,7 +276,7 @@ def as_checkpoint(source: Checkpoint | str | os.PathLike | Mapping[str, torch.Te
 def _open_folder(folder: Path) -> Checkpoint:
     sources, index = _folder_sources(folder)
     config_path = folder / "config.json"
-    config = _read_json(config_path) if config_path.is_file() else None
+    config = _read_config(config_path) if config_path.is_file() else None
     return Checkpoint(folder, index, sources=sources, config=config, metadata=sources[0].metadata)
 
 
@@ -276,12 +298,12 @@ def _folder_sources(folder: Path) -> tuple[list, dict]:
 
 def _open_index(index_path: Path) -> tuple[list, dict]:
     """Open the shards of an ``*.index.json``; names come shard by shard, in file order."""
-    data = _read_json(index_path)
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
+    data = load_json(index_path, fix=_FIX)
+    weight_map = get_str_map(data, "weight_map", str(index_path), default=None)
+    if not weight_map:
         raise CorruptCheckpoint(f"{index_path} has no weight_map: {_FIX}")
     for file in set(weight_map.values()):
-        if not isinstance(file, str) or Path(file).is_absolute() or ".." in Path(file).parts:
+        if Path(file).is_absolute() or ".." in Path(file).parts or "\0" in file:
             raise CorruptCheckpoint(f"{index_path} names shard {file!r} outside its folder: {_FIX}")
     sources, index = [], {}
     for file in sorted(set(weight_map.values())):
@@ -317,11 +339,15 @@ def _open_pipeline(folder: Path) -> Checkpoint:
     return Checkpoint(folder, index, sources=sources, components=components)
 
 
-def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptCheckpoint(f"{path} is not valid JSON ({exc}): {_FIX}") from exc
+def _read_config(path: Path) -> dict:
+    """config.json, with the fields this tool reads checked by type (one line naming the field, not a TypeError)."""
+    config = load_json(path, fix=_FIX)
+    if not isinstance(config, dict):
+        raise CorruptCheckpoint(f"{path} is {type_name(config)}, not a JSON object: {_FIX}")
+    get_str_list(config, "architectures", str(path), default=None)
+    get_bool(config, "tie_word_embeddings", str(path), default=None)
+    get_str(config, "_name_or_path", str(path), default=None)
+    return config
 
 
 # ---------------------------------------------------------------------------- pairing

@@ -27,6 +27,7 @@ from .adapter_extras import kohya_extras
 from .atomic import write_safetensors
 from .checkpoint import open_checkpoint
 from ..errors import AdapterFormatError, ConversionError
+from .json_input import get_str_map, load_json
 from .kohya_names import check_prefix, guess_module_name, kohya_key, match_keys
 from .peft import build_module, file_factors, lora_keys_seen
 
@@ -141,13 +142,9 @@ def _alpha(ckpt, key: str, rank: int, where: Path) -> float:
 
 def _recorded_names(ckpt, path: Path) -> dict[str, str]:
     raw = ckpt.metadata.get(NAMES_KEY)
-    try:
-        names = json.loads(raw) if raw else {}
-    except ValueError:
-        names = None
-    if not isinstance(names, dict):
-        raise AdapterFormatError(f"{path}: metadata {NAMES_KEY} is not a JSON object of names: re-write the file")
-    return names
+    names = load_json(raw, what=f"{path}: metadata {NAMES_KEY}", error=AdapterFormatError,
+                      fix="re-write the file") if raw else {}
+    return get_str_map({NAMES_KEY: names}, NAMES_KEY, f"{path}: metadata", error=AdapterFormatError)
 
 
 def _module_names(keys: list[str], recorded: dict, path: Path, module_names, base: str | None) -> tuple[dict, list]:

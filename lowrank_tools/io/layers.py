@@ -25,7 +25,8 @@ from torch import Tensor
 
 from ..adapter import LoraModule, ModuleKind, module_name
 from .checkpoint import Checkpoint, Pairing
-from ..errors import InvalidOption, ShapeMismatch, UnsupportedTensor
+from ..errors import ShapeMismatch, UnsupportedTensor
+from .patterns import check_patterns, safe_search
 
 __all__ = ["FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
            "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan", "plan_layers"]
@@ -54,17 +55,15 @@ def layer_kind(name: str, shape: Sequence[int]) -> ModuleKind | None:
 
 
 def matches(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
-    if include and not any(re.search(p, name) for p in include):
+    """``re.search`` semantics, with each pattern's worst-case work bounded (:mod:`lowrank_tools.patterns`)."""
+    if include and not safe_search(include, name, what="--include"):
         return False
-    return not any(re.search(p, name) for p in exclude)
+    return not safe_search(exclude, name, what="--exclude")
 
 
 def compile_filters(patterns: Sequence[str], option: str) -> tuple[str, ...]:
-    for p in patterns:
-        try:
-            re.compile(p)
-        except re.error as exc:
-            raise InvalidOption(f"{option} {p!r} is not a valid regular expression ({exc})") from None
+    """Check regexes up front: valid, and no pattern whose matching could take exponential time."""
+    check_patterns(patterns, option)
     return tuple(patterns)
 
 
@@ -221,13 +220,13 @@ def _module_of(tensor: str) -> str:
 def _full_tensors(tuned: Checkpoint, patterns: Sequence[str]) -> dict[str, str]:
     if not patterns:
         return {}
-    return {n: n for n in tuned.keys() if any(re.search(p, _module_of(n)) for p in patterns)}
+    return {n: n for n in tuned.keys() if safe_search(patterns, _module_of(n), what="--full-modules")}
 
 
 def _apply_ties(plan: LayerPlan, ties: list[TiedHead], patterns: Sequence[str]) -> None:
     for t in ties:
         head_weight = f"{t.head}.weight"
-        if t.embedding in plan.full or head_weight in plan.full or any(re.search(p, t.head) for p in patterns):
+        if t.embedding in plan.full or head_weight in plan.full or safe_search(patterns, t.head, what="--full-modules"):
             plan.full[t.embedding] = t.embedding
             plan.full[head_weight] = head_weight if t.stored else t.embedding
             plan.notes.append(f"{t.head} shares {t.embedding}: both are saved whole")

@@ -291,8 +291,8 @@ def read_peft_lycoris(folder: Path, config: dict, weights: Path) -> Adapter:
         groups.setdefault(parsed[0], {})[parsed[1]] = ckpt.get(key)
     modules = {}
     for name, t in groups.items():
-        rank = int(pattern_value(rank_pattern, name, r))
-        a = float(pattern_value(alpha_pattern, name, alpha))
+        rank = int(pattern_value(rank_pattern, name, r, "rank_pattern"))
+        a = float(pattern_value(alpha_pattern, name, alpha, "alpha_pattern"))
         modules[name] = structured_module(name, t, alpha=a, rank=rank, peft=True, where=weights)
     return Adapter(modules=modules, base_model=config.get("base_model_name_or_path"),
                    source_format=f"peft-{str(config.get('peft_type')).lower()}")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from ..errors import CheckpointNotFound, NotACheckpoint, UsageError
+from .json_input import load_json
 
 __all__ = ["read_model_config"]
 
@@ -24,10 +24,7 @@ def read_model_config(path: str | os.PathLike) -> dict:
     if not (path / "config.json").is_file():
         raise NotACheckpoint(f"{path}: not a transformers model folder (no config.json): evaluate needs folders "
                              f"saved by save_pretrained, with their config and tokenizer")
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NotACheckpoint(f"{path / 'config.json'}: unreadable ({exc}): re-save the model") from None
+    config = load_json(path / "config.json", error=NotACheckpoint, fix="re-save the model")
     if not isinstance(config, dict):
         raise NotACheckpoint(f"{path / 'config.json'}: not a JSON object: re-save the model")
     if "_class_name" in config:  # a diffusers component (UNet, transformer, VAE)

@@ -31,6 +31,8 @@ from .atomic import check_finite_output, write_safetensors
 from .checkpoint import open_checkpoint
 from ..errors import AdapterFormatError, ConversionError
 from .adapter_extras import attach_extras, peft_extras, peft_extras_config, split_extras
+from .json_input import get_bool, get_number, get_str, get_str_list, load_json, type_name
+from .patterns import peft_pattern_value
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_peft_folder",
            "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft", "write_diffusers", "peft_config",
@@ -216,15 +218,10 @@ def write_diffusers(adapter: Adapter, folder: Path) -> None:
 # ------------------------------------------------------------------------------------------------ read
 
 
-def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's rule (``get_pattern_key``): the first pattern key matching the end of the module name wins."""
-    for key, value in patterns.items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return value
-        except re.error:
-            continue  # PEFT would fail on it too; a literal name that is not a regex matches nothing here
-    return default
+def _pattern_value(patterns: dict, name: str, default, what: str = "rank_pattern / alpha_pattern"):
+    """PEFT's rule (``get_pattern_key``): the first pattern key matching the end of the module name wins; plain names
+    are matched as strings and other keys' work is bounded (:mod:`lowrank_tools.patterns`)."""
+    return peft_pattern_value(patterns, name, default, what=what, error=AdapterFormatError)
 
 
 pattern_value = _pattern_value  # public: LoHa / LoKr folders (lycoris_format) follow the same rule
@@ -329,30 +326,26 @@ def build_module(name: str, A: torch.Tensor, B: torch.Tensor, alpha: float, *, e
 
 
 def _config_number(config: dict, key: str, where: Path, default) -> float:
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AdapterFormatError(f"{where}: {key} {value!r} is not a number: write a scalar, e.g. {key}: 16")
-    return float(value)
+    return get_number(config, key, str(where), default=float(default), error=AdapterFormatError)
 
 
 def _patterns(config: dict, key: str, where: Path) -> dict:
     patterns = config.get(key) or {}
     if not isinstance(patterns, dict):
         raise AdapterFormatError(f"{where}: {key} must map module patterns to numbers, got {type(patterns).__name__}")
-    for pattern, value in patterns.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise AdapterFormatError(f"{where}: {key}[{pattern!r}] = {value!r} is not a scalar number")
+    for pattern in patterns:
+        get_number(patterns, pattern, f"{where}: {key}", error=AdapterFormatError)
     return patterns
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise AdapterFormatError(f"{path}: not valid JSON ({exc}): re-save the adapter") from None
+    config = load_json(path, error=AdapterFormatError, fix="re-save the adapter")
     if not isinstance(config, dict):
-        raise AdapterFormatError(f"{path}: expected a JSON object")
-    peft_type = str(config.get("peft_type", "LORA")).upper()
+        raise AdapterFormatError(f"{path}: expected a JSON object, found {type_name(config)}")
+    for key, get in (("peft_type", get_str), ("use_dora", get_bool), ("use_rslora", get_bool),
+                     ("base_model_name_or_path", get_str), ("modules_to_save", get_str_list)):
+        get(config, key, str(path), default=None, error=AdapterFormatError)
+    peft_type = str(config.get("peft_type") or "LORA").upper()
     if peft_type not in ("LORA", "LOHA", "LOKR"):
         raise AdapterFormatError(f"{path}: peft_type {peft_type} is not LORA, LOHA or LOKR: not supported")
     return config
@@ -370,16 +363,16 @@ def _modules_from_config(halves: dict, config: dict, where: Path, source: Path, 
     r = _config_number(config, "r", where, 8)
     lora_alpha = _config_number(config, "lora_alpha", where, 8)  # PEFT's defaults
     rank_pattern, alpha_pattern = _patterns(config, "rank_pattern", where), _patterns(config, "alpha_pattern", where)
-    rslora = bool(config.get("use_rslora", False))
+    rslora = get_bool(config, "use_rslora", str(where), default=False, error=AdapterFormatError)
     modules = {}
     for name, parts in halves.items():
         local = name[len(strip):]
         A, B = parts["A"], parts["B"]
-        want = int(_pattern_value(rank_pattern, local, r))
+        want = int(_pattern_value(rank_pattern, local, r, f"{where}: rank_pattern"))
         if A.ndim >= 1 and A.shape[0] != want:
             raise AdapterFormatError(f"{where}: rank {want} for {local} (r / rank_pattern) but {parts['A_key']} has "
                                      f"{A.shape[0]} rows: the config and weights disagree")
-        alpha = float(_pattern_value(alpha_pattern, local, lora_alpha))
+        alpha = float(_pattern_value(alpha_pattern, local, lora_alpha, f"{where}: alpha_pattern"))
         modules[name] = build_module(name, A, B, alpha, embedding=parts["emb"], rslora=rslora, source=source,
                                      keys=(parts["A_key"], parts["B_key"]))
     return modules
@@ -424,10 +417,10 @@ def read_peft_file(path: Path) -> Adapter:
     ckpt, extras = split_extras(open_checkpoint(path))  # DoRA magnitudes, lora_B.bias
     halves, full, alphas, notes = collect_factors(ckpt, path)
     raw = ckpt.metadata.get(DIFFUSERS_METADATA)
-    try:
-        metadata = json.loads(raw) if raw else {}
-    except ValueError:
-        raise AdapterFormatError(f"{path}: metadata {DIFFUSERS_METADATA} is not valid JSON: re-save the file") from None
+    metadata = load_json(raw, what=f"{path}: metadata {DIFFUSERS_METADATA}", error=AdapterFormatError,
+                         fix="re-save the file") if raw else {}
+    if not isinstance(metadata, dict):
+        raise AdapterFormatError(f"{path}: metadata {DIFFUSERS_METADATA} is {type_name(metadata)}, not an object")
     orphan = sorted(set(alphas) - set(halves))
     if orphan:
         raise AdapterFormatError(f"{path}: key {alphas[orphan[0]]} has no lora_A / lora_B beside it: the file is "

@@ -3,14 +3,13 @@
 A file is 8 bytes little-endian header length N, N bytes of JSON header (``{name: {"dtype", "shape",
 "data_offsets": [begin, end]}, "__metadata__": {str: str}}``, offsets relative to the end of the header), then
 the tensor bytes. :class:`SafetensorsFile` reads and validates the header at open (every entry's dtype, shape
-and span, and that no span runs past the end of the file) and reads one tensor's bytes into a fresh buffer on
-demand, so memory stays flat and no file handle is held between calls. The host is assumed little-endian, as
-the format is. Writing lives in :mod:`lowrank_tools.io.atomic`.
+and span, and that the spans tile the data section exactly, as the reference library requires) and reads one
+tensor's bytes into a fresh buffer on demand, so memory stays flat and no file handle is held between calls. The
+host is assumed little-endian, as the format is. Writing lives in :mod:`lowrank_tools.io.atomic`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptCheckpoint, UnsupportedTensor
+from .json_input import get_str_map, load_json, type_name
 
 __all__ = ["SAFETENSORS_DTYPES", "DTYPE_NAMES", "SafetensorsFile", "parse_header"]
 
@@ -35,6 +35,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 _MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+_INT64_MAX = 2**63 - 1  # torch sizes are int64
 _FIX = "re-download or re-save it"
 
 
@@ -83,8 +84,12 @@ class SafetensorsFile:
 def parse_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
     """Read and validate the header of ``path``: ({name: Entry} in file (data offset) order, metadata).
 
-    Raises :class:`CorruptCheckpoint` for a damaged file (short, bad length, bad JSON, spans that do not fit)
-    and :class:`UnsupportedTensor` for a dtype name this table does not know (e.g. a GGUF-style ``Q4_K``)."""
+    The rules are the reference library's (``Metadata::validate`` in safetensors' ``tensor.rs``): sorted by their
+    ``data_offsets``, the tensors' spans tile the data section exactly (no gap, no overlap, nothing after the last),
+    each span holds ``numel * itemsize`` bytes, ``__metadata__`` maps strings to strings. Stricter than it: a key
+    that appears twice is refused (the reference keeps the last), and a dimension or element count that does not fit
+    torch's int64 is refused. Raises :class:`CorruptCheckpoint` naming the file and tensor, and
+    :class:`UnsupportedTensor` for a dtype name this table does not know (e.g. a GGUF-style ``Q4_K``)."""
     size = path.stat().st_size
     with open(path, "rb") as file:
         prefix = file.read(8)
@@ -93,44 +98,71 @@ def parse_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
             raise CorruptCheckpoint(f"safetensors file {path} {what}: {_FIX}")
         length = int.from_bytes(prefix, "little")
         if length > size - 8 or length > _MAX_HEADER:
-            raise CorruptCheckpoint(f"{path}: header length {length} is larger than the file ({size} bytes), so it "
-                                    f"is truncated or not safetensors: {_FIX}")
+            raise CorruptCheckpoint(f"{path}: header length {length} is larger than the file ({size} bytes) or than "
+                                    f"{_MAX_HEADER} bytes, so it is truncated or not safetensors: {_FIX}")
         raw = file.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptCheckpoint(f"{path}: header is not valid JSON ({exc}): {_FIX}") from exc
+    header = load_json(raw, what=f"{path}: header", fix=_FIX)
     if not isinstance(header, dict):
-        raise CorruptCheckpoint(f"{path}: header is a JSON {type(header).__name__}, not an object: {_FIX}")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CorruptCheckpoint(f"{path}: __metadata__ is not an object: {_FIX}")
-    entries = {name: _parse_entry(path, name, info, 8 + length, size) for name, info in header.items()}
-    order = sorted(entries, key=lambda n: (entries[n].start, entries[n].nbytes, n))
-    return {name: entries[name] for name in order}, {str(k): str(v) for k, v in metadata.items()}
+        raise CorruptCheckpoint(f"{path}: header is {type_name(header)}, not an object: {_FIX}")
+    metadata = get_str_map(header, "__metadata__", f"{path}: header", default={}, error=CorruptCheckpoint)
+    entries = {name: _parse_entry(path, name, info, 8 + length) for name, info in header.items()
+               if name != "__metadata__"}
+    order = sorted(entries, key=lambda n: (entries[n].start, entries[n].start + entries[n].nbytes))
+    _check_spans(path, entries, order, 8 + length, size)
+    return {name: entries[name] for name in order}, dict(metadata)
 
 
-def _parse_entry(path: Path, name: str, info: object, data_start: int, size: int) -> Entry:
+def _check_spans(path: Path, entries: dict[str, Entry], order: list[str], data_start: int, size: int) -> None:
+    """The spans, in offset order, must tile [data_start, size) exactly (the reference's InvalidOffset and
+    MetadataIncompleteBuffer)."""
+    at = data_start
+    for name in order:
+        entry = entries[name]
+        if entry.start != at:
+            what = "overlaps the tensor before it" if entry.start < at else f"leaves a gap of {entry.start - at} bytes"
+            raise CorruptCheckpoint(f"tensor {name!r} in {path}: data_offsets start at {entry.start - data_start}, "
+                                    f"which {what} (tensors must be stored back to back): {_FIX}")
+        at = entry.start + entry.nbytes
+        if at > size:
+            raise CorruptCheckpoint(f"tensor {name!r} in {path} ends at byte {at}, past the end of the file "
+                                    f"({size} bytes), so the file is truncated: {_FIX}")
+    if at != size:
+        raise CorruptCheckpoint(f"{path}: {size - at} bytes follow the last tensor's data, which no tensor "
+                                f"covers (data_offsets wrong, or bytes appended): {_FIX}")
+
+
+def _parse_entry(path: Path, name: str, info: object, data_start: int) -> Entry:
     where = f"tensor {name!r} in {path}"
     if not isinstance(info, dict):
-        raise CorruptCheckpoint(f"{where}: header entry is not an object: {_FIX}")
+        raise CorruptCheckpoint(f"{where}: header entry is {type_name(info)}, not an object: {_FIX}")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         if isinstance(dtype, str):
-            raise UnsupportedTensor(f"{where} has dtype {dtype!r}, which this tool cannot read: convert it to F32")
-        raise CorruptCheckpoint(f"{where}: dtype {dtype!r} is not a dtype name: {_FIX}")
-    if not _int_list(shape) or not _int_list(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
-        raise CorruptCheckpoint(f"{where}: bad shape {shape!r} or data_offsets {offsets!r}: {_FIX}")
+            raise UnsupportedTensor(f"{where} has dtype {dtype[:40]!r}, which this tool cannot read: convert it to F32")
+        raise CorruptCheckpoint(f"{where}: dtype is {type_name(dtype)}, not a dtype name: {_FIX}")
+    if not _int_list(shape) or any(d > _INT64_MAX for d in shape) or len(shape) > 64:
+        raise CorruptCheckpoint(f"{where}: bad shape {_show(shape)}, expected a list of at most 64 integers "
+                                f"in [0, 2^63): {_FIX}")
+    if not _int_list(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise CorruptCheckpoint(f"{where}: bad data_offsets {_show(offsets)}, expected [begin, end] with 0 <= begin <= "
+                                f"end: {_FIX}")
+    numel = math.prod(shape)
+    if numel > _INT64_MAX or (0 in shape and math.prod(d for d in shape if d) > _INT64_MAX):
+        raise CorruptCheckpoint(f"{where}: shape {_show(shape)} has more elements than a tensor can hold: {_FIX}")
     torch_dtype = SAFETENSORS_DTYPES[dtype]
     begin, end = offsets
-    needed = math.prod(shape) * torch_dtype.itemsize
+    needed = numel * torch_dtype.itemsize
     if end - begin != needed:
         raise CorruptCheckpoint(f"{where} spans {end - begin} bytes but {dtype} {tuple(shape)} needs {needed}: {_FIX}")
-    if data_start + end > size:
-        raise CorruptCheckpoint(f"{where} ends at byte {data_start + end}, past the end of the file ({size} bytes), "
-                                f"so the file is truncated: {_FIX}")
     return Entry(torch_dtype, tuple(shape), data_start + begin, needed)
 
 
 def _int_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
+def _show(value: object) -> str:
+    """A header value for a message, cut short (a hostile list may be long)."""
+    long = isinstance(value, (dict, list)) and len(value) > 8
+    text = f"{type_name(value)} of {len(value)}" if long else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
