@@ -56,3 +56,15 @@ def planted_files(tmp_path: Path):
     save_file(base, str(tmp_path / "base.safetensors"))
     save_file(tuned, str(tmp_path / "tuned.safetensors"))
     return tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", base, tuned
+
+
+class LinConvNet(torch.nn.Module):
+    """A Linear(12 -> 10) and a Conv2d(4 -> 6, 3x3): the smallest model PEFT's LoRA/LoHa/LoKr/DoRA configs wrap."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(12, 10)
+        self.conv = torch.nn.Conv2d(4, 6, 3)
+
+    def forward(self, x):
+        return self.lin(x)

@@ -7,8 +7,10 @@ import warnings
 
 import pytest
 import torch
+
 from safetensors.torch import load_file, save_file
 
+from conftest import LinConvNet
 from lowrank_tools.apply import apply
 from lowrank_tools.errors import AdapterMismatch, ConversionError
 from lowrank_tools.io.formats import load_adapter, save_adapter
@@ -19,23 +21,13 @@ from lowrank_tools.resize import resize
 peft = pytest.importorskip("peft")
 
 
-class _Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(12, 10)
-        self.conv = torch.nn.Conv2d(4, 6, 3)
-
-    def forward(self, x):
-        return self.lin(x)
-
-
 def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def _base_file(tmp_path):
     torch.manual_seed(0)
-    net = _Net()
+    net = LinConvNet()
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "base.safetensors"))
     return net, tmp_path / "base.safetensors"
 
@@ -83,7 +75,7 @@ def test_peft_loads_what_we_write_with_no_missing_keys(tmp_path):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = peft.PeftModel.from_pretrained(_Net(), tmp_path / "ours")
+        model = peft.PeftModel.from_pretrained(LinConvNet(), tmp_path / "ours")
     keys = set(load_file(str(tmp_path / "ours" / "adapter_model.safetensors")))
     assert any("lora_magnitude_vector" in k for k in keys)
     assert model.peft_config["default"].use_dora
@@ -96,7 +88,7 @@ def test_lora_bias_round_trip_through_peft(tmp_path):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = peft.PeftModel.from_pretrained(_Net(), tmp_path / "ours")
+        model = peft.PeftModel.from_pretrained(LinConvNet(), tmp_path / "ours")
     assert model.peft_config["default"].lora_bias
     assert _rel(model(x).detach(), y) < 1e-5
 
@@ -164,7 +156,7 @@ def test_lora_to_dora_is_exact_and_peft_loads_it(tmp_path):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = peft.PeftModel.from_pretrained(_Net(), tmp_path / "ours")
+        model = peft.PeftModel.from_pretrained(LinConvNet(), tmp_path / "ours")
     W = model.merge_and_unload().state_dict()
     assert _rel(W["lin.weight"], a["lin.weight"]) < 1e-5 and _rel(W["conv.weight"], a["conv.weight"]) < 1e-5
 

@@ -7,8 +7,10 @@ import warnings
 
 import pytest
 import torch
+
 from safetensors.torch import save_file
 
+from conftest import LinConvNet
 from lowrank_tools.adapter import ModuleKind, Param
 from lowrank_tools.errors import AdapterFormatError
 from lowrank_tools.io.formats import describe_adapter, detect_format, load_adapter
@@ -143,19 +145,9 @@ def test_legacy_input_axis_dora_is_read_and_flagged(tmp_path):
 peft = pytest.importorskip("peft")
 
 
-class _Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(12, 10)
-        self.conv = torch.nn.Conv2d(4, 6, 3)
-
-    def forward(self, x):
-        return self.lin(x)
-
-
 def _peft_folder(tmp_path, config, perturb=None):
     torch.manual_seed(0)
-    base = _Net()
+    base = LinConvNet()
     model = peft.get_peft_model(base, config)
     if perturb:
         perturb(model)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..io.outputs import OutputTransaction, check_output, write_files
+from ..io.outputs import OutputTransaction, check_output, rendered, write_files
 from ..errors import OutputError, UsageError
 from ..report import BASE_IS_ZERO, csv_number, left_out_lines, name_column, ratio_cell, strict_json
 from ..linalg.spectrum import ENERGY_LEVELS, level_key
@@ -206,11 +206,7 @@ def write_analysis(analysis: Analysis, *, json_path=None, csv_path=None, plot_di
     PNG names of :data:`~lowrank_tools.plots.PLOT_FILES` are written there (replaced only with ``force``)."""
     check_analysis_outputs(json_path=json_path, csv_path=csv_path, plot_dir=plot_dir,
                            force=transaction.force if transaction is not None else force, inputs=inputs)
-    files: dict[Path, bytes] = {}
-    if json_path is not None:
-        files[Path(json_path)] = analysis_json(analysis).encode()
-    if csv_path is not None:
-        files[Path(csv_path)] = analysis_csv(analysis).encode()
+    files = rendered([(json_path, lambda: analysis_json(analysis)), (csv_path, lambda: analysis_csv(analysis))])
     if plot_dir is not None:
         from .plots import render_plots
 

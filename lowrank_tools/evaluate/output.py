@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..io.outputs import check_output, write_files
+from ..io.outputs import check_output, rendered, write_files
 from ..errors import MissingExtra, OutputError, UsageError
 from .curve import LEVELS, smallest_reaching
 from .models import ModelKind
@@ -156,11 +156,6 @@ def write_evaluation(evaluation: Evaluation, *, json_path=None, csv_path=None, p
                      inputs: Sequence[str | os.PathLike] = ()) -> list[Path]:
     """Write the requested outputs all or nothing; return their paths."""
     check_evaluation_outputs(json_path=json_path, csv_path=csv_path, plot_dir=plot_dir, force=force, inputs=inputs)
-    files: dict[Path, bytes] = {}
-    if json_path is not None:
-        files[Path(json_path)] = evaluation_json(evaluation).encode()
-    if csv_path is not None:
-        files[Path(csv_path)] = evaluation_csv(evaluation).encode()
-    if plot_dir is not None:
-        files[Path(plot_dir) / PLOT_FILE] = render_curve(evaluation)
+    files = rendered([(json_path, lambda: evaluation_json(evaluation)), (csv_path, lambda: evaluation_csv(evaluation)),
+                      (Path(plot_dir) / PLOT_FILE if plot_dir is not None else None, lambda: render_curve(evaluation))])
     return write_files(files, force=force, inputs=inputs)

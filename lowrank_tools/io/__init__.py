@@ -11,13 +11,15 @@ reader (:mod:`.prefetch`), and the inputs of evaluate (texts in :mod:`.texts`, a
 
 from __future__ import annotations
 
+import importlib
+
 from .safetensors import SAFETENSORS_DTYPES, DTYPE_NAMES, SafetensorsFile, parse_header
 from .json_input import (MAX_DEPTH, load_json, check_depth, type_name, get_mapping, get_str, get_int, get_number, get_bool, get_str_list,
     get_str_map)
 from .patterns import (MAX_PATTERN, MAX_DEGREE, MAX_WORK, check_pattern, check_patterns, safe_search, peft_key_matches,
     peft_pattern_value)
 from .outputs import (OutputTransaction, atomic_output, check_output, check_replaceable, foreign_entries, temp_path, rename_noreplace,
-    TMP_MARK, write_files)
+    TMP_MARK, write_files, rendered)
 from .replaceable import COPIED_KEY
 from .atomic import parse_size, ShardedWriter, header_bound, write_safetensors, check_finite_output, all_finite
 from .checkpoint import Checkpoint, open_checkpoint, as_checkpoint, Pairing, pair_tensors
@@ -39,26 +41,9 @@ from .prefetch import prefetch
 from .texts import read_texts, TEXT_SUFFIXES
 from .model_config import read_model_config
 
-__all__ = [
-    "SAFETENSORS_DTYPES", "DTYPE_NAMES", "SafetensorsFile", "parse_header", "MAX_DEPTH", "load_json",
-    "check_depth", "type_name", "get_mapping", "get_str", "get_int", "get_number", "get_bool", "get_str_list",
-    "get_str_map", "MAX_PATTERN", "MAX_DEGREE", "MAX_WORK", "check_pattern", "check_patterns", "safe_search",
-    "peft_key_matches", "peft_pattern_value", "OutputTransaction", "atomic_output", "check_output",
-    "check_replaceable", "foreign_entries", "temp_path", "rename_noreplace", "TMP_MARK", "write_files",
-    "COPIED_KEY", "parse_size", "ShardedWriter", "header_bound", "write_safetensors", "check_finite_output",
-    "all_finite", "Checkpoint", "open_checkpoint", "as_checkpoint", "Pairing", "pair_tensors",
-    "COMPONENT_PREFIXES", "KOHYA_PREFIXES", "kohya_key", "split_prefix", "check_prefix", "guess_module_name",
-    "match_keys", "is_text_encoder_prefix", "CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME",
-    "DIFFUSERS_COMPONENTS", "is_peft_folder", "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft",
-    "write_diffusers", "peft_config", "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen",
-    "task_type", "base_model_reference", "pattern_value", "peft_folder_parts", "NAMES_KEY", "is_kohya_keys",
-    "read_kohya", "write_kohya", "kohya_state_dict", "resolve_module_names", "STRUCTURED_SUFFIXES",
-    "is_lycoris_keys", "read_lycoris", "read_peft_lycoris", "structured_module", "PLACEHOLDER_ALPHA",
-    "fit_kernels", "split_extras", "attach_extras", "ExtrasView", "check_peft_extras", "peft_extras",
-    "peft_extras_config", "kohya_extras", "AdapterFormat", "load_adapter", "save_adapter", "detect_format",
-    "describe_adapter", "describe_modules", "check_target", "output_format", "fit_format", "fit_all",
-    "left_out_warning", "select_modules", "LEFT_OUT", "LEFT_OUT_WHOLE", "check_kohya_target", "FACTORABLE_DTYPES",
-    "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers", "relative_change",
-    "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan", "plan_layers", "prefetch", "read_texts",
-    "TEXT_SUFFIXES", "read_model_config",
-]
+_MODULES = (
+    "safetensors", "json_input", "patterns", "outputs", "replaceable", "atomic", "checkpoint", "kohya_names",
+    "peft", "kohya", "lycoris", "adapter_extras", "formats", "layers", "prefetch", "texts", "model_config",
+)
+__all__ = list(dict.fromkeys(  # every module's public names, once
+    name for m in _MODULES for name in importlib.import_module(f".{m}", __name__).__all__))

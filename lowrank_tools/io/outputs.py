@@ -28,7 +28,7 @@ import re
 import secrets
 import shutil
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from ..errors import OutputError, OutputExists, UsageError
 from .replaceable import check_replaceable, foreign_entries
 
 __all__ = ["OutputTransaction", "atomic_output", "check_output", "check_replaceable", "foreign_entries", "temp_path",
-           "rename_noreplace", "TMP_MARK", "write_files"]
+           "rename_noreplace", "TMP_MARK", "write_files", "rendered"]
 
 TMP_MARK = ".lrt-tmp-"
 _OLD = "-old"  # suffix of a replaced output kept aside until the run commits
@@ -339,6 +339,17 @@ def atomic_output(target: str | os.PathLike, *, force: bool = False, inputs: Seq
         return
     with OutputTransaction(force=force, inputs=inputs) as txn:
         yield txn.stage(target)
+
+
+def rendered(wanted: Iterable[tuple[str | os.PathLike | None, Callable[[], str | bytes]]]) -> dict[Path, bytes]:
+    """The files asked for (those whose path is given), each rendered only then: ``{path: bytes}`` for
+    :func:`write_files` (``(json_path, lambda: to_json(x))`` pairs; text is UTF-8 encoded)."""
+    files = {}
+    for path, render in wanted:
+        if path is not None:
+            data = render()
+            files[Path(path)] = data.encode() if isinstance(data, str) else data
+    return files
 
 
 def write_files(files: Mapping[Path, bytes], *, force: bool = False, inputs: Sequence[str | os.PathLike] = (),
