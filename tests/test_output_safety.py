@@ -393,4 +393,4 @@ def test_plot_folder_keeps_other_files(results):
     assert run.code == 0, run.stderr
     assert run.extra["notes"] == "mine\n" and run.extra["png"].startswith(b"\x89PNG")
     assert run.files == ["plots", "plots/cumulative_energy.png", "plots/notes.txt", "plots/rank90_heatmap.png",
-                         "plots/singular_values.png"]
+                         "plots/retained_energy_vs_params.png", "plots/singular_values.png"]
