@@ -140,6 +140,8 @@ def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=Non
     _peft_layout(result, modules, config, path, weights, consumer)
     _tensors(result, ckpt, modules)
     _alphas(result, ckpt, modules, config)
+    if consumer is Consumer.PEFT and config is not None:
+        _peft_ranks(result, modules, config)
     if base is not None:
         _against_base(result, ckpt, modules, as_checkpoint(base))
     if consumer is Consumer.DIFFUSERS:
@@ -178,6 +180,17 @@ def _peft_layout(result, modules, config, path, weights, consumer) -> None:
         if targets is not None and not _targeted(name, targets):
             add(Problem(Severity.ERROR, "not-targeted", module, f"module not in target_modules {targets!r}: PEFT "
                         f"silently drops its weights"))
+
+
+def _peft_ranks(result, modules, config) -> None:
+    """PEFT builds each layer at the config's rank (``rank_pattern`` or ``r``) and then refuses a size mismatch."""
+    pattern = config.get("rank_pattern") or {}
+    for module, m in modules.items():
+        name = module[len("base_model.model."):] if module.startswith("base_model.model.") else module
+        want = next((v for k, v in pattern.items() if name == k or name.endswith("." + k)), config.get("r"))
+        if m.rank is not None and want is not None and m.rank != int(want):
+            result.findings.append(Problem(Severity.ERROR, "rank", module, f"rank {m.rank} in the file but {want} in "
+                                           f"{CONFIG_NAME} (r / rank_pattern): PEFT refuses the size mismatch"))
 
 
 def _targeted(name: str, targets) -> bool:

@@ -204,3 +204,16 @@ def test_include_exclude_narrow_the_check(made):
 def test_naming_tables(consumer, key, accepted):
     module, suffix, _ = split_key(key)
     assert (key_accepted(Consumer(consumer), module, suffix) is None) is accepted
+
+
+def test_peft_config_disagreements_name_the_module(made, tmp_path):
+    import shutil
+    folder = tmp_path / "p"
+    shutil.copytree(made / "p", folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(r=3, rank_pattern={}, target_modules=["attn1.to_q", "attn1.to_k", "attn1.to_v", "conv1", "proj_in"])  # not attn2
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    result = check_adapter(folder, "peft")
+    codes = {(p.code, p.key.split(".")[-1]) for p in result.problems}
+    assert ("not-targeted", "to_k") in codes and ("rank", "to_q") in codes
+    assert all("attn2" in p.key for p in result.problems if p.code == "not-targeted")
