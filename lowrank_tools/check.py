@@ -336,6 +336,8 @@ def _fit(ckpt, m, shape) -> str | None:
     if down is None or up is None:
         return None
     d, u = ckpt.shape(down), ckpt.shape(up)
+    if "lora_mid.weight" in m.tensors:  # Tucker conv LoRA: down (r, in, 1, 1), mid (r, r, kh, kw) holds the kernel
+        d = (*d[:2], *ckpt.shape(m.tensors["lora_mid.weight"])[2:])
     out, inp = u[0], math.prod(d[1:])
     embedding = down.endswith("lora_embedding_A")
     want = (shape[1], shape[0]) if embedding and len(shape) == 2 else (shape[0], math.prod(shape[1:]))

@@ -211,9 +211,31 @@ def test_peft_config_disagreements_name_the_module(made, tmp_path):
     folder = tmp_path / "p"
     shutil.copytree(made / "p", folder)
     config = json.loads((folder / "adapter_config.json").read_text())
-    config.update(r=3, rank_pattern={}, target_modules=["attn1.to_q", "attn1.to_k", "attn1.to_v", "conv1", "proj_in"])  # not attn2
+    targets = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "conv1", "proj_in"]  # not attn2's
+    config.update(r=3, rank_pattern={}, target_modules=targets)
     (folder / "adapter_config.json").write_text(json.dumps(config))
     result = check_adapter(folder, "peft")
     codes = {(p.code, p.key.split(".")[-1]) for p in result.problems}
     assert ("not-targeted", "to_k") in codes and ("rank", "to_q") in codes
     assert all("attn2" in p.key for p in result.problems if p.code == "not-targeted")
+
+
+def test_peft_folder_is_not_routed_by_diffusers(made):
+    """Keys under base_model.model. are no pipeline component: diffusers' load_lora_weights would drop them all."""
+    result = check_adapter(made / "p", "diffusers")
+    dropped = [p for p in result.problems if p.code == "diffusers-dropped"]
+    assert dropped and all(p.key.startswith("base_model.model.") for p in dropped)
+
+
+def test_tucker_conv_kernel_is_read_from_lora_mid(tmp_path):
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    base = {"down_blocks.0.resnets.0.conv1.weight": torch.zeros(4, 4, 3, 3)}
+    save_file(base, tmp_path / "base.safetensors")
+    lora = {f"{name}.lora_down.weight": torch.randn(2, 4, 1, 1), f"{name}.lora_mid.weight": torch.randn(2, 2, 3, 3),
+            f"{name}.lora_up.weight": torch.randn(4, 2, 1, 1), f"{name}.alpha": torch.tensor(2.0)}
+    save_file(lora, tmp_path / "tucker.safetensors")
+    assert check_adapter(tmp_path / "tucker.safetensors", "comfyui", base=tmp_path / "base.safetensors").ok
+    lora[f"{name}.lora_mid.weight"] = torch.randn(2, 2, 5, 5)
+    save_file(lora, tmp_path / "tucker5.safetensors")
+    (p,) = check_adapter(tmp_path / "tucker5.safetensors", "comfyui", base=tmp_path / "base.safetensors").problems
+    assert p.code == "shape" and p.key == name and "(5, 5)" in p.message

@@ -12,7 +12,7 @@ from .options import examples, filter_options, quiet_option
 CONSUMERS = click.Choice(["peft", "diffusers", "comfyui", "a1111"])
 
 
-@click.command(short_help="Will this adapter load in PEFT, diffusers, ComfyUI or A1111? Exit 1 on any problem.",
+@click.command(short_help="Will an adapter load in PEFT, diffusers, ComfyUI, A1111?",
               epilog=examples("lowrank-tools check lora.safetensors --for comfyui",
                               "lowrank-tools check adapter/ --for peft --base base/",
                               "lowrank-tools check lora.safetensors --for diffusers --json"))

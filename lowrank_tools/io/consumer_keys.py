@@ -6,7 +6,8 @@
 - ComfyUI (``comfy/lora.py``: ``model_lora_keys_unet`` / ``model_lora_keys_clip`` / ``load_lora``): those, plus
   ``lora_te3_``, ``lora_transformer_``, ``lycoris_``, ``lora_prior_unet_`` and the dotted forms it maps from the
   model's own state dict: ``diffusion_model.<key>``, diffusers ``unet.`` / ``transformer.`` / ``text_encoder*.``,
-  ``text_encoders.``, PEFT ``base_model.model.`` for transformer models only (its HunyuanVideo / Qwen-Image maps); dotted keys may also use ``.lora_A/B.weight``, ``.lora.up/down.weight``,
+  ``text_encoders.``, PEFT ``base_model.model.`` for transformer models only (its HunyuanVideo /
+  Qwen-Image maps); dotted keys may also use ``.lora_A/B.weight``, ``.lora.up/down.weight``,
   ``.lora_linear_layer.up/down.weight`` and diffusers' old ``_lora.up/down.weight``.
 - PEFT (``PeftModel.from_pretrained``): ``base_model.model.<module>.lora_A.weight`` etc. and nothing else.
 - diffusers: judged by its own loader (see :mod:`lowrank_tools.check`); without diffusers, kohya names or
