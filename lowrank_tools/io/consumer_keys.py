@@ -4,11 +4,14 @@
   + the module path with ``.`` -> ``_``, suffixes ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` and the
   LyCORIS ones (``hada_*``, ``lokr_*``, ``lora_mid``, ``dora_scale``, ``diff``, ``diff_b``, ``w_norm``, ``b_norm``).
 - ComfyUI (``comfy/lora.py``: ``model_lora_keys_unet`` / ``model_lora_keys_clip`` / ``load_lora``): those, plus
-  ``lora_te3_``, ``lora_transformer_``, ``lycoris_``, ``lora_prior_unet_`` and the dotted forms it maps from the
-  model's own state dict: ``diffusion_model.<key>``, diffusers ``unet.`` / ``transformer.`` / ``text_encoder*.``,
+  ``lora_te3_``, ``lora_transformer_``, ``lycoris_``, ``lora_prior_unet_`` / ``lora_prior_te_`` (Stable Cascade)
+  and the dotted forms it maps from the model's own state dict: ``diffusion_model.<key>``, diffusers ``unet.`` /
+  ``transformer.`` / ``text_encoder*.`` (UNet names bare too),
   ``text_encoders.``, PEFT ``base_model.model.`` for transformer models only (its HunyuanVideo /
   Qwen-Image maps); dotted keys may also use ``.lora_A/B.weight``, ``.lora.up/down.weight``,
-  ``.lora_linear_layer.up/down.weight`` and diffusers' old ``_lora.up/down.weight``.
+  ``.lora_linear_layer.up/down.weight`` and diffusers' old ``_lora.up/down.weight`` (its ``load_lora`` reads
+  ``{x}.lora_up.weight`` / ``{x}_lora.up.weight`` / ``{x}.lora_linear_layer.up.weight``; diffusers UNet names also bare
+  or under ``unet.``, with ``.processor.to_q``).
 - PEFT (``PeftModel.from_pretrained``): ``base_model.model.<module>.lora_A.weight`` etc. and nothing else.
 - diffusers: judged by its own loader (see :mod:`lowrank_tools.check`); without diffusers, kohya names or
   component-prefixed PEFT-style keys (``unet.`` / ``text_encoder.`` / ``text_encoder_2.`` / ``transformer.``).
@@ -52,9 +55,10 @@ _BY_LENGTH = sorted(ROLES, key=len, reverse=True)
 _OLD_DIFFUSERS = re.compile(r"^(.*)_lora\.(up|down)\.weight$")  # unet...to_q_lora.up.weight (diffusers < 0.20)
 
 A1111_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-KOHYA_LIKE_PREFIXES = (*A1111_PREFIXES, "lora_te3_", "lora_transformer_", "lycoris_", "lora_prior_unet_")
+KOHYA_LIKE_PREFIXES = (*A1111_PREFIXES, "lora_te3_", "lora_transformer_", "lycoris_", "lora_prior_unet_",
+                       "lora_prior_te_")
 _COMFY_DOTTED = ("diffusion_model.", "model.diffusion_model.", "unet.", "transformer.", "text_encoder.",
-                 "text_encoder_2.", "text_encoders.")
+                 "text_encoder_2.", "text_encoders.", "down_blocks.", "up_blocks.", "mid_block.")  # bare UNet names too
 _COMFY_PEFT = re.compile(r"^base_model\.model\..*transformer_blocks\.")  # its HunyuanVideo / Qwen-Image maps only
 _DIFFUSERS_DOTTED = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.")
 _UNDERSCORE_BODY = re.compile(r"^[A-Za-z0-9_]+$")
