@@ -1,0 +1,391 @@
+"""Will this adapter file load in a given consumer (PEFT, diffusers, ComfyUI, A1111)? A list of typed problems.
+
+Checks, each a :class:`Problem` naming the key: every key maps to a module the consumer loads (its naming table
+in :mod:`lowrank_tools.io.consumer_keys`; for diffusers the judge is diffusers' own ``lora_state_dict``); with a
+base, the module exists there with a shape that fits; alpha anomalies (placeholders, 0, negative, non-finite, a
+rank 3x its siblings' with their alpha: the fused/split mistake of sd-scripts #2204); zero-padded ranks;
+non-finite factors; dtypes loaders reject. Errors and warnings are problems; notes are not.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+from .errors import AdapterFormatError, CheckpointNotFound
+from .io.checkpoint import as_checkpoint, open_checkpoint
+from .io.consumer_keys import KOHYA_LIKE_PREFIXES, Consumer, Role, key_accepted, split_key
+from .io.layers import compile_filters, matches
+from .io.peft import CONFIG_NAME, DIFFUSERS_NAME, WEIGHTS_NAME
+
+__all__ = ["Severity", "Problem", "CheckResult", "check_adapter", "Consumer"]
+
+PLACEHOLDER_ALPHA = 1e9
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_BASE_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "unet.", "transformer.", "text_encoder.",
+                  "text_encoder_2.", "base_model.model.", "cond_stage_model.transformer.", "lora_unet_", "lora_te_",
+                  "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_", "lycoris_")
+_COMPONENT_HINT = {"lora_te2_": "text_encoder_2_", "text_encoder_2.": "text_encoder_2_", "lora_te1_": "text_encoder_",
+                   "lora_te_": "text_encoder_", "text_encoder.": "text_encoder_"}
+
+
+class Severity(str, Enum):
+    ERROR = "error"      # the consumer refuses the file, drops a key or computes garbage
+    WARNING = "warning"  # loads, but almost surely not what was meant (or wastes size)
+    NOTE = "note"        # a fact worth knowing, not a problem
+
+
+@dataclass(frozen=True)
+class Problem:
+    severity: Severity
+    code: str           # short id: unknown-key, layout, shape, missing-module, alpha, alpha-3x, zero-rank, ...
+    key: str | None     # the tensor (or module) it is about; None for the whole file
+    message: str
+
+    def line(self) -> str:
+        return f"{self.severity.value}: {self.key + ': ' if self.key else ''}{self.message}"
+
+    def as_dict(self) -> dict:
+        return {"severity": self.severity.value, "code": self.code, "key": self.key, "message": self.message}
+
+
+@dataclass
+class CheckResult:
+    adapter: str
+    consumer: Consumer
+    tensors: int = 0
+    modules: int = 0
+    findings: list[Problem] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[Problem]:
+        return [p for p in self.findings if p.severity is not Severity.NOTE]
+
+    @property
+    def notes(self) -> list[Problem]:
+        return [p for p in self.findings if p.severity is Severity.NOTE]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        if self.ok:
+            return (f"ok: {self.adapter} loads in {self.consumer.value} ({self.modules} modules, {self.tensors} "
+                    f"tensors)")
+        return f"{len(self.problems)} problem(s): {self.adapter} will not load as meant in {self.consumer.value}"
+
+    def as_dict(self) -> dict:
+        return {"adapter": self.adapter, "consumer": self.consumer.value, "ok": self.ok, "modules": self.modules,
+                "tensors": self.tensors, "problems": [p.as_dict() for p in self.problems],
+                "notes": [p.as_dict() for p in self.notes]}
+
+
+@dataclass
+class _Module:
+    tensors: dict[str, str] = field(default_factory=dict)   # suffix -> key
+    roles: dict[Role, str] = field(default_factory=dict)    # role -> key
+    alpha: float | None = None
+    rank: int | None = None
+
+
+def _weights_file(path: Path) -> tuple[Path, dict | None]:
+    if not path.exists():
+        raise CheckpointNotFound(f"adapter {path} does not exist: check the path")
+    if not path.is_dir():
+        return path, None
+    config = None
+    if (path / CONFIG_NAME).is_file():
+        config = json.loads((path / CONFIG_NAME).read_text())
+    for name in (WEIGHTS_NAME, "adapter_model.bin", DIFFUSERS_NAME):
+        if (path / name).is_file():
+            return path / name, config
+    raise AdapterFormatError(f"{path}: a folder without {WEIGHTS_NAME} or {DIFFUSERS_NAME}: not an adapter folder")
+
+
+def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=None, include=(),
+                  exclude=()) -> CheckResult:
+    """Every problem ``consumer`` would have with the adapter at ``path`` (file or folder); ``base``: a checkpoint
+    whose modules and shapes the adapter must fit. ``include`` / ``exclude``: regexes on module keys."""
+    path, consumer = Path(path), Consumer(consumer)
+    include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
+    weights, config = _weights_file(path)
+    ckpt = open_checkpoint(weights)
+    result = CheckResult(str(path), consumer)
+    add = result.findings.append
+    modules: dict[str, _Module] = defaultdict(_Module)
+    for key in ckpt.keys():
+        module, suffix, role = split_key(key)
+        if not matches(module, include, exclude):
+            continue
+        result.tensors += 1
+        why = key_accepted(consumer, module, suffix)
+        if why is not None and consumer is not Consumer.DIFFUSERS:
+            add(Problem(Severity.ERROR, "unknown-key", key, f"not loaded by {consumer.value}: {why}"))
+        if suffix is not None:
+            modules[module].tensors[suffix] = key
+            if role is not None and role is not Role.OTHER:
+                modules[module].roles[role] = key
+    result.modules = len(modules)
+    _collapse(result, consumer, any(m.startswith(KOHYA_LIKE_PREFIXES) for m in modules))
+    _peft_layout(result, modules, config, path, weights, consumer)
+    _tensors(result, ckpt, modules)
+    _alphas(result, ckpt, modules, config)
+    if consumer is Consumer.PEFT and config is not None:
+        _peft_ranks(result, modules, config)
+    if base is not None:
+        _against_base(result, ckpt, modules, as_checkpoint(base))
+    if consumer is Consumer.DIFFUSERS:
+        _diffusers_judge(result, ckpt, [k for m in modules.values() for k in m.tensors.values()])
+    return result
+
+
+def _collapse(result, consumer, kohya: bool) -> None:
+    """One line instead of one per key when no key at all is named for the consumer (a whole-file layout problem)."""
+    unknown = [p for p in result.findings if p.code == "unknown-key"]
+    if not unknown or len(unknown) < result.tensors or len(unknown) == 1:
+        return
+    result.findings[:] = [p for p in result.findings if p.code != "unknown-key"]
+    if not (consumer is Consumer.PEFT and kohya):  # the layout line below says it for PEFT
+        first = unknown[0]
+        result.findings.append(Problem(Severity.ERROR, "layout", first.key, f"no key of the file is named for "
+                                       f"{consumer.value} ({len(unknown)} keys, this one first): "
+                                       f"{first.message.split(': ', 1)[1]}"))
+
+
+def _peft_layout(result, modules, config, path, weights, consumer) -> None:
+    add = result.findings.append
+    kohya = any(m.startswith(KOHYA_LIKE_PREFIXES) for m in modules)
+    if consumer is not Consumer.PEFT:
+        return
+    if kohya:
+        add(Problem(Severity.ERROR, "layout", None, f"a kohya-named file: PEFT cannot load it as is; run "
+                    f"`lowrank-tools convert {path} -o OUT --format peft`"))
+    if config is None:
+        add(Problem(Severity.ERROR, "config", None, f"no {CONFIG_NAME} beside the weights: PeftModel.from_pretrained "
+                    f"needs a folder; run `lowrank-tools convert {path} -o OUT --format peft`"))
+        return
+    targets = config.get("target_modules")
+    for module in modules:
+        name = module[len("base_model.model."):] if module.startswith("base_model.model.") else module
+        if targets is not None and not _targeted(name, targets):
+            add(Problem(Severity.ERROR, "not-targeted", module, f"module not in target_modules {targets!r}: PEFT "
+                        f"silently drops its weights"))
+
+
+def _peft_ranks(result, modules, config) -> None:
+    """PEFT builds each layer at the config's rank (``rank_pattern`` or ``r``) and then refuses a size mismatch."""
+    pattern = config.get("rank_pattern") or {}
+    for module, m in modules.items():
+        name = module[len("base_model.model."):] if module.startswith("base_model.model.") else module
+        want = next((v for k, v in pattern.items() if name == k or name.endswith("." + k)), config.get("r"))
+        if m.rank is not None and want is not None and m.rank != int(want):
+            result.findings.append(Problem(Severity.ERROR, "rank", module, f"rank {m.rank} in the file but {want} in "
+                                           f"{CONFIG_NAME} (r / rank_pattern): PEFT refuses the size mismatch"))
+
+
+def _targeted(name: str, targets) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _tensors(result, ckpt, modules) -> None:
+    """dtypes, finiteness and exactly-zero rank components of every factor pair."""
+    add = result.findings.append
+    for module, m in modules.items():
+        for key in m.tensors.values():
+            dtype = ckpt.dtype(key)
+            if dtype == torch.float64:
+                add(Problem(Severity.WARNING, "dtype", key, "float64: twice the size, and some loaders refuse it; "
+                            "write it again with --dtype float32"))
+            elif dtype not in _FLOATS:
+                add(Problem(Severity.ERROR, "dtype", key, f"{str(dtype).replace('torch.', '')} is not a float factor "
+                            f"any loader applies (float16/bfloat16/float32)"))
+                continue
+            if not bool(torch.isfinite(ckpt.get(key).float()).all()):
+                add(Problem(Severity.ERROR, "non-finite", key, "holds NaN or Inf: the adapted model outputs NaN"))
+        _zero_rank(result, ckpt, module, m)
+
+
+def _zero_rank(result, ckpt, module, m) -> None:
+    down, up = m.roles.get(Role.DOWN), m.roles.get(Role.UP)
+    if down is None or up is None:
+        return
+    A, B = ckpt.get(down).float(), ckpt.get(up).float()
+    A, Bt = A.reshape(A.shape[0], -1), B.transpose(0, 1).reshape(B.shape[1], -1)  # (r, in), (r, out)
+    m.rank = A.shape[0]
+    if Bt.shape[0] != A.shape[0]:
+        result.findings.append(Problem(Severity.ERROR, "shape", up, f"rank {Bt.shape[0]} of up/B disagrees with rank "
+                                       f"{A.shape[0]} of {down}"))
+        return
+    zero = int(((A == 0).all(1) | (Bt == 0).all(1)).sum())
+    if zero and zero < m.rank:
+        result.findings.append(Problem(Severity.WARNING, "zero-rank", module, f"{zero} of its {m.rank} rank components "
+                                       f"are exactly zero: rank {m.rank - zero} holds it losslessly; run "
+                                       f"`lowrank-tools resize ADAPTER -o OUT --energy 1`"))
+    elif zero:
+        result.findings.append(Problem(Severity.WARNING, "zero-rank", module, "every rank component is zero: the "
+                                       "module changes nothing"))
+
+
+def _peft_alpha(name: str, config: dict) -> float | None:
+    pattern = config.get("alpha_pattern") or {}
+    for k, v in pattern.items():
+        if name == k or name.endswith("." + k) or re.fullmatch(k, name):
+            return float(v)
+    value = config.get("lora_alpha", config.get("alpha"))
+    return None if value is None else float(value)
+
+
+def _alphas(result, ckpt, modules, config) -> None:
+    add = result.findings.append
+    for module, m in modules.items():
+        if "alpha" in m.tensors:
+            m.alpha = float(ckpt.get(m.tensors["alpha"]).float().reshape(-1)[0])
+        elif config is not None:
+            name = module[len("base_model.model."):] if module.startswith("base_model.model.") else module
+            m.alpha = _peft_alpha(name, config)
+        elif module.startswith(KOHYA_LIKE_PREFIXES) and Role.DOWN in m.roles:
+            add(Problem(Severity.NOTE, "no-alpha", module, "no .alpha: loaders use scale 1 (alpha = rank)"))
+        key = m.tensors.get("alpha", module)
+        a = m.alpha
+        if a is None:
+            continue
+        if not math.isfinite(a):
+            add(Problem(Severity.ERROR, "alpha", key, f"alpha is {a}: the scale alpha/r is not a number"))
+        elif a == 0:
+            add(Problem(Severity.ERROR, "alpha", key, "alpha is 0: the module changes nothing"))
+        elif a < 0:
+            add(Problem(Severity.ERROR, "alpha", key, f"alpha {a:g} is negative: the update is applied sign-flipped"))
+        elif a >= PLACEHOLDER_ALPHA and Role.DOWN in m.roles:
+            add(Problem(Severity.ERROR, "alpha", key, f"alpha {a:g} is a placeholder (LyCORIS' 'no alpha'): a LoRA "
+                        f"loader scales by alpha/r = {a / max(m.rank or 1, 1):.3g}"))
+    _alpha_3x(result, modules)
+
+
+def _alpha_3x(result, modules) -> None:
+    """A module with 3x its siblings' rank but their alpha: fused or split without rescaling (sd-scripts #2204)."""
+    lora = [m for m in modules.values() if m.rank and m.alpha is not None]
+    if len(lora) < 2:
+        return
+    rank = Counter(m.rank for m in lora).most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in lora if m.rank == rank).most_common(1)[0][0]
+    for module, m in modules.items():
+        if m.rank == 3 * rank and m.alpha == alpha:
+            result.findings.append(Problem(
+                Severity.WARNING, "alpha-3x", module,
+                f"rank {m.rank} = 3x its siblings' {rank} with their alpha {alpha:g}: scale alpha/r is a third of "
+                f"theirs, the fused/split mistake of sd-scripts #2204; a fused q/k/v needs alpha {3 * alpha:g}"))
+
+
+def _norm(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def _base_index(base) -> dict[str, str]:
+    index: dict[str, str] = {}
+    for key in base.keys():
+        if not key.endswith(".weight"):
+            continue
+        name = key[:-len(".weight")]
+        index.setdefault(_norm(name), key)
+        for p in _BASE_PREFIXES:
+            if name.startswith(p):
+                index.setdefault(_norm(name[len(p):]), key)
+    return index
+
+
+def _lookup(module: str, index: dict[str, str]) -> str | None:
+    prefix = next((p for p in sorted(_BASE_PREFIXES, key=len, reverse=True) if module.startswith(p)), "")
+    body = _norm(module[len(prefix):])
+    hint = _COMPONENT_HINT.get(prefix)
+    for candidate in ((hint + body) if hint else None, body, _norm(module)):
+        if candidate and candidate in index:
+            return index[candidate]
+    return None
+
+
+def _against_base(result, ckpt, modules, base) -> None:
+    index = _base_index(base)
+    add = result.findings.append
+    for module, m in modules.items():
+        found = _lookup(module, index)
+        if found is None:
+            near = difflib.get_close_matches(_norm(module.split(".", 2)[-1]), list(index), n=1, cutoff=0.5)
+            hint = f"; closest: {index[near[0]]}" if near else ""
+            add(Problem(Severity.ERROR, "missing-module", module, f"no such module in the base{hint}"))
+            continue
+        want = _fit(ckpt, m, tuple(base.shape(found)))
+        if want is not None:
+            add(Problem(Severity.ERROR, "shape", module, f"adapts {want} but {found} is {tuple(base.shape(found))}"))
+
+
+def _fit(ckpt, m, shape) -> str | None:
+    """None when the module's update fits a base weight of ``shape``; else the update's (out, in) as text."""
+    down, up = m.roles.get(Role.DOWN), m.roles.get(Role.UP)
+    if down is None or up is None:
+        return None
+    d, u = ckpt.shape(down), ckpt.shape(up)
+    if "lora_mid.weight" in m.tensors:  # Tucker conv LoRA: down (r, in, 1, 1), mid (r, r, kh, kw) holds the kernel
+        d = (*d[:2], *ckpt.shape(m.tensors["lora_mid.weight"])[2:])
+    out, inp = u[0], math.prod(d[1:])
+    embedding = down.endswith("lora_embedding_A")
+    want = (shape[1], shape[0]) if embedding and len(shape) == 2 else (shape[0], math.prod(shape[1:]))
+    if (out, inp) == want and (len(d) < 3 or len(shape) < 3 or tuple(d[2:]) == tuple(shape[2:])):
+        return None
+    return f"(out, in) = ({out}, {inp})" + (f" kernel {tuple(d[2:])}" if len(d) > 2 else "")
+
+
+_PIPELINES = (("FluxPipeline", re.compile(r"double_blocks|single_blocks|single_transformer_blocks")),
+              ("StableDiffusion3Pipeline", re.compile(r"joint_blocks|context_block|transformer_blocks.*add_q_proj")),
+              ("StableDiffusionXLPipeline", re.compile(r"^lora_te2_|^text_encoder_2\.|add_embedding|label_emb")),
+              ("StableDiffusionPipeline", re.compile(r"")))
+_COMPONENTS = {"FluxPipeline": ("transformer.", "text_encoder."),
+               "StableDiffusion3Pipeline": ("transformer.", "text_encoder.", "text_encoder_2."),
+               "StableDiffusionXLPipeline": ("unet.", "text_encoder.", "text_encoder_2."),
+               "StableDiffusionPipeline": ("unet.", "text_encoder.")}
+
+
+def _diffusers_judge(result, ckpt, keys) -> None:
+    """Run diffusers' own ``<Pipeline>.lora_state_dict`` on the tensors: what it refuses or leaves unrouted is a
+    problem. Without diffusers, the naming table decides (a note says so)."""
+    add = result.findings.append
+    try:
+        import diffusers
+    except ImportError:
+        add(Problem(Severity.NOTE, "no-diffusers", None, "diffusers is not installed: judged by naming alone"))
+        for key in keys:
+            why = key_accepted(Consumer.DIFFUSERS, *split_key(key)[:2])
+            if why:
+                add(Problem(Severity.ERROR, "unknown-key", key, f"not loaded by diffusers: {why}"))
+        return
+    name = next(n for n, pattern in _PIPELINES if any(pattern.search(k) for k in keys))
+    pipeline = getattr(diffusers, name)
+    state = {k: ckpt.get(k) for k in keys}
+    try:
+        out = pipeline.lora_state_dict(dict(state))
+    except Exception as exc:  # noqa: BLE001 - whatever diffusers raises is its verdict
+        text = str(exc).strip() or type(exc).__name__
+        named = [k for k in keys if k in text] or [None]
+        first = text.splitlines()[0].strip()
+        for key in named:
+            add(Problem(Severity.ERROR, "diffusers-refused", key, f"diffusers {name}.lora_state_dict refuses the file "
+                        f"({type(exc).__name__}: {first})"))
+        return
+    converted = out[0] if isinstance(out, tuple) else out
+    components = _COMPONENTS[name]
+    for key in converted:
+        if not key.startswith(components):
+            add(Problem(Severity.ERROR, "diffusers-dropped", key, f"{name}.load_lora_weights drops it (diffusers "
+                        f"routes only keys under {', '.join(components)})"))
+    add(Problem(Severity.NOTE, "judge", None, f"judged by diffusers {diffusers.__version__} {name}.lora_state_dict"))
