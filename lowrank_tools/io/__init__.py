@@ -40,10 +40,12 @@ from .layers import (FACTORABLE_DTYPES, check_factorable, layer_kind, compile_fi
 from .prefetch import prefetch
 from .texts import read_texts, TEXT_SUFFIXES
 from .model_config import read_model_config
+from .consumer_keys import Consumer, Role, split_key, key_accepted, ROLES, KOHYA_LIKE_PREFIXES
 
 _MODULES = (
     "safetensors", "json_input", "patterns", "outputs", "replaceable", "atomic", "checkpoint", "kohya_names",
     "peft", "kohya", "lycoris", "adapter_extras", "formats", "layers", "prefetch", "texts", "model_config",
+    "consumer_keys",
 )
 __all__ = list(dict.fromkeys(  # every module's public names, once
     name for m in _MODULES for name in importlib.import_module(f".{m}", __name__).__all__))
