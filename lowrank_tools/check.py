@@ -10,7 +10,6 @@ non-finite factors; dtypes loaders reject. Errors and warnings are problems; not
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
 import re
@@ -23,6 +22,7 @@ import torch
 
 from .errors import AdapterFormatError, CheckpointNotFound
 from .io.checkpoint import as_checkpoint, open_checkpoint
+from .io.json_input import load_json
 from .io.consumer_keys import KOHYA_LIKE_PREFIXES, Consumer, Role, key_accepted, split_key
 from .io.layers import compile_filters, matches
 from .io.peft import CONFIG_NAME, DIFFUSERS_NAME, WEIGHTS_NAME
@@ -105,7 +105,9 @@ def _weights_file(path: Path) -> tuple[Path, dict | None]:
         return path, None
     config = None
     if (path / CONFIG_NAME).is_file():
-        config = json.loads((path / CONFIG_NAME).read_text())
+        config = load_json(path / CONFIG_NAME, error=AdapterFormatError, fix="re-save the adapter")
+        if not isinstance(config, dict):
+            raise AdapterFormatError(f"{path / CONFIG_NAME}: expected a JSON object: re-save the adapter")
     for name in (WEIGHTS_NAME, "adapter_model.bin", DIFFUSERS_NAME):
         if (path / name).is_file():
             return path / name, config
