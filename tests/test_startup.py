@@ -24,7 +24,9 @@ try:
     main(sys.argv[1:], prog_name="lowrank-tools")
 except SystemExit as exc:
     code = exc.code
-print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stderr)
+import os
+print(json.dumps({"code": code, "modules": sorted(sys.modules), "policy": os.environ.get("OMP_WAIT_POLICY")}),
+      file=sys.stderr)
 """
 
 HEAVY = ("torch", "numpy", "safetensors", "lowrank_tools.adapter", "lowrank_tools.io", "lowrank_tools.linalg",
@@ -34,12 +36,18 @@ MACHINERY = ("lowrank_tools.linalg.sketch", "lowrank_tools.linalg.svd", "lowrank
              "lowrank_tools.apply")
 
 
-def _imported(*args: str, cwd: Path | None = None) -> tuple[int, set[str]]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", CHILD, *args], cwd=cwd or ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    last = proc.stderr.strip().splitlines()[-1]
-    record = json.loads(last)
+def _child(*args: str, **env: str) -> dict:
+    """The child's exit code, imported modules and OMP_WAIT_POLICY after the command; ``env`` replaces the
+    OpenMP variables of this process's environment."""
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {**base, **env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    return json.loads(proc.stderr.strip().splitlines()[-1])
+
+
+def _imported(*args: str) -> tuple[int, set[str]]:
+    record = _child(*args)
     return record["code"], set(record["modules"])
 
 
@@ -57,14 +65,18 @@ def test_help_imports_neither_torch_nor_the_library(args):
     assert not [name for name in HEAVY if _loaded(modules, name)]
 
 
-def test_info_reads_an_adapter_without_the_svd_machinery(tmp_path):
+def _small_adapter(path: Path) -> Path:
     tensors = {}
     for i in range(2):
         tensors[f"lora_unet_blk{i}_proj.lora_down.weight"] = torch.randn(4, 16)
         tensors[f"lora_unet_blk{i}_proj.lora_up.weight"] = torch.randn(16, 4)
         tensors[f"lora_unet_blk{i}_proj.alpha"] = torch.tensor(4.0)
-    save_file(tensors, str(tmp_path / "small.safetensors"))
-    code, modules = _imported("info", str(tmp_path / "small.safetensors"), "--json")
+    save_file(tensors, str(path))
+    return path
+
+
+def test_info_reads_an_adapter_without_the_svd_machinery(tmp_path):
+    code, modules = _imported("info", str(_small_adapter(tmp_path / "small.safetensors")), "--json")
     assert code in (0, None)
     assert "lowrank_tools.io.formats" in modules  # it did read the adapter (the check below is not vacuous)
     assert not [name for name in MACHINERY if _loaded(modules, name)]
@@ -102,3 +114,28 @@ def test_lazy_exports_answer_what_they_name():
         extract, apply, merge, resize)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         lowrank_tools.nothing  # noqa: B018
+
+
+# --- the OpenMP wait policy (cli/threads.py) ----------------------------------------------------------------------
+
+
+def test_the_wait_policy_is_set_before_torch_and_never_over_the_users():
+    from lowrank_tools.cli.threads import WAIT_POLICY, set_wait_policy
+
+    environ: dict[str, str] = {}
+    assert set_wait_policy(environ, modules={}) == WAIT_POLICY and environ == WAIT_POLICY
+    for knob in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):  # the user's own choice stands
+        environ = {knob: "ACTIVE" if knob == "OMP_WAIT_POLICY" else "300000", "OMP_NUM_THREADS": "2"}
+        assert set_wait_policy(environ, modules={}) == {} and "PASSIVE" not in environ.values()
+    environ = {}
+    assert set_wait_policy(environ, modules={"torch": object()}) == {} and environ == {}  # too late: nothing set
+    environ = {"OMP_NUM_THREADS": "3"}
+    set_wait_policy(environ, modules={})
+    assert environ["OMP_NUM_THREADS"] == "3"
+
+
+def test_a_command_runs_with_the_wait_policy_unless_the_user_set_one(tmp_path):
+    adapter = str(_small_adapter(tmp_path / "small.safetensors"))
+    run = _child("info", adapter)
+    assert run["code"] in (0, None) and "torch" in run["modules"] and run["policy"] == "PASSIVE"
+    assert _child("info", adapter, OMP_WAIT_POLICY="active")["policy"] == "active"
