@@ -12,8 +12,9 @@ busy) triple runs ``--repeats`` times: the min and max of the slowdown are print
 machine moves the figures (the 1-minute load average is printed too).
 
 Policies: ``default`` (what torch picks: one thread per core, libgomp's spin-then-sleep wait), ``1 thread``
-(``torch.set_num_threads(1)``), and 2 threads with ``OMP_WAIT_POLICY=PASSIVE`` / ``ACTIVE`` or ``GOMP_SPINCOUNT=0`` (PASSIVE: a thread that
-waits sleeps at once instead of spinning).
+(``torch.set_num_threads(1)``), and 2 threads with ``OMP_WAIT_POLICY=PASSIVE`` / ``ACTIVE`` or
+``GOMP_SPINCOUNT=0`` (PASSIVE: a thread that waits sleeps at once instead of spinning). The command line's own
+choice is ``PASSIVE`` with torch's thread count (``lowrank_tools/cli/threads.py``).
 """
 
 from __future__ import annotations
