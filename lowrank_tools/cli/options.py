@@ -115,6 +115,7 @@ def allow_tf32_option(f):
 def make_rule(rank, energy, sv_ratio, threshold, *, default_rank: int | None = None) -> RankRule | None:
     """The rank rule from the options; ``default_rank`` when none is given (None: no truncation asked)."""
     from ..linalg.rank_rules import RankRule
+
     if rank is None and energy is None and sv_ratio is None and threshold is None:
         return RankRule(rank=default_rank) if default_rank is not None else None
     return RankRule(rank=rank, energy=energy, sv_ratio=sv_ratio, threshold=threshold)
