@@ -6,8 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..io.formats import output_format
-from ..linalg.rank_rules import require_rank_option
 from .options import (FORMAT_HELP, FORMATS, Progress, check_kohya_options, check_outputs, common_options, examples,
                       make_rule, out_dtype, rank_options, show, warn_all, warner, write_report)
 
@@ -62,7 +60,8 @@ def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
 
     --include / --exclude choose the modules resized; the others are written unchanged. What a kohya -o cannot
     hold (embeddings, tensors saved whole) is left out with a warning naming it, before any work."""
-    from ..io.formats import fit_format, load_adapter
+    from ..io.formats import fit_format, load_adapter, output_format
+    from ..linalg.rank_rules import require_rank_option
     from ..resize import resize as run
 
     rule = make_rule(rank, energy, sv_ratio, threshold)
@@ -93,7 +92,7 @@ def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
     any work."""
     from dataclasses import replace
 
-    from ..io.formats import fit_all
+    from ..io.formats import fit_all, output_format
     from ..merge import merge as run
     from ..weighted import load_weighted, parse_adapter_spec
 

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import click
 
-from ..io.formats import output_format
-from ..linalg.svd import Method
-from .options import (FORMAT_HELP, FORMATS, SEED, Progress, allow_tf32_option, check_kohya_options, check_outputs,
-                      common_options, dtype_option, examples, filter_options, finite, force_option, make_rule,
-                      module_table, nothing_left, out_dtype, quiet_option, rank_options, seed_option, show, warn_all,
-                      warner, write_report)
+from .options import (FORMAT_HELP, FORMATS, METHODS, SEED, Progress, allow_tf32_option, check_kohya_options,
+                      check_outputs, common_options, dtype_option, examples, filter_options, finite, force_option,
+                      make_rule, module_table, nothing_left, out_dtype, quiet_option, rank_options, seed_option, show,
+                      warn_all, warner, write_report)
 
 
 
@@ -29,7 +27,7 @@ from .options import (FORMAT_HELP, FORMATS, SEED, Progress, allow_tf32_option, c
 @click.option("--alpha", type=float, show_default="r per layer, so scale = 1", help="LoRA alpha of every layer.")
 @click.option("--format", "fmt", type=FORMATS, show_default="from -o", help=FORMAT_HELP)
 @click.option("--prefix", default="lora_unet_", show_default=True, help="kohya key prefix for modules without a component.")
-@click.option("--method", type=click.Choice([m.value for m in Method]), default="auto", show_default=True,
+@click.option("--method", type=METHODS, default="auto", show_default=True,
               help="SVD: exact, randomized (range finder), or auto (randomized when r is small against the sides).")
 @click.option("--oversample", type=click.IntRange(min=0), default=10, show_default=True,
               help="Extra columns of the randomized range finder beyond r (Halko et al. 2011, p).")
@@ -65,6 +63,7 @@ def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alph
     single-process one with the same seed and threads per process."""
     from ..extract.distributed import torchrun_group
     from ..extract.options import ExtractOptions
+    from ..io.formats import output_format
 
     rule = make_rule(rank, energy, sv_ratio, threshold, default_rank=None if budget is not None else 16)
     fmt = output_format(output, fmt).value
@@ -148,7 +147,7 @@ def convert(adapter, output, fmt, prefix, dtype_name, base, dora_to, include, ex
     A pipeline's adapter converted to peft is written as diffusers' pytorch_lora_weights.safetensors. What kohya
     cannot hold (embeddings, tensors saved whole) is left out with a warning naming it, before anything is written."""
     from ..io.checkpoint import check_output
-    from ..io.formats import fit_format, load_adapter, save_adapter, select_modules
+    from ..io.formats import fit_format, load_adapter, output_format, save_adapter, select_modules
 
     fmt = output_format(output, fmt).value
     check_kohya_options(fmt, prefix, ())

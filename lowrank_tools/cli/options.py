@@ -5,18 +5,21 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 
-from ..io.formats import AdapterFormat
-from ..linalg.svd import Device, RankRule
+if TYPE_CHECKING:
+    from ..linalg.rank_rules import RankRule
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-FORMATS = click.Choice([f.value for f in AdapterFormat])  # peft | kohya
+# The choices are spelled out here, not read from the enums, so that defining the commands (and --help) imports
+# neither torch nor the library: tests/test_startup.py checks that they match AdapterFormat, Device and Method.
+DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes (out_dtype looks them up)
+FORMATS = click.Choice(["peft", "kohya"])  # AdapterFormat
 FORMAT_HELP = ("Output format: peft (a folder) or kohya (one .safetensors file); a kohya -o must end in .safetensors, "
                "a peft one must not.")
-DEVICES = click.Choice([d.value for d in Device])  # cpu | cuda | auto
+DEVICES = click.Choice(["cpu", "cuda", "auto"])  # Device
+METHODS = click.Choice(["auto", "exact", "randomized"])  # Method
 class _Seed(click.ParamType):
     """A whole number that torch.Generator.manual_seed takes, 0 to 2^64 - 1 (a larger one is a usage error)."""
 
@@ -111,6 +114,8 @@ def allow_tf32_option(f):
 
 def make_rule(rank, energy, sv_ratio, threshold, *, default_rank: int | None = None) -> RankRule | None:
     """The rank rule from the options; ``default_rank`` when none is given (None: no truncation asked)."""
+    from ..linalg.rank_rules import RankRule
+
     if rank is None and energy is None and sv_ratio is None and threshold is None:
         return RankRule(rank=default_rank) if default_rank is not None else None
     return RankRule(rank=rank, energy=energy, sv_ratio=sv_ratio, threshold=threshold)
@@ -195,7 +200,9 @@ def write_report(report, path: str | None, *, force: bool = False, inputs=(), tr
 
 
 def out_dtype(name: str):
-    return None if name == "auto" else DTYPES[name]
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
 
 
 def check_kohya_options(fmt: str | None, prefix: str, full_modules) -> None:

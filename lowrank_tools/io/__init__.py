@@ -1,6 +1,4 @@
-"""Files: the only layer that opens paths. Checkpoint readers (:mod:`.checkpoint`, :mod:`.safetensors`), every JSON
-read through one strict reader (:mod:`.json_input`) and every pattern from a user or a file through one bounded
-matcher (:mod:`.patterns`),
+"""Files: the only layer that opens paths. Checkpoint readers (:mod:`.checkpoint`, :mod:`.safetensors`),
 outputs that stand or fall together (:mod:`.outputs`, with what ``--force`` may replace in :mod:`.replaceable`,
 and the streaming writers in :mod:`.atomic`), the adapter formats (:mod:`.peft`, :mod:`.kohya` and its name
 tables, LyCORIS LoHa/LoKr/Tucker in :mod:`.lycoris`, DoRA magnitudes and tensor deltas in :mod:`.adapter_extras`,
@@ -9,43 +7,89 @@ reader (:mod:`.prefetch`), and the inputs of evaluate (texts in :mod:`.texts`, a
 :mod:`.model_config`).
 """
 
-from __future__ import annotations
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
-import importlib
+if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_architecture.py's layer graph
+    from .safetensors import SAFETENSORS_DTYPES, DTYPE_NAMES, SafetensorsFile, parse_header
+    from .json_input import (MAX_DEPTH, load_json, check_depth, type_name, get_mapping, get_str, get_int, get_number, get_bool,
+                             get_str_list, get_str_map)
+    from .patterns import (MAX_PATTERN, MAX_DEGREE, MAX_WORK, check_pattern, check_patterns, safe_search, peft_key_matches,
+                           peft_pattern_value)
+    from .outputs import (OutputTransaction, atomic_output, check_output, check_replaceable, foreign_entries, temp_path,
+                          rename_noreplace, TMP_MARK, write_files, rendered)
+    from .replaceable import COPIED_KEY
+    from .atomic import parse_size, ShardedWriter, header_bound, write_safetensors, check_finite_output, all_finite
+    from .checkpoint import Checkpoint, open_checkpoint, as_checkpoint, Pairing, pair_tensors
+    from .kohya_names import (COMPONENT_PREFIXES, KOHYA_PREFIXES, kohya_key, split_prefix, check_prefix, guess_module_name,
+                              match_keys, is_text_encoder_prefix)
+    from .peft import (CONFIG_NAME, WEIGHTS_NAME, DIFFUSERS_NAME, DIFFUSERS_COMPONENTS, is_peft_folder,
+                       is_diffusers_adapter, read_peft, read_peft_file, write_peft, write_diffusers,
+                       peft_config, peft_state_dict, collect_factors, build_module, lora_keys_seen,
+                       task_type, base_model_reference, pattern_value, peft_folder_parts)
+    from .kohya import NAMES_KEY, is_kohya_keys, read_kohya, write_kohya, kohya_state_dict, resolve_module_names
+    from .lycoris import (STRUCTURED_SUFFIXES, is_lycoris_keys, read_lycoris, read_peft_lycoris, structured_module,
+                          PLACEHOLDER_ALPHA, fit_kernels)
+    from .adapter_extras import (split_extras, attach_extras, ExtrasView, check_peft_extras, peft_extras, peft_extras_config,
+                                 kohya_extras)
+    from .formats import (AdapterFormat, load_adapter, save_adapter, detect_format, describe_adapter, describe_modules,
+                          check_target, output_format, fit_format, fit_all, left_out_warning,
+                          select_modules, LEFT_OUT, LEFT_OUT_WHOLE, check_kohya_target)
+    from .layers import (FACTORABLE_DTYPES, check_factorable, layer_kind, compile_filters, matches, select_layers,
+                         relative_change, TiedHead, find_tied_heads, tied_head_module, LayerPlan,
+                         plan_layers)
+    from .prefetch import prefetch
+    from .texts import read_texts, TEXT_SUFFIXES
+    from .model_config import read_model_config
+    from .consumer_keys import Consumer, Role, split_key, key_accepted, ROLES, KOHYA_LIKE_PREFIXES
 
-from .safetensors import SAFETENSORS_DTYPES, DTYPE_NAMES, SafetensorsFile, parse_header
-from .json_input import (MAX_DEPTH, load_json, check_depth, type_name, get_mapping, get_str, get_int, get_number, get_bool, get_str_list,
-    get_str_map)
-from .patterns import (MAX_PATTERN, MAX_DEGREE, MAX_WORK, check_pattern, check_patterns, safe_search, peft_key_matches,
-    peft_pattern_value)
-from .outputs import (OutputTransaction, atomic_output, check_output, check_replaceable, foreign_entries, temp_path, rename_noreplace,
-    TMP_MARK, write_files, rendered)
-from .replaceable import COPIED_KEY
-from .atomic import parse_size, ShardedWriter, header_bound, write_safetensors, check_finite_output, all_finite
-from .checkpoint import Checkpoint, open_checkpoint, as_checkpoint, Pairing, pair_tensors
-from .kohya_names import (COMPONENT_PREFIXES, KOHYA_PREFIXES, kohya_key, split_prefix, check_prefix, guess_module_name, match_keys,
-    is_text_encoder_prefix)
-from .peft import (CONFIG_NAME, WEIGHTS_NAME, DIFFUSERS_NAME, DIFFUSERS_COMPONENTS, is_peft_folder, is_diffusers_adapter, read_peft,
-    read_peft_file, write_peft, write_diffusers, peft_config, peft_state_dict, collect_factors, build_module,
-    lora_keys_seen, task_type, base_model_reference, pattern_value, peft_folder_parts)
-from .kohya import NAMES_KEY, is_kohya_keys, read_kohya, write_kohya, kohya_state_dict, resolve_module_names
-from .lycoris import (STRUCTURED_SUFFIXES, is_lycoris_keys, read_lycoris, read_peft_lycoris, structured_module, PLACEHOLDER_ALPHA,
-    fit_kernels)
-from .adapter_extras import (split_extras, attach_extras, ExtrasView, check_peft_extras, peft_extras, peft_extras_config, kohya_extras)
-from .formats import (AdapterFormat, load_adapter, save_adapter, detect_format, describe_adapter, describe_modules, check_target,
-    output_format, fit_format, fit_all, left_out_warning, select_modules, LEFT_OUT, LEFT_OUT_WHOLE,
-    check_kohya_target)
-from .layers import (FACTORABLE_DTYPES, check_factorable, layer_kind, compile_filters, matches, select_layers, relative_change,
-    TiedHead, find_tied_heads, tied_head_module, LayerPlan, plan_layers)
-from .prefetch import prefetch
-from .texts import read_texts, TEXT_SUFFIXES
-from .model_config import read_model_config
-from .consumer_keys import Consumer, Role, split_key, key_accepted, ROLES, KOHYA_LIKE_PREFIXES
+from .prefetch import prefetch  # bound now: named like its module, or needed at once
 
-_MODULES = (
-    "safetensors", "json_input", "patterns", "outputs", "replaceable", "atomic", "checkpoint", "kohya_names",
-    "peft", "kohya", "lycoris", "adapter_extras", "formats", "layers", "prefetch", "texts", "model_config",
-    "consumer_keys",
-)
-__all__ = list(dict.fromkeys(  # every module's public names, once
-    name for m in _MODULES for name in importlib.import_module(f".{m}", __name__).__all__))
+# public name -> the module that defines it, imported on first use (PEP 562): importing one module of this package
+# does not import the others (the command line's info reads an adapter without the SVD machinery)
+_EXPORTS = {name: module for module, names in {
+    ".safetensors": ("SAFETENSORS_DTYPES", "DTYPE_NAMES", "SafetensorsFile", "parse_header",),
+    ".json_input": ("MAX_DEPTH", "load_json", "check_depth", "type_name", "get_mapping", "get_str", "get_int", "get_number",
+                  "get_bool", "get_str_list", "get_str_map",),
+    ".patterns": ("MAX_PATTERN", "MAX_DEGREE", "MAX_WORK", "check_pattern", "check_patterns", "safe_search",
+                "peft_key_matches", "peft_pattern_value",),
+    ".outputs": ("OutputTransaction", "atomic_output", "check_output", "check_replaceable", "foreign_entries", "temp_path",
+               "rename_noreplace", "TMP_MARK", "write_files", "rendered",),
+    ".replaceable": ("COPIED_KEY",),
+    ".atomic": ("parse_size", "ShardedWriter", "header_bound", "write_safetensors", "check_finite_output", "all_finite",),
+    ".checkpoint": ("Checkpoint", "open_checkpoint", "as_checkpoint", "Pairing", "pair_tensors",),
+    ".kohya_names": ("COMPONENT_PREFIXES", "KOHYA_PREFIXES", "kohya_key", "split_prefix", "check_prefix", "guess_module_name",
+                   "match_keys", "is_text_encoder_prefix",),
+    ".peft": ("CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_peft_folder",
+            "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft", "write_diffusers",
+            "peft_config", "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen",
+            "task_type", "base_model_reference", "pattern_value", "peft_folder_parts",),
+    ".kohya": ("NAMES_KEY", "is_kohya_keys", "read_kohya", "write_kohya", "kohya_state_dict", "resolve_module_names",),
+    ".lycoris": ("STRUCTURED_SUFFIXES", "is_lycoris_keys", "read_lycoris", "read_peft_lycoris", "structured_module",
+               "PLACEHOLDER_ALPHA", "fit_kernels",),
+    ".adapter_extras": ("split_extras", "attach_extras", "ExtrasView", "check_peft_extras", "peft_extras", "peft_extras_config",
+                      "kohya_extras",),
+    ".formats": ("AdapterFormat", "load_adapter", "save_adapter", "detect_format", "describe_adapter", "describe_modules",
+               "check_target", "output_format", "fit_format", "fit_all", "left_out_warning",
+               "select_modules", "LEFT_OUT", "LEFT_OUT_WHOLE", "check_kohya_target",),
+    ".layers": ("FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
+              "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan",
+              "plan_layers",),
+    ".texts": ("read_texts", "TEXT_SUFFIXES",),
+    ".model_config": ("read_model_config",),
+    ".consumer_keys": ("Consumer", "Role", "split_key", "key_accepted", "ROLES", "KOHYA_LIKE_PREFIXES",),
+}.items() for name in names}
+
+__all__ = [*_EXPORTS, "prefetch"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # cached: the next look-up is a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

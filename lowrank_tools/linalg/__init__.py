@@ -5,25 +5,55 @@ exact algebra of LoHa / LoKr / Tucker factors (:mod:`.structured`) and the alloc
 ``errors`` only.
 """
 
-from __future__ import annotations
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
-import importlib
+if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_architecture.py's layer graph
+    from .rank_rules import RankRule, ENERGY_RTOL, energy_count, require_rank_option
+    from .svd import (Device, Method, OutOfMemory, QRCore, TruncatedSVD, truncated_svd, singular_values, balanced_factors,
+                      qr_core, qr_core_svd, concat_factors, fast_bf16, bf16_accepts, range_finder,
+                      resolve_device)
+    from .memory import stream_large_buffers, empty_huge
+    from .sketch import top_singular_values
+    from .spectrum import (ENERGY_LEVELS, SpectrumMetrics, spectrum_metrics, cumulative_energy, energy_rank, effective_rank,
+                           stable_rank, level_key)
+    from .norms import (delta_stats, check_finite, frobenius_error, frobenius_norm, lowrank_frobenius_diff,
+                        lowrank_frobenius_norm)
+    from .budget import LayerSpectrum, allocate_budget, minimal_budget, uniform_rank_params, greedy_units
+    from .structured import (ExactSVD, face_splitting, khatri_rao, loha_factors, tucker_down, tucker_loha_pair,
+                             tucker_locon_factors, lokr_w2_tucker, factor_svd, lowrank_svd,
+                             loha_svd, kron_svd, numerical_rank, exact_rank, dora_rescale_,
+                             dora_row_norms)
 
-from .rank_rules import RankRule, ENERGY_RTOL, energy_count, require_rank_option
-from .svd import (Device, Method, OutOfMemory, QRCore, TruncatedSVD, truncated_svd, singular_values, balanced_factors, qr_core,
-    qr_core_svd, concat_factors, fast_bf16, bf16_accepts, range_finder, resolve_device)
-from .memory import stream_large_buffers, empty_huge
-from .sketch import top_singular_values
-from .spectrum import (ENERGY_LEVELS, SpectrumMetrics, spectrum_metrics, cumulative_energy, energy_rank, effective_rank, stable_rank,
-    level_key)
-from .norms import (delta_stats, check_finite, frobenius_error, frobenius_norm, lowrank_frobenius_diff, lowrank_frobenius_norm)
-from .budget import LayerSpectrum, allocate_budget, minimal_budget, uniform_rank_params, greedy_units
-from .structured import (ExactSVD, face_splitting, khatri_rao, loha_factors, tucker_down, tucker_loha_pair, tucker_locon_factors,
-    lokr_w2_tucker, factor_svd, lowrank_svd, loha_svd, kron_svd, numerical_rank, exact_rank, dora_rescale_,
-    dora_row_norms)
+# public name -> the module that defines it, imported on first use (PEP 562): importing one module of this package
+# does not import the others (the command line's info reads an adapter without the SVD machinery)
+_EXPORTS = {name: module for module, names in {
+    ".rank_rules": ("RankRule", "ENERGY_RTOL", "energy_count", "require_rank_option",),
+    ".svd": ("Device", "Method", "OutOfMemory", "QRCore", "TruncatedSVD", "truncated_svd", "singular_values",
+           "balanced_factors", "qr_core", "qr_core_svd", "concat_factors", "fast_bf16", "bf16_accepts",
+           "range_finder", "resolve_device",),
+    ".memory": ("stream_large_buffers", "empty_huge",),
+    ".sketch": ("top_singular_values",),
+    ".spectrum": ("ENERGY_LEVELS", "SpectrumMetrics", "spectrum_metrics", "cumulative_energy", "energy_rank",
+                "effective_rank", "stable_rank", "level_key",),
+    ".norms": ("delta_stats", "check_finite", "frobenius_error", "frobenius_norm", "lowrank_frobenius_diff",
+             "lowrank_frobenius_norm",),
+    ".budget": ("LayerSpectrum", "allocate_budget", "minimal_budget", "uniform_rank_params", "greedy_units",),
+    ".structured": ("ExactSVD", "face_splitting", "khatri_rao", "loha_factors", "tucker_down", "tucker_loha_pair",
+                  "tucker_locon_factors", "lokr_w2_tucker", "factor_svd", "lowrank_svd", "loha_svd",
+                  "kron_svd", "numerical_rank", "exact_rank", "dora_rescale_", "dora_row_norms",),
+}.items() for name in names}
 
-_MODULES = (
-    "rank_rules", "svd", "memory", "sketch", "spectrum", "norms", "budget", "structured",
-)
-__all__ = list(dict.fromkeys(  # every module's public names, once
-    name for m in _MODULES for name in importlib.import_module(f".{m}", __name__).__all__))
+__all__ = [*_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # cached: the next look-up is a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,31 @@
+"""The command line's OpenMP wait policy, set before torch is imported (issue 16's contention item).
+
+With its default wait policy, an OpenMP thread that reaches a barrier first spins for a while before sleeping;
+when another busy process shares the cores, the thread it waits for is often not running, and the spinning one
+burns the time slice that thread needed: two threads on 2 busy cores ran 5-30x slower than alone, where one
+thread slowed down about 2x (``benchmarks/bench_contention.py``). ``OMP_WAIT_POLICY=PASSIVE`` makes a waiting
+thread sleep at once. libgomp reads it once, when torch loads it, so it is set here, before any command imports
+torch, and only where the user has set none of ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` (``OMP_NUM_THREADS`` is
+never touched).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, MutableMapping
+
+WAIT_POLICY = {"OMP_WAIT_POLICY": "PASSIVE"}
+USER_KNOBS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def set_wait_policy(environ: MutableMapping[str, str] | None = None, modules: Mapping[str, object] | None = None
+                    ) -> dict[str, str]:
+    """Set :data:`WAIT_POLICY` in ``environ`` (default ``os.environ``) unless torch is already imported (too late to
+    matter) or the user chose a policy; return what was set."""
+    environ = os.environ if environ is None else environ
+    modules = sys.modules if modules is None else modules
+    if "torch" in modules or any(knob in environ for knob in USER_KNOBS):
+        return {}
+    environ.update(WAIT_POLICY)
+    return dict(WAIT_POLICY)

@@ -1,0 +1,143 @@
+"""Startup cost (issue 16): a command imports only what it needs. ``--help`` imports neither torch nor the library
+below the command line; ``info`` reads an adapter without the SVD machinery or the other operations. Each case runs
+in a fresh interpreter (``sys.modules`` of this one already holds everything) and lists what was imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowrank_tools.cli import COMMANDS
+
+COMMAND_NAMES = [command.name for command in COMMANDS]  # every command, a new one included
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs the command line in-process, then prints the imported modules' names as JSON on the last line of stderr.
+CHILD = """
+import json, sys
+from lowrank_tools.cli import main
+try:
+    main(sys.argv[1:], prog_name="lowrank-tools")
+except SystemExit as exc:
+    code = exc.code
+import os
+print(json.dumps({"code": code, "modules": sorted(sys.modules), "policy": os.environ.get("OMP_WAIT_POLICY")}),
+      file=sys.stderr)
+"""
+
+HEAVY = ("torch", "numpy", "safetensors", "lowrank_tools.adapter", "lowrank_tools.io", "lowrank_tools.linalg",
+         "lowrank_tools.extract", "lowrank_tools.analyze", "lowrank_tools.evaluate")
+MACHINERY = ("lowrank_tools.linalg.sketch", "lowrank_tools.linalg.svd", "lowrank_tools.extract",
+             "lowrank_tools.analyze", "lowrank_tools.evaluate", "lowrank_tools.resize", "lowrank_tools.merge",
+             "lowrank_tools.apply")
+
+
+def _child(*args: str, **env: str) -> dict:
+    """The child's exit code, imported modules and OMP_WAIT_POLICY after the command; ``env`` replaces the
+    OpenMP variables of this process's environment."""
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {**base, **env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    return json.loads(proc.stderr.strip().splitlines()[-1])
+
+
+def _imported(*args: str) -> tuple[int, set[str]]:
+    record = _child(*args)
+    return record["code"], set(record["modules"])
+
+
+def _loaded(modules: set[str], prefix: str) -> bool:
+    return prefix in modules or any(m.startswith(prefix + ".") for m in modules)
+
+
+@pytest.mark.parametrize("args", [("--help",), *((name, "--help") for name in sorted(COMMAND_NAMES)), ("--version",)],
+                         ids=lambda a: " ".join(a))
+def test_help_imports_neither_torch_nor_the_library(args):
+    code, modules = _imported(*args)
+    assert code == 0
+    assert not [name for name in HEAVY if _loaded(modules, name)]
+
+
+def _small_adapter(path: Path) -> Path:
+    tensors = {}
+    for i in range(2):
+        tensors[f"lora_unet_blk{i}_proj.lora_down.weight"] = torch.randn(4, 16)
+        tensors[f"lora_unet_blk{i}_proj.lora_up.weight"] = torch.randn(16, 4)
+        tensors[f"lora_unet_blk{i}_proj.alpha"] = torch.tensor(4.0)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_info_reads_an_adapter_without_the_svd_machinery(tmp_path):
+    code, modules = _imported("info", str(_small_adapter(tmp_path / "small.safetensors")), "--json")
+    assert code in (0, None)
+    assert "lowrank_tools.io.formats" in modules  # it did read the adapter (the check below is not vacuous)
+    assert not [name for name in MACHINERY if _loaded(modules, name)]
+
+
+def test_the_cli_choices_match_the_library_enums():
+    """The command line spells its choices out (so --help needs no torch); they must stay those of the library."""
+    from lowrank_tools.cli import options
+    from lowrank_tools.io.formats import AdapterFormat
+    from lowrank_tools.linalg.svd import Device, Method
+
+    assert list(options.FORMATS.choices) == [f.value for f in AdapterFormat]
+    assert list(options.DEVICES.choices) == [d.value for d in Device]
+    assert list(options.METHODS.choices) == [m.value for m in Method]
+    assert all(isinstance(getattr(torch, name), torch.dtype) for name in options.DTYPES)
+    assert options.out_dtype("bfloat16") is torch.bfloat16 and options.out_dtype("auto") is None
+
+
+def test_lazy_exports_answer_what_they_name():
+    """Every name in a lazy ``__all__`` resolves, and the package's functions are not shadowed by their modules."""
+    import importlib
+
+    import lowrank_tools
+    from lowrank_tools.apply import apply
+    from lowrank_tools.extract.streaming import extract
+    from lowrank_tools.merge import merge
+    from lowrank_tools.resize import resize
+
+    for package in ("lowrank_tools", "lowrank_tools.io", "lowrank_tools.linalg"):
+        module = importlib.import_module(package)
+        assert all(getattr(module, name) is not None for name in module.__all__)
+        assert set(module.__all__) <= set(dir(module))
+        assert set(module._EXPORTS) <= set(module.__all__)  # nothing lazy that is not public
+    assert (lowrank_tools.extract, lowrank_tools.apply, lowrank_tools.merge, lowrank_tools.resize) == (
+        extract, apply, merge, resize)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        lowrank_tools.nothing  # noqa: B018
+
+
+# --- the OpenMP wait policy (cli/threads.py) ----------------------------------------------------------------------
+
+
+def test_the_wait_policy_is_set_before_torch_and_never_over_the_users():
+    from lowrank_tools.cli.threads import WAIT_POLICY, set_wait_policy
+
+    environ: dict[str, str] = {}
+    assert set_wait_policy(environ, modules={}) == WAIT_POLICY and environ == WAIT_POLICY
+    for knob in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):  # the user's own choice stands
+        environ = {knob: "ACTIVE" if knob == "OMP_WAIT_POLICY" else "300000", "OMP_NUM_THREADS": "2"}
+        assert set_wait_policy(environ, modules={}) == {} and "PASSIVE" not in environ.values()
+    environ = {}
+    assert set_wait_policy(environ, modules={"torch": object()}) == {} and environ == {}  # too late: nothing set
+    environ = {"OMP_NUM_THREADS": "3"}
+    set_wait_policy(environ, modules={})
+    assert environ["OMP_NUM_THREADS"] == "3"
+
+
+def test_a_command_runs_with_the_wait_policy_unless_the_user_set_one(tmp_path):
+    adapter = str(_small_adapter(tmp_path / "small.safetensors"))
+    run = _child("info", adapter)
+    assert run["code"] in (0, None) and "torch" in run["modules"] and run["policy"] == "PASSIVE"
+    assert _child("info", adapter, OMP_WAIT_POLICY="active")["policy"] == "active"
