@@ -74,7 +74,7 @@ def evaluate(paths, data, max_samples, max_length, batch_size, device, text_fiel
     adapter size -> recovered, and the smallest size reaching 90/95/99 %."""
     from ..evaluate import evaluate as run, read_texts
     from ..evaluate.output import check_evaluation_outputs, format_evaluation, write_evaluation
-    from ..evaluate.models import require_transformers
+    from ..io.models import require_transformers
     from ..io.formats import load_adapter
 
     if len(paths) < 2:
