@@ -9,13 +9,13 @@ quietly with 141 (128 + SIGPIPE), as coreutils do.
 
 from __future__ import annotations
 
-from . import adapters, analyze, evaluate, extract
+from . import adapters, analyze, calibrate, evaluate, extract
 from .group import main
 
 __all__ = ["main"]
 
 COMMANDS = (extract.extract, adapters.resize, adapters.merge, adapters.apply, analyze.analyze, extract.convert,
-            extract.info, extract.demo, evaluate.evaluate)  # each module defines its commands; the group is built here, in one place
+            extract.info, extract.demo, evaluate.evaluate, calibrate.calibrate)  # each module defines its commands; the group is built here, in one place
 
 for _command in COMMANDS:
     main.add_command(_command)
