@@ -25,7 +25,7 @@ from torch import Tensor
 from ..errors import NumericalError, Warn
 from .svd import Method, TruncatedSVD, check_matrix, truncated_svd, work_dtype
 
-__all__ = ["DEFAULT_DAMPING", "Whitener", "WhitenedFactors", "whitener", "whitened_svd", "whitened_balanced_factors",
+__all__ = ["DEFAULT_DAMPING", "Whitener", "WhitenedFactors", "whitener", "whitened_matrix", "whitened_svd", "whitened_balanced_factors",
            "output_rel_error", "measured_output_error", "whitened_factors"]
 
 DEFAULT_DAMPING = 0.01  # F in lambda = F * mean(diag C): SVD-LLM / EoRA's choice, and the issue's measured one
@@ -76,22 +76,24 @@ def whitener(C: Tensor, *, damping: float = DEFAULT_DAMPING, device: torch.devic
 
 
 @torch.no_grad()
-def whitened_svd(dW: Tensor, w: Whitener, k: int, *, method: Method | str = Method.AUTO, oversample: int = 10,
-                 n_iter: int = 4, seed: int = 0, on_warning: Warn | None = None) -> TruncatedSVD:
-    """Top-k SVD of ``dW L`` (dW (out, in), L (in, in)) by :func:`~lowrank_tools.linalg.svd.truncated_svd`.
-
-    The product is formed in float64 and factored in dW's working dtype (float32 unless dW is float64), as a
-    plain SVD would be. Its singular values are the output error's: ``sum(S^2) = ||dW L||_F^2``."""
+def whitened_matrix(dW: Tensor, w: Whitener) -> Tensor:
+    """``dW L`` (out, in), formed in float64, returned in dW's working dtype (float32 unless dW is float64) on dW's
+    device: the matrix whose SVD gives the whitened factors; ``||dW L||_F^2`` is the output energy."""
     check_matrix(dW, "dW")
     if dW.shape[1] != w.L.shape[0]:
         raise ValueError(f"dW {tuple(dW.shape)} and the input statistics ({w.L.shape[0]} x {w.L.shape[0]}) "
                          f"do not fit: dW is (out, in), the statistics (in, in)")
-    M = (dW.detach().to(device=w.L.device, dtype=torch.float64) @ w.L).to(work_dtype(dW))  # (out, in)
-    svd = truncated_svd(M, k, method=method, oversample=oversample, n_iter=n_iter, seed=seed, on_warning=on_warning)
-    svd.U, svd.S, svd.Vh = svd.U.to(dW.device), svd.S.to(dW.device), svd.Vh.to(dW.device)
-    if svd.spectrum is not None:
-        svd.spectrum = svd.spectrum.to(dW.device)
-    return svd
+    M = dW.detach().to(device=w.L.device, dtype=torch.float64) @ w.L  # (out, in)
+    return M.to(device=dW.device, dtype=work_dtype(dW))
+
+
+@torch.no_grad()
+def whitened_svd(dW: Tensor, w: Whitener, k: int, *, method: Method | str = Method.AUTO, oversample: int = 10,
+                 n_iter: int = 4, seed: int = 0, on_warning: Warn | None = None) -> TruncatedSVD:
+    """Top-k SVD of :func:`whitened_matrix` ``dW L`` by :func:`~lowrank_tools.linalg.svd.truncated_svd` (exact or
+    randomized, as a plain SVD would be). Its singular values are the output error's: ``sum(S^2) = ||dW L||_F^2``."""
+    return truncated_svd(whitened_matrix(dW, w), k, method=method, oversample=oversample, n_iter=n_iter, seed=seed,
+                         on_warning=on_warning)
 
 
 @torch.no_grad()
