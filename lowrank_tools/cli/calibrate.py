@@ -11,7 +11,8 @@ from .options import DEVICES, Progress, examples, warn_all, warner
 
 @click.command(short_help="Input statistics of every Linear layer (for extract --calibration).",
                epilog=examples("lowrank-tools calibrate base/ --data train.txt -o stats.safetensors",
-                               "lowrank-tools extract base/ tuned/ -o adapter/ --rank 16 --calibration stats.safetensors"))
+                               "lowrank-tools calibrate tuned/ --data train.jsonl -o stats.safetensors --max-samples 128 "
+                               "--max-length 256"))
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="Texts: .txt (one per non-empty line), .jsonl (field 'text') or .json (a list of strings).")
@@ -30,7 +31,8 @@ def calibrate(model, data, output, max_samples, max_length, batch_size, device, 
     """Run MODEL (a transformers folder: the base, or the fine-tune) over the texts of --data and write, per
     distinct Linear input, X^T X summed in float64 over the real tokens (q/k/v, gate/up share one).
 
-    Memory: one float64 in x in matrix per distinct input (8 * sum in^2 bytes) on the device, for the whole run."""
+    Memory: one float64 in x in matrix per distinct input (8 * sum in^2 bytes) on the device, for the whole run.
+    Then: lowrank-tools extract BASE TUNED -o OUT --rank 16 --calibration STATS."""
     from ..calibrate import calibrate as run
     from ..io.calibration import write_calibration
     from ..io.models import require_transformers

@@ -39,8 +39,8 @@ def require_transformers():
     try:
         import transformers
     except ImportError:
-        raise MissingExtra("evaluate and calibrate need transformers, which is not installed: pip install 'lowrank-tools[eval]' "
-                           "(or pip install transformers)") from None
+        raise MissingExtra("evaluate and calibrate need transformers, which is not installed: pip install "
+                           "'lowrank-tools[eval]' (or pip install transformers)") from None
     return transformers
 
 

@@ -25,8 +25,8 @@ from torch import Tensor
 from ..errors import NumericalError, Warn
 from .svd import Method, TruncatedSVD, check_matrix, truncated_svd, work_dtype
 
-__all__ = ["DEFAULT_DAMPING", "Whitener", "WhitenedFactors", "whitener", "whitened_matrix", "whitened_svd", "whitened_balanced_factors",
-           "output_rel_error", "measured_output_error", "whitened_factors"]
+__all__ = ["DEFAULT_DAMPING", "Whitener", "WhitenedFactors", "whitener", "whitened_matrix", "whitened_svd",
+           "whitened_balanced_factors", "output_rel_error", "measured_output_error", "whitened_factors"]
 
 DEFAULT_DAMPING = 0.01  # F in lambda = F * mean(diag C): SVD-LLM / EoRA's choice, and the measured one
 _MAX_TRIES = 8  # damping raised tenfold per failed Cholesky, from at least _FLOOR * mean(diag C)
