@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "lowrank_tools"
 
 MATH = "linalg"  # pure torch: imports torch/numpy/stdlib, itself and errors; never opens files
-OPERATIONS = ("extract", "analyze", "evaluate", "resize", "merge", "apply", "convert", "check")
+OPERATIONS = ("extract", "analyze", "evaluate", "calibrate", "resize", "merge", "apply", "convert", "check")
 MATH_MAY_IMPORT = {"torch", "numpy"}
 MAX_TOP_MODULES = 15
 # Functions of an operation that still touch files themselves, each with the reason it waits. An entry that no

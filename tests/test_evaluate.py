@@ -17,7 +17,7 @@ from lowrank_tools.adapter import Adapter  # noqa: E402
 from lowrank_tools.cli import main  # noqa: E402
 from lowrank_tools.errors import AdapterMismatch, DataError, InvalidOption, MissingExtra, UsageError  # noqa: E402
 from lowrank_tools.evaluate import evaluate, read_texts  # noqa: E402
-from lowrank_tools.evaluate.models import require_transformers  # noqa: E402
+from lowrank_tools.io.models import require_transformers  # noqa: E402
 from lowrank_tools.evaluate.patch import applied, plan_patch  # noqa: E402
 from lowrank_tools.extract import extract  # noqa: E402
 from lowrank_tools.io.formats import load_adapter, save_adapter  # noqa: E402

@@ -9,13 +9,14 @@ quietly with 141 (128 + SIGPIPE), as coreutils do.
 
 from __future__ import annotations
 
-from . import adapters, analyze, check, evaluate, extract
+from . import adapters, analyze, calibrate, check, evaluate, extract
 from .group import main
 
 __all__ = ["main"]
 
 COMMANDS = (extract.extract, adapters.resize, adapters.merge, adapters.apply, analyze.analyze, extract.convert,
-            extract.info, extract.demo, evaluate.evaluate, check.check)  # each module defines its commands; the group is built here, in one place
+            extract.info, extract.demo, evaluate.evaluate, calibrate.calibrate,
+            check.check)  # each module defines its commands; the group is built here, in one place
 
 for _command in COMMANDS:
     main.add_command(_command)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import DEVICES, SEED, Progress, examples, warn_all, warner
+from .options import text_options, DEVICES, SEED, Progress, examples, warn_all, warner
 
 
 def _numbers(kind):
@@ -42,15 +42,7 @@ def _curve(base, tuned, ranks, budgets, energies, *, device, seed, quiet):
                                "lowrank-tools evaluate base/ tuned/ --data held-out.jsonl --ranks 4,8,16,32,64 --plot figs/",
                                "lowrank-tools evaluate base/ tuned/ r8/ r16.safetensors --data texts.json --json eval.json"))
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="BASE TUNED [ADAPTER ...]")
-@click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Texts: .txt (one per non-empty line), .jsonl (field 'text') or .json (a list of strings).")
-@click.option("--max-samples", type=click.IntRange(min=1), help="Only the first N texts.")
-@click.option("--max-length", type=click.IntRange(min=2), default=128, show_default=True,
-              help="Tokens per text (each text is truncated on its own).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Texts per forward pass (padding never changes the numbers).")
-@click.option("--device", type=DEVICES, default="auto", show_default=True, help="Where the models run.")
-@click.option("--text-field", show_default="text", help="Field of each .jsonl record holding the text.")
+@text_options
 @click.option("--ranks", callback=_numbers(int), metavar="LIST",
               help="BASE TUNED only: extract in memory and evaluate at each rank, e.g. 4,8,16,32,64.")
 @click.option("--budgets", callback=_numbers(int), metavar="LIST",
@@ -74,7 +66,7 @@ def evaluate(paths, data, max_samples, max_length, batch_size, device, text_fiel
     adapter size -> recovered, and the smallest size reaching 90/95/99 %."""
     from ..evaluate import evaluate as run, read_texts
     from ..evaluate.output import check_evaluation_outputs, format_evaluation, write_evaluation
-    from ..evaluate.models import require_transformers
+    from ..io.models import require_transformers
     from ..io.formats import load_adapter
 
     if len(paths) < 2:

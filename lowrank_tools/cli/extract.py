@@ -44,12 +44,17 @@ from .options import (FORMAT_HELP, FORMATS, METHODS, SEED, Progress, allow_tf32_
 @click.option("--keep-bias", is_flag=True, help="Carry the adapted modules' bias deltas (PEFT lora_B.bias, kohya diff_b).")
 @click.option("--keep-norms", is_flag=True,
               help="Carry 1-D norm weights/biases that changed (kohya w_norm/b_norm; PEFT: saved whole).")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="Input statistics of lowrank-tools calibrate: layers with statistics get activation-whitened "
+                   "factors (lowest output error on those inputs); the others plain ones. Not with --budget yet.")
+@click.option("--damping", type=float, default=0.01, show_default=True, callback=finite,
+              help="With --calibration: lambda = F * mean(diag X^T X) added to X^T X (larger: closer to plain SVD).")
 @allow_tf32_option
 @common_options
 @seed_option
 def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alpha, fmt, prefix, method, oversample,
-            power_iters, strict, report_path, conv_rank, full_modules, dora, keep_bias, keep_norms, allow_tf32, device,
-            dtype_name, include, exclude, seed, force, quiet):
+            power_iters, strict, report_path, conv_rank, full_modules, dora, keep_bias, keep_norms, calibration, damping,
+            allow_tf32, device, dtype_name, include, exclude, seed, force, quiet):
     """Extract a LoRA adapter from BASE and fully fine-tuned TUNED checkpoints (default --rank 16).
 
     Embeddings, which a kohya file cannot hold, are left out of a kohya -o with a warning naming them (as convert,
@@ -71,7 +76,8 @@ def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alph
     options = ExtractOptions(rule=rule, budget=budget, method=method, alpha=alpha, dtype=out_dtype(dtype_name),
                              device=device, include=include, exclude=exclude, conv_rank=conv_rank,
                              full_modules=full_modules, embeddings=fmt != "kohya", strict=strict, seed=seed,
-                             oversample=oversample, n_iter=power_iters, allow_tf32=allow_tf32)
+                             oversample=oversample, n_iter=power_iters, allow_tf32=allow_tf32,
+                             calibration=calibration, damping=damping)
     with torchrun_group(options.device) as process_rank:
         _extract(base, tuned, output, options, fmt=fmt, prefix=prefix, report_path=report_path, force=force,
                  quiet=quiet, primary=process_rank == 0, extras=dict(dora=dora, biases=keep_bias, norms=keep_norms))
@@ -95,7 +101,8 @@ def _extract(base, tuned, output, options, *, fmt, prefix, report_path, force, q
     from ..io.outputs import OutputTransaction
 
     if primary:
-        check_outputs(output, report_path, force=force, inputs=[base, tuned])
+        check_outputs(output, report_path, force=force, inputs=[base, tuned]
+                      + ([options.calibration] if options.calibration is not None else []))
     try:
         result = run(base, tuned, options, progress=Progress(quiet or not primary, "extract"),
                      warn=warner(quiet or not primary))

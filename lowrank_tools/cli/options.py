@@ -81,6 +81,25 @@ def dtype_option(f):
                         show_default=True, help="dtype of what is written (auto: that of the input).")(f)
 
 
+def text_options(f):
+    """The texts a model runs on (evaluate, calibrate): --data, --max-samples, --max-length, --batch-size, --device,
+    --text-field."""
+    for option in reversed((
+        click.option("--data", required=True, type=click.Path(path_type=Path),
+                     help="Texts: .txt (one per non-empty line), .jsonl (field 'text') or .json (a list of strings)."),
+        click.option("--max-samples", type=click.IntRange(min=1), help="Only the first N texts."),
+        click.option("--max-length", type=click.IntRange(min=2), default=128, show_default=True,
+                     help="Tokens per text (each text is truncated on its own)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Texts per forward pass (padding never enters the numbers)."),
+        click.option("--device", type=DEVICES, default="auto", show_default=True,
+                     help="Where the models run: auto is cuda when available, else cpu."),
+        click.option("--text-field", show_default="text", help="Field of each .jsonl record holding the text."),
+    )):
+        f = option(f)
+    return f
+
+
 def quiet_option(f):
     return click.option("--quiet", "-q", is_flag=True, help="No progress bar, table or warnings.")(f)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..io.outputs import check_output, rendered, write_files
 from ..errors import MissingExtra, OutputError, UsageError
 from .curve import LEVELS, smallest_reaching
-from .models import ModelKind
+from ..io.models import ModelKind
 from .run import Evaluation, Score
 
 __all__ = ["PLOT_FILE", "evaluation_json", "evaluation_csv", "format_evaluation", "check_evaluation_outputs",

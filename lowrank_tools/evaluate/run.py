@@ -28,7 +28,7 @@ from ..errors import DataError, InvalidOption
 from ..linalg.svd import resolve_device
 from ..report import Progress, Warn
 from .metrics import CausalSums, EncoderSums, causal_target, encoder_target
-from .models import ModelKind, load_model, load_tokenizer, model_kind
+from ..io.models import ModelKind, load_model, load_tokenizer, model_kind, padded_batches, token_ids
 from .patch import applied, plan_patch
 
 __all__ = ["Score", "Evaluation", "evaluate"]
@@ -84,24 +84,6 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den > 0 and math.isfinite(num / den) else None
 
 
-def _token_ids(tokenizer, texts: Sequence[str], max_length: int, minimum: int) -> tuple[list[list[int]], int]:
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    kept = [list(x) for x in ids if len(x) >= minimum]
-    return kept, len(ids) - len(kept)
-
-
-def _batches(ids: list[list[int]], size: int, pad: int, device: torch.device):
-    for i in range(0, len(ids), size):
-        chunk = ids[i:i + size]
-        width = max(len(x) for x in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, x in enumerate(chunk):  # right padding: real positions keep positions 0..n-1
-            input_ids[row, :len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[row, :len(x)] = 1
-        yield input_ids.to(device), mask.to(device)
-
-
 def _forward(model, kind: ModelKind, input_ids, mask):
     out = model(input_ids=input_ids, attention_mask=mask)
     return out.logits if kind is ModelKind.CAUSAL else out.last_hidden_state
@@ -136,7 +118,7 @@ def _prepare(base, tuned, texts, max_length: int, warn: Warn | None):
                             f"base the fine-tune started from")
     tokenizer = load_tokenizer(tuned, base)
     minimum = 2 if kind is ModelKind.CAUSAL else 1
-    ids, skipped = _token_ids(tokenizer, texts, max_length, minimum)
+    ids, skipped = token_ids(tokenizer, texts, max_length, minimum)
     if not ids:
         raise DataError(f"every text is shorter than {minimum} token(s) once tokenized: nothing to measure; give "
                         f"longer texts")
@@ -187,7 +169,7 @@ def evaluate(base: str | os.PathLike, tuned: str | os.PathLike, adapters: Sequen
             warn(f"{patch.source}: {len(patch.outside)} module(s) of a head the {kind.value} model has not are "
                  f"left out (e.g. {patch.outside[0]}): they cannot change its hidden states")
     tuned_sums, base_sums, sums = _measure(kind, tuned_model, base_model, patches,
-                                           _batches(ids, batch_size, pad, dev), math.ceil(len(ids) / batch_size),
+                                           padded_batches(ids, batch_size, pad, dev), math.ceil(len(ids) / batch_size),
                                            progress)
     base_score = _score("base", 0, kind, base_sums)
     scores = [_score(label, adapter.params, kind, s, base_sums) for (label, adapter), s in zip(adapters, sums)]

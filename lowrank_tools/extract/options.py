@@ -6,6 +6,8 @@ the method; and the device is resolved here, once (``"auto"`` -> cuda when avail
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -14,6 +16,7 @@ import torch
 from ..adapter import ModuleKind, check_alpha
 from ..errors import InvalidOption
 from ..linalg.svd import Method, RankRule, resolve_device
+from ..linalg.whiten import DEFAULT_DAMPING
 from .pipeline import batch_size
 from ..linalg.rank_rules import require_rank_option
 
@@ -40,6 +43,10 @@ class ExtractOptions:
     (same-shape layers per stacked SVD; default 1 on the CPU, :data:`~lowrank_tools.pipeline.CUDA_BATCH` on
     CUDA), ``distributed`` (split the layers over a torch.distributed group; None: when one of more than one
     process is initialised, see :mod:`~lowrank_tools.distributed`).
+
+    Calibration: ``calibration`` (a statistics file of ``calibrate``) makes every layer with statistics factor
+    ``dW L`` (activation-whitened, :mod:`~lowrank_tools.linalg.whiten`), with ``damping`` F (lambda = F *
+    mean(diag X^T X)); its rank rule then reads the whitened spectrum (the output error). Not with ``budget`` yet.
     """
 
     rule: RankRule | None = None
@@ -60,6 +67,8 @@ class ExtractOptions:
     allow_tf32: bool = False
     svd_batch: int | None = None
     distributed: bool | None = None
+    calibration: str | os.PathLike | None = None
+    damping: float = DEFAULT_DAMPING
     conv_rule: RankRule | None = field(init=False, repr=False, compare=False, default=None)  # rule with conv_rank
 
     def __post_init__(self) -> None:
@@ -71,6 +80,7 @@ class ExtractOptions:
         for name in ("include", "exclude", "full_modules"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        _check_calibration(self.calibration, self.damping, self.budget)
         object.__setattr__(self, "method", Method(self.method))
         object.__setattr__(self, "device", resolve_device(self.device))  # once: everything below takes this
         batch_size(self.device, self.svd_batch)  # checked now, before any reading
@@ -81,8 +91,10 @@ class ExtractOptions:
 
     @property
     def batch(self) -> int:
-        """Layers per stacked SVD (:func:`~lowrank_tools.pipeline.batch_size`); 1 under ``budget``."""
-        return 1 if self.budget is not None else batch_size(self.device, self.svd_batch)
+        """Layers per stacked SVD (:func:`~lowrank_tools.pipeline.batch_size`); 1 under ``budget`` or ``calibration``."""
+        if self.budget is not None or self.calibration is not None:  # whitened layers are factored one by one
+            return 1
+        return batch_size(self.device, self.svd_batch)
 
 
 def _check_conv_rank(conv_rank: int, rule: RankRule | None, budget: int | None) -> None:
@@ -90,3 +102,11 @@ def _check_conv_rank(conv_rank: int, rule: RankRule | None, budget: int | None) 
         raise InvalidOption(f"--conv-rank {conv_rank!r} is outside [1, inf): use a whole number of 1 or more")
     if budget is not None or rule is None:
         raise InvalidOption("--conv-rank cannot be combined with --budget: the budget decides every rank")
+
+
+def _check_calibration(calibration, damping: float, budget: int | None) -> None:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping < 0:
+        raise InvalidOption(f"--damping {damping!r} must be a finite number >= 0 (default {DEFAULT_DAMPING})")
+    if calibration is not None and budget is not None:
+        raise InvalidOption("--calibration cannot be combined with --budget yet: give --rank, --energy, --sv-ratio "
+                            "or --threshold")

@@ -7,6 +7,9 @@ while the current one is factored):
     dW ~= U_r S_r V_r^T              truncated SVD (exact, or randomized range finder)
     B = U_r sqrt(S_r / scale),  A = sqrt(S_r / scale) V_r^T,   scale = alpha / r
     rel_error = ||dW - scale*B@A||_F / ||dW||_F   measured on the factors as written (after the cast)
+
+With --calibration, a layer with input statistics factors dW L instead (C + lambda I = L L^T;
+see linalg.whiten and extract.whitening): B = U_r sqrt(S_r / scale), A = sqrt(S_r / scale) V_r^T L^-1.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ from .distributed import Share, current_share, layer_cost
 from ..errors import Warn
 from .budget import budget_top_k, extract_with_budget
 from .options import ExtractOptions
+from .whitening import Whitening
 from ..io.formats import left_out_warning
 from ..io.layers import NOT_HELD, LayerPlan, compile_filters, plan_layers, relative_change
 from ..io.peft import base_model_reference, task_type
 from ..linalg.svd import TruncatedSVD, balanced_factors, truncated_svd
 from ..linalg.memory import stream_large_buffers
 from ..linalg.norms import check_finite, frobenius_error, frobenius_norm
+from ..linalg.whiten import Whitener, output_rel_error, whitened_balanced_factors, whitened_matrix
 from .pipeline import Stager, batched_svds, plan_batches, staged, tf32
 from ..io.prefetch import prefetch
 from ..report import AdapterResult, LayerRecord, Progress, Report, factor_record, summarize
@@ -105,15 +110,18 @@ def _subtract(pair: _Pair, stager: Stager, out: Tensor | None = None) -> _Delta:
 
 
 def _factor_layer(delta: _Delta, opts: ExtractOptions, warn: Warn | None, svd: TruncatedSVD | None = None,
-                  ) -> tuple[LoraModule, LayerRecord] | None:
-    """Factor one layer's delta (its top-k ``svd`` if already computed in a batch); None when the delta is
-    exactly zero or the rule keeps nothing."""
+                  whitening: Whitening | None = None) -> tuple[LoraModule, LayerRecord] | None:
+    """Factor one layer's delta (its top-k ``svd`` if already computed in a batch; whitened when ``whitening`` has
+    its input statistics); None when the delta is exactly zero or the rule keeps nothing."""
     dW = delta.matrix.to(opts.device)  # (out, in_flat)
     norm = frobenius_norm(dW)
     if norm == 0.0:
         return None
     mod = module_name(delta.name)
     rule = opts.rule_for(delta.kind)
+    w = whitening.get(mod) if whitening is not None else None
+    if w is not None:
+        return _whitened_layer(delta, dW, norm, w, opts, warn)
     if svd is None:
         svd = truncated_svd(dW, rule.needed_k(tuple(dW.shape)), method=opts.method, oversample=opts.oversample,
                             n_iter=opts.n_iter, seed=opts.seed,
@@ -126,6 +134,32 @@ def _factor_layer(delta: _Delta, opts: ExtractOptions, warn: Warn | None, svd: T
     err = frobenius_error(dW, B.float(), A.float(), scale=alpha / r)  # measured on the factors as written
     record = factor_record(mod, delta.weight_shape, rank=r, values=svd.spectrum if svd.spectrum is not None else svd.S,
                            norm=norm, err=err, params=B.numel() + A.numel(), extra={"method": svd.method.value})
+    module = LoraModule(B=B.cpu(), A=A.cpu(), alpha=alpha, kind=delta.kind, weight_shape=delta.weight_shape)
+    return module, record
+
+
+def _whitened_layer(delta: _Delta, dW: Tensor, norm: float, w: Whitener, opts: ExtractOptions, warn: Warn | None,
+                    ) -> tuple[LoraModule, LayerRecord] | None:
+    """One layer's whitened factors: the rule reads the spectrum of dW L (the output error); the record keeps the
+    weight-space ``rel_error`` (measured on the factors as written) and adds ``output_rel_error``."""
+    mod = module_name(delta.name)
+    rule = opts.rule_for(delta.kind)
+    M = whitened_matrix(dW, w)  # (out, in)
+    total = frobenius_norm(M)  # ||dW L||_F
+    svd = truncated_svd(M, rule.needed_k(tuple(M.shape)), method=opts.method, oversample=opts.oversample,
+                        n_iter=opts.n_iter, seed=opts.seed, on_warning=(lambda msg: warn(f"{mod}: {msg}")) if warn else None)
+    del M
+    r = rule.choose(svd.S, total_energy=total**2) if total > 0 else 0
+    if r == 0:
+        return None
+    alpha = float(opts.alpha) if opts.alpha is not None else float(r)
+    B, A = cast_factors(*whitened_balanced_factors(svd, w, r, scale=alpha / r), opts.dtype or delta.dtype, mod)
+    err = frobenius_error(dW, B.float(), A.float(), scale=alpha / r)  # weight space, on the factors as written
+    record = factor_record(mod, delta.weight_shape, rank=r, values=svd.spectrum if svd.spectrum is not None else svd.S,
+                           norm=total, err=err, params=B.numel() + A.numel(),
+                           extra={"method": svd.method.value, "whitened": True,
+                                  "output_rel_error": output_rel_error(svd.S[:r], total)})
+    record.delta_norm, record.rel_error = norm, err / norm  # retained_energy stays that of dW L (output energy)
     module = LoraModule(B=B.cpu(), A=A.cpu(), alpha=alpha, kind=delta.kind, weight_shape=delta.weight_shape)
     return module, record
 
@@ -149,10 +183,11 @@ def extract(base, tuned, options: ExtractOptions | None = None, *, progress: Pro
     stream_large_buffers()
     base_ckpt, tuned_ckpt = as_checkpoint(base), as_checkpoint(tuned)
     pairing, plan = _plan(base_ckpt, tuned_ckpt, opts, warn)
+    whitening = _whitening(plan.layers, tuned_ckpt, opts, warn)
     share = current_share(opts.distributed)
     with share or nullcontext():
         modules, records, zero = _factor_layers(base_ckpt, tuned_ckpt, plan.layers, opts, share=share,
-                                                progress=progress, warn=warn,
+                                                progress=progress, warn=warn, whitening=whitening,
                                                 tied=frozenset(module_name(e) for e in plan.tied))
     if share is not None and not share.primary:  # rank 0 has the factors and writes; nothing more to do here
         summary = summarize(records, wall_time=time.perf_counter() - start, distributed_rank=share.rank)
@@ -169,7 +204,8 @@ def extract(base, tuned, options: ExtractOptions | None = None, *, progress: Pro
     report = Report(command="extract", layers=records,
                     summary=summarize(records, wall_time=time.perf_counter() - start, **more),
                     skipped={k: v for k, v in plan.skipped.items() if v},
-                    notes=([pairing.warning()] if pairing.warning() else []) + plan.notes,
+                    notes=([pairing.warning()] if pairing.warning() else []) + plan.notes
+                    + ([whitening.note()] if whitening is not None and whitening.note() else []),
                     changed_1d={n: v for n, v in changed.items() if v > 0})
     return ExtractResult(adapter=adapter, report=report)
 
@@ -188,6 +224,18 @@ def _plan(base: Checkpoint, tuned: Checkpoint, opts: ExtractOptions, warn: Warn 
     return pairing, plan
 
 
+def _whitening(layers: dict[str, ModuleKind], tuned: Checkpoint, opts: ExtractOptions, warn: Warn | None,
+               ) -> Whitening | None:
+    """--calibration: the statistics, checked against the selected layers before any work (None without it)."""
+    if opts.calibration is None:
+        return None
+    whitening = Whitening(opts.calibration, damping=opts.damping, device=opts.device, warn=warn)
+    whitening.check(layers, {n: matrix_shape(tuned.shape(n), kind)[1] for n, kind in layers.items()})
+    if warn and whitening.note():
+        warn(whitening.note())
+    return whitening
+
+
 def _count_tied_heads(records: list[LayerRecord], plan, modules: dict[str, LoraModule]) -> None:
     """A tied embedding's record also counts the head's copy of its factors: both are in the file."""
     by_name = {r.name: r for r in records}
@@ -200,7 +248,7 @@ def _count_tied_heads(records: list[LayerRecord], plan, modules: dict[str, LoraM
 
 def _factor_layers(base: Checkpoint, tuned: Checkpoint, selected: dict[str, ModuleKind], opts: ExtractOptions, *,
                    share: Share | None, progress: Progress | None, warn: Warn | None,
-                   tied: frozenset[str] = frozenset(),
+                   tied: frozenset[str] = frozenset(), whitening: Whitening | None = None,
                    ) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
     """(modules, records, module names left out) of the selected layers, in their order. Distributed: this rank
     reads and factors its units only; rank 0 gets everyone's, the other ranks keep their own."""
@@ -215,7 +263,8 @@ def _factor_layers(base: Checkpoint, tuned: Checkpoint, selected: dict[str, Modu
                                          progress=progress, warn=warn, exchange=_spectra_exchange(share, names),
                                          tied=tied)
         else:
-            result = _factor_stream(pairs, [len(unit) for unit in units], opts, progress=progress, warn=warn)
+            result = _factor_stream(pairs, [len(unit) for unit in units], opts, progress=progress, warn=warn,
+                                    whitening=whitening)
         if share is not None:
             share.exchange(None)  # every rank is done, or one's failure is raised on all
     if progress:
@@ -245,7 +294,8 @@ def _one_by_one(pairs: Iterator[_Pair], count: int, opts: ExtractOptions) -> Ite
 
 
 def _factor_stream(pairs: Iterator[_Pair], sizes: list[int], opts: ExtractOptions, *, progress: Progress | None,
-                   warn: Warn | None) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
+                   warn: Warn | None, whitening: Whitening | None = None,
+                   ) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
     """Factor ``pairs`` in batches of ``sizes`` (a stacked SVD for a batch of more than one, see pipeline)."""
     modules, records, zero = {}, [], []
     done, total = 0, sum(sizes)
@@ -259,7 +309,7 @@ def _factor_stream(pairs: Iterator[_Pair], sizes: list[int], opts: ExtractOption
             name = module_name(delta.name)
             if progress:
                 progress(done, total, name)
-            out = _factor_layer(delta, opts, warn, svd=svd)
+            out = _factor_layer(delta, opts, warn, svd=svd, whitening=whitening)
             del delta, svd  # the next delta is being read meanwhile: hold one at a time here
             done += 1
             if out is None:

@@ -7,8 +7,9 @@ reader (:mod:`.prefetch`), and the inputs of evaluate (texts in :mod:`.texts`, a
 :mod:`.model_config`).
 """
 
-import importlib as _importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+from ..linalg.lazy import lazy_exports
 
 if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_architecture.py's layer graph
     from .safetensors import SAFETENSORS_DTYPES, DTYPE_NAMES, SafetensorsFile, parse_header
@@ -42,6 +43,8 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .texts import read_texts, TEXT_SUFFIXES
     from .model_config import read_model_config
     from .consumer_keys import Consumer, Role, split_key, key_accepted, ROLES, KOHYA_LIKE_PREFIXES
+    from .calibration import FORMAT_KEY, InputStats, CalibrationStats, read_calibration, write_calibration
+    from .models import (ModelKind, require_transformers, model_kind, load_model, load_tokenizer, token_ids, padded_batches)
 
 from .prefetch import prefetch  # bound now: named like its module, or needed at once
 
@@ -78,18 +81,12 @@ _EXPORTS = {name: module for module, names in {
     ".texts": ("read_texts", "TEXT_SUFFIXES",),
     ".model_config": ("read_model_config",),
     ".consumer_keys": ("Consumer", "Role", "split_key", "key_accepted", "ROLES", "KOHYA_LIKE_PREFIXES",),
+    ".calibration": ("FORMAT_KEY", "InputStats", "CalibrationStats", "read_calibration", "write_calibration",),
+    ".models": ("ModelKind", "require_transformers", "model_kind", "load_model", "load_tokenizer", "token_ids",
+              "padded_batches",),
 }.items() for name in names}
 
 __all__ = [*_EXPORTS, "prefetch"]
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(_importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value  # cached: the next look-up is a plain attribute
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -5,8 +5,9 @@ exact algebra of LoHa / LoKr / Tucker factors (:mod:`.structured`) and the alloc
 ``errors`` only.
 """
 
-import importlib as _importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+from .lazy import lazy_exports
 
 if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_architecture.py's layer graph
     from .rank_rules import RankRule, ENERGY_RTOL, energy_count, require_rank_option
@@ -24,6 +25,10 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
                              tucker_locon_factors, lokr_w2_tucker, factor_svd, lowrank_svd,
                              loha_svd, kron_svd, numerical_rank, exact_rank, dora_rescale_,
                              dora_row_norms)
+    from .whiten import (DEFAULT_DAMPING, Whitener, WhitenedFactors, whitener, whitened_matrix, whitened_svd,
+                         whitened_balanced_factors, output_rel_error, measured_output_error,
+                         whitened_factors)
+    from .lazy import lazy_exports
 
 # public name -> the module that defines it, imported on first use (PEP 562): importing one module of this package
 # does not import the others (the command line's info reads an adapter without the SVD machinery)
@@ -42,18 +47,12 @@ _EXPORTS = {name: module for module, names in {
     ".structured": ("ExactSVD", "face_splitting", "khatri_rao", "loha_factors", "tucker_down", "tucker_loha_pair",
                   "tucker_locon_factors", "lokr_w2_tucker", "factor_svd", "lowrank_svd", "loha_svd",
                   "kron_svd", "numerical_rank", "exact_rank", "dora_rescale_", "dora_row_norms",),
+    ".whiten": ("DEFAULT_DAMPING", "Whitener", "WhitenedFactors", "whitener", "whitened_matrix", "whitened_svd",
+              "whitened_balanced_factors", "output_rel_error", "measured_output_error", "whitened_factors",),
+    ".lazy": ("lazy_exports",),
 }.items() for name in names}
 
 __all__ = [*_EXPORTS]
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(_importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value  # cached: the next look-up is a plain attribute
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

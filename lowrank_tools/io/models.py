@@ -1,4 +1,5 @@
-"""Load BASE and TUNED with transformers (the optional ``lowrank-tools[eval]`` extra) and their tokenizer.
+"""Load transformers models (the optional ``lowrank-tools[eval]`` extra) and their tokenizer, and batch token ids:
+shared by the operations that run a model (evaluate, calibrate).
 
 The kind is decided from the config's ``architectures``: a ``*ForCausalLM`` / ``*LMHeadModel`` is a causal LM
 (``AutoModelForCausalLM``, next-token distributions compared); anything else transformers loads is an encoder
@@ -10,17 +11,18 @@ the low digits the measure is about.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
 import torch
 
-from ..errors import MissingExtra, UsageError
-from ..io.model_config import read_model_config
+from ..errors import MissingExtra, NotACheckpoint
+from .model_config import read_model_config
 
-__all__ = ["ModelKind", "require_transformers", "model_kind", "load_model", "load_tokenizer"]
+__all__ = ["ModelKind", "require_transformers", "model_kind", "load_model", "load_tokenizer", "token_ids",
+           "padded_batches"]
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -37,8 +39,8 @@ def require_transformers():
     try:
         import transformers
     except ImportError:
-        raise MissingExtra("evaluate needs transformers, which is not installed: pip install 'lowrank-tools[eval]' "
-                           "(or pip install transformers)") from None
+        raise MissingExtra("evaluate and calibrate need transformers, which is not installed: pip install "
+                           "'lowrank-tools[eval]' (or pip install transformers)") from None
     return transformers
 
 
@@ -97,3 +99,26 @@ def load_tokenizer(*paths: str | os.PathLike):
             continue
     raise NotACheckpoint(f"no tokenizer in {' or '.join(map(str, paths))}: save one with the model "
                          f"(tokenizer.save_pretrained(folder))")
+
+
+def token_ids(tokenizer, texts: Sequence[str], max_length: int, minimum: int) -> tuple[list[list[int]], int]:
+    """Each text tokenized on its own, truncated to ``max_length``: (ids of those with >= ``minimum`` tokens,
+    how many were shorter)."""
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    kept = [list(x) for x in ids if len(x) >= minimum]
+    return kept, len(ids) - len(kept)
+
+
+def padded_batches(ids: list[list[int]], size: int, pad: int, device: torch.device,
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask), both (batch, width) long on ``device``, ``size`` texts at a time, right padded:
+    real positions keep positions 0..n-1 and the mask marks them."""
+    for i in range(0, len(ids), size):
+        chunk = ids[i:i + size]
+        width = max(len(x) for x in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, x in enumerate(chunk):
+            input_ids[row, :len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[row, :len(x)] = 1
+        yield input_ids.to(device), mask.to(device)

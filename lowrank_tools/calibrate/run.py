@@ -1,0 +1,140 @@
+"""Run a model over texts with a forward hook on every ``nn.Linear`` and sum ``X^T X`` of each distinct input.
+
+Protocol: every text is tokenized on its own and truncated to ``max_length`` tokens, batched with right padding
+(as evaluate does); a hook sees each Linear's input ``x (batch, seq, in)`` and adds ``x_m^T x_m`` in float64, where
+``x_m (tokens, in)`` keeps the real (unpadded) positions only. Modules that read the same tensor object in a
+forward pass (q/k/v after one norm; gate/up) are found on the first batch and share one matrix: only the first of
+them (the group's key) accumulates.
+
+Memory: one float64 ``(in, in)`` matrix per distinct input, on the model's device, for the whole run: ``8 * sum
+in^2`` bytes. For a 3-block Llama of width 32 that is nothing; for an 8B Llama (32 blocks; inputs 4096 x 3 and 14336
+per block) it is 32 * 8 * (3 * 4096^2 + 14336^2) bytes ~= 65 GB, more than the model: such a model needs a
+machine with that much device (or, with ``--device cpu``, host) memory until per-block passes exist.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import DataError, InvalidOption, Warn
+from ..io.calibration import InputStats
+from ..io.models import load_model, load_tokenizer, model_kind, padded_batches, token_ids
+from ..linalg.svd import resolve_device
+from ..report import Progress
+
+__all__ = ["Calibration", "calibrate"]
+
+@dataclass
+class Calibration:
+    """What :func:`calibrate` measured: one :class:`~lowrank_tools.io.calibration.InputStats` per distinct input."""
+
+    stats: list[InputStats]
+    samples: int
+    tokens: int  # real tokens run through the model
+    unmasked: list[str]  # modules whose input was not (batch, seq, in): every row was summed, padding included
+    wall_time_s: float = 0.0
+
+
+class _Hooks:
+    """The forward hooks and the sums; ``mask`` (batch, seq) bool is set before each forward pass."""
+
+    def __init__(self, model: nn.Module):
+        self.mask: Tensor | None = None
+        self.sums: dict[str, Tensor] = {}  # key -> (in, in) float64
+        self.tokens: dict[str, int] = {}
+        self.groups: dict[str, list[str]] = {}
+        self.member: dict[str, str | None] = {}  # module -> its group's key (None: not seen yet)
+        self.seen: dict[int, tuple[weakref.ref, str]] = {}  # id(input) -> (its weak reference, key): first batch
+        self.unmasked: set[str] = set()
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in model.named_modules()
+                        if isinstance(m, nn.Linear)]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            if not args or not isinstance(args[0], Tensor):
+                return
+            self.add(name, args[0])
+        return hook
+
+    def add(self, name: str, x: Tensor) -> None:
+        key = self.member.get(name)
+        if key is None:  # first call: same tensor object as an earlier module's (still alive) -> its group
+            ref = self.seen.get(id(x))
+            key = ref[1] if ref is not None and ref[0]() is x else name
+            self.member[name] = key
+            self.groups.setdefault(key, []).append(name)
+            if key != name:
+                return
+            self.seen[id(x)] = (weakref.ref(x), key)
+        if key != name:
+            return  # a member of another module's group: the key sums this input
+        rows = self._rows(name, x).to(torch.float64)  # (tokens, in)
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=x.device)
+            self.tokens[name] = 0
+        self.sums[name].addmm_(rows.mT, rows)  # (in, in) += X^T X
+        self.tokens[name] += rows.shape[0]
+
+    def _rows(self, name: str, x: Tensor) -> Tensor:
+        mask = self.mask
+        if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            return x[mask]  # real positions only
+        self.unmasked.add(name)
+        return x.reshape(-1, x.shape[-1])
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _check_options(max_length: int, batch_size: int) -> None:
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise InvalidOption(f"--max-length {max_length!r} must be a whole number of 1 or more")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidOption(f"--batch-size {batch_size!r} must be a whole number of 1 or more")
+
+
+@torch.no_grad()
+def calibrate(model: str | os.PathLike, *, texts: Sequence[str], max_length: int = 128, batch_size: int = 8,
+              device: str | torch.device = "auto", progress: Progress | None = None, warn: Warn | None = None) -> Calibration:
+    """Sum ``X^T X`` (float64) of the real-token inputs of every ``nn.Linear`` of the transformers model folder
+    ``model`` over ``texts`` (see the module doc). ``progress`` hears (done, total, label) per batch."""
+    _check_options(max_length, batch_size)
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    kind = model_kind(model)
+    tokenizer = load_tokenizer(model)
+    ids, skipped = token_ids(tokenizer, texts, max_length, 1)
+    if not ids:
+        raise DataError("every text is empty once tokenized: nothing to run; give longer texts")
+    if skipped and warn:
+        warn(f"{skipped} empty text(s) left out")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    net = load_model(model, kind, dev)
+    hooks = _Hooks(net)
+    if not hooks.handles:
+        raise InvalidOption(f"{model} has no nn.Linear layer: nothing to calibrate")
+    total = math.ceil(len(ids) / batch_size)
+    try:
+        for done, (input_ids, mask) in enumerate(padded_batches(ids, batch_size, pad, dev)):
+            if progress:
+                progress(done, total, f"batch {done + 1}")
+            hooks.mask = mask.bool()
+            net(input_ids=input_ids, attention_mask=mask)
+            hooks.seen.clear()  # groups are decided on the first batch; ids of freed tensors are reused later
+    finally:
+        hooks.close()
+    if progress:
+        progress(total, total, "")
+    stats = [InputStats(tuple(hooks.groups[key]), hooks.sums.pop(key).cpu(), hooks.tokens[key])
+             for key in list(hooks.sums)]
+    return Calibration(stats=stats, samples=len(ids), tokens=sum(len(x) for x in ids),
+                       unmasked=sorted(hooks.unmasked), wall_time_s=time.perf_counter() - start)

@@ -1,0 +1,70 @@
+"""extract --calibration: which layers get activation-whitened factors (:mod:`lowrank_tools.linalg.whiten`), and
+their Cholesky factors, one per distinct input (q/k/v share one), computed when the first of them is factored.
+
+Checked before any factoring: the statistics must name some selected Linear layer (else they were computed on
+another model), and every matched layer's input width must equal the statistics' (else a one-line error).
+Layers without statistics (embeddings, conv kernels, modules the model never ran) are factored plainly and listed
+in one note.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..adapter import ModuleKind, module_name
+from ..errors import DataError, ShapeMismatch, Warn
+from ..io.calibration import CalibrationStats, read_calibration
+from ..linalg.whiten import Whitener, whitener
+
+__all__ = ["Whitening"]
+
+
+class Whitening:
+    """The statistics of one run and the last Cholesky factor (the layers of one input come one after another)."""
+
+    def __init__(self, stats: CalibrationStats | str | os.PathLike, *, damping: float, device: torch.device,
+                 warn: Warn | None = None):
+        self.stats = stats if isinstance(stats, CalibrationStats) else read_calibration(stats)
+        self.damping, self.device, self.warn = damping, device, warn
+        self.plain: list[str] = []  # selected modules factored without statistics
+        self._last: tuple[str, Whitener] | None = None
+
+    def check(self, layers: dict[str, ModuleKind], in_features: dict[str, int]) -> None:
+        """Match the selected layers (tensor name -> kind; their (out, in_flat) input widths) with the statistics."""
+        matched = 0
+        for name, kind in layers.items():
+            mod = module_name(name)
+            key = self.stats.module_key.get(mod)
+            if key is None or kind is not ModuleKind.LINEAR:
+                self.plain.append(mod)
+                continue
+            width = self.stats.in_features(key)
+            if width != in_features[name]:
+                raise ShapeMismatch(f"{self.stats.path}: statistics of {mod} are {width} x {width} but its weight "
+                                    f"takes {in_features[name]} inputs: calibrate the model this fine-tune is of")
+            matched += 1
+        if layers and not matched:
+            some = next(iter(self.stats.module_key), "none")
+            raise DataError(f"{self.stats.path}: no layer of the checkpoints has statistics (they name e.g. {some!r}, "
+                            f"the checkpoints e.g. {module_name(next(iter(layers)))!r}): calibrate this model")
+
+    def note(self) -> str | None:
+        if not self.plain:
+            return None
+        shown = ", ".join(self.plain[:5]) + (f" and {len(self.plain) - 5} more" if len(self.plain) > 5 else "")
+        return f"--calibration: {len(self.plain)} layer(s) have no input statistics and were factored plainly: {shown}"
+
+    def get(self, mod: str) -> Whitener | None:
+        """The whitener of module ``mod``'s input, or None when it is factored plainly."""
+        key = self.stats.module_key.get(mod)
+        if key is None or mod in self.plain:
+            return None
+        if self._last is None or self._last[0] != key:
+            self._last = None  # release the previous factor first: one (in, in) float64 matrix at a time
+            w = whitener(self.stats.xtx(key), damping=self.damping, device=self.device)
+            if w.note and self.warn:
+                self.warn(f"{mod}: {w.note}")
+            self._last = (key, w)
+        return self._last[1]
