@@ -1,0 +1,211 @@
+"""Hostile LyCORIS / DoRA / diff adapters and evaluation texts through the real CLI (in-process, CliRunner).
+
+Every file below is wrong in one way (mismatched LoHa / LoKr factors, missing halves, zero-size, NaN, odd alphas,
+bad DoRA scales, diffs that fit no module, integer / bool / fp8 tensors, one module written twice, PEFT configs that
+disagree with the weights, texts that are binary or malformed) and goes through ``info``, ``convert``, ``resize -r 2``,
+``merge`` and ``apply`` (or ``evaluate --data``). Each outcome is exit 0 with a correct result, or exit 1/2 with
+exactly one ``Error:`` line naming the file and the module (or line) -- never a traceback, never ``unexpected``,
+never a stray file, and the inputs unchanged (sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from lowrank_tools.cli import main
+
+LIN, CONV = (8, 12), (6, 4, 3, 3)
+
+
+def _r(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _base() -> dict[str, torch.Tensor]:
+    return {"lin.weight": _r(*LIN, seed=1), "lin.bias": _r(LIN[0], seed=2), "conv.weight": _r(*CONV, seed=3),
+            "norm.weight": _r(12, seed=4)}
+
+
+def _loha(**over) -> dict[str, torch.Tensor]:
+    t = {"hada_w1_a": _r(8, 2, seed=10), "hada_w1_b": _r(2, 12, seed=11), "hada_w2_a": _r(8, 2, seed=12),
+         "hada_w2_b": _r(2, 12, seed=13), "alpha": torch.tensor(2.0)}
+    t.update(over)
+    return {k: v for k, v in t.items() if v is not None}
+
+
+def _lokr(**over) -> dict[str, torch.Tensor]:
+    t = {"lokr_w1": _r(2, 3, seed=20), "lokr_w2_a": _r(4, 2, seed=21), "lokr_w2_b": _r(2, 4, seed=22),
+         "alpha": torch.tensor(2.0)}
+    t.update(over)
+    return {k: v for k, v in t.items() if v is not None}
+
+
+def _lora(**over) -> dict[str, torch.Tensor]:
+    t = {"lora_down.weight": _r(2, 12, seed=30), "lora_up.weight": _r(8, 2, seed=31), "alpha": torch.tensor(2.0)}
+    t.update(over)
+    return {k: v for k, v in t.items() if v is not None}
+
+
+def _kohya(parts: dict[str, torch.Tensor], module: str = "lora_unet_lin") -> dict[str, torch.Tensor]:
+    return {f"{module}.{k}": v.contiguous() for k, v in parts.items()}
+
+
+NAN, INF = float("nan"), float("inf")
+_nan_b = _r(2, 12, seed=13)
+_nan_b[1, 3] = NAN
+_inf_w1 = _r(2, 3, seed=20)
+_inf_w1[0, 0] = INF
+
+# id -> the tensors of a kohya-style file (modules "lin" (8, 12), "conv" (6, 4, 3, 3) in the base)
+FILES: dict[str, dict[str, torch.Tensor]] = {
+    "loha-w1-rank-mismatch": _kohya(_loha(hada_w1_b=_r(3, 12, seed=11))),
+    "loha-w2-rank-mismatch": _kohya(_loha(hada_w2_a=_r(8, 3, seed=12))),
+    "loha-out-mismatch": _kohya(_loha(hada_w2_a=_r(7, 2, seed=12))),
+    "loha-in-mismatch": _kohya(_loha(hada_w2_b=_r(2, 10, seed=13))),
+    "loha-pairs-differ": _kohya(_loha(hada_w2_a=_r(8, 3, seed=12), hada_w2_b=_r(3, 12, seed=13))),
+    "loha-missing-w1b": _kohya(_loha(hada_w1_b=None)),
+    "loha-tucker-missing-t2": _kohya(_loha(hada_w1_a=_r(2, 6, seed=10), hada_w1_b=_r(2, 4, seed=11),
+                                           hada_w2_a=_r(2, 6, seed=12), hada_w2_b=_r(2, 4, seed=13),
+                                           hada_t1=_r(2, 2, 3, 3, seed=14)), "lora_unet_conv"),
+    "loha-tucker-bad-core": _kohya(_loha(hada_w1_a=_r(2, 6, seed=10), hada_w1_b=_r(2, 4, seed=11),
+                                         hada_w2_a=_r(2, 6, seed=12), hada_w2_b=_r(2, 4, seed=13),
+                                         hada_t1=_r(2, 3, 3, 3, seed=14), hada_t2=_r(2, 2, 3, 3, seed=15)),
+                                   "lora_unet_conv"),
+    "loha-1d-factor": _kohya(_loha(hada_w1_a=_r(8, seed=10))),
+    "loha-zero-size": _kohya(_loha(hada_w1_a=torch.zeros(8, 0), hada_w1_b=torch.zeros(0, 12))),
+    "loha-nan": _kohya(_loha(hada_w2_b=_nan_b)),
+    "loha-int": _kohya(_loha(hada_w1_a=torch.ones(8, 2, dtype=torch.int32))),
+    "loha-bool": _kohya(_loha(hada_w1_a=torch.ones(8, 2, dtype=torch.bool))),
+    "loha-fp8": _kohya(_loha(hada_w1_a=_r(8, 2, seed=10).to(torch.float8_e4m3fn))),
+    "lokr-kron-misfit": _kohya(_lokr(lokr_w1=_r(2, 3, seed=20), lokr_w2_a=_r(5, 2, seed=21),
+                                     lokr_w2_b=_r(2, 5, seed=22))),
+    "lokr-t2-wrong": _kohya(_lokr(lokr_w1=_r(2, 2, seed=20), lokr_t2=_r(2, 3, 3, 3, seed=23),
+                                  lokr_w2_a=_r(2, 3, seed=21), lokr_w2_b=_r(2, 2, seed=22)), "lora_unet_conv"),
+    "lokr-w2a-without-b": _kohya(_lokr(lokr_w2_b=None)),
+    "lokr-w1ab-mismatch": _kohya(_lokr(lokr_w1=None, lokr_w1_a=_r(2, 2, seed=24), lokr_w1_b=_r(3, 3, seed=25))),
+    "lokr-w2ab-mismatch": _kohya(_lokr(lokr_w2_b=_r(3, 4, seed=22))),
+    "lokr-zero-size": _kohya(_lokr(lokr_w1=torch.zeros(0, 3))),
+    "lokr-inf": _kohya(_lokr(lokr_w1=_inf_w1)),
+    "lokr-3d-w1": _kohya(_lokr(lokr_w1=_r(2, 3, 1, seed=20))),
+    "alpha-0": _kohya(_loha(alpha=torch.tensor(0.0))),
+    "alpha-negative": _kohya(_loha(alpha=torch.tensor(-2.0))),
+    "alpha-nan": _kohya(_loha(alpha=torch.tensor(NAN))),
+    "alpha-1e40-f64": _kohya(_loha(alpha=torch.tensor(1e40, dtype=torch.float64))),
+    "alpha-vector": _kohya(_loha(alpha=torch.tensor([2.0, 2.0]))),
+    "alpha-int": _kohya(_loha(alpha=torch.tensor(2))),
+    "alpha-bool": _kohya(_loha(alpha=torch.tensor(True))),
+    "dora-wrong-length": _kohya(_lora(dora_scale=_r(7, 1, seed=40).abs())),
+    "dora-zeros": _kohya(_lora(dora_scale=torch.zeros(8, 1))),
+    "dora-negative": _kohya(_lora(dora_scale=-_r(8, 1, seed=40).abs())),
+    "dora-nan": _kohya(_lora(dora_scale=torch.full((8, 1), NAN))),
+    "dora-legacy-wrong-in": _kohya(_lora(dora_scale=_r(1, 11, seed=40).abs())),
+    "dora-int": _kohya(_lora(dora_scale=torch.ones(8, 1, dtype=torch.int64))),
+    "diff-misfit": _kohya({"diff": _r(8, 11, seed=50)}),
+    "diff-b-misfit": _kohya({"diff": _r(8, 12, seed=50), "diff_b": _r(7, seed=51)}),
+    "w-norm-misfit": _kohya({"w_norm": _r(11, seed=52)}, "lora_unet_norm"),
+    "diff-int": _kohya({"diff": torch.ones(8, 12, dtype=torch.int8)}),
+    "diff-b-nan": _kohya({"diff": _r(8, 12, seed=50), "diff_b": torch.full((8,), NAN)}),
+    "duplicate-kinds": _kohya({**_lora(), **{k: v for k, v in _loha().items() if k != "alpha"}}),
+    "duplicate-modules": {**_kohya(_lora()), **_kohya(_loha(), "lycoris_lin")},
+}
+
+
+def _peft_lycoris(folder: Path, peft_type: str, tensors: dict, config: dict) -> None:
+    folder.mkdir()
+    save_file({f"base_model.model.lin.{k}": v.contiguous() for k, v in tensors.items()},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type, **config}))
+
+
+_LOHA_PEFT = {k: v for k, v in _loha().items() if k != "alpha"}
+_LOKR_FULL = {"lokr_w1": _r(2, 3, seed=20), "lokr_w2": _r(4, 4, seed=21)}
+PEFT_FOLDERS = {
+    "peft-loha-r-disagrees": ("LOHA", _LOHA_PEFT, {"r": 4, "alpha": 4}),
+    "peft-loha-r-0": ("LOHA", _LOHA_PEFT, {"r": 0, "alpha": 4}),
+    "peft-lokr-full-r-0": ("LOKR", _LOKR_FULL, {"r": 0, "alpha": 4}),
+    "peft-loha-rank-pattern-text": ("LOHA", _LOHA_PEFT, {"r": 2, "alpha": 2, "rank_pattern": {"lin": "x"}}),
+    "peft-loha-alpha-pattern-nan": ("LOHA", _LOHA_PEFT, {"r": 2, "alpha": 2, "alpha_pattern": {"lin": "nan"}}),
+    "peft-loha-r-negative": ("LOHA", _LOHA_PEFT, {"r": -2, "alpha": 2}),
+    "peft-loha-r-fraction": ("LOHA", _LOHA_PEFT, {"r": 2.5, "alpha": 2}),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    command: str
+    args: tuple[str, ...]  # {a}: the adapter, {b}: the base, {o}: an output in the case folder
+
+
+COMMANDS = [
+    Run("info", ("info", "{a}")),
+    Run("convert", ("convert", "{a}", "-o", "{o}/out.safetensors", "--format", "kohya", "-q")),
+    Run("resize", ("resize", "{a}", "-o", "{o}/out.safetensors", "-r", "2", "-q")),
+    Run("merge", ("merge", "{a}", "{a}:0.5", "-o", "{o}/out.safetensors", "-q")),
+    Run("apply", ("apply", "{b}", "{a}", "-o", "{o}/model.safetensors", "-q")),
+]
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    inp = tmp_path_factory.mktemp("hostile")
+    save_file(_base(), str(inp / "base.safetensors"))
+    for name, tensors in FILES.items():
+        save_file(tensors, str(inp / f"{name}.safetensors"))
+    for name, (peft_type, tensors, config) in PEFT_FOLDERS.items():
+        _peft_lycoris(inp / name, peft_type, tensors, config)
+    return inp
+
+
+def _adapter_path(inp: Path, name: str) -> Path:
+    return inp / name if name in PEFT_FOLDERS else inp / f"{name}.safetensors"
+
+
+def invoke(*args) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):  # escaped the CLI's handler
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def check_outcome(code: int, stdout: str, stderr: str, *, names: str) -> None:
+    """Exit 0, or exit 1/2 with exactly one ``Error:`` line matching ``names``; never a traceback / unexpected."""
+    shown = f"exit {code}\nstderr:\n{stderr}\nstdout:\n{stdout}"
+    assert "Traceback" not in stdout + stderr and "unexpected" not in stderr, shown
+    assert code in (0, 1, 2), shown
+    if code:
+        errors = [line for line in stderr.splitlines() if line.strip()]
+        assert len(errors) == 1 and errors[0].startswith("Error: "), shown
+        assert re.search(names, errors[0]), f"{names!r} not in {errors[0]!r}"
+
+
+CASES = [(name, run) for name in [*FILES, *PEFT_FOLDERS] for run in COMMANDS]
+
+
+@pytest.mark.parametrize(("name", "run"), CASES, ids=[f"{n}-{r.command}" for n, r in CASES])
+def test_hostile_adapter(name: str, run: Run, inputs: Path, tmp_path: Path):
+    adapter = _adapter_path(inputs, name)
+    args = [a.replace("{a}", str(adapter)).replace("{b}", str(inputs / "base.safetensors")).replace("{o}", str(tmp_path))
+            for a in run.args]
+    before = _snapshot(inputs)
+    code, stdout, stderr = invoke(*args)
+    if os.environ.get("LRT_HOSTILE_SHOW"):
+        print(f"\n[{name} {run.command}] exit {code}: {stderr.strip()[:300]}")
+    check_outcome(code, stdout, stderr, names=re.escape(adapter.name))
+    if code:
+        assert list(tmp_path.iterdir()) == [], "a failed run left a file"
+    assert _snapshot(inputs) == before, "an input changed"
