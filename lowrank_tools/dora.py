@@ -18,7 +18,7 @@ import torch
 
 from .adapter import Adapter, LoraModule, ModuleKind
 from .io.checkpoint import as_checkpoint
-from .errors import AdapterMismatch, ConversionError
+from .errors import AdapterMismatch, ConversionError, UnsupportedTensor
 from .linalg.svd import RankRule
 from .linalg.structured import dora_rescale_, dora_row_norms
 
@@ -43,6 +43,10 @@ def _base_matrix(ckpt, name: str, m: LoraModule) -> torch.Tensor:
         key = f"{candidate}.weight"
         if key in ckpt:
             W0 = ckpt.get(key)
+            if not W0.is_floating_point() or W0.ndim < 2:
+                raise UnsupportedTensor(f"base tensor {key} of {getattr(ckpt, 'path', '')} is "
+                                        f"{str(W0.dtype).replace('torch.', '')} {tuple(W0.shape)}, not a float weight "
+                                        f"matrix: give the float base the adapter was made for")
             if W0.shape[0] != m.matrix_shape[0] or W0[0].numel() != m.matrix_shape[1]:
                 raise AdapterMismatch(f"module {name} is {tuple(m.weight_shape)} but base tensor {key} is "
                                       f"{tuple(W0.shape)}: give the base the adapter was made for")

@@ -75,6 +75,8 @@ def attach_extras(modules: dict[str, LoraModule], extras: dict[str, dict[str, st
             key = next(iter(parts.values()))
             raise AdapterFormatError(f"{where}: key {key} has no lora_A / lora_B beside it: the file is incomplete")
         out = module.weight_shape[0]
+        for key in parts.values():
+            _check_extra(ckpt.get(key), key, where)
         if "magnitude" in parts:
             m = ckpt.get(parts["magnitude"])
             if m.numel() != out:
@@ -89,6 +91,15 @@ def attach_extras(modules: dict[str, LoraModule], extras: dict[str, dict[str, st
             deltas[f"{name}.bias"] = b.reshape(out).double().mul(module.scale).to(
                 torch.float64 if b.dtype == torch.float64 else torch.float32)
     return deltas
+
+
+def _check_extra(t: Tensor, key: str, where) -> None:
+    """A magnitude or bias must be a finite float tensor (float8 has no isfinite kernel: checked in float32)."""
+    what = f"{where}: key {key} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+    if not t.is_floating_point():
+        raise AdapterFormatError(f"{what} is not a float tensor: re-export the adapter in float32/float16/bfloat16")
+    if not bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all()):
+        raise AdapterFormatError(f"{what} holds NaN/Inf: repair or re-export the adapter")
 
 
 # ------------------------------------------------------------------------------------------------ write

@@ -45,6 +45,7 @@ _LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b
 _DIFF = ("diff", "diff_b", "w_norm", "b_norm")
 STRUCTURED_SUFFIXES = (*_LOHA, *_LOKR, "lora_mid.weight", "dora_scale", *_DIFF)
 _SUFFIXES = (*STRUCTURED_SUFFIXES, "lora_down.weight", "lora_up.weight", "alpha")
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 PLACEHOLDER_ALPHA = 1e9  # alphas this large stand for "no alpha" (scale 1), never a strength
 
 
@@ -133,7 +134,21 @@ def _diff_module(diff: Tensor, dtype: torch.dtype) -> LoraModule:
                                stored_rank="full")
 
 
+_FAMILIES = {"LoHa": ("hada_",), "LoKr": ("lokr_",), "LoRA": ("lora_down.", "lora_up.", "lora_mid."), "diff": ("diff",)}
+# (factor, factor whose rank it must share: (key, axis)): inner sizes checked before any reshape can hide a mismatch
+_INNER = (("hada_w1_b", ("hada_w1_a", 1)), ("hada_w2_b", ("hada_w2_a", 1)), ("lokr_w1_b", ("lokr_w1_a", 1)),
+          ("lokr_w2_b", ("lokr_w2_a", 1)))
+_MATRICES = ("hada_w1_a", "hada_w2_a", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a")
+
+
 def _check_parts(name: str, t: dict[str, Tensor], where) -> None:
+    """Refuse, naming the module and tensor: two parametrisations in one module, missing halves, empty, non-float or
+    non-finite tensors, and factors whose inner (rank) sizes disagree."""
+    families = [f for f, prefixes in _FAMILIES.items()
+                if any(k.startswith(p) and k != "diff_b" for k in t for p in prefixes)]
+    if len(families) > 1:
+        raise AdapterFormatError(f"{where}: module {name} holds both {families[0]} and {families[1]} factors "
+                                 f"({', '.join(sorted(t))}): one module, one adapter; re-export the file")
     if any(k.startswith("hada_") for k in t):
         missing = [k for k in _LOHA[:4] if k not in t]
         if missing or (("hada_t1" in t) != ("hada_t2" in t)):
@@ -142,13 +157,46 @@ def _check_parts(name: str, t: dict[str, Tensor], where) -> None:
     if any(k.startswith("lokr_") for k in t):
         ok1 = "lokr_w1" in t or ("lokr_w1_a" in t and "lokr_w1_b" in t)
         ok2 = "lokr_w2" in t or ("lokr_w2_a" in t and "lokr_w2_b" in t)
-        if not (ok1 and ok2):
+        if not (ok1 and ok2) or ("lokr_t2" in t and "lokr_w2_a" not in t):
             raise AdapterFormatError(f"{where}: module {name} is a LoKr without {'lokr_w1' if not ok1 else 'lokr_w2'}"
                                      f" (or its _a/_b pair): the file is incomplete")
+    if "lora_mid.weight" in t and not {"lora_down.weight", "lora_up.weight"} <= set(t):
+        raise AdapterFormatError(f"{where}: module {name} has lora_mid.weight without lora_down.weight and "
+                                 f"lora_up.weight: the file is incomplete")
     for k, v in t.items():
-        if k != "alpha" and (not v.is_floating_point() or not bool(torch.isfinite(v).all())):
-            raise AdapterFormatError(f"{where}: module {name}: {k} {tuple(v.shape)} {v.dtype} holds NaN/Inf or is not "
-                                     f"a float tensor: repair or re-export the adapter")
+        _check_tensor(name, k, v, where)
+    _check_inner(name, t, where)
+
+
+def _check_tensor(name: str, key: str, v: Tensor, where) -> None:
+    what = f"{where}: module {name}: {key} {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
+    if not v.is_floating_point():
+        raise AdapterFormatError(f"{what} is not a float tensor: re-export the adapter in float32/float16/bfloat16")
+    if v.numel() == 0:
+        raise AdapterFormatError(f"{what} is empty (rank 0): remove the module or re-export the adapter")
+    if not bool(torch.isfinite(v.float() if v.element_size() == 1 else v).all()):  # isfinite has no float8 kernel
+        raise AdapterFormatError(f"{what} holds NaN/Inf: repair or re-export the adapter, or leave the module out "
+                                 f"with --exclude")
+
+
+def _check_inner(name: str, t: dict[str, Tensor], where) -> None:
+    for key in _MATRICES:
+        if key in t and t[key].ndim != 2:
+            raise AdapterFormatError(f"{where}: module {name}: {key} {tuple(t[key].shape)} is not a matrix: the file "
+                                     f"is corrupt")
+    tucker = "hada_t1" in t or "lokr_t2" in t  # Tucker: w_a (r, out), w_b (r, in): both share axis 0
+    for key, (other, axis) in _INNER:
+        if key in t and other in t and t[key].ndim >= 1:
+            axis = 0 if tucker and key.startswith(("hada_", "lokr_w2")) else axis
+            if t[key].shape[0] != t[other].shape[axis]:
+                raise AdapterFormatError(f"{where}: module {name}: its factors {other} {tuple(t[other].shape)} and "
+                                         f"{key} {tuple(t[key].shape)} do not fit together (rank "
+                                         f"{t[other].shape[axis]} vs {t[key].shape[0]}): the file is corrupt")
+    if "hada_w1_a" in t and "hada_t1" not in t:  # the two Hadamard terms must have one (out, in_flat) shape
+        shapes = [(t[a].shape[0], t[b][0].numel()) for a, b in (("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b"))]
+        if shapes[0] != shapes[1]:
+            raise AdapterFormatError(f"{where}: module {name}: its factors do not fit together (hada_w1_a @ hada_w1_b "
+                                     f"is {shapes[0]}, hada_w2_a @ hada_w2_b {shapes[1]}): the file is corrupt")
 
 
 def structured_module(name: str, t: dict[str, Tensor], *, alpha: float | None, rank: int | None = None,
@@ -219,9 +267,12 @@ def _tensor_deltas(name: str, t: dict[str, Tensor]) -> dict[str, Tensor]:
 def _alpha(t: Tensor | None, where, key) -> float | None:
     if t is None:
         return None
-    if t.numel() != 1 or not math.isfinite(float(t.reshape(()).item())):
-        raise AdapterFormatError(f"{where}: key {key} is not a finite scalar alpha (shape {tuple(t.shape)})")
-    return float(t.reshape(()).item())
+    value = float(t.reshape(()).item()) if t.numel() == 1 and t.dtype != torch.bool else math.nan
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        raise AdapterFormatError(f"{where}: key {key} ({tuple(t.shape)} {str(t.dtype).replace('torch.', '')}, "
+                                 f"{t.reshape(-1)[:2].tolist()}) is not a finite scalar alpha within float32's range: "
+                                 f"write one number, e.g. the rank (LyCORIS writes 1e10 for 'no alpha')")
+    return value
 
 
 def _group(ckpt, path: Path) -> dict[str, dict[str, str]]:
@@ -268,19 +319,34 @@ def read_lycoris(path: Path, *, module_names=None, base: str | None = None) -> A
 _PEFT_PREFIX = "base_model.model."
 
 
-def _peft_number(config: dict, key: str, where, default) -> float:
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AdapterFormatError(f"{where}: {key} {value!r} is not a number: write a scalar, e.g. {key}: 8")
+def _peft_number(value, where, key: str, *, rank: bool = False) -> float:
+    """A finite number from adapter_config.json (``rank``: a whole number >= 1), else one line naming the field."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok and rank:
+        ok = value >= 1 and float(value).is_integer()
+    if not ok:
+        need = "a whole number >= 1" if rank else "a finite number"
+        raise AdapterFormatError(f"{where}: {key} {value!r} is not {need}: write a number such as 8 there")
     return float(value)
+
+
+def _peft_pattern(config: dict, key: str, where, *, rank: bool) -> dict:
+    pattern = config.get(key) or {}
+    if not isinstance(pattern, dict):
+        raise AdapterFormatError(f"{where}: {key} is a {type(pattern).__name__}, not an object of module: value")
+    for name, value in pattern.items():
+        _peft_number(value, where, f"{key}[{name!r}]", rank=rank)
+    return pattern
 
 
 def read_peft_lycoris(folder: Path, config: dict, weights: Path) -> Adapter:
     """Read a PEFT LoHa / LoKr folder (``config``: its adapter_config.json, already parsed)."""
     where = folder / CONFIG_NAME
     ckpt = open_checkpoint(weights)
-    r, alpha = _peft_number(config, "r", where, 8), _peft_number(config, "alpha", where, 8)
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    r = _peft_number(config.get("r", 8), where, "r", rank=True)
+    alpha = _peft_number(config.get("alpha", 8), where, "alpha")
+    rank_pattern = _peft_pattern(config, "rank_pattern", where, rank=True)
+    alpha_pattern = _peft_pattern(config, "alpha_pattern", where, rank=False)
     groups: dict[str, dict[str, Tensor]] = {}
     for key in ckpt.keys():
         plain = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key

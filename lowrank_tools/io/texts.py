@@ -16,12 +16,16 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
 def _lines(path: Path) -> list[str]:
-    return _text(path).splitlines()
+    # "\n" only (read_text already turned \r\n and \r into it): str.splitlines would also split at U+2028, \x1c ...,
+    # which JSON strings may hold raw, breaking a valid .jsonl line in two and shifting every line number after it
+    return _text(path).split("\n")
 
 
 def _text(path: Path) -> str:
+    if not path.is_file():  # a FIFO or device would block or never end; a folder cannot be read as text
+        raise DataError(f"{path}: not a regular file: give a .txt, .jsonl or .json file")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is not part of the text
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text ({exc.reason}): save the file as UTF-8") from None
@@ -42,8 +46,10 @@ def _from_jsonl(path: Path, field: str) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{i}: not a JSON object ({exc.msg}): one JSON object per line") from None
+        except RecursionError:
+            raise DataError(f"{path}:{i}: JSON nested too deeply: one flat JSON object per line") from None
         if not isinstance(record, dict) or field not in record:
-            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+            keys = ", ".join(sorted(record)[:8]) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{path}:{i}: no field {field!r} (found: {keys}): pass --text-field NAME")
         if not isinstance(record[field], str):
             raise DataError(f"{path}:{i}: field {field!r} is {type(record[field]).__name__}, not a string")
@@ -57,6 +63,8 @@ def _from_json(path: Path) -> list[str]:
         data = json.loads(_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}): expected a list of strings") from None
+    except RecursionError:
+        raise DataError(f"{path}:1: JSON nested too deeply: expected a flat list of strings") from None
     if not isinstance(data, list):
         raise DataError(f"{path}:1: a JSON {type(data).__name__}, expected a list of strings (or use .jsonl)")
     for i, item in enumerate(data):
