@@ -147,7 +147,8 @@ def detect_format(path: Path) -> str:
 
 def _module_names(base) -> tuple[list[str], str]:
     ckpt = as_checkpoint(base)
-    names = [module_name(k) for k in ckpt.keys() if len(ckpt.shape(k)) >= 2]
+    # every weight a kohya key may name: matrices and kernels (LoRA modules), and 1-D norm weights (w_norm / b_norm)
+    names = [module_name(k) for k in ckpt.keys() if len(ckpt.shape(k)) >= 2 or k.endswith(".weight")]
     return names, str(getattr(ckpt, "path", base))
 
 
