@@ -40,6 +40,7 @@ from .io.layers import WORD_EMBEDDINGS, compile_filters, matches
 from .linalg.svd import resolve_device
 from .linalg.norms import delta_stats, lowrank_frobenius_diff, lowrank_frobenius_norm
 from .io.outputs import OutputTransaction
+from .io.model_folder import config_files, rename_stem
 from .io.replaceable import COPIED_KEY
 from .linalg.structured import dora_rescale_
 from .weighted import WeightedAdapter, as_weighted
@@ -49,7 +50,6 @@ __all__ = ["ApplyResult", "Term", "plan_apply", "applied_tensors", "apply"]
 
 
 _BLOCK_ELEMENTS = 1 << 20  # rows per block: 4 MiB of float32 working memory, one buffer per tensor
-_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf"}
 _COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")  # diffusers pipeline components
 _EMBEDDINGS = tuple(f"{leaf}.weight" for leaf in WORD_EMBEDDINGS)  # input embeddings an output head may be tied to
 
@@ -323,33 +323,6 @@ def applied_tensors(base: Checkpoint, plan: Mapping[str, Sequence[Term]], whole:
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _config_files(base_path: Path) -> list[str]:
-    """The base folder's top-level non-weight files (config.json, tokenizer files, ...), to copy beside the weights."""
-    if not base_path.is_dir():
-        return []
-    return [entry.name for entry in sorted(base_path.iterdir())
-            if entry.is_file() and not entry.name.startswith(".")
-            and entry.suffix.lower() not in _WEIGHT_SUFFIXES and not entry.name.endswith(".index.json")]
-
-
-def _rename_stem(folder: Path, files: list[Path], stem: str) -> list[Path]:
-    """``model*.safetensors`` (+ index) -> ``<stem>*.safetensors``, as diffusers component folders name them."""
-    if stem == "model":
-        return files
-    renamed = {p.name: stem + p.name[len("model"):] for p in files if p.name.endswith(".safetensors")}
-    for old, new in renamed.items():
-        os.replace(folder / old, folder / new)
-    index = folder / "model.safetensors.index.json"
-    if not index.exists():
-        return [folder / renamed.get(p.name, p.name) for p in files]
-    data = json.loads(index.read_text())
-    data["weight_map"] = {k: renamed.get(v, v) for k, v in data["weight_map"].items()}
-    new_index = folder / f"{stem}.safetensors.index.json"
-    new_index.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    index.unlink()
-    return [folder / renamed[p.name] for p in files if p.name in renamed] + [new_index]
-
-
 def _metadata(base: Checkpoint, adapters: Sequence[WeightedAdapter], copied: Sequence[str]) -> dict[str, str]:
     """The base's metadata, the adapters applied and (a folder) the config files copied: the last tells a later
     ``--force`` that those files are ours to replace (:func:`~lowrank_tools.outputs.foreign_entries`)."""
@@ -406,7 +379,7 @@ def _write(ckpt: Checkpoint, items: Sequence[WeightedAdapter], plan, whole, tmp:
            changes: dict[str, dict] | None) -> tuple[list[Path], int]:
     """Stream the applied tensors into ``tmp`` (a file, or a folder with the base folder's configs); with
     ``changes``, measure each changed tensor against the base."""
-    copied = _config_files(ckpt.path) if shard_size is not None else []
+    copied = config_files(ckpt.path) if shard_size is not None else []
     metadata = _metadata(ckpt, items, copied)
     entries = [(k, dtype if dtype is not None and ckpt.dtype(k).is_floating_point else ckpt.dtype(k), ckpt.shape(k))
                for k in ckpt.keys()]
@@ -426,4 +399,4 @@ def _write(ckpt: Checkpoint, items: Sequence[WeightedAdapter], plan, whole, tmp:
     stem = "diffusion_pytorch_model" if any(ckpt.path.glob("diffusion_pytorch_model*")) else "model"
     for name in copied:
         shutil.copy2(ckpt.path / name, tmp / name)
-    return _rename_stem(tmp, files, stem) + [tmp / name for name in copied], count
+    return rename_stem(tmp, files, stem) + [tmp / name for name in copied], count

@@ -20,7 +20,7 @@ from conftest import LLAMA_SHAPES, make_pair
 from lowrank_tools.adapter import Adapter, LoraModule, ModuleKind
 from lowrank_tools.cli import main
 from lowrank_tools.io.formats import describe_modules, load_adapter, output_format, save_adapter
-from lowrank_tools.io.peft import base_model_reference, task_type
+from lowrank_tools.io.base_model import base_model_reference, task_type
 from lowrank_tools.report import LayerRecord, Report, format_table, short_name, summarize
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import lowrank_tools.io.outputs as outputs
+import lowrank_tools.io.rename as rename_module
 from lowrank_tools import Adapter, LoraModule, save_adapter
 from lowrank_tools.errors import OutputError, OutputExists, UsageError
 from lowrank_tools.io.outputs import OutputTransaction, atomic_output, check_output, foreign_entries, temp_path
@@ -125,8 +126,8 @@ def test_special_files_are_refused(tmp_path):
 @pytest.fixture(params=["renameat2", "portable"])
 def install_path(request, monkeypatch):
     if request.param == "portable":
-        monkeypatch.setattr(outputs, "_RENAMEAT2", None)
-    elif outputs._RENAMEAT2 is None:
+        monkeypatch.setattr(rename_module, "_RENAMEAT2", None)
+    elif rename_module._RENAMEAT2 is None:
         pytest.skip("no renameat2 here")
     return request.param
 

@@ -33,7 +33,7 @@ from .options import ExtractOptions
 from .whitening import Whitening
 from ..io.formats import left_out_warning
 from ..io.layers import NOT_HELD, LayerPlan, compile_filters, plan_layers, relative_change
-from ..io.peft import base_model_reference, task_type
+from ..io.base_model import base_model_reference, task_type
 from ..linalg.svd import TruncatedSVD, balanced_factors, truncated_svd
 from ..linalg.memory import stream_large_buffers
 from ..linalg.norms import check_finite, frobenius_error, frobenius_norm

@@ -1,4 +1,6 @@
-"""Files: the only layer that opens paths. Checkpoint readers (:mod:`.checkpoint`, :mod:`.safetensors`),
+"""Files: the only layer that opens paths. Checkpoint readers (:mod:`.checkpoint`, :mod:`.safetensors`, torch
+pickles in :mod:`.pickles`), no-clobber renames (:mod:`.rename`), an apply folder's configs (:mod:`.model_folder`),
+what a base config says (:mod:`.base_model`),
 outputs that stand or fall together (:mod:`.outputs`, with what ``--force`` may replace in :mod:`.replaceable`,
 and the streaming writers in :mod:`.atomic`), the adapter formats (:mod:`.peft`, :mod:`.kohya` and its name
 tables, LyCORIS LoHa/LoKr/Tucker in :mod:`.lycoris`, DoRA magnitudes and tensor deltas in :mod:`.adapter_extras`,
@@ -17,17 +19,20 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
                              get_str_list, get_str_map)
     from .patterns import (MAX_PATTERN, MAX_DEGREE, MAX_WORK, check_pattern, check_patterns, safe_search, peft_key_matches,
                            peft_pattern_value)
+    from .rename import rename_noreplace
     from .outputs import (OutputTransaction, atomic_output, check_output, check_replaceable, foreign_entries, temp_path,
-                          rename_noreplace, TMP_MARK, write_files, rendered)
+                          TMP_MARK, write_files, rendered)
     from .replaceable import COPIED_KEY
     from .atomic import parse_size, ShardedWriter, header_bound, write_safetensors, check_finite_output, all_finite
+    from .pickles import TensorDict, load_pickle
     from .checkpoint import Checkpoint, open_checkpoint, as_checkpoint, Pairing, pair_tensors
     from .kohya_names import (COMPONENT_PREFIXES, KOHYA_PREFIXES, kohya_key, split_prefix, check_prefix, guess_module_name,
                               match_keys, is_text_encoder_prefix)
+    from .base_model import task_type, base_model_reference
     from .peft import (CONFIG_NAME, WEIGHTS_NAME, DIFFUSERS_NAME, DIFFUSERS_COMPONENTS, is_peft_folder,
                        is_diffusers_adapter, read_peft, read_peft_file, write_peft, write_diffusers,
                        peft_config, peft_state_dict, collect_factors, build_module, lora_keys_seen,
-                       task_type, base_model_reference, pattern_value, peft_folder_parts)
+                       pattern_value, peft_folder_parts)
     from .kohya import NAMES_KEY, is_kohya_keys, read_kohya, write_kohya, kohya_state_dict, resolve_module_names
     from .lycoris import (STRUCTURED_SUFFIXES, is_lycoris_keys, read_lycoris, read_peft_lycoris, structured_module,
                           PLACEHOLDER_ALPHA, fit_kernels)
@@ -42,6 +47,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .prefetch import prefetch
     from .texts import read_texts, TEXT_SUFFIXES
     from .model_config import read_model_config
+    from .model_folder import config_files, rename_stem
     from .consumer_keys import Consumer, Role, split_key, key_accepted, ROLES, KOHYA_LIKE_PREFIXES
     from .calibration import FORMAT_KEY, InputStats, CalibrationStats, read_calibration, write_calibration
     from .models import (ModelKind, require_transformers, model_kind, load_model, load_tokenizer, token_ids, padded_batches)
@@ -56,17 +62,20 @@ _EXPORTS = {name: module for module, names in {
                   "get_bool", "get_str_list", "get_str_map",),
     ".patterns": ("MAX_PATTERN", "MAX_DEGREE", "MAX_WORK", "check_pattern", "check_patterns", "safe_search",
                 "peft_key_matches", "peft_pattern_value",),
+    ".rename": ("rename_noreplace",),
     ".outputs": ("OutputTransaction", "atomic_output", "check_output", "check_replaceable", "foreign_entries", "temp_path",
-               "rename_noreplace", "TMP_MARK", "write_files", "rendered",),
+               "TMP_MARK", "write_files", "rendered",),
     ".replaceable": ("COPIED_KEY",),
     ".atomic": ("parse_size", "ShardedWriter", "header_bound", "write_safetensors", "check_finite_output", "all_finite",),
+    ".pickles": ("TensorDict", "load_pickle",),
     ".checkpoint": ("Checkpoint", "open_checkpoint", "as_checkpoint", "Pairing", "pair_tensors",),
     ".kohya_names": ("COMPONENT_PREFIXES", "KOHYA_PREFIXES", "kohya_key", "split_prefix", "check_prefix", "guess_module_name",
                    "match_keys", "is_text_encoder_prefix",),
+    ".base_model": ("task_type", "base_model_reference",),
     ".peft": ("CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_peft_folder",
             "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft", "write_diffusers",
             "peft_config", "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen",
-            "task_type", "base_model_reference", "pattern_value", "peft_folder_parts",),
+            "pattern_value", "peft_folder_parts",),
     ".kohya": ("NAMES_KEY", "is_kohya_keys", "read_kohya", "write_kohya", "kohya_state_dict", "resolve_module_names",),
     ".lycoris": ("STRUCTURED_SUFFIXES", "is_lycoris_keys", "read_lycoris", "read_peft_lycoris", "structured_module",
                "PLACEHOLDER_ALPHA", "fit_kernels",),
@@ -80,6 +89,7 @@ _EXPORTS = {name: module for module, names in {
               "plan_layers",),
     ".texts": ("read_texts", "TEXT_SUFFIXES",),
     ".model_config": ("read_model_config",),
+    ".model_folder": ("config_files", "rename_stem",),
     ".consumer_keys": ("Consumer", "Role", "split_key", "key_accepted", "ROLES", "KOHYA_LIKE_PREFIXES",),
     ".calibration": ("FORMAT_KEY", "InputStats", "CalibrationStats", "read_calibration", "write_calibration",),
     ".models": ("ModelKind", "require_transformers", "model_kind", "load_model", "load_tokenizer", "token_ids",

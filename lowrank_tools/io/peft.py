@@ -36,7 +36,7 @@ from .patterns import peft_pattern_value
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_peft_folder",
            "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft", "write_diffusers", "peft_config",
-           "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen", "task_type", "base_model_reference",
+           "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen",
            "pattern_value", "peft_folder_parts"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -93,42 +93,6 @@ def file_factors(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # PEFT task types by the ending of a transformers architecture name (config.json ``architectures``), first match wins
-_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
-               ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"), ("MTModel", "SEQ_2_SEQ_LM"))  # MarianMTModel: a translation LM
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]*[A-Za-z0-9_-]$")  # org/name
-
-
-def task_type(config: dict | None) -> str | None:
-    """PEFT's ``task_type`` for a base model from its ``config.json``: ``*ForCausalLM`` (and GPT-2 style
-    ``*LMHeadModel``) -> CAUSAL_LM, ``*ForSequenceClassification`` -> SEQ_CLS, ``*ForTokenClassification`` ->
-    TOKEN_CLS, ``*ForQuestionAnswering`` -> QUESTION_ANS, ``*ForSeq2SeqLM`` and an encoder-decoder's
-    ``*ForConditionalGeneration`` (T5, BART) -> SEQ_2_SEQ_LM, a bare ``*Model`` -> FEATURE_EXTRACTION; None when
-    unknown (no config, several architectures that disagree, a vision-language ``*ForConditionalGeneration``)."""
-    archs = (config or {}).get("architectures") or []
-    found = {_task_of(str(a), bool((config or {}).get("is_encoder_decoder"))) for a in archs}
-    return found.pop() if len(found) == 1 else None
-
-
-def _task_of(arch: str, encoder_decoder: bool) -> str | None:
-    for ending, task in _TASK_TYPES:
-        if arch.endswith(ending):
-            return task
-    if arch.endswith("ForConditionalGeneration"):
-        return "SEQ_2_SEQ_LM" if encoder_decoder else None
-    return "FEATURE_EXTRACTION" if arch.endswith("Model") and "For" not in arch else None
-
-
-def base_model_reference(config: dict | None, path: str | os.PathLike | None) -> str | None:
-    """``base_model_name_or_path`` that loads from any working folder: the hub id of the base's config
-    ``_name_or_path`` when it looks like ``org/name`` and is not a local path, else the absolute path of the base
-    (None for a base that is no file, e.g. tensors in memory)."""
-    name = str((config or {}).get("_name_or_path") or "")
-    if _HUB_ID.match(name) and not os.path.isabs(name) and not os.path.exists(name):
-        return name
-    return os.path.abspath(path) if path is not None and os.path.exists(path) else None
-
-
 def _pattern_keys(names) -> dict[str, str]:
     """Pattern keys for rank_pattern / alpha_pattern: the escaped name; anchored with ``^`` (PEFT >= 0.15 reads it
     as "the whole name") when the name is also the dotted tail of another module's, which it would match too."""
