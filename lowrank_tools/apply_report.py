@@ -13,14 +13,12 @@ import io
 import json
 from typing import TYPE_CHECKING
 
+from .report import finite_or_none
+
 if TYPE_CHECKING:
     from .apply import ApplyResult
 
 __all__ = ["apply_records", "apply_report_json", "apply_report_csv"]
-
-def _finite(x: float) -> float | None:
-    return x if x == x and abs(x) != float("inf") else None
-
 
 def apply_records(result: ApplyResult) -> list[dict]:
     """One record per changed tensor, in the order written."""
@@ -33,10 +31,10 @@ def apply_records(result: ApplyResult) -> list[dict]:
             "modules": result.modified.get(tensor, []),
             "adapters": stats.get("adapters", []),
             "replaced_whole": tensor in result.replaced,
-            "max_abs_delta": _finite(stats["max_abs_delta"]),
-            "delta_norm": _finite(stats["delta_norm"]),
-            "base_norm": _finite(base),
-            "relative_change": _finite(change) if change is not None else None,
+            "max_abs_delta": finite_or_none(stats["max_abs_delta"]),
+            "delta_norm": finite_or_none(stats["delta_norm"]),
+            "base_norm": finite_or_none(base),
+            "relative_change": finite_or_none(change) if change is not None else None,
             "note": "" if change is not None else "base tensor is all zeros: no relative change",
         })
     return records

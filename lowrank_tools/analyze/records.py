@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ..adapter import module_name
 from ..linalg.spectrum import SpectrumMetrics
+from ..report import finite_or_none
 
 __all__ = ["Analysis", "LayerAnalysis", "module_type", "depth_key"]
 
@@ -57,7 +58,7 @@ class LayerAnalysis:
         return {"name": self.name, "shape": list(self.shape), "matrix_shape": list(self.matrix_shape),
                 "kind": self.kind, "module_type": self.module_type, "depth": self.depth, "method": self.method,
                 "singular_values": self.singular_values, "delta_norm": self.delta_norm,
-                "relative_change": _finite(self.relative_change), "effective_rank": m.effective_rank,
+                "relative_change": finite_or_none(self.relative_change), "effective_rank": m.effective_rank,
                 "stable_rank": m.stable_rank, "energy_rank": dict(m.energy_rank), "complete": m.complete,
                 "estimated": list(m.estimated)}
 
@@ -81,11 +82,7 @@ class Analysis:
         return {"command": "analyze", "source": self.source, "top": self.top, "summary": self.summary,
                 "groups": self.groups, "recommendation": self.recommendation, "energy_curve": self.energy_curve,
                 "layers": [layer.to_dict() for layer in self.layers], "skipped": self.skipped,
-                "not_low_rank": {k: _finite(v) for k, v in self.changed_1d.items()}, "notes": self.notes}
-
-
-def _finite(x: float | None) -> float | None:
-    return x if x is None or math.isfinite(x) else None
+                "not_low_rank": {k: finite_or_none(v) for k, v in self.changed_1d.items()}, "notes": self.notes}
 
 
 # ------------------------------------------------------------------------------------------ names

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import text_options, DEVICES, Progress, examples, warn_all, warner
+from .options import Progress, examples, force_option, quiet_option, text_options, warn_all, warner
 
 
 @click.command(short_help="Input statistics of every Linear layer (for extract --calibration).",
@@ -17,8 +17,8 @@ from .options import text_options, DEVICES, Progress, examples, warn_all, warner
 @text_options
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="The statistics file to write (.safetensors).")
-@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar, summary or warnings.")
+@force_option
+@quiet_option
 def calibrate(model, data, output, max_samples, max_length, batch_size, device, text_field, force, quiet):
     """Run MODEL (a transformers folder: the base, or the fine-tune) over the texts of --data and write, per
     distinct Linear input, X^T X summed in float64 over the real tokens (q/k/v, gate/up share one).

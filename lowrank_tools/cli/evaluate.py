@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import text_options, DEVICES, SEED, Progress, examples, warn_all, warner
+from .options import SEED, Progress, examples, text_options, warn_all, warner
 
 
 def _numbers(kind):
