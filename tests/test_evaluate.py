@@ -15,7 +15,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from lowrank_tools.adapter import Adapter  # noqa: E402
 from lowrank_tools.cli import main  # noqa: E402
-from lowrank_tools.errors import AdapterMismatch, DataError, InvalidOption, MissingExtra, UsageError  # noqa: E402
+from lowrank_tools.errors import AdapterMismatch, DataError, InvalidOption, MissingExtra, NotACheckpoint  # noqa: E402
 from lowrank_tools.evaluate import evaluate, read_texts  # noqa: E402
 from lowrank_tools.io.models import require_transformers  # noqa: E402
 from lowrank_tools.evaluate.patch import applied, plan_patch  # noqa: E402
@@ -338,11 +338,15 @@ def test_missing_extra_names_it(monkeypatch, llama):
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_diffusers_folder_is_refused(tmp_path, llama):
+def test_diffusers_folder_against_a_transformers_model_is_refused(tmp_path, llama):
     (tmp_path / "pipe").mkdir()
     (tmp_path / "pipe" / "model_index.json").write_text("{}")
-    with pytest.raises(UsageError, match="diffusers pipeline"):
+    with pytest.raises(NotACheckpoint, match="diffusers pipeline without unet/config.json"):
         evaluate(tmp_path / "pipe", llama["tuned"], [], texts=["w1 w2"], device="cpu")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    with pytest.raises(InvalidOption, match="diffusers UNet2DConditionModel but tuned .* transformers model"):
+        evaluate(tmp_path / "unet", llama["tuned"], [], texts=["w1 w2"], device="cpu")
 
 
 def test_blocks_of_positions_and_truncation_give_the_same_numbers(llama, monkeypatch):

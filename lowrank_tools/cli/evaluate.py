@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import SEED, Progress, examples, text_options, warn_all, warner
+from .options import DTYPES, SEED, Progress, examples, text_options, warn_all, warner
 
 
 def _numbers(kind):
@@ -40,33 +40,46 @@ def _curve(base, tuned, ranks, budgets, energies, *, device, seed, quiet):
 @click.command(short_help="How much of the fine-tune's behaviour adapters keep (KL, cosine).",
                epilog=examples("lowrank-tools evaluate base/ tuned/ adapter/ --data held-out.txt",
                                "lowrank-tools evaluate base/ tuned/ --data held-out.jsonl --ranks 4,8,16,32,64 --plot figs/",
-                               "lowrank-tools evaluate base/ tuned/ r8/ r16.safetensors --data texts.json --json eval.json"))
+                               "lowrank-tools evaluate base/ tuned/ r8/ r16.safetensors --data texts.json --json eval.json",
+                               "lowrank-tools evaluate sd-base/unet sd-tuned/unet --ranks 4,16,64 --max-samples 32"))
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="BASE TUNED [ADAPTER ...]")
-@text_options
+@text_options(data_required=False, data_help="Required for transformers models; not used for diffusers UNets / "
+              "transformers (seeded random latents, timesteps and conditioning).",
+              samples_help="Only the first N texts; diffusion models: N seeded draws (default 16).")
+@click.option("--dtype", "dtype_name", type=click.Choice(DTYPES), default="float32", show_default=True,
+              help="dtype the models are loaded in: bfloat16/float16 halve the memory (the measures stay float64; "
+                   "an adapter's delta added to bf16 weights loses its low digits).")
 @click.option("--ranks", callback=_numbers(int), metavar="LIST",
               help="BASE TUNED only: extract in memory and evaluate at each rank, e.g. 4,8,16,32,64.")
 @click.option("--budgets", callback=_numbers(int), metavar="LIST",
               help="BASE TUNED only: evaluate at each total parameter budget (as extract --budget).")
 @click.option("--energies", callback=_numbers(float), metavar="LIST",
               help="BASE TUNED only: evaluate at each retained-energy share (as extract --energy), e.g. 0.5,0.9.")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the in-memory extraction (curves).")
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="Seed of the in-memory extraction (curves) and of the diffusion models' random inputs.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the measures as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write one row per adapter.")
 @click.option("--plot", "plot_dir", type=click.Path(path_type=Path),
               help="Write recovered_vs_params.png into this folder (needs the .[plot] extra: matplotlib).")
 @click.option("--force", is_flag=True, help="Overwrite outputs that exist.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, table or warnings.")
-def evaluate(paths, data, max_samples, max_length, batch_size, device, text_field, ranks, budgets, energies, seed,
-             json_path, csv_path, plot_dir, force, quiet):
-    """How much of TUNED's behaviour BASE + each ADAPTER keeps, on the texts of --data.
+def evaluate(paths, data, max_samples, max_length, batch_size, device, text_field, dtype_name, ranks, budgets,
+             energies, seed, json_path, csv_path, plot_dir, force, quiet):
+    """How much of TUNED's behaviour BASE + each ADAPTER keeps, on the texts of --data (transformers models) or on
+    seeded random inputs (diffusers denoisers).
 
     Causal LMs: mean KL(tuned || model) per next-token position, kl_recovered = 1 - KL(adapter) / KL(base),
     top-1 agreement and loss. Encoders: cosine of mean-pooled last hidden states, recovered =
-    (cos(adapter) - cos(base)) / (1 - cos(base)). With --ranks / --budgets / --energies and no ADAPTER: the curve
-    adapter size -> recovered, and the smallest size reaching 90/95/99 %."""
+    (cos(adapter) - cos(base)) / (1 - cos(base)). Diffusion (a UNet2DConditionModel, FluxTransformer2DModel or
+    SD3Transformer2DModel folder, or a pipeline folder): noise_error = relative squared error of the noise
+    prediction against the tuned model's on --max-samples seeded draws, recovered = 1 - error(adapter) /
+    error(base). With --ranks / --budgets / --energies and no ADAPTER: the curve adapter size -> recovered, and the
+    smallest size reaching 90/95/99 %."""
     from ..evaluate import evaluate as run, read_texts
     from ..evaluate.output import check_evaluation_outputs, format_evaluation, write_evaluation
-    from ..io.models import require_transformers
+    import torch
+
+    from ..io.models import find_denoiser, require_diffusers, require_transformers
     from ..io.formats import load_adapter
 
     if len(paths) < 2:
@@ -75,10 +88,18 @@ def evaluate(paths, data, max_samples, max_length, batch_size, device, text_fiel
     curve = bool(ranks or budgets or energies)
     if curve == bool(adapter_paths):
         raise click.UsageError("give ADAPTER paths, or --ranks / --budgets / --energies with BASE TUNED only")
+    inputs = paths + ((data,) if data is not None else ())
     outputs = {"json_path": json_path, "csv_path": csv_path, "plot_dir": plot_dir}
-    check_evaluation_outputs(**outputs, force=force, inputs=paths + (data,))
-    require_transformers()
-    texts = read_texts(data, text_field=text_field, max_samples=max_samples)
+    check_evaluation_outputs(**outputs, force=force, inputs=inputs)
+    diffusion = find_denoiser(tuned) is not None
+    if diffusion:
+        require_diffusers()
+    else:
+        require_transformers()
+        if data is None:
+            raise click.UsageError(f"{tuned} is a transformers model: give --data TEXTS (only diffusers denoisers "
+                                   f"run without texts)")
+    texts = read_texts(data, text_field=text_field, max_samples=max_samples) if data is not None else None
     sizes = None
     if curve:
         adapters, sizes = _curve(base, tuned, ranks, budgets, energies, device=device, seed=seed, quiet=quiet)
@@ -89,8 +110,9 @@ def evaluate(paths, data, max_samples, max_length, batch_size, device, text_fiel
             warn_all(quiet, adapter.notes)
             adapters.append((str(path), adapter))
     result = run(base, tuned, adapters, texts=texts, max_length=max_length, batch_size=batch_size, device=device,
-                 sizes=sizes, progress=Progress(quiet, "evaluate"), warn=warner(quiet))
-    written = write_evaluation(result, **outputs, force=force, inputs=paths + (data,))
+                 dtype=getattr(torch, dtype_name), samples=max_samples if diffusion else None, seed=seed, sizes=sizes,
+                 progress=Progress(quiet, "evaluate"), warn=warner(quiet))
+    written = write_evaluation(result, **outputs, force=force, inputs=inputs)
     if not quiet:
         click.echo(format_evaluation(result))
         for path in written:

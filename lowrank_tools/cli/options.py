@@ -81,13 +81,17 @@ def dtype_option(f):
                         show_default=True, help="dtype of what is written (auto: that of the input).")(f)
 
 
-def text_options(f):
+def text_options(f=None, *, data_required: bool = True, data_help: str = "", samples_help: str = ""):
     """The texts a model runs on (evaluate, calibrate): --data, --max-samples, --max-length, --batch-size, --device,
-    --text-field."""
+    --text-field. ``text_options(data_required=False, ...)`` for a command that can run without texts (evaluate on
+    diffusion models), with the help texts saying when."""
+    if f is None:
+        return lambda g: text_options(g, data_required=data_required, data_help=data_help, samples_help=samples_help)
     for option in reversed((
-        click.option("--data", required=True, type=click.Path(path_type=Path),
-                     help="Texts: .txt (one per non-empty line), .jsonl (field 'text') or .json (a list of strings)."),
-        click.option("--max-samples", type=click.IntRange(min=1), help="Only the first N texts."),
+        click.option("--data", required=data_required, type=click.Path(path_type=Path),
+                     help="Texts: .txt (one per non-empty line), .jsonl (field 'text') or .json (a list of strings)."
+                     + (" " + data_help if data_help else "")),
+        click.option("--max-samples", type=click.IntRange(min=1), help=samples_help or "Only the first N texts."),
         click.option("--max-length", type=click.IntRange(min=2), default=128, show_default=True,
                      help="Tokens per text (each text is truncated on its own)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,

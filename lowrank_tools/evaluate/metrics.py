@@ -8,7 +8,12 @@ Causal LMs, per next-token position t of each text (the logits at t predict toke
 
 each averaged over every position of every text. Encoders: the last hidden state mean-pooled over the real tokens
 of each text, e = sum_t mask_t h_t / sum_t mask_t, then per text cos(e_model, e_tuned) and the relative L2 error
-||e_model - e_tuned|| / ||e_tuned||, averaged over texts. The ratios built on these (recovered) live in
+||e_model - e_tuned|| / ||e_tuned||, averaged over texts. Diffusion denoisers, over every draw d of the seeded
+inputs (:mod:`~lowrank_tools.evaluate.diffusion`), the relative squared error of the noise prediction
+
+    noise_error = sum_d ||eps_model(d) - eps_tuned(d)||^2 / sum_d ||eps_tuned(d)||^2       float64
+
+The ratios built on these (recovered) live in
 :mod:`~lowrank_tools.evaluate.run`.
 """
 
@@ -19,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["CausalTarget", "CausalSums", "EncoderTarget", "EncoderSums", "causal_target", "encoder_target"]
+__all__ = ["CausalTarget", "CausalSums", "EncoderTarget", "EncoderSums", "DiffusionSums", "causal_target",
+           "encoder_target"]
 
 
 _CHUNK_ELEMENTS = 1 << 22  # positions x vocabulary per float64 block: 32 MiB per temporary, whatever the vocabulary
@@ -113,3 +119,23 @@ class EncoderSums:
 
     def mean(self, value: float) -> float | None:
         return value / self.texts if self.texts else None
+
+
+@dataclass
+class DiffusionSums:
+    """Running sums over draws for one denoiser against the tuned one's prediction (the target, float64)."""
+
+    draws: int = 0
+    values: int = 0
+    squared_error: float = 0.0
+    target_energy: float = 0.0
+
+    def add(self, prediction: Tensor, target: Tensor) -> None:
+        diff = prediction.double() - target
+        self.squared_error += float((diff * diff).sum())
+        self.target_energy += float((target * target).sum())
+        self.draws += int(target.shape[0])
+        self.values += int(target.numel())
+
+    def error(self) -> float | None:
+        return self.squared_error / self.target_energy if self.target_energy > 0 else None

@@ -25,7 +25,7 @@ __all__ = ["PLOT_FILE", "evaluation_json", "evaluation_csv", "format_evaluation"
 
 PLOT_FILE = "recovered_vs_params.png"
 _CSV_KEYS = ("path", "params", "megabytes", "kl", "kl_recovered", "cosine", "recovered", "rel_l2_error",
-             "top1_agreement", "loss", "rank", "budget", "energy")
+             "noise_error", "top1_agreement", "loss", "rank", "budget", "energy")
 
 
 def _megabytes(params: int) -> float:
@@ -63,26 +63,41 @@ def _short(name: str, width: int) -> str:
     return name if len(name) <= width else "..." + name[-(width - 3):]
 
 
+def _cells(evaluation: Evaluation):
+    """(column heads, score -> cells) of the model kind."""
+    if evaluation.kind is ModelKind.CAUSAL:
+        return ("kl", "recovered", "top1", "loss"), lambda s: (
+            _num(s.kl, '.5g'), _num(s.kl_recovered, '.2%'), _num(s.top1_agreement, '.2%'), _num(s.loss, '.4f'))
+    if evaluation.kind is ModelKind.DIFFUSION:
+        return ("error", "recovered"), lambda s: (_num(s.noise_error, '.5g'), _num(s.recovered, '.2%'))
+    return ("cosine", "recovered", "rel_l2"), lambda s: (
+        _num(s.cosine, '.6f'), _num(s.recovered, '.2%'), _num(s.rel_l2_error, '.4g'))
+
+
+def _summary(evaluation: Evaluation) -> str:
+    if evaluation.kind is ModelKind.DIFFUSION:
+        return (f"evaluate (diffusion): {evaluation.samples} seeded draws, {evaluation.tokens:,} predicted values, "
+                f"{evaluation.wall_time_s:.2f} s")
+    tuned = f", tuned loss {evaluation.tuned_loss:.4f}" if evaluation.tuned_loss is not None else ""
+    return (f"evaluate ({evaluation.kind.value}): {evaluation.samples} texts, {evaluation.tokens} tokens{tuned}, "
+            f"{evaluation.wall_time_s:.2f} s")
+
+
 def format_evaluation(evaluation: Evaluation) -> str:
-    """One row per adapter (and the base): params, MB, KL or cosine, recovered, top-1, loss; then the levels."""
-    causal = evaluation.kind is ModelKind.CAUSAL
+    """One row per adapter (and the base): params, MB, KL / cosine / noise error, recovered, ...; then the levels."""
     rows = [evaluation.base, *evaluation.adapters]
     width = min(48, max(len(s.path) for s in rows + [Score(path="adapter", params=0)]))
-    head = ("kl", "recovered", "top1", "loss") if causal else ("cosine", "recovered", "rel_l2", "")
-    lines = [f"{'adapter':<{width}}  {'params':>12}  {'MB':>9}  " + "  ".join(f"{h:>10}" for h in head).rstrip()]
+    head, cells = _cells(evaluation)
+    lines = [f"{'adapter':<{width}}  {'params':>12}  {'MB':>9}  " + "  ".join(f"{h:>10}" for h in head)]
     for s in rows:
-        cells = ((_num(s.kl, '.5g'), _num(s.kl_recovered, '.2%'), _num(s.top1_agreement, '.2%'), _num(s.loss, '.4f'))
-                 if causal else (_num(s.cosine, '.6f'), _num(s.recovered, '.2%'), _num(s.rel_l2_error, '.4g'), ""))
         lines.append(f"{_short(s.path, width):<{width}}  {s.params:>12,}  {_megabytes(s.params):>9.2f}  "
-                     + "  ".join(f"{c:>10}" for c in cells).rstrip())
+                     + "  ".join(f"{c:>10}" for c in cells(s)))
     if len(evaluation.adapters) > 1:
         for level in LEVELS:
             found = [(series, levels[level]) for series, levels in _reached(evaluation).items()]
             lines.append(f"smallest reaching {level:.0%}: " + "; ".join(
                 f"{s.path} ({s.params:,} params)" if s else f"{series}: not reached" for series, s in found))
-    tuned = f", tuned loss {evaluation.tuned_loss:.4f}" if evaluation.tuned_loss is not None else ""
-    lines.append(f"evaluate ({evaluation.kind.value}): {evaluation.samples} texts, {evaluation.tokens} tokens{tuned}, "
-                 f"{evaluation.wall_time_s:.2f} s")
+    lines.append(_summary(evaluation))
     return "\n".join(lines)
 
 
@@ -126,8 +141,11 @@ def render_curve(evaluation: Evaluation) -> bytes:
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
     ax.set_xlabel("adapter parameters")
-    ax.set_ylabel("kl_recovered" if evaluation.kind is ModelKind.CAUSAL else "recovered (cosine)")
-    ax.set_title(f"behaviour recovered vs adapter size, circled: smallest reaching a level\n({evaluation.samples} texts, {evaluation.tokens} tokens)")
+    ax.set_ylabel({ModelKind.CAUSAL: "kl_recovered", ModelKind.ENCODER: "recovered (cosine)",
+                   ModelKind.DIFFUSION: "recovered (noise prediction)"}[evaluation.kind])
+    data = (f"{evaluation.samples} seeded draws" if evaluation.kind is ModelKind.DIFFUSION
+            else f"{evaluation.samples} texts, {evaluation.tokens} tokens")
+    ax.set_title(f"behaviour recovered vs adapter size, circled: smallest reaching a level\n({data})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     buf = io.BytesIO()

@@ -74,13 +74,16 @@ def _outside(name: str, params: dict[str, Tensor], prefix: str, skip_heads: bool
             and not any(c + ".weight" in params for c in _candidates(name, prefix)))
 
 
-def plan_patch(model: torch.nn.Module, adapter: Adapter, source: str, *, skip_heads: bool = False) -> Patch:
+def plan_patch(model: torch.nn.Module, adapter: Adapter, source: str, *, skip_heads: bool = False,
+               prefix: str | None = None) -> Patch:
     """Check every module against ``model`` (name, shape, finite factors) before anything is changed.
 
-    ``skip_heads`` (encoders loaded with ``AutoModel``): modules outside the base model's prefix that it lacks
-    are listed in ``Patch.outside`` instead of raising."""
+    ``skip_heads`` (encoders loaded with ``AutoModel``, a pipeline's denoiser): modules outside the prefix that the
+    model lacks are listed in ``Patch.outside`` instead of raising. ``prefix``: the name the model's modules may
+    carry in the adapter (default: the model's ``base_model_prefix``; ``unet`` / ``transformer`` for a denoiser,
+    whose pipeline adapters name ``unet.<module>`` beside ``text_encoder.<module>``)."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    prefix = getattr(model, "base_model_prefix", "") or ""
+    prefix = (getattr(model, "base_model_prefix", "") if prefix is None else prefix) or ""
     patch = Patch(source=source)
     for name, m in adapter.modules.items():
         if _outside(name, params, prefix, skip_heads):

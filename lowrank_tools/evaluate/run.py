@@ -1,4 +1,5 @@
-"""evaluate: how much of a fine-tune's behaviour base + adapter keeps, measured on texts.
+"""evaluate: how much of a fine-tune's behaviour base + adapter keeps, measured on texts (or, for diffusers
+denoisers, on seeded random inputs).
 
 Protocol. Every text is tokenized on its own (the tuned model's tokenizer, else the base's), truncated to
 ``max_length`` tokens and batched with right padding that never enters a measure. Per batch, the tuned model
@@ -9,6 +10,8 @@ adapters. The sums of :mod:`~lowrank_tools.evaluate.metrics` give per model (bas
     causal:   kl = mean KL(tuned || model),  kl_recovered = 1 - kl / base_kl,  top1_agreement,  loss
     encoder:  cosine = mean cos(e_model, e_tuned),  recovered = (cosine - base_cosine) / (1 - base_cosine),
               rel_l2_error
+    diffusion: noise_error = sum ||eps_model - eps_tuned||^2 / sum ||eps_tuned||^2 over the seeded draws of
+              :mod:`~lowrank_tools.evaluate.diffusion`,  recovered = 1 - noise_error / base_noise_error
 
 A ratio whose denominator is 0 (base_kl == 0: base and tuned agree on these texts) is ``None`` (JSON null).
 """
@@ -24,14 +27,18 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..adapter import Adapter
-from ..errors import DataError, InvalidOption
+from ..errors import DataError, InvalidOption, UsageError
 from ..linalg.svd import resolve_device
 from ..report import Progress, Warn
-from .metrics import CausalSums, EncoderSums, causal_target, encoder_target
-from ..io.models import ModelKind, load_model, load_tokenizer, model_kind, padded_batches, token_ids
+from ..io.models import (Denoiser, ModelKind, find_denoiser, load_denoiser, load_model, load_tokenizer, model_kind,
+                         padded_batches, token_ids)
+from .diffusion import check_denoiser, denoiser_batches, predict
+from .metrics import CausalSums, DiffusionSums, EncoderSums, causal_target, encoder_target
 from .patch import applied, plan_patch
 
-__all__ = ["Score", "Evaluation", "evaluate"]
+__all__ = ["DEFAULT_DRAWS", "Score", "Evaluation", "evaluate"]
+
+DEFAULT_DRAWS = 16  # diffusion: seeded input draws when --max-samples is not given
 
 
 @dataclass
@@ -45,6 +52,7 @@ class Score:
     cosine: float | None = None
     recovered: float | None = None
     rel_l2_error: float | None = None
+    noise_error: float | None = None
     top1_agreement: float | None = None
     loss: float | None = None
     size: dict = field(default_factory=dict)  # {"rank": r} or {"budget": n} for a --ranks / --budgets curve point
@@ -76,6 +84,7 @@ class Evaluation:
         return {"kind": self.kind.value, "samples": self.samples, "tokens": self.tokens, "tuned_loss": self.tuned_loss,
                 "base_loss": self.base.loss, "base_kl": self.base.kl, "base_cosine": self.base.cosine,
                 "base_top1_agreement": self.base.top1_agreement, "base_rel_l2_error": self.base.rel_l2_error,
+                "base_noise_error": self.base.noise_error,
                 "skipped_samples": self.skipped, "wall_time_s": self.wall_time_s,
                 "adapters": [s.to_dict() for s in self.adapters]}
 
@@ -97,6 +106,10 @@ def _check_options(max_length: int, batch_size: int) -> None:
 
 
 def _score(label: str, params: int, kind: ModelKind, sums, base_sums=None) -> Score:
+    if kind is ModelKind.DIFFUSION:
+        err, base_err = sums.error(), base_sums.error() if base_sums is not None else None
+        rec = _ratio(base_err - err, base_err) if err is not None and base_err is not None else None
+        return Score(path=label, params=params, noise_error=err, recovered=rec)
     if kind is ModelKind.CAUSAL:
         kl = sums.mean(sums.kl)
         rec = _ratio(base_sums.kl - sums.kl, base_sums.kl) if base_sums is not None else None
@@ -128,54 +141,110 @@ def _prepare(base, tuned, texts, max_length: int, warn: Warn | None):
     return kind, ids, skipped, pad
 
 
-def _measure(kind, tuned_model, base_model, patches, batches, total, progress):
-    """Per batch: the tuned model once (the target), the base, then base + each adapter; sums of each."""
-    new_sums = CausalSums if kind is ModelKind.CAUSAL else EncoderSums
+def _measure(forward, target_of, new_sums, tuned_model, base_model, patches, batches, total, progress):
+    """Per batch: the tuned model once (the target), the base, then base + each adapter; sums of each.
+    ``forward(model, batch)`` runs a model, ``target_of(output, batch)`` makes the tuned output a target."""
     tuned_sums, base_sums, sums = new_sums(), new_sums(), [new_sums() for _ in patches]
-    for done, (input_ids, mask) in enumerate(batches):
+    for done, batch in enumerate(batches):
         if progress:
             progress(done, total, f"batch {done + 1}")
-        out = _forward(tuned_model, kind, input_ids, mask)
-        target = causal_target(out, input_ids, mask) if kind is ModelKind.CAUSAL else encoder_target(out, mask)
+        out = forward(tuned_model, batch)
+        target = target_of(out, batch)
         tuned_sums.add(out, target)
         del out
-        base_sums.add(_forward(base_model, kind, input_ids, mask), target)
+        base_sums.add(forward(base_model, batch), target)
         for patch, s in zip(patches, sums):
             with applied(base_model, patch):
-                s.add(_forward(base_model, kind, input_ids, mask), target)
+                s.add(forward(base_model, batch), target)
     if progress:
         progress(total, total, "")
     return tuned_sums, base_sums, sums
 
 
+def _plans(model, adapters, *, skip_heads: bool, prefix: str | None, what: str, warn: Warn | None) -> list:
+    """Every adapter checked against the model before any work; modules it has not are warned about once each."""
+    patches = [plan_patch(model, adapter, label, skip_heads=skip_heads, prefix=prefix) for label, adapter in adapters]
+    for patch in patches:
+        if patch.outside and warn:
+            warn(f"{patch.source}: {len(patch.outside)} module(s) outside the {what} are left out (e.g. "
+                 f"{patch.outside[0]}): they cannot change its outputs")
+    return patches
+
+
+def _scores(label_params, kind, base_sums, sums, sizes) -> tuple[Score, list[Score]]:
+    base_score = _score("base", 0, kind, base_sums, None)
+    scores = [_score(label, params, kind, s, base_sums) for (label, params), s in zip(label_params, sums)]
+    for score, size in zip(scores, sizes or []):
+        score.size = dict(size)
+    return base_score, scores
+
+
+def _denoisers(base, tuned) -> Denoiser | None:
+    """The tuned model's denoiser when both models are diffusers denoisers of one class; None when neither is."""
+    b, t = find_denoiser(base), find_denoiser(tuned)
+    if b is None and t is None:
+        return None
+    if b is None or t is None or b.class_name != t.class_name:
+        what = lambda d: f"a diffusers {d.class_name}" if d else "a transformers model"  # noqa: E731
+        raise InvalidOption(f"base {base} is {what(b)} but tuned {tuned} is {what(t)}: give the base the fine-tune "
+                            f"started from")
+    check_denoiser(t)
+    return t
+
+
+def _evaluate_denoisers(denoiser, base, tuned, adapters, *, samples, batch_size, seed, dev, dtype, sizes, progress,
+                        warn, start) -> Evaluation:
+    """The diffusion protocol of :mod:`~lowrank_tools.evaluate.diffusion`, noise predictions against the tuned's."""
+    tuned_model = load_denoiser(denoiser, dev, dtype)
+    base_model = load_denoiser(find_denoiser(base), dev, dtype)
+    patches = _plans(base_model, adapters, skip_heads=True, prefix=denoiser.component, what=denoiser.class_name,
+                     warn=warn)
+    batches = denoiser_batches(denoiser, samples, batch_size, seed, dev, dtype)
+    _, base_sums, sums = _measure(predict, lambda out, batch: out.double(), DiffusionSums, tuned_model, base_model,
+                                  patches, batches, math.ceil(samples / batch_size), progress)
+    base_score, scores = _scores([(label, a.params) for label, a in adapters], ModelKind.DIFFUSION, base_sums, sums,
+                                 sizes)
+    return Evaluation(kind=ModelKind.DIFFUSION, samples=base_sums.draws, tokens=base_sums.values, base=base_score,
+                      tuned_loss=None, adapters=scores, wall_time_s=time.perf_counter() - start)
+
+
 @torch.no_grad()
 def evaluate(base: str | os.PathLike, tuned: str | os.PathLike, adapters: Sequence[tuple[str, Adapter]], *,
-             texts: Sequence[str], max_length: int = 128, batch_size: int = 8, device: str | torch.device = "auto",
-             sizes: Sequence[dict] | None = None, progress: Progress | None = None,
+             texts: Sequence[str] | None = None, max_length: int = 128, batch_size: int = 8,
+             device: str | torch.device = "auto", dtype: torch.dtype = torch.float32, samples: int | None = None,
+             seed: int = 0, sizes: Sequence[dict] | None = None, progress: Progress | None = None,
              warn: Warn | None = None) -> Evaluation:
-    """Measure base and each ``(label, adapter)`` against the tuned model on ``texts`` (see the module doc).
+    """Measure base and each ``(label, adapter)`` against the tuned model (see the module doc): on ``texts`` for
+    transformers models, on ``samples`` seeded draws (default 16) for diffusers denoisers (``texts`` unused).
 
-    ``sizes``: per adapter ``{"rank": r}`` / ``{"budget": n}`` recorded with its score (a curve)."""
+    ``dtype``: of the loaded weights (the measures are float64 whatever it is). ``sizes``: per adapter
+    ``{"rank": r}`` / ``{"budget": n}`` recorded with its score (a curve)."""
     _check_options(max_length, batch_size)
     start = time.perf_counter()
     dev = resolve_device(device)
+    denoiser = _denoisers(base, tuned)
+    if denoiser is not None:
+        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+            raise InvalidOption(f"--max-samples {samples!r} must be a whole number of 1 or more")
+        return _evaluate_denoisers(denoiser, base, tuned, adapters, samples=samples or DEFAULT_DRAWS,
+                                   batch_size=batch_size, seed=seed, dev=dev, dtype=dtype, sizes=sizes,
+                                   progress=progress, warn=warn, start=start)
+    if texts is None:
+        raise UsageError(f"evaluate on transformers models ({tuned}) needs texts: give --data TEXTS")
     kind, ids, skipped, pad = _prepare(base, tuned, texts, max_length, warn)
-    tuned_model = load_model(tuned, kind, dev)
-    base_model = load_model(base, kind, dev)
-    patches = [plan_patch(base_model, adapter, label, skip_heads=kind is ModelKind.ENCODER)
-               for label, adapter in adapters]  # every check before any work
-    for patch in patches:
-        if patch.outside and warn:
-            warn(f"{patch.source}: {len(patch.outside)} module(s) of a head the {kind.value} model has not are "
-                 f"left out (e.g. {patch.outside[0]}): they cannot change its hidden states")
-    tuned_sums, base_sums, sums = _measure(kind, tuned_model, base_model, patches,
+    tuned_model = load_model(tuned, kind, dev, dtype)
+    base_model = load_model(base, kind, dev, dtype)
+    patches = _plans(base_model, adapters, skip_heads=kind is ModelKind.ENCODER, prefix=None,
+                     what=f"{kind.value} model", warn=warn)
+    causal = kind is ModelKind.CAUSAL
+    target_of = ((lambda out, b: causal_target(out, b[0], b[1])) if causal
+                 else (lambda out, b: encoder_target(out, b[1])))
+    tuned_sums, base_sums, sums = _measure(lambda m, b: _forward(m, kind, *b), target_of,
+                                           CausalSums if causal else EncoderSums, tuned_model, base_model, patches,
                                            padded_batches(ids, batch_size, pad, dev), math.ceil(len(ids) / batch_size),
                                            progress)
-    base_score = _score("base", 0, kind, base_sums)
-    scores = [_score(label, adapter.params, kind, s, base_sums) for (label, adapter), s in zip(adapters, sums)]
-    for score, size in zip(scores, sizes or []):
-        score.size = dict(size)
-    tuned_loss = tuned_sums.mean(tuned_sums.nll) if kind is ModelKind.CAUSAL else None
-    tokens = tuned_sums.positions if kind is ModelKind.CAUSAL else sum(len(x) for x in ids)
+    base_score, scores = _scores([(label, a.params) for label, a in adapters], kind, base_sums, sums, sizes)
+    tuned_loss = tuned_sums.mean(tuned_sums.nll) if causal else None
+    tokens = tuned_sums.positions if causal else sum(len(x) for x in ids)
     return Evaluation(kind=kind, samples=len(ids), tokens=tokens, base=base_score, tuned_loss=tuned_loss,
                       adapters=scores, skipped=skipped, wall_time_s=time.perf_counter() - start)

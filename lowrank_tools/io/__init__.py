@@ -50,7 +50,8 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .model_folder import config_files, rename_stem
     from .consumer_keys import Consumer, Role, split_key, key_accepted, ROLES, KOHYA_LIKE_PREFIXES
     from .calibration import FORMAT_KEY, InputStats, CalibrationStats, read_calibration, write_calibration
-    from .models import (ModelKind, require_transformers, model_kind, load_model, load_tokenizer, token_ids, padded_batches)
+    from .models import (ModelKind, require_transformers, model_kind, load_model, load_tokenizer, token_ids, padded_batches,
+                         Denoiser, find_denoiser, require_diffusers, load_denoiser)
 
 from .prefetch import prefetch  # bound now: named like its module, or needed at once
 
@@ -93,7 +94,7 @@ _EXPORTS = {name: module for module, names in {
     ".consumer_keys": ("Consumer", "Role", "split_key", "key_accepted", "ROLES", "KOHYA_LIKE_PREFIXES",),
     ".calibration": ("FORMAT_KEY", "InputStats", "CalibrationStats", "read_calibration", "write_calibration",),
     ".models": ("ModelKind", "require_transformers", "model_kind", "load_model", "load_tokenizer", "token_ids",
-              "padded_batches",),
+              "padded_batches", "Denoiser", "find_denoiser", "require_diffusers", "load_denoiser"),
 }.items() for name in names}
 
 __all__ = [*_EXPORTS, "prefetch"]
