@@ -1,4 +1,4 @@
-"""evaluate on diffusers denoisers: tiny UNet2DConditionModel and FluxTransformer2DModel pairs whose tuned model is
+"""evaluate on diffusers denoisers: tiny UNet2DConditionModel, FluxTransformer2DModel and SD3Transformer2DModel pairs whose tuned model is
 the base plus planted rank-4 deltas (singular values 1, 1/2, 1/4, 1/8 of a share of each weight's norm), so the
 answers are known: the rank-4 extraction is the exact delta (recovered 1), the empty adapter recovers 0, and the
 truncations lie in between, increasing with the rank."""
@@ -37,6 +37,13 @@ def tiny_flux():
     return diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                             pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+
+
+def tiny_sd3():
+    torch.manual_seed(0)
+    return diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                           num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
+                                           pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)
 
 
 @torch.no_grad()
@@ -80,7 +87,12 @@ def _curve(pair, **options):
                     device="cpu", **{"samples": 3, "batch_size": 2, **options})
 
 
-@pytest.mark.parametrize("name", ["unet", "flux"])
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    return _pair(tmp_path_factory.mktemp("eval_sd3"), tiny_sd3, "transformer")
+
+
+@pytest.mark.parametrize("name", ["unet", "flux", "sd3"])
 def test_full_rank_recovers_one_empty_zero_truncations_between_and_monotone(name, request):
     pair = request.getfixturevalue(name)
     ev = _curve(pair)
@@ -90,7 +102,7 @@ def test_full_rank_recovers_one_empty_zero_truncations_between_and_monotone(name
     assert empty.recovered == 0.0 and empty.noise_error == ev.base.noise_error and empty.params == 0
     assert 0.0 < r1.recovered < r2.recovered < r4.recovered
     assert r1.params < r2.params < r4.params
-    assert ev.tokens == 3 * {"unet": 4 * 8 * 8, "flux": 32 * 32 * 4}[name]  # predicted values
+    assert ev.tokens == 3 * {"unet": 4 * 8 * 8, "flux": 32 * 32 * 4, "sd3": 4 * 8 * 8}[name]  # predicted values
 
 
 def test_draws_do_not_depend_on_the_batch_size_and_follow_the_seed(unet):
