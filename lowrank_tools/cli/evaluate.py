@@ -22,18 +22,25 @@ def _numbers(kind):
     return parse
 
 
-def _curve(base, tuned, ranks, budgets, energies, *, device, seed, quiet):
-    """One in-memory extraction at the largest size asked, truncated to every point (see evaluate.curve)."""
-    from ..evaluate.curve import curve_adapters
+def _curve(base, tuned, ranks, budgets, energies, *, dora, device, seed, quiet):
+    """One in-memory extraction at the largest size asked, truncated to every point (see evaluate.curve); with
+    ``dora`` a DoRA twin of every point, and LoRA at rank r + 1 beside each DoRA rank r (about equal parameters)."""
+    from ..evaluate.curve import curve_adapters, dora_twins
+    from ..extract.extras import with_magnitudes
     from ..extract.streaming import extract
     from ..linalg.svd import RankRule
 
+    dora_ranks = ranks if dora else ()
+    ranks = tuple(sorted({*ranks, *(r + 1 for r in dora_ranks)}))
     cap = max([*ranks, *([256] if budgets or energies else [])])
     result = extract(base, tuned, rule=RankRule(rank=cap), dtype=None, device=device,
                      seed=seed, progress=Progress(quiet, "extract"), warn=warner(quiet))
     if not result.adapter.modules:
         raise click.ClickException(f"no layer of {tuned} differs from {base} in a way a LoRA can hold: no curve")
     points = curve_adapters(result.adapter, ranks=ranks, budgets=budgets, energies=energies, warn=warner(quiet))
+    if dora:
+        asked = [p for p in points if p[2].get("rank") in dora_ranks or "rank" not in p[2]]
+        points += dora_twins(asked, with_magnitudes(result.adapter, tuned))
     return [(label, adapter) for label, adapter, _ in points], [size for _, _, size in points]
 
 
@@ -55,6 +62,9 @@ def _curve(base, tuned, ranks, budgets, energies, *, device, seed, quiet):
               help="BASE TUNED only: evaluate at each total parameter budget (as extract --budget).")
 @click.option("--energies", callback=_numbers(float), metavar="LIST",
               help="BASE TUNED only: evaluate at each retained-energy share (as extract --energy), e.g. 0.5,0.9.")
+@click.option("--dora", is_flag=True,
+              help="With --ranks / --budgets / --energies: also DoRA at each size (extract --dora: m = ||W'||_row), "
+                   "and rank r DoRA against rank r + 1 LoRA (about equal parameters).")
 @click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the in-memory extraction (curves) and of the diffusion models' random inputs.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the measures as JSON.")
@@ -64,7 +74,7 @@ def _curve(base, tuned, ranks, budgets, energies, *, device, seed, quiet):
 @click.option("--force", is_flag=True, help="Overwrite outputs that exist.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, table or warnings.")
 def evaluate(paths, data, max_samples, max_length, batch_size, device, text_field, dtype_name, ranks, budgets,
-             energies, seed, json_path, csv_path, plot_dir, force, quiet):
+             energies, dora, seed, json_path, csv_path, plot_dir, force, quiet):
     """How much of TUNED's behaviour BASE + each ADAPTER keeps, on the texts of --data (transformers models) or on
     seeded random inputs (diffusers denoisers).
 
@@ -88,6 +98,9 @@ def evaluate(paths, data, max_samples, max_length, batch_size, device, text_fiel
     curve = bool(ranks or budgets or energies)
     if curve == bool(adapter_paths):
         raise click.UsageError("give ADAPTER paths, or --ranks / --budgets / --energies with BASE TUNED only")
+    if dora and not curve:
+        raise click.UsageError("--dora makes DoRA twins of a curve's points: give --ranks / --budgets / --energies "
+                               "(an ADAPTER file that is DoRA is evaluated as DoRA already)")
     inputs = paths + ((data,) if data is not None else ())
     outputs = {"json_path": json_path, "csv_path": csv_path, "plot_dir": plot_dir}
     check_evaluation_outputs(**outputs, force=force, inputs=inputs)
@@ -102,7 +115,8 @@ def evaluate(paths, data, max_samples, max_length, batch_size, device, text_fiel
     texts = read_texts(data, text_field=text_field, max_samples=max_samples) if data is not None else None
     sizes = None
     if curve:
-        adapters, sizes = _curve(base, tuned, ranks, budgets, energies, device=device, seed=seed, quiet=quiet)
+        adapters, sizes = _curve(base, tuned, ranks, budgets, energies, dora=dora, device=device, seed=seed,
+                                 quiet=quiet)
     else:
         adapters = []
         for path in adapter_paths:

@@ -13,6 +13,7 @@ kept every singular value).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -23,7 +24,7 @@ from ..refactor import refactor_modules
 from ..report import Warn
 from .run import Score
 
-__all__ = ["LEVELS", "curve_adapters", "smallest_reaching"]
+__all__ = ["LEVELS", "curve_adapters", "dora_twins", "smallest_reaching"]
 
 LEVELS = (0.9, 0.95, 0.99)
 
@@ -58,6 +59,21 @@ def curve_adapters(adapter: Adapter, *, ranks: Sequence[int] = (), budgets: Sequ
         points.append((f"energy {f:g}", _truncated(adapter, rule=RankRule(energy=f), device=device, warn=warn),
                        {"energy": f}))
     return points
+
+
+def dora_twins(points: Sequence[tuple[str, Adapter, dict]], dora: Adapter) -> list[tuple[str, Adapter, dict]]:
+    """Per curve point, its DoRA twin: the same factors with the magnitudes of ``dora`` (extract --dora's
+    ``m = ||W'||_row``, per module name; modules without one stay LoRA). Labels ``dora <label>``, sizes
+    ``{"dora_rank": r}`` / ``{"dora_budget": n}`` / ``{"dora_energy": f}`` (a series of their own)."""
+    twins = []
+    for label, adapter, size in points:
+        modules = {}
+        for name, m in adapter.modules.items():
+            d = dora.modules.get(name)
+            modules[name] = m if d is None or d.magnitude is None else replace(m, magnitude=d.magnitude,
+                                                                             dora_axis=d.dora_axis)
+        twins.append((f"dora {label}", replace(adapter, modules=modules), {f"dora_{k}": v for k, v in size.items()}))
+    return twins
 
 
 def smallest_reaching(scores: Sequence[Score], levels: Sequence[float] = LEVELS) -> dict[float, Score | None]:

@@ -20,12 +20,17 @@ from .curve import LEVELS, smallest_reaching
 from ..io.models import ModelKind
 from .run import Evaluation, Score
 
-__all__ = ["PLOT_FILE", "evaluation_json", "evaluation_csv", "format_evaluation", "check_evaluation_outputs",
+__all__ = ["PLOT_FILE", "dora_comparison", "evaluation_json", "evaluation_csv", "format_evaluation", "check_evaluation_outputs",
            "write_evaluation"]
 
 PLOT_FILE = "recovered_vs_params.png"
 _CSV_KEYS = ("path", "params", "megabytes", "kl", "kl_recovered", "cosine", "recovered", "rel_l2_error",
-             "noise_error", "top1_agreement", "loss", "rank", "budget", "energy")
+             "noise_error", "top1_agreement", "loss", "rank", "budget", "energy", "dora_rank", "dora_budget",
+             "dora_energy")
+
+
+_SERIES_LABELS = {"rank": "uniform rank", "budget": "--budget", "energy": "--energy", "dora_rank": "DoRA, uniform rank",
+                  "dora_budget": "DoRA, --budget", "dora_energy": "DoRA, --energy"}
 
 
 def _megabytes(params: int) -> float:
@@ -36,6 +41,9 @@ def evaluation_json(evaluation: Evaluation) -> str:
     data = evaluation.to_dict()
     data["reached"] = {series: {f"{level:g}": (s.path if s else None) for level, s in levels.items()}
                        for series, levels in _reached(evaluation).items()}
+    comparison = dora_comparison(evaluation)
+    if comparison:
+        data["dora_vs_lora"] = comparison
     return json.dumps(data, indent=2, allow_nan=False) + "\n"
 
 
@@ -48,6 +56,30 @@ def evaluation_csv(evaluation: Evaluation) -> str:
         row = {**s.to_dict(), **s.size, "megabytes": _megabytes(s.params)}
         writer.writerow(["" if row.get(k) is None else row[k] for k in _CSV_KEYS])
     return out.getvalue()
+
+
+def dora_comparison(evaluation: Evaluation) -> list[dict]:
+    """Per DoRA rank r of a ``--dora`` curve: its recovered share beside LoRA's at rank r (the same factors) and at
+    rank r + 1 (about the same parameters: DoRA adds one magnitude per output row, a rank adds out + in)."""
+    lora = {s.size["rank"]: s for s in evaluation.adapters if "rank" in s.size}
+    rows = []
+    for s in evaluation.adapters:
+        r = s.size.get("dora_rank")
+        if r is None:
+            continue
+        same, more = lora.get(r), lora.get(r + 1)
+        rows.append({"rank": r, "dora_params": s.params, "dora_recovered": s.behaviour_recovered,
+                     "lora_recovered": same.behaviour_recovered if same else None,
+                     "lora_next_params": more.params if more else None,
+                     "lora_next_recovered": more.behaviour_recovered if more else None})
+    return rows
+
+
+def _comparison_lines(evaluation: Evaluation) -> list[str]:
+    return [f"DoRA rank {row['rank']} ({row['dora_params']:,} params) {_num(row['dora_recovered'], '.2%')} vs LoRA "
+            f"rank {row['rank']} {_num(row['lora_recovered'], '.2%')}, LoRA rank {row['rank'] + 1} "
+            f"({_num(row['lora_next_params'], ',')} params) {_num(row['lora_next_recovered'], '.2%')}"
+            for row in dora_comparison(evaluation)]
 
 
 def _reached(evaluation: Evaluation) -> dict[str, dict[float, Score | None]]:
@@ -97,6 +129,7 @@ def format_evaluation(evaluation: Evaluation) -> str:
             found = [(series, levels[level]) for series, levels in _reached(evaluation).items()]
             lines.append(f"smallest reaching {level:.0%}: " + "; ".join(
                 f"{s.path} ({s.params:,} params)" if s else f"{series}: not reached" for series, s in found))
+    lines += _comparison_lines(evaluation)
     lines.append(_summary(evaluation))
     return "\n".join(lines)
 
@@ -130,7 +163,7 @@ def render_curve(evaluation: Evaluation) -> bytes:
     reached = _reached(evaluation)
     for key, scores in _series(evaluation).items():
         line, = ax.plot([s.params for s in scores], [s.behaviour_recovered for s in scores], marker="o",
-                        label={"rank": "uniform rank", "budget": "--budget", "energy": "--energy"}.get(key, key))
+                        label=_SERIES_LABELS.get(key, key), linestyle="--" if key.startswith("dora_") else "-")
         marks = {id(s): s for s in reached[key].values() if s is not None}.values()  # the smallest reaching a level
         ax.scatter([s.params for s in marks], [s.behaviour_recovered for s in marks], s=160, facecolors="none",
                    edgecolors=line.get_color(), linewidths=1.5, zorder=3)

@@ -8,7 +8,9 @@ exactly. Memory: the copies of the touched weights and one dense delta at a time
 Names: an adapter module ``model.layers.0.self_attn.q_proj`` adapts parameter ``<name>.weight``; the model's
 ``base_model_prefix`` may be present on one side only (a ``bert.`` checkpoint loaded as ``BertModel``). Tied
 parameters (an ``lm_head`` sharing the embedding) get the delta once when the adapter carries the same product
-on both sides (extract writes a tie so), else both (as ``apply`` and PEFT's ``merge_and_unload`` do).
+on both sides (extract writes a tie so), else both (as ``apply`` and PEFT's ``merge_and_unload`` do). A DoRA module
+(with a magnitude m) makes the weight ``m (W0 + delta) / ||W0 + delta||`` per output row (or input channel) after
+the deltas are summed in float32, as ``apply`` does (:func:`~lowrank_tools.linalg.structured.dora_rescale_`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor
 
 from ..adapter import Adapter, LoraModule, ModuleKind
 from ..errors import AdapterMismatch, NonFiniteWeight
+from ..linalg.structured import dora_rescale_
 
 __all__ = ["Patch", "plan_patch", "applied"]
 
@@ -97,6 +100,7 @@ def plan_patch(model: torch.nn.Module, adapter: Adapter, source: str, *, skip_he
         if not (torch.isfinite(m.B).all() and torch.isfinite(m.A).all()):
             raise NonFiniteWeight(f"{source}: module {name} holds NaN/Inf factors: repair or re-export the adapter")
         patch.terms.setdefault(target, []).append((name, m))
+        _check_dora(patch.terms[target], target, source)
     for tensor, t in adapter.full_tensors.items():
         base_name, _, leaf = tensor.rpartition(".")
         if _outside(base_name, params, prefix, skip_heads):
@@ -108,6 +112,16 @@ def plan_patch(model: torch.nn.Module, adapter: Adapter, source: str, *, skip_he
                                   f"is {tuple(params[target].shape)}: the adapter was made for another model")
         patch.whole[target] = t
     return patch
+
+
+def _check_dora(terms: list[tuple[str, LoraModule]], target: str, source: str) -> None:
+    dora = [name for name, m in terms if m.magnitude is not None]
+    if len(dora) > 1:
+        raise AdapterMismatch(f"{source}: parameter {target} gets DoRA modules {dora[0]} and {dora[1]}: two magnitudes "
+                              f"for one weight are not defined; keep one of them")
+    if any(m.magnitude is not None and m.kind is ModuleKind.EMBEDDING for _, m in terms):
+        raise AdapterMismatch(f"{source}: embedding {dora[0]} carries a DoRA magnitude, which is not defined on "
+                              f"embeddings: convert it to LoRA (convert --dora lora --base BASE)")
 
 
 def _shared(params: dict[str, Tensor], names) -> dict[str, list[str]]:
@@ -133,6 +147,17 @@ def _delta(terms: list[tuple[str, LoraModule]], param: Tensor) -> Tensor:
     return total
 
 
+def _add(param: Tensor, terms: list[tuple[str, LoraModule]]) -> None:
+    """``param += delta``; with a DoRA module, ``param = m (param + delta) / ||param + delta||`` (float32 work)."""
+    delta = _delta(terms, param)
+    dora = next((m for _, m in terms if m.magnitude is not None), None)
+    if dora is None:
+        param.add_(delta.to(param.dtype))
+        return
+    work = (param.float() + delta).reshape(param.shape[0], -1)  # (out, in_flat)
+    param.copy_(dora_rescale_(work, dora.magnitude, dora.dora_axis).reshape(param.shape).to(param.dtype))
+
+
 @contextmanager
 @torch.no_grad()
 def applied(model: torch.nn.Module, patch: Patch) -> Iterator[None]:
@@ -150,7 +175,7 @@ def applied(model: torch.nn.Module, patch: Patch) -> Iterator[None]:
                 param.copy_(whole.to(param.device, param.dtype))
             terms = [t for n in names for t in patch.terms.get(n, [])]
             if terms:
-                param.add_(_delta(terms, param).to(param.dtype))
+                _add(param, terms)
         yield
     finally:
         for first, copy in saved.items():
