@@ -12,6 +12,8 @@ not a planted delta. heldout.txt holds task-B texts never trained on. The encode
     lowrank-tools evaluate OUT/causal/base OUT/causal/tuned --data OUT/causal/heldout.txt \\
         --ranks 1,2,4,8,16,32,64 --budgets 5000,10000,20000,40000,80000,160000 --energies 0.5,0.8,0.9,0.95,0.99 \\
         --json OUT/causal.json --plot OUT/causal-plots
+    lowrank-tools evaluate OUT/causal/base OUT/causal/tuned --data OUT/causal/heldout.txt \\
+        --ranks 1,2,4,8,16,32 --dora --batch-size 16 --device cpu --json OUT/dora.json   # DoRA r vs LoRA r, r + 1
 """
 
 from __future__ import annotations
