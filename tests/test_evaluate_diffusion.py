@@ -1,5 +1,5 @@
-"""evaluate on diffusers denoisers: tiny UNet2DConditionModel, FluxTransformer2DModel and SD3Transformer2DModel pairs whose tuned model is
-the base plus planted rank-4 deltas (singular values 1, 1/2, 1/4, 1/8 of a share of each weight's norm), so the
+"""evaluate on diffusers denoisers: tiny UNet2DConditionModel, FluxTransformer2DModel and SD3Transformer2DModel
+pairs whose tuned model is the base plus planted rank-4 deltas (singular values 1, 1/2, 1/4, 1/8 of a share of each weight's norm), so the
 answers are known: the rank-4 extraction is the exact delta (recovered 1), the empty adapter recovers 0, and the
 truncations lie in between, increasing with the rank."""
 
@@ -41,8 +41,8 @@ def tiny_flux():
 
 def tiny_sd3():
     torch.manual_seed(0)
-    return diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
-                                           num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
+    return diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
+                                           attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
                                            pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)
 
 
@@ -183,3 +183,30 @@ def test_cli_text_model_without_data_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "llm"), str(tmp_path / "llm"), "--ranks", "2"])
     assert result.exit_code == 2 and "give --data TEXTS" in result.output
     assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
+
+
+def test_cli_data_given_for_a_denoiser_is_named_unused(unet, tmp_path):
+    (tmp_path / "texts.txt").write_text("a b c\n")
+    result = CliRunner().invoke(main, ["evaluate", str(unet["base"]), str(unet["tuned"]), "--ranks", "4", "--data",
+                                       str(tmp_path / "texts.txt"), "--max-samples", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "texts.txt is not used" in result.output and "1 seeded draws" in result.output
+
+
+def test_sdxl_conditioning_fits_the_model(tmp_path):
+    """SDXL's added_cond_kwargs (text_embeds, time_ids) are shaped from the config: the model runs on them."""
+    from lowrank_tools.evaluate.diffusion import denoiser_batches, predict
+
+    torch.manual_seed(0)
+    model = diffusers.UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=4 * 6 + 12)
+    model.save_pretrained(tmp_path / "sdxl")
+    denoiser = find_denoiser(tmp_path / "sdxl")
+    batch = next(denoiser_batches(denoiser, 3, 3, 0, torch.device("cpu"), torch.float32))
+    assert batch["added_cond_kwargs"]["text_embeds"].shape == (3, 12)
+    assert batch["added_cond_kwargs"]["time_ids"].tolist() == [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 3
+    with torch.no_grad():
+        assert predict(model.eval(), batch).shape == (3, 4, 8, 8)

@@ -44,10 +44,28 @@ def _curve(base, tuned, ranks, budgets, energies, *, dora, device, seed, quiet):
     return [(label, adapter) for label, adapter, _ in points], [size for _, _, size in points]
 
 
-@click.command(short_help="How much of the fine-tune's behaviour adapters keep (KL, cosine).",
-               epilog=examples("lowrank-tools evaluate base/ tuned/ adapter/ --data held-out.txt",
-                               "lowrank-tools evaluate base/ tuned/ --data held-out.jsonl --ranks 4,8,16,32,64 --plot figs/",
-                               "lowrank-tools evaluate base/ tuned/ r8/ r16.safetensors --data texts.json --json eval.json",
+def _texts(tuned, data, text_field, max_samples, quiet):
+    """(texts or None, whether TUNED is a diffusers denoiser): the extra each kind needs is checked, --data is
+    required for transformers models and named unused for denoisers."""
+    from ..evaluate import read_texts
+    from ..io.models import find_denoiser, require_diffusers, require_transformers
+
+    if find_denoiser(tuned) is not None:
+        require_diffusers()
+        if data is not None:
+            warn_all(quiet, [f"--data {data} is not used: {tuned} is a diffusers denoiser, measured on seeded random "
+                             f"inputs (--max-samples draws, --seed)"])
+        return None, True
+    require_transformers()
+    if data is None:
+        raise click.UsageError(f"{tuned} is a transformers model: give --data TEXTS (only diffusers denoisers run "
+                               f"without texts)")
+    return read_texts(data, text_field=text_field, max_samples=max_samples), False
+
+
+@click.command(short_help="How much of the fine-tune's behaviour adapters keep (KL, cosine, noise error).",
+               epilog=examples("lowrank-tools evaluate base/ tuned/ r8/ r16.safetensors --data held-out.txt --json e.json",
+                               "lowrank-tools evaluate base/ tuned/ --data held-out.jsonl --ranks 4,8,16,32 --dora --plot figs/",
                                "lowrank-tools evaluate sd-base/unet sd-tuned/unet --ranks 4,16,64 --max-samples 32"))
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="BASE TUNED [ADAPTER ...]")
 @text_options(data_required=False, data_help="Required for transformers models; not used for diffusers UNets / "
@@ -85,11 +103,10 @@ def evaluate(paths, data, max_samples, max_length, batch_size, device, text_fiel
     prediction against the tuned model's on --max-samples seeded draws, recovered = 1 - error(adapter) /
     error(base). With --ranks / --budgets / --energies and no ADAPTER: the curve adapter size -> recovered, and the
     smallest size reaching 90/95/99 %."""
-    from ..evaluate import evaluate as run, read_texts
-    from ..evaluate.output import check_evaluation_outputs, format_evaluation, write_evaluation
     import torch
 
-    from ..io.models import find_denoiser, require_diffusers, require_transformers
+    from ..evaluate import evaluate as run
+    from ..evaluate.output import check_evaluation_outputs, format_evaluation, write_evaluation
     from ..io.formats import load_adapter
 
     if len(paths) < 2:
@@ -104,15 +121,7 @@ def evaluate(paths, data, max_samples, max_length, batch_size, device, text_fiel
     inputs = paths + ((data,) if data is not None else ())
     outputs = {"json_path": json_path, "csv_path": csv_path, "plot_dir": plot_dir}
     check_evaluation_outputs(**outputs, force=force, inputs=inputs)
-    diffusion = find_denoiser(tuned) is not None
-    if diffusion:
-        require_diffusers()
-    else:
-        require_transformers()
-        if data is None:
-            raise click.UsageError(f"{tuned} is a transformers model: give --data TEXTS (only diffusers denoisers "
-                                   f"run without texts)")
-    texts = read_texts(data, text_field=text_field, max_samples=max_samples) if data is not None else None
+    texts, diffusion = _texts(tuned, data, text_field, max_samples, quiet)
     sizes = None
     if curve:
         adapters, sizes = _curve(base, tuned, ranks, budgets, energies, dora=dora, device=device, seed=seed,

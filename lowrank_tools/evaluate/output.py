@@ -20,8 +20,8 @@ from .curve import LEVELS, smallest_reaching
 from ..io.models import ModelKind
 from .run import Evaluation, Score
 
-__all__ = ["PLOT_FILE", "dora_comparison", "evaluation_json", "evaluation_csv", "format_evaluation", "check_evaluation_outputs",
-           "write_evaluation"]
+__all__ = ["PLOT_FILE", "dora_comparison", "evaluation_json", "evaluation_csv", "format_evaluation",
+           "check_evaluation_outputs", "write_evaluation"]
 
 PLOT_FILE = "recovered_vs_params.png"
 _CSV_KEYS = ("path", "params", "megabytes", "kl", "kl_recovered", "cosine", "recovered", "rel_l2_error",

@@ -190,7 +190,8 @@ def load_denoiser(denoiser: Denoiser, device: torch.device, dtype: torch.dtype =
         model = cls.from_pretrained(str(denoiser.folder), torch_dtype=dtype)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NotACheckpoint(f"{denoiser.folder}: diffusers cannot load it as {denoiser.class_name} ({first})") from None
+        raise NotACheckpoint(f"{denoiser.folder}: diffusers cannot load it as {denoiser.class_name} "
+                             f"({first})") from None
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device).train(False)
