@@ -210,3 +210,14 @@ def test_sdxl_conditioning_fits_the_model(tmp_path):
     assert batch["added_cond_kwargs"]["time_ids"].tolist() == [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 3
     with torch.no_grad():
         assert predict(model.eval(), batch).shape == (3, 4, 8, 8)
+
+
+def test_cli_dora_curve_on_a_denoiser(unet, tmp_path):
+    out = tmp_path / "dora.json"
+    result = CliRunner().invoke(main, ["evaluate", str(unet["base"]), str(unet["tuned"]), "--ranks", "2,4", "--dora",
+                                       "--max-samples", "2", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert [row["rank"] for row in data["dora_vs_lora"]] == [2, 4]
+    full_dora = next(row for row in data["adapters"] if row["size"] == {"dora_rank": 4})
+    assert full_dora["recovered"] == pytest.approx(1.0, abs=1e-5)  # exact delta, m = ||W'||_row: W' itself
