@@ -74,6 +74,13 @@ def causal_pair(root, *, tie: bool = False, steps: int = 12):
     return _save(base.eval(), tokenizer, root / "base"), _save(tuned.eval(), tokenizer, root / "tuned")
 
 
+def pair_with_texts(root) -> dict:
+    """causal_pair in ``root`` and its texts (also as ``root / "texts.txt"``): for the other evaluate test files."""
+    base, tuned = causal_pair(root)
+    (root / "texts.txt").write_text("\n".join(make_texts()) + "\n")
+    return {"root": root, "base": base, "tuned": tuned, "texts": make_texts()}
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate_llama")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from test_evaluate import causal_pair, make_texts  # noqa: E402
+from test_evaluate import pair_with_texts  # noqa: E402
 
 from lowrank_tools.adapter import Adapter, LoraModule  # noqa: E402
 from lowrank_tools.cli import main  # noqa: E402
@@ -26,10 +26,7 @@ from lowrank_tools.linalg import RankRule  # noqa: E402
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaluate_dora")
-    base, tuned = causal_pair(root)
-    (root / "texts.txt").write_text("\n".join(make_texts()) + "\n")
-    return {"root": root, "base": base, "tuned": tuned, "texts": make_texts()}
+    return pair_with_texts(tmp_path_factory.mktemp("evaluate_dora"))
 
 
 def _module(out=5, inp=6, r=2, seed=0, magnitude=True):

@@ -63,7 +63,7 @@ def _texts(tuned, data, text_field, max_samples, quiet):
     return read_texts(data, text_field=text_field, max_samples=max_samples), False
 
 
-@click.command(short_help="How much of the fine-tune's behaviour adapters keep (KL, cosine, noise error).",
+@click.command(short_help="How much of the fine-tune's behaviour adapters keep.",
                epilog=examples("lowrank-tools evaluate base/ tuned/ r8/ r16.safetensors --data held-out.txt --json e.json",
                                "lowrank-tools evaluate base/ tuned/ --data held-out.jsonl --ranks 4,8,16,32 --dora --plot figs/",
                                "lowrank-tools evaluate sd-base/unet sd-tuned/unet --ranks 4,16,64 --max-samples 32"))
