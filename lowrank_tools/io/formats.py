@@ -25,7 +25,6 @@ from ..adapter import Adapter, ModuleKind, module_name
 from .checkpoint import Checkpoint, as_checkpoint, atomic_output, open_checkpoint
 from ..errors import AdapterFormatError, CheckpointNotFound, ConversionError, UsageError
 from .adapter_extras import check_peft_extras
-from .arch_convert import for_format
 from .architectures import detect_architecture
 from .layers import NOT_HELD, compile_filters, matches
 from .kohya import is_kohya_keys, kohya_state_dict, read_kohya, write_kohya
@@ -190,6 +189,8 @@ def in_output_naming(adapter: Adapter, format: AdapterFormat | str) -> Adapter:
     """A transformer diffusion model's adapter (Flux, SD3, Wan) in the names ``format``'s consumers load: kohya
     files the original (BFL/SAI/Wan) names with fused layers fused, PEFT/diffusers files diffusers' names, split
     exactly (:mod:`.arch_convert`); any other adapter unchanged."""
+    from .arch_convert import for_format  # its linalg (the QR core) only when writing: info stays light
+
     return for_format(adapter, AdapterFormat(format) is AdapterFormat.KOHYA)[0]
 
 
