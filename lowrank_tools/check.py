@@ -23,7 +23,7 @@ import torch
 from .errors import AdapterFormatError, CheckpointNotFound
 from .io.checkpoint import as_checkpoint, open_checkpoint
 from .io.json_input import load_json
-from .io.consumer_keys import KOHYA_LIKE_PREFIXES, Consumer, Role, key_accepted, split_key
+from .io.consumer_keys import KOHYA_LIKE_PREFIXES, Consumer, Role, key_accepted, split_key, unknown_to_architecture
 from .io.layers import compile_filters, matches
 from .io.peft import CONFIG_NAME, DIFFUSERS_NAME, WEIGHTS_NAME
 
@@ -138,6 +138,9 @@ def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=Non
             if role is not None and role is not Role.OTHER:
                 modules[module].roles[role] = key
     result.modules = len(modules)
+    if consumer is Consumer.COMFYUI:
+        for module, why in unknown_to_architecture(modules)[1].items():
+            add(Problem(Severity.ERROR, "unknown-module", module, f"not loaded by comfyui: {why}"))
     _collapse(result, consumer, any(m.startswith(KOHYA_LIKE_PREFIXES) for m in modules))
     _peft_layout(result, modules, config, path, weights, consumer)
     _tensors(result, ckpt, modules)

@@ -185,3 +185,4 @@ def test_check_passes_our_flux_file_and_names_a_misspelled_key(pair, tmp_path):
     save_file(bad, str(tmp_path / "bad.safetensors"))
     result = run("check", tmp_path / "bad.safetensors", "--for", "comfyui")
     assert result.exit_code == 1 and "lora_unet_double_blocks_0_img_atn_proj" in result.output
+    assert "did you mean lora_unet_double_blocks_0_img_attn_proj" in result.output
