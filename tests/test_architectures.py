@@ -138,6 +138,8 @@ def test_a_missing_part_is_zero_rows_and_a_part_of_the_wrong_size_refuses():
     (["transformer_blocks.0.attn2.to_q", "transformer_blocks.0.attn.to_q"], "sd3", Naming.DIFFUSERS),
     (["blocks.0.self_attn.q", "blocks.0.cross_attn.k_img", "blocks.0.ffn.0"], "wan", Naming.ORIGINAL),
     (["blocks.0.attn1.to_q", "blocks.0.ffn.net.0.proj"], "wan", Naming.DIFFUSERS),
+    (["transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.img_mod.1", "img_in"], "qwen_image",
+     Naming.ORIGINAL),  # one naming: ComfyUI's Qwen-Image keeps diffusers' names
 ])
 def test_detection_from_all_names(names, arch, naming):
     found = detect_architecture(names)
@@ -180,7 +182,9 @@ def kohya_file(path, keys: dict[str, tuple[int, int, int]], *, metadata=None):
     (["lora_transformer_single_transformer_blocks_0_attn_to_q", "lycoris_transformer_blocks_1_ff_context_net_0_proj"],
      ["transformer.single_transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.1.ff_context.net.0.proj"]),
     (["lora_te3_encoder_block_0_layer_0_SelfAttention_q"], ["text_encoder_3.encoder.block.0.layer.0.SelfAttention.q"]),
-], ids=["kohya-flux", "comfyui-wan", "musubi-wan", "kohya-sd3", "onetrainer-simpletuner", "t5"])
+    (["lora_unet_transformer_blocks_0_img_mlp_net_0_proj", "lora_unet_transformer_blocks_0_txt_mod_1"],
+     ["transformer_blocks.0.img_mlp.net.0.proj", "transformer_blocks.0.txt_mod.1"]),
+], ids=["kohya-flux", "comfyui-wan", "musubi-wan", "kohya-sd3", "onetrainer-simpletuner", "t5", "qwen-image"])
 def test_names_read_without_a_base(tmp_path, keys, names):
     path = kohya_file(tmp_path / "a.safetensors", {k: (D, D, 2) for k in keys})
     assert sorted(load_adapter(path).modules) == sorted(names)

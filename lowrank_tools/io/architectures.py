@@ -9,6 +9,8 @@ Our own tables, written from the public converters (read, not copied):
   ``networks/lora_sd3.py``. Original = SAI MMDiT names (``joint_blocks.N.x_block.attn.qkv``).
 - Wan 2.x: ``lora_conversion_utils._convert_musubi_wan_lora_to_diffusers`` / ``_convert_non_diffusers_wan_lora_to_
   diffusers``; musubi-tuner. Original = Wan names (``blocks.N.self_attn.q``); nothing fused.
+- Qwen-Image: ``_convert_non_diffusers_qwen_lora_to_diffusers``; ComfyUI ``comfy/ldm/qwen_image/model.py`` keeps
+  diffusers' names, so both namings are one (kohya ``lora_unet_transformer_blocks_0_img_mod_1``).
 
 A :class:`Rule` maps one original module to its ordered diffusers parts. A fused one (``sizes``) stacks its parts
 by rows: part j has ``sizes[j] * in_features`` rows, e.g. Flux's ``linear1`` = [q; k; v; mlp].
@@ -55,6 +57,7 @@ class Architecture:
     original_label: str                  # "BFL", "SAI MMDiT", "Wan"
     rules: tuple[Rule, ...]
     base_markers: tuple[str, ...] = ()   # regexes on a base checkpoint's module names that tell the model apart
+    one_naming: bool = False             # the original model uses diffusers' names (Qwen-Image)
     _compiled: dict = field(default_factory=dict, compare=False, repr=False)
 
     def compiled(self, naming: Naming, sep: str = ".") -> list[tuple[re.Pattern, Rule, int]]:
@@ -159,7 +162,17 @@ _WAN = Architecture("wan", "Wan", "Wan", (
     _r("head.head", "proj_out"),
 ), base_markers=(r"^blocks\.\d+\.(self_attn|attn1)\.", r"^blocks\.\d+\.ffn\."))
 
-ARCHITECTURES = (_FLUX, _SD3, _WAN)
+# Qwen-Image: ComfyUI's model (comfy/ldm/qwen_image) and diffusers' QwenImageTransformer2DModel share one naming
+_QWEN_BLOCK = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+               "attn.add_v_proj", "attn.to_add_out", "img_mod.1", "txt_mod.1", "img_mlp.net.0.proj", "img_mlp.net.2",
+               "txt_mlp.net.0.proj", "txt_mlp.net.2")
+_QWEN = Architecture("qwen_image", "Qwen-Image", "diffusers", (
+    *(_r(f"transformer_blocks.{{i}}.{n}", f"transformer_blocks.{{i}}.{n}") for n in _QWEN_BLOCK),
+    *(_r(n, n) for n in ("img_in", "txt_in", "time_text_embed.timestep_embedder.linear_1",
+                         "time_text_embed.timestep_embedder.linear_2", "norm_out.linear", "proj_out")),
+), base_markers=(r"^transformer_blocks\.\d+\.img_mod\.1", r"^txt_norm\."), one_naming=True)
+
+ARCHITECTURES = (_FLUX, _SD3, _WAN, _QWEN)
 
 
 def architecture_named(name: str) -> Architecture:
@@ -181,14 +194,15 @@ class Detected:
     matched: int          # module names of the adapter it explains
 
     def describe(self) -> str:
-        naming = self.architecture.original_label if self.naming is Naming.ORIGINAL else "diffusers"
+        arch = self.architecture
+        naming = arch.original_label if self.naming is Naming.ORIGINAL and not arch.one_naming else "diffusers"
         return f"{self.architecture.label} ({naming} names)"
 
 
 def _matches(names, sep: str = ".") -> dict[tuple[str, Naming], set[str]]:
     found: dict[tuple[str, Naming], set[str]] = {}
     for arch in ARCHITECTURES:
-        for naming in Naming:
+        for naming in (Naming.ORIGINAL,) if arch.one_naming else Naming:
             hit = {n for n in names if arch.match(body_of(n), naming, sep)}
             if hit:
                 found[(arch.name, naming)] = hit
