@@ -26,11 +26,11 @@ __all__ = ["COMPONENT_PREFIXES", "KOHYA_PREFIXES", "kohya_key", "split_prefix", 
 COMPONENT_PREFIXES = {"unet.": "lora_unet_", "transformer.": "lora_unet_", "text_encoder.": "lora_te_",
                       "text_encoder_2.": "lora_te2_", "text_encoder_3.": "lora_te3_"}
 # kohya prefix -> the pipeline components it can stand for (the first is the guess)
-# (lora_te3_: SD3's / Flux's T5 in sd-scripts' lora_sd3.py / lora_flux.py; lycoris_: LyCORIS wrapping one model, e.g.
-# SimpleTuner's transformer, whose module paths follow bare; lora_transformer_: OneTrainer's diffusers transformer)
+# (lora_te3_: SD3's / Flux's T5 in sd-scripts' lora_sd3.py / lora_flux.py; lora_transformer_: OneTrainer's diffusers
+# transformer. LyCORIS' own lycoris_ prefix is read for the transformer models of :mod:`.architectures` only)
 KOHYA_PREFIXES = {"lora_unet_": ("unet.", "transformer."), "lora_transformer_": ("transformer.",),
                   "lora_te1_": ("text_encoder.",), "lora_te2_": ("text_encoder_2.",), "lora_te3_": ("text_encoder_3.",),
-                  "lora_te_": ("text_encoder.",), "lycoris_": ("",)}
+                  "lora_te_": ("text_encoder.",)}
 _TRANSFORMER_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")  # may hold a transformer model's names
 _TEXT_MODEL_CHILDREN = ("encoder.", "embeddings.", "final_layer_norm.")  # CLIPTextTransformer's children
 # UNet names diffusers' kohya converter cannot read back in diffusers spelling (its SDXL rule strips the ".1" of
@@ -172,7 +172,7 @@ def architecture_names(keys: Iterable[str]) -> tuple[dict[str, str], Detected | 
     -> ``transformer.single_transformer_blocks.0.attn.to_q``; ({}, None) when no architecture fits."""
     bodies = {}
     for key in keys:
-        prefix, body = split_prefix(key)
+        prefix, body = ("lycoris_", key[len("lycoris_"):]) if key.startswith("lycoris_") else split_prefix(key)
         if prefix in _TRANSFORMER_PREFIXES:
             bodies[key] = body
     found = detect_architecture(bodies.values(), sep="_")
