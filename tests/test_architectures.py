@@ -213,3 +213,14 @@ def test_kohya_output_of_diffusers_names_is_bfl_and_reads_back(tmp_path):
     assert set(again.modules) == set(before)
     for name, m in again.modules.items():
         torch.testing.assert_close(m.delta_matrix(), before[name].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_names_two_models_share_are_written_by_the_base_the_adapter_records(tmp_path):
+    """An SD3 adapter of attention modules only (names Flux's double blocks share): its base decides."""
+    save_file({"pos_embed.pos_embed": torch.zeros(1, 4, D), "transformer_blocks.0.attn.to_q.weight": torch.zeros(D, D)},
+              str(tmp_path / "sd3.safetensors"))
+    mods = {f"transformer_blocks.0.attn.{p}": lora(D, D, 2, seed=i) for i, p in enumerate(("to_q", "to_k", "to_v"))}
+    path = save_adapter(Adapter(modules=mods, base_model=str(tmp_path / "sd3.safetensors")), tmp_path / "k.safetensors")
+    assert set(load_adapter(path).modules) == {"joint_blocks.0.x_block.attn.qkv"}
+    path = save_adapter(Adapter(modules=mods), tmp_path / "plain.safetensors")  # nothing decides: names kept
+    assert set(load_adapter(path).modules) == set(mods)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 __all__ = ["Naming", "Rule", "Architecture", "ARCHITECTURES", "Detected", "detect_architecture", "body_of",
-           "TRANSFORMER", "architecture_named"]
+           "TRANSFORMER", "architecture_named", "needs_base"]
 
 TRANSFORMER = "transformer."  # the diffusers pipeline component of these models
 _ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # SGM single files, ComfyUI
@@ -235,3 +235,9 @@ def _base_architecture(base_names) -> Architecture | None:
         if any(re.search(m, b) for m in arch.base_markers for b in bodies):
             return arch
     return None
+
+
+def needs_base(names) -> bool:
+    """True when some names are a table's but only a base checkpoint can tell which model's (see
+    :func:`detect_architecture`)."""
+    return detect_architecture(names) is None and bool(_matches([n for n in names if not n.startswith("text_encoder")]))

@@ -25,7 +25,7 @@ from ..adapter import Adapter, ModuleKind, module_name
 from .checkpoint import Checkpoint, as_checkpoint, atomic_output, open_checkpoint
 from ..errors import AdapterFormatError, CheckpointNotFound, ConversionError, UsageError
 from .adapter_extras import check_peft_extras
-from .architectures import detect_architecture
+from .architectures import detect_architecture, needs_base
 from .layers import NOT_HELD, compile_filters, matches
 from .kohya import is_kohya_keys, kohya_state_dict, read_kohya, write_kohya
 from .lycoris import fit_kernels, is_lycoris_keys, read_lycoris, read_peft_lycoris
@@ -191,7 +191,10 @@ def in_output_naming(adapter: Adapter, format: AdapterFormat | str) -> Adapter:
     exactly (:mod:`.arch_convert`); any other adapter unchanged."""
     from .arch_convert import for_format  # its linalg (the QR core) only when writing: info stays light
 
-    return for_format(adapter, AdapterFormat(format) is AdapterFormat.KOHYA)[0]
+    base_names = None
+    if needs_base(adapter.modules) and adapter.base_model and Path(adapter.base_model).exists():
+        base_names = _module_names(adapter.base_model)[0]  # names two models share: the base decides
+    return for_format(adapter, AdapterFormat(format) is AdapterFormat.KOHYA, base_names=base_names)[0]
 
 
 def check_target(adapter: Adapter, format: AdapterFormat | str, *, prefix: str = "lora_unet_") -> None:
