@@ -85,7 +85,13 @@ def _r(original: str, *parts: str, sizes=(), swap=False) -> Rule:
     return Rule(original, parts, tuple(sizes), swap)
 
 
+def _embedder(src: str, leaves: tuple[str, str], dst: str) -> tuple[Rule, Rule]:
+    """A two-layer MLP embedder: ``src.<leaves[0]>`` -> ``dst.linear_1``, ``src.<leaves[1]>`` -> ``dst.linear_2``."""
+    return _r(f"{src}.{leaves[0]}", f"{dst}.linear_1"), _r(f"{src}.{leaves[1]}", f"{dst}.linear_2")
+
+
 _QKV = (1, 1, 1)
+_IN_OUT, _MLP = ("in_layer", "out_layer"), ("0", "2")
 _FLUX = Architecture("flux", "Flux", "BFL", (
     _r("double_blocks.{i}.img_attn.qkv", "transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
        "transformer_blocks.{i}.attn.to_v", sizes=_QKV),
@@ -105,12 +111,9 @@ _FLUX = Architecture("flux", "Flux", "BFL", (
     _r("single_blocks.{i}.modulation.lin", "single_transformer_blocks.{i}.norm.linear"),
     _r("img_in", "x_embedder"),
     _r("txt_in", "context_embedder"),
-    _r("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
-    _r("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
-    _r("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
-    _r("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
-    _r("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
-    _r("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+    *_embedder("time_in", _IN_OUT, "time_text_embed.timestep_embedder"),
+    *_embedder("vector_in", _IN_OUT, "time_text_embed.text_embedder"),
+    *_embedder("guidance_in", _IN_OUT, "time_text_embed.guidance_embedder"),
     _r("final_layer.linear", "proj_out"),
     _r("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True),
 ), base_markers=(r"^single_transformer_blocks\.", r"^single_blocks\.", r"^double_blocks\.\d+\.img_attn\.qkv"))
@@ -135,10 +138,8 @@ _SD3 = Architecture("sd3", "SD3", "SAI MMDiT", (
     *_mmdit_block("context_block", "attn", "attn"),
     _r("x_embedder.proj", "pos_embed.proj"),
     _r("context_embedder", "context_embedder"),
-    _r("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
-    _r("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
-    _r("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
-    _r("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
+    *_embedder("t_embedder.mlp", _MLP, "time_text_embed.timestep_embedder"),
+    *_embedder("y_embedder.mlp", _MLP, "time_text_embed.text_embedder"),
     _r("final_layer.linear", "proj_out"),
     _r("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True),
 ), base_markers=(r"^joint_blocks\.", r"^pos_embed\.pos_embed$", r"^pos_embed$"))
@@ -152,10 +153,8 @@ _WAN = Architecture("wan", "Wan", "Wan", (
     _r("blocks.{i}.ffn.0", "blocks.{i}.ffn.net.0.proj"),
     _r("blocks.{i}.ffn.2", "blocks.{i}.ffn.net.2"),
     _r("patch_embedding", "patch_embedding"),
-    _r("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
-    _r("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
-    _r("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
-    _r("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    *_embedder("text_embedding", _MLP, "condition_embedder.text_embedder"),
+    *_embedder("time_embedding", _MLP, "condition_embedder.time_embedder"),
     _r("time_projection.1", "condition_embedder.time_proj"),
     _r("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
     _r("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
