@@ -224,3 +224,42 @@ def test_names_two_models_share_are_written_by_the_base_the_adapter_records(tmp_
     assert set(load_adapter(path).modules) == {"joint_blocks.0.x_block.attn.qkv"}
     path = save_adapter(Adapter(modules=mods), tmp_path / "plain.safetensors")  # nothing decides: names kept
     assert set(load_adapter(path).modules) == set(mods)
+
+
+# ComfyUI's own module names for one block of each model (derived from comfy/ldm/flux/{model,layers}.py,
+# comfy/ldm/modules/diffusionmodules/mmdit.py and comfy/ldm/wan/model.py: the Linear layers each block holds).
+# comfy/lora.py's model_lora_keys_unet maps "lora_unet_" + <name with . -> _> of each of them, nothing else.
+COMFY_NAMES = {
+    "flux": """img_in txt_in time_in.in_layer time_in.out_layer vector_in.in_layer vector_in.out_layer
+        guidance_in.in_layer guidance_in.out_layer final_layer.linear final_layer.adaLN_modulation.1
+        double_blocks.0.img_mod.lin double_blocks.0.img_attn.qkv double_blocks.0.img_attn.proj double_blocks.0.img_mlp.0
+        double_blocks.0.img_mlp.2 double_blocks.0.txt_mod.lin double_blocks.0.txt_attn.qkv double_blocks.0.txt_attn.proj
+        double_blocks.0.txt_mlp.0 double_blocks.0.txt_mlp.2 single_blocks.0.linear1 single_blocks.0.linear2
+        single_blocks.0.modulation.lin""",
+    "sd3": """x_embedder.proj context_embedder t_embedder.mlp.0 t_embedder.mlp.2 y_embedder.mlp.0 y_embedder.mlp.2
+        final_layer.linear final_layer.adaLN_modulation.1 joint_blocks.0.x_block.attn.qkv joint_blocks.0.x_block.attn.proj
+        joint_blocks.0.x_block.attn2.qkv joint_blocks.0.x_block.attn2.proj joint_blocks.0.x_block.mlp.fc1
+        joint_blocks.0.x_block.mlp.fc2 joint_blocks.0.x_block.adaLN_modulation.1 joint_blocks.0.context_block.attn.qkv
+        joint_blocks.0.context_block.attn.proj joint_blocks.0.context_block.mlp.fc1 joint_blocks.0.context_block.mlp.fc2
+        joint_blocks.0.context_block.adaLN_modulation.1""",
+    "wan": """patch_embedding text_embedding.0 text_embedding.2 time_embedding.0 time_embedding.2 time_projection.1
+        head.head img_emb.proj.1 img_emb.proj.3 blocks.0.self_attn.q blocks.0.self_attn.k blocks.0.self_attn.v
+        blocks.0.self_attn.o blocks.0.cross_attn.q blocks.0.cross_attn.k blocks.0.cross_attn.v blocks.0.cross_attn.o
+        blocks.0.cross_attn.k_img blocks.0.cross_attn.v_img blocks.0.ffn.0 blocks.0.ffn.2""",
+}
+
+
+@pytest.mark.parametrize("kind", list(COMFY_NAMES))
+def test_every_diffusers_module_is_written_as_a_key_comfyui_maps(kind, tmp_path):
+    """Every diffusers module of the table, written to kohya, becomes one of ComfyUI's keys, and all are reached."""
+    arch = architecture_named(kind)
+    comfy = {"lora_unet_" + n.replace(".", "_") for n in COMFY_NAMES[kind].split()}
+    mods = {}
+    for rule in arch.rules:
+        for j in range(len(rule.parts)):
+            rows = (rule.sizes[j] if rule.sizes else 1) * D
+            mods["transformer." + arch.module_name(rule, "0", Naming.DIFFUSERS, j)] = lora(rows, D, 1, seed=j)
+    path = save_adapter(Adapter(modules=mods), tmp_path / "k.safetensors")
+    with safe_open(str(path), "pt") as f:
+        keys = {k.split(".")[0] for k in f.keys()}
+    assert keys == comfy
