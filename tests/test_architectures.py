@@ -263,3 +263,13 @@ def test_every_diffusers_module_is_written_as_a_key_comfyui_maps(kind, tmp_path)
     with safe_open(str(path), "pt") as f:
         keys = {k.split(".")[0] for k in f.keys()}
     assert keys == comfy
+
+
+def test_a_comfyui_native_file_of_lora_a_b_keys_writes_plain_bfl_kohya_keys(tmp_path):
+    save_file({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(2, D),
+               "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(3 * D, 2)},
+              str(tmp_path / "comfy.safetensors"))
+    assert detect_architecture(load_adapter(tmp_path / "comfy.safetensors").modules).describe() == "Flux (BFL names)"
+    path = save_adapter(load_adapter(tmp_path / "comfy.safetensors"), tmp_path / "k.safetensors")
+    with safe_open(str(path), "pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"lora_unet_double_blocks_0_img_attn_qkv"}

@@ -141,6 +141,16 @@ def to_diffusers(adapter: Adapter, arch: Architecture) -> Adapter:
     return replace(adapter, modules=modules, tensor_deltas=_renamed_deltas(adapter, rename))
 
 
+def _without_model_prefix(adapter: Adapter) -> Adapter:
+    """ComfyUI's / SGM's ``diffusion_model.`` / ``model.diffusion_model.`` off the names: a kohya key is
+    ``lora_unet_<original name>``, not ``lora_unet_diffusion_model_...``."""
+    bare = {n: body_of(n) if not n.startswith(TRANSFORMER) else n for n in adapter.modules}
+    if all(k == v for k, v in bare.items()):
+        return adapter
+    return replace(adapter, modules={bare[n]: m for n, m in adapter.modules.items()},
+                   tensor_deltas=_renamed_deltas(adapter, bare))
+
+
 def for_format(adapter: Adapter, kohya: bool, *, base_names=None) -> tuple[Adapter, Detected | None]:
     """The adapter in the naming its output format's consumers load: kohya -> original, else diffusers; unchanged
     when no architecture of the tables is detected."""
@@ -149,6 +159,8 @@ def for_format(adapter: Adapter, kohya: bool, *, base_names=None) -> tuple[Adapt
         return adapter, None
     if kohya and found.naming is Naming.DIFFUSERS:
         return to_original(adapter, found.architecture), found
+    if kohya:
+        return _without_model_prefix(adapter), found
     if not kohya and found.naming is Naming.ORIGINAL:
         return to_diffusers(adapter, found.architecture), found
     return adapter, found
