@@ -273,3 +273,14 @@ def test_a_comfyui_native_file_of_lora_a_b_keys_writes_plain_bfl_kohya_keys(tmp_
     path = save_adapter(load_adapter(tmp_path / "comfy.safetensors"), tmp_path / "k.safetensors")
     with safe_open(str(path), "pt") as f:
         assert {k.split(".")[0] for k in f.keys()} == {"lora_unet_double_blocks_0_img_attn_qkv"}
+
+
+def test_a_t5_text_encoder_is_written_lora_te3_with_its_own_names(tmp_path):
+    """Flux's T5 is diffusers' text_encoder_2, SD3's text_encoder_3: sd-scripts and ComfyUI name both lora_te3_."""
+    mods = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": lora(D, D, 1),
+            "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q": lora(D, D, 1)}
+    path = save_adapter(Adapter(modules=mods), tmp_path / "k.safetensors")
+    with safe_open(str(path), "pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                                                       "lora_te3_encoder_block_0_layer_0_SelfAttention_q"}
+    assert set(load_adapter(path).modules) == set(mods)  # the recorded names

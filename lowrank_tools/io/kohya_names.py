@@ -33,6 +33,9 @@ KOHYA_PREFIXES = {"lora_unet_": ("unet.", "transformer."), "lora_transformer_": 
                   "lora_te_": ("text_encoder.",)}
 _TRANSFORMER_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")  # may hold a transformer model's names
 _TEXT_MODEL_CHILDREN = ("encoder.", "embeddings.", "final_layer_norm.")  # CLIPTextTransformer's children
+# a T5 encoder (Flux's text_encoder_2, SD3's text_encoder_3): sd-scripts (lora_flux.py, lora_sd3.py) and ComfyUI
+# (comfy/lora.py, t5xxl) name it lora_te3_<T5 module path>
+_T5_BODY = ("encoder.block.", "shared", "encoder.final_layer_norm")
 # UNet names diffusers' kohya converter cannot read back in diffusers spelling (its SDXL rule strips the ".1" of
 # "add.embedding.linear.1"): written in the SGM spelling it maps to them (label_emb.0.0 -> add_embedding.linear_1)
 _UNET_SPELLING = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
@@ -71,9 +74,13 @@ def is_text_encoder_prefix(prefix: str) -> bool:
     return prefix.startswith("lora_te")
 
 
+def _is_t5(body: str) -> bool:
+    return body.startswith(_T5_BODY)
+
+
 def _a1111_body(body: str) -> str:
-    """Text-encoder names gain ``text_model.`` where a flattened CLIPTextModel lacks it."""
-    return f"text_model.{body}" if body.startswith(_TEXT_MODEL_CHILDREN) else body
+    """Text-encoder names gain ``text_model.`` where a flattened CLIPTextModel lacks it (never a T5's)."""
+    return f"text_model.{body}" if body.startswith(_TEXT_MODEL_CHILDREN) and not _is_t5(body) else body
 
 
 def kohya_key(name: str, *, prefix: str = "lora_unet_", two_encoders: bool = False) -> str:
@@ -82,6 +89,8 @@ def kohya_key(name: str, *, prefix: str = "lora_unet_", two_encoders: bool = Fal
         if name.startswith(component):
             if component == "text_encoder." and two_encoders:
                 comp_prefix = "lora_te1_"
+            elif component.startswith("text_encoder") and _is_t5(name[len(component):]):
+                comp_prefix = "lora_te3_"
             prefix, name = comp_prefix, name[len(component):]
             break
     if is_text_encoder_prefix(prefix):
