@@ -174,6 +174,8 @@ def test_a_hand_made_bfl_flux_file_converts_to_diffusers_names_exactly(tmp_path)
     for name, delta in expect.items():
         torch.testing.assert_close(fused[name], base[name] + delta, rtol=1e-4, atol=1e-4, msg=name)
     assert state["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape[0] == r  # rank r each, not 3r
+    result = run("check", tmp_path / "out", "--for", "diffusers")
+    assert result.exit_code == 0, result.output
 
 
 def test_check_passes_our_flux_file_and_names_a_misspelled_key(tmp_path):
