@@ -128,6 +128,7 @@ def main() -> int:
             row = {"blocks": blocks}
             row["default_s"], row["default_rss"] = run_extract(folder, folder / "default.safetensors", "auto")
             row["default_err"] = mean_error(folder / "default.safetensors", deltas)
+            print(json.dumps(row), file=sys.stderr, flush=True)  # a slow exact route still leaves this line
             if blocks <= args.skip_exact_above:
                 row["exact_s"], row["exact_rss"] = run_extract(folder, folder / "exact.safetensors", "exact")
                 row["exact_err"] = mean_error(folder / "exact.safetensors", deltas)
