@@ -52,6 +52,7 @@ def _fuse(arch: Architecture, rule: Rule, index: str, parts: dict[int, tuple[str
     n, dtype = first.A.shape[1], first.B.dtype
     scales = {m.scale for _, m in parts.values()}
     common = scales.pop() if len(scales) == 1 else 1.0
+    common = common if common > 0 else 1.0  # an empty part (scale 0) or a negative scale: folded into B
     pieces = []
     for j, rows in enumerate(row_sizes(rule, n)):
         if j in parts:
