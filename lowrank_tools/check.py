@@ -383,6 +383,8 @@ def _diffusers_judge(result, ckpt, keys) -> None:
         text = str(exc).strip() or type(exc).__name__
         named = [k for k in keys if k in text] or [None]
         first = text.splitlines()[0].strip()
+        if isinstance(exc, AssertionError) and any("_linear1." in k for k in keys):  # FORMAT-FACTS: hard-coded widths
+            first = "its kohya-Flux converter splits single_blocks linear1 only at full-size Flux widths [3072]*3+[12288]"
         for key in named:
             add(Problem(Severity.ERROR, "diffusers-refused", key, f"diffusers {name}.lora_state_dict refuses the file "
                         f"({type(exc).__name__}: {first})"))
