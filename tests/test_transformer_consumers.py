@@ -189,3 +189,5 @@ def test_check_passes_our_flux_file_and_names_a_misspelled_key(tmp_path):
     result = run("check", tmp_path / "bad.safetensors", "--for", "comfyui")
     assert result.exit_code == 1 and "lora_unet_double_blocks_0_img_atn_proj" in result.output
     assert "did you mean lora_unet_double_blocks_0_img_attn_proj" in result.output
+    result = run("check", out, "--for", "diffusers")  # diffusers' own converter: full-size Flux widths only
+    assert result.exit_code == 1 and "full-size Flux widths" in result.output
