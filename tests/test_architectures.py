@@ -284,3 +284,19 @@ def test_a_t5_text_encoder_is_written_lora_te3_with_its_own_names(tmp_path):
         assert {k.split(".")[0] for k in f.keys()} == {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
                                                        "lora_te3_encoder_block_0_layer_0_SelfAttention_q"}
     assert set(load_adapter(path).modules) == set(mods)  # the recorded names
+
+
+def test_resize_of_a_fused_file_is_the_optimal_truncation_of_the_stacked_layer(tmp_path):
+    """Split -> fused with a rank: write kohya (exact fuse, rank = sum), then resize: Eckart-Young on [q; k; v]."""
+    adapter = flux_diffusers_adapter()
+    save_adapter(adapter, tmp_path / "k.safetensors")
+    result = CliRunner().invoke(main, ["resize", str(tmp_path / "k.safetensors"), "-o", str(tmp_path / "r.safetensors"),
+                                       "--rank", "2", "-q"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    qkv = load_adapter(tmp_path / "r.safetensors").modules["double_blocks.0.img_attn.qkv"]
+    before = dense_by_name(adapter)
+    stacked = torch.cat([before[f"transformer.transformer_blocks.0.attn.{p}"] for p in ("to_q", "to_k", "to_v")])
+    S = torch.linalg.svdvals(stacked)
+    err = torch.linalg.matrix_norm(stacked - qkv.delta_matrix().double())
+    assert qkv.rank == 2
+    torch.testing.assert_close(err, S[2:].square().sum().sqrt(), rtol=1e-4, atol=1e-5)
