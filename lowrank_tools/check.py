@@ -23,7 +23,7 @@ import torch
 from .errors import AdapterFormatError, CheckpointNotFound
 from .io.checkpoint import as_checkpoint, open_checkpoint
 from .io.json_input import load_json
-from .io.consumer_keys import KOHYA_LIKE_PREFIXES, Consumer, Role, key_accepted, split_key
+from .io.consumer_keys import KOHYA_LIKE_PREFIXES, Consumer, Role, key_accepted, split_key, unknown_to_architecture
 from .io.layers import compile_filters, matches
 from .io.peft import CONFIG_NAME, DIFFUSERS_NAME, WEIGHTS_NAME
 
@@ -138,6 +138,9 @@ def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=Non
             if role is not None and role is not Role.OTHER:
                 modules[module].roles[role] = key
     result.modules = len(modules)
+    if consumer is Consumer.COMFYUI:
+        for module, why in unknown_to_architecture(modules)[1].items():
+            add(Problem(Severity.ERROR, "unknown-module", module, f"not loaded by comfyui: {why}"))
     _collapse(result, consumer, any(m.startswith(KOHYA_LIKE_PREFIXES) for m in modules))
     _peft_layout(result, modules, config, path, weights, consumer)
     _tensors(result, ckpt, modules)
@@ -380,6 +383,8 @@ def _diffusers_judge(result, ckpt, keys) -> None:
         text = str(exc).strip() or type(exc).__name__
         named = [k for k in keys if k in text] or [None]
         first = text.splitlines()[0].strip()
+        if isinstance(exc, AssertionError) and any("_linear1." in k for k in keys):  # FORMAT-FACTS: hard-coded widths
+            first = "its kohya-Flux converter splits single_blocks linear1 only at full-size Flux widths [3072]*3+[12288]"
         for key in named:
             add(Problem(Severity.ERROR, "diffusers-refused", key, f"diffusers {name}.lora_state_dict refuses the file "
                         f"({type(exc).__name__}: {first})"))

@@ -27,7 +27,10 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .pickles import TensorDict, load_pickle
     from .checkpoint import Checkpoint, open_checkpoint, as_checkpoint, Pairing, pair_tensors
     from .kohya_names import (COMPONENT_PREFIXES, KOHYA_PREFIXES, kohya_key, split_prefix, check_prefix, guess_module_name,
-                              match_keys, is_text_encoder_prefix)
+                              match_keys, is_text_encoder_prefix, architecture_names, dotted_module_name)
+    from .architectures import (Naming, Rule, Architecture, ARCHITECTURES, Detected, detect_architecture, body_of,
+                                TRANSFORMER, architecture_named, needs_base)
+    from .arch_convert import to_original, to_diffusers, for_format, row_sizes
     from .base_model import task_type, base_model_reference
     from .peft import (CONFIG_NAME, WEIGHTS_NAME, DIFFUSERS_NAME, DIFFUSERS_COMPONENTS, is_peft_folder,
                        is_diffusers_adapter, read_peft, read_peft_file, write_peft, write_diffusers,
@@ -40,7 +43,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
                                  kohya_extras)
     from .formats import (AdapterFormat, load_adapter, save_adapter, detect_format, describe_adapter, describe_modules,
                           check_target, output_format, fit_format, fit_all, left_out_warning,
-                          select_modules, LEFT_OUT, LEFT_OUT_WHOLE, check_kohya_target)
+                          select_modules, LEFT_OUT, LEFT_OUT_WHOLE, check_kohya_target, in_output_naming)
     from .layers import (FACTORABLE_DTYPES, check_factorable, layer_kind, compile_filters, matches, select_layers,
                          relative_change, TiedHead, find_tied_heads, tied_head_module, LayerPlan,
                          plan_layers)
@@ -48,7 +51,8 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .texts import read_texts, TEXT_SUFFIXES
     from .model_config import read_model_config
     from .model_folder import config_files, rename_stem
-    from .consumer_keys import Consumer, Role, split_key, key_accepted, ROLES, KOHYA_LIKE_PREFIXES
+    from .consumer_keys import (Consumer, Role, split_key, key_accepted, ROLES, KOHYA_LIKE_PREFIXES,
+                                unknown_to_architecture)
     from .calibration import FORMAT_KEY, InputStats, CalibrationStats, read_calibration, write_calibration
     from .models import (ModelKind, require_transformers, model_kind, load_model, load_tokenizer, token_ids, padded_batches,
                          Denoiser, find_denoiser, require_diffusers, load_denoiser)
@@ -71,7 +75,10 @@ _EXPORTS = {name: module for module, names in {
     ".pickles": ("TensorDict", "load_pickle",),
     ".checkpoint": ("Checkpoint", "open_checkpoint", "as_checkpoint", "Pairing", "pair_tensors",),
     ".kohya_names": ("COMPONENT_PREFIXES", "KOHYA_PREFIXES", "kohya_key", "split_prefix", "check_prefix", "guess_module_name",
-                   "match_keys", "is_text_encoder_prefix",),
+                   "match_keys", "is_text_encoder_prefix", "architecture_names", "dotted_module_name",),
+    ".architectures": ("Naming", "Rule", "Architecture", "ARCHITECTURES", "Detected", "detect_architecture", "body_of",
+                     "TRANSFORMER", "architecture_named", "needs_base",),
+    ".arch_convert": ("to_original", "to_diffusers", "for_format", "row_sizes",),
     ".base_model": ("task_type", "base_model_reference",),
     ".peft": ("CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_peft_folder",
             "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft", "write_diffusers",
@@ -84,14 +91,15 @@ _EXPORTS = {name: module for module, names in {
                       "kohya_extras",),
     ".formats": ("AdapterFormat", "load_adapter", "save_adapter", "detect_format", "describe_adapter", "describe_modules",
                "check_target", "output_format", "fit_format", "fit_all", "left_out_warning",
-               "select_modules", "LEFT_OUT", "LEFT_OUT_WHOLE", "check_kohya_target",),
+               "select_modules", "LEFT_OUT", "LEFT_OUT_WHOLE", "check_kohya_target", "in_output_naming",),
     ".layers": ("FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
               "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan",
               "plan_layers",),
     ".texts": ("read_texts", "TEXT_SUFFIXES",),
     ".model_config": ("read_model_config",),
     ".model_folder": ("config_files", "rename_stem",),
-    ".consumer_keys": ("Consumer", "Role", "split_key", "key_accepted", "ROLES", "KOHYA_LIKE_PREFIXES",),
+    ".consumer_keys": ("Consumer", "Role", "split_key", "key_accepted", "ROLES", "KOHYA_LIKE_PREFIXES",
+                       "unknown_to_architecture",),
     ".calibration": ("FORMAT_KEY", "InputStats", "CalibrationStats", "read_calibration", "write_calibration",),
     ".models": ("ModelKind", "require_transformers", "model_kind", "load_model", "load_tokenizer", "token_ids",
               "padded_batches", "Denoiser", "find_denoiser", "require_diffusers", "load_denoiser"),

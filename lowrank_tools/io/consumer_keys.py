@@ -19,10 +19,14 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from enum import Enum
 
-__all__ = ["Consumer", "Role", "split_key", "key_accepted", "ROLES", "KOHYA_LIKE_PREFIXES"]
+from .architectures import Naming
+from .kohya_names import architecture_names, split_prefix
+
+__all__ = ["Consumer", "Role", "split_key", "key_accepted", "ROLES", "KOHYA_LIKE_PREFIXES", "unknown_to_architecture"]
 
 
 class Consumer(str, Enum):
@@ -99,3 +103,23 @@ def key_accepted(consumer: Consumer, module: str, suffix: str | None) -> str | N
     if _prefixed(module, dotted) or (consumer is Consumer.COMFYUI and _COMFY_PEFT.match(module)):
         return None if _DOTTED_BODY.match(module) else "not a dotted module path"
     return f"prefix not loaded by {consumer.value} (expected {', '.join((*underscore, *dotted))})"
+
+
+def unknown_to_architecture(module_keys) -> tuple[str | None, dict[str, str]]:
+    """For a kohya-named file of a transformer model (Flux, SD3, Wan: :mod:`.architectures`), the model it is read
+    as and {module key: why} for each ``lora_unet_`` key that is none of that model's modules: ComfyUI maps
+    ``lora_unet_<original name with . -> _>`` of the model's own modules only, and drops the rest ("lora key not
+    loaded"). (None, {}) for any other file."""
+    keys = [k for k in module_keys if split_prefix(k)[0] == "lora_unet_" and "." not in k]
+    names, found = architecture_names(keys)
+    if found is None or found.naming is not Naming.ORIGINAL:
+        return None, {}
+    rules = found.architecture.rules
+    out = {}
+    for key in (k for k in keys if k not in names):
+        indices = set(re.findall(r"_(\d+)_", key)) or {"0"}
+        known = [f"lora_unet_{r.original.replace('{i}', i).replace('.', '_')}" for r in rules for i in indices]
+        close = difflib.get_close_matches(key, known, n=1)
+        out[key] = (f"no module of {found.describe()} has this name" +
+                    (f" (did you mean {close[0]}?)" if close else ""))
+    return found.describe(), out

@@ -25,6 +25,7 @@ from ..adapter import Adapter, ModuleKind, module_name
 from .checkpoint import Checkpoint, as_checkpoint, atomic_output, open_checkpoint
 from ..errors import AdapterFormatError, CheckpointNotFound, ConversionError, UsageError
 from .adapter_extras import check_peft_extras
+from .architectures import detect_architecture, needs_base
 from .layers import NOT_HELD, compile_filters, matches
 from .kohya import is_kohya_keys, kohya_state_dict, read_kohya, write_kohya
 from .lycoris import fit_kernels, is_lycoris_keys, read_lycoris, read_peft_lycoris
@@ -34,7 +35,7 @@ from .peft import (DIFFUSERS_COMPONENTS, DIFFUSERS_NAME, WEIGHTS_NAME, is_diffus
 
 __all__ = ["AdapterFormat", "load_adapter", "save_adapter", "detect_format", "describe_adapter", "describe_modules",
            "check_target", "output_format", "fit_format", "fit_all", "left_out_warning", "select_modules", "LEFT_OUT",
-           "LEFT_OUT_WHOLE", "check_kohya_target"]
+           "LEFT_OUT_WHOLE", "check_kohya_target", "in_output_naming"]
 
 
 class AdapterFormat(str, Enum):
@@ -184,6 +185,18 @@ def _base_shapes(base):
     return shape_of
 
 
+def in_output_naming(adapter: Adapter, format: AdapterFormat | str) -> Adapter:
+    """A transformer diffusion model's adapter (Flux, SD3, Wan) in the names ``format``'s consumers load: kohya
+    files the original (BFL/SAI/Wan) names with fused layers fused, PEFT/diffusers files diffusers' names, split
+    exactly (:mod:`.arch_convert`); any other adapter unchanged."""
+    from .arch_convert import for_format  # its linalg (the QR core) only when writing: info stays light
+
+    base_names = None
+    if needs_base(adapter.modules) and adapter.base_model and Path(adapter.base_model).exists():
+        base_names = _module_names(adapter.base_model)[0]  # names two models share: the base decides
+    return for_format(adapter, AdapterFormat(format) is AdapterFormat.KOHYA, base_names=base_names)[0]
+
+
 def check_target(adapter: Adapter, format: AdapterFormat | str, *, prefix: str = "lora_unet_") -> None:
     """Raise :class:`ConversionError` (naming the module) when ``format`` cannot hold the adapter."""
     if AdapterFormat(format) is AdapterFormat.KOHYA:
@@ -218,6 +231,7 @@ def save_adapter(adapter: Adapter, target: str | os.PathLike, *, format: Adapter
     fmt = output_format(target, format)
     if dtype is not None:
         adapter = adapter.to(dtype=dtype)
+    adapter = in_output_naming(adapter, fmt)
     check_target(adapter, fmt, prefix=prefix)
     with atomic_output(target, force=force, inputs=inputs, transaction=transaction) as tmp:
         if fmt is AdapterFormat.KOHYA:
@@ -240,6 +254,12 @@ def _scale_rule(adapter: Adapter) -> str:
     return "alpha / r" if rs != {True, False} else "alpha / r, alpha / sqrt(r) for rsLoRA modules"
 
 
+def _architecture(adapter: Adapter) -> str | None:
+    """What ``info`` says the module names were read as: "Flux (BFL names)", "SD3 (diffusers names)", ..."""
+    found = detect_architecture(adapter.modules)
+    return found.describe() if found else None
+
+
 def describe_adapter(adapter: Adapter, path: str | os.PathLike) -> dict:
     """Facts for ``info``: format, module count, rank and alpha distribution, scale rule, params, dtype."""
     mods = adapter.modules.values()
@@ -247,6 +267,7 @@ def describe_adapter(adapter: Adapter, path: str | os.PathLike) -> dict:
     return {
         "path": str(path),
         "format": adapter.source_format,
+        "architecture": _architecture(adapter),
         "modules": len(adapter.modules),
         "kinds": _counts(m.kind.value for m in mods),
         "types": _counts(m.kind_name for m in mods),  # lora, loha, lokr, tucker, dora, diff

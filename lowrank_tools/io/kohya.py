@@ -28,7 +28,8 @@ from .atomic import write_safetensors
 from .checkpoint import open_checkpoint
 from ..errors import AdapterFormatError, ConversionError
 from .json_input import get_str_map, load_json
-from .kohya_names import check_prefix, guess_module_name, kohya_key, match_keys
+from .kohya_names import (architecture_names, check_prefix, dotted_module_name, guess_module_name, kohya_key,
+                          match_keys)
 from .peft import build_module, file_factors, lora_keys_seen
 
 __all__ = ["NAMES_KEY", "kohya_key", "is_kohya_keys", "read_kohya", "write_kohya", "kohya_state_dict",
@@ -150,8 +151,11 @@ def _recorded_names(ckpt, path: Path) -> dict[str, str]:
 def _module_names(keys: list[str], recorded: dict, path: Path, module_names, base: str | None) -> tuple[dict, list]:
     """{kohya key: module name} and notes: recorded names, else matched against a base, else guessed."""
     names = {k: recorded[k] for k in keys if k in recorded}
-    rest = [k for k in keys if k not in recorded]
-    notes = []
+    names.update({k: dotted_module_name(k) for k in keys if k not in names and "." in k})  # exact: ComfyUI's
+    exact, found = architecture_names(k for k in keys if k not in names)
+    names.update(exact)
+    rest = [k for k in keys if k not in names]
+    notes = [f"{path}: read as {found.describe()}: {len(exact)} module names from its table"] if found else []
     if rest and module_names is not None:
         names.update(match_keys(rest, module_names, where=str(path), base=base or "the base checkpoint"))
         notes.append(f"{path}: {len(rest)} module names matched against {base or 'the base checkpoint'} "

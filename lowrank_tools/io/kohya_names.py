@@ -17,17 +17,25 @@ import re
 from collections.abc import Iterable
 
 from ..errors import AdapterMismatch, InvalidOption
+from .architectures import TRANSFORMER, Detected, Naming, detect_architecture
 
 __all__ = ["COMPONENT_PREFIXES", "KOHYA_PREFIXES", "kohya_key", "split_prefix", "check_prefix", "guess_module_name",
-           "match_keys", "is_text_encoder_prefix"]
+           "match_keys", "is_text_encoder_prefix", "architecture_names", "dotted_module_name"]
 
 # module-name component -> kohya prefix
 COMPONENT_PREFIXES = {"unet.": "lora_unet_", "transformer.": "lora_unet_", "text_encoder.": "lora_te_",
-                      "text_encoder_2.": "lora_te2_"}
+                      "text_encoder_2.": "lora_te2_", "text_encoder_3.": "lora_te3_"}
 # kohya prefix -> the pipeline components it can stand for (the first is the guess)
+# (lora_te3_: SD3's / Flux's T5 in sd-scripts' lora_sd3.py / lora_flux.py; lora_transformer_: OneTrainer's diffusers
+# transformer. LyCORIS' own lycoris_ prefix is read for the transformer models of :mod:`.architectures` only)
 KOHYA_PREFIXES = {"lora_unet_": ("unet.", "transformer."), "lora_transformer_": ("transformer.",),
-                  "lora_te1_": ("text_encoder.",), "lora_te2_": ("text_encoder_2.",), "lora_te_": ("text_encoder.",)}
+                  "lora_te1_": ("text_encoder.",), "lora_te2_": ("text_encoder_2.",), "lora_te3_": ("text_encoder_3.",),
+                  "lora_te_": ("text_encoder.",)}
+_TRANSFORMER_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")  # may hold a transformer model's names
 _TEXT_MODEL_CHILDREN = ("encoder.", "embeddings.", "final_layer_norm.")  # CLIPTextTransformer's children
+# a T5 encoder (Flux's text_encoder_2, SD3's text_encoder_3): sd-scripts (lora_flux.py, lora_sd3.py) and ComfyUI
+# (comfy/lora.py, t5xxl) name it lora_te3_<T5 module path>
+_T5_BODY = ("encoder.block.", "shared", "encoder.final_layer_norm")
 # UNet names diffusers' kohya converter cannot read back in diffusers spelling (its SDXL rule strips the ".1" of
 # "add.embedding.linear.1"): written in the SGM spelling it maps to them (label_emb.0.0 -> add_embedding.linear_1)
 _UNET_SPELLING = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
@@ -46,6 +54,10 @@ final_layer_norm layer_norm1 layer_norm2 token_embedding position_embedding text
 embed_tokens lm_head input_layernorm post_attention_layernorm word_embeddings position_embeddings
 token_type_embeddings c_attn c_proj c_fc query_key_value dense_h_to_4h dense_4h_to_h embed_in embed_out
 x_embedder context_embedder time_text_embed timestep_embedder text_embedder guidance_embedder norm_out
+single_transformer_blocks proj_mlp norm1_context ff_context to_add_out
+double_blocks single_blocks img_attn txt_attn img_mlp txt_mlp img_mod txt_mod final_layer adaLN_modulation
+img_in txt_in time_in vector_in guidance_in in_layer out_layer joint_blocks x_block context_block t_embedder
+y_embedder self_attn cross_attn k_img v_img patch_embedding text_embedding time_embedding time_projection img_emb
 """
 _KNOWN_TOKENS = sorted((tuple(w.split("_")) for w in _KNOWN.split()), key=len, reverse=True)
 
@@ -62,9 +74,13 @@ def is_text_encoder_prefix(prefix: str) -> bool:
     return prefix.startswith("lora_te")
 
 
+def _is_t5(body: str) -> bool:
+    return body.startswith(_T5_BODY)
+
+
 def _a1111_body(body: str) -> str:
-    """Text-encoder names gain ``text_model.`` where a flattened CLIPTextModel lacks it."""
-    return f"text_model.{body}" if body.startswith(_TEXT_MODEL_CHILDREN) else body
+    """Text-encoder names gain ``text_model.`` where a flattened CLIPTextModel lacks it (never a T5's)."""
+    return f"text_model.{body}" if body.startswith(_TEXT_MODEL_CHILDREN) and not _is_t5(body) else body
 
 
 def kohya_key(name: str, *, prefix: str = "lora_unet_", two_encoders: bool = False) -> str:
@@ -73,6 +89,8 @@ def kohya_key(name: str, *, prefix: str = "lora_unet_", two_encoders: bool = Fal
         if name.startswith(component):
             if component == "text_encoder." and two_encoders:
                 comp_prefix = "lora_te1_"
+            elif component.startswith("text_encoder") and _is_t5(name[len(component):]):
+                comp_prefix = "lora_te3_"
             prefix, name = comp_prefix, name[len(component):]
             break
     if is_text_encoder_prefix(prefix):
@@ -145,3 +163,35 @@ def match_keys(keys: Iterable[str], module_names: Iterable[str], *, where: str, 
                                   f"was made for")
         out[key] = found[0]
     return out
+
+
+def dotted_module_name(key: str) -> str | None:
+    """A key that spells its module with dots (ComfyUI's ``diffusion_model.double_blocks.0.img_attn.qkv``,
+    ``text_encoders.clip_l...``) names it exactly: the module, without ComfyUI's / SGM's model prefix; None for
+    a kohya key (no dot)."""
+    if "." not in key:
+        return None
+    return next((key[len(p):] for p in ("model.diffusion_model.", "diffusion_model.") if key.startswith(p)), key)
+
+
+def architecture_names(keys: Iterable[str]) -> tuple[dict[str, str], Detected | None]:
+    """{kohya key: exact module name} for the keys of a transformer model's file, read with the one architecture
+    and naming the whole file is detected as (:mod:`.architectures`): ``lora_unet_double_blocks_0_img_attn_qkv``
+    -> ``double_blocks.0.img_attn.qkv`` (Flux, BFL names), ``lora_transformer_single_transformer_blocks_0_attn_to_q``
+    -> ``transformer.single_transformer_blocks.0.attn.to_q``; ({}, None) when no architecture fits."""
+    bodies = {}
+    for key in keys:
+        prefix, body = ("lycoris_", key[len("lycoris_"):]) if key.startswith("lycoris_") else split_prefix(key)
+        if prefix in _TRANSFORMER_PREFIXES:
+            bodies[key] = body
+    found = detect_architecture(bodies.values(), sep="_")
+    if found is None:
+        return {}, None
+    names = {}
+    for key, body in bodies.items():
+        hit = found.architecture.match(body, found.naming, sep="_")
+        if hit is not None:
+            rule, index, part = hit
+            name = found.architecture.module_name(rule, index, found.naming, part)
+            names[key] = name if found.naming is Naming.ORIGINAL else TRANSFORMER + name
+    return names, found

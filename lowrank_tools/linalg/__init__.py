@@ -28,6 +28,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .whiten import (DEFAULT_DAMPING, Whitener, WhitenedFactors, whitener, whitened_matrix, whitened_svd,
                          whitened_balanced_factors, output_rel_error, measured_output_error,
                          whitened_factors)
+    from .fused import split_rows, fuse_rows, swap_halves
     from .lazy import lazy_exports
 
 # public name -> the module that defines it, imported on first use (PEP 562): importing one module of this package
@@ -49,6 +50,7 @@ _EXPORTS = {name: module for module, names in {
                   "kron_svd", "numerical_rank", "exact_rank", "dora_rescale_", "dora_row_norms",),
     ".whiten": ("DEFAULT_DAMPING", "Whitener", "WhitenedFactors", "whitener", "whitened_matrix", "whitened_svd",
               "whitened_balanced_factors", "output_rel_error", "measured_output_error", "whitened_factors",),
+    ".fused": ("split_rows", "fuse_rows", "swap_halves",),
     ".lazy": ("lazy_exports",),
 }.items() for name in names}
 

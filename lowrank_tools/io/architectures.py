@@ -1,0 +1,242 @@
+"""Transformer diffusion models: their original module names, diffusers' names, and which layers are fused.
+
+Our own tables, written from the public converters (read, not copied):
+- Flux: diffusers ``loaders/lora_conversion_utils.py`` (``_convert_kohya_flux_lora_to_diffusers``) and
+  ``loaders/single_file_utils.py`` (``convert_flux_transformer_checkpoint_to_diffusers``); kohya sd-scripts
+  ``networks/lora_flux.py``; ComfyUI ``comfy/utils.py`` (``flux_to_diffusers``). Original = BFL names (what
+  kohya's ``lora_unet_double_blocks_0_img_attn_qkv`` and ComfyUI's ``diffusion_model.double_blocks.0...`` name).
+- SD3 / SD3.5: ``single_file_utils.convert_sd3_transformer_checkpoint_to_diffusers``; sd-scripts
+  ``networks/lora_sd3.py``. Original = SAI MMDiT names (``joint_blocks.N.x_block.attn.qkv``).
+- Wan 2.x: ``lora_conversion_utils._convert_musubi_wan_lora_to_diffusers`` / ``_convert_non_diffusers_wan_lora_to_
+  diffusers``; musubi-tuner. Original = Wan names (``blocks.N.self_attn.q``); nothing fused.
+- Qwen-Image: ``_convert_non_diffusers_qwen_lora_to_diffusers``; ComfyUI ``comfy/ldm/qwen_image/model.py`` keeps
+  diffusers' names, so both namings are one (kohya ``lora_unet_transformer_blocks_0_img_mod_1``).
+
+A :class:`Rule` maps one original module to its ordered diffusers parts. A fused one (``sizes``) stacks its parts
+by rows: part j has ``sizes[j] * in_features`` rows, e.g. Flux's ``linear1`` = [q; k; v; mlp].
+``swap``: BFL/SAI final modulations yield (shift, scale), diffusers' ``AdaLayerNormContinuous`` (scale, shift): the
+row halves trade places when a module has ``2 * in_features`` rows (SD3 also swaps its last block's context
+modulation, which is the only one of that size).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+__all__ = ["Naming", "Rule", "Architecture", "ARCHITECTURES", "Detected", "detect_architecture", "body_of",
+           "TRANSFORMER", "architecture_named", "needs_base"]
+
+TRANSFORMER = "transformer."  # the diffusers pipeline component of these models
+_ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # SGM single files, ComfyUI
+
+
+class Naming(str, Enum):
+    ORIGINAL = "original"    # BFL / SAI / Wan: what kohya, musubi-tuner and ComfyUI name
+    DIFFUSERS = "diffusers"  # diffusers' transformer classes
+
+
+@dataclass(frozen=True)
+class Rule:
+    original: str                        # "double_blocks.{i}.img_attn.qkv"
+    parts: tuple[str, ...]               # diffusers names, in row order
+    sizes: tuple[int, ...] = ()          # fused: row multiples of in_features per part; () for one part
+    swap: bool = False                   # (shift, scale) <-> (scale, shift) when rows == 2 * in_features
+
+    def pattern(self, naming: Naming, part: int = 0, sep: str = ".") -> re.Pattern:
+        text = self.original if naming is Naming.ORIGINAL else self.parts[part]
+        text = re.escape(text.replace(".", sep)).replace(r"\{i\}", r"(?P<i>\d+)")
+        return re.compile(f"^{text}$")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str                            # flux, sd3, wan
+    label: str                           # for info: "Flux", "SD3", "Wan"
+    original_label: str                  # "BFL", "SAI MMDiT", "Wan"
+    rules: tuple[Rule, ...]
+    base_markers: tuple[str, ...] = ()   # regexes on a base checkpoint's module names that tell the model apart
+    one_naming: bool = False             # the original model uses diffusers' names (Qwen-Image)
+    _compiled: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def compiled(self, naming: Naming, sep: str = ".") -> list[tuple[re.Pattern, Rule, int]]:
+        """[(regex, rule, part)] of every name of ``naming`` (``sep``: "_" for kohya bodies)."""
+        key = (naming, sep)
+        if key not in self._compiled:
+            self._compiled[key] = [(r.pattern(naming, j, sep), r, j) for r in self.rules
+                                   for j in (range(len(r.parts)) if naming is Naming.DIFFUSERS else (0,))]
+        return self._compiled[key]
+
+    def match(self, body: str, naming: Naming, sep: str = ".") -> tuple[Rule, str, int] | None:
+        """(rule, block index or "", part) of a module body in ``naming``; None when not one of its names."""
+        for rx, rule, part in self.compiled(naming, sep):
+            found = rx.match(body)
+            if found:
+                return rule, found.groupdict().get("i") or "", part
+        return None
+
+    def module_name(self, rule: Rule, index: str, naming: Naming, part: int = 0) -> str:
+        text = rule.original if naming is Naming.ORIGINAL else rule.parts[part]
+        return text.replace("{i}", index)
+
+
+def _r(original: str, *parts: str, sizes=(), swap=False) -> Rule:
+    return Rule(original, parts, tuple(sizes), swap)
+
+
+def _embedder(src: str, leaves: tuple[str, str], dst: str) -> tuple[Rule, Rule]:
+    """A two-layer MLP embedder: ``src.<leaves[0]>`` -> ``dst.linear_1``, ``src.<leaves[1]>`` -> ``dst.linear_2``."""
+    return _r(f"{src}.{leaves[0]}", f"{dst}.linear_1"), _r(f"{src}.{leaves[1]}", f"{dst}.linear_2")
+
+
+_QKV = (1, 1, 1)
+_IN_OUT, _MLP = ("in_layer", "out_layer"), ("0", "2")
+_FLUX = Architecture("flux", "Flux", "BFL", (
+    _r("double_blocks.{i}.img_attn.qkv", "transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
+       "transformer_blocks.{i}.attn.to_v", sizes=_QKV),
+    _r("double_blocks.{i}.img_attn.proj", "transformer_blocks.{i}.attn.to_out.0"),
+    _r("double_blocks.{i}.img_mlp.0", "transformer_blocks.{i}.ff.net.0.proj"),
+    _r("double_blocks.{i}.img_mlp.2", "transformer_blocks.{i}.ff.net.2"),
+    _r("double_blocks.{i}.img_mod.lin", "transformer_blocks.{i}.norm1.linear"),
+    _r("double_blocks.{i}.txt_attn.qkv", "transformer_blocks.{i}.attn.add_q_proj",
+       "transformer_blocks.{i}.attn.add_k_proj", "transformer_blocks.{i}.attn.add_v_proj", sizes=_QKV),
+    _r("double_blocks.{i}.txt_attn.proj", "transformer_blocks.{i}.attn.to_add_out"),
+    _r("double_blocks.{i}.txt_mlp.0", "transformer_blocks.{i}.ff_context.net.0.proj"),
+    _r("double_blocks.{i}.txt_mlp.2", "transformer_blocks.{i}.ff_context.net.2"),
+    _r("double_blocks.{i}.txt_mod.lin", "transformer_blocks.{i}.norm1_context.linear"),
+    _r("single_blocks.{i}.linear1", "single_transformer_blocks.{i}.attn.to_q", "single_transformer_blocks.{i}.attn.to_k",
+       "single_transformer_blocks.{i}.attn.to_v", "single_transformer_blocks.{i}.proj_mlp", sizes=(1, 1, 1, 4)),  # mlp_ratio 4
+    _r("single_blocks.{i}.linear2", "single_transformer_blocks.{i}.proj_out"),
+    _r("single_blocks.{i}.modulation.lin", "single_transformer_blocks.{i}.norm.linear"),
+    _r("img_in", "x_embedder"),
+    _r("txt_in", "context_embedder"),
+    *_embedder("time_in", _IN_OUT, "time_text_embed.timestep_embedder"),
+    *_embedder("vector_in", _IN_OUT, "time_text_embed.text_embedder"),
+    *_embedder("guidance_in", _IN_OUT, "time_text_embed.guidance_embedder"),
+    _r("final_layer.linear", "proj_out"),
+    _r("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True),
+), base_markers=(r"^single_transformer_blocks\.", r"^single_blocks\.", r"^double_blocks\.\d+\.img_attn\.qkv"))
+
+
+def _mmdit_block(side: str, attn: str, diff: str) -> tuple[Rule, ...]:
+    """One SD3 joint block side: x_block (image) or context_block (text)."""
+    q, k, v, out = (("to_q", "to_k", "to_v", "to_out.0") if side == "x_block" else
+                    ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"))
+    ff, norm = ("ff", "norm1") if side == "x_block" else ("ff_context", "norm1_context")
+    src, dst = f"joint_blocks.{{i}}.{side}", "transformer_blocks.{i}"
+    rules = [_r(f"{src}.{attn}.qkv", *(f"{dst}.{diff}.{p}" for p in (q, k, v)), sizes=_QKV),
+             _r(f"{src}.{attn}.proj", f"{dst}.{diff}.{out}")]
+    if attn == "attn":
+        rules += [_r(f"{src}.mlp.fc1", f"{dst}.{ff}.net.0.proj"), _r(f"{src}.mlp.fc2", f"{dst}.{ff}.net.2"),
+                  _r(f"{src}.adaLN_modulation.1", f"{dst}.{norm}.linear", swap=side == "context_block")]
+    return tuple(rules)
+
+
+_SD3 = Architecture("sd3", "SD3", "SAI MMDiT", (
+    *_mmdit_block("x_block", "attn", "attn"), *_mmdit_block("x_block", "attn2", "attn2"),
+    *_mmdit_block("context_block", "attn", "attn"),
+    _r("x_embedder.proj", "pos_embed.proj"),
+    _r("context_embedder", "context_embedder"),
+    *_embedder("t_embedder.mlp", _MLP, "time_text_embed.timestep_embedder"),
+    *_embedder("y_embedder.mlp", _MLP, "time_text_embed.text_embedder"),
+    _r("final_layer.linear", "proj_out"),
+    _r("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True),
+), base_markers=(r"^joint_blocks\.", r"^pos_embed\.pos_embed$", r"^pos_embed$"))
+
+_WAN = Architecture("wan", "Wan", "Wan", (
+    *(_r(f"blocks.{{i}}.self_attn.{o}", f"blocks.{{i}}.attn1.{d}")
+      for o, d in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))),
+    *(_r(f"blocks.{{i}}.cross_attn.{o}", f"blocks.{{i}}.attn2.{d}")
+      for o, d in zip(("q", "k", "v", "o", "k_img", "v_img"),
+                      ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"))),
+    _r("blocks.{i}.ffn.0", "blocks.{i}.ffn.net.0.proj"),
+    _r("blocks.{i}.ffn.2", "blocks.{i}.ffn.net.2"),
+    _r("patch_embedding", "patch_embedding"),
+    *_embedder("text_embedding", _MLP, "condition_embedder.text_embedder"),
+    *_embedder("time_embedding", _MLP, "condition_embedder.time_embedder"),
+    _r("time_projection.1", "condition_embedder.time_proj"),
+    _r("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    _r("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+    _r("head.head", "proj_out"),
+), base_markers=(r"^blocks\.\d+\.(self_attn|attn1)\.", r"^blocks\.\d+\.ffn\."))
+
+# Qwen-Image: ComfyUI's model (comfy/ldm/qwen_image) and diffusers' QwenImageTransformer2DModel share one naming
+_QWEN_BLOCK = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+               "attn.add_v_proj", "attn.to_add_out", "img_mod.1", "txt_mod.1", "img_mlp.net.0.proj", "img_mlp.net.2",
+               "txt_mlp.net.0.proj", "txt_mlp.net.2")
+_QWEN = Architecture("qwen_image", "Qwen-Image", "diffusers", (
+    *(_r(f"transformer_blocks.{{i}}.{n}", f"transformer_blocks.{{i}}.{n}") for n in _QWEN_BLOCK),
+    *(_r(n, n) for n in ("img_in", "txt_in", "time_text_embed.timestep_embedder.linear_1",
+                         "time_text_embed.timestep_embedder.linear_2", "norm_out.linear", "proj_out")),
+), base_markers=(r"^transformer_blocks\.\d+\.img_mod\.1", r"^txt_norm\."), one_naming=True)
+
+ARCHITECTURES = (_FLUX, _SD3, _WAN, _QWEN)
+
+
+def architecture_named(name: str) -> Architecture:
+    return next(a for a in ARCHITECTURES if a.name == name)
+
+
+def body_of(name: str) -> str:
+    """A module name without its ``transformer.`` / ``diffusion_model.`` / ``model.diffusion_model.`` prefix."""
+    for prefix in (TRANSFORMER, *_ORIGINAL_PREFIXES):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+@dataclass(frozen=True)
+class Detected:
+    architecture: Architecture
+    naming: Naming
+    matched: int          # module names of the adapter it explains
+
+    def describe(self) -> str:
+        arch = self.architecture
+        naming = arch.original_label if self.naming is Naming.ORIGINAL and not arch.one_naming else "diffusers"
+        return f"{self.architecture.label} ({naming} names)"
+
+
+def _matches(names, sep: str = ".") -> dict[tuple[str, Naming], set[str]]:
+    found: dict[tuple[str, Naming], set[str]] = {}
+    for arch in ARCHITECTURES:
+        for naming in (Naming.ORIGINAL,) if arch.one_naming else Naming:
+            hit = {n for n in names if arch.match(body_of(n), naming, sep)}
+            if hit:
+                found[(arch.name, naming)] = hit
+    return found
+
+
+def detect_architecture(names, *, base_names=None, sep: str = ".") -> Detected | None:
+    """The architecture and naming of module names (a whole file's, not a guess per name): the one that explains
+    names no other explains (Flux's single blocks, SD3's joint blocks...), most names first. Names every candidate
+    explains alike (a Flux or SD3 ``transformer_blocks.0.attn.to_q``) are decided by ``base_names``, a base
+    checkpoint's module names; None when nothing decides."""
+    names = [n for n in names if not n.startswith("text_encoder")]
+    found = _matches(names, sep)
+    if not found:
+        return None
+    distinct = {key: hit - set().union(*(h for k, h in found.items() if k != key)) for key, hit in found.items()}
+    ranked = sorted((key for key in found if distinct[key]), key=lambda k: (-len(found[k]), -len(distinct[k])))
+    if not ranked and base_names is not None:
+        arch = _base_architecture(base_names)
+        ranked = [k for k in found if arch is not None and k[0] == arch.name]
+    if not ranked:
+        return None
+    arch_name, naming = ranked[0]
+    return Detected(architecture_named(arch_name), naming, len(found[ranked[0]]))
+
+
+def _base_architecture(base_names) -> Architecture | None:
+    bodies = [body_of(n) for n in base_names]
+    for arch in ARCHITECTURES:
+        if any(re.search(m, b) for m in arch.base_markers for b in bodies):
+            return arch
+    return None
+
+
+def needs_base(names) -> bool:
+    """True when some names are a table's but only a base checkpoint can tell which model's (see
+    :func:`detect_architecture`)."""
+    return detect_architecture(names) is None and bool(_matches([n for n in names if not n.startswith("text_encoder")]))
