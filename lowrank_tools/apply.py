@@ -2,6 +2,9 @@
 
     W = W0 + sum_i w_i scale_i B_i A_i        in float32, cast back to W0's dtype (or ``dtype``)
 
+An fp8 W0 (plain or ComfyUI-scaled, read dequantized: :mod:`lowrank_tools.io.fp8`) is written as bfloat16 unless
+``dtype`` says otherwise: fp8 + delta cannot stay fp8 without requantizing, and bf16 holds every fp8 value exactly.
+
 Every check (each module exists in the base with a matching shape) runs before anything is written.
 Then each base tensor is read, updated in place a block of rows at a time (``addmm_`` into a float32
 copy of the block: no dense delta, no float32 copy of the whole weight) and handed to
@@ -304,7 +307,8 @@ def applied_tensors(base: Checkpoint, plan: Mapping[str, Sequence[Term]], whole:
             progress(i, len(names), name)
         t = base.get(name)
         _check_input(t, f"base tensor {name} in {base.path}")
-        target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        # no dtype asked: each tensor keeps its stored dtype (fp8, read dequantized, is written as bfloat16)
+        target = dtype if dtype is not None and t.is_floating_point() else base.write_dtype(name)
         if whole and name in whole:
             what = f"tensor {name} saved whole in the adapter"
             _check_input(whole[name], what)
@@ -381,7 +385,7 @@ def _write(ckpt: Checkpoint, items: Sequence[WeightedAdapter], plan, whole, tmp:
     ``changes``, measure each changed tensor against the base."""
     copied = config_files(ckpt.path) if shard_size is not None else []
     metadata = _metadata(ckpt, items, copied)
-    entries = [(k, dtype if dtype is not None and ckpt.dtype(k).is_floating_point else ckpt.dtype(k), ckpt.shape(k))
+    entries = [(k, dtype if dtype is not None and ckpt.dtype(k).is_floating_point else ckpt.write_dtype(k), ckpt.shape(k))
                for k in ckpt.keys()]
     reserve = header_bound(entries, metadata)  # every name and shape is known: the writer streams from the start
     count = 0

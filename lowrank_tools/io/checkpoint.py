@@ -27,6 +27,7 @@ import torch
 from .atomic import ShardedWriter, atomic_output, check_output, parse_size
 from ..errors import (CheckpointNotFound, CorruptCheckpoint, MissingTensor, NoCommonTensors, NotACheckpoint,
                      ShapeMismatch)
+from .fp8 import dequantizing, strip_quantization_metadata
 from .pickles import TensorDict, load_pickle
 from .json_input import get_bool, get_str, get_str_list, get_str_map, load_json, type_name
 from .safetensors import SAFETENSORS_DTYPES  # noqa: F401 - importable from here as before the split
@@ -114,6 +115,13 @@ class Checkpoint:
         source, inner = self._lookup(name)
         return source.info(inner)[0]
 
+    def write_dtype(self, name: str) -> torch.dtype:
+        """The dtype to write ``name`` back as when no dtype is asked: the stored one, or bfloat16 for a tensor
+        stored as fp8 (read dequantized to float32; see :mod:`lowrank_tools.io.fp8`)."""
+        source, inner = self._lookup(name)
+        write_dtype = getattr(source, "write_dtype", None)
+        return write_dtype(inner) if write_dtype else source.info(inner)[0]
+
     def nbytes(self, name: str) -> int:
         source, inner = self._lookup(name)
         dtype, shape = source.info(inner)
@@ -158,9 +166,28 @@ class Checkpoint:
             raise MissingTensor(f"tensor {name!r} is not in {self.path}: {hint}") from None
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open a checkpoint file or folder for lazy reading (see the module docstring)."""
-    path = Path(path)
+def open_checkpoint(path: str | os.PathLike, *, dequantize: bool = True) -> Checkpoint:
+    """Open a checkpoint file or folder for lazy reading (see the module docstring).
+
+    ``dequantize``: fp8 tensors (plain, or ComfyUI-scaled) read as float32 and their scale keys hidden
+    (:mod:`lowrank_tools.io.fp8`): a model's weights. Adapter readers pass False: they see stored dtypes."""
+    ckpt = _open_checkpoint(Path(path))
+    return _dequantized(ckpt) if dequantize else ckpt
+
+
+def _dequantized(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` with each source that holds fp8 wrapped in a dequantizing view (in place: it is fresh)."""
+    wrapped = {id(s): dequantizing(s) for s in ckpt._sources}
+    if all(wrapped[id(s)] is s for s in ckpt._sources):
+        return ckpt
+    visible = {key: set(w.names()) for key, w in wrapped.items()}
+    ckpt._index = {n: (wrapped[id(s)], inner) for n, (s, inner) in ckpt._index.items() if inner in visible[id(s)]}
+    ckpt._sources = [wrapped[id(s)] for s in ckpt._sources]
+    ckpt.metadata = strip_quantization_metadata(ckpt.metadata)
+    return ckpt
+
+
+def _open_checkpoint(path: Path) -> Checkpoint:
     if not path.exists():
         raise CheckpointNotFound(f"checkpoint {path} does not exist: check the path")
     try:
@@ -177,16 +204,19 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(path, index, sources=[source], metadata=source.metadata)
 
 
-def as_checkpoint(source: Checkpoint | str | os.PathLike | Mapping[str, torch.Tensor]) -> Checkpoint:
-    """A :class:`Checkpoint` from a checkpoint, a path (opened) or a name -> tensor mapping."""
+def as_checkpoint(source: Checkpoint | str | os.PathLike | Mapping[str, torch.Tensor], *,
+                  dequantize: bool = True) -> Checkpoint:
+    """A :class:`Checkpoint` from a checkpoint, a path (opened) or a name -> tensor mapping (``dequantize``: as
+    :func:`open_checkpoint`'s)."""
     if isinstance(source, Checkpoint):
         return source
     if isinstance(source, (str, os.PathLike)):
-        return open_checkpoint(source)
+        return open_checkpoint(source, dequantize=dequantize)
     if isinstance(source, Mapping):
         tensors = {k: v for k, v in source.items() if isinstance(v, torch.Tensor)}
         part = TensorDict(Path("<in-memory>"), tensors)
-        return Checkpoint(part.path, {n: (part, n) for n in tensors}, sources=[part])
+        ckpt = Checkpoint(part.path, {n: (part, n) for n in tensors}, sources=[part])
+        return _dequantized(ckpt) if dequantize else ckpt
     raise TypeError(f"expected a checkpoint path, Checkpoint or dict of tensors, got {type(source).__name__}")
 
 
