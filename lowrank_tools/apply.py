@@ -385,8 +385,8 @@ def _write(ckpt: Checkpoint, items: Sequence[WeightedAdapter], plan, whole, tmp:
     ``changes``, measure each changed tensor against the base."""
     copied = config_files(ckpt.path) if shard_size is not None else []
     metadata = _metadata(ckpt, items, copied)
-    entries = [(k, dtype if dtype is not None and ckpt.dtype(k).is_floating_point else ckpt.write_dtype(k), ckpt.shape(k))
-               for k in ckpt.keys()]
+    entries = [(k, dtype if dtype is not None and ckpt.dtype(k).is_floating_point else ckpt.write_dtype(k),
+                ckpt.shape(k)) for k in ckpt.keys()]
     reserve = header_bound(entries, metadata)  # every name and shape is known: the writer streams from the start
     count = 0
     with ShardedWriter(tmp, shard_size=shard_size, metadata=metadata, header_reserve=reserve) as writer:

@@ -30,7 +30,7 @@ def _fp8_base(tmp_path, *, how: str, fp8=E4M3, name="base.safetensors"):
     the dequantized weights ({tensor: float32}) by this test's own formula."""
     g = torch.Generator().manual_seed(0)
     tensors, deq = {}, {}
-    for i, (mod, shape) in enumerate(SHAPES.items()):
+    for mod, shape in SHAPES.items():
         W = torch.randn(shape, generator=g) * 0.05
         if how == "plain":
             w8, scale = W.to(fp8), None
@@ -51,7 +51,8 @@ def _fp8_base(tmp_path, *, how: str, fp8=E4M3, name="base.safetensors"):
         deq[f"{mod}.weight"] = w8.float() * s
     if how == "scale_weight":
         tensors["scaled_fp8"] = torch.empty(0, dtype=fp8)
-    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {}})} if how == "weight_scale" else None
+    quant = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {}})}
+    meta = quant if how == "weight_scale" else None
     save_file(tensors, str(tmp_path / name), metadata=meta)
     return tmp_path / name, deq, tensors
 
@@ -159,8 +160,8 @@ def test_cli_extract_and_apply_with_fp8_base(tmp_path):
     r = CliRunner().invoke(main, ["extract", str(base), str(tuned), "-o", str(lora), "-r", "3", "-q"])
     assert r.exit_code == 0, r.output
     adapter = load_adapter(lora)
-    assert {k.split(".")[0] for k in load_file(str(lora))} == {"lora_unet_blocks_0_attn_qkv", "lora_unet_blocks_0_mlp_fc",
-                                                               "lora_unet_blocks_1_conv"}
+    assert {k.split(".")[0] for k in load_file(str(lora))} == {
+        "lora_unet_blocks_0_attn_qkv", "lora_unet_blocks_0_mlp_fc", "lora_unet_blocks_1_conv"}
     m = adapter.modules["blocks.0.mlp.fc"]
     assert torch.allclose(m.delta(), deltas["blocks.0.mlp.fc.weight"], atol=1e-6)
     out = tmp_path / "applied.safetensors"

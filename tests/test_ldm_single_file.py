@@ -117,7 +117,7 @@ def run(*args):
 
 
 def test_extract_single_file_kohya_loads_in_diffusers_and_fuses_to_the_tuned_weights(sd15, tmp_path):
-    tmp, _, before, tuned_w, _, _ = sd15
+    tmp, _, _, tuned_w, _, _ = sd15
     out = tmp_path / "lora.safetensors"
     r = run("extract", tmp / "base.safetensors", tmp / "tuned.safetensors", "-o", out, "--rank", "4", "-q")
     assert r.exit_code == 0, r.output
@@ -143,7 +143,8 @@ def test_extract_single_file_kohya_loads_in_diffusers_and_fuses_to_the_tuned_wei
 def test_apply_onto_the_single_file_with_and_without_recorded_names(sd15, tmp_path):
     tmp, _, _, _, base, tuned = sd15
     lora = tmp_path / "lora.safetensors"
-    assert run("extract", tmp / "base.safetensors", tmp / "tuned.safetensors", "-o", lora, "-r", "4", "-q").exit_code == 0
+    r = run("extract", tmp / "base.safetensors", tmp / "tuned.safetensors", "-o", lora, "-r", "4", "-q")
+    assert r.exit_code == 0, r.output
     bare = tmp_path / "bare.safetensors"  # as another tool writes it: no record of the module names
     save_file(load_file(str(lora)), str(bare))
     for adapter in (lora, bare):

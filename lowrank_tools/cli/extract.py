@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from .options import (FORMAT_HELP, FORMATS, METHODS, SEED, Progress, allow_tf32_option, check_kohya_options,
-                      check_outputs, common_options, hub_paths, revision_option, dtype_option, examples, filter_options, finite, force_option,
-                      make_rule, module_table, nothing_left, out_dtype, quiet_option, rank_options, seed_option, show,
-                      warn_all, warner, write_report)
+                      check_outputs, common_options, dtype_option, examples, filter_options, finite, force_option,
+                      hub_paths, make_rule, module_table, nothing_left, out_dtype, quiet_option, rank_options,
+                      revision_option, seed_option, show, warn_all, warner, write_report)
 
 
 

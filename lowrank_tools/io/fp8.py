@@ -23,8 +23,8 @@ import torch
 
 from ..errors import UnsupportedTensor
 
-__all__ = ["FP8_DTYPES", "WEIGHT_SCALES", "DEQUANTIZED_DTYPE", "WRITE_DTYPE", "DequantizedSource", "dequantizing", "strip_quantization_metadata",
-           "dequantize"]
+__all__ = ["FP8_DTYPES", "WEIGHT_SCALES", "DEQUANTIZED_DTYPE", "WRITE_DTYPE", "DequantizedSource", "dequantizing",
+           "strip_quantization_metadata", "dequantize"]
 
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 #: leaves beside an fp8 weight that hold its scale: ComfyUI's legacy scaled fp8, and its mixed-precision format
