@@ -179,3 +179,73 @@ def test_sdxl_prefixes_and_openclip_names():
     assert match_keys(keys, names, where="x", base="b") == dict(zip(keys, names))
     with pytest.raises(AdapterMismatch, match="lora_unet_down_blocks_0_attentions_0_proj_in matches no module"):
         match_keys(["lora_unet_down_blocks_0_attentions_0_proj_in"], names, where="x", base="b")
+
+
+_OPENCLIP_LAYER = [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                   ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+
+
+def openclip_state_dict(te) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModelWithProjection as OpenCLIP's text tower names it (q/k/v fused in in_proj)."""
+    sd = {(k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v
+          for k, v in te.state_dict().items()}
+    out = {"token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+           "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+           "ln_final.weight": sd["text_model.final_layer_norm.weight"],
+           "ln_final.bias": sd["text_model.final_layer_norm.bias"],
+           "text_projection": sd["text_projection.weight"].T.contiguous()}
+    for i in range(te.config.num_hidden_layers):
+        hf, oc = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for leaf in ("weight", "bias"):
+            out[f"{oc}attn.in_proj_{leaf}"] = torch.cat([sd[f"{hf}self_attn.{p}_proj.{leaf}"] for p in "qkv"])
+            out.update({f"{oc}{b}.{leaf}": sd[f"{hf}{a}.{leaf}"] for a, b in _OPENCLIP_LAYER})
+    return {k: v.clone() for k, v in out.items()}
+
+
+def sdxl_single_file(pipe) -> dict[str, torch.Tensor]:
+    names = ldm_unet_names(pipe.unet)
+    names.update({k: k.replace("add_embedding.linear_1", "label_emb.0.0").replace("add_embedding.linear_2",
+                                                                                  "label_emb.0.2")
+                  for k in names if k.startswith("add_embedding.")})
+    sd = {f"model.diffusion_model.{names[k]}": v.clone() for k, v in pipe.unet.state_dict().items()}
+    for k, v in pipe.text_encoder.state_dict().items():
+        k = k if k.startswith("text_model.") else f"text_model.{k}"
+        sd[f"conditioner.embedders.0.transformer.{k}"] = v.clone()
+    sd.update({f"conditioner.embedders.1.model.{k}": v for k, v in openclip_state_dict(pipe.text_encoder_2).items()})
+    return sd
+
+
+def test_sdxl_single_file_kohya_loads_in_diffusers(tmp_path):
+    """SDXL: UNet (label_emb), CLIP-L as lora_te1_, OpenCLIP-bigG as lora_te2_ (out_proj / fc1 / fc2 renamed; the
+    fused in_proj is left out): diffusers' SDXL loader reads the file and the fused weights are the tuned ones."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = tiny_pipeline(tmp_path, sdxl=True)
+        pipe.save_pretrained(tmp_path / "base")
+        base = sdxl_single_file(pipe)
+        hf = convert_open_clip_checkpoint(pipe.text_encoder_2, base, prefix="conditioner.embedders.1.model.")
+        own = pipe.text_encoder_2.state_dict()
+        for k, v in hf.items():  # the test's OpenCLIP layout is the one diffusers converts back
+            assert torch.equal(v, own[k] if k in own else own[k.removeprefix("text_model.")]), k
+        fine_tune(pipe)
+        tuned_w = weights(pipe)
+        tuned = sdxl_single_file(pipe)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    out = tmp_path / "lora.safetensors"
+    r = run("extract", tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", "-o", out, "-r", "4", "-q")
+    assert r.exit_code == 0, r.output
+    keys = {k.split(".")[0] for k in load_file(str(out))}
+    assert {"lora_unet_label_emb_0_0", "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+            "lora_te2_text_model_encoder_layers_0_self_attn_out_proj",
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1"} <= keys
+    w0, fused = load_and_fuse(tmp_path / "base", out, sdxl=True)
+    left_out = ("embedding.weight", "text_encoder_2.text_projection.weight", "q_proj.weight", "k_proj.weight",
+                "v_proj.weight")
+    for name, w in fused.items():
+        if name.startswith("text_encoder_2.") and name.endswith(left_out) or name.endswith("embedding.weight"):
+            assert torch.equal(w, w0[name]), name  # in_proj (q/k/v), text_projection, embeddings: not in the file
+        elif w.ndim >= 2:
+            assert torch.allclose(w, tuned_w[name], atol=1e-4), name
