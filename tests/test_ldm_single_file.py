@@ -216,8 +216,9 @@ def sdxl_single_file(pipe) -> dict[str, torch.Tensor]:
 
 
 def test_sdxl_single_file_kohya_loads_in_diffusers(tmp_path):
-    """SDXL: UNet (label_emb), CLIP-L as lora_te1_, OpenCLIP-bigG as lora_te2_ (out_proj / fc1 / fc2 renamed; the
-    fused in_proj is left out): diffusers' SDXL loader reads the file and the fused weights are the tuned ones."""
+    """SDXL: UNet (label_emb), CLIP-L as lora_te1_, OpenCLIP-bigG as lora_te2_ (transformers names; the fused
+    attn.in_proj_weight as q/k/v): diffusers' SDXL loader reads the file and the fused weights are the tuned ones;
+    apply onto the single file writes its own layout (in_proj_weight fused) with the tuned values."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
     with warnings.catch_warnings():
@@ -240,12 +241,41 @@ def test_sdxl_single_file_kohya_loads_in_diffusers(tmp_path):
     keys = {k.split(".")[0] for k in load_file(str(out))}
     assert {"lora_unet_label_emb_0_0", "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
             "lora_te2_text_model_encoder_layers_0_self_attn_out_proj",
-            "lora_te2_text_model_encoder_layers_0_mlp_fc1"} <= keys
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1",
+            "lora_te2_text_model_encoder_layers_0_self_attn_k_proj"} <= keys
     w0, fused = load_and_fuse(tmp_path / "base", out, sdxl=True)
-    left_out = ("embedding.weight", "text_encoder_2.text_projection.weight", "q_proj.weight", "k_proj.weight",
-                "v_proj.weight")
     for name, w in fused.items():
-        if name.startswith("text_encoder_2.") and name.endswith(left_out) or name.endswith("embedding.weight"):
-            assert torch.equal(w, w0[name]), name  # in_proj (q/k/v), text_projection, embeddings: not in the file
+        if name == "text_encoder_2.text_projection.weight" or name.endswith("embedding.weight"):
+            assert torch.equal(w, w0[name]), name  # OpenCLIP's text_projection (no .weight), embeddings: not held
         elif w.ndim >= 2:
             assert torch.allclose(w, tuned_w[name], atol=1e-4), name
+    applied = tmp_path / "applied.safetensors"
+    assert run("apply", tmp_path / "base.safetensors", out, "-o", applied, "-q").exit_code == 0
+    got = load_file(str(applied))
+    assert got.keys() == base.keys()  # the single file's own layout: in_proj_weight stays fused
+    in_proj = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+    assert torch.allclose(got[in_proj], tuned[in_proj], atol=1e-4) and not torch.allclose(got[in_proj], base[in_proj])
+    for name, t in got.items():
+        if t.ndim >= 2 and not name.endswith(("embedding.weight", "positional_embedding", "text_projection")):
+            assert torch.allclose(t, tuned[name], atol=1e-4), name
+
+
+def test_openclip_fused_projection_reads_as_q_k_v_in_place(tmp_path):
+    from lowrank_tools.io.checkpoint import open_checkpoint
+
+    tower = "conditioner.embedders.1.model.transformer.resblocks.0.attn."
+    fused = torch.arange(6 * 4, dtype=torch.float32).reshape(6, 4)
+    tensors = {"a.weight": torch.ones(2, 2), tower + "in_proj_weight": fused, tower + "in_proj_bias": torch.arange(6.0),
+               tower + "out_proj.weight": torch.zeros(2, 2), "other.attn.in_proj_weight": fused.clone()}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    ckpt = open_checkpoint(tmp_path / "m.safetensors")
+    split = [tower + f"{p}_proj.{leaf}" for leaf in ("weight", "bias") for p in "qkv"]
+    assert set(ckpt.keys()) == {"a.weight", tower + "out_proj.weight", "other.attn.in_proj_weight", *split}
+    for i, p in enumerate("qkv"):
+        assert ckpt.shape(tower + f"{p}_proj.weight") == (2, 4)
+        assert torch.equal(ckpt.get(tower + f"{p}_proj.weight"), fused[2 * i:2 * i + 2])
+        assert torch.equal(ckpt.get(tower + f"{p}_proj.bias"), torch.arange(6.0)[2 * i:2 * i + 2])
+    raw = open_checkpoint(tmp_path / "m.safetensors", split_qkv=False)  # what apply writes back
+    plain = open_checkpoint(tmp_path / "m.safetensors", dequantize=False, split_qkv=False)
+    assert list(raw.keys()) == list(plain.keys())
+    assert tower + "in_proj_weight" in raw and tower + "q_proj.weight" not in raw

@@ -80,10 +80,15 @@ class DequantizedSource:
             prefix, leaf = _split(name)
             if leaf == _MARKER:
                 hidden.add(name)
+        self._hidden = hidden
         self._names = [n for n in names if n not in hidden]
 
     def names(self) -> list[str]:
         return list(self._names)
+
+    def expand(self, name: str) -> list[str]:
+        """The names ``name`` of the wrapped source reads as here: [] for a hidden scale or marker, else [name]."""
+        return [name] if name not in self._hidden else []
 
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         dtype, shape = self.source.info(name)

@@ -12,8 +12,8 @@ tensor belongs to, and its kohya name.
 
 OpenCLIP names become the transformers CLIP names kohya's ``lora_te2_`` keys use (``transformer.resblocks.N`` ->
 ``text_model.encoder.layers.N``, ``attn.out_proj`` -> ``self_attn.out_proj``, ``mlp.c_fc``/``c_proj`` -> ``mlp.fc1``
-/ ``fc2``). OpenCLIP's fused ``attn.in_proj_weight`` (q, k, v rows) is no ``.weight`` of a module, so it is left
-out of extract (listed as not a weight matrix). Sources: diffusers' ``loaders/single_file_utils.py`` (LDM key
+/ ``fc2``); OpenCLIP's fused ``attn.in_proj_weight`` reads as ``attn.q_proj/k_proj/v_proj`` (:mod:`.openclip`),
+which become ``self_attn.q_proj`` etc. Sources: diffusers' ``loaders/single_file_utils.py`` (LDM key
 prefixes, ``convert_open_clip_checkpoint``) and ComfyUI's ``comfy/lora.py`` (``model_lora_keys_unet``: ``lora_unet_``
 + the name under ``diffusion_model.``; ``model_lora_keys_clip``: ``lora_te_``/``lora_te1_``/``lora_te2_`` + the
 transformers name).
@@ -37,7 +37,7 @@ VAE_PREFIX = "first_stage_model."
 
 _OPENCLIP = [  # (pattern, replacement), applied in order
     (re.compile(r"^transformer\.resblocks\.(\d+)\."), r"text_model.encoder.layers.\1."),
-    (re.compile(r"\.attn\.out_proj$"), ".self_attn.out_proj"),
+    (re.compile(r"\.attn\.(out|q|k|v)_proj$"), r".self_attn.\1_proj"),  # q/k/v: io/openclip.py's split view
     (re.compile(r"\.mlp\.c_fc$"), ".mlp.fc1"),
     (re.compile(r"\.mlp\.c_proj$"), ".mlp.fc2"),
     (re.compile(r"\.ln_1$"), ".layer_norm1"),
