@@ -2,6 +2,9 @@
 
     W = W0 + sum_i w_i scale_i B_i A_i        in float32, cast back to W0's dtype (or ``dtype``)
 
+An fp8 W0 (plain or ComfyUI-scaled, read dequantized: :mod:`lowrank_tools.io.fp8`) is written as bfloat16 unless
+``dtype`` says otherwise: fp8 + delta cannot stay fp8 without requantizing, and bf16 holds every fp8 value exactly.
+
 Every check (each module exists in the base with a matching shape) runs before anything is written.
 Then each base tensor is read, updated in place a block of rows at a time (``addmm_`` into a float32
 copy of the block: no dense delta, no float32 copy of the whole weight) and handed to
@@ -37,6 +40,7 @@ from .io.atomic import all_finite, header_bound
 from .io.checkpoint import Checkpoint, ShardedWriter, as_checkpoint, atomic_output, check_output, parse_size
 from .errors import AdapterMismatch, NonFiniteWeight, NumericalError, UsageError
 from .io.layers import WORD_EMBEDDINGS, compile_filters, matches
+from .io.openclip import fused_rows
 from .linalg.svd import resolve_device
 from .linalg.norms import delta_stats, lowrank_frobenius_diff, lowrank_frobenius_norm
 from .io.outputs import OutputTransaction
@@ -100,8 +104,12 @@ def _missing(name: str, source: str, base: Checkpoint) -> AdapterMismatch:
                            f"use the adapter's base model, or leave it out with --exclude '^{re.escape(name)}$'")
 
 
-def _term(name: str, m: LoraModule, item: WeightedAdapter, tensor: str, base: Checkpoint) -> Term:
+def _term(name: str, m: LoraModule, item: WeightedAdapter, tensor: str, base: Checkpoint,
+          part: int | None = None) -> Term:
+    """The module's term on ``tensor``; ``part`` (0/1/2): its q/k/v rows of an OpenCLIP fused in_proj_weight."""
     shape = tuple(base.shape(tensor))
+    if part is not None:
+        shape = (shape[0] // 3, *shape[1:])
     # the matrix views agree (a linear LoRA fits a 1x1 conv, and the reverse)
     fits = len(shape) >= 2 and matrix_shape(shape, m.kind) == m.matrix_shape
     if not fits or not base.dtype(tensor).is_floating_point:
@@ -111,8 +119,12 @@ def _term(name: str, m: LoraModule, item: WeightedAdapter, tensor: str, base: Ch
     if not (torch.isfinite(m.B).all() and torch.isfinite(m.A).all()):
         raise NonFiniteWeight(f"{item.source}: module {name} holds NaN/Inf factors: repair or re-export the adapter")
     L, R = (m.A.mT, m.B.mT) if m.kind is ModuleKind.EMBEDDING else (m.B, m.A)  # weight (rows, cols) = L @ R
-    if m.magnitude is not None and m.kind is ModuleKind.EMBEDDING:
-        raise AdapterMismatch(f"{item.source}: module {name} is a DoRA embedding: not supported; leave it out with "
+    if part is not None:  # zero rows elsewhere: the q/k/v part's product lands on its rows of the fused weight
+        L = torch.cat([L.new_zeros(part * shape[0], L.shape[1]), L.reshape(shape[0], -1),
+                       L.new_zeros((2 - part) * shape[0], L.shape[1])])
+    if m.magnitude is not None and (m.kind is ModuleKind.EMBEDDING or part is not None):
+        what = "an embedding" if part is None else "a q/k/v part of a fused in_proj_weight"
+        raise AdapterMismatch(f"{item.source}: module {name} is DoRA on {what}: not supported; leave it out with "
                               f"--exclude '^{re.escape(name)}$'")
     return Term(module=name, source=item.source, L=L, R=R, coef=float(item.weight) * m.scale, magnitude=m.magnitude,
                 axis=m.dora_axis, weight=float(item.weight))
@@ -176,11 +188,13 @@ def plan_apply(base: Checkpoint, adapters: Sequence[WeightedAdapter], *, include
         for name, m in item.adapter.modules.items():
             if not matches(name, include, exclude):
                 continue
-            tensor = _resolve(name, base)
+            tensor, part = _resolve(name, base), None
+            if tensor is None and (fused := fused_rows(f"{name}.weight", base)) is not None:
+                tensor, part = fused  # an OpenCLIP q/k/v module of a single file: rows of attn.in_proj_weight
             if tensor is None:
                 heads.append((name, m))
                 continue
-            plan.setdefault(tensor, []).append(_term(name, m, item, tensor, base))
+            plan.setdefault(tensor, []).append(_term(name, m, item, tensor, base, part))
         for name, m in heads:  # after the embedding's own terms
             _add_tied_head(plan, name, m, item, base)
         _add_whole(whole, item, base, include, exclude, warn)
@@ -304,7 +318,8 @@ def applied_tensors(base: Checkpoint, plan: Mapping[str, Sequence[Term]], whole:
             progress(i, len(names), name)
         t = base.get(name)
         _check_input(t, f"base tensor {name} in {base.path}")
-        target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        # no dtype asked: each tensor keeps its stored dtype (fp8, read dequantized, is written as bfloat16)
+        target = dtype if dtype is not None and t.is_floating_point() else base.write_dtype(name)
         if whole and name in whole:
             what = f"tensor {name} saved whole in the adapter"
             _check_input(whole[name], what)
@@ -357,7 +372,7 @@ def apply(base, adapters: Sequence[WeightedAdapter], output: str | os.PathLike, 
     size = None if output.suffix == ".safetensors" else parse_size(shard_size if shard_size is not None else "5GB")
     include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
     check_output(output, force=force, inputs=[*inputs, *([base] if isinstance(base, (str, os.PathLike)) else [])])
-    ckpt = as_checkpoint(base)
+    ckpt = as_checkpoint(base, split_qkv=False)  # written in its own layout: fused q/k/v stay fused
     if ckpt.components:
         raise UsageError(f"base {ckpt.path} is a diffusers pipeline: apply writes one model, so give one component "
                          f"folder (e.g. {ckpt.path / next(iter(ckpt.components))}) and keep its modules with --include")
@@ -381,8 +396,8 @@ def _write(ckpt: Checkpoint, items: Sequence[WeightedAdapter], plan, whole, tmp:
     ``changes``, measure each changed tensor against the base."""
     copied = config_files(ckpt.path) if shard_size is not None else []
     metadata = _metadata(ckpt, items, copied)
-    entries = [(k, dtype if dtype is not None and ckpt.dtype(k).is_floating_point else ckpt.dtype(k), ckpt.shape(k))
-               for k in ckpt.keys()]
+    entries = [(k, dtype if dtype is not None and ckpt.dtype(k).is_floating_point else ckpt.write_dtype(k),
+                ckpt.shape(k)) for k in ckpt.keys()]
     reserve = header_bound(entries, metadata)  # every name and shape is known: the writer streams from the start
     count = 0
     with ShardedWriter(tmp, shard_size=shard_size, metadata=metadata, header_reserve=reserve) as writer:

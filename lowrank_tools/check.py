@@ -121,7 +121,7 @@ def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=Non
     path, consumer = Path(path), Consumer(consumer)
     include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
     weights, config = _weights_file(path)
-    ckpt = open_checkpoint(weights)
+    ckpt = open_checkpoint(weights, dequantize=False)
     result = CheckResult(str(path), consumer)
     add = result.findings.append
     modules: dict[str, _Module] = defaultdict(_Module)

@@ -103,8 +103,9 @@ def build_inputs(inp: Path) -> None:
         if v.ndim == 2:
             int8[k.replace(".weight", ".weight_scale")] = torch.tensor([1 / 40])
     save_file(int8, str(inp / "int8.safetensors"))
-    fp8 = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in tuned.items()}
-    save_file(fp8, str(inp / "fp8.safetensors"))
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in tuned.items()}  # plain fp8 is read
+    fp8.update({k.replace(".weight", ".weight_scale"): torch.ones(2, 2) for k, v in tuned.items() if v.ndim == 2})
+    save_file(fp8, str(inp / "fp8blk.safetensors"))  # block-wise scales are not (yet)
     nf4 = {}  # bitsandbytes 4-bit: two values per uint8, flattened, plus quantization state
     for k, v in tuned.items():
         if v.ndim == 2:
@@ -201,8 +202,8 @@ CASES = [
          "tensor of a dtype safetensors does not define (Q4_K)"),
     Case("extract-int8-quantized", _x(B, "{in}/int8.safetensors", "-o", "out", "-q"), 1, r"int8",
          "int8-quantized weights with scales"),
-    Case("extract-fp8", _x(B, "{in}/fp8.safetensors", "-o", "out", "-q"), 1, r"float8",
-         "float8 (F8_E4M3) weights"),
+    Case("extract-fp8-block-scaled", _x(B, "{in}/fp8blk.safetensors", "-o", "out", "-q"), 1,
+         r"fp8blk\.safetensors.*scale of shape \(2, 2\).*block-wise", "fp8 weights with block-wise scales"),
     Case("extract-nf4-packed", _x(B, "{in}/nf4.safetensors", "-o", "out", "-q"), 1, r"nf4\.safetensors.*uint8",
          "bitsandbytes 4-bit weights packed in U8"),
     Case("extract-pickle-object", _x(B, "{in}/evil.bin", "-o", "out", "-q"), 1, r"evil\.bin.*safetensors",

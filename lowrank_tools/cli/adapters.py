@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from .options import (FORMAT_HELP, FORMATS, Progress, check_kohya_options, check_outputs, common_options, examples,
-                      make_rule, out_dtype, rank_options, show, warn_all, warner, write_report)
+                      hub_paths, make_rule, out_dtype, rank_options, revision_option, show, warn_all, warner,
+                      write_report)
 
 
 
@@ -124,9 +125,14 @@ def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
               help="Largest shard of a folder output: 5GB = 5*10^9 bytes, 500MiB = 500*2^20.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
               help="Write what changed per tensor: modules, adapters, max |dW|, ||dW|| / ||W0|| (.json or .csv).")
+@revision_option
 @common_options
-def apply(base, adapters, output, shard_size, report_path, device, dtype_name, include, exclude, force, quiet):
-    """Bake weighted adapters into BASE: W = W0 + sum_i w_i scale_i B_i A_i, streamed tensor by tensor."""
+def apply(base, adapters, output, shard_size, report_path, revision, device, dtype_name, include, exclude, force,
+          quiet):
+    """Bake weighted adapters into BASE: W = W0 + sum_i w_i scale_i B_i A_i, streamed tensor by tensor.
+
+    BASE may be a hub id (org/name, with --revision); an fp8 BASE (plain or ComfyUI-scaled) is written as
+    bfloat16 unless --dtype says otherwise."""
     from ..apply import apply as run
     from ..io.checkpoint import parse_size
     from ..io.outputs import OutputTransaction
@@ -135,6 +141,7 @@ def apply(base, adapters, output, shard_size, report_path, device, dtype_name, i
     if shard_size is not None:
         parse_size(shard_size)  # a bad size fails before the adapters are read
     specs = [parse_adapter_spec(a) for a in adapters]
+    (base,) = hub_paths([base], revision)
     inputs = [base, *(s.path for s in specs)]
     check_outputs(output, report_path, force=force, inputs=inputs)
     loaded = load_weighted(specs, base=base)

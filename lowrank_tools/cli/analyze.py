@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .options import SEED, Progress, device_option, examples, filter_options, quiet_option, warner
+from .options import (SEED, Progress, device_option, examples, filter_options, hub_paths, quiet_option, revision_option,
+                      warner)
 
 
 
@@ -28,19 +29,22 @@ from .options import SEED, Progress, device_option, examples, filter_options, qu
 @click.option("--oversample", type=click.IntRange(min=0), show_default="K",
               help="Extra sketch columns of the randomized SVD for --top.")
 @click.option("--power-iters", type=click.IntRange(min=0), default=3, show_default=True, help="Power iterations for --top.")
+@revision_option
 @device_option
 @filter_options
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the randomized SVD (--top).")
 @click.option("--force", is_flag=True, help="Overwrite outputs that exist.")
 @quiet_option
-def analyze(paths, json_path, csv_path, plot_dir, top, oversample, power_iters, device, include, exclude, seed, force,
-            quiet):
+def analyze(paths, json_path, csv_path, plot_dir, top, oversample, power_iters, revision, device, include, exclude,
+            seed, force, quiet):
     """Singular-value spectra of BASE -> TUNED per layer, or of ADAPTER's modules, grouped, with recommended ranks."""
     from ..analyze.report import check_analysis_outputs, format_analysis, write_analysis
     from ..analyze.spectra import analyze_adapter, analyze_delta
 
     if len(paths) > 2:
         raise click.UsageError(f"analyze takes BASE TUNED or one ADAPTER, got {len(paths)} paths")
+    if len(paths) == 2:
+        paths = tuple(hub_paths(paths, revision))
     outputs = {"json_path": json_path, "csv_path": csv_path, "plot_dir": plot_dir}
     check_analysis_outputs(**outputs, force=force, inputs=paths)
     warn, progress = warner(quiet), Progress(quiet, "analyze")

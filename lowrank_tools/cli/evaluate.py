@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import DTYPES, SEED, Progress, examples, text_options, warn_all, warner
+from .options import DTYPES, SEED, Progress, examples, hub_paths, revision_option, text_options, warn_all, warner
 
 
 def _numbers(kind):
@@ -89,10 +89,11 @@ def _texts(tuned, data, text_field, max_samples, quiet):
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Write one row per adapter.")
 @click.option("--plot", "plot_dir", type=click.Path(path_type=Path),
               help="Write recovered_vs_params.png into this folder (needs the .[plot] extra: matplotlib).")
+@revision_option
 @click.option("--force", is_flag=True, help="Overwrite outputs that exist.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, table or warnings.")
 def evaluate(paths, data, max_samples, max_length, batch_size, device, text_field, dtype_name, ranks, budgets,
-             energies, dora, seed, json_path, csv_path, plot_dir, force, quiet):
+             energies, dora, seed, json_path, csv_path, plot_dir, revision, force, quiet):
     """How much of TUNED's behaviour BASE + each ADAPTER keeps, on the texts of --data (transformers models) or on
     seeded random inputs (diffusers denoisers).
 
@@ -111,6 +112,7 @@ def evaluate(paths, data, max_samples, max_length, batch_size, device, text_fiel
 
     if len(paths) < 2:
         raise click.UsageError("evaluate takes BASE TUNED [ADAPTER ...]")
+    paths = (*hub_paths(paths[:2], revision), *paths[2:])
     base, tuned, adapter_paths = paths[0], paths[1], paths[2:]
     curve = bool(ranks or budgets or energies)
     if curve == bool(adapter_paths):

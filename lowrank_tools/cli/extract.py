@@ -9,8 +9,8 @@ import click
 
 from .options import (FORMAT_HELP, FORMATS, METHODS, SEED, Progress, allow_tf32_option, check_kohya_options,
                       check_outputs, common_options, dtype_option, examples, filter_options, finite, force_option,
-                      make_rule, module_table, nothing_left, out_dtype, quiet_option, rank_options, seed_option, show,
-                      warn_all, warner, write_report)
+                      hub_paths, make_rule, module_table, nothing_left, out_dtype, quiet_option, rank_options,
+                      revision_option, seed_option, show, warn_all, warner, write_report)
 
 
 
@@ -50,11 +50,12 @@ from .options import (FORMAT_HELP, FORMATS, METHODS, SEED, Progress, allow_tf32_
 @click.option("--damping", type=float, default=0.01, show_default=True, callback=finite,
               help="With --calibration: lambda = F * mean(diag X^T X) added to X^T X (larger: closer to plain SVD).")
 @allow_tf32_option
+@revision_option
 @common_options
 @seed_option
 def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alpha, fmt, prefix, method, oversample,
             power_iters, strict, report_path, conv_rank, full_modules, dora, keep_bias, keep_norms, calibration, damping,
-            allow_tf32, device, dtype_name, include, exclude, seed, force, quiet):
+            allow_tf32, revision, device, dtype_name, include, exclude, seed, force, quiet):
     """Extract a LoRA adapter from BASE and fully fine-tuned TUNED checkpoints (default --rank 16).
 
     Embeddings, which a kohya file cannot hold, are left out of a kohya -o with a warning naming them (as convert,
@@ -65,13 +66,16 @@ def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alph
 
     Under torchrun (torchrun --nproc-per-node N -m lowrank_tools extract ...) the layers are split over the
     processes (gloo on the CPU, nccl with --device cuda); rank 0 writes the adapter, byte for byte the
-    single-process one with the same seed and threads per process."""
+    single-process one with the same seed and threads per process.
+
+    BASE and TUNED may be hub ids (org/name, with --revision): read from the local cache, else downloaded."""
     from ..extract.distributed import torchrun_group
     from ..extract.options import ExtractOptions
     from ..io.formats import output_format
 
     rule = make_rule(rank, energy, sv_ratio, threshold, default_rank=None if budget is not None else 16)
     fmt = output_format(output, fmt).value
+    base, tuned = hub_paths([base, tuned], revision)
     check_kohya_options(fmt, prefix, full_modules)
     options = ExtractOptions(rule=rule, budget=budget, method=method, alpha=alpha, dtype=out_dtype(dtype_name),
                              device=device, include=include, exclude=exclude, conv_rank=conv_rank,

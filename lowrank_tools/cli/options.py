@@ -118,6 +118,21 @@ def seed_option(f):
                         help="Seed of the randomized SVD: the same seed gives the same bytes.")(f)
 
 
+def revision_option(f):
+    """--revision: of the checkpoints given as hub ids (extract, apply, analyze, evaluate)."""
+    return click.option("--revision", metavar="REV",
+                        help="Branch, tag or commit of BASE/TUNED given as hub ids (org/name, not an existing path; "
+                             "needs lowrank-tools[hub]): the local cache first, downloads unless HF_HUB_OFFLINE.")(f)
+
+
+def hub_paths(paths, revision: str | None) -> list[Path]:
+    """Each checkpoint input as a local path: a hub id (org/name, not an existing path) becomes its snapshot folder
+    (:func:`lowrank_tools.io.hub.resolve_input`)."""
+    from ..io.hub import resolve_inputs
+
+    return resolve_inputs(*paths, revision=revision)
+
+
 def common_options(f):
     """--device / --dtype / --include / --exclude / --force / --quiet (no --seed: resize, merge and apply are exact)."""
     return functools.reduce(lambda g, o: o(g), reversed([device_option, dtype_option, filter_options, force_option,

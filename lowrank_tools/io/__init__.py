@@ -25,6 +25,11 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .replaceable import COPIED_KEY
     from .atomic import parse_size, ShardedWriter, header_bound, write_safetensors, check_finite_output, all_finite
     from .pickles import TensorDict, load_pickle
+    from .fp8 import (FP8_DTYPES, WEIGHT_SCALES, DEQUANTIZED_DTYPE, WRITE_DTYPE, DequantizedSource, dequantizing,
+                      strip_quantization_metadata, dequantize)
+    from .hub import is_hub_id, hub_cache_dir, hub_offline, resolve_input, resolve_inputs
+    from .ldm_names import LDM_PREFIXES, VAE_PREFIX, ldm_split, is_vae, openclip_to_clip
+    from .openclip import OPENCLIP_TOWERS, SplitQKVSource, splitting, fused_rows
     from .checkpoint import Checkpoint, open_checkpoint, as_checkpoint, Pairing, pair_tensors
     from .kohya_names import (COMPONENT_PREFIXES, KOHYA_PREFIXES, kohya_key, split_prefix, check_prefix, guess_module_name,
                               match_keys, is_text_encoder_prefix, architecture_names, dotted_module_name)
@@ -73,6 +78,11 @@ _EXPORTS = {name: module for module, names in {
     ".replaceable": ("COPIED_KEY",),
     ".atomic": ("parse_size", "ShardedWriter", "header_bound", "write_safetensors", "check_finite_output", "all_finite",),
     ".pickles": ("TensorDict", "load_pickle",),
+    ".fp8": ("FP8_DTYPES", "WEIGHT_SCALES", "DEQUANTIZED_DTYPE", "WRITE_DTYPE", "DequantizedSource", "dequantizing",
+             "strip_quantization_metadata", "dequantize",),
+    ".hub": ("is_hub_id", "hub_cache_dir", "hub_offline", "resolve_input", "resolve_inputs",),
+    ".ldm_names": ("LDM_PREFIXES", "VAE_PREFIX", "ldm_split", "is_vae", "openclip_to_clip",),
+    ".openclip": ("OPENCLIP_TOWERS", "SplitQKVSource", "splitting", "fused_rows",),
     ".checkpoint": ("Checkpoint", "open_checkpoint", "as_checkpoint", "Pairing", "pair_tensors",),
     ".kohya_names": ("COMPONENT_PREFIXES", "KOHYA_PREFIXES", "kohya_key", "split_prefix", "check_prefix", "guess_module_name",
                    "match_keys", "is_text_encoder_prefix", "architecture_names", "dotted_module_name",),

@@ -27,6 +27,8 @@ import torch
 from .atomic import ShardedWriter, atomic_output, check_output, parse_size
 from ..errors import (CheckpointNotFound, CorruptCheckpoint, MissingTensor, NoCommonTensors, NotACheckpoint,
                      ShapeMismatch)
+from .fp8 import dequantizing, strip_quantization_metadata
+from .openclip import splitting
 from .pickles import TensorDict, load_pickle
 from .json_input import get_bool, get_str, get_str_list, get_str_map, load_json, type_name
 from .safetensors import SAFETENSORS_DTYPES  # noqa: F401 - importable from here as before the split
@@ -114,6 +116,13 @@ class Checkpoint:
         source, inner = self._lookup(name)
         return source.info(inner)[0]
 
+    def write_dtype(self, name: str) -> torch.dtype:
+        """The dtype to write ``name`` back as when no dtype is asked: the stored one, or bfloat16 for a tensor
+        stored as fp8 (read dequantized to float32; see :mod:`lowrank_tools.io.fp8`)."""
+        source, inner = self._lookup(name)
+        write_dtype = getattr(source, "write_dtype", None)
+        return write_dtype(inner) if write_dtype else source.info(inner)[0]
+
     def nbytes(self, name: str) -> int:
         source, inner = self._lookup(name)
         dtype, shape = source.info(inner)
@@ -158,9 +167,40 @@ class Checkpoint:
             raise MissingTensor(f"tensor {name!r} is not in {self.path}: {hint}") from None
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open a checkpoint file or folder for lazy reading (see the module docstring)."""
-    path = Path(path)
+def open_checkpoint(path: str | os.PathLike, *, dequantize: bool = True, split_qkv: bool = True) -> Checkpoint:
+    """Open a checkpoint file or folder for lazy reading (see the module docstring).
+
+    ``dequantize``: fp8 tensors (plain, or ComfyUI-scaled) read as float32 and their scale keys hidden
+    (:mod:`lowrank_tools.io.fp8`): a model's weights. Adapter readers pass False: they see stored dtypes.
+    ``split_qkv``: a single file's OpenCLIP ``attn.in_proj_weight`` reads as q/k/v (:mod:`lowrank_tools.io.openclip`);
+    apply, which writes the file's own layout back, passes False."""
+    return _views(_open_checkpoint(Path(path)), dequantize, split_qkv)
+
+
+def _views(ckpt: Checkpoint, dequantize: bool, split_qkv: bool) -> Checkpoint:
+    if dequantize:
+        ckpt = _wrapped(ckpt, dequantizing)
+        ckpt.metadata = strip_quantization_metadata(ckpt.metadata)
+    return _wrapped(ckpt, splitting) if split_qkv else ckpt
+
+
+def _wrapped(ckpt: Checkpoint, wrap) -> Checkpoint:
+    """``ckpt`` with each source replaced by ``wrap(source)``, a view that may hide and add names (in place: it is
+    fresh); a source ``wrap`` returns as it is stays."""
+    wrapped = {id(s): wrap(s) for s in ckpt._sources}
+    if all(wrapped[id(s)] is s for s in ckpt._sources):
+        return ckpt
+    index = {}
+    for name, (source, inner) in ckpt._index.items():  # file order kept; a split tensor's parts in its place
+        view = wrapped[id(source)]
+        outer = name[:len(name) - len(inner)]  # a pipeline component's prefix, else ""
+        index.update({outer + new: (view, new) for new in (view.expand(inner) if view is not source else [inner])})
+    ckpt._index = index
+    ckpt._sources = [wrapped[id(s)] for s in ckpt._sources]
+    return ckpt
+
+
+def _open_checkpoint(path: Path) -> Checkpoint:
     if not path.exists():
         raise CheckpointNotFound(f"checkpoint {path} does not exist: check the path")
     try:
@@ -177,16 +217,18 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(path, index, sources=[source], metadata=source.metadata)
 
 
-def as_checkpoint(source: Checkpoint | str | os.PathLike | Mapping[str, torch.Tensor]) -> Checkpoint:
-    """A :class:`Checkpoint` from a checkpoint, a path (opened) or a name -> tensor mapping."""
+def as_checkpoint(source: Checkpoint | str | os.PathLike | Mapping[str, torch.Tensor], *,
+                  dequantize: bool = True, split_qkv: bool = True) -> Checkpoint:
+    """A :class:`Checkpoint` from a checkpoint, a path (opened) or a name -> tensor mapping (``dequantize``,
+    ``split_qkv``: as :func:`open_checkpoint`'s)."""
     if isinstance(source, Checkpoint):
         return source
     if isinstance(source, (str, os.PathLike)):
-        return open_checkpoint(source)
+        return open_checkpoint(source, dequantize=dequantize, split_qkv=split_qkv)
     if isinstance(source, Mapping):
         tensors = {k: v for k, v in source.items() if isinstance(v, torch.Tensor)}
         part = TensorDict(Path("<in-memory>"), tensors)
-        return Checkpoint(part.path, {n: (part, n) for n in tensors}, sources=[part])
+        return _views(Checkpoint(part.path, {n: (part, n) for n in tensors}, sources=[part]), dequantize, split_qkv)
     raise TypeError(f"expected a checkpoint path, Checkpoint or dict of tensors, got {type(source).__name__}")
 
 

@@ -134,7 +134,7 @@ def detect_format(path: Path) -> str:
             return "peft-file"
         raise AdapterFormatError(f"{path}: a folder without adapter_config.json or {DIFFUSERS_NAME}: not an adapter "
                                  f"folder")
-    keys = open_checkpoint(path).keys()
+    keys = open_checkpoint(path, dequantize=False).keys()
     if is_lycoris_keys(keys):  # LoHa / LoKr / Tucker / DoRA / diffs, with or without plain LoRA modules
         return "lycoris"
     if is_kohya_keys(keys):

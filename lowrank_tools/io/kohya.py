@@ -181,7 +181,7 @@ def resolve_module_names(ckpt, keys: list[str], path: Path, module_names=None, b
 
 def read_kohya(path: Path, *, module_names=None, base: str | None = None) -> Adapter:
     """Read a kohya/A1111/ComfyUI LoRA file; ``module_names`` (a base checkpoint's) resolve unrecorded keys."""
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, dequantize=False)
     downs, recorded = _group_keys(ckpt, path), _recorded_names(ckpt, path)
     keys = [k for k in recorded if k in downs] + sorted(k for k in downs if k not in recorded)  # as written
     names, notes = _module_names(keys, recorded, path, module_names, base)

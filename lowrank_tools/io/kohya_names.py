@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 from ..errors import AdapterMismatch, InvalidOption
 from .architectures import TRANSFORMER, Detected, Naming, detect_architecture
+from .ldm_names import ldm_split
 
 __all__ = ["COMPONENT_PREFIXES", "KOHYA_PREFIXES", "kohya_key", "split_prefix", "check_prefix", "guess_module_name",
            "match_keys", "is_text_encoder_prefix", "architecture_names", "dotted_module_name"]
@@ -83,16 +84,26 @@ def _a1111_body(body: str) -> str:
     return f"text_model.{body}" if body.startswith(_TEXT_MODEL_CHILDREN) and not _is_t5(body) else body
 
 
-def kohya_key(name: str, *, prefix: str = "lora_unet_", two_encoders: bool = False) -> str:
-    """Module name -> kohya key (without ``.lora_down.weight``): the component decides the prefix."""
+def _component_prefix(name: str, prefix: str, two_encoders: bool) -> tuple[str, str]:
+    """(kohya prefix, name without its pipeline component); the caller's prefix when there is no component."""
     for component, comp_prefix in COMPONENT_PREFIXES.items():
         if name.startswith(component):
             if component == "text_encoder." and two_encoders:
                 comp_prefix = "lora_te1_"
             elif component.startswith("text_encoder") and _is_t5(name[len(component):]):
                 comp_prefix = "lora_te3_"
-            prefix, name = comp_prefix, name[len(component):]
-            break
+            return comp_prefix, name[len(component):]
+    return prefix, name
+
+
+def kohya_key(name: str, *, prefix: str = "lora_unet_", two_encoders: bool = False) -> str:
+    """Module name -> kohya key (without ``.lora_down.weight``): the component decides the prefix (a single-file
+    checkpoint's ``model.diffusion_model.`` / ``cond_stage_model.`` / ``conditioner.embedders.N.`` too)."""
+    ldm = ldm_split(name)
+    if ldm is not None:
+        _, prefix, name = ldm
+    else:
+        prefix, name = _component_prefix(name, prefix, two_encoders)
     if is_text_encoder_prefix(prefix):
         name = _a1111_body(name)
     elif prefix == "lora_unet_":
@@ -145,11 +156,14 @@ def match_keys(keys: Iterable[str], module_names: Iterable[str], *, where: str, 
     that matches no module, or more than one.
     """
     names = list(module_names)
-    with_component = any(n.startswith(tuple(COMPONENT_PREFIXES)) for n in names)
+    with_component = any(n.startswith(tuple(COMPONENT_PREFIXES)) or ldm_split(n) for n in names)
     index: dict[tuple[str, str], list[str]] = {}
     for n in names:
         component = next((c for c in COMPONENT_PREFIXES if n.startswith(c)), "") if with_component else ""
         body = n[len(component):]
+        ldm = ldm_split(n)
+        if ldm is not None:  # a single-file checkpoint: its prefixes stand for components
+            component, _, body = ldm
         for spelling in {body, _UNET_SPELLING.get(body, body)}:
             index.setdefault((component, _normal(spelling)), []).append(n)
     out = {}

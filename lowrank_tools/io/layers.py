@@ -26,6 +26,7 @@ from torch import Tensor
 from ..adapter import LoraModule, ModuleKind, module_name
 from .checkpoint import Checkpoint, Pairing
 from ..errors import ShapeMismatch, UnsupportedTensor
+from .ldm_names import is_vae
 from .patterns import check_patterns, safe_search
 
 __all__ = ["FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
@@ -90,6 +91,9 @@ def select_layers(names: Sequence[str], tuned: Checkpoint, include, exclude, *,
     one_d = []
     for name in names:
         shape, dt = tuned.shape(name), tuned.dtype(name)
+        if is_vae(name):  # a single-file checkpoint's VAE is never adapted
+            skipped.setdefault("VAE of a single-file checkpoint (first_stage_model.)", []).append(name)
+            continue
         if 0 in shape:
             skipped["zero-size"].append(name)
             continue

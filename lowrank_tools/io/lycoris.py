@@ -292,7 +292,7 @@ def _group(ckpt, path: Path) -> dict[str, dict[str, str]]:
 
 def read_lycoris(path: Path, *, module_names=None, base: str | None = None) -> Adapter:
     """Read a kohya-style file holding LyCORIS modules (any mix with plain LoRA)."""
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, dequantize=False)
     groups = _group(ckpt, path)
     names, notes = resolve_module_names(ckpt, list(groups), path, module_names, base)
     modules: dict[str, LoraModule] = {}
@@ -342,7 +342,7 @@ def _peft_pattern(config: dict, key: str, where, *, rank: bool) -> dict:
 def read_peft_lycoris(folder: Path, config: dict, weights: Path) -> Adapter:
     """Read a PEFT LoHa / LoKr folder (``config``: its adapter_config.json, already parsed)."""
     where = folder / CONFIG_NAME
-    ckpt = open_checkpoint(weights)
+    ckpt = open_checkpoint(weights, dequantize=False)
     r = _peft_number(config.get("r", 8), where, "r", rank=True)
     alpha = _peft_number(config.get("alpha", 8), where, "alpha")
     rank_pattern = _peft_pattern(config, "rank_pattern", where, rank=True)

@@ -354,7 +354,7 @@ def read_peft(folder: Path) -> Adapter:
     config, weights, peft_type = peft_folder_parts(folder)
     if peft_type != "LORA":
         raise AdapterFormatError(f"{folder}: a PEFT {peft_type} folder, not LoRA: read it with load_adapter")
-    ckpt, extras = split_extras(open_checkpoint(weights))  # DoRA magnitudes, lora_B.bias
+    ckpt, extras = split_extras(open_checkpoint(weights, dequantize=False))  # DoRA magnitudes, lora_B.bias
     halves, full, alphas, notes = collect_factors(ckpt, weights, modules_to_save=config.get("modules_to_save") or ())
     if alphas:
         key = next(iter(alphas.values()))
@@ -378,7 +378,7 @@ def _scalar(ckpt, key: str, where: Path) -> float:
 def read_peft_file(path: Path) -> Adapter:
     """A single file of PEFT-style keys: diffusers' ``pytorch_lora_weights.safetensors`` (LoraConfigs in its
     metadata, else per-module ``.alpha`` keys, else alpha = r as diffusers assumes) or a bare adapter file."""
-    ckpt, extras = split_extras(open_checkpoint(path))  # DoRA magnitudes, lora_B.bias
+    ckpt, extras = split_extras(open_checkpoint(path, dequantize=False))  # DoRA magnitudes, lora_B.bias
     halves, full, alphas, notes = collect_factors(ckpt, path)
     raw = ckpt.metadata.get(DIFFUSERS_METADATA)
     metadata = load_json(raw, what=f"{path}: metadata {DIFFUSERS_METADATA}", error=AdapterFormatError,
