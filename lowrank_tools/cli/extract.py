@@ -129,7 +129,8 @@ def _extract(base, tuned, output, options, *, fmt, prefix, report_path, force, q
 @click.command(short_help="Convert an adapter between PEFT and kohya formats.",
               epilog=examples("lowrank-tools convert adapter/ -o lora.safetensors",
                               "lowrank-tools convert lora.safetensors -o adapter --base sd15.safetensors",
-                              "lowrank-tools convert adapter/ -o lora.safetensors --exclude 'lm_head'"))
+                              "lowrank-tools convert adapter/ -o lora.safetensors --exclude 'lm_head'",
+                              "lowrank-tools convert lokr.safetensors -o lora.safetensors -r 32"))
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Adapter to write: a name ending in .safetensors is a kohya file, anything else a PEFT folder.")
@@ -141,38 +142,49 @@ def _extract(base, tuned, output, options, *, fmt, prefix, report_path, force, q
 @click.option("--dora", "dora_to", type=click.Choice(["keep", "lora", "dora"]), default="keep", show_default=True,
               help="lora: DoRA modules -> plain LoRA (lossy, errors reported); dora: LoRA -> DoRA (exact). "
                    "Both need --base.")
+@rank_options(default_rank="none: every product unchanged")
 @filter_options
 @force_option
 @quiet_option
-def convert(adapter, output, fmt, prefix, dtype_name, base, dora_to, include, exclude, force, quiet):
-    """Convert ADAPTER between PEFT and kohya formats; every module's product is unchanged.
+def convert(adapter, output, fmt, prefix, dtype_name, base, dora_to, rank, energy, sv_ratio, threshold, budget,
+            include, exclude, force, quiet):
+    """Convert ADAPTER between PEFT and kohya formats; without a rank option every module's product is unchanged.
 
-    LoHa, LoKr, Tucker and diff modules are written as plain LoRA at their smallest exact rank (resize --format
-    truncates them optimally). DoRA stays DoRA unless --dora lora (which needs --base).
+    LoHa, LoKr, Tucker and diff modules are written as plain LoRA at their smallest exact rank; with a rank option
+    (--rank/--energy/--sv-ratio/--threshold/--budget, as resize) every module is the optimal truncation instead,
+    from the exact algebra (a LoKr's full factor gives only its top triplets with --rank), nothing densified.
+    DoRA stays DoRA unless --dora lora (which needs --base).
 
     Modules under unet. / text_encoder. / text_encoder_2. take their component's kohya prefix, others --prefix.
     A pipeline's adapter converted to peft is written as diffusers' pytorch_lora_weights.safetensors. What kohya
     cannot hold (embeddings, tensors saved whole) is left out with a warning naming it, before anything is written."""
     from ..io.checkpoint import check_output
     from ..io.formats import fit_format, load_adapter, output_format, save_adapter, select_modules
+    from ..resize import resize
 
+    rule = make_rule(rank, energy, sv_ratio, threshold)  # None: no truncation
     fmt = output_format(output, fmt).value
     check_kohya_options(fmt, prefix, ())
     check_output(output, force=force, inputs=[adapter])
     if dora_to != "keep" and base is None:
         raise click.UsageError(f"--dora {dora_to} needs --base: DoRA's weight depends on the base weights")
-    loaded = load_adapter(adapter, base=base)
+    # --rank without --energy: only each module's top --rank components can be kept, so structured modules are read
+    # truncated (the energy rule needs the whole spectrum; --dora lora truncates the whole DoRA delta, not B A)
+    cap = rule.rank if rule is not None and rule.energy is None and dora_to != "lora" else None
+    loaded = load_adapter(adapter, base=base, rank_cap=cap)
     warn_all(quiet, loaded.notes)
     if dora_to != "keep":
         from ..dora import dora_to_lora, lora_to_dora
 
-        done = (dora_to_lora if dora_to == "lora" else lora_to_dora)(loaded, base)
+        done = dora_to_lora(loaded, base, rule=rule) if dora_to == "lora" else lora_to_dora(loaded, base)
         loaded = done.adapter
         worst = max(done.rel_errors.items(), key=lambda kv: kv[1], default=None)
         if worst and not quiet:
             click.echo(f"--dora {dora_to}: {len(done.rel_errors)} modules converted, largest rel error "
                        f"{worst[1]:.3g} ({worst[0]})", err=True)
     loaded, left_out = fit_format(select_modules(loaded, include, exclude), fmt, warn=warner(quiet))
+    if rule is not None or budget is not None:
+        loaded = resize(loaded, rule=rule, budget=budget, progress=Progress(quiet, "convert"), warn=warner(quiet)).adapter
     if not loaded.modules and not loaded.full_tensors:
         raise click.ClickException(f"nothing of {adapter} left to write to {output}: {nothing_left(left_out, fmt)}")
     save_adapter(loaded, output, format=fmt, force=force, inputs=[adapter], dtype=out_dtype(dtype_name), prefix=prefix)
