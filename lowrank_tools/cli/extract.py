@@ -83,13 +83,33 @@ def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alph
                  quiet=quiet, primary=process_rank == 0, extras=dict(dora=dora, biases=keep_bias, norms=keep_norms))
 
 
-def _carry(adapter, base, tuned, fmt: str, *, dora: bool, biases: bool, norms: bool):
-    """extract --dora / --keep-bias / --keep-norms (lowrank_tools.extract_extras)."""
-    from ..extract.extras import carry_tensors, with_magnitudes
+def _carry(result, base, tuned, fmt: str, *, dora: bool, biases: bool, norms: bool):
+    """extract --dora / --keep-bias / --keep-norms (lowrank_tools.extract.extras); the report counts what they add."""
+    from ..extract.extras import carry_tensors, count_carried, with_magnitudes
 
+    adapter = result.adapter
     if biases or norms:
         adapter = carry_tensors(adapter, base, tuned, biases=biases, norms=norms, whole=fmt != "kohya")
-    return with_magnitudes(adapter, tuned) if dora else adapter
+    adapter = with_magnitudes(adapter, tuned) if dora else adapter
+    carried = count_carried(result.adapter, adapter)
+    result.report.summary.update(carried, params=result.report.summary["params"] + carried["carried_params"])
+    return adapter
+
+
+def _reserve_carried(options, base, tuned, extras):
+    """--budget with --keep-bias / --keep-norms: the carried tensors' parameters come out of the factors' budget."""
+    from dataclasses import replace
+
+    from ..errors import InvalidOption
+    from ..extract.extras import carried_budget
+
+    if options.budget is None or not extras or not (extras["biases"] or extras["norms"]):
+        return options
+    reserved = carried_budget(base, tuned, biases=extras["biases"], norms=extras["norms"])
+    if reserved >= options.budget:
+        raise InvalidOption(f"--budget {options.budget} leaves nothing for the factors: the carried bias/norm tensors "
+                            f"take {reserved} parameters; raise --budget or drop --keep-bias/--keep-norms")
+    return replace(options, budget=options.budget - reserved)
 
 
 def _extract(base, tuned, output, options, *, fmt, prefix, report_path, force, quiet, primary, extras=None):
@@ -103,7 +123,9 @@ def _extract(base, tuned, output, options, *, fmt, prefix, report_path, force, q
     if primary:
         check_outputs(output, report_path, force=force, inputs=[base, tuned]
                       + ([options.calibration] if options.calibration is not None else []))
+    asked = options.budget
     try:
+        options = _reserve_carried(options, base, tuned, extras)
         result = run(base, tuned, options, progress=Progress(quiet or not primary, "extract"),
                      warn=warner(quiet or not primary))
     except LowRankError as exc:
@@ -117,13 +139,16 @@ def _extract(base, tuned, output, options, *, fmt, prefix, report_path, force, q
                         for k, v in result.report.skipped.items())
         raise click.ClickException(f"no layer of {tuned} differs from {base} in a way a LoRA can hold "
                                    f"({why or 'no weights'}): nothing to extract, nothing written")
-    adapter = _carry(result.adapter, base, tuned, fmt, **extras) if extras and any(extras.values()) else result.adapter
+    adapter = _carry(result, base, tuned, fmt, **extras) if extras and any(extras.values()) else result.adapter
+    if asked is not None:
+        result.report.summary["budget"] = asked  # factors + carried tensors
     with OutputTransaction(force=force, inputs=[base, tuned]) as outputs:  # the adapter and report, or neither
         save_adapter(adapter, output, format=fmt, prefix=prefix, transaction=outputs)
         write_report(result.report, report_path, transaction=outputs)
     show(result.report, quiet)
     if not quiet:
-        click.echo(f"wrote {output} ({len(result.adapter.modules)} modules, {result.adapter.params:,} parameters)")
+        click.echo(f"wrote {output} ({len(result.adapter.modules)} modules, {result.report.summary['params']:,} "
+                   f"parameters)")
 
 
 @click.command(short_help="Convert an adapter between PEFT and kohya formats.",
