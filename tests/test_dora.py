@@ -104,15 +104,6 @@ def test_resize_keeps_the_magnitude(tmp_path):
         assert m.rank == 2 and torch.equal(m.magnitude, adapter.modules[name].magnitude)
 
 
-def test_merge_refuses_sums_of_dora(tmp_path):
-    folder, *_ = _peft_dora(tmp_path)
-    adapter = load_adapter(folder)
-    with pytest.raises(AdapterMismatch, match=r"module (lin|conv) is DoRA .* no defined magnitude"):
-        merge([(adapter, 1.0), (adapter, 0.5)])
-    alone = merge([adapter]).adapter
-    assert torch.equal(alone.modules["lin"].magnitude, adapter.modules["lin"].magnitude)
-
-
 def test_legacy_input_axis_dora_applies_by_column_and_refuses_peft(tmp_path):
     net, base = _base_file(tmp_path)
     g = torch.Generator().manual_seed(3)
