@@ -149,3 +149,50 @@ def test_kron_top_k_with_full_factors_is_the_optimal_truncation(k):
     want, S = _optimal(M, k)
     assert torch.allclose(got.S, S[:k], rtol=1e-10, atol=0)
     assert float((got.dense() - want).norm() / want.norm()) < 1e-9
+
+
+def _dora_case(tmp_path):
+    """A 300 x 400 base and a rank-4 PEFT-style DoRA module on it (perturbed magnitude): large enough for the
+    randomized SVD (auto: k + 10 <= min side / 4)."""
+    from lowrank_tools.adapter import Adapter, LoraModule
+
+    W0 = _r(300, 400, seed=20) / 20
+    save_file({"lin.weight": W0}, str(tmp_path / "base.safetensors"))
+    B, A = _r(300, 4, seed=21), _r(4, 400, seed=22) / 20
+    m = (W0.double() + B.double() @ A.double()).norm(dim=1) * (0.5 + torch.rand(300, generator=torch.Generator()
+                                                                                  .manual_seed(23)))
+    module = LoraModule(B=B, A=A, alpha=4.0, magnitude=m.float())
+    D = (m.unsqueeze(1) * (W0.double() + B.double() @ A.double())
+         / (W0.double() + B.double() @ A.double()).norm(dim=1, keepdim=True)) - W0.double()
+    return Adapter(modules={"lin": module}), tmp_path / "base.safetensors", D
+
+
+@pytest.mark.parametrize("method", ["auto", "randomized", "exact"])
+def test_dora_to_lora_error_report_matches_the_written_factors(tmp_path, method):
+    from lowrank_tools.dora import dora_to_lora
+
+    adapter, base, D = _dora_case(tmp_path)
+    done = dora_to_lora(adapter, base, method=method)
+    m = done.adapter.modules["lin"]
+    written = float((D - m.scale * (m.B.double() @ m.A.double())).norm() / D.norm())
+    S = torch.linalg.svdvals(D)
+    optimal = float(S[4:].norm() / S.norm())
+    assert m.rank == 4 and m.magnitude is None
+    assert abs(done.rel_errors["lin"] - written) < 1e-6  # what is reported is what is written
+    assert optimal <= written <= optimal * (1 + 1e-3)  # randomized: within 0.1% of the optimal truncation
+
+
+def test_cli_convert_dora_lora_method_and_rank(tmp_path):
+    from lowrank_tools.io.formats import save_adapter
+
+    adapter, base, D = _dora_case(tmp_path)
+    save_adapter(adapter, tmp_path / "dora", format="peft")
+    for method in ("exact", "auto"):
+        res = CliRunner().invoke(main, ["convert", str(tmp_path / "dora"), "-o", str(tmp_path / method), "--base",
+                                        str(base), "--dora", "lora", "--method", method, "-r", "6", "--format", "peft"])
+        assert res.exit_code == 0, res.output
+        m = load_adapter(tmp_path / method).modules["lin"]
+        S = torch.linalg.svdvals(D)
+        err = float((D - m.scale * (m.B.double() @ m.A.double())).norm() / D.norm())
+        assert m.rank == 6 and err <= float(S[6:].norm() / S.norm()) * (1 + 1e-3)
+        assert f"largest rel error {err:.3g}" in res.output

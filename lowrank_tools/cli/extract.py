@@ -167,12 +167,15 @@ def _extract(base, tuned, output, options, *, fmt, prefix, report_path, force, q
 @click.option("--dora", "dora_to", type=click.Choice(["keep", "lora", "dora"]), default="keep", show_default=True,
               help="lora: DoRA modules -> plain LoRA (lossy, errors reported); dora: LoRA -> DoRA (exact). "
                    "Both need --base.")
+@click.option("--method", type=METHODS, default="auto", show_default=True,
+              help="--dora lora's SVD of each module's delta: exact, randomized, or auto (randomized when the rank is "
+                   "small against the sides, as extract).")
 @rank_options(default_rank="none: every product unchanged")
 @filter_options
 @force_option
 @quiet_option
-def convert(adapter, output, fmt, prefix, dtype_name, base, dora_to, rank, energy, sv_ratio, threshold, budget,
-            include, exclude, force, quiet):
+def convert(adapter, output, fmt, prefix, dtype_name, base, dora_to, method, rank, energy, sv_ratio, threshold,
+            budget, include, exclude, force, quiet):
     """Convert ADAPTER between PEFT and kohya formats; without a rank option every module's product is unchanged.
 
     LoHa, LoKr, Tucker and diff modules are written as plain LoRA at their smallest exact rank; with a rank option
@@ -201,7 +204,7 @@ def convert(adapter, output, fmt, prefix, dtype_name, base, dora_to, rank, energ
     if dora_to != "keep":
         from ..dora import dora_to_lora, lora_to_dora
 
-        done = dora_to_lora(loaded, base, rule=rule) if dora_to == "lora" else lora_to_dora(loaded, base)
+        done = dora_to_lora(loaded, base, rule=rule, method=method) if dora_to == "lora" else lora_to_dora(loaded, base)
         loaded = done.adapter
         worst = max(done.rel_errors.items(), key=lambda kv: kv[1], default=None)
         if worst and not quiet:
