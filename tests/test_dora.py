@@ -12,10 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import LinConvNet
 from lowrank_tools.apply import apply
-from lowrank_tools.errors import AdapterMismatch, ConversionError
+from lowrank_tools.errors import ConversionError
 from lowrank_tools.io.formats import load_adapter, save_adapter
 from lowrank_tools.linalg import RankRule
-from lowrank_tools.merge import merge
 from lowrank_tools.resize import resize
 
 peft = pytest.importorskip("peft")

@@ -212,7 +212,8 @@ def convert(adapter, output, fmt, prefix, dtype_name, base, dora_to, method, ran
                        f"{worst[1]:.3g} ({worst[0]})", err=True)
     loaded, left_out = fit_format(select_modules(loaded, include, exclude), fmt, warn=warner(quiet))
     if rule is not None or budget is not None:
-        loaded = resize(loaded, rule=rule, budget=budget, progress=Progress(quiet, "convert"), warn=warner(quiet)).adapter
+        loaded = resize(loaded, rule=rule, budget=budget, progress=Progress(quiet, "convert"),
+                        warn=warner(quiet)).adapter
     if not loaded.modules and not loaded.full_tensors:
         raise click.ClickException(f"nothing of {adapter} left to write to {output}: {nothing_left(left_out, fmt)}")
     save_adapter(loaded, output, format=fmt, force=force, inputs=[adapter], dtype=out_dtype(dtype_name), prefix=prefix)

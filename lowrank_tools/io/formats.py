@@ -165,7 +165,10 @@ def load_adapter(path: str | os.PathLike, *, base: Checkpoint | str | os.PathLik
     fmt = detect_format(path)
     if fmt == "peft":
         config, weights, peft_type = peft_folder_parts(path)
-        adapter = read_peft(path) if peft_type == "LORA" else read_peft_lycoris(path, config, weights, rank_cap=rank_cap)
+        if peft_type == "LORA":
+            adapter = read_peft(path)
+        else:
+            adapter = read_peft_lycoris(path, config, weights, rank_cap=rank_cap)
     elif fmt in ("kohya", "lycoris"):
         names, label = _module_names(base) if base is not None else (None, None)
         if fmt == "lycoris":
