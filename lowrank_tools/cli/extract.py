@@ -154,7 +154,6 @@ def _extract(base, tuned, output, options, *, fmt, prefix, report_path, force, q
 @click.command(short_help="Convert an adapter between PEFT and kohya formats.",
               epilog=examples("lowrank-tools convert adapter/ -o lora.safetensors",
                               "lowrank-tools convert lora.safetensors -o adapter --base sd15.safetensors",
-                              "lowrank-tools convert adapter/ -o lora.safetensors --exclude 'lm_head'",
                               "lowrank-tools convert lokr.safetensors -o lora.safetensors -r 32"))
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
