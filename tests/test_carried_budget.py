@@ -38,6 +38,21 @@ def test_budget_counts_the_carried_tensors(tmp_path, flags, carried, rank):
     assert summary["budget"] == 100 and summary["ranks"]["max"] == rank
 
 
+def test_budget_counts_dora_magnitudes(tmp_path):
+    summary, file_params = _extract(tmp_path, "--budget", "100", "--dora", "--keep-bias")
+    # 100 - 16 (l's magnitude) - 16 (l.bias) = 68: two rank units (56); without the count: three (84)
+    assert summary["carried_params"] == 32 and summary["params"] == 56 + 32 == file_params <= 100
+
+
+def test_filtered_out_modules_reserve_nothing(tmp_path):
+    from lowrank_tools.extract.extras import carried_budget
+
+    base, tuned, _ = _pair(tmp_path)
+    assert carried_budget(base, tuned, biases=True, norms=False, dora=True) == 32
+    assert carried_budget(base, tuned, biases=True, norms=False, dora=True, exclude=["^l$"]) == 0
+    assert carried_budget(base, tuned, biases=False, norms=True) == 24
+
+
 def test_report_counts_carried_tensors_without_budget(tmp_path):
     summary, file_params = _extract(tmp_path, "--rank", "2", "--keep-bias", "--keep-norms", "--dora")
     assert summary["carried_tensors"] == 4  # l.bias, norm.weight, norm.bias deltas and l's magnitude
@@ -47,5 +62,5 @@ def test_report_counts_carried_tensors_without_budget(tmp_path):
 
 def test_budget_below_the_carried_tensors_is_a_usage_error(tmp_path):
     res, _ = _extract(tmp_path, "--budget", "40", "--keep-bias", "--keep-norms", code=2)
-    assert "carried bias/norm tensors take 40 parameters" in res.output
+    assert "take up to 40 parameters" in res.output
     assert not (tmp_path / "a.safetensors").exists()

@@ -97,18 +97,21 @@ def _carry(result, base, tuned, fmt: str, *, dora: bool, biases: bool, norms: bo
 
 
 def _reserve_carried(options, base, tuned, extras):
-    """--budget with --keep-bias / --keep-norms: the carried tensors' parameters come out of the factors' budget."""
+    """--budget with --keep-bias / --keep-norms / --dora: the carried tensors' parameters come out of the factors'
+    budget."""
     from dataclasses import replace
 
     from ..errors import InvalidOption
     from ..extract.extras import carried_budget
 
-    if options.budget is None or not extras or not (extras["biases"] or extras["norms"]):
+    if options.budget is None or not extras or not any(extras.values()):
         return options
-    reserved = carried_budget(base, tuned, biases=extras["biases"], norms=extras["norms"])
+    reserved = carried_budget(base, tuned, biases=extras["biases"], norms=extras["norms"], dora=extras["dora"],
+                              include=options.include, exclude=options.exclude)
     if reserved >= options.budget:
-        raise InvalidOption(f"--budget {options.budget} leaves nothing for the factors: the carried bias/norm tensors "
-                            f"take {reserved} parameters; raise --budget or drop --keep-bias/--keep-norms")
+        raise InvalidOption(f"--budget {options.budget} leaves nothing for the factors: the carried tensors (bias/"
+                            f"norm deltas, DoRA magnitudes) take up to {reserved} parameters; raise --budget or drop "
+                            f"--keep-bias/--keep-norms/--dora")
     return replace(options, budget=options.budget - reserved)
 
 

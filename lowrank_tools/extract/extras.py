@@ -9,19 +9,21 @@
   ``b_norm``; for PEFT they are saved whole instead (``modules_to_save``: the tuned tensors).
 Tensors are read one at a time from the checkpoints (lazy readers).
 
-The carried tensors count: under ``--budget`` their parameters (:func:`carried_budget`, taken before the factors'
-allocation) come out of the budget, so factors + carried tensors stay within it; the report's ``params`` includes
-them and ``carried_params`` / ``carried_tensors`` say how many (:func:`count_carried`).
+The carried tensors count: under ``--budget`` their parameters (:func:`carried_budget`, an upper bound taken before
+the factors' allocation) come out of the budget, so factors + carried tensors stay within it; the report's ``params``
+includes them and ``carried_params`` / ``carried_tensors`` say how many (:func:`count_carried`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
 
 from ..adapter import Adapter, ModuleKind
 from ..io.checkpoint import as_checkpoint
+from ..io.layers import compile_filters, layer_kind, matches
 
 __all__ = ["with_magnitudes", "carry_tensors", "carried_budget", "count_carried"]
 
@@ -75,17 +77,28 @@ def carry_tensors(adapter: Adapter, base, tuned, *, biases: bool, norms: bool, w
 
 
 @torch.no_grad()
-def carried_budget(base, tuned, *, biases: bool, norms: bool) -> int:
-    """Parameters ``carry_tensors`` can add, known before the extraction: a module counts as adapted when its
-    ``.weight`` is a matrix or kernel (>= 2-D) of one shape in both checkpoints, what extract factors. An upper
-    bound of what is carried (a module left at rank 0 carries no --keep-bias bias), so the budget holds."""
+def carried_budget(base, tuned, *, biases: bool, norms: bool, dora: bool = False, include: Sequence[str] = (),
+                   exclude: Sequence[str] = ()) -> int:
+    """Parameters ``carry_tensors`` / ``with_magnitudes`` can add, known before the extraction (shapes and 1-D
+    tensors only): a module counts as adapted when its ``.weight`` is a matrix or kernel of one shape in both
+    checkpoints that the filters keep, what extract factors; with ``dora`` each non-embedding one adds its output
+    size. An upper bound of what is carried (a module with no change or left at rank 0 gets no magnitude and
+    carries no --keep-bias bias), so the budget holds."""
     b_ckpt, t_ckpt = as_checkpoint(base), as_checkpoint(tuned)
+    include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
 
-    def adapted(owner: str) -> bool:
+    def kind(owner: str):
         key = f"{owner}.weight"
-        return key in t_ckpt and key in b_ckpt and len(t_ckpt.shape(key)) >= 2 \
-            and tuple(t_ckpt.shape(key)) == tuple(b_ckpt.shape(key))
-    return sum(t.numel() for _, _, t, _ in _changed(b_ckpt, t_ckpt, adapted, biases=biases, norms=norms))
+        if key not in t_ckpt or key not in b_ckpt or tuple(t_ckpt.shape(key)) != tuple(b_ckpt.shape(key)):
+            return None
+        return layer_kind(key, t_ckpt.shape(key)) if matches(owner, include, exclude) else None
+    total = sum(t.numel() for _, _, t, _ in _changed(b_ckpt, t_ckpt, lambda o: kind(o) is not None, biases=biases,
+                                                      norms=norms))
+    if dora:
+        owners = {k.rsplit(".", 1)[0] for k in t_ckpt.keys() if k.endswith(".weight")}
+        total += sum(int(t_ckpt.shape(f"{o}.weight")[0]) for o in owners
+                     if kind(o) not in (None, ModuleKind.EMBEDDING))
+    return total
 
 
 def count_carried(before: Adapter, after: Adapter) -> dict:
