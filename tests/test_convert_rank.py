@@ -196,3 +196,17 @@ def test_cli_convert_dora_lora_method_and_rank(tmp_path):
         err = float((D - m.scale * (m.B.double() @ m.A.double())).norm() / D.norm())
         assert m.rank == 6 and err <= float(S[6:].norm() / S.norm()) * (1 + 1e-3)
         assert f"largest rel error {err:.3g}" in res.output
+
+
+def test_cli_convert_dora_lora_energy_is_applied_once(tmp_path):
+    """--energy picks k on the whole DoRA delta's spectrum; the truncated module is not truncated again."""
+    from lowrank_tools.io.formats import save_adapter
+
+    adapter, base, D = _dora_case(tmp_path)
+    save_adapter(adapter, tmp_path / "dora", format="peft")
+    res = CliRunner().invoke(main, ["convert", str(tmp_path / "dora"), "-o", str(tmp_path / "out"), "--base",
+                                    str(base), "--dora", "lora", "--energy", "0.99", "--format", "peft", "-q"])
+    assert res.exit_code == 0, res.output
+    S = torch.linalg.svdvals(D)
+    k = int((S.square().cumsum(0) / S.square().sum() < 0.99).sum()) + 1  # 36: a second pass would keep 4
+    assert load_adapter(tmp_path / "out").modules["lin"].rank == k

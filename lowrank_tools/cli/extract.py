@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
@@ -203,24 +204,29 @@ def convert(adapter, output, fmt, prefix, dtype_name, base, dora_to, method, ran
     cap = rule.rank if rule is not None and rule.energy is None and dora_to != "lora" else None
     loaded = load_adapter(adapter, base=base, rank_cap=cap)
     warn_all(quiet, loaded.notes)
-    if dora_to != "keep":
-        from ..dora import dora_to_lora, lora_to_dora
-
-        done = dora_to_lora(loaded, base, rule=rule, method=method) if dora_to == "lora" else lora_to_dora(loaded, base)
-        loaded = done.adapter
-        worst = max(done.rel_errors.items(), key=lambda kv: kv[1], default=None)
-        if worst and not quiet:
-            click.echo(f"--dora {dora_to}: {len(done.rel_errors)} modules converted, largest rel error "
-                       f"{worst[1]:.3g} ({worst[0]})", err=True)
+    loaded, done = _convert_dora(loaded, base, dora_to, rule, method, quiet) if dora_to != "keep" else (loaded, ())
     loaded, left_out = fit_format(select_modules(loaded, include, exclude), fmt, warn=warner(quiet))
-    if rule is not None or budget is not None:
-        loaded = resize(loaded, rule=rule, budget=budget, progress=Progress(quiet, "convert"),
+    if rule is not None or budget is not None:  # modules --dora lora made under the rule already follow it
+        truncated = [f"^{re.escape(n)}$" for n in done] if rule is not None and dora_to == "lora" else ()
+        loaded = resize(loaded, rule=rule, budget=budget, exclude=truncated, progress=Progress(quiet, "convert"),
                         warn=warner(quiet)).adapter
     if not loaded.modules and not loaded.full_tensors:
         raise click.ClickException(f"nothing of {adapter} left to write to {output}: {nothing_left(left_out, fmt)}")
     save_adapter(loaded, output, format=fmt, force=force, inputs=[adapter], dtype=out_dtype(dtype_name), prefix=prefix)
     if not quiet:
         click.echo(f"wrote {output} ({fmt}, {len(loaded.modules)} modules)")
+
+
+def _convert_dora(loaded, base, dora_to: str, rule, method: str, quiet: bool):
+    """convert --dora lora|dora: the converted adapter and the names of the modules converted (errors on stderr)."""
+    from ..dora import dora_to_lora, lora_to_dora
+
+    done = dora_to_lora(loaded, base, rule=rule, method=method) if dora_to == "lora" else lora_to_dora(loaded, base)
+    worst = max(done.rel_errors.items(), key=lambda kv: kv[1], default=None)
+    if worst and not quiet:
+        click.echo(f"--dora {dora_to}: {len(done.rel_errors)} modules converted, largest rel error "
+                   f"{worst[1]:.3g} ({worst[0]})", err=True)
+    return done.adapter, list(done.rel_errors)
 
 
 @click.command(short_help="Describe an adapter; --modules lists every module.",
