@@ -7,7 +7,9 @@ Side by side in one run, on the same modules (float32 factors, decaying spectra 
 - LoHa r16 x r16 (R = 256): ours = Khatri-Rao factors + QR core (``lycoris_format.structured_module``: the exact
   SVD) then ``resize`` to rank 32 (a column slice of the exact SVD);
 - LoKr, W1 (4, 4) full and W2 factored at rank 16 (R = 64), and W1 (4, 4) with W2 full (R = min side): ours =
-  the Kronecker SVD (top products s1_i s2_j), then ``resize`` to rank 32;
+  the Kronecker SVD (top products s1_i s2_j; a full W2 gives only its top 32 triplets, from the eigen-decomposition
+  of its smaller Gram: ``linalg.structured.top_svd``), then ``resize`` to rank 32;
+- ours is what ``convert -r 32`` does: the module read with ``rank_cap=32``, then resized;
 - dense = ``delta`` formed (out, in), ``torch.linalg.svd``, top 32 (what kohya's resize_lora and PEFT do).
 
 "err diff" = |E_ours - E_dense| / E_dense with E = ||delta - P||_F (float64, dense: benchmark only): both must be the
@@ -65,7 +67,7 @@ def dense_delta(t: dict) -> torch.Tensor:
 
 
 def ours(t: dict):
-    module = structured_module("m", t, alpha=None)  # exact SVD of the structure
+    module = structured_module("m", t, alpha=None, rank_cap=RANK)  # as convert -r: the structure's top-RANK SVD
     return resize(Adapter(modules={"m": module}), rule=RankRule(rank=RANK)).adapter.modules["m"]
 
 

@@ -6,8 +6,11 @@ semantics; LyCORIS' legacy modules norm per input channel instead). Its delta ``
 
 - :func:`lora_to_dora` is exact: ``m = ||W0 + s B A||_row`` (computed without forming W', see
   :func:`~lowrank_tools.structured.dora_row_norms`) makes ``W = W'``. This is how PEFT initialises a DoRA adapter.
-- :func:`dora_to_lora` is lossy: the optimal rank-k truncation of the dense delta (one module at a time, an SVD of
-  (out, in)), with the relative error of each module reported. Default k: the module's own rank.
+- :func:`dora_to_lora` is lossy: the rank-k truncation of the dense delta (one module at a time), with the relative
+  error of each module reported. Default k: the module's own rank. The top-k SVD is :func:`truncated_svd`'s, by
+  extract's rule: randomized (range finder, power iterations) when k is small against the sides, exact otherwise or
+  with ``method="exact"``; a dynamic rank rule (energy, ratio, threshold) needs the whole spectrum: exact. The error
+  reported is measured on the factors written, ``||D - B A||_F / ||D||_F``, whichever SVD made them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch
 from .adapter import Adapter, LoraModule, ModuleKind
 from .io.checkpoint import as_checkpoint
 from .errors import AdapterMismatch, ConversionError, UnsupportedTensor
-from .linalg.svd import RankRule
+from .linalg.norms import frobenius_error
+from .linalg.svd import Method, RankRule, truncated_svd
 from .linalg.structured import dora_rescale_, dora_row_norms
 
 __all__ = ["DoraConversion", "lora_to_dora", "dora_to_lora"]
@@ -71,10 +75,22 @@ def lora_to_dora(adapter: Adapter, base) -> DoraConversion:
     return DoraConversion(adapter=replace(adapter, modules=modules), rel_errors={n: 0.0 for n in modules})
 
 
+def _top(D: torch.Tensor, k: int | None, rule: RankRule | None, method: Method | str, seed: int):
+    """``(U_k, S_k, Vh_k)`` of D: k given (the module's rank, or a fixed --rank) through truncated_svd's method;
+    a dynamic ``rule`` picks k from the whole (exact) spectrum."""
+    if k is not None:
+        svd = truncated_svd(D, k, method=method, seed=seed)
+        return svd.U, svd.S, svd.Vh
+    U, S, Vh = torch.linalg.svd(D, full_matrices=False)  # dense: the delta is full rank in general
+    k = max(1, rule.choose(S))
+    return U[:, :k], S[:k], Vh[:k]
+
+
 @torch.no_grad()
-def dora_to_lora(adapter: Adapter, base, *, rule: RankRule | None = None) -> DoraConversion:
-    """Every DoRA module becomes the optimal rank-k LoRA of its whole delta ``m W'/||W'|| - W0`` (lossy; k by
-    ``rule``, else the module's rank); plain modules pass unchanged."""
+def dora_to_lora(adapter: Adapter, base, *, rule: RankRule | None = None, method: Method | str = Method.AUTO,
+                 seed: int = 0) -> DoraConversion:
+    """Every DoRA module becomes the rank-k LoRA of its whole delta ``m W'/||W'|| - W0`` (lossy; k by ``rule``, else
+    the module's rank; the top-k SVD by ``method``, see the module doc); plain modules pass unchanged."""
     ckpt = as_checkpoint(base)
     modules, errors = {}, {}
     for name, m in adapter.modules.items():
@@ -83,12 +99,12 @@ def dora_to_lora(adapter: Adapter, base, *, rule: RankRule | None = None) -> Dor
             continue
         W0 = _base_matrix(ckpt, name, m)
         D = dora_rescale_(W0 + m.scale * (m.B.double() @ m.A.double()), m.magnitude.double(), m.dora_axis) - W0
-        U, S, Vh = torch.linalg.svd(D, full_matrices=False)  # dense: the delta is full rank in general
-        k = max(1, rule.choose(S) if rule is not None else m.rank)
-        root = S[:k].sqrt()
+        fixed = m.rank if rule is None else (rule.rank if not rule.dynamic else None)
+        U, S, Vh = _top(D, fixed, rule, method, seed)
+        root = S.sqrt()
         dtype = torch.float64 if m.B.dtype == torch.float64 else torch.float32
-        modules[name] = LoraModule(B=(U[:, :k] * root).to(dtype), A=(root.unsqueeze(1) * Vh[:k]).to(dtype),
-                                   alpha=float(k), kind=m.kind, weight_shape=m.weight_shape)
-        total = float(S.square().sum())
-        errors[name] = (float(S[k:].square().sum()) / total) ** 0.5 if total else 0.0
+        B, A = (U * root).to(dtype), (root.unsqueeze(1) * Vh).to(dtype)
+        modules[name] = LoraModule(B=B, A=A, alpha=float(len(S)), kind=m.kind, weight_shape=m.weight_shape)
+        total = float(D.norm())
+        errors[name] = frobenius_error(D, B, A) / total if total else 0.0  # measured on what is written
     return DoraConversion(adapter=replace(adapter, modules=modules), rel_errors=errors)

@@ -9,6 +9,14 @@ budget the concatenation is truncated through its QR core (:mod:`lowrank_tools.r
 optimal rank-r approximation of the weighted sum. (Adding up- and down-factors separately, as kohya's
 merge without ``--concat`` does, is not the sum of the products.) Modules present in only some inputs
 are kept; inputs that disagree on a module's shape are an error naming it.
+
+DoRA modules (``W = m (W0 + s B A) / ||W0 + s B A||_row``): the direction update is the exact weighted sum above
+(what PEFT's ``add_weighted_adapter(combination_type="cat")`` puts in lora_A / lora_B) and the magnitude is the
+weighted mean ``m = sum_i w_i m_i / sum_i w_i``: one DoRA module at any weight keeps its m, weights summing to 1
+give PEFT's linear combination ``sum_i w_i m_i``. PEFT itself (0.21) re-initialises m to ``||W0||_row`` whatever the
+inputs, so even one adapter at weight 1 does not come back (PEFT #3761): it is not followed there. Refused, naming
+the module: DoRA mixed with plain LoRA on one module (a plain module has no magnitude without the base: make it
+DoRA first with ``convert --dora dora --base``), different DoRA axes, and weights that sum to 0 (no mean).
 """
 
 from __future__ import annotations
@@ -59,16 +67,26 @@ def weighted_sum_module(name: str, parts: Sequence[tuple[LoraModule, float, str]
 
 
 def _dora_magnitude(name: str, parts: Sequence[tuple[LoraModule, float, str]]):
-    """A DoRA module passes through a merge alone at weight 1 (its magnitude kept); a sum involving a DoRA module has
-    no defined magnitude (PEFT's add_weighted_adapter gets it wrong, PEFT #3761): an error naming the module."""
-    dora = [src for m, _, src in parts if m.magnitude is not None]
+    """The merged DoRA magnitude: the weighted mean ``sum_i w_i m_i / sum_i w_i`` (see the module doc); None when no
+    input is DoRA. Raises :class:`AdapterMismatch` naming the module where it is not defined."""
+    dora = [(m, w, src) for m, w, src in parts if m.magnitude is not None]
     if not dora:
         return None
-    if len(parts) == 1 and parts[0][1] == 1.0:
-        return parts[0][0].magnitude
-    raise AdapterMismatch(f"module {name} is DoRA in {dora[0]}: a weighted sum of DoRA modules has no defined "
-                          f"magnitude; apply the adapters one after another, or leave it out with "
-                          f"--exclude '^{re.escape(name)}$'")
+    leave_out = f"or leave it out with --exclude '^{re.escape(name)}$'"
+    plain = [src for m, _, src in parts if m.magnitude is None]
+    if plain:
+        raise AdapterMismatch(f"module {name} is DoRA in {dora[0][2]} but plain LoRA in {plain[0]}: a plain module has "
+                              f"no magnitude without its base; make it DoRA first (convert --dora dora --base BASE), "
+                              f"{leave_out}")
+    if len({m.dora_axis for m, _, _ in dora}) > 1:
+        raise AdapterMismatch(f"module {name} holds output-axis and legacy input-axis DoRA magnitudes: they do not "
+                              f"combine; {leave_out}")
+    total = sum(w for _, w, _ in dora)
+    if abs(total) <= 1e-12 * sum(abs(w) for _, w, _ in dora):
+        raise AdapterMismatch(f"module {name}: the weights of its DoRA inputs sum to 0, so the merged magnitude (their "
+                              f"weighted mean) is undefined; change the weights, {leave_out}")
+    dtype = torch.float64 if any(m.magnitude.dtype == torch.float64 for m, _, _ in dora) else torch.float32
+    return (sum(w * m.magnitude.double() for m, w, _ in dora) / total).to(dtype)
 
 
 def _tensor_deltas(inputs: list[WeightedAdapter], include, exclude) -> dict[str, torch.Tensor]:
@@ -130,7 +148,8 @@ def merge(adapters: Sequence[WeightedAdapter | Adapter | tuple], *, rule: RankRu
     No ``rule`` and no ``budget``: exact concatenation, rank = the sum of the inputs' ranks. Otherwise the
     concatenation is truncated (``budget`` spreads total parameters, ``rule`` caps each module). Modules
     filtered out by ``include`` / ``exclude`` are left out. ``dtype`` defaults to the inputs' factor dtype
-    (float32 when they differ). The report measures each module against the exact weighted sum.
+    (float32 when they differ). The report measures each module against the exact weighted sum. DoRA modules: the
+    direction update is that sum, the magnitude the weighted mean of the inputs' (see the module doc; PEFT #3761).
     """
     inputs = as_weighted(adapters)
     if not inputs:

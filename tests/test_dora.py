@@ -12,10 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import LinConvNet
 from lowrank_tools.apply import apply
-from lowrank_tools.errors import AdapterMismatch, ConversionError
+from lowrank_tools.errors import ConversionError
 from lowrank_tools.io.formats import load_adapter, save_adapter
 from lowrank_tools.linalg import RankRule
-from lowrank_tools.merge import merge
 from lowrank_tools.resize import resize
 
 peft = pytest.importorskip("peft")
@@ -102,15 +101,6 @@ def test_resize_keeps_the_magnitude(tmp_path):
     small = resize(adapter, rule=RankRule(rank=2)).adapter
     for name, m in small.modules.items():
         assert m.rank == 2 and torch.equal(m.magnitude, adapter.modules[name].magnitude)
-
-
-def test_merge_refuses_sums_of_dora(tmp_path):
-    folder, *_ = _peft_dora(tmp_path)
-    adapter = load_adapter(folder)
-    with pytest.raises(AdapterMismatch, match=r"module (lin|conv) is DoRA .* no defined magnitude"):
-        merge([(adapter, 1.0), (adapter, 0.5)])
-    alone = merge([adapter]).adapter
-    assert torch.equal(alone.modules["lin"].magnitude, adapter.modules["lin"].magnitude)
 
 
 def test_legacy_input_axis_dora_applies_by_column_and_refuses_peft(tmp_path):

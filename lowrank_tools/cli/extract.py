@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
@@ -87,13 +88,36 @@ def extract(base, tuned, output, rank, energy, sv_ratio, threshold, budget, alph
                  quiet=quiet, primary=process_rank == 0, extras=dict(dora=dora, biases=keep_bias, norms=keep_norms))
 
 
-def _carry(adapter, base, tuned, fmt: str, *, dora: bool, biases: bool, norms: bool):
-    """extract --dora / --keep-bias / --keep-norms (lowrank_tools.extract_extras)."""
-    from ..extract.extras import carry_tensors, with_magnitudes
+def _carry(result, base, tuned, fmt: str, *, dora: bool, biases: bool, norms: bool):
+    """extract --dora / --keep-bias / --keep-norms (lowrank_tools.extract.extras); the report counts what they add."""
+    from ..extract.extras import carry_tensors, count_carried, with_magnitudes
 
+    adapter = result.adapter
     if biases or norms:
         adapter = carry_tensors(adapter, base, tuned, biases=biases, norms=norms, whole=fmt != "kohya")
-    return with_magnitudes(adapter, tuned) if dora else adapter
+    adapter = with_magnitudes(adapter, tuned) if dora else adapter
+    carried = count_carried(result.adapter, adapter)
+    result.report.summary.update(carried, params=result.report.summary["params"] + carried["carried_params"])
+    return adapter
+
+
+def _reserve_carried(options, base, tuned, extras):
+    """--budget with --keep-bias / --keep-norms / --dora: the carried tensors' parameters come out of the factors'
+    budget."""
+    from dataclasses import replace
+
+    from ..errors import InvalidOption
+    from ..extract.extras import carried_budget
+
+    if options.budget is None or not extras or not any(extras.values()):
+        return options
+    reserved = carried_budget(base, tuned, biases=extras["biases"], norms=extras["norms"], dora=extras["dora"],
+                              include=options.include, exclude=options.exclude)
+    if reserved >= options.budget:
+        raise InvalidOption(f"--budget {options.budget} leaves nothing for the factors: the carried tensors (bias/"
+                            f"norm deltas, DoRA magnitudes) take up to {reserved} parameters; raise --budget or drop "
+                            f"--keep-bias/--keep-norms/--dora")
+    return replace(options, budget=options.budget - reserved)
 
 
 def _extract(base, tuned, output, options, *, fmt, prefix, report_path, force, quiet, primary, extras=None):
@@ -107,7 +131,9 @@ def _extract(base, tuned, output, options, *, fmt, prefix, report_path, force, q
     if primary:
         check_outputs(output, report_path, force=force, inputs=[base, tuned]
                       + ([options.calibration] if options.calibration is not None else []))
+    asked = options.budget
     try:
+        options = _reserve_carried(options, base, tuned, extras)
         result = run(base, tuned, options, progress=Progress(quiet or not primary, "extract"),
                      warn=warner(quiet or not primary))
     except LowRankError as exc:
@@ -121,19 +147,22 @@ def _extract(base, tuned, output, options, *, fmt, prefix, report_path, force, q
                         for k, v in result.report.skipped.items())
         raise click.ClickException(f"no layer of {tuned} differs from {base} in a way a LoRA can hold "
                                    f"({why or 'no weights'}): nothing to extract, nothing written")
-    adapter = _carry(result.adapter, base, tuned, fmt, **extras) if extras and any(extras.values()) else result.adapter
+    adapter = _carry(result, base, tuned, fmt, **extras) if extras and any(extras.values()) else result.adapter
+    if asked is not None:
+        result.report.summary["budget"] = asked  # factors + carried tensors
     with OutputTransaction(force=force, inputs=[base, tuned]) as outputs:  # the adapter and report, or neither
         save_adapter(adapter, output, format=fmt, prefix=prefix, transaction=outputs)
         write_report(result.report, report_path, transaction=outputs)
     show(result.report, quiet)
     if not quiet:
-        click.echo(f"wrote {output} ({len(result.adapter.modules)} modules, {result.adapter.params:,} parameters)")
+        click.echo(f"wrote {output} ({len(result.adapter.modules)} modules, {result.report.summary['params']:,} "
+                   f"parameters)")
 
 
 @click.command(short_help="Convert an adapter between PEFT and kohya formats.",
               epilog=examples("lowrank-tools convert adapter/ -o lora.safetensors",
                               "lowrank-tools convert lora.safetensors -o adapter --base sd15.safetensors",
-                              "lowrank-tools convert adapter/ -o lora.safetensors --exclude 'lm_head'"))
+                              "lowrank-tools convert lokr.safetensors -o lora.safetensors -r 32"))
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Adapter to write: a name ending in .safetensors is a kohya file, anything else a PEFT folder.")
@@ -145,43 +174,63 @@ def _extract(base, tuned, output, options, *, fmt, prefix, report_path, force, q
 @click.option("--dora", "dora_to", type=click.Choice(["keep", "lora", "dora"]), default="keep", show_default=True,
               help="lora: DoRA modules -> plain LoRA (lossy, errors reported); dora: LoRA -> DoRA (exact). "
                    "Both need --base.")
+@click.option("--method", type=METHODS, default="auto", show_default=True,
+              help="--dora lora's SVD of each module's delta: exact, randomized, or auto (randomized when the rank is "
+                   "small against the sides, as extract).")
+@rank_options(default_rank="none: every product unchanged")
 @filter_options
 @force_option
 @quiet_option
-def convert(adapter, output, fmt, prefix, dtype_name, base, dora_to, include, exclude, force, quiet):
-    """Convert ADAPTER between PEFT and kohya formats; every module's product is unchanged.
+def convert(adapter, output, fmt, prefix, dtype_name, base, dora_to, method, rank, energy, sv_ratio, threshold,
+            budget, include, exclude, force, quiet):
+    """Convert ADAPTER between PEFT and kohya formats; without a rank option every module's product is unchanged.
 
-    LoHa, LoKr, Tucker and diff modules are written as plain LoRA at their smallest exact rank (resize --format
-    truncates them optimally). DoRA stays DoRA unless --dora lora (which needs --base).
+    LoHa, LoKr, Tucker and diff modules are written as plain LoRA at their smallest exact rank; with a rank option
+    (--rank/--energy/--sv-ratio/--threshold/--budget, as resize) every module is the optimal truncation instead,
+    from the exact algebra (a LoKr's full factor gives only its top triplets with --rank), nothing densified.
+    DoRA stays DoRA unless --dora lora (which needs --base).
 
     Modules under unet. / text_encoder. / text_encoder_2. take their component's kohya prefix, others --prefix.
     A pipeline's adapter converted to peft is written as diffusers' pytorch_lora_weights.safetensors. What kohya
     cannot hold (embeddings, tensors saved whole) is left out with a warning naming it, before anything is written."""
     from ..io.checkpoint import check_output
     from ..io.formats import fit_format, load_adapter, output_format, save_adapter, select_modules
+    from ..resize import resize
 
+    rule = make_rule(rank, energy, sv_ratio, threshold)  # None: no truncation
     fmt = output_format(output, fmt).value
     check_kohya_options(fmt, prefix, ())
     check_output(output, force=force, inputs=[adapter])
     if dora_to != "keep" and base is None:
         raise click.UsageError(f"--dora {dora_to} needs --base: DoRA's weight depends on the base weights")
-    loaded = load_adapter(adapter, base=base)
+    # --rank without --energy: only each module's top --rank components can be kept, so structured modules are read
+    # truncated (the energy rule needs the whole spectrum; --dora lora truncates the whole DoRA delta, not B A)
+    cap = rule.rank if rule is not None and rule.energy is None and dora_to != "lora" else None
+    loaded = load_adapter(adapter, base=base, rank_cap=cap)
     warn_all(quiet, loaded.notes)
-    if dora_to != "keep":
-        from ..dora import dora_to_lora, lora_to_dora
-
-        done = (dora_to_lora if dora_to == "lora" else lora_to_dora)(loaded, base)
-        loaded = done.adapter
-        worst = max(done.rel_errors.items(), key=lambda kv: kv[1], default=None)
-        if worst and not quiet:
-            click.echo(f"--dora {dora_to}: {len(done.rel_errors)} modules converted, largest rel error "
-                       f"{worst[1]:.3g} ({worst[0]})", err=True)
+    loaded, done = _convert_dora(loaded, base, dora_to, rule, method, quiet) if dora_to != "keep" else (loaded, ())
     loaded, left_out = fit_format(select_modules(loaded, include, exclude), fmt, warn=warner(quiet))
+    if rule is not None or budget is not None:  # modules --dora lora made under the rule already follow it
+        truncated = [f"^{re.escape(n)}$" for n in done] if rule is not None and dora_to == "lora" else ()
+        loaded = resize(loaded, rule=rule, budget=budget, exclude=truncated, progress=Progress(quiet, "convert"),
+                        warn=warner(quiet)).adapter
     if not loaded.modules and not loaded.full_tensors:
         raise click.ClickException(f"nothing of {adapter} left to write to {output}: {nothing_left(left_out, fmt)}")
     save_adapter(loaded, output, format=fmt, force=force, inputs=[adapter], dtype=out_dtype(dtype_name), prefix=prefix)
     if not quiet:
         click.echo(f"wrote {output} ({fmt}, {len(loaded.modules)} modules)")
+
+
+def _convert_dora(loaded, base, dora_to: str, rule, method: str, quiet: bool):
+    """convert --dora lora|dora: the converted adapter and the names of the modules converted (errors on stderr)."""
+    from ..dora import dora_to_lora, lora_to_dora
+
+    done = dora_to_lora(loaded, base, rule=rule, method=method) if dora_to == "lora" else lora_to_dora(loaded, base)
+    worst = max(done.rel_errors.items(), key=lambda kv: kv[1], default=None)
+    if worst and not quiet:
+        click.echo(f"--dora {dora_to}: {len(done.rel_errors)} modules converted, largest rel error "
+                   f"{worst[1]:.3g} ({worst[0]})", err=True)
+    return done.adapter, list(done.rel_errors)
 
 
 @click.command(short_help="Describe an adapter; --modules lists every module.",

@@ -13,7 +13,7 @@ from .pipeline import CUDA_BATCH, MAX_BATCH_ELEMENTS, Stager, batch_size, plan_b
 from .distributed import Share, assign, layer_cost, current_share, torchrun_group, torchrun_world_size
 from .budget import BUDGET_TOP_K, budget_top_k, check_budget, extract_with_budget
 from .streaming import ExtractResult, extract, Progress
-from .extras import with_magnitudes, carry_tensors
+from .extras import with_magnitudes, carry_tensors, carried_budget, count_carried
 
 _MODULES = (
     "options", "pipeline", "distributed", "budget", "streaming", "extras",

@@ -8,18 +8,24 @@
 - ``--keep-norms``: deltas of 1-D weights and biases of modules without factors (norm layers): kohya ``w_norm`` /
   ``b_norm``; for PEFT they are saved whole instead (``modules_to_save``: the tuned tensors).
 Tensors are read one at a time from the checkpoints (lazy readers).
+
+The carried tensors count: under ``--budget`` their parameters (:func:`carried_budget`, an upper bound taken before
+the factors' allocation) come out of the budget, so factors + carried tensors stay within it; the report's ``params``
+includes them and ``carried_params`` / ``carried_tensors`` say how many (:func:`count_carried`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
 
 from ..adapter import Adapter, ModuleKind
 from ..io.checkpoint import as_checkpoint
+from ..io.layers import compile_filters, layer_kind, matches
 
-__all__ = ["with_magnitudes", "carry_tensors"]
+__all__ = ["with_magnitudes", "carry_tensors", "carried_budget", "count_carried"]
 
 
 def _tuned_weight(ckpt, name: str):
@@ -41,25 +47,66 @@ def with_magnitudes(adapter: Adapter, tuned) -> Adapter:
     return replace(adapter, modules=modules)
 
 
-@torch.no_grad()
-def carry_tensors(adapter: Adapter, base, tuned, *, biases: bool, norms: bool, whole: bool = False) -> Adapter:
-    """Add ``tuned - base`` of biases of adapted modules (``biases``) and of 1-D tensors of other modules (``norms``)
-    to ``adapter.tensor_deltas``; with ``whole`` (PEFT), the norm modules' tuned tensors go to ``full_tensors``."""
-    b_ckpt, t_ckpt = as_checkpoint(base), as_checkpoint(tuned)
-    deltas, full = dict(adapter.tensor_deltas), dict(adapter.full_tensors)
+def _changed(b_ckpt, t_ckpt, adapted, *, biases: bool, norms: bool):
+    """``(key, adapted owner?, tuned, base)`` of every changed float 1-D tensor the flags carry; ``adapted(owner)``
+    says whether the owner module has factors."""
     for key in t_ckpt.keys():
         if key not in b_ckpt or tuple(t_ckpt.shape(key)) != tuple(b_ckpt.shape(key)) or len(t_ckpt.shape(key)) != 1:
             continue
         owner, leaf = key.rsplit(".", 1) if "." in key else ("", key)
-        adapted = owner in adapter.modules
-        if not ((biases and adapted and leaf == "bias") or (norms and not adapted and leaf in ("weight", "bias"))):
+        owned = adapted(owner)
+        if not ((biases and owned and leaf == "bias") or (norms and not owned and leaf in ("weight", "bias"))):
             continue
         t, b = t_ckpt.get(key), b_ckpt.get(key)
-        if not t.is_floating_point() or torch.equal(t, b):
-            continue
-        if norms and not adapted and whole:
+        if t.is_floating_point() and not torch.equal(t, b):
+            yield key, owned, t, b
+
+
+@torch.no_grad()
+def carry_tensors(adapter: Adapter, base, tuned, *, biases: bool, norms: bool, whole: bool = False) -> Adapter:
+    """Add ``tuned - base`` of biases of adapted modules (``biases``) and of 1-D tensors of other modules (``norms``)
+    to ``adapter.tensor_deltas``; with ``whole`` (PEFT), the norm modules' tuned tensors go to ``full_tensors``."""
+    deltas, full = dict(adapter.tensor_deltas), dict(adapter.full_tensors)
+    for key, owned, t, b in _changed(as_checkpoint(base), as_checkpoint(tuned), adapter.modules.__contains__,
+                                     biases=biases, norms=norms):
+        if not owned and whole:
             full[key] = t
         else:
             deltas[key] = (t.double() - b.double()).float()
     return replace(adapter, tensor_deltas=deltas, full_tensors=full)
+
+
+@torch.no_grad()
+def carried_budget(base, tuned, *, biases: bool, norms: bool, dora: bool = False, include: Sequence[str] = (),
+                   exclude: Sequence[str] = ()) -> int:
+    """Parameters ``carry_tensors`` / ``with_magnitudes`` can add, known before the extraction (shapes and 1-D
+    tensors only): a module counts as adapted when its ``.weight`` is a matrix or kernel of one shape in both
+    checkpoints that the filters keep, what extract factors; with ``dora`` each non-embedding one adds its output
+    size. An upper bound of what is carried (a module with no change or left at rank 0 gets no magnitude and
+    carries no --keep-bias bias), so the budget holds."""
+    b_ckpt, t_ckpt = as_checkpoint(base), as_checkpoint(tuned)
+    include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
+
+    def kind(owner: str):
+        key = f"{owner}.weight"
+        if key not in t_ckpt or key not in b_ckpt or tuple(t_ckpt.shape(key)) != tuple(b_ckpt.shape(key)):
+            return None
+        return layer_kind(key, t_ckpt.shape(key)) if matches(owner, include, exclude) else None
+    total = sum(t.numel() for _, _, t, _ in _changed(b_ckpt, t_ckpt, lambda o: kind(o) is not None, biases=biases,
+                                                      norms=norms))
+    if dora:
+        owners = {k.rsplit(".", 1)[0] for k in t_ckpt.keys() if k.endswith(".weight")}
+        total += sum(int(t_ckpt.shape(f"{o}.weight")[0]) for o in owners
+                     if kind(o) not in (None, ModuleKind.EMBEDDING))
+    return total
+
+
+def count_carried(before: Adapter, after: Adapter) -> dict:
+    """What ``after`` carries beyond ``before``'s factors: tensors (bias / norm deltas, norm tensors saved whole,
+    DoRA magnitudes) and their parameters, as the report's ``carried_tensors`` / ``carried_params``."""
+    tensors = [v for k, v in after.tensor_deltas.items() if k not in before.tensor_deltas]
+    tensors += [v for k, v in after.full_tensors.items() if k not in before.full_tensors]
+    tensors += [m.magnitude for n, m in after.modules.items()
+                if m.magnitude is not None and before.modules[n].magnitude is None]
+    return {"carried_tensors": len(tensors), "carried_params": sum(int(t.numel()) for t in tensors)}
 

@@ -153,20 +153,29 @@ def _module_names(base) -> tuple[list[str], str]:
     return names, str(getattr(ckpt, "path", base))
 
 
-def load_adapter(path: str | os.PathLike, *, base: Checkpoint | str | os.PathLike | None = None) -> Adapter:
+def load_adapter(path: str | os.PathLike, *, base: Checkpoint | str | os.PathLike | None = None,
+                 rank_cap: int | None = None) -> Adapter:
     """Read an adapter in any supported format.
 
     ``base``: the checkpoint the adapter was made for; kohya keys without recorded module names are matched
     against its module names (else they are guessed from the known diffusers/transformers naming, with a note).
+    ``rank_cap``: LoHa / LoKr / diff modules are read as their optimal truncation to that rank (only the top
+    triplets of a LoKr's full factors are computed); plain LoRA modules are read as stored.
     """
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "peft":
         config, weights, peft_type = peft_folder_parts(path)
-        adapter = read_peft(path) if peft_type == "LORA" else read_peft_lycoris(path, config, weights)
+        if peft_type == "LORA":
+            adapter = read_peft(path)
+        else:
+            adapter = read_peft_lycoris(path, config, weights, rank_cap=rank_cap)
     elif fmt in ("kohya", "lycoris"):
         names, label = _module_names(base) if base is not None else (None, None)
-        adapter = (read_lycoris if fmt == "lycoris" else read_kohya)(path, module_names=names, base=label)
+        if fmt == "lycoris":
+            adapter = read_lycoris(path, module_names=names, base=label, rank_cap=rank_cap)
+        else:
+            adapter = read_kohya(path, module_names=names, base=label)
     else:
         adapter = read_peft_file(_single_file(path) if path.is_dir() else path)
     if base is not None:  # LoHa / LoKr conv factors stored flattened get their kernel from the base

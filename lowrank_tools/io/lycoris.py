@@ -35,7 +35,8 @@ from .checkpoint import open_checkpoint
 from ..errors import AdapterFormatError
 from .kohya import resolve_module_names
 from .peft import CONFIG_NAME, build_module, lora_keys_seen, pattern_value
-from ..linalg.structured import (ExactSVD, factor_svd, kron_svd, loha_svd, lokr_w2_tucker, tucker_locon_factors, tucker_loha_pair)
+from ..linalg.structured import (ExactSVD, kron_svd, loha_svd, lokr_w2_tucker, top_svd, tucker_locon_factors,
+                                 tucker_loha_pair)
 
 __all__ = ["STRUCTURED_SUFFIXES", "is_lycoris_keys", "read_lycoris", "read_peft_lycoris", "structured_module",
            "PLACEHOLDER_ALPHA", "fit_kernels"]
@@ -77,7 +78,7 @@ def _lokr_rank(t: dict[str, Tensor]) -> int | None:
     return None
 
 
-def _loha(t: dict[str, Tensor], scale: float) -> tuple[ExactSVD, ModuleKind, tuple, str]:
+def _loha(t: dict[str, Tensor], scale: float, cap: int | None) -> tuple[ExactSVD, ModuleKind, tuple, str]:
     if "hada_t1" in t:
         B1, A1 = tucker_loha_pair(t["hada_t1"].double(), t["hada_w1_a"].double(), t["hada_w1_b"].double())
         B2, A2 = tucker_loha_pair(t["hada_t2"].double(), t["hada_w2_a"].double(), t["hada_w2_b"].double())
@@ -88,10 +89,11 @@ def _loha(t: dict[str, Tensor], scale: float) -> tuple[ExactSVD, ModuleKind, tup
         A1 = t["hada_w1_b"].double().reshape(B1.shape[1], -1)
         A2 = t["hada_w2_b"].double().reshape(B2.shape[1], -1)
         shape, kind = (B1.shape[0], A1.shape[1]), ModuleKind.LINEAR
-    return loha_svd(B1 * scale, A1, B2, A2), kind, shape, f"{A1.shape[0]}x{A2.shape[0]}"
+    svd = loha_svd(B1 * scale, A1, B2, A2)  # exact, O((out + in) R^2 + R^3): a cap is a slice of it
+    return (svd if cap is None else svd.top(cap)), kind, shape, f"{A1.shape[0]}x{A2.shape[0]}"
 
 
-def _lokr(t: dict[str, Tensor], scale: float) -> tuple[ExactSVD, ModuleKind, tuple, str]:
+def _lokr(t: dict[str, Tensor], scale: float, cap: int | None) -> tuple[ExactSVD, ModuleKind, tuple, str]:
     W1 = t["lokr_w1"].double() if "lokr_w1" in t else (t["lokr_w1_a"].double(), t["lokr_w1_b"].double())
     W1 = W1 * scale if isinstance(W1, Tensor) else (W1[0] * scale, W1[1])
     kernel: tuple = ()
@@ -110,7 +112,7 @@ def _lokr(t: dict[str, Tensor], scale: float) -> tuple[ExactSVD, ModuleKind, tup
     shape = (a * c, b * d, *kernel)
     kind = ModuleKind.CONV if kernel else ModuleKind.LINEAR
     rank = _lokr_rank(t)
-    return kron_svd(W1, W2), kind, shape, f"kron({a}x{b}, {c}x{d}{', r' + str(rank) if rank else ''})"
+    return kron_svd(W1, W2, cap), kind, shape, f"kron({a}x{b}, {c}x{d}{', r' + str(rank) if rank else ''})"
 
 
 def _scale(t: dict[str, Tensor], alpha: float | None, rank: int | None, *, peft: bool) -> float:
@@ -126,9 +128,11 @@ def _scale(t: dict[str, Tensor], alpha: float | None, rank: int | None, *, peft:
     return alpha / rank
 
 
-def _diff_module(diff: Tensor, dtype: torch.dtype) -> LoraModule:
-    """A whole-weight delta as exact factors at its exact rank (one dense SVD: a diff is dense by nature)."""
-    svd = factor_svd(diff.reshape(diff.shape[0], -1))
+def _diff_module(diff: Tensor, dtype: torch.dtype, cap: int | None) -> LoraModule:
+    """A whole-weight delta as exact factors at its exact rank (one dense SVD: a diff is dense by nature), or its
+    optimal rank-``cap`` truncation (:func:`top_svd`)."""
+    matrix = diff.reshape(diff.shape[0], -1)
+    svd = top_svd(matrix, min(matrix.shape) if cap is None else cap)
     kind = ModuleKind.CONV if diff.ndim > 2 else ModuleKind.LINEAR
     return LoraModule.from_svd(svd, param=Param.DIFF, dtype=dtype, kind=kind, weight_shape=tuple(diff.shape),
                                stored_rank="full")
@@ -200,13 +204,15 @@ def _check_inner(name: str, t: dict[str, Tensor], where) -> None:
 
 
 def structured_module(name: str, t: dict[str, Tensor], *, alpha: float | None, rank: int | None = None,
-                      peft: bool = False, where: Path | str = "") -> LoraModule | None:
+                      peft: bool = False, where: Path | str = "", rank_cap: int | None = None) -> LoraModule | None:
     """One module of any parametrisation (keys of ``t`` are suffixes: ``hada_w1_a``, ``lora_down.weight`` ...) as
     exact LoRA factors; None when it has no weight delta (only ``diff_b`` / norms). ``rank``, ``peft``: PEFT's
-    config rank and its always-alpha/r rule. Raises :class:`AdapterFormatError` naming the module on bad shapes."""
+    config rank and its always-alpha/r rule. ``rank_cap``: LoHa, LoKr and diff modules are built as the optimal
+    truncation to that rank instead (a LoKr's full factors then give only their top triplets: ``convert --rank``).
+    Raises :class:`AdapterFormatError` naming the module on bad shapes."""
     _check_parts(name, t, where)
     try:
-        module = _build(name, t, alpha, rank, peft, where)
+        module = _build(name, t, alpha, rank, peft, where, rank_cap)
     except (RuntimeError, IndexError, ValueError) as exc:
         raise AdapterFormatError(f"{where}: module {name}: its factors ({', '.join(f'{k} {tuple(v.shape)}' for k, v in t.items())}) "
                                  f"do not fit together ({str(exc).splitlines()[0]}): the file is corrupt") from None
@@ -215,7 +221,7 @@ def structured_module(name: str, t: dict[str, Tensor], *, alpha: float | None, r
     return module
 
 
-def _build(name, t, alpha, rank, peft, where) -> LoraModule | None:
+def _build(name, t, alpha, rank, peft, where, cap) -> LoraModule | None:
     dtype = _out_dtype(t)
     if "hada_w1_a" in t or "lokr_w1" in t or "lokr_w1_a" in t:
         loha = "hada_w1_a" in t
@@ -226,7 +232,7 @@ def _build(name, t, alpha, rank, peft, where) -> LoraModule | None:
                                      f"{stored}: the config and weights disagree")
         if peft and alpha is None:
             alpha = float(rank)
-        svd, kind, shape, stored = (_loha if loha else _lokr)(t, _scale(t, alpha, r, peft=peft))
+        svd, kind, shape, stored = (_loha if loha else _lokr)(t, _scale(t, alpha, r, peft=peft), cap)
         return LoraModule.from_svd(svd, param=Param.LOHA if loha else Param.LOKR, dtype=dtype, kind=kind,
                                    weight_shape=shape, stored_rank=stored)
     if "lora_mid.weight" in t:
@@ -241,7 +247,7 @@ def _build(name, t, alpha, rank, peft, where) -> LoraModule | None:
         r = A.shape[0] if A.ndim else 0
         return build_module(name, A, B, float(alpha if alpha is not None else r), embedding=False, source=where)
     if "diff" in t:
-        return _diff_module(t["diff"], dtype)
+        return _diff_module(t["diff"], dtype, cap)
     return None
 
 
@@ -290,8 +296,9 @@ def _group(ckpt, path: Path) -> dict[str, dict[str, str]]:
     return groups
 
 
-def read_lycoris(path: Path, *, module_names=None, base: str | None = None) -> Adapter:
-    """Read a kohya-style file holding LyCORIS modules (any mix with plain LoRA)."""
+def read_lycoris(path: Path, *, module_names=None, base: str | None = None, rank_cap: int | None = None) -> Adapter:
+    """Read a kohya-style file holding LyCORIS modules (any mix with plain LoRA); ``rank_cap``: see
+    :func:`structured_module`."""
     ckpt = open_checkpoint(path, dequantize=False)
     groups = _group(ckpt, path)
     names, notes = resolve_module_names(ckpt, list(groups), path, module_names, base)
@@ -301,7 +308,7 @@ def read_lycoris(path: Path, *, module_names=None, base: str | None = None) -> A
         name = names[key]
         t = {s: ckpt.get(k) for s, k in parts.items() if s != "alpha"}
         alpha = _alpha(ckpt.get(parts["alpha"]) if "alpha" in parts else None, path, parts.get("alpha"))
-        module = structured_module(name, t, alpha=alpha, where=path)
+        module = structured_module(name, t, alpha=alpha, where=path, rank_cap=rank_cap)
         if module is not None:
             modules[name] = module
         deltas.update(_tensor_deltas(name, t))
@@ -339,8 +346,9 @@ def _peft_pattern(config: dict, key: str, where, *, rank: bool) -> dict:
     return pattern
 
 
-def read_peft_lycoris(folder: Path, config: dict, weights: Path) -> Adapter:
-    """Read a PEFT LoHa / LoKr folder (``config``: its adapter_config.json, already parsed)."""
+def read_peft_lycoris(folder: Path, config: dict, weights: Path, *, rank_cap: int | None = None) -> Adapter:
+    """Read a PEFT LoHa / LoKr folder (``config``: its adapter_config.json, already parsed; ``rank_cap``: see
+    :func:`structured_module`)."""
     where = folder / CONFIG_NAME
     ckpt = open_checkpoint(weights, dequantize=False)
     r = _peft_number(config.get("r", 8), where, "r", rank=True)
@@ -359,7 +367,7 @@ def read_peft_lycoris(folder: Path, config: dict, weights: Path) -> Adapter:
     for name, t in groups.items():
         rank = int(pattern_value(rank_pattern, name, r, "rank_pattern"))
         a = float(pattern_value(alpha_pattern, name, alpha, "alpha_pattern"))
-        modules[name] = structured_module(name, t, alpha=a, rank=rank, peft=True, where=weights)
+        modules[name] = structured_module(name, t, alpha=a, rank=rank, peft=True, where=weights, rank_cap=rank_cap)
     return Adapter(modules=modules, base_model=config.get("base_model_name_or_path"),
                    source_format=f"peft-{str(config.get('peft_type')).lower()}")
 

@@ -23,7 +23,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .budget import LayerSpectrum, allocate_budget, minimal_budget, uniform_rank_params, greedy_units
     from .structured import (ExactSVD, face_splitting, khatri_rao, loha_factors, tucker_down, tucker_loha_pair,
                              tucker_locon_factors, lokr_w2_tucker, factor_svd, lowrank_svd,
-                             loha_svd, kron_svd, numerical_rank, exact_rank, dora_rescale_,
+                             loha_svd, kron_svd, numerical_rank, exact_rank, top_svd, dora_rescale_,
                              dora_row_norms)
     from .whiten import (DEFAULT_DAMPING, Whitener, WhitenedFactors, whitener, whitened_matrix, whitened_svd,
                          whitened_balanced_factors, output_rel_error, measured_output_error,
@@ -47,7 +47,7 @@ _EXPORTS = {name: module for module, names in {
     ".budget": ("LayerSpectrum", "allocate_budget", "minimal_budget", "uniform_rank_params", "greedy_units",),
     ".structured": ("ExactSVD", "face_splitting", "khatri_rao", "loha_factors", "tucker_down", "tucker_loha_pair",
                   "tucker_locon_factors", "lokr_w2_tucker", "factor_svd", "lowrank_svd", "loha_svd",
-                  "kron_svd", "numerical_rank", "exact_rank", "dora_rescale_", "dora_row_norms",),
+                  "kron_svd", "numerical_rank", "exact_rank", "top_svd", "dora_rescale_", "dora_row_norms",),
     ".whiten": ("DEFAULT_DAMPING", "Whitener", "WhitenedFactors", "whitener", "whitened_matrix", "whitened_svd",
               "whitened_balanced_factors", "output_rel_error", "measured_output_error", "whitened_factors",),
     ".fused": ("split_rows", "fuse_rows", "swap_halves",),

@@ -34,7 +34,7 @@ from torch import Tensor
 
 __all__ = ["ExactSVD", "face_splitting", "khatri_rao", "loha_factors", "tucker_down", "tucker_loha_pair",
            "tucker_locon_factors", "lokr_w2_tucker", "factor_svd", "lowrank_svd", "loha_svd", "kron_svd",
-           "numerical_rank", "exact_rank", "dora_rescale_", "dora_row_norms"]
+           "numerical_rank", "exact_rank", "top_svd", "dora_rescale_", "dora_row_norms"]
 
 _EPS64 = torch.finfo(torch.float64).eps
 
@@ -56,6 +56,10 @@ class ExactSVD:
         k = self.rank if k is None else min(int(k), self.rank)
         root = self.S[:k].sqrt()
         return self.U[:, :k] * root, root.unsqueeze(1) * self.Vh[:k]
+
+    def top(self, k: int) -> "ExactSVD":
+        """The leading k components: the optimal rank-k truncation (Eckart-Young)."""
+        return ExactSVD(U=self.U[:, :k], S=self.S[:k], Vh=self.Vh[:k])
 
     def dense(self) -> Tensor:
         return (self.U * self.S) @ self.Vh
@@ -173,6 +177,36 @@ def factor_svd(W: Tensor | tuple[Tensor, Tensor]) -> ExactSVD:
     return _trimmed(U, S, Vh, tuple(W.shape))
 
 
+def top_svd(W: Tensor, k: int) -> ExactSVD:
+    """The top-k singular triplets of a full matrix ``W`` (m, n) from the eigen-decomposition of its smaller Gram
+    (``W W^T`` or ``W^T W``, float64): O(m n min(m, n) + min(m, n)^3), no SVD of W. Exact to float64 rounding for
+    every component above ``S_1 sqrt(max(m, n) eps64)`` (a Gram squares the spectrum: below that the eigenvalues are
+    rounding noise, and such components, ~1e-7 of the norm or less, are dropped). The vectors of the small side come
+    from ``eigh``, the other side's from ``W^T u / s`` (or ``W v / s``), so ``U_k S_k Vh_k`` is the projection of W
+    on the top-k eigenvectors. ``k >= min(m, n)``: the full exact SVD (:func:`factor_svd`)."""
+    W = W.double()
+    m, n = W.shape
+    if k >= min(m, n):
+        return factor_svd(W)
+    wide = m <= n
+    evals, evecs = torch.linalg.eigh(W @ W.mT if wide else W.mT @ W)  # ascending
+    S = evals.flip(0)[:k].clamp_min(0).sqrt()
+    X = evecs.flip(1)[:, :k]  # (min side, k): U if wide else V
+    r = int((S > float(S[0]) * (max(m, n) * _EPS64) ** 0.5).sum()) if len(S) and float(S[0]) > 0 else 0
+    S, X = S[:r], X[:, :r]
+    if wide:
+        U, Vh = X, (X.mT @ W) / S.unsqueeze(1)
+    else:
+        U, Vh = (W @ X) / S, X.mT
+    U, Vh = fix_signs(U, Vh)
+    return ExactSVD(U=U, S=S, Vh=Vh)
+
+
+def _top_factor_svd(W: Tensor | tuple[Tensor, Tensor], k: int | None) -> ExactSVD:
+    """A Kronecker factor's exact SVD, or only its top-k triplets when ``k`` is given and W is a full matrix."""
+    return factor_svd(W) if k is None or isinstance(W, tuple) else top_svd(W, k)
+
+
 def loha_svd(B1: Tensor, A1: Tensor, B2: Tensor, A2: Tensor) -> ExactSVD:
     """Exact SVD of ``(B1 @ A1) * (B2 @ A2)`` via the Khatri-Rao factors (densified only when r1 r2 >= min side)."""
     return lowrank_svd(*loha_factors(B1.double(), A1.double(), B2.double(), A2.double()))
@@ -182,8 +216,9 @@ def kron_svd(W1: Tensor | tuple[Tensor, Tensor], W2: Tensor | tuple[Tensor, Tens
     """Exact (``k`` None) or optimal rank-k SVD of ``kron(W1, W2)``, each a matrix or a ``(w_a, w_b)`` pair.
 
     Singular values: the products ``s1_i s2_j``, sorted; vectors ``kron(u1_i, u2_j)`` and ``kron(v1_i, v2_j)``,
-    formed only for the pairs kept. Nothing of size (out, in) is formed."""
-    s1, s2 = factor_svd(W1), factor_svd(W2)
+    formed only for the pairs kept. Nothing of size (out, in) is formed. With ``k``, a full factor gives only its
+    top-k triplets (:func:`top_svd`: the top-k products draw on at most k values of each factor)."""
+    s1, s2 = _top_factor_svd(W1, k), _top_factor_svd(W2, k)
     products = torch.outer(s1.S, s2.S).reshape(-1)  # (R1 R2,), index i R2 + j
     order = torch.argsort(products, descending=True, stable=True)
     shape = (s1.U.shape[0] * s2.U.shape[0], s1.Vh.shape[1] * s2.Vh.shape[1])
