@@ -20,6 +20,9 @@ alike; the 1-minute load average before each run is recorded):
               embeddings saved whole), from its own venv (``--mergekit``; install: ``python3 -m venv /work/bench-venv
               && /work/bench-venv/bin/pip install torch==2.13.0 && /work/bench-venv/bin/pip install mergekit``)
 
+Each run's CPU time (user + system of the child and all its threads, OpenMP spinning included) is recorded beside
+its wall time: on a shared machine the wall time measures the neighbours as much as the job.
+
 Bars: mergekit / ours >= 5 and ours / floor <= 1.5 (best of the rounds each, and the median ratio beside it).
 """
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -98,12 +102,15 @@ def run_once(name: str, argv: list[str], out: Path) -> dict:
     shutil.rmtree(out / name, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    return {"command": name, "seconds": seconds, "load_before": load}
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)  # all its threads; spinning too
+    return {"command": name, "seconds": seconds, "cpu_s": cpu, "load_before": load}
 
 
 def summary(runs: list[dict]) -> dict:
@@ -135,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.rounds):
         for name, argv_ in cmds.items():
             runs.append(run_once(name, argv_, out) | {"round": i + 1})
-            print(f"round {i + 1} {name:9s} {runs[-1]['seconds']:7.2f} s  load {runs[-1]['load_before']:.2f}",
-                  flush=True)
+            print(f"round {i + 1} {name:9s} {runs[-1]['seconds']:7.2f} s wall {runs[-1]['cpu_s']:7.2f} s CPU  load "
+                  f"{runs[-1]['load_before']:.2f}", flush=True)
     result = {"runs": runs, "cpus": os.cpu_count()}
     if set(cmds) == {"floor", "ours", "mergekit"}:
         result["summary"] = s = summary(runs)

@@ -13,7 +13,9 @@ pair overlaps it, as in a real run). Per block: the sum over its 7 layers. The p
 
 ``fixed`` is the measured wall time outside the layers (planning, the first read, the report), ``embeddings`` the
 two V x 4096 layers as measured. Printed as one JSON line and a sentence. A projection, not a measurement: the
-page cache (here: the pair was just written) and the load of a shared machine (recorded) move it.
+page cache (here: the pair was just written) and the load of a shared machine (recorded) move it. The OpenMP wait
+policy is set as the command line sets it (``cli/threads.py``): without it, on a loaded 2-core machine, the same
+blocks took 4x longer (330 s against ~80 s per block at load 12-16).
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import shutil
 
+    from lowrank_tools.cli.threads import set_wait_policy
+
+    set_wait_policy()  # OMP_WAIT_POLICY=PASSIVE as the command line sets it (unless chosen): before torch loads
     import torch
     from llama_stack import generate
 
