@@ -1,6 +1,7 @@
 """Thread contention (issue 16): an extract-like workload alone and beside one competing busy process.
 
     python benchmarks/bench_contention.py [--size 1024] [--count 6] [--rank 64] [--repeats 2] [--json FILE]
+    python benchmarks/bench_contention.py --llama DIR [--blocks 3] --policies "default,1 thread" [--repeats 3]
 
 The workload: randomized truncated SVDs (``lowrank_tools.linalg.svd.truncated_svd``, the extract path's) of
 ``--count`` random ``--size`` x ``--size`` float32 matrices at ``--rank``, after a warm-up. Each thread policy runs in a
@@ -10,6 +11,11 @@ Python ``while True`` loop, pinned to nothing, started before and killed after t
 contended / alone; the goal is <= 2x (one competing process takes about half of 2 cores). Every (policy, alone,
 busy) triple runs ``--repeats`` times: the min and max of the slowdown are printed, since other load on a shared
 machine moves the figures (the 1-minute load average is printed too).
+
+``--llama DIR``: the workload is the command line itself, ``python -m lowrank_tools extract DIR/base.safetensors
+DIR/tuned.safetensors --rank 64`` on the 3-block Llama-7B-shaped pair of ``llama_stack.py generate`` (made in DIR
+when missing; ``--blocks``), timed from here including the interpreter and imports; a policy's thread count goes in
+``OMP_NUM_THREADS`` (the CLI respects it) and ``default`` is the CLI's own choice (PASSIVE, torch's threads).
 
 Policies: ``default`` (what torch picks: one thread per core, libgomp's spin-then-sleep wait), ``1 thread``
 (``torch.set_num_threads(1)``), and 2 threads with ``OMP_WAIT_POLICY=PASSIVE`` / ``ACTIVE`` or
@@ -24,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,6 +69,17 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
     return {**env, **extra, "PYTHONPATH": str(ROOT)}
 
 
+def _cli_extract(args, extra: dict[str, str], threads: int | None) -> tuple[float, int]:
+    """(seconds, threads) of one ``lowrank-tools extract`` of the Llama pair in ``args.llama``, timed from here."""
+    env = _child_env({**extra, **({"OMP_NUM_THREADS": str(threads)} if threads else {})})
+    with tempfile.TemporaryDirectory(prefix="lrt-contention-") as out:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "lowrank_tools", "extract", str(args.llama / "base.safetensors"),
+                        str(args.llama / "tuned.safetensors"), "-o", str(Path(out) / "adapter"), "--rank",
+                        str(args.rank), "-q"], env=env, check=True, capture_output=True, timeout=args.timeout)
+        return time.perf_counter() - start, threads or (os.cpu_count() or 1)
+
+
 def run_once(policy: str, args, *, busy: bool) -> tuple[float, int]:
     """(seconds of the workload, threads torch used) for one child, alone or beside one busy process; a child past
     ``--timeout`` counts as inf seconds (the collapse this benchmark is looking for)."""
@@ -70,6 +88,8 @@ def run_once(policy: str, args, *, busy: bool) -> tuple[float, int]:
     try:
         if competitor:
             time.sleep(0.5)  # the competitor is running before the workload starts
+        if args.llama:
+            return _cli_extract(args, extra, threads)
         out = subprocess.run([sys.executable, "-c", CHILD, str(threads or 0), str(args.size), str(args.count),
                               str(args.rank)], env=_child_env(extra), capture_output=True, text=True, check=True,
                              timeout=args.timeout).stdout.split()
@@ -101,8 +121,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated names from the table")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--llama", type=Path, help="time the CLI's extract of a Llama-7B-shaped pair in this folder")
+    parser.add_argument("--blocks", type=int, default=3, help="blocks of the --llama pair when it is generated")
     args = parser.parse_args(argv)
-    print(f"{os.cpu_count()} CPUs; {args.count} randomized SVDs of {args.size}x{args.size} at rank {args.rank}; "
+    if args.llama and not (args.llama / "tuned.safetensors").exists():
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "llama_stack.py"), "generate", str(args.llama),
+                        "--blocks", str(args.blocks)], env=_child_env({}), check=True)
+    what = (f"lowrank-tools extract of {args.llama} at rank {args.rank}" if args.llama else
+            f"{args.count} randomized SVDs of {args.size}x{args.size} at rank {args.rank}")
+    print(f"{os.cpu_count()} CPUs; {what}; "
           f"{args.repeats} repeats; load {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
     for policy in args.policies.split(","):

@@ -116,7 +116,7 @@ def test_sign_convention(method):
         ((512, 384), 32, Method.RANDOMIZED),  # 42 <= 96
         ((512, 384), 86, Method.RANDOMIZED),  # 96 <= 96: the boundary is inclusive
         ((512, 384), 87, Method.EXACT),  # 97 > 96
-        ((200, 200), 4, Method.EXACT),  # too small to gain from sketching
+        ((90, 90), 4, Method.EXACT),  # below the cost rule's floor of 96 (see svd._AUTO_MIN_SIDE)
         ((256, 1024), 10, Method.RANDOMIZED),  # wide, min side exactly 256
     ],
 )

@@ -25,15 +25,22 @@ _MIN_FLOAT32_NORM = 1e-18  # below this, float32 squares of the entries (< ~1e-3
 
 
 @torch.no_grad()
-def frobenius_error(M: Tensor, B: Tensor, A: Tensor, *, scale: float = 1.0) -> float:
+def frobenius_error(M: Tensor, B: Tensor, A: Tensor, *, scale: float = 1.0, norm: float | None = None) -> float:
     """``||M - scale * B @ A||_F`` for ``M (m, n)``, ``B (m, r)``, ``A (r, n)``.
 
-    float32 (float64 kept) with float64 accumulation, a chunk of columns at a time so the temporary
-    stays small next to M."""
+    With ``norm`` (``||M||_F``, known already) and r small against the sides, first in one light pass
+    (:func:`_folded_error`: the product ``B^T M``, no (m, n) residual); its answer is kept when the error is at least
+    :data:`FOLDED_MIN_REL` of ``norm``, where cancellation leaves it within ~1e-5 relative of the direct one.
+    Otherwise (and without ``norm``) the direct residual: float32 (float64 kept) with float64 accumulation, a chunk
+    of columns at a time so the temporary stays small next to M."""
     check_matrix(M, "M")
     m, n = M.shape
     if B.shape[0] != m or A.shape[1] != n or B.shape[1] != A.shape[0]:
         raise ValueError(f"M {tuple(M.shape)}, B {tuple(B.shape)} and A {tuple(A.shape)} do not match")
+    if norm is not None and math.isfinite(norm) and 0 < 4 * B.shape[1] <= min(m, n):
+        err = _folded_error(M, B, A, scale, norm)
+        if err >= FOLDED_MIN_REL * norm:
+            return err
     work = work_dtype(M, B, A)
     B = B.detach().to(device=M.device, dtype=work)
     step = max(1, (_CHUNK_ELEMENTS if M.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS) // max(m, 1))
@@ -45,6 +52,24 @@ def frobenius_error(M: Tensor, B: Tensor, A: Tensor, *, scale: float = 1.0) -> f
         torch.addmm(M[:, j:j + step].to(work), B, A_j, alpha=-scale, out=D)  # M_j - scale B A_j: one GEMM pass
         total += _sum_squares(D)
     return math.sqrt(float(total))
+
+
+FOLDED_MIN_REL = 0.1  # _folded_error is trusted down to this relative error (its cancellation: see there)
+
+
+def _folded_error(M: Tensor, B: Tensor, A: Tensor, scale: float, norm: float) -> float:
+    """``||M - s B A||_F`` as ``sqrt(||M||^2 - 2 s <B^T M, A> + s^2 ||B A||^2)``: one GEMM ``B^T M`` (r, n) reads M
+    once (the direct residual writes and re-reads an (m, n) temporary); the inner products and the Grams of
+    ``||B A||^2 = tr((B^T B)(A A^T))`` in float64. The float32 product errs by ~u32 sqrt(m) ||B|| ||M|| per entry, so
+    the squared error is off by ~1e-6 ||M||^2 at the sizes of real layers: relative ~1e-4 at rel_error 0.1, ~1e-6 at
+    0.9 (fine-tune deltas at small ranks sit at 0.3-0.95). Measured against the direct residual on
+    random and decaying spectra: tests/test_perf_small_layers.py."""
+    work = work_dtype(M, B, A)
+    Bw, Aw = B.detach().to(device=M.device, dtype=work), A.detach().to(device=M.device, dtype=work)
+    cross = float(((Bw.mT @ M.to(work)).double() * Aw.double()).sum())  # <M, B A>
+    Bd, Ad = Bw.double(), Aw.double()
+    gram = float(((Bd.mT @ Bd) * (Ad @ Ad.mT)).sum())  # ||B A||^2 = tr((B^T B)(A A^T)); both Grams symmetric
+    return math.sqrt(max(norm * norm - 2.0 * scale * cross + scale * scale * gram, 0.0))
 
 
 @torch.no_grad()

@@ -33,7 +33,16 @@ __all__ = [
     "concat_factors", "fast_bf16", "bf16_accepts", "range_finder", "resolve_device",
 ]
 
-_AUTO_MIN_SIDE = 256  # below this an exact SVD is as fast as the randomized one
+# The default method's cost rule (resolve_method): randomized when l = k + oversample <= side // 4 and the smaller side
+# is at least _AUTO_MIN_SIDE, else exact. Set by CPU time on one thread (process_time, best of 3, 4 power iterations,
+# benchmarks/bench_small_layers.py; torch 2.13 CPU, 2-core Xeon, a loaded machine): exact / randomized =
+#   k=8:  96x96 1.5, 128x128 2.4, 192x576 4.5, 256x256 5.6, 576x576 13.7, 576x1536 15.1
+#   k=32: 96x96 0.8 (l/side 0.44), 128x128 1.1 (0.33), 192x576 1.9 (0.22), 256x256 2.5 (0.16), 576x576 7.3
+#   k=64: 128x128 0.5 (0.58), 192x192 0.9 (0.39), 256x256 1.5 (0.29), 384x384 2.1 (0.19), 576x576 3.6 (0.13)
+# The break-even is l/side ~ 0.35 at every size from 96 up; at l/side <= 0.25 randomized wins by >= 1.4x. The old
+# floor of 256 sent a 135M model's 192 x 576 k/v projections at rank 8 to the 4.5x dearer exact SVD.
+_AUTO_MIN_SIDE = 96  # the smallest side measured; below it both take about a millisecond
+_AUTO_MAX_SKETCH = 4  # randomized when side >= _AUTO_MAX_SKETCH * (k + oversample)
 OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # never retried: more memory is no help
 
 
@@ -135,7 +144,7 @@ def _bf16_fast(device_type: str) -> bool:
 
 def resolve_method(method: Method, side: int, k: int, oversample: int) -> Method:
     if method is Method.AUTO:
-        small_k = k + oversample <= side // 4
+        small_k = k + oversample <= side // _AUTO_MAX_SKETCH
         return Method.RANDOMIZED if side >= _AUTO_MIN_SIDE and small_k else Method.EXACT
     if method is Method.RANDOMIZED and k + oversample >= side:
         return Method.EXACT  # the sketch would be the whole matrix: exact is cheaper and better
@@ -196,10 +205,9 @@ def truncated_svd(M: Tensor, k: int, *, method: Method | str = Method.AUTO, over
     ``exact``: ``torch.linalg.svd`` then slice, on one CPU thread (the same bits for any thread count).
     ``randomized``: Halko, Martinsson & Tropp 2011, "Finding structure with randomness", Alg. 4.4 with
     ``k + oversample`` Gaussian columns (seeded with ``seed``) and ``n_iter`` power iterations, then Alg. 5.1.
-    ``auto``: randomized when ``k + oversample <= min(m, n) // 4`` and ``min(m, n) >= 256``, else exact. Signs are
-    fixed: the
-    largest-|.| entry of each U column is positive. A failed SVD is retried in float64, then exactly on
-    CPU, each retry reported through ``on_warning``; :class:`NumericalError` if all fail.
+    ``auto``: randomized when ``k + oversample <= min(m, n) // 4`` and ``min(m, n) >= 96``, else exact (a
+    cost rule: see ``_AUTO_MIN_SIDE``). Signs are fixed: the largest-|.| entry of each U column is positive. A
+    failed SVD is retried in float64, then exactly on CPU, each retry reported through ``on_warning``; :class:`NumericalError` if all fail.
     """
     check_matrix(M, "M")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
