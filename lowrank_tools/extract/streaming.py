@@ -30,7 +30,7 @@ from .distributed import Share, current_share, layer_cost
 from ..errors import Warn
 from .budget import budget_top_k, extract_with_budget
 from .options import ExtractOptions
-from .whitening import Whitening
+from .whitening import Whitening, whitened_record
 from ..io.formats import left_out_warning
 from ..io.layers import NOT_HELD, LayerPlan, compile_filters, plan_layers, relative_change
 from ..io.base_model import base_model_reference, task_type
@@ -155,11 +155,9 @@ def _whitened_layer(delta: _Delta, dW: Tensor, norm: float, w: Whitener, opts: E
     alpha = float(opts.alpha) if opts.alpha is not None else float(r)
     B, A = cast_factors(*whitened_balanced_factors(svd, w, r, scale=alpha / r), opts.dtype or delta.dtype, mod)
     err = frobenius_error(dW, B.float(), A.float(), scale=alpha / r)  # weight space, on the factors as written
-    record = factor_record(mod, delta.weight_shape, rank=r, values=svd.spectrum if svd.spectrum is not None else svd.S,
-                           norm=total, err=err, params=B.numel() + A.numel(),
-                           extra={"method": svd.method.value, "whitened": True,
-                                  "output_rel_error": output_rel_error(svd.S[:r], total)})
-    record.delta_norm, record.rel_error = norm, err / norm  # retained_energy stays that of dW L (output energy)
+    record = whitened_record(mod, delta.weight_shape, rank=r, values=svd.spectrum if svd.spectrum is not None
+                             else svd.S, output_norm=total, output_err=output_rel_error(svd.S[:r], total) * total,
+                             norm=norm, err=err, params=B.numel() + A.numel(), method=svd.method.value)
     module = LoraModule(B=B.cpu(), A=A.cpu(), alpha=alpha, kind=delta.kind, weight_shape=delta.weight_shape)
     return module, record
 
@@ -261,7 +259,7 @@ def _factor_layers(base: Checkpoint, tuned: Checkpoint, selected: dict[str, Modu
         if opts.budget is not None:  # one pass of top-K SVDs, allocate_budget, truncate; it consumes every delta
             result = extract_with_budget(_one_by_one(pairs, len(mine), opts), dict(zip(names, shapes)), opts=opts,
                                          progress=progress, warn=warn, exchange=_spectra_exchange(share, names),
-                                         tied=tied)
+                                         tied=tied, whitening=whitening)
         else:
             result = _factor_stream(pairs, [len(unit) for unit in units], opts, progress=progress, warn=warn,
                                     whitening=whitening)

@@ -26,7 +26,7 @@ from ..errors import NumericalError, Warn
 from .svd import Method, TruncatedSVD, check_matrix, truncated_svd, work_dtype
 
 __all__ = ["DEFAULT_DAMPING", "Whitener", "WhitenedFactors", "whitener", "whitened_matrix", "whitened_svd",
-           "whitened_balanced_factors", "output_rel_error", "measured_output_error", "whitened_factors"]
+           "whitened_balanced_factors", "unwhitened_rows", "output_rel_error", "measured_output_error", "whitened_factors"]
 
 DEFAULT_DAMPING = 0.01  # F in lambda = F * mean(diag C): SVD-LLM / EoRA's choice, and the issue's measured one
 _MAX_TRIES = 8  # damping raised tenfold per failed Cholesky, from at least _FLOOR * mean(diag C)
@@ -39,6 +39,7 @@ class Whitener:
 
     L: Tensor  # (in, in) float64, lower triangular
     damping: float  # lambda actually added (absolute, in C's units)
+    mean_diag: float = 0.0  # mean(diag C) before damping: the input's mean squared activation times its tokens
     note: str | None = None  # set when lambda had to be raised (C + lambda I not positive definite) or C was zero
 
 
@@ -69,7 +70,7 @@ def whitener(C: Tensor, *, damping: float = DEFAULT_DAMPING, device: torch.devic
             note = None if lam == damping * mean_diag else (
                 f"C + lambda I was not positive definite at --damping {damping:g}: damping raised to "
                 f"{lam / mean_diag:.3g} * mean(diag C)")
-            return Whitener(L, lam, note)
+            return Whitener(L, lam, note, mean_diag)
         lam = max(lam * 10.0, _FLOOR * mean_diag)
     raise NumericalError(f"Cholesky of the {n} x {n} input statistics failed even with damping "
                          f"{lam / mean_diag:.3g} * mean(diag C): the statistics are not a Gram matrix X X^T")
@@ -107,9 +108,15 @@ def whitened_balanced_factors(svd: TruncatedSVD, w: Whitener, r: int, *, scale: 
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     root = torch.sqrt(svd.S[:r].clamp_min(0) / scale)  # (r,)
     B = svd.U[:, :r] * root  # (out, r)
-    Y = (root.unsqueeze(1) * svd.Vh[:r]).to(device=w.L.device, dtype=torch.float64)  # (r, in)
-    A = torch.linalg.solve_triangular(w.L, Y, upper=False, left=False)  # (r, in): A @ L = Y
-    return B.contiguous(), A.to(device=svd.Vh.device, dtype=svd.Vh.dtype).contiguous()
+    return B.contiguous(), unwhitened_rows(root.unsqueeze(1) * svd.Vh[:r], w)
+
+
+@torch.no_grad()
+def unwhitened_rows(Y: Tensor, w: Whitener) -> Tensor:
+    """``Y L^{-1}`` for rows ``Y (k, in)`` (e.g. the right singular vectors of ``dW L``): the triangular solve
+    ``Z L = Y`` in float64, returned in Y's dtype and on its device."""
+    Z = torch.linalg.solve_triangular(w.L, Y.to(device=w.L.device, dtype=torch.float64), upper=False, left=False)
+    return Z.to(device=Y.device, dtype=Y.dtype).contiguous()  # (k, in)
 
 
 def output_rel_error(S_kept: Tensor, total_norm: float) -> float:
