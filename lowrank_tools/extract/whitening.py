@@ -3,7 +3,7 @@ their Cholesky factors, one per distinct input (q/k/v share one), computed when 
 
 Checked before any factoring: the statistics must name some selected Linear layer (else they were computed on
 another model), and every matched layer's input width must equal the statistics' (else a one-line error).
-Layers without statistics (embeddings, grouped convs, modules the model never ran) are factored plainly and listed
+Layers without statistics (embeddings, grouped convs, Conv3d, modules the model never ran) are factored plainly and listed
 in one note.
 
 --budget compares layers by their whitened singular values divided by sqrt(tokens): the per-token output error
@@ -41,12 +41,13 @@ class Whitening:
         self._plain_unit: float | None = None
 
     def check(self, layers: dict[str, ModuleKind], in_features: dict[str, int]) -> None:
-        """Match the selected layers (tensor name -> kind; their (out, in_flat) input widths) with the statistics."""
+        """Match the selected layers (tensor name -> kind; their (out, in_flat) input widths) with the statistics:
+        Linear layers and conv kernels (in_flat = in * prod(kernel), the patch width of calibrate's conv rows)."""
         matched = 0
         for name, kind in layers.items():
             mod = module_name(name)
             key = self.stats.module_key.get(mod)
-            if key is None or kind is not ModuleKind.LINEAR:
+            if key is None or kind not in (ModuleKind.LINEAR, ModuleKind.CONV):
                 self.plain.append(mod)
                 continue
             width = self.stats.in_features(key)
