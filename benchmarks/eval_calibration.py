@@ -1,6 +1,6 @@
 """Plain vs activation-whitened extraction, judged by `evaluate` on held-out texts (issue 17).
 
-    python benchmarks/eval_calibration.py OUT [RANKS] [DAMPINGS]   # default 2,4,8 and 0.01,0.1,1; ~10 min, 2 cores
+    python benchmarks/eval_calibration.py OUT [RANKS] [DAMPINGS] [PAIRS]  # 2,4,8  0.01,0.1,1  causal,encoder; ~15 min
 
 Builds OUT/{causal,encoder} with benchmarks/eval_pair.py unless they are there (a 4-layer Llama and a 2-layer BERT,
 pretrained on task A, every weight fine-tuned on task B). Per pair: OUT/<pair>/calib.txt holds 128 task-B texts of
@@ -107,5 +107,5 @@ if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "eval-pair")
     ranks = [int(r) for r in (sys.argv[2] if len(sys.argv) > 2 else "2,4,8").split(",")]
     dampings = [float(d) for d in (sys.argv[3] if len(sys.argv) > 3 else "0.01,0.1,1").split(",")]
-    for kind in ("causal", "encoder"):
+    for kind in (sys.argv[4] if len(sys.argv) > 4 else "causal,encoder").split(","):
         run_pair(out, kind, ranks, dampings)

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from ..errors import DataError, InvalidOption, Warn
 from ..io.calibration import InputStats
+from ..io.checkpoint import as_checkpoint
 from ..io.models import load_model, load_tokenizer, model_kind, padded_batches, token_ids
 from ..linalg.svd import resolve_device
 from ..report import Progress
@@ -53,7 +54,7 @@ class Calibration:
 class _Hooks:
     """The forward hooks and the sums; ``mask`` (batch, seq) bool is set before each forward pass."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, prefix: str = ""):
         self.mask: Tensor | None = None
         self.sums: dict[str, Tensor] = {}  # key -> (in, in) float64
         self.tokens: dict[str, int] = {}
@@ -61,7 +62,7 @@ class _Hooks:
         self.member: dict[str, str | None] = {}  # module -> its group's key (None: not seen yet)
         self.seen: dict[int, tuple[weakref.ref, str]] = {}  # id(input) -> (its weak reference, key): first batch
         self.unmasked: set[str] = set()
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in model.named_modules()
+        self.handles = [m.register_forward_hook(self._hook(prefix + name)) for name, m in model.named_modules()
                         if isinstance(m, nn.Linear) or (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1)]
 
     def _hook(self, name: str):
@@ -102,6 +103,17 @@ class _Hooks:
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def checkpoint_prefix(net: nn.Module, model: str | os.PathLike) -> str:
+    """``"bert."`` when the model's files name its tensors under ``base_model_prefix`` but ``net`` (loaded as
+    ``AutoModel``) does not: the statistics then carry the names extract reads in the checkpoint; else ``""``."""
+    prefix = getattr(net, "base_model_prefix", "") or ""
+    if not prefix or any(name.startswith(prefix + ".") for name, _ in net.named_parameters()):
+        return ""
+    names = as_checkpoint(model).keys()
+    own = {name for name, _ in net.named_parameters()}
+    return prefix + "." if any(n.startswith(prefix + ".") and n[len(prefix) + 1:] in own for n in names) else ""
 
 
 def _geometry(module: nn.Module | None) -> tuple:
@@ -155,7 +167,7 @@ def calibrate(model: str | os.PathLike, *, texts: Sequence[str], max_length: int
         warn(f"{skipped} empty text(s) left out")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     net = load_model(model, kind, dev)
-    hooks = _Hooks(net)
+    hooks = _Hooks(net, checkpoint_prefix(net, model))
     if not hooks.handles:
         raise InvalidOption(f"{model} has no nn.Linear, nn.Conv1d or nn.Conv2d layer: nothing to calibrate")
     total = math.ceil(len(ids) / batch_size)
