@@ -63,9 +63,13 @@ def test_whitened_where_statistics_exist_plain_elsewhere(files, method):
             expected = whitened_factors(dW, X @ X.T, 4, method="exact")
             torch.testing.assert_close((mod.B @ mod.A).double(), expected.B @ expected.A, rtol=1e-4, atol=1e-5)
             assert records[name].extra["output_rel_error"] == pytest.approx(expected.output_rel_error, rel=1e-4)
-    # identity statistics for blk.o: the plain factors' product; emb has none: plain, named in one note
-    torch.testing.assert_close(result.adapter.modules["blk.o"].B @ result.adapter.modules["blk.o"].A,
-                               plain.adapter.modules["blk.o"].B @ plain.adapter.modules["blk.o"].A, rtol=1e-4, atol=1e-5)
+    # identity statistics for blk.o: the plain factors' product (exact; the randomized range finders differ: both
+    # near-optimal on this flat random spectrum); emb has none: plain, named in one note
+    ours_o, plain_o = result.adapter.modules["blk.o"], plain.adapter.modules["blk.o"]
+    if method == "exact":
+        torch.testing.assert_close(ours_o.B @ ours_o.A, plain_o.B @ plain_o.A, rtol=1e-4, atol=1e-5)
+    plain_rel = {r.name: r for r in plain.report.layers}["blk.o"].rel_error
+    assert records["blk.o"].rel_error == pytest.approx(plain_rel, rel=0.02)
     assert "whitened" not in records["emb"].extra
     assert any("no input statistics" in n and "emb" in n for n in result.report.notes)
 

@@ -21,7 +21,7 @@ whose cross term 2<E, T> (random signs, ~||E|| ||T|| / sqrt(out * in)) is left o
 computed from the factors (:func:`~lowrank_tools.linalg.norms.lowrank_frobenius_diff`), never densely.
 
 With --calibration, a layer with input statistics runs the pass on ``M = dW L`` (see extract.whitening): it
-keeps U_K, S_K of M, ``Vh_K L^-1`` (the rows of A before the split), the output tail ||M - U_K S_K Vh_K||_F and
+keeps U_K, S_K of M, ``V_K^T L^-1`` (the rows of A before the split), the output tail sqrt(||M||^2 - sum S_K^2) and
 ``c_i = <U_i^T dW, (Vh_K L^-1)_i>``; the allocation reads S_K / sqrt(tokens) (the per-token output error, which
 is what whitening minimises); the weight-space error of the written factors is then, without dW,
 ``||dW||^2 - 2 sum_{i<r} s_i c_i + s^2 ||B A||_F^2`` (the cross term on the factors before the cast).
@@ -43,7 +43,7 @@ from .options import ExtractOptions
 from .whitening import Whitening, whitened_record
 from ..linalg.svd import Method, TruncatedSVD, balanced_factors, truncated_svd
 from ..linalg.norms import frobenius_error, frobenius_norm, lowrank_frobenius_diff
-from ..linalg.whiten import unwhitened_rows, whitened_matrix
+from ..linalg.whiten import whitened_svd
 from ..report import MAX_SINGULAR_VALUES, LayerRecord, Progress, factor_record
 
 __all__ = ["BUDGET_TOP_K", "budget_top_k", "check_budget", "extract_with_budget"]
@@ -101,26 +101,33 @@ def _top_layer(delta, cap: int | None, opts: ExtractOptions, warn: Warn | None,
         return None
     mod = module_name(delta.name)
     w = whitening.get(mod) if whitening is not None else None
-    M = dW if w is None else whitened_matrix(dW, w)  # (out, in_flat)
-    output_norm = None if w is None else frobenius_norm(M)
-    if output_norm == 0.0:  # statistics of an input that never reached this layer: nothing changes its output
-        return None
-    svd = truncated_svd(M, budget_top_k(dW.shape, cap), method=opts.method, oversample=opts.oversample,
-                        n_iter=opts.n_iter, seed=opts.seed, on_warning=(lambda msg: warn(f"{mod}: {msg}")) if warn else None)
-    tail = frobenius_error(M, svd.U * svd.S, svd.Vh)  # measured now, not ||M||^2 - sum S^2: no cancellation
-    del M
-    Vh, cross, unit = svd.Vh, None, 1.0
     if w is not None:
-        Vh = unwhitened_rows(svd.Vh, w)  # (K, in) V^T L^-1
-        cross = ((svd.U.double().mT @ dW.double()) * Vh.double()).sum(dim=1)  # (K,) <U_i^T dW, Vh_i>
-        unit = whitening.unit(mod)
-    elif whitening is not None:
-        unit = whitening.plain_unit()
+        return _whitened_top(delta, dW, norm, w, whitening.unit(mod), cap, opts, warn)
+    svd = truncated_svd(dW, budget_top_k(dW.shape, cap), method=opts.method, oversample=opts.oversample,
+                        n_iter=opts.n_iter, seed=opts.seed, on_warning=(lambda msg: warn(f"{mod}: {msg}")) if warn else None)
+    tail = frobenius_error(dW, svd.U * svd.S, svd.Vh)  # measured now, not ||dW||^2 - sum S^2: no cancellation
+    unit = whitening.plain_unit() if whitening is not None else 1.0
     spectrum = svd.spectrum if svd.spectrum is not None else svd.S
     return _Top(name=mod, kind=delta.kind, weight_shape=tuple(delta.weight_shape), dtype=delta.dtype,
-                U=svd.U.cpu(), S=svd.S.cpu(), Vh=Vh.cpu(), norm=norm, tail=tail, method=svd.method.value,
-                head=[float(s) for s in spectrum[:MAX_SINGULAR_VALUES].double()], output_norm=output_norm,
-                cross=cross.cpu() if cross is not None else None, unit=unit)
+                U=svd.U.cpu(), S=svd.S.cpu(), Vh=svd.Vh.cpu(), norm=norm, tail=tail, method=svd.method.value,
+                head=[float(s) for s in spectrum[:MAX_SINGULAR_VALUES].double()], unit=unit)
+
+
+def _whitened_top(delta, dW: Tensor, norm: float, w, unit: float, cap: int | None, opts: ExtractOptions,
+                  warn: Warn | None) -> _Top | None:
+    """The pass on ``dW L`` (module docstring): U, S of dW L, rows V^T L^-1, the output tail, the cross terms."""
+    mod = module_name(delta.name)
+    svd = whitened_svd(dW, w, budget_top_k(dW.shape, cap), method=opts.method, oversample=opts.oversample,
+                       n_iter=opts.n_iter, seed=opts.seed, on_warning=(lambda msg: warn(f"{mod}: {msg}")) if warn else None)
+    if svd.total == 0.0:  # statistics of an input that never reached this layer: nothing changes its output
+        return None
+    cross = ((svd.U.double().mT @ dW.double()) * svd.rows.double()).sum(dim=1)  # (K,) <U_i^T dW, rows_i>
+    tail = math.sqrt(max(svd.total**2 - float(torch.sum(svd.S.double() ** 2)), 0.0))  # exact: a projection
+    spectrum = svd.spectrum if svd.spectrum is not None else svd.S
+    return _Top(name=mod, kind=delta.kind, weight_shape=tuple(delta.weight_shape), dtype=delta.dtype,
+                U=svd.U.cpu(), S=svd.S.cpu(), Vh=svd.rows.cpu(), norm=norm, tail=tail, method=svd.method.value,
+                head=[float(s) for s in spectrum[:MAX_SINGULAR_VALUES].double()], output_norm=svd.total,
+                cross=cross.cpu(), unit=unit)
 
 
 def _truncate(top: _Top, r: int, opts: ExtractOptions) -> tuple[LoraModule, LayerRecord]:
