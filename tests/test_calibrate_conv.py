@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from lowrank_tools.calibrate.run import _Hooks, conv_patches
 from lowrank_tools.extract import extract
