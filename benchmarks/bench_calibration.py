@@ -7,12 +7,14 @@
 and synthetic input statistics for its four distinct inputs per block (q/k/v, o, gate/up, down):
 ``C = X X^T`` with the spectrum of real activations, a few outlier coordinates and a decaying bulk
 (``diag(d) + G G^T``, G (in, 64)); then plain ``extract`` and ``extract --calibration`` (method auto: randomized,
-rank 64) alternately, ``--rounds`` times each, one JSON line per run with the 1-minute load before and after.
+rank 64) alternately, ``--rounds`` times each, one JSON line per run with the wall and CPU seconds (all threads of
+this process: the fairer figure on a loaded machine) and the 1-minute load before and after.
 Bar: whitened within 1.5x of plain.
 
 ``calibrate``: a randomly initialised model of SmolLM-135M's shape (Llama, hidden 576, MLP 1536, 30 blocks, 9 heads,
 3 KV heads, vocabulary 49152, tied embeddings), a word-level tokenizer, ``--texts`` texts of ``--tokens`` tokens;
-``lowrank-tools calibrate`` timed as a subprocess. Bar: under 2 minutes on two cores.
+``lowrank-tools calibrate`` timed as a subprocess (wall, and the child's CPU seconds). Bar: under 2 minutes on two
+cores.
 """
 
 from __future__ import annotations
@@ -69,12 +71,13 @@ def bench_extract(folder: Path, blocks: int, rounds: int, rank: int) -> None:
     for i in range(rounds):
         for calibration in ((None, stats) if i % 2 == 0 else (stats, None)):
             load = os.getloadavg()[0]
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             result = extract(folder / "base.safetensors", folder / "tuned.safetensors", rule=RankRule(rank=rank),
                              calibration=calibration)
             save_adapter(result.adapter, folder / "out", force=True)
             print(json.dumps({"run": "whitened" if calibration else "plain", "round": i,
-                              "seconds": round(time.perf_counter() - start, 1), "layers": len(result.adapter.modules),
+                              "seconds": round(time.perf_counter() - start, 1),
+                              "cpu_seconds": round(time.process_time() - cpu, 1), "layers": len(result.adapter.modules),
                               "load_before": load, "load_after": os.getloadavg()[0]}), flush=True)
 
 
@@ -108,7 +111,11 @@ def bench_calibrate(folder: Path, texts: int, tokens: int, layers: int) -> None:
     subprocess.run([sys.executable, "-m", "lowrank_tools", "calibrate", str(model), "--data", str(data), "-o",
                     str(folder / "stats.safetensors"), "--max-length", str(tokens), "--device", "cpu", "--force"],
                    check=True)
+    import resource
+
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(json.dumps({"calibrate_s": round(time.perf_counter() - start, 1), "texts": texts, "tokens": tokens,
+                      "cpu_seconds": round(child.ru_utime + child.ru_stime, 1),
                       "layers": layers, "threads": torch.get_num_threads(), "load_before": load,
                       "load_after": os.getloadavg()[0]}), flush=True)
 
