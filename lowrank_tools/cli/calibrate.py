@@ -9,7 +9,7 @@ import click
 from .options import Progress, examples, force_option, quiet_option, text_options, warn_all, warner
 
 
-@click.command(short_help="Input statistics of every Linear and conv layer (for extract --calibration).",
+@click.command(short_help="Input statistics of every layer (for extract --calibration).",
                epilog=examples("lowrank-tools calibrate base/ --data train.txt -o stats.safetensors",
                                "lowrank-tools calibrate tuned/ --data train.jsonl -o stats.safetensors --max-samples 128 "
                                "--max-length 256"))
