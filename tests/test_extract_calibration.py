@@ -63,9 +63,13 @@ def test_whitened_where_statistics_exist_plain_elsewhere(files, method):
             expected = whitened_factors(dW, X @ X.T, 4, method="exact")
             torch.testing.assert_close((mod.B @ mod.A).double(), expected.B @ expected.A, rtol=1e-4, atol=1e-5)
             assert records[name].extra["output_rel_error"] == pytest.approx(expected.output_rel_error, rel=1e-4)
-    # identity statistics for blk.o: the plain factors' product; emb has none: plain, named in one note
-    torch.testing.assert_close(result.adapter.modules["blk.o"].B @ result.adapter.modules["blk.o"].A,
-                               plain.adapter.modules["blk.o"].B @ plain.adapter.modules["blk.o"].A, rtol=1e-4, atol=1e-5)
+    # identity statistics for blk.o: the plain factors' product (exact; the randomized range finders differ: both
+    # near-optimal on this flat random spectrum); emb has none: plain, named in one note
+    ours_o, plain_o = result.adapter.modules["blk.o"], plain.adapter.modules["blk.o"]
+    if method == "exact":
+        torch.testing.assert_close(ours_o.B @ ours_o.A, plain_o.B @ plain_o.A, rtol=1e-4, atol=1e-5)
+    plain_rel = {r.name: r for r in plain.report.layers}["blk.o"].rel_error
+    assert records["blk.o"].rel_error == pytest.approx(plain_rel, rel=0.02)
     assert "whitened" not in records["emb"].extra
     assert any("no input statistics" in n and "emb" in n for n in result.report.notes)
 
@@ -79,8 +83,6 @@ def test_mismatched_statistics_are_one_line_errors(files, tmp_path):
     write_calibration(other, [InputStats(("model.layers.0.q_proj",), torch.eye(IN, dtype=torch.float64), 1)])
     with pytest.raises(DataError, match="no layer of the checkpoints has statistics"):
         extract(files["base"], files["tuned"], rule=RankRule(rank=4), calibration=other)
-    with pytest.raises(InvalidOption, match="--budget"):
-        extract(files["base"], files["tuned"], budget=1000, calibration=files["stats"])
     with pytest.raises(InvalidOption, match="--damping"):
         extract(files["base"], files["tuned"], rule=RankRule(rank=4), calibration=files["stats"], damping=-1.0)
 
@@ -98,8 +100,8 @@ def test_cli_report_has_both_errors_and_the_adapter_is_plain_lora(files, tmp_pat
     assert set(adapter.modules) == {"blk.q", "blk.k", "blk.o", "emb"} and adapter.modules["blk.q"].A.shape == (4, IN)
     budget = CliRunner().invoke(main, ["extract", str(root / "base.safetensors"), str(root / "tuned.safetensors"),
                                        "-o", str(tmp_path / "b"), "--budget", "999", "--calibration",
-                                       str(files["stats"])])
-    assert budget.exit_code == 2 and "--budget" in budget.output
+                                       str(files["stats"]), "-q"])
+    assert budget.exit_code == 0, budget.output  # --budget allocates on the whitened values (test_calibration_budget)
     missing = CliRunner().invoke(main, ["extract", str(root / "base.safetensors"), str(root / "tuned.safetensors"),
                                         "-o", str(tmp_path / "c"), "--calibration", str(tmp_path / "none.safetensors")])
     assert missing.exit_code == 1 and "lowrank-tools calibrate" in missing.output

@@ -39,7 +39,7 @@ def test_discarded_whitened_energy_is_the_measured_output_error(method):
     w = whitener(X @ X.T, damping=0.0)
     assert w.damping == 0.0 and w.note is None
     svd = whitened_svd(dW, w, r, method=method, oversample=4, n_iter=6)
-    B, A = whitened_balanced_factors(svd, w, r)
+    B, A = whitened_balanced_factors(svd, r)
     measured = float(torch.linalg.matrix_norm((dW - B @ A) @ X)) ** 2
     total = float(torch.linalg.matrix_norm(dW @ X))
     if method == "exact":
@@ -95,6 +95,8 @@ def test_dtypes_devices_and_rank_clamp():
 def test_singular_statistics_raise_damping_with_a_note():
     X = torch.randn(8, 3, generator=_gen(7), dtype=torch.float64)  # rank 3 < 8: X X^T is singular
     w = whitener(X @ X.T, damping=0.0)
+    assert w.damping == 0 and w.note is None  # the randomized method needs no Cholesky: nothing to raise
+    w.L  # the exact method's Cholesky factor
     assert w.damping > 0 and "not positive definite" in w.note
     notes = []
     whitened_factors(torch.randn(4, 8, dtype=torch.float64), X @ X.T, 2, damping=0.0, on_warning=notes.append)
@@ -118,4 +120,4 @@ def test_bad_inputs_are_errors():
         whitened_svd(torch.zeros(4, 5), whitener(torch.eye(3)), 2)
     with pytest.raises(ValueError, match="r must be"):
         w = whitener(torch.eye(3))
-        whitened_balanced_factors(whitened_svd(torch.randn(4, 3), w, 2), w, 3)
+        whitened_balanced_factors(whitened_svd(torch.randn(4, 3), w, 2), 3)

@@ -1,4 +1,4 @@
-"""The calibrate command: input statistics X^T X of every Linear layer, for extract --calibration."""
+"""The calibrate command: input statistics X^T X of every Linear and conv layer, for extract --calibration."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import click
 from .options import Progress, examples, force_option, quiet_option, text_options, warn_all, warner
 
 
-@click.command(short_help="Input statistics of every Linear layer (for extract --calibration).",
+@click.command(short_help="Input statistics of every layer (for extract --calibration).",
                epilog=examples("lowrank-tools calibrate base/ --data train.txt -o stats.safetensors",
                                "lowrank-tools calibrate tuned/ --data train.jsonl -o stats.safetensors --max-samples 128 "
                                "--max-length 256"))
@@ -20,8 +20,12 @@ from .options import Progress, examples, force_option, quiet_option, text_option
 @force_option
 @quiet_option
 def calibrate(model, data, output, max_samples, max_length, batch_size, device, text_field, force, quiet):
-    """Run MODEL (a transformers folder: the base, or the fine-tune) over the texts of --data and write, per
-    distinct Linear input, X^T X summed in float64 over the real tokens (q/k/v, gate/up share one).
+    """Run MODEL (a transformers folder) over the texts of --data and write, per distinct Linear input, X^T X
+    summed in float64 over the real tokens (q/k/v, gate/up share one); for a Conv1d/Conv2d (groups 1), over its
+    receptive-field patches (in * kh * kw wide, every position).
+
+    Which MODEL: the base is the recommended one (on the test pairs it did better than the fine-tune at ranks 2
+    and 4, the fine-tune at rank 8; benchmarks/eval_calibration.py); the fine-tune works the same way.
 
     Memory: one float64 in x in matrix per distinct input (8 * sum in^2 bytes) on the device, for the whole run.
     Then: lowrank-tools extract BASE TUNED -o OUT --rank 16 --calibration STATS."""

@@ -47,7 +47,8 @@ from .options import (FORMAT_HELP, FORMATS, METHODS, SEED, Progress, allow_tf32_
               help="Carry 1-D norm weights/biases that changed (kohya w_norm/b_norm; PEFT: saved whole).")
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="Input statistics of lowrank-tools calibrate: layers with statistics get activation-whitened "
-                   "factors (lowest output error on those inputs); the others plain ones. Not with --budget yet.")
+                   "factors (lowest output error on those inputs); the others plain ones. --budget then allocates on "
+                   "the per-token output error.")
 @click.option("--damping", type=float, default=0.01, show_default=True, callback=finite,
               help="With --calibration: lambda = F * mean(diag X^T X) added to X^T X (larger: closer to plain SVD).")
 @allow_tf32_option

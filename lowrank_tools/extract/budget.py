@@ -19,6 +19,12 @@ and what is approximate is only how close span(U_K) comes to the optimal one (th
 accuracy). B A lies in those spans before the cast; the cast to the output dtype adds a rounding E
 whose cross term 2<E, T> (random signs, ~||E|| ||T|| / sqrt(out * in)) is left out. The second term is
 computed from the factors (:func:`~lowrank_tools.linalg.norms.lowrank_frobenius_diff`), never densely.
+
+With --calibration, a layer with input statistics runs the pass on ``M = dW L`` (see extract.whitening): it
+keeps U_K, S_K of M, ``V_K^T L^-1`` (the rows of A before the split), the output tail sqrt(||M||^2 - sum S_K^2) and
+``c_i = <U_i^T dW, (Vh_K L^-1)_i>``; the allocation reads S_K / sqrt(tokens) (the per-token output error, which
+is what whitening minimises); the weight-space error of the written factors is then, without dW,
+``||dW||^2 - 2 sum_{i<r} s_i c_i + s^2 ||B A||_F^2`` (the cross term on the factors before the cast).
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ from ..adapter import LoraModule, ModuleKind, cast_factors, matrix_shape, module
 from ..linalg.budget import LayerSpectrum, allocate_budget
 from ..errors import Warn
 from .options import ExtractOptions
+from .whitening import Whitening, whitened_record
 from ..linalg.svd import Method, TruncatedSVD, balanced_factors, truncated_svd
 from ..linalg.norms import frobenius_error, frobenius_norm, lowrank_frobenius_diff
+from ..linalg.whiten import whitened_svd
 from ..report import MAX_SINGULAR_VALUES, LayerRecord, Progress, factor_record
 
 __all__ = ["BUDGET_TOP_K", "budget_top_k", "check_budget", "extract_with_budget"]
@@ -59,6 +67,14 @@ class _Top:
     tail: float  # ||dW - U_K S_K Vh_K||_F
     head: list[float]  # leading singular values for the report (all computed ones, at most 64)
     method: str
+    output_norm: float | None = None  # whitened: ||dW L||_F (then U, S, tail are those of dW L, Vh is V^T L^-1)
+    cross: Tensor | None = None  # whitened: (K,) float64 <U_i^T dW, Vh_i>, for the weight-space error
+    unit: float = 1.0  # the allocation reads S * unit (whitened: 1 / sqrt(tokens))
+
+    @property
+    def energy_norm(self) -> float:
+        """The norm the spectrum S is a part of: ||dW L||_F when whitened, else ||dW||_F."""
+        return self.output_norm if self.output_norm is not None else self.norm
 
 
 def budget_top_k(shape: tuple[int, int], cap: int | None) -> int:
@@ -75,21 +91,43 @@ def check_budget(budget: int, rule, shapes: Mapping[str, tuple[int, int]]) -> in
     return cap
 
 
-def _top_layer(delta, cap: int | None, opts: ExtractOptions, warn: Warn | None) -> _Top | None:
-    """The pass for one layer (``delta``: name, matrix (out, in_flat) float32, weight_shape, dtype, kind)."""
+def _top_layer(delta, cap: int | None, opts: ExtractOptions, warn: Warn | None,
+               whitening: Whitening | None = None) -> _Top | None:
+    """The pass for one layer (``delta``: name, matrix (out, in_flat) float32, weight_shape, dtype, kind); on
+    ``dW L`` when ``whitening`` has the layer's input statistics."""
     dW = delta.matrix.to(opts.device)  # (out, in_flat)
     norm = frobenius_norm(dW)
     if norm == 0.0:
         return None
     mod = module_name(delta.name)
-    k = budget_top_k(dW.shape, cap)
-    svd = truncated_svd(dW, k, method=opts.method, oversample=opts.oversample, n_iter=opts.n_iter, seed=opts.seed,
-                        on_warning=(lambda msg: warn(f"{mod}: {msg}")) if warn else None)
+    w = whitening.get(mod) if whitening is not None else None
+    if w is not None:
+        return _whitened_top(delta, dW, norm, w, whitening.unit(mod), cap, opts, warn)
+    svd = truncated_svd(dW, budget_top_k(dW.shape, cap), method=opts.method, oversample=opts.oversample,
+                        n_iter=opts.n_iter, seed=opts.seed, on_warning=(lambda msg: warn(f"{mod}: {msg}")) if warn else None)
     tail = frobenius_error(dW, svd.U * svd.S, svd.Vh)  # measured now, not ||dW||^2 - sum S^2: no cancellation
+    unit = whitening.plain_unit() if whitening is not None else 1.0
     spectrum = svd.spectrum if svd.spectrum is not None else svd.S
     return _Top(name=mod, kind=delta.kind, weight_shape=tuple(delta.weight_shape), dtype=delta.dtype,
                 U=svd.U.cpu(), S=svd.S.cpu(), Vh=svd.Vh.cpu(), norm=norm, tail=tail, method=svd.method.value,
-                head=[float(s) for s in spectrum[:MAX_SINGULAR_VALUES].double()])
+                head=[float(s) for s in spectrum[:MAX_SINGULAR_VALUES].double()], unit=unit)
+
+
+def _whitened_top(delta, dW: Tensor, norm: float, w, unit: float, cap: int | None, opts: ExtractOptions,
+                  warn: Warn | None) -> _Top | None:
+    """The pass on ``dW L`` (module docstring): U, S of dW L, rows V^T L^-1, the output tail, the cross terms."""
+    mod = module_name(delta.name)
+    svd = whitened_svd(dW, w, budget_top_k(dW.shape, cap), method=opts.method, oversample=opts.oversample,
+                       n_iter=opts.n_iter, seed=opts.seed, on_warning=(lambda msg: warn(f"{mod}: {msg}")) if warn else None)
+    if svd.total == 0.0:  # statistics of an input that never reached this layer: nothing changes its output
+        return None
+    cross = ((svd.U.double().mT @ dW.double()) * svd.rows.double()).sum(dim=1)  # (K,) <U_i^T dW, rows_i>
+    tail = math.sqrt(max(svd.total**2 - float(torch.sum(svd.S.double() ** 2)), 0.0))  # exact: a projection
+    spectrum = svd.spectrum if svd.spectrum is not None else svd.S
+    return _Top(name=mod, kind=delta.kind, weight_shape=tuple(delta.weight_shape), dtype=delta.dtype,
+                U=svd.U.cpu(), S=svd.S.cpu(), Vh=svd.rows.cpu(), norm=norm, tail=tail, method=svd.method.value,
+                head=[float(s) for s in spectrum[:MAX_SINGULAR_VALUES].double()], output_norm=svd.total,
+                cross=cross.cpu(), unit=unit)
 
 
 def _truncate(top: _Top, r: int, opts: ExtractOptions) -> tuple[LoraModule, LayerRecord]:
@@ -98,26 +136,40 @@ def _truncate(top: _Top, r: int, opts: ExtractOptions) -> tuple[LoraModule, Laye
     scale = alpha / r
     svd = TruncatedSVD(U=top.U, S=top.S, Vh=top.Vh, method=Method(top.method))
     B, A = cast_factors(*balanced_factors(svd, r, scale=scale), opts.dtype or top.dtype, top.name)  # (out, r), (r, in)
+    module = LoraModule(B=B, A=A, alpha=alpha, kind=top.kind, weight_shape=top.weight_shape)
+    if top.cross is not None:
+        return module, _whitened_truncation_record(top, r, B, A, scale)
     head = lowrank_frobenius_diff(top.U * top.S, top.Vh, 1.0, B.float(), A.float(), scale)  # (top K) - (written)
     record = factor_record(top.name, top.weight_shape, rank=r, values=top.S.double(), shown=top.head, norm=top.norm,
                            err=math.sqrt(top.tail**2 + head**2), params=B.numel() + A.numel(),
                            extra={"method": top.method, "budget_k": int(top.S.shape[0])})
-    module = LoraModule(B=B, A=A, alpha=alpha, kind=top.kind, weight_shape=top.weight_shape)
     return module, record
+
+
+def _whitened_truncation_record(top: _Top, r: int, B: Tensor, A: Tensor, scale: float) -> LayerRecord:
+    """Both errors of a whitened layer at rank r: output ``sqrt(tail^2 + sum_{i>=r} S_i^2)`` (exact before the
+    cast), weight ``||dW||^2 - 2 sum_{i<r} s_i c_i + s^2 ||B A||^2`` (module docstring)."""
+    S = top.S.double()
+    output_err = math.sqrt(top.tail**2 + float(torch.sum(S[r:] ** 2)))
+    Bd, Ad = B.double(), A.double()
+    product = scale**2 * float(torch.sum((Bd.mT @ Bd) * (Ad @ Ad.mT)))  # ||s B A||_F^2 = s^2 tr(B^T B A A^T)
+    err = math.sqrt(max(top.norm**2 - 2.0 * float(torch.sum(S[:r] * top.cross[:r])) + product, 0.0))
+    return whitened_record(top.name, top.weight_shape, rank=r, values=S, output_norm=top.output_norm,
+                           output_err=output_err, norm=top.norm, err=err, params=B.numel() + A.numel(),
+                           method=top.method, extra={"budget_k": int(top.S.shape[0])})
 
 
 def _capped(top: _Top, rule) -> list[float]:
     """The values the budget may spend on: the top K, cut where a dynamic rule (--energy, --sv-ratio,
     --threshold) stops for this layer, as resize and merge do; --energy counts the whole ||dW||_F^2."""
-    if rule is None or not rule.dynamic:
-        return top.S.tolist()
-    return top.S[:rule.choose(top.S, total_energy=top.norm**2)].tolist()
+    values = top.S if rule is None or not rule.dynamic else top.S[:rule.choose(top.S, total_energy=top.energy_norm**2)]
+    return (values.double() * top.unit).tolist()
 
 
 def extract_with_budget(deltas: Iterable, shapes: Mapping[str, tuple[int, int]], *, opts: ExtractOptions,
                         progress: Progress | None = None, warn: Warn | None = None,
                         exchange: Callable[[list[LayerSpectrum]], list[LayerSpectrum]] | None = None,
-                        tied: frozenset[str] = frozenset(),
+                        tied: frozenset[str] = frozenset(), whitening: Whitening | None = None,
                         ) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
     """``(modules, records, left out)`` for ``deltas`` (one per tensor name of ``shapes``: (out, in_flat), the
     matrix views, in order) within ``opts.budget`` parameters (``opts``: extract's options; the rule, method,
@@ -127,7 +179,8 @@ def extract_with_budget(deltas: Iterable, shapes: Mapping[str, tuple[int, int]],
     ``exchange`` (distributed extract): ``deltas`` are this rank's share of ``shapes``; it turns this rank's
     spectra into every rank's, in the order of ``shapes``, so that every rank allocates the same ranks.
     ``tied``: embedding modules whose factors are written twice (also on the tied output head): each of
-    their rank units costs twice, so the file stays within the budget."""
+    their rank units costs twice, so the file stays within the budget. ``whitening`` (--calibration): layers with
+    input statistics are allocated on their per-token output error (module docstring)."""
     budget = opts.budget
     cap = check_budget(budget, opts.rule, shapes)
     tops, zero = [], []
@@ -135,7 +188,7 @@ def extract_with_budget(deltas: Iterable, shapes: Mapping[str, tuple[int, int]],
         name = module_name(delta.name)
         if progress:
             progress(i, len(shapes), name)
-        top = _top_layer(delta, cap, opts, warn)
+        top = _top_layer(delta, cap, opts, warn, whitening)
         del delta  # the pass keeps the top-K SVD only
         if top is None:
             zero.append(name)

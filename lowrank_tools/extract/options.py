@@ -46,7 +46,7 @@ class ExtractOptions:
 
     Calibration: ``calibration`` (a statistics file of ``calibrate``) makes every layer with statistics factor
     ``dW L`` (activation-whitened, :mod:`~lowrank_tools.linalg.whiten`), with ``damping`` F (lambda = F *
-    mean(diag X^T X)); its rank rule then reads the whitened spectrum (the output error). Not with ``budget`` yet.
+    mean(diag X^T X)); its rank rule, and ``budget``, read the whitened spectrum (the output error).
     """
 
     rule: RankRule | None = None
@@ -80,7 +80,7 @@ class ExtractOptions:
         for name in ("include", "exclude", "full_modules"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
-        _check_calibration(self.calibration, self.damping, self.budget)
+        _check_calibration(self.damping)
         object.__setattr__(self, "method", Method(self.method))
         object.__setattr__(self, "device", resolve_device(self.device))  # once: everything below takes this
         batch_size(self.device, self.svd_batch)  # checked now, before any reading
@@ -104,9 +104,7 @@ def _check_conv_rank(conv_rank: int, rule: RankRule | None, budget: int | None) 
         raise InvalidOption("--conv-rank cannot be combined with --budget: the budget decides every rank")
 
 
-def _check_calibration(calibration, damping: float, budget: int | None) -> None:
+def _check_calibration(damping: float) -> None:
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping < 0:
         raise InvalidOption(f"--damping {damping!r} must be a finite number >= 0 (default {DEFAULT_DAMPING})")
-    if calibration is not None and budget is not None:
-        raise InvalidOption("--calibration cannot be combined with --budget yet: give --rank, --energy, --sv-ratio "
-                            "or --threshold")
+

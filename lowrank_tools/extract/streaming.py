@@ -30,14 +30,14 @@ from .distributed import Share, current_share, layer_cost
 from ..errors import Warn
 from .budget import budget_top_k, extract_with_budget
 from .options import ExtractOptions
-from .whitening import Whitening
+from .whitening import Whitening, whitened_record
 from ..io.formats import left_out_warning
 from ..io.layers import NOT_HELD, LayerPlan, compile_filters, plan_layers, relative_change
 from ..io.base_model import base_model_reference, task_type
 from ..linalg.svd import TruncatedSVD, balanced_factors, truncated_svd
 from ..linalg.memory import stream_large_buffers
 from ..linalg.norms import check_finite, frobenius_error, frobenius_norm
-from ..linalg.whiten import Whitener, output_rel_error, whitened_balanced_factors, whitened_matrix
+from ..linalg.whiten import Whitener, output_rel_error, whitened_balanced_factors, whitened_svd
 from .pipeline import Stager, batched_svds, plan_batches, staged, tf32
 from ..io.prefetch import prefetch
 from ..report import AdapterResult, LayerRecord, Progress, Report, factor_record, summarize
@@ -178,22 +178,19 @@ def _whitened_layer(delta: _Delta, dW: Tensor, norm: float, w: Whitener, opts: E
     weight-space ``rel_error`` (measured on the factors as written) and adds ``output_rel_error``."""
     mod = module_name(delta.name)
     rule = opts.rule_for(delta.kind)
-    M = whitened_matrix(dW, w)  # (out, in)
-    total = frobenius_norm(M)  # ||dW L||_F
-    svd = truncated_svd(M, rule.needed_k(tuple(M.shape)), method=opts.method, oversample=opts.oversample,
-                        n_iter=opts.n_iter, seed=opts.seed, on_warning=(lambda msg: warn(f"{mod}: {msg}")) if warn else None)
-    del M
+    svd = whitened_svd(dW, w, rule.needed_k(tuple(dW.shape)), method=opts.method, oversample=opts.oversample,
+                       n_iter=opts.n_iter, seed=opts.seed, on_warning=(lambda msg: warn(f"{mod}: {msg}")) if warn else None)
+    total = svd.total  # ||dW L||_F
     r = rule.choose(svd.S, total_energy=total**2) if total > 0 else 0
     if r == 0:
         return None
     alpha = float(opts.alpha) if opts.alpha is not None else float(r)
-    B, A = cast_factors(*whitened_balanced_factors(svd, w, r, scale=alpha / r), opts.dtype or delta.dtype, mod)
+    B, A = cast_factors(*whitened_balanced_factors(svd, r, scale=alpha / r), opts.dtype or delta.dtype, mod)
     err = frobenius_error(dW, B.float(), A.float(), scale=alpha / r)  # weight space, on the factors as written
-    record = factor_record(mod, delta.weight_shape, rank=r, values=svd.spectrum if svd.spectrum is not None else svd.S,
-                           norm=total, err=err, params=B.numel() + A.numel(),
-                           extra={"method": svd.method.value, "whitened": True,
-                                  "output_rel_error": output_rel_error(svd.S[:r], total)})
-    record.delta_norm, record.rel_error = norm, err / norm  # retained_energy stays that of dW L (output energy)
+    record = whitened_record(mod, delta.weight_shape, rank=r, values=svd.spectrum if svd.spectrum is not None
+                             else svd.S, output_norm=total, output_err=output_rel_error(svd.S[:r], total) * total,
+                             norm=norm, err=err, params=B.numel() + A.numel(), method=svd.method.value,
+                             extra={"output_norm_estimated": True} if svd.total_estimated else None)
     module = LoraModule(B=B.cpu(), A=A.cpu(), alpha=alpha, kind=delta.kind, weight_shape=delta.weight_shape)
     return module, record
 
@@ -295,7 +292,7 @@ def _factor_layers(base: Checkpoint, tuned: Checkpoint, selected: dict[str, Modu
         if opts.budget is not None:  # one pass of top-K SVDs, allocate_budget, truncate; it consumes every delta
             result = extract_with_budget(_one_by_one(pairs, len(mine), opts), dict(zip(names, shapes)), opts=opts,
                                          progress=progress, warn=warn, exchange=_spectra_exchange(share, names),
-                                         tied=tied)
+                                         tied=tied, whitening=whitening)
         else:
             result = _factor_stream(pairs, [len(unit) for unit in units], opts, progress=progress, warn=warn,
                                     whitening=whitening)

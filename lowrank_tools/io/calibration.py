@@ -13,6 +13,7 @@ module names reading that input, ``model`` = the model that was run. Tensors are
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,12 +46,32 @@ class CalibrationStats:
     def __init__(self, path: Path, file: SafetensorsFile, groups: dict[str, tuple[str, ...]], model: str | None):
         self.path, self._file, self.groups, self.model = path, file, groups, model
         self.module_key = {m: key for key, mods in groups.items() for m in mods}  # module -> its input's key
+        self._mean_squares: dict[str, float] | None = None
 
     def in_features(self, key: str) -> int:
         return self._file.info(f"{key}.xtx")[1][0]
 
     def tokens(self, key: str) -> int:
         return int(self._file.read(f"{key}.tokens")[0])
+
+    def mean_squares(self) -> dict[str, float]:
+        """key -> mean(diag X^T X) / tokens (the mean squared input coordinate): from the metadata when the file
+        has it, else read from every matrix (once)."""
+        if self._mean_squares is None:
+            self._mean_squares = self._stored_mean_squares() or {
+                key: float(self.xtx(key).diagonal().mean()) / max(self.tokens(key), 1) for key in self.groups}
+        return self._mean_squares
+
+    def _stored_mean_squares(self) -> dict[str, float] | None:
+        try:
+            raw = json.loads(self._file.metadata.get("mean_square", ""))
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(raw, dict) or set(raw) != set(self.groups) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                for v in raw.values()):
+            return None
+        return {k: float(v) for k, v in raw.items()}
 
     def xtx(self, key: str) -> torch.Tensor:
         """(in, in) float64, CPU."""
@@ -93,7 +114,10 @@ def write_calibration(path: str | os.PathLike, stats: list[InputStats], *, model
     """Write ``stats`` to ``path`` atomically (a temporary beside it, installed at the end, no-clobber unless
     ``force``). The list is emptied as it is written: each matrix is released once it is on disk."""
     groups = {item.modules[0]: list(item.modules) for item in stats}
-    metadata = {FORMAT_KEY: _VERSION, "groups": json.dumps(groups, sort_keys=True), "model": str(model or "")}
+    mean_square = {item.modules[0]: float(item.xtx.diagonal().double().mean()) / max(int(item.tokens), 1)
+                   if item.xtx.numel() else 0.0 for item in stats}
+    metadata = {FORMAT_KEY: _VERSION, "groups": json.dumps(groups, sort_keys=True), "model": str(model or ""),
+                "mean_square": json.dumps(mean_square, sort_keys=True)}
     with atomic_output(path, force=force, inputs=tuple(inputs)) as tmp:
         with ShardedWriter(tmp, shard_size=None, metadata=metadata) as writer:
             while stats:

@@ -26,7 +26,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
                              loha_svd, kron_svd, numerical_rank, exact_rank, top_svd, dora_rescale_,
                              dora_row_norms)
     from .whiten import (DEFAULT_DAMPING, Whitener, WhitenedFactors, whitener, whitened_matrix, whitened_svd,
-                         whitened_balanced_factors, output_rel_error, measured_output_error,
+                         whitened_balanced_factors, WhitenedSVD, output_rel_error, measured_output_error,
                          whitened_factors)
     from .fused import split_rows, fuse_rows, swap_halves
     from .lazy import lazy_exports
@@ -49,7 +49,7 @@ _EXPORTS = {name: module for module, names in {
                   "tucker_locon_factors", "lokr_w2_tucker", "factor_svd", "lowrank_svd", "loha_svd",
                   "kron_svd", "numerical_rank", "exact_rank", "top_svd", "dora_rescale_", "dora_row_norms",),
     ".whiten": ("DEFAULT_DAMPING", "Whitener", "WhitenedFactors", "whitener", "whitened_matrix", "whitened_svd",
-              "whitened_balanced_factors", "output_rel_error", "measured_output_error", "whitened_factors",),
+              "whitened_balanced_factors", "WhitenedSVD", "output_rel_error", "measured_output_error", "whitened_factors",),
     ".fused": ("split_rows", "fuse_rows", "swap_halves",),
     ".lazy": ("lazy_exports",),
 }.items() for name in names}

@@ -4,14 +4,25 @@ Plain truncated SVD minimises ``||dW - B A||_F``, every input direction alike. A
 inputs x it sees; over calibration inputs ``X (in, tokens)`` the output error is ``||(dW - B A) X||_F``. Its
 minimiser at rank r is known in closed form (SVD-LLM, arXiv 2403.07378; EoRA, arXiv 2410.21271)::
 
-    C = X X^T + lambda I = L L^T           (in, in), Cholesky in float64; lambda = F * mean(diag(X X^T))
-    dW L = U S V^T                          truncated SVD (exact or randomized) of the (out, in) matrix dW L
+    C = X X^T + lambda I = L L^T           (in, in); lambda = F * mean(diag(X X^T))
+    dW L = U S V^T                          truncated SVD of the (out, in) matrix M = dW L
     B = U_r sqrt(S_r / scale)               (out, r)
-    A = sqrt(S_r / scale) V_r^T L^{-1}      (r, in), a triangular solve: never an explicit inverse
+    A = sqrt(S_r / scale) V_r^T L^{-1}  =  (U_r^T dW) / sqrt(S_r scale)      (r, in)
 
-Since ``||M X||_F^2 = tr(M X X^T M^T) = ||M L||_F^2`` (lambda = 0), the error ``||(dW - scale B A) L||_F`` equals
-``sqrt(sum of the discarded S^2)``: ``output_rel_error = ||(dW - scale B A) L||_F / ||dW L||_F``. With a large
-damping ``L ~ sqrt(lambda) I`` and the factors tend to plain SVD's. Pure torch; never touches files.
+The second form of A (``V_r^T L^{-1} = S_r^{-1} U_r^T M L^{-1} = S_r^{-1} U_r^T dW``) needs only U and S of M, and
+those are the eigenvectors and values of ``M M^T = dW C dW^T``: the randomized method never factors C nor forms M.
+Its range finder (Halko et al. 2011, Alg. 4.4) applies ``M M^T`` as ``dW (C (dW^T Y))``, starting from
+``dW (C Omega)``; then U, S come from the eigenpairs of the small ``Q^T M M^T Q = Z^T C Z`` (``Z = dW^T Q``, float64).
+Cost per layer: the plain range finder's products plus one ``C @ (in, l)`` per power iteration, with C shared by the
+layers of one input; no ``in^3`` Cholesky, no ``out * in^2`` product. The exact method factors ``C = L L^T``
+(Cholesky, float64; lambda raised tenfold with a note when not positive definite) and takes the exact SVD of M.
+
+``scale B A = U_r U_r^T dW`` (a projection), so ``||(dW - scale B A) L||_F^2 = ||dW L||_F^2 - sum S_r^2`` exactly:
+``output_rel_error = sqrt(||dW L||^2 - sum S_r^2) / ||dW L||``. ``||dW L||_F^2 = <dW C, dW>`` costs ``out * in^2``:
+the randomized method computes it when ``in <= 2 (n_iter + 1) l`` (no dearer than its range finder), and otherwise
+estimates the part its sketch missed, ``||(I - Q Q^T) M||_F^2``, from 16 Gaussian probes (Hutchinson; unbiased,
+``WhitenedSVD.total_estimated``). With a large damping ``C ~ lambda I`` and the factors tend to plain SVD's.
+Pure torch; never touches files.
 """
 
 from __future__ import annotations
@@ -23,31 +34,72 @@ import torch
 from torch import Tensor
 
 from ..errors import NumericalError, Warn
-from .svd import Method, TruncatedSVD, check_matrix, truncated_svd, work_dtype
+from .svd import Method, check_matrix, fix_signs, resolve_method, truncated_svd, work_dtype
 
-__all__ = ["DEFAULT_DAMPING", "Whitener", "WhitenedFactors", "whitener", "whitened_matrix", "whitened_svd",
-           "whitened_balanced_factors", "output_rel_error", "measured_output_error", "whitened_factors"]
+__all__ = ["DEFAULT_DAMPING", "Whitener", "WhitenedSVD", "WhitenedFactors", "whitener", "whitened_matrix",
+           "whitened_svd", "whitened_balanced_factors", "output_rel_error", "measured_output_error",
+           "whitened_factors"]
 
 DEFAULT_DAMPING = 0.01  # F in lambda = F * mean(diag C): SVD-LLM / EoRA's choice, and the issue's measured one
 _MAX_TRIES = 8  # damping raised tenfold per failed Cholesky, from at least _FLOOR * mean(diag C)
 _FLOOR = 1e-10
+_PROBES = 16  # Gaussian probes of the estimated ||dW L||_F^2 (large layers, randomized method)
 
 
-@dataclass(frozen=True)
 class Whitener:
-    """``C + lambda I = L L^T`` for one input's statistics ``C (in, in)``."""
+    """``C + lambda I`` for one input's statistics ``C (in, in)`` (float64), with its float32 copy for the
+    randomized products and, when the exact method asks, its Cholesky factor ``L`` (computed once, then kept)."""
 
-    L: Tensor  # (in, in) float64, lower triangular
-    damping: float  # lambda actually added (absolute, in C's units)
-    note: str | None = None  # set when lambda had to be raised (C + lambda I not positive definite) or C was zero
+    def __init__(self, C: Tensor, damping: float, mean_diag: float, note: str | None = None):
+        self.C = C  # (in, in) float64, damped
+        self.damping = damping  # lambda added (absolute, in C's units); raised by L if C + lambda I is not PD
+        self.mean_diag = mean_diag  # mean(diag C) before damping
+        self.note = note  # set when C was zero, or lambda had to be raised
+        self._L: Tensor | None = None
+        self._C32: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.C.shape[0])
+
+    def C_as(self, dtype: torch.dtype) -> Tensor:
+        """C in ``dtype`` (float32 kept for the next layer of this input)."""
+        if dtype == torch.float64:
+            return self.C
+        if self._C32 is None:
+            self._C32 = self.C.float()
+        return self._C32
+
+    @property
+    def L(self) -> Tensor:
+        """Lower Cholesky factor of C (float64); lambda raised tenfold until C is positive definite (noted)."""
+        if self._L is None:
+            self._L = self._cholesky()
+        return self._L
+
+    def _cholesky(self) -> Tensor:
+        if self.mean_diag <= 0.0:
+            return torch.eye(self.size, dtype=torch.float64, device=self.C.device)
+        eye = torch.eye(self.size, dtype=torch.float64, device=self.C.device)
+        asked, extra = self.damping, 0.0
+        for _ in range(_MAX_TRIES):
+            L, info = torch.linalg.cholesky_ex(self.C + extra * eye)  # (n, n) lower
+            if int(info) == 0:
+                if extra:
+                    self.C, self._C32, self.damping = self.C + extra * eye, None, self.damping + extra
+                    self.note = (f"C + lambda I was not positive definite at damping {asked / self.mean_diag:g}: "
+                                 f"damping raised to {self.damping / self.mean_diag:.3g} * mean(diag C)")
+                return L
+            extra = max((self.damping + extra) * 10.0, _FLOOR * self.mean_diag) - self.damping
+        raise NumericalError(f"Cholesky of the {self.size} x {self.size} input statistics failed even with damping "
+                             f"{(self.damping + extra) / self.mean_diag:.3g} * mean(diag C): the statistics are not "
+                             f"a Gram matrix X X^T")
 
 
 @torch.no_grad()
 def whitener(C: Tensor, *, damping: float = DEFAULT_DAMPING, device: torch.device | str | None = None) -> Whitener:
-    """The Cholesky factor of ``C + lambda I`` with ``lambda = damping * mean(diag C)``, in float64 on ``device``
-    (C's by default). Not positive definite (damping 0 and rank-deficient C, or rounding): lambda is raised
-    tenfold (from at least 1e-10 * mean(diag C)) until it is, and :attr:`Whitener.note` says so. An all-zero C
-    (no tokens) gives ``L = I`` (plain SVD) with a note."""
+    """``C + lambda I`` with ``lambda = damping * mean(diag C)``, in float64 on ``device`` (C's by default). An
+    all-zero C (no tokens) gives ``C = I`` (plain SVD) with a note."""
     check_matrix(C, "C")
     if C.shape[0] != C.shape[1]:
         raise ValueError(f"C must be square (in, in), got {tuple(C.shape)}")
@@ -59,63 +111,124 @@ def whitener(C: Tensor, *, damping: float = DEFAULT_DAMPING, device: torch.devic
     n = C.shape[0]
     mean_diag = float(C.diagonal().mean()) if n else 0.0
     if mean_diag <= 0.0:
-        return Whitener(torch.eye(n, dtype=torch.float64, device=C.device), 0.0,
+        return Whitener(torch.eye(n, dtype=torch.float64, device=C.device), 0.0, 0.0,
                         "input statistics are all zero (no tokens reached this input): plain SVD")
     lam = damping * mean_diag
-    eye = torch.eye(n, dtype=torch.float64, device=C.device)
-    for _ in range(_MAX_TRIES):
-        L, info = torch.linalg.cholesky_ex(C + lam * eye)  # (n, n) lower
-        if int(info) == 0:
-            note = None if lam == damping * mean_diag else (
-                f"C + lambda I was not positive definite at --damping {damping:g}: damping raised to "
-                f"{lam / mean_diag:.3g} * mean(diag C)")
-            return Whitener(L, lam, note)
-        lam = max(lam * 10.0, _FLOOR * mean_diag)
-    raise NumericalError(f"Cholesky of the {n} x {n} input statistics failed even with damping "
-                         f"{lam / mean_diag:.3g} * mean(diag C): the statistics are not a Gram matrix X X^T")
+    return Whitener(C + lam * torch.eye(n, dtype=torch.float64, device=C.device), lam, mean_diag)
 
 
 @torch.no_grad()
 def whitened_matrix(dW: Tensor, w: Whitener) -> Tensor:
     """``dW L`` (out, in), formed in float64, returned in dW's working dtype (float32 unless dW is float64) on dW's
     device: the matrix whose SVD gives the whitened factors; ``||dW L||_F^2`` is the output energy."""
-    check_matrix(dW, "dW")
-    if dW.shape[1] != w.L.shape[0]:
-        raise ValueError(f"dW {tuple(dW.shape)} and the input statistics ({w.L.shape[0]} x {w.L.shape[0]}) "
-                         f"do not fit: dW is (out, in), the statistics (in, in)")
-    M = dW.detach().to(device=w.L.device, dtype=torch.float64) @ w.L  # (out, in)
+    _check_fit(dW, w)
+    M = dW.detach().to(device=w.C.device, dtype=torch.float64) @ w.L  # (out, in)
     return M.to(device=dW.device, dtype=work_dtype(dW))
+
+
+def _check_fit(dW: Tensor, w: Whitener) -> None:
+    check_matrix(dW, "dW")
+    if dW.shape[1] != w.size:
+        raise ValueError(f"dW {tuple(dW.shape)} and the input statistics ({w.size} x {w.size}) "
+                         f"do not fit: dW is (out, in), the statistics (in, in)")
+
+
+@dataclass
+class WhitenedSVD:
+    """Top-k SVD of ``M = dW L``: U (out, k), S (k,) descending, and ``rows = V^T L^{-1} = U^T dW / S`` (k, in), the
+    rows of A before the split; ``total = ||dW L||_F`` (estimated when ``total_estimated``)."""
+
+    U: Tensor
+    S: Tensor
+    rows: Tensor
+    total: float
+    method: Method
+    spectrum: Tensor | None = None  # every singular value of M (exact method)
+    total_estimated: bool = False
 
 
 @torch.no_grad()
 def whitened_svd(dW: Tensor, w: Whitener, k: int, *, method: Method | str = Method.AUTO, oversample: int = 10,
-                 n_iter: int = 4, seed: int = 0, on_warning: Warn | None = None) -> TruncatedSVD:
-    """Top-k SVD of :func:`whitened_matrix` ``dW L`` by :func:`~lowrank_tools.linalg.svd.truncated_svd` (exact or
-    randomized, as a plain SVD would be). Its singular values are the output error's: ``sum(S^2) = ||dW L||_F^2``."""
-    return truncated_svd(whitened_matrix(dW, w), k, method=method, oversample=oversample, n_iter=n_iter, seed=seed,
-                         on_warning=on_warning)
+                 n_iter: int = 4, seed: int = 0, on_warning: Warn | None = None) -> WhitenedSVD:
+    """Top-k SVD of ``dW L`` (module docstring): exact (Cholesky, then ``truncated_svd`` of ``dW L``) or
+    randomized on ``dW C dW^T`` (no Cholesky), as :func:`~lowrank_tools.linalg.svd.resolve_method` decides for
+    a plain SVD of that shape. k is clamped to min(out, in). Results in dW's working dtype, on dW's device."""
+    _check_fit(dW, w)
+    k = min(int(k), *dW.shape)
+    chosen = resolve_method(Method(method), min(dW.shape), k, oversample)
+    if chosen is Method.RANDOMIZED:
+        return _randomized(dW, w, k, oversample, n_iter, seed)
+    note = w.note
+    M = whitened_matrix(dW, w)  # the Cholesky factor, once per input: it may raise lambda (a new note)
+    if w.note != note and on_warning is not None:
+        on_warning(w.note)
+    svd = truncated_svd(M, k, method=Method.EXACT, on_warning=on_warning)
+    rows = _rows_from_vh(svd.Vh, w)
+    return WhitenedSVD(svd.U, svd.S, rows, float(torch.linalg.matrix_norm(M.double())), svd.method, svd.spectrum)
+
+
+def _rows_from_vh(Vh: Tensor, w: Whitener) -> Tensor:
+    """``Vh L^{-1}``: the triangular solve ``Z L = Vh`` in float64, back in Vh's dtype and device."""
+    Z = torch.linalg.solve_triangular(w.L, Vh.to(device=w.C.device, dtype=torch.float64), upper=False, left=False)
+    return Z.to(device=Vh.device, dtype=Vh.dtype).contiguous()
+
+
+def _randomized(dW: Tensor, w: Whitener, k: int, oversample: int, n_iter: int, seed: int) -> WhitenedSVD:
+    """Subspace iteration on ``M M^T = dW C dW^T`` (module docstring); Q re-orthonormalised after each product."""
+    dtype = work_dtype(dW)
+    D = dW.detach().to(dtype)
+    C = w.C_as(dtype).to(D.device)
+    l = min(k + oversample, *D.shape)
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.randn(D.shape[1], l, generator=gen, dtype=dtype).to(D.device)  # (in, l)
+    Q = torch.linalg.qr(D @ (C @ omega)).Q  # (out, l)
+    for _ in range(n_iter):
+        Q = torch.linalg.qr(D @ (C @ (D.mT @ Q))).Q
+    Z = (D.mT @ Q).double()  # (in, l) = (Q^T dW)^T
+    C64 = w.C.to(D.device)
+    core = Z.mT @ (C64 @ Z)  # (l, l) = Q^T M M^T Q
+    values, vectors = torch.linalg.eigh((core + core.mT) / 2)  # ascending
+    captured = float(torch.sum(values.clamp_min(0)))  # ||Q^T M||_F^2
+    values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
+    S = values.clamp_min(0).sqrt()  # (k,)
+    U = Q.double() @ vectors  # (out, k)
+    P = vectors.mT @ Z.mT  # (k, in) = U^T dW
+    rows = torch.where(S[:, None] > 0, P / S.clamp_min(torch.finfo(torch.float64).tiny)[:, None], 0.0)
+    U, rows = fix_signs(U.to(dtype), rows.to(dtype))
+    total2, estimated = _total_energy(D, C64, Q, captured, l, n_iter, gen)
+    return WhitenedSVD(U.contiguous(), S.to(dtype), rows, math.sqrt(max(total2, captured)), Method.RANDOMIZED,
+                       total_estimated=estimated)
+
+
+def _total_energy(D: Tensor, C64: Tensor, Q: Tensor, captured: float, l: int, n_iter: int,
+                  gen: torch.Generator) -> tuple[float, bool]:
+    """``||dW L||_F^2 = <dW C, dW>`` exactly when ``in <= 2 (n_iter + 1) l``, else ``captured`` (the sketch's
+    ``||Q^T M||^2``) plus a Hutchinson estimate of ``||(I - Q Q^T) M||_F^2`` from Gaussian probes z: the mean of
+    ``(dW^T z')^T C (dW^T z')`` over ``z' = (I - Q Q^T) z``. Returns (value, estimated)."""
+    if D.shape[1] <= 2 * (n_iter + 1) * l:
+        return float(torch.sum((D.double() @ C64) * D.double())), False
+    z = torch.randn(D.shape[0], _PROBES, generator=gen, dtype=D.dtype).to(D.device)  # (out, p)
+    z = z - Q @ (Q.mT @ z)
+    Y = (D.mT @ z).double()  # (in, p)
+    return captured + float(torch.sum(Y * (C64 @ Y))) / _PROBES, True
 
 
 @torch.no_grad()
-def whitened_balanced_factors(svd: TruncatedSVD, w: Whitener, r: int, *, scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """``B = U_r sqrt(S_r / scale)`` (out, r) and ``A = sqrt(S_r / scale) V_r^T L^{-1}`` (r, in) from the SVD of
-    ``dW L`` (:func:`whitened_svd`); A by a triangular solve ``A L = sqrt(S_r / scale) V_r^T`` in float64.
-    Returned in the SVD's dtype, on its device."""
+def whitened_balanced_factors(svd: WhitenedSVD, r: int, *, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``B = U_r sqrt(S_r / scale)`` (out, r) and ``A = sqrt(S_r / scale) rows_r`` (r, in) (``rows = V^T L^-1``),
+    so that ``scale B A = U_r U_r^T dW``. Returned in the SVD's dtype, on its device."""
     if not 0 <= r <= svd.S.shape[0]:
         raise ValueError(f"r must be in [0, {svd.S.shape[0]}] (the computed components), got {r}")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     root = torch.sqrt(svd.S[:r].clamp_min(0) / scale)  # (r,)
-    B = svd.U[:, :r] * root  # (out, r)
-    Y = (root.unsqueeze(1) * svd.Vh[:r]).to(device=w.L.device, dtype=torch.float64)  # (r, in)
-    A = torch.linalg.solve_triangular(w.L, Y, upper=False, left=False)  # (r, in): A @ L = Y
-    return B.contiguous(), A.to(device=svd.Vh.device, dtype=svd.Vh.dtype).contiguous()
+    return (svd.U[:, :r] * root).contiguous(), (root.unsqueeze(1) * svd.rows[:r]).contiguous()
 
 
 def output_rel_error(S_kept: Tensor, total_norm: float) -> float:
     """``||(dW - B A) L||_F / ||dW L||_F`` from the kept singular values of ``dW L`` and ``||dW L||_F``:
-    ``sqrt(||dW L||^2 - sum S_r^2) / ||dW L||``. Exact for the exact SVD and for the randomized one alike (its
-    factors are the projection of dW L on span(U_r), so Pythagoras holds); before any cast of the factors."""
+    ``sqrt(||dW L||^2 - sum S_r^2) / ||dW L||``. Exact for both methods (the factors project dW on span(U_r),
+    so Pythagoras holds); before any cast of the factors."""
     if total_norm == 0.0:
         return 0.0
     kept = float(torch.sum(S_kept.double() ** 2))
@@ -141,7 +254,7 @@ class WhitenedFactors:
 
     B: Tensor  # (out, r)
     A: Tensor  # (r, in)
-    svd: TruncatedSVD  # of dW L
+    svd: WhitenedSVD  # of dW L
     rel_error: float  # ||dW - scale B A||_F / ||dW||_F (weight space)
     output_rel_error: float  # ||(dW - scale B A) L||_F / ||dW L||_F
 
@@ -158,7 +271,7 @@ def whitened_factors(dW: Tensor, C_or_whitener: Tensor | Whitener, r: int, *, da
     svd = whitened_svd(dW, w, r, method=method, oversample=oversample, n_iter=n_iter, seed=seed,
                        on_warning=on_warning)
     r = min(r, svd.S.shape[0])
-    B, A = whitened_balanced_factors(svd, w, r, scale=scale)
+    B, A = whitened_balanced_factors(svd, r, scale=scale)
     norm = float(torch.linalg.matrix_norm(dW.double()))
     rel = float(torch.linalg.matrix_norm(dW.double() - scale * (B.double() @ A.double()))) / norm if norm else 0.0
     return WhitenedFactors(B, A, svd, rel, measured_output_error(dW, B, A, w.L, scale=scale))
