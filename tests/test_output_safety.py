@@ -101,7 +101,14 @@ def _start(args, cwd: Path, hook: str = "", stdout=subprocess.PIPE, **extra: str
     cmd = [sys.executable, "-c", CHILD, *map(str, args)] if hook else [sys.executable, "-m", "lowrank_tools",
                                                                       *map(str, args)]
     return subprocess.Popen(cmd, cwd=cwd, env=_env(hook, **extra), stdout=stdout, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_default_signals)
+
+
+def _default_signals() -> None:
+    """The child starts with SIGINT/SIGTERM/SIGHUP at their defaults: a suite run under ``nohup`` (SIGHUP ignored,
+    and an ignored signal is inherited) would otherwise see the CLI keep SIGHUP ignored, as it must for a user's nohup."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _finish(proc: subprocess.Popen, case: Path, **extra) -> Run:
