@@ -36,7 +36,7 @@ from ..io.formats import left_out_warning
 from ..io.layers import NOT_HELD, LayerPlan, compile_filters, plan_layers, relative_change
 from ..io.base_model import base_model_reference, task_type
 from ..linalg.svd import TruncatedSVD, balanced_factors, truncated_svd
-from ..linalg.memory import stream_large_buffers
+from ..linalg.memory import empty_huge, stream_large_buffers
 from ..linalg.norms import check_finite, frobenius_error, frobenius_norm
 from ..linalg.whiten import Whitener, output_rel_error, whitened_balanced_factors, whitened_svd
 from .pipeline import Stager, batched_svds, plan_batches, staged, tf32
@@ -106,7 +106,7 @@ class _BufferPool:
         for i in free:
             if self._arrays[i].size >= numel:
                 return self._arrays[i][:numel]  # the view refers to the pooled array: it is in use until it goes
-        arr = np.empty(numel, dtype=np.float32)
+        arr = empty_huge((numel,), torch.float32).numpy()  # 2 MiB pages from 4 MiB up (the embedding)
         if len(self._arrays) >= self.size and free:
             self._arrays.pop(min(free, key=lambda i: self._arrays[i].size))  # the smallest free one makes room
         if len(self._arrays) < self.size:
@@ -137,7 +137,7 @@ class _ReadBuffers:
     def _buffer(self, i: int, nbytes: int) -> Tensor:
         if self._bufs[i] is None or self._bufs[i].numel() < nbytes:
             self._bufs[i] = None  # the small one goes first
-            self._bufs[i] = torch.empty(nbytes, dtype=torch.uint8)
+            self._bufs[i] = empty_huge((nbytes,), torch.uint8)
         return self._bufs[i]
 
 
