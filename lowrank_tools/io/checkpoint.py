@@ -128,9 +128,12 @@ class Checkpoint:
         dtype, shape = source.info(inner)
         return math.prod(shape) * dtype.itemsize
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor on the CPU, contiguous, owning its memory."""
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor on the CPU, contiguous, owning its memory; or, from a safetensors file, read into the first
+        bytes of ``out`` (a 1-D uint8 CPU tensor) when it is large enough: the caller's reused buffer."""
         source, inner = self._lookup(name)
+        if out is not None and isinstance(source, _SafetensorsFile):
+            return source.read(inner, out)
         return source.read(inner)
 
     __getitem__ = get

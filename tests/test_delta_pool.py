@@ -1,0 +1,70 @@
+"""The read-ahead thread's float32 delta buffers are reused only when nothing views them any more (issue 16)."""
+
+import numpy as np
+import torch
+
+from lowrank_tools.extract.streaming import _BufferPool, _numpy_delta
+
+
+def test_a_buffer_in_use_is_never_handed_out_again():
+    pool = _BufferPool(size=3)
+    held = [torch.from_numpy(pool.take(100)).view(10, 10)[2:] for _ in range(3)]  # views of views keep it alive
+    ptrs = {t.untyped_storage().data_ptr() for t in held}
+    assert len(ptrs) == 3
+    fourth = pool.take(100)  # all three in use: a fresh one, not pooled beyond the size
+    assert fourth.ctypes.data not in ptrs and len(pool._arrays) == 3
+
+
+def test_a_released_buffer_is_reused_and_a_larger_one_serves_a_smaller_request():
+    pool = _BufferPool(size=2)
+    first = torch.from_numpy(pool.take(1000))
+    ptr = first.data_ptr()
+    del first
+    again = pool.take(400)  # free and large enough: the same memory
+    assert again.ctypes.data == ptr and again.size == 400
+    other = pool.take(400)  # the first is in use again (``again`` views it)
+    assert other.ctypes.data != ptr
+
+
+def test_pooled_deltas_are_the_exact_differences_while_older_ones_are_held():
+    gen = torch.Generator().manual_seed(0)
+    pool = _BufferPool(size=2)
+    kept = []
+    for shape in [(64, 32), (32, 16), (64, 32), (8, 8), (64, 32)]:
+        W1 = torch.randn(shape, generator=gen).bfloat16()
+        W0 = torch.randn(shape, generator=gen).bfloat16()
+        dW = _numpy_delta(W1, W0, pool)
+        assert torch.equal(dW, W1.float() - W0.float())
+        kept.append((dW, W1.float() - W0.float()))
+    for dW, expected in kept:  # no later delta was written over a held one
+        assert torch.equal(dW, expected)
+    assert np.all([a.dtype == np.float32 for a in pool._arrays])
+
+
+def _checkpoint(path, tensors):
+    from safetensors.torch import save_file
+
+    from lowrank_tools.io.checkpoint import open_checkpoint
+    save_file(tensors, str(path))
+    return open_checkpoint(path)
+
+
+def test_read_buffers_reuse_memory_for_bf16_pairs_only(tmp_path):
+    from lowrank_tools.extract.streaming import _ReadBuffers
+
+    gen = torch.Generator().manual_seed(1)
+    t = {"a": torch.randn(16, 8, generator=gen).bfloat16(), "b": torch.randn(4, 4, generator=gen).bfloat16(),
+         "f": torch.randn(8, 8, generator=gen), "m": torch.randn(8, 8, generator=gen).half()}
+    b = {k: (v.float() + 1).to(v.dtype) for k, v in t.items()} | {"m": torch.randn(8, 8, generator=gen).bfloat16()}
+    tuned, base = _checkpoint(tmp_path / "t.safetensors", t), _checkpoint(tmp_path / "b.safetensors", b)
+    reads = _ReadBuffers()
+    W1, W0 = reads.read_pair(base, tuned, "a")
+    assert torch.equal(W1, t["a"]) and torch.equal(W0, b["a"])
+    first = W1.untyped_storage().data_ptr()
+    W1, W0 = reads.read_pair(base, tuned, "b")  # smaller: the same buffer again
+    assert torch.equal(W1, t["b"]) and torch.equal(W0, b["b"]) and W1.untyped_storage().data_ptr() == first
+    F1, _ = reads.read_pair(base, tuned, "f")  # float32 W' becomes dW in place: a buffer of its own
+    F2, _ = reads.read_pair(base, tuned, "f")
+    assert torch.equal(F1, t["f"]) and F1.data_ptr() != F2.data_ptr() and F1.data_ptr() != first
+    M1, M0 = reads.read_pair(base, tuned, "m")  # mixed dtypes go to the consumer as read: buffers of their own
+    assert torch.equal(M1, t["m"]) and torch.equal(M0, b["m"]) and first not in (M1.data_ptr(), M0.data_ptr())
