@@ -68,3 +68,23 @@ def test_read_buffers_reuse_memory_for_bf16_pairs_only(tmp_path):
     assert torch.equal(F1, t["f"]) and F1.data_ptr() != F2.data_ptr() and F1.data_ptr() != first
     M1, M0 = reads.read_pair(base, tuned, "m")  # mixed dtypes go to the consumer as read: buffers of their own
     assert torch.equal(M1, t["m"]) and torch.equal(M0, b["m"]) and first not in (M1.data_ptr(), M0.data_ptr())
+
+
+def test_a_pair_not_subtracted_in_the_read_thread_is_never_left_in_a_reused_buffer(tmp_path, monkeypatch):
+    """If the read thread ever hands a bf16 pair on unsubtracted, it must be a copy: the next read reuses the buffers."""
+    from safetensors.torch import save_file
+
+    from lowrank_tools.extract import streaming
+    from lowrank_tools.io.checkpoint import open_checkpoint
+    from lowrank_tools.adapter import ModuleKind
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"l{i}.weight": torch.randn(64, 32, generator=g).to(torch.bfloat16) for i in range(3)}
+    save_file(tensors, str(tmp_path / "b.safetensors"))
+    save_file({k: (v.float() + 1).to(torch.bfloat16) for k, v in tensors.items()}, str(tmp_path / "t.safetensors"))
+    monkeypatch.setattr(streaming, "_NUMPY_DTYPES", (torch.float32,))  # bf16 pairs now reach the consumer raw
+    base, tuned = open_checkpoint(tmp_path / "b.safetensors"), open_checkpoint(tmp_path / "t.safetensors")
+    pairs = list(streaming._read_pairs(base, tuned, {k: ModuleKind.LINEAR for k in tensors}))
+    for pair in pairs:  # every pair kept its own values although later reads reused the buffers
+        name = pair.name
+        assert torch.equal(pair.base, tensors[name]) and torch.equal(pair.tuned, tuned.get(name))

@@ -134,6 +134,11 @@ class _ReadBuffers:
         return (tuned.get(name, out=self._buffer(0, tuned.nbytes(name))),
                 base.get(name, out=self._buffer(1, base.nbytes(name))))
 
+    def holds(self, t: Tensor) -> bool:
+        """Whether ``t`` lives in one of the reused buffers."""
+        ptr = t.untyped_storage().data_ptr()
+        return any(b is not None and b.untyped_storage().data_ptr() == ptr for b in self._bufs)
+
     def _buffer(self, i: int, nbytes: int) -> Tensor:
         if self._bufs[i] is None or self._bufs[i].numel() < nbytes:
             self._bufs[i] = None  # the small one goes first
@@ -173,6 +178,8 @@ def _read_pairs(base: Checkpoint, tuned: Checkpoint, selected: dict[str, ModuleK
         dtype = W1.dtype
         if W1.dtype == W0.dtype and W1.dtype in _NUMPY_DTYPES and W1.is_contiguous() and W0.is_contiguous():
             W1, W0 = _numpy_delta(W1, W0, pool), None
+        elif reads.holds(W1) or reads.holds(W0):  # never queue a reused buffer: the next read overwrites it
+            W1, W0 = W1.clone(), W0.clone()
         yield _Pair(name, kind, W1, W0, dtype, (base, tuned))
         del W1, W0
 
