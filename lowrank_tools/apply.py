@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .adapter import LoraModule, ModuleKind, matrix_shape
+from .io.arch_convert import to_base_naming
 from .io.atomic import all_finite, header_bound
 from .io.checkpoint import Checkpoint, ShardedWriter, as_checkpoint, atomic_output, check_output, parse_size
 from .errors import AdapterMismatch, NonFiniteWeight, NumericalError, UsageError
@@ -180,10 +181,15 @@ def plan_apply(base: Checkpoint, adapters: Sequence[WeightedAdapter], *, include
     """Check every selected module against the base; return {tensor: terms} and {tensor: whole replacement}.
 
     An ``lm_head`` the base does not store, tied to its input embedding, adds to the embedding's weight.
+    An adapter of a transformer diffusion model named otherwise than the base (BFL/kohya Flux onto a diffusers
+    transformer, diffusers names onto a ComfyUI single file) is first brought to the base's naming, exactly
+    (:func:`~lowrank_tools.io.arch_convert.to_base_naming`).
     Raises :class:`AdapterMismatch` naming the first module the base lacks or has with another shape."""
     plan: dict[str, list[Term]] = {}
     whole: dict[str, Tensor] = {}
+    module_names = [k[:-len(".weight")] for k in base.keys() if k.endswith(".weight")]
     for item in adapters:
+        item = WeightedAdapter(to_base_naming(item.adapter, module_names), item.weight, item.source)
         heads = []
         for name, m in item.adapter.modules.items():
             if not matches(name, include, exclude):

@@ -29,6 +29,7 @@ import torch
 
 from .adapter import Adapter, LoraModule, cast_whole, check_alpha
 from .errors import AdapterMismatch, InvalidOption
+from .io.arch_convert import to_common_naming
 from .io.layers import compile_filters, matches
 from .linalg.svd import RankRule, concat_factors
 from .refactor import refactor_modules
@@ -150,8 +151,12 @@ def merge(adapters: Sequence[WeightedAdapter | Adapter | tuple], *, rule: RankRu
     filtered out by ``include`` / ``exclude`` are left out. ``dtype`` defaults to the inputs' factor dtype
     (float32 when they differ). The report measures each module against the exact weighted sum. DoRA modules: the
     direction update is that sum, the magnitude the weighted mean of the inputs' (see the module doc; PEFT #3761).
+    Inputs of one transformer diffusion model in different namings (a BFL/kohya Flux file and a diffusers one) are
+    first brought to the first one's naming, exactly (:func:`~lowrank_tools.io.arch_convert.to_common_naming`).
     """
     inputs = as_weighted(adapters)
+    inputs = [WeightedAdapter(a, i.weight, i.source)
+              for a, i in zip(to_common_naming([i.adapter for i in inputs]), inputs)]
     if not inputs:
         raise InvalidOption("merge needs at least one ADAPTER[:WEIGHT] argument")
     check_alpha(alpha)
