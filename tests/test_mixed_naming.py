@@ -156,3 +156,17 @@ def test_base_naming_leaves_other_models_alone():
                           ["single_blocks.0.linear1"]) is bfl  # same naming and prefix: nothing to do
     llm = Adapter(modules={"model.layers.0.self_attn.q_proj": lora(4, 4, 1, 1.0, 0)})
     assert to_base_naming(llm, ["single_transformer_blocks.0.attn.to_q"]) is llm
+
+
+def test_evaluate_patch_lines_up_a_bfl_adapter_on_a_diffusers_flux():
+    diffusers = pytest.importorskip("diffusers")
+    from lowrank_tools.evaluate.patch import applied, plan_patch
+
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(**FLUX)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bfl = bfl_adapter()
+    patch = plan_patch(model, bfl, "bfl", prefix="transformer")
+    with applied(model, patch):
+        check_applied(model.state_dict(), before, diffusers_deltas(bfl))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
