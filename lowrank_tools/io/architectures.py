@@ -95,25 +95,27 @@ def _embedder(src: str, leaves: tuple[str, str], dst: str) -> tuple[Rule, Rule]:
     return _r(f"{src}.{leaves[0]}", f"{dst}.linear_1"), _r(f"{src}.{leaves[1]}", f"{dst}.linear_2")
 
 
+def _double_single(attn_sep: str, mod: str, mlp: tuple[str, str]) -> tuple[Rule, ...]:
+    """Flux's (BFL) and HunyuanVideo's (Tencent) double and single stream blocks: one layout, other leaf names
+    (``img_attn.qkv`` / ``img_attn_qkv``, ``img_mod.lin`` / ``img_mod.linear``, ``img_mlp.0`` / ``img_mlp.fc1``)."""
+    rules = []
+    for side, (q, k, v, out), norm, ff in (("img", ("to_q", "to_k", "to_v", "to_out.0"), "norm1", "ff"),
+                                           ("txt", ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+                                            "norm1_context", "ff_context")):
+        src, dst = f"double_blocks.{{i}}.{side}", "transformer_blocks.{i}"
+        rules += [_r(f"{src}_attn{attn_sep}qkv", *(f"{dst}.attn.{p}" for p in (q, k, v)), sizes=_QKV),
+                  _r(f"{src}_attn{attn_sep}proj", f"{dst}.attn.{out}"),
+                  _r(f"{src}_mlp.{mlp[0]}", f"{dst}.{ff}.net.0.proj"), _r(f"{src}_mlp.{mlp[1]}", f"{dst}.{ff}.net.2"),
+                  _r(f"{src}_mod.{mod}", f"{dst}.{norm}.linear")]
+    src, dst = "single_blocks.{i}", "single_transformer_blocks.{i}"
+    return (*rules, _r(f"{src}.linear1", *(f"{dst}.attn.to_{p}" for p in "qkv"), f"{dst}.proj_mlp", sizes=(1, 1, 1, 4)),
+            _r(f"{src}.linear2", f"{dst}.proj_out"), _r(f"{src}.modulation.{mod}", f"{dst}.norm.linear"))  # mlp_ratio 4
+
+
 _QKV = (1, 1, 1)
 _IN_OUT, _MLP = ("in_layer", "out_layer"), ("0", "2")
 _FLUX = Architecture("flux", "Flux", "BFL", (
-    _r("double_blocks.{i}.img_attn.qkv", "transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
-       "transformer_blocks.{i}.attn.to_v", sizes=_QKV),
-    _r("double_blocks.{i}.img_attn.proj", "transformer_blocks.{i}.attn.to_out.0"),
-    _r("double_blocks.{i}.img_mlp.0", "transformer_blocks.{i}.ff.net.0.proj"),
-    _r("double_blocks.{i}.img_mlp.2", "transformer_blocks.{i}.ff.net.2"),
-    _r("double_blocks.{i}.img_mod.lin", "transformer_blocks.{i}.norm1.linear"),
-    _r("double_blocks.{i}.txt_attn.qkv", "transformer_blocks.{i}.attn.add_q_proj",
-       "transformer_blocks.{i}.attn.add_k_proj", "transformer_blocks.{i}.attn.add_v_proj", sizes=_QKV),
-    _r("double_blocks.{i}.txt_attn.proj", "transformer_blocks.{i}.attn.to_add_out"),
-    _r("double_blocks.{i}.txt_mlp.0", "transformer_blocks.{i}.ff_context.net.0.proj"),
-    _r("double_blocks.{i}.txt_mlp.2", "transformer_blocks.{i}.ff_context.net.2"),
-    _r("double_blocks.{i}.txt_mod.lin", "transformer_blocks.{i}.norm1_context.linear"),
-    _r("single_blocks.{i}.linear1", "single_transformer_blocks.{i}.attn.to_q", "single_transformer_blocks.{i}.attn.to_k",
-       "single_transformer_blocks.{i}.attn.to_v", "single_transformer_blocks.{i}.proj_mlp", sizes=(1, 1, 1, 4)),  # mlp_ratio 4
-    _r("single_blocks.{i}.linear2", "single_transformer_blocks.{i}.proj_out"),
-    _r("single_blocks.{i}.modulation.lin", "single_transformer_blocks.{i}.norm.linear"),
+    *_double_single(".", "lin", _MLP),
     _r("img_in", "x_embedder"),
     _r("txt_in", "context_embedder"),
     *_embedder("time_in", _IN_OUT, "time_text_embed.timestep_embedder"),
@@ -169,22 +171,7 @@ _WAN = Architecture("wan", "Wan", "Wan", (
 _HY_REFINER = "txt_in.individual_token_refiner.blocks.{i}"
 _HY_REFINED = "context_embedder.token_refiner.refiner_blocks.{i}"
 _HUNYUAN_VIDEO = Architecture("hunyuan_video", "HunyuanVideo", "Tencent", (
-    _r("double_blocks.{i}.img_attn_qkv", "transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
-       "transformer_blocks.{i}.attn.to_v", sizes=_QKV),
-    _r("double_blocks.{i}.img_attn_proj", "transformer_blocks.{i}.attn.to_out.0"),
-    _r("double_blocks.{i}.img_mod.linear", "transformer_blocks.{i}.norm1.linear"),
-    _r("double_blocks.{i}.img_mlp.fc1", "transformer_blocks.{i}.ff.net.0.proj"),
-    _r("double_blocks.{i}.img_mlp.fc2", "transformer_blocks.{i}.ff.net.2"),
-    _r("double_blocks.{i}.txt_attn_qkv", "transformer_blocks.{i}.attn.add_q_proj",
-       "transformer_blocks.{i}.attn.add_k_proj", "transformer_blocks.{i}.attn.add_v_proj", sizes=_QKV),
-    _r("double_blocks.{i}.txt_attn_proj", "transformer_blocks.{i}.attn.to_add_out"),
-    _r("double_blocks.{i}.txt_mod.linear", "transformer_blocks.{i}.norm1_context.linear"),
-    _r("double_blocks.{i}.txt_mlp.fc1", "transformer_blocks.{i}.ff_context.net.0.proj"),
-    _r("double_blocks.{i}.txt_mlp.fc2", "transformer_blocks.{i}.ff_context.net.2"),
-    _r("single_blocks.{i}.linear1", "single_transformer_blocks.{i}.attn.to_q", "single_transformer_blocks.{i}.attn.to_k",
-       "single_transformer_blocks.{i}.attn.to_v", "single_transformer_blocks.{i}.proj_mlp", sizes=(1, 1, 1, 4)),
-    _r("single_blocks.{i}.linear2", "single_transformer_blocks.{i}.proj_out"),
-    _r("single_blocks.{i}.modulation.linear", "single_transformer_blocks.{i}.norm.linear"),
+    *_double_single("_", "linear", ("fc1", "fc2")),
     _r(f"{_HY_REFINER}.self_attn_qkv", f"{_HY_REFINED}.attn.to_q", f"{_HY_REFINED}.attn.to_k",
        f"{_HY_REFINED}.attn.to_v", sizes=_QKV),
     _r(f"{_HY_REFINER}.self_attn_proj", f"{_HY_REFINED}.attn.to_out.0"),
