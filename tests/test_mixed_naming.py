@@ -170,3 +170,28 @@ def test_evaluate_patch_lines_up_a_bfl_adapter_on_a_diffusers_flux():
     with applied(model, patch):
         check_applied(model.state_dict(), before, diffusers_deltas(bfl))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_dora_part_that_cannot_fuse_is_refused_naming_it(tmp_path):
+    """A DoRA q/k/v part onto a BFL base would need the fused layer's magnitude: exit 1, naming the module,
+    nothing written."""
+    bfl_base(tmp_path / "flux.safetensors", "")
+    m = lora(D, D, rank=2, alpha=2.0, seed=1)
+    m.magnitude = torch.ones(D)
+    save_adapter(Adapter(modules={"transformer.transformer_blocks.0.attn.to_q": m}), tmp_path / "dora", format="peft")
+    result = run("apply", tmp_path / "flux.safetensors", tmp_path / "dora", "-o", tmp_path / "out.safetensors",
+                 "--quiet")
+    assert result.exit_code == 1
+    assert "transformer_blocks.0.attn.to_q" in result.output and "--format" not in result.output
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_filters_see_the_adapters_own_names(flux_base, tmp_path):
+    folder, base = flux_base
+    bfl = bfl_adapter()
+    save_adapter(bfl, tmp_path / "a.safetensors", format="kohya")
+    result = run("apply", folder, tmp_path / "a.safetensors", "-o", tmp_path / "out.safetensors", "--quiet",
+                 "--exclude", r"^single_blocks\.0\.linear1$")
+    assert result.exit_code == 0, result.output
+    expected = {k: v for k, v in diffusers_deltas(bfl).items() if not k.startswith("single_transformer_blocks.0.")}
+    check_applied(load_file(str(tmp_path / "out.safetensors")), base, expected)
