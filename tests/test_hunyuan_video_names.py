@@ -109,7 +109,8 @@ def test_kohya_names_and_the_names_flux_shares(shapes):
     split = to_diffusers(Adapter(modules={n: original.modules[n] for n in ("double_blocks.0.img_attn_qkv",
                                                                             "single_blocks.0.linear1")}), HY)
     onto = to_base_naming(split, [f"diffusion_model.{n}" for n in original.modules])
-    assert set(onto.modules) == {"diffusion_model.double_blocks.0.img_attn_qkv", "diffusion_model.single_blocks.0.linear1"}
+    assert set(onto.modules) == {"diffusion_model.double_blocks.0.img_attn_qkv",
+                                 "diffusion_model.single_blocks.0.linear1"}
 
 
 def test_kohya_file_round_trip(shapes, tmp_path):

@@ -195,3 +195,18 @@ def test_filters_see_the_adapters_own_names(flux_base, tmp_path):
     assert result.exit_code == 0, result.output
     expected = {k: v for k, v in diffusers_deltas(bfl).items() if not k.startswith("single_transformer_blocks.0.")}
     check_applied(load_file(str(tmp_path / "out.safetensors")), base, expected)
+
+
+def test_merge_filters_see_each_inputs_own_names(tmp_path):
+    """--exclude on the BFL input's name drops its linear1 before the naming step; the diffusers input's linear1
+    parts stay, at weight 0.5: the merged single block is half the adapter's, the rest all of it."""
+    bfl = bfl_adapter()
+    save_adapter(bfl, tmp_path / "bfl.safetensors", format="kohya")
+    save_adapter(bfl, tmp_path / "diffusers", format="peft")
+    result = run("merge", f"{tmp_path / 'diffusers'}:0.5", f"{tmp_path / 'bfl.safetensors'}:0.5",
+                 "-o", tmp_path / "merged", "--quiet", "--exclude", r"^single_blocks\.0\.linear1$")
+    assert result.exit_code == 0, result.output
+    got = {n[len("transformer."):]: delta(m) for n, m in load_adapter(tmp_path / "merged").modules.items()}
+    for name, d in diffusers_deltas(bfl).items():
+        half = 0.5 if name.startswith("single_transformer_blocks.0.") else 1.0
+        torch.testing.assert_close(got[name], half * d, rtol=0, atol=1e-5, msg=name)
