@@ -98,11 +98,13 @@ def _resolve(name: str, base: Checkpoint) -> str | None:
     return None
 
 
-def _missing(name: str, source: str, base: Checkpoint) -> AdapterMismatch:
+def _missing(name: str, source: str, base: Checkpoint, *, renamed: bool = False) -> AdapterMismatch:
+    """``renamed``: a name of the base's naming the adapter's module was given (the filters see the adapter's own)."""
     close = difflib.get_close_matches(f"{name}.weight", base.keys(), n=1)
     hint = f" (closest: {close[0]})" if close else ""
+    leave = "with --exclude on its name in the adapter" if renamed else f"with --exclude '^{re.escape(name)}$'"
     return AdapterMismatch(f"{source}: module {name} is not in base {base.path} (no tensor {name}.weight{hint}): "
-                           f"use the adapter's base model, or leave it out with --exclude '^{re.escape(name)}$'")
+                           f"use the adapter's base model, or leave it out {leave}")
 
 
 def _term(name: str, m: LoraModule, item: WeightedAdapter, tensor: str, base: Checkpoint,
@@ -186,6 +188,7 @@ def plan_apply(base: Checkpoint, adapters: Sequence[WeightedAdapter], *, include
     whole: dict[str, Tensor] = {}
     module_names = [k[:-len(".weight")] for k in base.keys() if k.endswith(".weight")]
     for item in adapters:
+        own = item.adapter.modules
         item = _in_base_naming(item, module_names, include, exclude)  # filtered on its own names
         heads = []
         for name, m in item.adapter.modules.items():
@@ -197,6 +200,8 @@ def plan_apply(base: Checkpoint, adapters: Sequence[WeightedAdapter], *, include
                 continue
             plan.setdefault(tensor, []).append(_term(name, m, item, tensor, base, part))
         for name, m in heads:  # after the embedding's own terms
+            if name not in own:
+                raise _missing(name, item.source, base, renamed=True)
             _add_tied_head(plan, name, m, item, base)
         _add_whole(whole, item, base, warn)
         _add_tensor_deltas(plan, item, base)

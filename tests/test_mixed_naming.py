@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from lowrank_tools.adapter import Adapter, LoraModule
 from lowrank_tools.apply import apply
 from lowrank_tools.cli import main
+from lowrank_tools.errors import AdapterMismatch
 from lowrank_tools.io.arch_convert import to_base_naming, to_common_naming, to_diffusers
 from lowrank_tools.io.architectures import architecture_named
 from lowrank_tools.io.formats import load_adapter, save_adapter
@@ -210,3 +211,15 @@ def test_merge_filters_see_each_inputs_own_names(tmp_path):
     for name, d in diffusers_deltas(bfl).items():
         half = 0.5 if name.startswith("single_transformer_blocks.0.") else 1.0
         torch.testing.assert_close(got[name], half * d, rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_module_the_base_lacks_after_renaming_is_named_in_the_bases_naming(tmp_path):
+    tensors = bfl_base(tmp_path / "flux.safetensors", "")
+    del tensors["final_layer.adaLN_modulation.1.weight"]
+    save_file(tensors, str(tmp_path / "flux.safetensors"))
+    adapter = Adapter(modules={"transformer.norm_out.linear": lora(2 * D, D, 2, 2.0, 0),
+                               "transformer.single_transformer_blocks.0.proj_out": lora(D, D + MLP, 2, 2.0, 1)})
+    with pytest.raises(AdapterMismatch, match=r"module final_layer\.adaLN_modulation\.1 is not in base .*--exclude on its "
+                                        r"name in the adapter"):
+        apply(tmp_path / "flux.safetensors", [adapter], tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
