@@ -24,7 +24,8 @@ import torch
 from ..adapter import Adapter, LoraModule, ModuleKind
 from ..errors import ConversionError
 from ..linalg.fused import fuse_rows, split_rows, swap_halves
-from .architectures import TRANSFORMER, Architecture, Detected, Naming, Rule, body_of, detect_architecture
+from .architectures import (TRANSFORMER, Architecture, Detected, Naming, Rule, body_of, detect_architecture,
+                            needs_base)
 
 __all__ = ["to_original", "to_diffusers", "for_format", "row_sizes", "to_base_naming", "to_common_naming"]
 
@@ -205,6 +206,8 @@ def to_base_naming(adapter: Adapter, base_names) -> Adapter:
     """``adapter`` in the naming and name prefix of a model whose module names are ``base_names`` (a diffusers
     ``FluxTransformer2DModel``'s, a BFL single file's ``model.diffusion_model.double_blocks...``), fused layers
     fused or split exactly; unchanged when the model or the adapter is none of the tables' architectures."""
+    if detect_architecture(adapter.modules) is None and not needs_base(adapter.modules):
+        return adapter  # no table's names (an LLM's adapter): the base's names are not read
     base_names = list(base_names)
     base = detect_architecture(base_names)
     if base is None:
