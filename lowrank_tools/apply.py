@@ -29,16 +29,17 @@ import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .adapter import LoraModule, ModuleKind, matrix_shape
+from .io.arch_convert import to_base_naming
 from .io.atomic import all_finite, header_bound
 from .io.checkpoint import Checkpoint, ShardedWriter, as_checkpoint, atomic_output, check_output, parse_size
-from .errors import AdapterMismatch, NonFiniteWeight, NumericalError, UsageError
+from .errors import AdapterMismatch, ConversionError, NonFiniteWeight, NumericalError, UsageError
 from .io.layers import WORD_EMBEDDINGS, compile_filters, matches
 from .io.openclip import fused_rows
 from .linalg.svd import resolve_device
@@ -97,11 +98,13 @@ def _resolve(name: str, base: Checkpoint) -> str | None:
     return None
 
 
-def _missing(name: str, source: str, base: Checkpoint) -> AdapterMismatch:
+def _missing(name: str, source: str, base: Checkpoint, *, renamed: bool = False) -> AdapterMismatch:
+    """``renamed``: a name of the base's naming the adapter's module was given (the filters see the adapter's own)."""
     close = difflib.get_close_matches(f"{name}.weight", base.keys(), n=1)
     hint = f" (closest: {close[0]})" if close else ""
+    leave = "with --exclude on its name in the adapter" if renamed else f"with --exclude '^{re.escape(name)}$'"
     return AdapterMismatch(f"{source}: module {name} is not in base {base.path} (no tensor {name}.weight{hint}): "
-                           f"use the adapter's base model, or leave it out with --exclude '^{re.escape(name)}$'")
+                           f"use the adapter's base model, or leave it out {leave}")
 
 
 def _term(name: str, m: LoraModule, item: WeightedAdapter, tensor: str, base: Checkpoint,
@@ -157,11 +160,8 @@ def _add_tied_head(plan: dict[str, list[Term]], name: str, m: LoraModule, item: 
         plan.setdefault(emb, []).append(head)
 
 
-def _add_whole(whole: dict[str, Tensor], item: WeightedAdapter, base: Checkpoint, include, exclude,
-               warn: Warn | None) -> None:
+def _add_whole(whole: dict[str, Tensor], item: WeightedAdapter, base: Checkpoint, warn: Warn | None) -> None:
     for name, t in item.adapter.full_tensors.items():
-        if not matches(name.rsplit(".", 1)[0], include, exclude):
-            continue
         if name not in base or tuple(base.shape(name)) != tuple(t.shape):
             got = tuple(base.shape(name)) if name in base else "missing"
             raise AdapterMismatch(f"{item.source}: tensor {name} saved whole has shape {tuple(t.shape)} but the "
@@ -180,14 +180,18 @@ def plan_apply(base: Checkpoint, adapters: Sequence[WeightedAdapter], *, include
     """Check every selected module against the base; return {tensor: terms} and {tensor: whole replacement}.
 
     An ``lm_head`` the base does not store, tied to its input embedding, adds to the embedding's weight.
+    An adapter of a transformer diffusion model named otherwise than the base (BFL/kohya Flux onto a diffusers
+    transformer, diffusers names onto a ComfyUI single file) is first brought to the base's naming, exactly
+    (:func:`~lowrank_tools.io.arch_convert.to_base_naming`); ``include`` / ``exclude`` see the adapter's own names.
     Raises :class:`AdapterMismatch` naming the first module the base lacks or has with another shape."""
     plan: dict[str, list[Term]] = {}
     whole: dict[str, Tensor] = {}
+    module_names = [k[:-len(".weight")] for k in base.keys() if k.endswith(".weight")]
     for item in adapters:
+        own = item.adapter.modules
+        item = _in_base_naming(item, module_names, include, exclude)  # filtered on its own names
         heads = []
         for name, m in item.adapter.modules.items():
-            if not matches(name, include, exclude):
-                continue
             tensor, part = _resolve(name, base), None
             if tensor is None and (fused := fused_rows(f"{name}.weight", base)) is not None:
                 tensor, part = fused  # an OpenCLIP q/k/v module of a single file: rows of attn.in_proj_weight
@@ -196,10 +200,29 @@ def plan_apply(base: Checkpoint, adapters: Sequence[WeightedAdapter], *, include
                 continue
             plan.setdefault(tensor, []).append(_term(name, m, item, tensor, base, part))
         for name, m in heads:  # after the embedding's own terms
+            if name not in own:
+                raise _missing(name, item.source, base, renamed=True)
             _add_tied_head(plan, name, m, item, base)
-        _add_whole(whole, item, base, include, exclude, warn)
-        _add_tensor_deltas(plan, item, base, include, exclude)
+        _add_whole(whole, item, base, warn)
+        _add_tensor_deltas(plan, item, base)
     return _drop_zero_terms(plan), whole
+
+
+def _in_base_naming(item: WeightedAdapter, module_names: list[str], include, exclude) -> WeightedAdapter:
+    """``item``'s modules that pass ``include`` / ``exclude`` (on its own names), in the base's naming
+    (:func:`~lowrank_tools.io.arch_convert.to_base_naming`); a module that cannot be fused or split (DoRA) is an
+    :class:`AdapterMismatch` naming it."""
+    keep = (lambda name: matches(name, include, exclude)) if include or exclude else None
+    adapter = item.adapter if keep is None else replace(
+        item.adapter, modules={n: m for n, m in item.adapter.modules.items() if keep(n)},
+        full_tensors={n: t for n, t in item.adapter.full_tensors.items() if keep(n.rsplit(".", 1)[0])},
+        tensor_deltas={n: t for n, t in item.adapter.tensor_deltas.items() if keep(n.rsplit(".", 1)[0])})
+    try:
+        return WeightedAdapter(to_base_naming(adapter, module_names), item.weight, item.source)
+    except ConversionError as e:
+        what = re.sub(r"[:;] use --format .*$", "", str(e))
+        raise AdapterMismatch(f"{item.source}: its names are not the base's, and {what}: apply it to a base of its "
+                              f"own naming, or leave the module out with --exclude") from None
 
 
 def _drop_zero_terms(plan: dict[str, list[Term]]) -> dict[str, list[Term]]:
@@ -213,12 +236,10 @@ def _drop_zero_terms(plan: dict[str, list[Term]]) -> dict[str, list[Term]]:
     return {name: terms for name, terms in kept.items() if terms}
 
 
-def _add_tensor_deltas(plan: dict[str, list[Term]], item: WeightedAdapter, base: Checkpoint, include, exclude) -> None:
+def _add_tensor_deltas(plan: dict[str, list[Term]], item: WeightedAdapter, base: Checkpoint) -> None:
     """Whole-tensor deltas (biases, norm weights: kohya diff_b / w_norm / b_norm, PEFT lora_B.bias) as rank-1 terms
     ``w * delta @ [1]`` on the tensor's (n, 1) view."""
     for name, delta in item.adapter.tensor_deltas.items():
-        if not matches(name.rsplit(".", 1)[0], include, exclude):
-            continue
         tensor = name if name in base else next((name[len(c):] for c in _COMPONENTS
                                                  if name.startswith(c) and name[len(c):] in base), None)
         if tensor is None or math.prod(base.shape(tensor)) != delta.numel():

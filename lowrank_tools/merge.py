@@ -24,11 +24,13 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from .adapter import Adapter, LoraModule, cast_whole, check_alpha
 from .errors import AdapterMismatch, InvalidOption
+from .io.arch_convert import to_common_naming
 from .io.layers import compile_filters, matches
 from .linalg.svd import RankRule, concat_factors
 from .refactor import refactor_modules
@@ -89,14 +91,13 @@ def _dora_magnitude(name: str, parts: Sequence[tuple[LoraModule, float, str]]):
     return (sum(w * m.magnitude.double() for m, w, _ in dora) / total).to(dtype)
 
 
-def _tensor_deltas(inputs: list[WeightedAdapter], include, exclude) -> dict[str, torch.Tensor]:
+def _tensor_deltas(inputs: list[WeightedAdapter]) -> dict[str, torch.Tensor]:
     """Whole-tensor deltas (biases, norms) add up: sum_i w_i delta_i (float32, float64 if an input is)."""
     out: dict[str, torch.Tensor] = {}
     for item in inputs:
         for name, t in item.adapter.tensor_deltas.items():
-            if matches(name.rsplit(".", 1)[0], include, exclude):
-                term = t.double() * float(item.weight)
-                out[name] = out[name] + term if name in out else term
+            term = t.double() * float(item.weight)
+            out[name] = out[name] + term if name in out else term
     return {n: t.to(torch.float64 if any(i.adapter.tensor_deltas.get(n, torch.empty(0)).dtype == torch.float64
                                          for i in inputs) else torch.float32) for n, t in out.items()}
 
@@ -111,18 +112,29 @@ def _common(values: set):
     return next(iter(values)) if len(values) == 1 else None
 
 
-def _gather(inputs: list[WeightedAdapter], include, exclude) -> tuple[dict, list[str]]:
-    """{module: [(module, weight, source), ...]} in order of first appearance, and the names filtered out."""
+def _selected(inputs: list[WeightedAdapter], include, exclude) -> tuple[list[WeightedAdapter], list[str]]:
+    """Each input's modules and tensor deltas that pass ``include`` / ``exclude`` on its own names (before any
+    renaming), and the module names left out."""
+    if not include and not exclude:
+        return inputs, []
+    out, filtered = [], []
+    for item in inputs:
+        a = item.adapter
+        filtered += [n for n in a.modules if not matches(n, include, exclude) and n not in filtered]
+        kept = replace(a, modules={n: m for n, m in a.modules.items() if matches(n, include, exclude)},
+                       tensor_deltas={n: t for n, t in a.tensor_deltas.items()
+                                      if matches(n.rsplit(".", 1)[0], include, exclude)})
+        out.append(WeightedAdapter(kept, item.weight, item.source))
+    return out, filtered
+
+
+def _gather(inputs: list[WeightedAdapter]) -> dict[str, list]:
+    """{module: [(module, weight, source), ...]} in order of first appearance."""
     parts: dict[str, list] = {}
-    filtered: list[str] = []
     for item in inputs:
         for name, m in item.adapter.modules.items():
-            if not matches(name, include, exclude):
-                if name not in filtered:
-                    filtered.append(name)
-                continue
             parts.setdefault(name, []).append((m, float(item.weight), item.source))
-    return parts, filtered
+    return parts
 
 
 def _full_tensors(inputs: list[WeightedAdapter], warn: Warn | None) -> dict[str, torch.Tensor]:
@@ -150,6 +162,9 @@ def merge(adapters: Sequence[WeightedAdapter | Adapter | tuple], *, rule: RankRu
     filtered out by ``include`` / ``exclude`` are left out. ``dtype`` defaults to the inputs' factor dtype
     (float32 when they differ). The report measures each module against the exact weighted sum. DoRA modules: the
     direction update is that sum, the magnitude the weighted mean of the inputs' (see the module doc; PEFT #3761).
+    Inputs of one transformer diffusion model in different namings (a BFL/kohya Flux file and a diffusers one) are
+    first brought to the first one's naming, exactly (:func:`~lowrank_tools.io.arch_convert.to_common_naming`);
+    ``include`` / ``exclude`` see each input's own names.
     """
     inputs = as_weighted(adapters)
     if not inputs:
@@ -157,7 +172,10 @@ def merge(adapters: Sequence[WeightedAdapter | Adapter | tuple], *, rule: RankRu
     check_alpha(alpha)
     start = time.perf_counter()
     include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
-    parts, filtered = _gather(inputs, include, exclude)
+    inputs, filtered = _selected(inputs, include, exclude)  # on each input's own names
+    named = to_common_naming([i.adapter for i in inputs])
+    inputs = [WeightedAdapter(a, i.weight, i.source) for a, i in zip(named, inputs)]
+    parts = _gather(inputs)
     sums = {name: weighted_sum_module(name, p) for name, p in parts.items()}
     dtypes = {name: dtype or _out_dtype({m.B.dtype for m, _, _ in p}) for name, p in parts.items()}
     extra = {name: {"old_rank": "+".join(str(m.rank) for m, _, _ in p)} for name, p in parts.items()}
@@ -170,7 +188,7 @@ def merge(adapters: Sequence[WeightedAdapter | Adapter | tuple], *, rule: RankRu
     merged = Adapter(modules=done.modules, full_tensors=cast_whole(_full_tensors(inputs, warn), dtype),
                      base_model=bases[0] if bases else None, source_format="merge", notes=notes,
                      task_type=_common({i.adapter.task_type for i in inputs}),
-                     tensor_deltas=_tensor_deltas(inputs, include, exclude))
+                     tensor_deltas=_tensor_deltas(inputs))
     more = {"inputs": [{"source": i.source, "weight": i.weight} for i in inputs],
             "old_params": sum(m.params for p in parts.values() for m, _, _ in p)}
     if budget is not None:

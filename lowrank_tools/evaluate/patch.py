@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..adapter import Adapter, LoraModule, ModuleKind
 from ..errors import AdapterMismatch, NonFiniteWeight
+from ..io.arch_convert import to_base_naming
 from ..linalg.structured import dora_rescale_
 
 __all__ = ["Patch", "plan_patch", "applied"]
@@ -84,8 +85,10 @@ def plan_patch(model: torch.nn.Module, adapter: Adapter, source: str, *, skip_he
     ``skip_heads`` (encoders loaded with ``AutoModel``, a pipeline's denoiser): modules outside the prefix that the
     model lacks are listed in ``Patch.outside`` instead of raising. ``prefix``: the name the model's modules may
     carry in the adapter (default: the model's ``base_model_prefix``; ``unet`` / ``transformer`` for a denoiser,
-    whose pipeline adapters name ``unet.<module>`` beside ``text_encoder.<module>``)."""
+    whose pipeline adapters name ``unet.<module>`` beside ``text_encoder.<module>``). A transformer diffusion model's
+    adapter named otherwise than the model (BFL/kohya Flux on a diffusers Flux) is brought to its naming exactly."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    adapter = to_base_naming(adapter, [n[:-len(".weight")] for n in params if n.endswith(".weight")])
     prefix = (getattr(model, "base_model_prefix", "") if prefix is None else prefix) or ""
     patch = Patch(source=source)
     for name, m in adapter.modules.items():

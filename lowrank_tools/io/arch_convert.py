@@ -9,6 +9,10 @@
 Writing picks the naming the consumer loads (:func:`for_format`): kohya files take the original names (what kohya's,
 musubi-tuner's, ComfyUI's and diffusers' kohya converters read), PEFT/diffusers files the diffusers names under
 ``transformer.``. The architecture is detected once from all names (:func:`~.architectures.detect_architecture`).
+
+Reading against a model (:func:`to_base_naming`: apply, evaluate) brings the adapter to the model's naming and name
+prefix (a BFL/kohya Flux adapter onto a diffusers transformer, a diffusers one onto a ComfyUI single file); merging
+(:func:`to_common_naming`) brings every input to the first one's. Both exact: fuse = concatenation, split = slices.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import torch
 from ..adapter import Adapter, LoraModule, ModuleKind
 from ..errors import ConversionError
 from ..linalg.fused import fuse_rows, split_rows, swap_halves
-from .architectures import TRANSFORMER, Architecture, Detected, Naming, Rule, body_of, detect_architecture
+from .architectures import (TRANSFORMER, Architecture, Detected, Naming, Rule, body_of, detect_architecture,
+                            needs_base)
 
-__all__ = ["to_original", "to_diffusers", "for_format", "row_sizes"]
+__all__ = ["to_original", "to_diffusers", "for_format", "row_sizes", "to_base_naming", "to_common_naming"]
 
 
 def row_sizes(rule: Rule, in_features: int) -> list[int]:
@@ -165,3 +170,64 @@ def for_format(adapter: Adapter, kohya: bool, *, base_names=None) -> tuple[Adapt
     if not kohya and found.naming is Naming.ORIGINAL:
         return to_diffusers(adapter, found.architecture), found
     return adapter, found
+
+
+def _prefix(name: str) -> str:
+    return name[:len(name) - len(body_of(name))]
+
+
+def _naming_in(names, arch: Architecture) -> tuple[Naming, str] | None:
+    """The naming of ``arch`` most of ``names`` (not text encoders') have, and the prefix of its first name there."""
+    names = [n for n in names if not n.startswith("text_encoder")]
+    best = None
+    for naming in (Naming.ORIGINAL,) if arch.one_naming else Naming:
+        hits = [n for n in names if arch.match(body_of(n), naming)]
+        if hits and (best is None or len(hits) > best[0]):
+            best = (len(hits), naming, _prefix(hits[0]))
+    return best and best[1:]
+
+
+def _to_naming(adapter: Adapter, arch: Architecture, naming: Naming, prefix: str) -> Adapter:
+    """``adapter`` in ``arch``'s ``naming`` (converted exactly when it has the other), its names under ``prefix``."""
+    have = _naming_in(adapter.modules, arch)
+    if have is None:
+        return adapter
+    if have[0] is not naming and not arch.one_naming:
+        adapter = to_original(adapter, arch) if naming is Naming.ORIGINAL else to_diffusers(adapter, arch)
+    rename = {n: prefix + body_of(n) for n in adapter.modules
+              if not n.startswith("text_encoder") and arch.match(body_of(n), naming)}
+    if all(k == v for k, v in rename.items()):
+        return adapter
+    return replace(adapter, modules={rename.get(n, n): m for n, m in adapter.modules.items()},
+                   tensor_deltas=_renamed_deltas(adapter, rename))
+
+
+def to_base_naming(adapter: Adapter, base_names) -> Adapter:
+    """``adapter`` in the naming and name prefix of a model whose module names are ``base_names`` (a diffusers
+    ``FluxTransformer2DModel``'s, a BFL single file's ``model.diffusion_model.double_blocks...``), fused layers
+    fused or split exactly; unchanged when the model or the adapter is none of the tables' architectures."""
+    if detect_architecture(adapter.modules) is None and not needs_base(adapter.modules):
+        return adapter  # no table's names (an LLM's adapter): the base's names are not read
+    base_names = list(base_names)
+    base = detect_architecture(base_names)
+    if base is None:
+        return adapter
+    found = detect_architecture(adapter.modules, base_names=base_names)
+    if found is None or found.architecture is not base.architecture:
+        return adapter
+    naming, prefix = _naming_in(base_names, base.architecture)
+    return _to_naming(adapter, base.architecture, naming, prefix)
+
+
+def to_common_naming(adapters: list[Adapter]) -> list[Adapter]:
+    """Adapters of one architecture in several namings (a BFL/kohya Flux file and a diffusers one) all in the first
+    detected one's naming and prefix, exactly; unchanged when they already agree or no architecture is found."""
+    found = detect_architecture([n for a in adapters for n in a.modules])
+    if found is None:
+        return adapters
+    arch = found.architecture
+    namings = [_naming_in(a.modules, arch) for a in adapters]
+    target = next((n for n in namings if n is not None), None)
+    if target is None or all(n in (None, target) for n in namings):
+        return adapters
+    return [a if n in (None, target) else _to_naming(a, arch, *target) for a, n in zip(adapters, namings)]

@@ -9,6 +9,10 @@ Our own tables, written from the public converters (read, not copied):
   ``networks/lora_sd3.py``. Original = SAI MMDiT names (``joint_blocks.N.x_block.attn.qkv``).
 - Wan 2.x: ``lora_conversion_utils._convert_musubi_wan_lora_to_diffusers`` / ``_convert_non_diffusers_wan_lora_to_
   diffusers``; musubi-tuner. Original = Wan names (``blocks.N.self_attn.q``); nothing fused.
+- HunyuanVideo: ``lora_conversion_utils._convert_hunyuan_video_lora_to_diffusers``. Original = Tencent's names
+  (``double_blocks.N.img_attn_qkv``, ``single_blocks.N.linear1``, the ``txt_in`` token refiner); fused like Flux's,
+  and its shared names (qkv, linear1, linear2, proj) split to the same diffusers names, so a file that only has those
+  reads as Flux unless a base decides (``yields_to``): the conversion is the same either way.
 - Qwen-Image: ``_convert_non_diffusers_qwen_lora_to_diffusers``; ComfyUI ``comfy/ldm/qwen_image/model.py`` keeps
   diffusers' names, so both namings are one (kohya ``lora_unet_transformer_blocks_0_img_mod_1``).
 
@@ -58,6 +62,7 @@ class Architecture:
     rules: tuple[Rule, ...]
     base_markers: tuple[str, ...] = ()   # regexes on a base checkpoint's module names that tell the model apart
     one_naming: bool = False             # the original model uses diffusers' names (Qwen-Image)
+    yields_to: str = ""                  # names this and that architecture share are read as that one's
     _compiled: dict = field(default_factory=dict, compare=False, repr=False)
 
     def compiled(self, naming: Naming, sep: str = ".") -> list[tuple[re.Pattern, Rule, int]]:
@@ -90,25 +95,27 @@ def _embedder(src: str, leaves: tuple[str, str], dst: str) -> tuple[Rule, Rule]:
     return _r(f"{src}.{leaves[0]}", f"{dst}.linear_1"), _r(f"{src}.{leaves[1]}", f"{dst}.linear_2")
 
 
+def _double_single(attn_sep: str, mod: str, mlp: tuple[str, str]) -> tuple[Rule, ...]:
+    """Flux's (BFL) and HunyuanVideo's (Tencent) double and single stream blocks: one layout, other leaf names
+    (``img_attn.qkv`` / ``img_attn_qkv``, ``img_mod.lin`` / ``img_mod.linear``, ``img_mlp.0`` / ``img_mlp.fc1``)."""
+    rules = []
+    for side, (q, k, v, out), norm, ff in (("img", ("to_q", "to_k", "to_v", "to_out.0"), "norm1", "ff"),
+                                           ("txt", ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+                                            "norm1_context", "ff_context")):
+        src, dst = f"double_blocks.{{i}}.{side}", "transformer_blocks.{i}"
+        rules += [_r(f"{src}_attn{attn_sep}qkv", *(f"{dst}.attn.{p}" for p in (q, k, v)), sizes=_QKV),
+                  _r(f"{src}_attn{attn_sep}proj", f"{dst}.attn.{out}"),
+                  _r(f"{src}_mlp.{mlp[0]}", f"{dst}.{ff}.net.0.proj"), _r(f"{src}_mlp.{mlp[1]}", f"{dst}.{ff}.net.2"),
+                  _r(f"{src}_mod.{mod}", f"{dst}.{norm}.linear")]
+    src, dst = "single_blocks.{i}", "single_transformer_blocks.{i}"
+    return (*rules, _r(f"{src}.linear1", *(f"{dst}.attn.to_{p}" for p in "qkv"), f"{dst}.proj_mlp", sizes=(1, 1, 1, 4)),
+            _r(f"{src}.linear2", f"{dst}.proj_out"), _r(f"{src}.modulation.{mod}", f"{dst}.norm.linear"))  # mlp_ratio 4
+
+
 _QKV = (1, 1, 1)
 _IN_OUT, _MLP = ("in_layer", "out_layer"), ("0", "2")
 _FLUX = Architecture("flux", "Flux", "BFL", (
-    _r("double_blocks.{i}.img_attn.qkv", "transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
-       "transformer_blocks.{i}.attn.to_v", sizes=_QKV),
-    _r("double_blocks.{i}.img_attn.proj", "transformer_blocks.{i}.attn.to_out.0"),
-    _r("double_blocks.{i}.img_mlp.0", "transformer_blocks.{i}.ff.net.0.proj"),
-    _r("double_blocks.{i}.img_mlp.2", "transformer_blocks.{i}.ff.net.2"),
-    _r("double_blocks.{i}.img_mod.lin", "transformer_blocks.{i}.norm1.linear"),
-    _r("double_blocks.{i}.txt_attn.qkv", "transformer_blocks.{i}.attn.add_q_proj",
-       "transformer_blocks.{i}.attn.add_k_proj", "transformer_blocks.{i}.attn.add_v_proj", sizes=_QKV),
-    _r("double_blocks.{i}.txt_attn.proj", "transformer_blocks.{i}.attn.to_add_out"),
-    _r("double_blocks.{i}.txt_mlp.0", "transformer_blocks.{i}.ff_context.net.0.proj"),
-    _r("double_blocks.{i}.txt_mlp.2", "transformer_blocks.{i}.ff_context.net.2"),
-    _r("double_blocks.{i}.txt_mod.lin", "transformer_blocks.{i}.norm1_context.linear"),
-    _r("single_blocks.{i}.linear1", "single_transformer_blocks.{i}.attn.to_q", "single_transformer_blocks.{i}.attn.to_k",
-       "single_transformer_blocks.{i}.attn.to_v", "single_transformer_blocks.{i}.proj_mlp", sizes=(1, 1, 1, 4)),  # mlp_ratio 4
-    _r("single_blocks.{i}.linear2", "single_transformer_blocks.{i}.proj_out"),
-    _r("single_blocks.{i}.modulation.lin", "single_transformer_blocks.{i}.norm.linear"),
+    *_double_single(".", "lin", _MLP),
     _r("img_in", "x_embedder"),
     _r("txt_in", "context_embedder"),
     *_embedder("time_in", _IN_OUT, "time_text_embed.timestep_embedder"),
@@ -161,6 +168,28 @@ _WAN = Architecture("wan", "Wan", "Wan", (
     _r("head.head", "proj_out"),
 ), base_markers=(r"^blocks\.\d+\.(self_attn|attn1)\.", r"^blocks\.\d+\.ffn\."))
 
+_HY_REFINER = "txt_in.individual_token_refiner.blocks.{i}"
+_HY_REFINED = "context_embedder.token_refiner.refiner_blocks.{i}"
+_HUNYUAN_VIDEO = Architecture("hunyuan_video", "HunyuanVideo", "Tencent", (
+    *_double_single("_", "linear", ("fc1", "fc2")),
+    _r(f"{_HY_REFINER}.self_attn_qkv", f"{_HY_REFINED}.attn.to_q", f"{_HY_REFINED}.attn.to_k",
+       f"{_HY_REFINED}.attn.to_v", sizes=_QKV),
+    _r(f"{_HY_REFINER}.self_attn_proj", f"{_HY_REFINED}.attn.to_out.0"),
+    _r(f"{_HY_REFINER}.mlp.fc1", f"{_HY_REFINED}.ff.net.0.proj"),
+    _r(f"{_HY_REFINER}.mlp.fc2", f"{_HY_REFINED}.ff.net.2"),
+    _r(f"{_HY_REFINER}.adaLN_modulation.1", f"{_HY_REFINED}.norm_out.linear"),
+    _r("txt_in.input_embedder", "context_embedder.proj_in"),
+    *_embedder("txt_in.t_embedder.mlp", _MLP, "context_embedder.time_text_embed.timestep_embedder"),
+    *_embedder("txt_in.c_embedder", ("linear_1", "linear_2"), "context_embedder.time_text_embed.text_embedder"),
+    _r("img_in.proj", "x_embedder.proj"),
+    *_embedder("time_in.mlp", _MLP, "time_text_embed.timestep_embedder"),
+    *_embedder("vector_in", _IN_OUT, "time_text_embed.text_embedder"),
+    *_embedder("guidance_in.mlp", _MLP, "time_text_embed.guidance_embedder"),
+    _r("final_layer.linear", "proj_out"),
+    _r("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True),
+), base_markers=(r"^txt_in\.individual_token_refiner\.", r"^context_embedder\.token_refiner\.",
+                 r"^double_blocks\.\d+\.img_attn_qkv"), yields_to="flux")
+
 # Qwen-Image: ComfyUI's model (comfy/ldm/qwen_image) and diffusers' QwenImageTransformer2DModel share one naming
 _QWEN_BLOCK = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                "attn.add_v_proj", "attn.to_add_out", "img_mod.1", "txt_mod.1", "img_mlp.net.0.proj", "img_mlp.net.2",
@@ -171,7 +200,7 @@ _QWEN = Architecture("qwen_image", "Qwen-Image", "diffusers", (
                          "time_text_embed.timestep_embedder.linear_2", "norm_out.linear", "proj_out")),
 ), base_markers=(r"^transformer_blocks\.\d+\.img_mod\.1", r"^txt_norm\."), one_naming=True)
 
-ARCHITECTURES = (_FLUX, _SD3, _WAN, _QWEN)
+ARCHITECTURES = (_FLUX, _SD3, _WAN, _QWEN, _HUNYUAN_VIDEO)
 
 
 def architecture_named(name: str) -> Architecture:
@@ -208,20 +237,27 @@ def _matches(names, sep: str = ".") -> dict[tuple[str, Naming], set[str]]:
     return found
 
 
+def _distinct(found: dict[tuple[str, Naming], set[str]]) -> dict[tuple[str, Naming], set[str]]:
+    """Per candidate, the names no other candidate explains; an architecture that yields to this one does not count."""
+    def rivals(key):
+        return [h for k, h in found.items() if k != key and architecture_named(k[0]).yields_to != key[0]]
+    return {key: hit - set().union(*rivals(key)) for key, hit in found.items()}
+
+
 def detect_architecture(names, *, base_names=None, sep: str = ".") -> Detected | None:
     """The architecture and naming of module names (a whole file's, not a guess per name): the one that explains
-    names no other explains (Flux's single blocks, SD3's joint blocks...), most names first. Names every candidate
-    explains alike (a Flux or SD3 ``transformer_blocks.0.attn.to_q``) are decided by ``base_names``, a base
-    checkpoint's module names; None when nothing decides."""
+    names no other explains (Flux's single blocks, SD3's joint blocks...), most names first. With ``base_names``, a
+    base checkpoint's module names, the base's architecture when it explains the names: it decides names several
+    models share (a Flux or SD3 ``transformer_blocks.0.attn.to_q``); None when nothing decides."""
     names = [n for n in names if not n.startswith("text_encoder")]
     found = _matches(names, sep)
     if not found:
         return None
-    distinct = {key: hit - set().union(*(h for k, h in found.items() if k != key)) for key, hit in found.items()}
+    distinct = _distinct(found)
     ranked = sorted((key for key in found if distinct[key]), key=lambda k: (-len(found[k]), -len(distinct[k])))
-    if not ranked and base_names is not None:
-        arch = _base_architecture(base_names)
-        ranked = [k for k in found if arch is not None and k[0] == arch.name]
+    arch = _base_architecture(base_names) if base_names is not None else None
+    if arch is not None:
+        ranked = sorted((k for k in found if k[0] == arch.name), key=lambda k: -len(found[k])) or ranked
     if not ranked:
         return None
     arch_name, naming = ranked[0]
@@ -230,7 +266,7 @@ def detect_architecture(names, *, base_names=None, sep: str = ".") -> Detected |
 
 def _base_architecture(base_names) -> Architecture | None:
     bodies = [body_of(n) for n in base_names]
-    for arch in ARCHITECTURES:
+    for arch in sorted(ARCHITECTURES, key=lambda a: not a.yields_to):  # the more specific markers first
         if any(re.search(m, b) for m in arch.base_markers for b in bodies):
             return arch
     return None
