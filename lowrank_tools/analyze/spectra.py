@@ -21,6 +21,7 @@ import os
 import statistics
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 
 import torch
@@ -228,14 +229,15 @@ def analyze_delta(base, tuned, *, top: int | None = None, include: Sequence[str]
     opts = _Options(top=top, device=resolve_device(device), seed=seed, oversample=oversample, n_iter=n_iter)
     selected, skipped, one_d = select_layers(pairing.names, tuned_ckpt, include, exclude, base=base_ckpt)
     layers, unchanged = [], []
-    for i, pair in enumerate(prefetch(_pairs(base_ckpt, tuned_ckpt, selected))):
-        if progress:
-            progress(i, len(selected), module_name(pair.name))
-        layer = _delta_layer(pair, selected[pair.name], opts, warn)
-        if layer is None:
-            unchanged.append(module_name(pair.name))
-        else:
-            layers.append(layer)
+    with closing(prefetch(_pairs(base_ckpt, tuned_ckpt, selected))) as pairs:  # an error joins the reader now
+        for i, pair in enumerate(pairs):
+            if progress:
+                progress(i, len(selected), module_name(pair.name))
+            layer = _delta_layer(pair, selected[pair.name], opts, warn)
+            if layer is None:
+                unchanged.append(module_name(pair.name))
+            else:
+                layers.append(layer)
     if progress:
         progress(len(selected), len(selected), "")
     changed = {n: relative_change(base_ckpt.get(n), tuned_ckpt.get(n)) for n in one_d}

@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -351,8 +351,10 @@ def _factor_layers(base: Checkpoint, tuned: Checkpoint, selected: dict[str, Modu
     shapes = [matrix_shape(tuned.shape(n), selected[n]) for n in names]  # (out, in_flat) views
     units = _units(names, shapes, [selected[n] for n in names], opts, share)
     mine = {names[i]: selected[names[i]] for unit in units for i in unit}
-    with tf32(opts.allow_tf32), (share.guard() if share else nullcontext()):
-        pairs = prefetch(_read_pairs(base, tuned, mine))
+    # closing: an error in the consumer stops and joins the read-ahead thread now, not at interpreter exit, where a
+    # daemon thread caught inside torch/numpy aborts the process ("terminate called without an active exception")
+    with tf32(opts.allow_tf32), (share.guard() if share else nullcontext()), \
+            closing(prefetch(_read_pairs(base, tuned, mine))) as pairs:
         if opts.budget is not None:  # one pass of top-K SVDs, allocate_budget, truncate; it consumes every delta
             result = extract_with_budget(_one_by_one(pairs, len(mine), opts), dict(zip(names, shapes)), opts=opts,
                                          progress=progress, warn=warn, exchange=_spectra_exchange(share, names),
