@@ -3,11 +3,11 @@
 import numpy as np
 import torch
 
-from lowrank_tools.extract.streaming import _BufferPool, _numpy_delta
+from lowrank_tools.extract.reading import BufferPool, numpy_delta
 
 
 def test_a_buffer_in_use_is_never_handed_out_again():
-    pool = _BufferPool(size=3)
+    pool = BufferPool(size=3)
     held = [torch.from_numpy(pool.take(100)).view(10, 10)[2:] for _ in range(3)]  # views of views keep it alive
     ptrs = {t.untyped_storage().data_ptr() for t in held}
     assert len(ptrs) == 3
@@ -16,7 +16,7 @@ def test_a_buffer_in_use_is_never_handed_out_again():
 
 
 def test_a_released_buffer_is_reused_and_a_larger_one_serves_a_smaller_request():
-    pool = _BufferPool(size=2)
+    pool = BufferPool(size=2)
     first = torch.from_numpy(pool.take(1000))
     ptr = first.data_ptr()
     del first
@@ -28,12 +28,12 @@ def test_a_released_buffer_is_reused_and_a_larger_one_serves_a_smaller_request()
 
 def test_pooled_deltas_are_the_exact_differences_while_older_ones_are_held():
     gen = torch.Generator().manual_seed(0)
-    pool = _BufferPool(size=2)
+    pool = BufferPool(size=2)
     kept = []
     for shape in [(64, 32), (32, 16), (64, 32), (8, 8), (64, 32)]:
         W1 = torch.randn(shape, generator=gen).bfloat16()
         W0 = torch.randn(shape, generator=gen).bfloat16()
-        dW = _numpy_delta(W1, W0, pool)
+        dW = numpy_delta(W1, W0, pool)
         assert torch.equal(dW, W1.float() - W0.float())
         kept.append((dW, W1.float() - W0.float()))
     for dW, expected in kept:  # no later delta was written over a held one
@@ -50,14 +50,14 @@ def _checkpoint(path, tensors):
 
 
 def test_read_buffers_reuse_memory_for_bf16_pairs_only(tmp_path):
-    from lowrank_tools.extract.streaming import _ReadBuffers
+    from lowrank_tools.extract.reading import ReadBuffers
 
     gen = torch.Generator().manual_seed(1)
     t = {"a": torch.randn(16, 8, generator=gen).bfloat16(), "b": torch.randn(4, 4, generator=gen).bfloat16(),
          "f": torch.randn(8, 8, generator=gen), "m": torch.randn(8, 8, generator=gen).half()}
     b = {k: (v.float() + 1).to(v.dtype) for k, v in t.items()} | {"m": torch.randn(8, 8, generator=gen).bfloat16()}
     tuned, base = _checkpoint(tmp_path / "t.safetensors", t), _checkpoint(tmp_path / "b.safetensors", b)
-    reads = _ReadBuffers()
+    reads = ReadBuffers()
     W1, W0 = reads.read_pair(base, tuned, "a")
     assert torch.equal(W1, t["a"]) and torch.equal(W0, b["a"])
     first = W1.untyped_storage().data_ptr()
@@ -74,7 +74,7 @@ def test_a_pair_not_subtracted_in_the_read_thread_is_never_left_in_a_reused_buff
     """If the read thread ever hands a bf16 pair on unsubtracted, it must be a copy: the next read reuses the buffers."""
     from safetensors.torch import save_file
 
-    from lowrank_tools.extract import streaming
+    from lowrank_tools.extract import reading
     from lowrank_tools.io.checkpoint import open_checkpoint
     from lowrank_tools.adapter import ModuleKind
 
@@ -82,9 +82,9 @@ def test_a_pair_not_subtracted_in_the_read_thread_is_never_left_in_a_reused_buff
     tensors = {f"l{i}.weight": torch.randn(64, 32, generator=g).to(torch.bfloat16) for i in range(3)}
     save_file(tensors, str(tmp_path / "b.safetensors"))
     save_file({k: (v.float() + 1).to(torch.bfloat16) for k, v in tensors.items()}, str(tmp_path / "t.safetensors"))
-    monkeypatch.setattr(streaming, "_NUMPY_DTYPES", (torch.float32,))  # bf16 pairs now reach the consumer raw
+    monkeypatch.setattr(reading, "NUMPY_DTYPES", (torch.float32,))  # bf16 pairs now reach the consumer raw
     base, tuned = open_checkpoint(tmp_path / "b.safetensors"), open_checkpoint(tmp_path / "t.safetensors")
-    pairs = list(streaming._read_pairs(base, tuned, {k: ModuleKind.LINEAR for k in tensors}))
+    pairs = list(reading.read_pairs(base, tuned, {k: ModuleKind.LINEAR for k in tensors}))
     for pair in pairs:  # every pair kept its own values although later reads reused the buffers
         name = pair.name
         assert torch.equal(pair.base, tensors[name]) and torch.equal(pair.tuned, tuned.get(name))

@@ -91,9 +91,9 @@ def test_extract_rel_error_is_that_of_the_factors_as_written():
 def test_read_thread_delta_is_torchs_bit_for_bit(dtype, monkeypatch):
     """dW subtracted by numpy in the read-ahead thread (chunked widening of W0) equals torch's float32 subtraction,
     bit for bit, specials included (Inf, NaN, -0.0, subnormals of each dtype)."""
-    from lowrank_tools.extract import streaming
+    from lowrank_tools.extract import reading
 
-    monkeypatch.setattr(streaming, "_NUMPY_CHUNK", 7)  # many chunks and a ragged last one
+    monkeypatch.setattr(reading, "NUMPY_CHUNK", 7)  # many chunks and a ragged last one
     g = _gen(5)
     W0 = torch.randn(13, 11, generator=g).to(dtype)
     W1 = (W0.float() + 1e-3 * torch.randn(13, 11, generator=g)).to(dtype)
@@ -101,20 +101,20 @@ def test_read_thread_delta_is_torchs_bit_for_bit(dtype, monkeypatch):
     W1.view(-1)[:5] = torch.tensor([float("inf"), float("nan"), -0.0, tiny, -tiny]).to(dtype)
     W0.view(-1)[5:8] = torch.tensor([float("-inf"), tiny, 0.0]).to(dtype)
     expected = W1.float() - W0.float()
-    got = streaming._numpy_delta(W1.clone(), W0.clone())
+    got = reading.numpy_delta(W1.clone(), W0.clone())
     assert got.dtype == torch.float32 and got.shape == W1.shape
     assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
 
 
 def test_bf16_extract_unchanged_by_the_read_thread_subtraction(monkeypatch):
     """The same adapter, bit for bit, with the subtraction in the read-ahead thread (numpy) or in the consumer."""
-    from lowrank_tools.extract import streaming
+    from lowrank_tools.extract import reading
 
     g = _gen(6)
     base = {f"m.{i}.weight": torch.randn(200, 120, generator=g).bfloat16() for i in range(3)}
     tuned = {n: (w.float() + 0.02 * torch.randn(200, 120, generator=g)).bfloat16() for n, w in base.items()}
     ours = extract(base, tuned, rule=RankRule(rank=8))
-    monkeypatch.setattr(streaming, "_NUMPY_DTYPES", ())
+    monkeypatch.setattr(reading, "NUMPY_DTYPES", ())
     theirs = extract(base, tuned, rule=RankRule(rank=8))
     for name, m in ours.adapter.modules.items():
         assert torch.equal(m.B, theirs.adapter.modules[name].B) and torch.equal(m.A, theirs.adapter.modules[name].A)

@@ -15,13 +15,11 @@ see linalg.whiten and extract.whitening): B = U_r sqrt(S_r / scale), A = sqrt(S_
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,9 +34,10 @@ from ..io.formats import left_out_warning
 from ..io.layers import NOT_HELD, LayerPlan, compile_filters, plan_layers, relative_change
 from ..io.base_model import base_model_reference, task_type
 from ..linalg.svd import TruncatedSVD, balanced_factors, truncated_svd
-from ..linalg.memory import empty_huge, stream_large_buffers
+from ..linalg.memory import stream_large_buffers
 from ..linalg.norms import check_finite, frobenius_error, frobenius_norm
 from ..linalg.whiten import Whitener, output_rel_error, whitened_balanced_factors, whitened_svd
+from .reading import Pair, read_pairs
 from .pipeline import Stager, batched_svds, plan_batches, staged, tf32
 from ..io.prefetch import prefetch
 from ..report import AdapterResult, LayerRecord, Progress, Report, factor_record, summarize
@@ -47,7 +46,6 @@ __all__ = ["ExtractOptions", "ExtractResult", "extract", "Progress"]
 
 
 ExtractResult = AdapterResult  # the adapter and its report
-_NUMPY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # subtracted in the read-ahead thread
 
 
 @dataclass
@@ -61,130 +59,7 @@ class _Delta:
     kind: ModuleKind
 
 
-@dataclass
-class _Pair:
-    """One layer as read in the read-ahead thread: W' and W0 as stored, or dW already (float32 pairs)."""
-
-    name: str  # tensor name (``...weight``)
-    kind: ModuleKind
-    tuned: Tensor | None  # W' (a fresh CPU buffer we own), or dW when ``base`` is None; None once consumed
-    base: Tensor | None  # W0; None when float32 W' was turned into dW as it was read
-    dtype: torch.dtype  # the tuned tensor's stored dtype (default output dtype)
-    sources: tuple[Checkpoint, Checkpoint]  # (base, tuned): read again to name a NaN/Inf
-
-
-_NUMPY_CHUNK = 1 << 16  # values of W0 widened to float32 at a time (a 256 KiB temporary, in cache)
-
-
-def _as_float32(t: Tensor, out: np.ndarray) -> np.ndarray:
-    """``t`` (bf16 or fp16, contiguous) widened into the float32 array ``out`` (same size) by numpy: bf16 is the top
-    half of a float32, so a 16-bit shift is exact; fp16 is numpy's own type."""
-    if t.dtype == torch.bfloat16:
-        np.left_shift(t.reshape(-1).view(torch.int16).numpy().view(np.uint16), 16, out=out.view(np.uint32),
-                      dtype=np.uint32)
-    else:
-        out[...] = t.reshape(-1).numpy()
-    return out
-
-
-class _BufferPool:
-    """Float32 buffers for the deltas, reused once every tensor viewing them is gone (the read-ahead thread only).
-
-    Each buffer is an mmap of its own (:func:`~lowrank_tools.linalg.memory.stream_large_buffers`), so a fresh one
-    per layer pays a page fault per 4 KiB page: for a 135M bf16 model 130k faults, ~1 CPU s of the extract. A
-    buffer is free when the pool holds the only reference to it (numpy counts the views and torch tensors made
-    from it, and torch's storage keeps the array alive until its last view goes), so reuse never overwrites
-    a delta in use; at most ``size`` are kept (the one being factored, the one queued, the one being read)."""
-
-    def __init__(self, size: int = 3) -> None:
-        self.size = size
-        self._arrays: list[np.ndarray] = []
-
-    def take(self, numel: int) -> np.ndarray:
-        """A float32 array of ``numel`` values (contents undefined): a free pooled one when one is large enough."""
-        free = [i for i in range(len(self._arrays)) if self._free(i)]
-        for i in free:
-            if self._arrays[i].size >= numel:
-                return self._arrays[i][:numel]  # the view refers to the pooled array: it is in use until it goes
-        arr = empty_huge((numel,), torch.float32).numpy()  # 2 MiB pages from 4 MiB up (the embedding)
-        if len(self._arrays) >= self.size and free:
-            self._arrays.pop(min(free, key=lambda i: self._arrays[i].size))  # the smallest free one makes room
-        if len(self._arrays) < self.size:
-            self._arrays.append(arr)
-        return arr
-
-    def _free(self, i: int) -> bool:
-        return sys.getrefcount(self._arrays[i]) <= 2  # the list's reference and getrefcount's argument only
-
-
-class _ReadBuffers:
-    """Two byte buffers the read-ahead thread reads a bf16/fp16 pair into (grown as needed): the pair is dead once
-    :func:`_numpy_delta` has subtracted it, so the next pair may overwrite it (a fresh buffer per tensor is an mmap
-    of its own that pays a page fault per 4 KiB page: for a 135M bf16 model 130k faults)."""
-
-    def __init__(self) -> None:
-        self._bufs: list[Tensor | None] = [None, None]
-
-    def read_pair(self, base: Checkpoint, tuned: Checkpoint, name: str) -> tuple[Tensor, Tensor]:
-        """(W', W0) of ``name``: in the reused buffers when both are bf16 or fp16 (numpy subtracts them at once),
-        else each in a buffer of its own (float32 W' becomes dW; other pairs are handed to the consumer)."""
-        dtype = tuned.dtype(name)
-        if dtype not in (torch.bfloat16, torch.float16) or base.dtype(name) != dtype:
-            return tuned.get(name), base.get(name)
-        return (tuned.get(name, out=self._buffer(0, tuned.nbytes(name))),
-                base.get(name, out=self._buffer(1, base.nbytes(name))))
-
-    def holds(self, t: Tensor) -> bool:
-        """Whether ``t`` lives in one of the reused buffers."""
-        ptr = t.untyped_storage().data_ptr()
-        return any(b is not None and b.untyped_storage().data_ptr() == ptr for b in self._bufs)
-
-    def _buffer(self, i: int, nbytes: int) -> Tensor:
-        if self._bufs[i] is None or self._bufs[i].numel() < nbytes:
-            self._bufs[i] = None  # the small one goes first
-            self._bufs[i] = empty_huge((nbytes,), torch.uint8)
-        return self._bufs[i]
-
-
-def _numpy_delta(W1: Tensor, W0: Tensor, pool: _BufferPool | None = None) -> Tensor:
-    """dW = W' - W0 in float32 (a buffer of W1's shape: from ``pool`` when given, else fresh) from a float32, bf16
-    or fp16 pair of equal dtype, on this thread by numpy; W0 is widened a chunk at a time (no second full-size
-    float32 copy)."""
-    if W1.dtype == torch.float32:
-        out = W1.numpy()
-    else:
-        out = _as_float32(W1, pool.take(W1.numel()) if pool is not None else np.empty(W1.numel(), dtype=np.float32))
-    flat, base = out.reshape(-1), W0.reshape(-1)
-    tmp = np.empty(min(_NUMPY_CHUNK, flat.size), dtype=np.float32)
-    with np.errstate(all="ignore"):  # an overflow is reported by _subtract, naming the tensor
-        if W0.dtype == torch.float32:
-            np.subtract(flat, base.numpy(), out=flat)
-        else:
-            for i in range(0, flat.size, _NUMPY_CHUNK):
-                part = base[i:i + _NUMPY_CHUNK]
-                np.subtract(flat[i:i + part.numel()], _as_float32(part, tmp[:part.numel()]), out=flat[i:i + part.numel()])
-    return torch.from_numpy(out).view(W1.shape)
-
-
-def _read_pairs(base: Checkpoint, tuned: Checkpoint, selected: dict[str, ModuleKind]) -> Iterator[_Pair]:
-    """Runs in the read-ahead thread. Pairs of one dtype among float32, bf16 and fp16 are subtracted here into a
-    float32 dW (:func:`_numpy_delta`, exact: the same bits as torch's float32 subtraction), on this one thread
-    (numpy: no OpenMP team to slow the factoring's small QRs down), so that only dW waits in the queue and the
-    factoring thread does no elementwise work (for a 135M bf16 model that was 30% of its time); mixed or other
-    dtypes wait as stored and are converted by the consumer."""
-    pool, reads = _BufferPool(), _ReadBuffers()
-    for name, kind in selected.items():
-        W1, W0 = reads.read_pair(base, tuned, name)
-        dtype = W1.dtype
-        if W1.dtype == W0.dtype and W1.dtype in _NUMPY_DTYPES and W1.is_contiguous() and W0.is_contiguous():
-            W1, W0 = _numpy_delta(W1, W0, pool), None
-        elif reads.holds(W1) or reads.holds(W0):  # never queue a reused buffer: the next read overwrites it
-            W1, W0 = W1.clone(), W0.clone()
-        yield _Pair(name, kind, W1, W0, dtype, (base, tuned))
-        del W1, W0
-
-
-def _subtract(pair: _Pair, stager: Stager, out: Tensor | None = None) -> _Delta:
+def _subtract(pair: Pair, stager: Stager, out: Tensor | None = None) -> _Delta:
     """dW = W' - W0 in float32 on the stager's device, in its (out, in_flat) matrix view; NaN/Inf named.
 
     Written into ``out`` when given (a slot of a batch), else in place of a float32 W' (read into a fresh
@@ -354,7 +229,7 @@ def _factor_layers(base: Checkpoint, tuned: Checkpoint, selected: dict[str, Modu
     # closing: an error in the consumer stops and joins the read-ahead thread now, not at interpreter exit, where a
     # daemon thread caught inside torch/numpy aborts the process ("terminate called without an active exception")
     with tf32(opts.allow_tf32), (share.guard() if share else nullcontext()), \
-            closing(prefetch(_read_pairs(base, tuned, mine))) as pairs:
+            closing(prefetch(read_pairs(base, tuned, mine))) as pairs:
         if opts.budget is not None:  # one pass of top-K SVDs, allocate_budget, truncate; it consumes every delta
             result = extract_with_budget(_one_by_one(pairs, len(mine), opts), dict(zip(names, shapes)), opts=opts,
                                          progress=progress, warn=warn, exchange=_spectra_exchange(share, names),
@@ -384,13 +259,13 @@ def _units(names: list[str], shapes: list[tuple[int, int]], kinds: list[ModuleKi
     return [units[u] for u in share.take(costs, plan=(names, costs))]
 
 
-def _one_by_one(pairs: Iterator[_Pair], count: int, opts: ExtractOptions) -> Iterator[_Delta]:
+def _one_by_one(pairs: Iterator[Pair], count: int, opts: ExtractOptions) -> Iterator[_Delta]:
     """The deltas of ``count`` pairs, one at a time on the device (--budget: no stacked SVDs)."""
     for group, _ in staged(pairs, sizes=[1] * count, stager=Stager(opts.device), make=_subtract):
         yield from group
 
 
-def _factor_stream(pairs: Iterator[_Pair], sizes: list[int], opts: ExtractOptions, *, progress: Progress | None,
+def _factor_stream(pairs: Iterator[Pair], sizes: list[int], opts: ExtractOptions, *, progress: Progress | None,
                    warn: Warn | None, whitening: Whitening | None = None,
                    ) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
     """Factor ``pairs`` in batches of ``sizes`` (a stacked SVD for a batch of more than one, see pipeline)."""
