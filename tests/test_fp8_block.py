@@ -211,3 +211,21 @@ def test_a_block_fp8_weight_whose_scale_is_in_no_shard_is_refused(tmp_path):
     assert ckpt.get("layers.0.mlp.up.weight").dtype == torch.float32  # the others still read
     with pytest.raises(UnsupportedTensor, match=r"layers\.0\.attn\.o\.weight in .* is fp8 without a scale"):
         ckpt.get("layers.0.attn.o.weight")
+
+
+@pytest.mark.parametrize("leaf", ["scale_weight", "weight_scale"])
+def test_comfyui_scale_in_the_other_shard_is_found_through_the_index(tmp_path, leaf):
+    """Before: the weight read unscaled (~1/scale = 450x too large) and the scale listed as a tensor."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    W = torch.randn(16, 8)
+    s = W.abs().amax() / 448
+    w8 = (W / s).to(E4M3)
+    files = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    save_file({"m.weight": w8, "n.bias": torch.ones(3)}, str(folder / files[0]))
+    save_file({f"m.{leaf}": s.reshape(())}, str(folder / files[1]))
+    weight_map = {"m.weight": files[0], "n.bias": files[0], f"m.{leaf}": files[1]}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ckpt = open_checkpoint(folder)
+    assert sorted(ckpt.keys()) == ["m.weight", "n.bias"]
+    assert torch.equal(ckpt.get("m.weight"), w8.float() * s)
