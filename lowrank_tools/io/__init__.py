@@ -28,7 +28,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .fp8 import (FP8_DTYPES, WEIGHT_SCALES, DEQUANTIZED_DTYPE, WRITE_DTYPE, DEFAULT_BLOCK, DequantizedSource,
                       JoinedSource, dequantizing, strip_quantization_metadata, dequantize, block_size_from_config)
     from .hub import is_hub_id, hub_cache_dir, hub_offline, resolve_input, resolve_inputs
-    from .ldm_names import LDM_PREFIXES, VAE_PREFIX, ldm_split, is_vae, openclip_to_clip
+    from .ldm_names import LDM_PREFIXES, VAE_PREFIX, VAE_PREFIXES, ldm_split, is_vae, openclip_to_clip
     from .openclip import OPENCLIP_TOWERS, SplitQKVSource, splitting, fused_rows
     from .checkpoint import Checkpoint, open_checkpoint, as_checkpoint, Pairing, pair_tensors
     from .kohya_names import (COMPONENT_PREFIXES, KOHYA_PREFIXES, kohya_key, split_prefix, check_prefix, guess_module_name,
@@ -81,7 +81,7 @@ _EXPORTS = {name: module for module, names in {
     ".fp8": ("FP8_DTYPES", "WEIGHT_SCALES", "DEQUANTIZED_DTYPE", "WRITE_DTYPE", "DEFAULT_BLOCK", "DequantizedSource",
              "JoinedSource", "dequantizing", "strip_quantization_metadata", "dequantize", "block_size_from_config",),
     ".hub": ("is_hub_id", "hub_cache_dir", "hub_offline", "resolve_input", "resolve_inputs",),
-    ".ldm_names": ("LDM_PREFIXES", "VAE_PREFIX", "ldm_split", "is_vae", "openclip_to_clip",),
+    ".ldm_names": ("LDM_PREFIXES", "VAE_PREFIX", "VAE_PREFIXES", "ldm_split", "is_vae", "openclip_to_clip",),
     ".openclip": ("OPENCLIP_TOWERS", "SplitQKVSource", "splitting", "fused_rows",),
     ".checkpoint": ("Checkpoint", "open_checkpoint", "as_checkpoint", "Pairing", "pair_tensors",),
     ".kohya_names": ("COMPONENT_PREFIXES", "KOHYA_PREFIXES", "kohya_key", "split_prefix", "check_prefix", "guess_module_name",
