@@ -175,8 +175,8 @@ class Checkpoint:
 def open_checkpoint(path: str | os.PathLike, *, dequantize: bool = True, split_qkv: bool = True) -> Checkpoint:
     """Open a checkpoint file or folder for lazy reading (see the module docstring).
 
-    ``dequantize``: fp8 tensors (plain, or ComfyUI-scaled) read as float32 and their scale keys hidden
-    (:mod:`lowrank_tools.io.fp8`): a model's weights. Adapter readers pass False: they see stored dtypes.
+    ``dequantize``: fp8 tensors (plain, ComfyUI-scaled or block-wise) read as float32, their scale keys (in any
+    shard) hidden (:mod:`lowrank_tools.io.fp8`): a model's weights. Adapter readers pass False: they see stored dtypes.
     ``split_qkv``: a single file's OpenCLIP ``attn.in_proj_weight`` reads as q/k/v (:mod:`lowrank_tools.io.openclip`);
     apply, which writes the file's own layout back, passes False."""
     return _views(_open_checkpoint(Path(path)), dequantize, split_qkv)
