@@ -56,11 +56,12 @@ def pair(model: str) -> tuple[dict, dict]:
     return base, tuned
 
 
-_OPENCLIP = [(r"transformer\.resblocks\.(\d+)\.attn\.out_proj\.", r"transformer.text_model.encoder.layers.\1.self_attn"
-              r".out_proj."), (r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"transformer.text_model.encoder.layers.\1"
-              r".mlp.fc1."), (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"transformer.text_model.encoder.layers."
-              r"\1.mlp.fc2."), (r"transformer\.resblocks\.(\d+)\.ln_(\d)\.", r"transformer.text_model.encoder.layers.\1"
-              r".layer_norm\2.")]
+_LAYER = r"transformer.text_model.encoder.layers.\1."
+_OPENCLIP = [(r"transformer\.resblocks\.(\d+)\.attn\.out_proj\.", _LAYER + "self_attn.out_proj."),
+             (r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", _LAYER + "mlp.fc1."),
+             (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", _LAYER + "mlp.fc2."),
+             (r"transformer\.resblocks\.(\d+)\.ln_(\d)\.", _LAYER + r"layer_norm\2.")]
+_GS = {("sdxl", "conditioner.embedders.1.model."), ("sdxl_refiner", "conditioner.embedders.0.model.")}  # OpenCLIP
 
 
 def comfy_state_dict(model: str, sd: dict) -> dict[str, tuple[int, ...]]:
@@ -75,8 +76,7 @@ def comfy_state_dict(model: str, sd: dict) -> dict[str, tuple[int, ...]]:
             new = "clip_l." + key[len("cond_stage_model."):]
         elif model == "sdxl" and key.startswith("conditioner.embedders.0.transformer.text_model"):
             new = "clip_l.transformer.text_model" + key[len("conditioner.embedders.0.transformer.text_model"):]
-        elif (model, key[:len("conditioner.embedders.0.model.")]) in {("sdxl", "conditioner.embedders.1.model."),
-                                                                       ("sdxl_refiner", "conditioner.embedders.0.model.")}:
+        elif (model, key[:len("conditioner.embedders.0.model.")]) in _GS:
             new = "clip_g." + key[len("conditioner.embedders.0.model."):]  # then clip_text_transformers_convert
             match = re.match(r"clip_g\.transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", new)
             if match:

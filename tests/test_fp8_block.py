@@ -234,7 +234,8 @@ def test_comfyui_scale_in_the_other_shard_is_found_through_the_index(tmp_path, l
 def test_a_block_fp8_tuned_against_a_bf16_base_reads_the_same_way(tmp_path):
     """TUNED may be the fp8 side too: delta = dequantized tuned - base."""
     _, deq = block_base(tmp_path / "tuned")
-    base = {name: (W - planted_delta(W.shape[0], W.shape[1], 3, seed=i, scale=0.05)) for i, (name, W) in enumerate(deq.items())}
+    base = {name: W - planted_delta(W.shape[0], W.shape[1], 3, seed=i, scale=0.05)
+            for i, (name, W) in enumerate(deq.items())}
     adapter = extract(base, tmp_path / "tuned", rule=RankRule(rank=3)).adapter
     for i, (name, W) in enumerate(deq.items()):
         want = planted_delta(W.shape[0], W.shape[1], 3, seed=i, scale=0.05)

@@ -78,8 +78,9 @@ def dequantize(w8: torch.Tensor, scale: torch.Tensor | None, *, block: tuple[int
         return _mul_blocks(W, s, bn, bk)
     blocks = f", nor one per {bn}x{bk} block {grid}" if grid else ""
     raise UnsupportedTensor(f"tensor {name} of shape {tuple(w8.shape)} in {where} is fp8 with a scale of shape "
-                            f"{tuple(scale.shape)}: not one value, one per output row{blocks} (block-wise fp8): give the folder whose config.json quantization_config.weight_block_size "
-                            f"says the block size, dequantize the checkpoint first, or --exclude it")
+                            f"{tuple(scale.shape)}: not one value, one per output row{blocks} (block-wise fp8): "
+                            f"give the folder whose config.json quantization_config.weight_block_size says the "
+                            f"block size, dequantize the checkpoint first, or --exclude it")
 
 
 def _mul_blocks(W: torch.Tensor, s: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
@@ -196,9 +197,9 @@ class DequantizedSource:
             return t
         scale_name = self._scales.get(name)
         if scale_name is None and self.block is not None and _split(name)[1] == "weight":
-            raise UnsupportedTensor(f"tensor {name} in {self.path} is fp8 without a scale beside it (no weight_scale_inv "
-                                    f"in any shard), though config.json declares block-wise fp8: the checkpoint is "
-                                    f"incomplete: re-download it, or --exclude it")
+            raise UnsupportedTensor(f"tensor {name} in {self.path} is fp8 without a scale beside it (no "
+                                    f"weight_scale_inv in any shard), though config.json declares block-wise fp8: "
+                                    f"the checkpoint is incomplete: re-download it, or --exclude it")
         scale = self.source.read(scale_name) if scale_name else None
         return dequantize(t, scale, block=self.block, name=name, where=str(self.path))
 
