@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,7 +44,7 @@ from .io.openclip import fused_rows
 from .linalg.svd import resolve_device
 from .linalg.norms import delta_stats, lowrank_frobenius_diff, lowrank_frobenius_norm
 from .io.outputs import OutputTransaction
-from .io.model_folder import config_files, rename_stem
+from .io.model_folder import config_files, copy_config_files, rename_stem, shard_stem
 from .io.replaceable import COPIED_KEY
 from .linalg.structured import dora_rescale_
 from .weighted import WeightedAdapter, as_weighted
@@ -432,7 +431,6 @@ def _write(ckpt: Checkpoint, items: Sequence[WeightedAdapter], plan, whole, tmp:
     files = writer.close()
     if shard_size is None:
         return files, count
-    stem = "diffusion_pytorch_model" if any(ckpt.path.glob("diffusion_pytorch_model*")) else "model"
-    for name in copied:
-        shutil.copy2(ckpt.path / name, tmp / name)
+    stem = shard_stem(ckpt.path)
+    copy_config_files(ckpt.path, tmp, copied, dequantized=ckpt.dequantized)  # fp8 written bf16: no quantization_config
     return rename_stem(tmp, files, stem) + [tmp / name for name in copied], count

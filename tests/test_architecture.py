@@ -24,11 +24,7 @@ MATH_MAY_IMPORT = {"torch", "numpy"}
 MAX_TOP_MODULES = 15
 # Functions of an operation that still touch files themselves, each with the reason it waits. An entry that no
 # longer touches files fails test_known_file_work_is_still_there: delete it then.
-KNOWN_FILE_WORK = {
-    # apply's _write copies the base's config files into the folder it writes (shutil); the file names and the
-    # diffusers shard renaming already live in io/model_folder.py: the copy is the next to move.
-    ("apply.py", "_write"),
-}
+KNOWN_FILE_WORK: set[tuple[str, str]] = set()  # apply's config copy moved into io/model_folder.py
 # touching a file: reading, writing, copying, renaming or deleting one (what only io/ does)
 _FILE_IO = (r"(?<![\w.])open\(|\.open\(|\.read_(text|bytes)\(|\.write_(text|bytes)\(|\bshutil\.|\bos\.(replace|rename|remove|"
             r"unlink|rmdir|makedirs|mkdir)\(|\.(unlink|mkdir|rmdir|touch|iterdir|glob|rglob)\(|\btorch\.(load|save)\(|"

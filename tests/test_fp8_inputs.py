@@ -146,10 +146,11 @@ def test_untouched_fp8_tensor_is_written_dequantized_as_bf16(tmp_path):
     assert torch.equal(out["blocks.1.conv.weight"], deq["blocks.1.conv.weight"].to(torch.bfloat16))
 
 
-def test_block_wise_scale_is_refused_in_one_line(tmp_path):
+def test_scale_of_no_known_layout_is_refused_in_one_line(tmp_path):
+    """(2, 2) for an (8, 8) weight: not a scalar, not per row, not the (1, 1) grid of 128x128 blocks."""
     w8 = torch.randn(8, 8).to(E4M3)
     save_file({"m.weight": w8, "m.weight_scale": torch.ones(2, 2)}, str(tmp_path / "b.safetensors"))
-    with pytest.raises(UnsupportedTensor, match=r"m\.weight .* scale of shape \(2, 2\).*block-wise"):
+    with pytest.raises(UnsupportedTensor, match=r"m\.weight .* scale of shape \(2, 2\).*128x128 block \(1, 1\)"):
         open_checkpoint(tmp_path / "b.safetensors").get("m.weight")
 
 

@@ -25,10 +25,10 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .replaceable import COPIED_KEY
     from .atomic import parse_size, ShardedWriter, header_bound, write_safetensors, check_finite_output, all_finite
     from .pickles import TensorDict, load_pickle
-    from .fp8 import (FP8_DTYPES, WEIGHT_SCALES, DEQUANTIZED_DTYPE, WRITE_DTYPE, DequantizedSource, dequantizing,
-                      strip_quantization_metadata, dequantize)
+    from .fp8 import (FP8_DTYPES, WEIGHT_SCALES, DEQUANTIZED_DTYPE, WRITE_DTYPE, DEFAULT_BLOCK, DequantizedSource,
+                      JoinedSource, dequantizing, strip_quantization_metadata, dequantize, block_size_from_config)
     from .hub import is_hub_id, hub_cache_dir, hub_offline, resolve_input, resolve_inputs
-    from .ldm_names import LDM_PREFIXES, VAE_PREFIX, ldm_split, is_vae, openclip_to_clip
+    from .ldm_names import LDM_PREFIXES, VAE_PREFIX, VAE_PREFIXES, ldm_split, is_vae, openclip_to_clip
     from .openclip import OPENCLIP_TOWERS, SplitQKVSource, splitting, fused_rows
     from .checkpoint import Checkpoint, open_checkpoint, as_checkpoint, Pairing, pair_tensors
     from .kohya_names import (COMPONENT_PREFIXES, KOHYA_PREFIXES, kohya_key, split_prefix, check_prefix, guess_module_name,
@@ -55,7 +55,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .prefetch import prefetch
     from .texts import read_texts, TEXT_SUFFIXES
     from .model_config import read_model_config
-    from .model_folder import config_files, rename_stem
+    from .model_folder import config_files, copy_config_files, shard_stem, rename_stem, QUANTIZATION_FIELDS
     from .consumer_keys import (Consumer, Role, split_key, key_accepted, ROLES, KOHYA_LIKE_PREFIXES,
                                 unknown_to_architecture)
     from .calibration import FORMAT_KEY, InputStats, CalibrationStats, read_calibration, write_calibration
@@ -78,10 +78,10 @@ _EXPORTS = {name: module for module, names in {
     ".replaceable": ("COPIED_KEY",),
     ".atomic": ("parse_size", "ShardedWriter", "header_bound", "write_safetensors", "check_finite_output", "all_finite",),
     ".pickles": ("TensorDict", "load_pickle",),
-    ".fp8": ("FP8_DTYPES", "WEIGHT_SCALES", "DEQUANTIZED_DTYPE", "WRITE_DTYPE", "DequantizedSource", "dequantizing",
-             "strip_quantization_metadata", "dequantize",),
+    ".fp8": ("FP8_DTYPES", "WEIGHT_SCALES", "DEQUANTIZED_DTYPE", "WRITE_DTYPE", "DEFAULT_BLOCK", "DequantizedSource",
+             "JoinedSource", "dequantizing", "strip_quantization_metadata", "dequantize", "block_size_from_config",),
     ".hub": ("is_hub_id", "hub_cache_dir", "hub_offline", "resolve_input", "resolve_inputs",),
-    ".ldm_names": ("LDM_PREFIXES", "VAE_PREFIX", "ldm_split", "is_vae", "openclip_to_clip",),
+    ".ldm_names": ("LDM_PREFIXES", "VAE_PREFIX", "VAE_PREFIXES", "ldm_split", "is_vae", "openclip_to_clip",),
     ".openclip": ("OPENCLIP_TOWERS", "SplitQKVSource", "splitting", "fused_rows",),
     ".checkpoint": ("Checkpoint", "open_checkpoint", "as_checkpoint", "Pairing", "pair_tensors",),
     ".kohya_names": ("COMPONENT_PREFIXES", "KOHYA_PREFIXES", "kohya_key", "split_prefix", "check_prefix", "guess_module_name",
@@ -107,7 +107,7 @@ _EXPORTS = {name: module for module, names in {
               "plan_layers",),
     ".texts": ("read_texts", "TEXT_SUFFIXES",),
     ".model_config": ("read_model_config",),
-    ".model_folder": ("config_files", "rename_stem",),
+    ".model_folder": ("config_files", "copy_config_files", "shard_stem", "rename_stem", "QUANTIZATION_FIELDS",),
     ".consumer_keys": ("Consumer", "Role", "split_key", "key_accepted", "ROLES", "KOHYA_LIKE_PREFIXES",
                        "unknown_to_architecture",),
     ".calibration": ("FORMAT_KEY", "InputStats", "CalibrationStats", "read_calibration", "write_calibration",),

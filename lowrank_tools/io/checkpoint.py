@@ -27,7 +27,7 @@ import torch
 from .atomic import ShardedWriter, atomic_output, check_output, parse_size
 from ..errors import (CheckpointNotFound, CorruptCheckpoint, MissingTensor, NoCommonTensors, NotACheckpoint,
                      ShapeMismatch)
-from .fp8 import dequantizing, strip_quantization_metadata
+from .fp8 import JoinedSource, block_size_from_config, dequantizing, strip_quantization_metadata
 from .openclip import splitting
 from .pickles import TensorDict, load_pickle
 from .json_input import get_bool, get_str, get_str_list, get_str_map, load_json, type_name
@@ -92,7 +92,8 @@ class Checkpoint:
 
     Build one with :func:`open_checkpoint` or :func:`as_checkpoint`. ``config`` is the parsed ``config.json`` of an
     HF folder (else None); ``metadata`` the safetensors ``__metadata__`` of the first file ({} for pickles and
-    pipelines); ``components`` maps a pipeline's component names to their own checkpoints (empty otherwise).
+    pipelines); ``components`` maps a pipeline's component names to their own checkpoints (empty otherwise);
+    ``dequantized``: some tensor is stored as fp8 and read dequantized (:mod:`lowrank_tools.io.fp8`).
     """
 
     def __init__(self, path: Path, index: dict, *, sources: list, config: dict | None = None,
@@ -101,6 +102,7 @@ class Checkpoint:
         self.config = config
         self.metadata = dict(metadata or {})
         self.components = dict(components or {})
+        self.dequantized = False
         self._index = index  # name -> (source file, name inside that file)
         self._sources = sources
 
@@ -173,8 +175,8 @@ class Checkpoint:
 def open_checkpoint(path: str | os.PathLike, *, dequantize: bool = True, split_qkv: bool = True) -> Checkpoint:
     """Open a checkpoint file or folder for lazy reading (see the module docstring).
 
-    ``dequantize``: fp8 tensors (plain, or ComfyUI-scaled) read as float32 and their scale keys hidden
-    (:mod:`lowrank_tools.io.fp8`): a model's weights. Adapter readers pass False: they see stored dtypes.
+    ``dequantize``: fp8 tensors (plain, ComfyUI-scaled or block-wise) read as float32, their scale keys (in any
+    shard) hidden (:mod:`lowrank_tools.io.fp8`): a model's weights. Adapter readers pass False: they see stored dtypes.
     ``split_qkv``: a single file's OpenCLIP ``attn.in_proj_weight`` reads as q/k/v (:mod:`lowrank_tools.io.openclip`);
     apply, which writes the file's own layout back, passes False."""
     return _views(_open_checkpoint(Path(path)), dequantize, split_qkv)
@@ -182,9 +184,22 @@ def open_checkpoint(path: str | os.PathLike, *, dequantize: bool = True, split_q
 
 def _views(ckpt: Checkpoint, dequantize: bool, split_qkv: bool) -> Checkpoint:
     if dequantize:
-        ckpt = _wrapped(ckpt, dequantizing)
-        ckpt.metadata = strip_quantization_metadata(ckpt.metadata)
+        ckpt = _dequantized(ckpt)
     return _wrapped(ckpt, splitting) if split_qkv else ckpt
+
+
+def _dequantized(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` with its fp8 tensors read dequantized: every shard seen as one source, so a weight's scale is found
+    in whichever shard the index puts it; the block size of block-wise scales from config.json."""
+    joined = JoinedSource(ckpt.path, ckpt._index, ckpt._sources, ckpt.metadata)
+    view = dequantizing(joined, block_size_from_config(ckpt.config, str(ckpt.path / "config.json")))
+    ckpt.metadata = strip_quantization_metadata(ckpt.metadata)
+    if view is joined:
+        return ckpt
+    ckpt._index = {name: (view, name) for name in view.names()}
+    ckpt._sources = [view]
+    ckpt.dequantized = True
+    return ckpt
 
 
 def _wrapped(ckpt: Checkpoint, wrap) -> Checkpoint:

@@ -92,7 +92,7 @@ def select_layers(names: Sequence[str], tuned: Checkpoint, include, exclude, *,
     for name in names:
         shape, dt = tuned.shape(name), tuned.dtype(name)
         if is_vae(name):  # a single-file checkpoint's VAE is never adapted
-            skipped.setdefault("VAE of a single-file checkpoint (first_stage_model.)", []).append(name)
+            skipped.setdefault("VAE of a single-file checkpoint (first_stage_model., vae.)", []).append(name)
             continue
         if 0 in shape:
             skipped["zero-size"].append(name)
