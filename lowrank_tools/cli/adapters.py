@@ -61,7 +61,7 @@ def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
 
     --include / --exclude choose the modules resized; the others are written unchanged. What a kohya -o cannot
     hold (embeddings, tensors saved whole) is left out with a warning naming it, before any work."""
-    from ..io.formats import fit_format, load_adapter, output_format
+    from ..io.formats import fit_format, in_output_naming, load_adapter, output_format
     from ..linalg.rank_rules import require_rank_option
     from ..resize import resize as run
 
@@ -73,6 +73,8 @@ def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
     loaded = load_adapter(adapter)
     warn_all(quiet, loaded.notes)
     loaded, left_out = fit_format(loaded, fmt, warn=warner(quiet))
+    if fmt == "kohya":  # split parts fused first: the rule truncates the modules the file holds
+        loaded = in_output_naming(loaded, fmt)
     result = run(loaded, rule=rule, budget=budget, alpha=alpha, dtype=out_dtype(dtype_name), device=device,
                  include=include, exclude=exclude, progress=Progress(quiet, "resize"), warn=warner(quiet))
     _finish_adapter(result, output, fmt=fmt, prefix=prefix, force=force, inputs=[adapter], report_path=report_path,
