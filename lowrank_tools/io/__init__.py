@@ -37,6 +37,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
                                 TRANSFORMER, architecture_named, needs_base)
     from .arch_convert import to_original, to_diffusers, for_format, row_sizes, to_base_naming, to_common_naming
     from .arch_checkpoint import FusedSource, in_original_naming, original_layout
+    from .diffusers_judge import PIPELINES, COMPONENTS, pipeline_for, trace_modules, ldm_unet_keys, LDM_WORKAROUND
     from .base_model import task_type, base_model_reference
     from .peft import (CONFIG_NAME, WEIGHTS_NAME, DIFFUSERS_NAME, DIFFUSERS_COMPONENTS, is_peft_folder,
                        is_diffusers_adapter, read_peft, read_peft_file, write_peft, write_diffusers,
@@ -91,6 +92,7 @@ _EXPORTS = {name: module for module, names in {
                      "TRANSFORMER", "architecture_named", "needs_base",),
     ".arch_convert": ("to_original", "to_diffusers", "for_format", "row_sizes", "to_base_naming", "to_common_naming"),
     ".arch_checkpoint": ("FusedSource", "in_original_naming", "original_layout"),
+    ".diffusers_judge": ("PIPELINES", "COMPONENTS", "pipeline_for", "trace_modules", "ldm_unet_keys", "LDM_WORKAROUND"),
     ".base_model": ("task_type", "base_model_reference",),
     ".peft": ("CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_peft_folder",
             "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft", "write_diffusers",
