@@ -197,3 +197,26 @@ def test_written_keys_are_bfl(pair, tmp_path):
     assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1",
             "lora_unet_final_layer_adaLN_modulation_1", "lora_unet_double_blocks_0_txt_attn_proj"} <= keys
     assert not any("to_q" in k for k in keys)
+
+
+def test_keep_bias_carries_a_fused_layers_stacked_bias(tmp_path):
+    """--keep-bias to kohya: the fused module's diff_b is [db_q; db_k; db_v] (the view stacks biases too)."""
+    base, tuned = {}, {}
+    g = torch.Generator().manual_seed(7)
+    for name, (m, n) in shapes().items():
+        base[f"{name}.weight"] = torch.randn(m, n, generator=g)
+        tuned[f"{name}.weight"] = base[f"{name}.weight"] + decaying(m, n, seed=1).float()
+        base[f"{name}.bias"] = torch.randn(m, generator=g)
+        tuned[f"{name}.bias"] = base[f"{name}.bias"] + 0.1 * torch.randn(m, generator=g)
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file(tuned, str(tmp_path / "t.safetensors"))
+    result = run("extract", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "-o", tmp_path / "k.safetensors",
+                 "--rank", RANK, "--keep-bias", "-q")
+    assert result.exit_code == 0, result.output
+    written = load_file(str(tmp_path / "k.safetensors"))
+    expected = torch.cat([tuned[f"transformer_blocks.0.attn.{p}.bias"] - base[f"transformer_blocks.0.attn.{p}.bias"]
+                          for p in QKV])
+    torch.testing.assert_close(written["lora_unet_double_blocks_0_img_attn_qkv.diff_b"], expected)
+    final = tuned["norm_out.linear.bias"] - base["norm_out.linear.bias"]
+    torch.testing.assert_close(written["lora_unet_final_layer_adaLN_modulation_1.diff_b"],
+                               torch.cat([final[D:], final[:D]]))
