@@ -33,7 +33,8 @@ BLOCKS = {"double_blocks.0.img_attn.qkv": (3 * D, D), "double_blocks.0.img_attn.
           "double_blocks.0.txt_mlp.0": (4 * D, D), "single_blocks.0.linear2": (D, 5 * D)}
 OUTSIDE = {"time_in.in_layer": (D, 256), "time_in.out_layer": (D, D), "vector_in.in_layer": (D, 8),
            "vector_in.out_layer": (D, D), "guidance_in.in_layer": (D, 256), "guidance_in.out_layer": (D, D),
-           "txt_in": (D, 16), "img_in": (D, 4), "final_layer.linear": (4, D), "final_layer.adaLN_modulation.1": (2 * D, D)}
+           "txt_in": (D, 16), "img_in": (D, 4), "final_layer.linear": (4, D),
+           "final_layer.adaLN_modulation.1": (2 * D, D)}
 T5 = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
 
 

@@ -141,7 +141,8 @@ def test_the_view_reads_a_fused_layer_as_its_stacked_parts(pair):
     assert view.shape("double_blocks.0.img_attn.qkv.weight") == (3 * D, D)
     assert torch.equal(view.get("double_blocks.0.img_attn.qkv.weight"), expected)
     lin1 = view.get("single_blocks.0.linear1.weight")
-    assert lin1.shape == (7 * D, D) and torch.equal(lin1[3 * D:], raw.get("single_transformer_blocks.0.proj_mlp.weight"))
+    assert lin1.shape == (7 * D, D)
+    assert torch.equal(lin1[3 * D:], raw.get("single_transformer_blocks.0.proj_mlp.weight"))
     final = view.get("final_layer.adaLN_modulation.1.weight")
     assert torch.equal(final[:D], raw.get("norm_out.linear.weight")[D:])
 
@@ -220,3 +221,22 @@ def test_keep_bias_carries_a_fused_layers_stacked_bias(tmp_path):
     final = tuned["norm_out.linear.bias"] - base["norm_out.linear.bias"]
     torch.testing.assert_close(written["lora_unet_final_layer_adaLN_modulation_1.diff_b"],
                                torch.cat([final[D:], final[:D]]))
+
+
+def test_merge_split_to_fused_with_a_rank_is_the_optimal_truncation(pair, tmp_path):
+    """The adapter merged with itself at 0.5 / 0.5 and rank r into a kohya file: each fused module is the rank-r
+    truncation of the stacked delta; --exclude sees the inputs' own (split) names."""
+    _, deltas = pair
+    save_adapter(split_adapter(deltas), tmp_path / "split", format="peft")
+    result = run("merge", f"{tmp_path / 'split'}:0.5", f"{tmp_path / 'split'}:0.5", "-o", tmp_path / "k.safetensors",
+                 "--rank", RANK, "-q", "--exclude", r"attn\.to_out\.0$", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    adapter = load_adapter(tmp_path / "k.safetensors")
+    assert "double_blocks.0.img_attn.proj" not in adapter.modules
+    skipped = json.loads((tmp_path / "r.json").read_text())["skipped"]
+    assert "transformer.transformer_blocks.0.attn.to_out.0" in skipped["filtered out"]
+    for name in FUSED:
+        target = stacked(deltas, name)
+        err = float(torch.linalg.matrix_norm(target - adapter.modules[name].delta_matrix().double()))
+        assert adapter.modules[name].rank == RANK
+        assert err == pytest.approx(truncation_error(target, RANK), rel=1e-4, abs=1e-5), name

@@ -109,10 +109,36 @@ def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
     warn_all(quiet, [n for item in loaded for n in item.adapter.notes])
     fitted, left_out = fit_all([item.adapter for item in loaded], fmt, warn=warner(quiet))
     loaded = [replace(item, adapter=adapter) for item, adapter in zip(loaded, fitted)]
+    filtered = []
+    if fmt == "kohya" and (rule is not None or budget is not None):  # truncate the fused modules the file holds
+        loaded, filtered = _in_kohya_naming(loaded, include, exclude)
+        include = exclude = ()  # applied, on each input's own names
     result = run(loaded, rule=rule, budget=budget, alpha=alpha, dtype=out_dtype(dtype_name), device=device,
                  include=include, exclude=exclude, progress=Progress(quiet, "merge"), warn=warner(quiet))
+    if filtered:
+        result.report.skipped["filtered out"] = filtered
     _finish_adapter(result, output, fmt=fmt, prefix=prefix, force=force, inputs=paths, report_path=report_path,
                     quiet=quiet, left_out=left_out)
+
+
+def _in_kohya_naming(loaded, include, exclude):
+    """merge -r/--budget to kohya: each input filtered on its own names, then in the names the file holds (split
+    parts fused exactly), so that the rule truncates the fused modules; and the module names filtered out."""
+    from dataclasses import replace
+
+    from ..io.formats import in_output_naming
+    from ..io.layers import compile_filters, matches
+
+    include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
+    out, filtered = [], []
+    for item in loaded:
+        a = item.adapter
+        filtered += [n for n in a.modules if not matches(n, include, exclude) and n not in filtered]
+        kept = replace(a, modules={n: m for n, m in a.modules.items() if matches(n, include, exclude)},
+                       tensor_deltas={n: t for n, t in a.tensor_deltas.items()
+                                      if matches(n.rsplit(".", 1)[0], include, exclude)})
+        out.append(replace(item, adapter=in_output_naming(kept, "kohya")))
+    return out, filtered
 
 
 @click.command(short_help="Bake adapters into a base model's full weights.",
