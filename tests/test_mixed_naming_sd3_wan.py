@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from lowrank_tools.adapter import Adapter, LoraModule
-from lowrank_tools.apply import apply
 from lowrank_tools.cli import main
 from lowrank_tools.io.formats import load_adapter, save_adapter
+from test_mixed_naming import check_applied, swap
 
 D = 16
 CONFIGS = {
@@ -69,11 +69,6 @@ def delta(m: LoraModule) -> torch.Tensor:
     return m.scale * m.B.double() @ m.A.double()
 
 
-def swap(t: torch.Tensor) -> torch.Tensor:
-    half = t.shape[0] // 2
-    return torch.cat([t[half:], t[:half]])
-
-
 def original_adapter(kind: str) -> Adapter:
     return Adapter(modules={name: lora(rows, 2 + i % 2, 1.0 + i, seed=i)
                             for i, (name, (rows, _, _)) in enumerate(TABLE[kind].items())})
@@ -100,14 +95,6 @@ def diffusers_base(request, tmp_path_factory):
         torch.manual_seed(0)
         getattr(diffusers, cls)(**config).save_pretrained(folder)
     return kind, folder, load_file(str(folder / "diffusion_pytorch_model.safetensors"))
-
-
-def check_applied(out: dict, base: dict, expected: dict[str, torch.Tensor], prefix: str = "") -> None:
-    for name, d in expected.items():
-        key = f"{prefix}{name}.weight"
-        torch.testing.assert_close(out[key].double(), base[key].double() + d, rtol=0, atol=1e-5, msg=key)
-    untouched = [k for k in base if k[len(prefix):-len(".weight")] not in expected]
-    assert untouched and all(torch.equal(out[k], base[k]) for k in untouched)
 
 
 def test_original_kohya_adapter_onto_a_diffusers_model(diffusers_base, tmp_path):

@@ -127,18 +127,12 @@ def _in_kohya_naming(loaded, include, exclude):
     from dataclasses import replace
 
     from ..io.formats import in_output_naming
-    from ..io.layers import compile_filters, matches
+    from ..io.layers import compile_filters
+    from ..merge import select_inputs
 
     include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
-    out, filtered = [], []
-    for item in loaded:
-        a = item.adapter
-        filtered += [n for n in a.modules if not matches(n, include, exclude) and n not in filtered]
-        kept = replace(a, modules={n: m for n, m in a.modules.items() if matches(n, include, exclude)},
-                       tensor_deltas={n: t for n, t in a.tensor_deltas.items()
-                                      if matches(n.rsplit(".", 1)[0], include, exclude)})
-        out.append(replace(item, adapter=in_output_naming(kept, "kohya")))
-    return out, filtered
+    kept, filtered = select_inputs(loaded, include, exclude)
+    return [replace(item, adapter=in_output_naming(item.adapter, "kohya")) for item in kept], filtered
 
 
 @click.command(short_help="Bake adapters into a base model's full weights.",
