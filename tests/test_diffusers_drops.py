@@ -2,8 +2,8 @@
 here to compare (diffusers 0.42.1):
 
 - a kohya/BFL Flux file with the modules outside the blocks (time_in, vector_in, guidance_in, txt_in, img_in,
-  final_layer) and a T5 (lora_te3_): FluxPipeline.load_lora_weights + fuse_lora changes exactly the modules of the
-  blocks; check names each of the others, one line each, exit 1;
+  final_layer), a T5 (lora_te3_) and a bias delta (diff_b): FluxPipeline.load_lora_weights + fuse_lora changes
+  exactly the weights of the block modules; check names each of the others, one line each, exit 1;
 - an SD 1.x file in LDM UNet names (lora_unet_input_blocks_...): load_lora_weights misplaces them, check says so
   and its workaround (lora_state_dict(..., unet_config=) + load_lora_into_unet) loads them exactly."""
 
@@ -58,6 +58,8 @@ def test_check_names_each_module_flux_drops_and_only_those(tmp_path):
     for name, (o, i) in {**BLOCKS, **OUTSIDE}.items():
         sd.update(factors(kohya(name), o, i, g))
     sd.update(factors(T5, 8, 8, g))
+    diff_b = "lora_unet_double_blocks_0_img_attn_proj.diff_b"
+    sd[diff_b] = torch.randn(D, generator=g)  # a bias delta: diffusers filters it out (an info log line)
     path = tmp_path / "flux.safetensors"
     save_file(sd, str(path))
 
@@ -78,7 +80,9 @@ def test_check_names_each_module_flux_drops_and_only_those(tmp_path):
         pipe.load_lora_weights(str(path))
         pipe.fuse_lora()
     after = fused_weights(pipe.transformer)
-    changed = {k[:-len(".weight")] for k in before if not torch.equal(before[k], after[k])}
+    bias = "transformer_blocks.0.attn.to_out.0.bias"
+    assert torch.equal(before[bias], after[bias])  # the diff_b did not arrive
+    changed = {k[:-len(".weight")] for k in before if k.endswith(".weight") and not torch.equal(before[k], after[k])}
     flux = architecture_named("flux")
     applied = set()
     for name in {**BLOCKS, **OUTSIDE}:
@@ -89,7 +93,7 @@ def test_check_names_each_module_flux_drops_and_only_those(tmp_path):
         else:
             assert not parts & changed, name  # all or nothing
     assert applied == {kohya(n) for n in BLOCKS}
-    assert said == {kohya(n) for n in OUTSIDE} | {T5}  # what diffusers left out, exactly
+    assert said == {kohya(n) for n in OUTSIDE} | {T5, diff_b}  # what diffusers left out, exactly
 
 
 def test_our_flux_kohya_output_has_no_module_diffusers_drops_beyond_the_outside_ones(tmp_path):

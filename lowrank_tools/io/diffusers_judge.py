@@ -15,7 +15,8 @@ drops.py loads the files for real):
 
 Which input module reaches which component is traced, not guessed: the converter runs a second time on a probe of
 the file in which every module's down factor is filled with its own number and every scale is 1 (alpha = rank, up
-all ones), so each converted down factor says which module it came from (:func:`trace_modules`).
+all ones; every other tensor, diff_b or dora_scale, numbered too), so each converted tensor says where it came
+from (:func:`trace_modules`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ COMPONENTS = {"FluxPipeline": ("transformer.", "text_encoder."),
               "StableDiffusionXLPipeline": ("unet.", "text_encoder.", "text_encoder_2."),
               "StableDiffusionPipeline": ("unet.", "text_encoder.")}
 _LDM_UNET = re.compile(r"^(lora_unet_|(model\.)?diffusion_model\.)(input_blocks|middle_block|output_blocks)[._]")
-_DOWN_OUT = re.compile(r"(lora_A|lora\.down|lora_down)(\.weight)?$")
+_UP_OUT = re.compile(r"(lora_B|lora\.up|lora_up)\.weight$")
 LDM_WORKAROUND = ("state, alphas = pipe.lora_state_dict(FILE, unet_config=pipe.unet.config); "
                   "pipe.load_lora_into_unet(state, alphas, pipe.unet)")
 
@@ -55,23 +56,21 @@ def ldm_unet_keys(pipeline: str, modules) -> list[str]:
 
 
 def _probe(keys: list[str], get: Callable[[str], torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[int, str]]:
-    """The file with each module's down factor filled with its number (1, 2, ...), its up factor with ones and its
-    alpha = rank (scale 1); other tensors as they are. Returns (probe, {number: module key})."""
-    modules: dict[str, dict] = {}
-    for key in keys:
-        module, suffix, role = split_key(key)
-        modules.setdefault(module, {})[role] = key
+    """The file with each module's down factor, and each other tensor (``diff_b``, ``dora_scale``...), filled with
+    its own number (2, 3, ...), every up factor with ones and every alpha = rank (scale 1). Returns (probe, {number:
+    module key for a down factor, tensor key for another tensor})."""
+    downs = {split_key(k)[0]: k for k in keys if split_key(k)[2] is Role.DOWN}
     probe, numbers = {}, {}
     for key in keys:
         module, _, role = split_key(key)
         t = get(key)
-        if role is Role.DOWN and t.numel():
-            numbers[len(numbers) + 1] = module
-            probe[key] = torch.full(t.shape, float(len(numbers)), dtype=torch.float32)
-        elif role is Role.UP:
+        if role is Role.UP:
             probe[key] = torch.ones(t.shape, dtype=torch.float32)
-        elif role is Role.ALPHA and Role.DOWN in modules[module]:
-            probe[key] = torch.tensor(float(get(modules[module][Role.DOWN]).shape[0]))
+        elif role is Role.ALPHA and module in downs:
+            probe[key] = torch.tensor(float(get(downs[module]).shape[0]))
+        elif role in (Role.DOWN, Role.OTHER) and t.numel() and t.is_floating_point():
+            numbers[len(numbers) + 2] = module if role is Role.DOWN else key  # 1 is an up factor's value
+            probe[key] = torch.full(t.shape, float(len(numbers) + 1), dtype=torch.float32)
         else:
             probe[key] = t
     return probe, numbers
@@ -79,20 +78,18 @@ def _probe(keys: list[str], get: Callable[[str], torch.Tensor]) -> tuple[dict[st
 
 def trace_modules(pipeline_cls, keys: list[str], get: Callable[[str], torch.Tensor], components: tuple[str, ...]
                   ) -> dict[str, str | None]:
-    """{module key: None when a component loads it, else the name the converter gave it (``""``: none at all)} of
-    every module with a down factor, by running ``pipeline_cls.lora_state_dict`` on a probe (module docstring)."""
+    """{module key (a down factor's) or tensor key (any other tensor): None when a component loads it, else the name
+    the converter gave it (``""``: none at all)}, by running ``pipeline_cls.lora_state_dict`` on a probe (module
+    docstring)."""
     probe, numbers = _probe(keys, get)
     out = pipeline_cls.lora_state_dict(probe)
     converted = out[0] if isinstance(out, tuple) else out
     fate: dict[str, str | None] = {m: "" for m in numbers.values()}
     for key, t in converted.items():
-        if not _DOWN_OUT.search(key) or not t.numel():
+        if _UP_OUT.search(key) or not isinstance(t, torch.Tensor) or not t.numel():
             continue
-        module = numbers.get(int(round(float(t.reshape(-1)[0]))))
-        if module is None:
+        owner = numbers.get(int(round(float(t.reshape(-1)[0]))))
+        if owner is None or (owner in fate and fate[owner] is None):
             continue
-        if key.startswith(components):
-            fate[module] = None
-        elif fate[module] == "":
-            fate[module] = key
+        fate[owner] = None if key.startswith(components) else (fate[owner] or key)
     return fate
