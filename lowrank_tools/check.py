@@ -24,6 +24,7 @@ from .errors import AdapterFormatError, CheckpointNotFound
 from .io.checkpoint import as_checkpoint, open_checkpoint
 from .io.json_input import load_json
 from .io.consumer_keys import KOHYA_LIKE_PREFIXES, Consumer, Role, key_accepted, split_key, unknown_to_architecture
+from .io.diffusers_judge import COMPONENTS, LDM_WORKAROUND, ldm_unet_keys, pipeline_for, trace_modules
 from .io.layers import compile_filters, matches
 from .io.peft import CONFIG_NAME, DIFFUSERS_NAME, WEIGHTS_NAME
 
@@ -351,19 +352,10 @@ def _fit(ckpt, m, shape) -> str | None:
     return f"(out, in) = ({out}, {inp})" + (f" kernel {tuple(d[2:])}" if len(d) > 2 else "")
 
 
-_PIPELINES = (("FluxPipeline", re.compile(r"double_blocks|single_blocks|single_transformer_blocks")),
-              ("StableDiffusion3Pipeline", re.compile(r"joint_blocks|context_block|transformer_blocks.*add_q_proj")),
-              ("StableDiffusionXLPipeline", re.compile(r"^lora_te2_|^text_encoder_2\.|add_embedding|label_emb")),
-              ("StableDiffusionPipeline", re.compile(r"")))
-_COMPONENTS = {"FluxPipeline": ("transformer.", "text_encoder."),
-               "StableDiffusion3Pipeline": ("transformer.", "text_encoder.", "text_encoder_2."),
-               "StableDiffusionXLPipeline": ("unet.", "text_encoder.", "text_encoder_2."),
-               "StableDiffusionPipeline": ("unet.", "text_encoder.")}
-
-
 def _diffusers_judge(result, ckpt, keys) -> None:
-    """Run diffusers' own ``<Pipeline>.lora_state_dict`` on the tensors: what it refuses or leaves unrouted is a
-    problem. Without diffusers, the naming table decides (a note says so)."""
+    """Run diffusers' own ``<Pipeline>.lora_state_dict`` on the tensors: what it refuses, and each module
+    ``load_lora_weights`` would silently leave out (:mod:`~lowrank_tools.io.diffusers_judge`), is a problem.
+    Without diffusers, the naming table decides (a note says so)."""
     add = result.findings.append
     try:
         import diffusers
@@ -374,25 +366,35 @@ def _diffusers_judge(result, ckpt, keys) -> None:
             if why:
                 add(Problem(Severity.ERROR, "unknown-key", key, f"not loaded by diffusers: {why}"))
         return
-    name = next(n for n, pattern in _PIPELINES if any(pattern.search(k) for k in keys))
+    name = pipeline_for(keys)
     pipeline = getattr(diffusers, name)
-    state = {k: ckpt.get(k) for k in keys}
     try:
-        out = pipeline.lora_state_dict(dict(state))
+        pipeline.lora_state_dict({k: ckpt.get(k) for k in keys})
     except Exception as exc:  # noqa: BLE001 - whatever diffusers raises is its verdict
-        text = str(exc).strip() or type(exc).__name__
-        named = [k for k in keys if k in text] or [None]
-        first = text.splitlines()[0].strip()
-        if isinstance(exc, AssertionError) and any("_linear1." in k for k in keys):  # FORMAT-FACTS: hard-coded widths
-            first = "its kohya-Flux converter splits single_blocks linear1 only at full-size Flux widths [3072]*3+[12288]"
-        for key in named:
-            add(Problem(Severity.ERROR, "diffusers-refused", key, f"diffusers {name}.lora_state_dict refuses the file "
-                        f"({type(exc).__name__}: {first})"))
+        _refused(result, name, exc, keys)
         return
-    converted = out[0] if isinstance(out, tuple) else out
-    components = _COMPONENTS[name]
-    for key in converted:
-        if not key.startswith(components):
-            add(Problem(Severity.ERROR, "diffusers-dropped", key, f"{name}.load_lora_weights drops it (diffusers "
-                        f"routes only keys under {', '.join(components)})"))
+    components = COMPONENTS[name]
+    for module, named in trace_modules(pipeline, keys, ckpt.get, components).items():
+        if named is not None:
+            how = (f"its converter names it {named}, outside {', '.join(components)}" if named else
+                   "its converter leaves it out (unsupported: a log line at most)")
+            add(Problem(Severity.ERROR, "diffusers-dropped", module, f"{name}.load_lora_weights silently drops it: "
+                        f"{how}"))
+    ldm = ldm_unet_keys(name, {split_key(k)[0] for k in keys})
+    if ldm:
+        add(Problem(Severity.ERROR, "ldm-names", ldm[0], f"{len(ldm)} modules in SD 1.x LDM UNet names (this one "
+                    f"first): {name}.load_lora_weights does not map them (it makes input_blocks_1_1 down_blocks.1.1, "
+                    f"no such module) and refuses or drops them; only lora_state_dict(..., unet_config=) maps them: "
+                    f"{LDM_WORKAROUND} (lowrank-tools has no LDM -> diffusers UNet renaming yet)"))
     add(Problem(Severity.NOTE, "judge", None, f"judged by diffusers {diffusers.__version__} {name}.lora_state_dict"))
+
+
+def _refused(result, name: str, exc: Exception, keys) -> None:
+    text = str(exc).strip() or type(exc).__name__
+    named = [k for k in keys if k in text] or [None]
+    first = text.splitlines()[0].strip()
+    if isinstance(exc, AssertionError) and any("_linear1." in k for k in keys):  # FORMAT-FACTS: hard-coded widths
+        first = "its kohya-Flux converter splits single_blocks linear1 only at full-size Flux widths [3072]*3+[12288]"
+    for key in named:
+        result.findings.append(Problem(Severity.ERROR, "diffusers-refused", key, f"diffusers {name}.lora_state_dict "
+                                       f"refuses the file ({type(exc).__name__}: {first})"))

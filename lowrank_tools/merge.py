@@ -37,7 +37,7 @@ from .refactor import refactor_modules
 from .report import AdapterResult, Progress, Report, Warn, summarize
 from .weighted import WeightedAdapter, as_weighted
 
-__all__ = ["MergeResult", "merge", "weighted_sum_module"]
+__all__ = ["MergeResult", "merge", "weighted_sum_module", "select_inputs"]
 
 
 
@@ -112,7 +112,7 @@ def _common(values: set):
     return next(iter(values)) if len(values) == 1 else None
 
 
-def _selected(inputs: list[WeightedAdapter], include, exclude) -> tuple[list[WeightedAdapter], list[str]]:
+def select_inputs(inputs: list[WeightedAdapter], include, exclude) -> tuple[list[WeightedAdapter], list[str]]:
     """Each input's modules and tensor deltas that pass ``include`` / ``exclude`` on its own names (before any
     renaming), and the module names left out."""
     if not include and not exclude:
@@ -172,7 +172,7 @@ def merge(adapters: Sequence[WeightedAdapter | Adapter | tuple], *, rule: RankRu
     check_alpha(alpha)
     start = time.perf_counter()
     include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
-    inputs, filtered = _selected(inputs, include, exclude)  # on each input's own names
+    inputs, filtered = select_inputs(inputs, include, exclude)  # on each input's own names
     named = to_common_naming([i.adapter for i in inputs])
     inputs = [WeightedAdapter(a, i.weight, i.source) for a, i in zip(named, inputs)]
     parts = _gather(inputs)

@@ -61,7 +61,7 @@ def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
 
     --include / --exclude choose the modules resized; the others are written unchanged. What a kohya -o cannot
     hold (embeddings, tensors saved whole) is left out with a warning naming it, before any work."""
-    from ..io.formats import fit_format, load_adapter, output_format
+    from ..io.formats import fit_format, in_output_naming, load_adapter, output_format
     from ..linalg.rank_rules import require_rank_option
     from ..resize import resize as run
 
@@ -73,6 +73,8 @@ def resize(adapter, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
     loaded = load_adapter(adapter)
     warn_all(quiet, loaded.notes)
     loaded, left_out = fit_format(loaded, fmt, warn=warner(quiet))
+    if fmt == "kohya":  # split parts fused first: the rule truncates the modules the file holds
+        loaded = in_output_naming(loaded, fmt)
     result = run(loaded, rule=rule, budget=budget, alpha=alpha, dtype=out_dtype(dtype_name), device=device,
                  include=include, exclude=exclude, progress=Progress(quiet, "resize"), warn=warner(quiet))
     _finish_adapter(result, output, fmt=fmt, prefix=prefix, force=force, inputs=[adapter], report_path=report_path,
@@ -107,10 +109,30 @@ def merge(adapters, output, rank, energy, sv_ratio, threshold, budget, alpha, fm
     warn_all(quiet, [n for item in loaded for n in item.adapter.notes])
     fitted, left_out = fit_all([item.adapter for item in loaded], fmt, warn=warner(quiet))
     loaded = [replace(item, adapter=adapter) for item, adapter in zip(loaded, fitted)]
+    filtered = []
+    if fmt == "kohya" and (rule is not None or budget is not None):  # truncate the fused modules the file holds
+        loaded, filtered = _in_kohya_naming(loaded, include, exclude)
+        include = exclude = ()  # applied, on each input's own names
     result = run(loaded, rule=rule, budget=budget, alpha=alpha, dtype=out_dtype(dtype_name), device=device,
                  include=include, exclude=exclude, progress=Progress(quiet, "merge"), warn=warner(quiet))
+    if filtered:
+        result.report.skipped["filtered out"] = filtered
     _finish_adapter(result, output, fmt=fmt, prefix=prefix, force=force, inputs=paths, report_path=report_path,
                     quiet=quiet, left_out=left_out)
+
+
+def _in_kohya_naming(loaded, include, exclude):
+    """merge -r/--budget to kohya: each input filtered on its own names, then in the names the file holds (split
+    parts fused exactly), so that the rule truncates the fused modules; and the module names filtered out."""
+    from dataclasses import replace
+
+    from ..io.formats import in_output_naming
+    from ..io.layers import compile_filters
+    from ..merge import select_inputs
+
+    include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
+    kept, filtered = select_inputs(loaded, include, exclude)
+    return [replace(item, adapter=in_output_naming(item.adapter, "kohya")) for item in kept], filtered
 
 
 @click.command(short_help="Bake adapters into a base model's full weights.",

@@ -133,7 +133,11 @@ def _extract(base, tuned, output, options, *, fmt, prefix, report_path, force, q
         check_outputs(output, report_path, force=force, inputs=[base, tuned]
                       + ([options.calibration] if options.calibration is not None else []))
     asked = options.budget
+    paths = [base, tuned]
     try:
+        if fmt == "kohya" and options.calibration is None:  # fused layers factored as the file holds them
+            from ..extract.reading import fused_pair
+            base, tuned = fused_pair(base, tuned)
         options = _reserve_carried(options, base, tuned, extras)
         result = run(base, tuned, options, progress=Progress(quiet or not primary, "extract"),
                      warn=warner(quiet or not primary))
@@ -146,12 +150,12 @@ def _extract(base, tuned, output, options, *, fmt, prefix, report_path, force, q
     if not result.adapter.modules and not result.adapter.full_tensors:
         why = "; ".join(f"{k}: {', '.join(v[:2])}{' ...' if len(v) > 2 else ''}"
                         for k, v in result.report.skipped.items())
-        raise click.ClickException(f"no layer of {tuned} differs from {base} in a way a LoRA can hold "
+        raise click.ClickException(f"no layer of {paths[1]} differs from {paths[0]} in a way a LoRA can hold "
                                    f"({why or 'no weights'}): nothing to extract, nothing written")
     adapter = _carry(result, base, tuned, fmt, **extras) if extras and any(extras.values()) else result.adapter
     if asked is not None:
         result.report.summary["budget"] = asked  # factors + carried tensors
-    with OutputTransaction(force=force, inputs=[base, tuned]) as outputs:  # the adapter and report, or neither
+    with OutputTransaction(force=force, inputs=paths) as outputs:  # the adapter and report, or neither
         save_adapter(adapter, output, format=fmt, prefix=prefix, transaction=outputs)
         write_report(result.report, report_path, transaction=outputs)
     show(result.report, quiet)
@@ -195,7 +199,7 @@ def convert(adapter, output, fmt, prefix, dtype_name, base, dora_to, method, ran
     A pipeline's adapter converted to peft is written as diffusers' pytorch_lora_weights.safetensors. What kohya
     cannot hold (embeddings, tensors saved whole) is left out with a warning naming it, before anything is written."""
     from ..io.checkpoint import check_output
-    from ..io.formats import fit_format, load_adapter, output_format, save_adapter, select_modules
+    from ..io.formats import fit_format, in_output_naming, load_adapter, output_format, save_adapter, select_modules
     from ..resize import resize
 
     rule = make_rule(rank, energy, sv_ratio, threshold)  # None: no truncation
@@ -211,6 +215,8 @@ def convert(adapter, output, fmt, prefix, dtype_name, base, dora_to, method, ran
     warn_all(quiet, loaded.notes)
     loaded, done = _convert_dora(loaded, base, dora_to, rule, method, quiet) if dora_to != "keep" else (loaded, ())
     loaded, left_out = fit_format(select_modules(loaded, include, exclude), fmt, warn=warner(quiet))
+    if fmt == "kohya" and (rule is not None or budget is not None):  # truncate the fused modules the file holds
+        loaded = in_output_naming(loaded, fmt)
     if rule is not None or budget is not None:  # modules --dora lora made under the rule already follow it
         truncated = [f"^{re.escape(n)}$" for n in done] if rule is not None and dora_to == "lora" else ()
         loaded = resize(loaded, rule=rule, budget=budget, exclude=truncated, progress=Progress(quiet, "convert"),

@@ -12,10 +12,11 @@ import torch
 from torch import Tensor
 
 from ..adapter import ModuleKind
-from ..io.checkpoint import Checkpoint
+from ..io.arch_checkpoint import in_original_naming
+from ..io.checkpoint import Checkpoint, as_checkpoint
 from ..linalg.memory import empty_huge
 
-__all__ = ["Pair", "NUMPY_DTYPES", "BufferPool", "ReadBuffers", "numpy_delta", "read_pairs"]
+__all__ = ["Pair", "NUMPY_DTYPES", "BufferPool", "ReadBuffers", "numpy_delta", "read_pairs", "fused_pair"]
 
 NUMPY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # subtracted in the read-ahead thread
 
@@ -141,3 +142,17 @@ def read_pairs(base: Checkpoint, tuned: Checkpoint, selected: dict[str, ModuleKi
             W1, W0 = W1.clone(), W0.clone()
         yield Pair(name, kind, W1, W0, dtype, (base, tuned))
         del W1, W0
+
+
+def fused_pair(base, tuned) -> tuple[Checkpoint, Checkpoint]:
+    """(base, tuned) as a kohya output names them: a diffusers-named transformer model (Flux, SD3, Wan, HunyuanVideo)
+    in its original names, each fused layer one stacked tensor (:func:`~lowrank_tools.io.arch_checkpoint.in_original_
+    naming`), so that extract factors the module the file holds, [dW_q; dW_k; dW_v], at the rank asked (not three
+    rank-r parts concatenated to rank 3r). Both as opened when the tuned one is no such model or the base is not in
+    the same naming (a pairing of other names reports what does not pair)."""
+    base, tuned = as_checkpoint(base), as_checkpoint(tuned)
+    tuned_view, arch = in_original_naming(tuned)
+    if arch is None:
+        return base, tuned
+    base_view, base_arch = in_original_naming(base)
+    return (base_view, tuned_view) if base_arch is arch else (base, tuned)

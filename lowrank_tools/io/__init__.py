@@ -36,6 +36,8 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .architectures import (Naming, Rule, Architecture, ARCHITECTURES, Detected, detect_architecture, body_of,
                                 TRANSFORMER, architecture_named, needs_base)
     from .arch_convert import to_original, to_diffusers, for_format, row_sizes, to_base_naming, to_common_naming
+    from .arch_checkpoint import FusedSource, in_original_naming, original_layout
+    from .diffusers_judge import PIPELINES, COMPONENTS, pipeline_for, trace_modules, ldm_unet_keys, LDM_WORKAROUND
     from .base_model import task_type, base_model_reference
     from .peft import (CONFIG_NAME, WEIGHTS_NAME, DIFFUSERS_NAME, DIFFUSERS_COMPONENTS, is_peft_folder,
                        is_diffusers_adapter, read_peft, read_peft_file, write_peft, write_diffusers,
@@ -89,6 +91,8 @@ _EXPORTS = {name: module for module, names in {
     ".architectures": ("Naming", "Rule", "Architecture", "ARCHITECTURES", "Detected", "detect_architecture", "body_of",
                      "TRANSFORMER", "architecture_named", "needs_base",),
     ".arch_convert": ("to_original", "to_diffusers", "for_format", "row_sizes", "to_base_naming", "to_common_naming"),
+    ".arch_checkpoint": ("FusedSource", "in_original_naming", "original_layout"),
+    ".diffusers_judge": ("PIPELINES", "COMPONENTS", "pipeline_for", "trace_modules", "ldm_unet_keys", "LDM_WORKAROUND"),
     ".base_model": ("task_type", "base_model_reference",),
     ".peft": ("CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_peft_folder",
             "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft", "write_diffusers",

@@ -63,6 +63,7 @@ class Architecture:
     base_markers: tuple[str, ...] = ()   # regexes on a base checkpoint's module names that tell the model apart
     one_naming: bool = False             # the original model uses diffusers' names (Qwen-Image)
     yields_to: str = ""                  # names this and that architecture share are read as that one's
+    t5: str = ""                         # the diffusers pipeline component of its T5 encoder (kohya's lora_te3_)
     _compiled: dict = field(default_factory=dict, compare=False, repr=False)
 
     def compiled(self, naming: Naming, sep: str = ".") -> list[tuple[re.Pattern, Rule, int]]:
@@ -123,7 +124,8 @@ _FLUX = Architecture("flux", "Flux", "BFL", (
     *_embedder("guidance_in", _IN_OUT, "time_text_embed.guidance_embedder"),
     _r("final_layer.linear", "proj_out"),
     _r("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True),
-), base_markers=(r"^single_transformer_blocks\.", r"^single_blocks\.", r"^double_blocks\.\d+\.img_attn\.qkv"))
+), base_markers=(r"^single_transformer_blocks\.", r"^single_blocks\.", r"^double_blocks\.\d+\.img_attn\.qkv"),
+    t5="text_encoder_2.")
 
 
 def _mmdit_block(side: str, attn: str, diff: str) -> tuple[Rule, ...]:
@@ -149,7 +151,7 @@ _SD3 = Architecture("sd3", "SD3", "SAI MMDiT", (
     *_embedder("y_embedder.mlp", _MLP, "time_text_embed.text_embedder"),
     _r("final_layer.linear", "proj_out"),
     _r("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True),
-), base_markers=(r"^joint_blocks\.", r"^pos_embed\.pos_embed$", r"^pos_embed$"))
+), base_markers=(r"^joint_blocks\.", r"^pos_embed\.pos_embed$", r"^pos_embed$"), t5="text_encoder_3.")
 
 _WAN = Architecture("wan", "Wan", "Wan", (
     *(_r(f"blocks.{{i}}.self_attn.{o}", f"blocks.{{i}}.attn1.{d}")

@@ -28,8 +28,8 @@ from .atomic import write_safetensors
 from .checkpoint import open_checkpoint
 from ..errors import AdapterFormatError, ConversionError
 from .json_input import get_str_map, load_json
-from .kohya_names import (architecture_names, check_prefix, dotted_module_name, guess_module_name, kohya_key,
-                          match_keys)
+from .kohya_names import (KOHYA_PREFIXES, T5_PREFIX, architecture_names, check_prefix, dotted_module_name, guess_module_name,
+                          kohya_key, match_keys, t5_component)
 from .peft import build_module, file_factors, lora_keys_seen
 
 __all__ = ["NAMES_KEY", "kohya_key", "is_kohya_keys", "read_kohya", "write_kohya", "kohya_state_dict",
@@ -148,7 +148,8 @@ def _recorded_names(ckpt, path: Path) -> dict[str, str]:
     return get_str_map({NAMES_KEY: names}, NAMES_KEY, f"{path}: metadata", error=AdapterFormatError)
 
 
-def _module_names(keys: list[str], recorded: dict, path: Path, module_names, base: str | None) -> tuple[dict, list]:
+def _module_names(keys: list[str], recorded: dict, path: Path, module_names, base: str | None,
+                  metadata: dict | None = None) -> tuple[dict, list]:
     """{kohya key: module name} and notes: recorded names, else matched against a base, else guessed."""
     names = {k: recorded[k] for k in keys if k in recorded}
     names.update({k: dotted_module_name(k) for k in keys if k not in names and "." in k})  # exact: ComfyUI's
@@ -162,6 +163,7 @@ def _module_names(keys: list[str], recorded: dict, path: Path, module_names, bas
                      f"(no {NAMES_KEY} record)")
     elif rest:
         names.update({k: guess_module_name(k) for k in rest})
+        notes += _t5_names(names, [k for k in rest if k.startswith(T5_PREFIX)], found, metadata or {}, path)
         notes.append(f"{path}: {len(rest)} module names are guesses from the known diffusers/transformers naming "
                      f"(e.g. {rest[0]} -> {names[rest[0]]}): pass a base checkpoint to match them exactly")
     seen: dict[str, str] = {}
@@ -172,11 +174,26 @@ def _module_names(keys: list[str], recorded: dict, path: Path, module_names, bas
     return names, notes
 
 
+def _t5_names(names: dict[str, str], t5_keys: list[str], found, metadata: dict, path: Path) -> list[str]:
+    """Guessed ``lora_te3_`` (T5) names moved to the component the file's model has it in (Flux: text_encoder_2,
+    SD3: text_encoder_3, see :func:`~.kohya_names.t5_component`); notes saying how it was decided."""
+    if not t5_keys:
+        return []
+    component, why = t5_component(found, metadata)
+    guessed = KOHYA_PREFIXES[T5_PREFIX][0]
+    if component is None:
+        return [f"{path}: {len(t5_keys)} lora_te3_ (T5) modules read as SD3's {guessed[:-1]} ({why}); a Flux "
+                f"LoRA's T5 is text_encoder_2: pass --base to read them against the model"]
+    for key in t5_keys:
+        names[key] = component + names[key][len(guessed):]
+    return [f"{path}: {len(t5_keys)} lora_te3_ (T5) modules read as {component[:-1]} ({why})"]
+
+
 def resolve_module_names(ckpt, keys: list[str], path: Path, module_names=None, base: str | None = None
                          ) -> tuple[dict[str, str], list[str]]:
     """{kohya module key: module name} and notes for ``keys`` of ``ckpt``: recorded names, else matched against
     ``module_names`` (a base's), else guessed (what :func:`read_kohya` does; LyCORIS files use it too)."""
-    return _module_names(keys, _recorded_names(ckpt, path), path, module_names, base)
+    return _module_names(keys, _recorded_names(ckpt, path), path, module_names, base, ckpt.metadata)
 
 
 def read_kohya(path: Path, *, module_names=None, base: str | None = None) -> Adapter:
@@ -184,7 +201,7 @@ def read_kohya(path: Path, *, module_names=None, base: str | None = None) -> Ada
     ckpt = open_checkpoint(path, dequantize=False)
     downs, recorded = _group_keys(ckpt, path), _recorded_names(ckpt, path)
     keys = [k for k in recorded if k in downs] + sorted(k for k in downs if k not in recorded)  # as written
-    names, notes = _module_names(keys, recorded, path, module_names, base)
+    names, notes = _module_names(keys, recorded, path, module_names, base, ckpt.metadata)
     modules: dict[str, LoraModule] = {}
     for key in keys:
         A, B = ckpt.get(key + _DOWN), ckpt.get(key + _UP)

@@ -17,11 +17,12 @@ import re
 from collections.abc import Iterable
 
 from ..errors import AdapterMismatch, InvalidOption
-from .architectures import TRANSFORMER, Detected, Naming, detect_architecture
+from .architectures import TRANSFORMER, Detected, Naming, architecture_named, detect_architecture
 from .ldm_names import ldm_split
 
 __all__ = ["COMPONENT_PREFIXES", "KOHYA_PREFIXES", "kohya_key", "split_prefix", "check_prefix", "guess_module_name",
-           "match_keys", "is_text_encoder_prefix", "architecture_names", "dotted_module_name"]
+           "match_keys", "is_text_encoder_prefix", "architecture_names", "dotted_module_name", "t5_component",
+           "T5_PREFIX"]
 
 # module-name component -> kohya prefix
 COMPONENT_PREFIXES = {"unet.": "lora_unet_", "transformer.": "lora_unet_", "text_encoder.": "lora_te_",
@@ -30,7 +31,8 @@ COMPONENT_PREFIXES = {"unet.": "lora_unet_", "transformer.": "lora_unet_", "text
 # (lora_te3_: SD3's / Flux's T5 in sd-scripts' lora_sd3.py / lora_flux.py; lora_transformer_: OneTrainer's diffusers
 # transformer. LyCORIS' own lycoris_ prefix is read for the transformer models of :mod:`.architectures` only)
 KOHYA_PREFIXES = {"lora_unet_": ("unet.", "transformer."), "lora_transformer_": ("transformer.",),
-                  "lora_te1_": ("text_encoder.",), "lora_te2_": ("text_encoder_2.",), "lora_te3_": ("text_encoder_3.",),
+                  "lora_te1_": ("text_encoder.",), "lora_te2_": ("text_encoder_2.",),
+                  "lora_te3_": ("text_encoder_3.", "text_encoder_2."),  # SD3's T5, Flux's T5 (see t5_component)
                   "lora_te_": ("text_encoder.",)}
 _TRANSFORMER_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")  # may hold a transformer model's names
 _TEXT_MODEL_CHILDREN = ("encoder.", "embeddings.", "final_layer_norm.")  # CLIPTextTransformer's children
@@ -59,6 +61,7 @@ single_transformer_blocks proj_mlp norm1_context ff_context to_add_out
 double_blocks single_blocks img_attn txt_attn img_mlp txt_mlp img_mod txt_mod final_layer adaLN_modulation
 img_in txt_in time_in vector_in guidance_in in_layer out_layer joint_blocks x_block context_block t_embedder
 y_embedder self_attn cross_attn k_img v_img patch_embedding text_embedding time_embedding time_projection img_emb
+wi_0 wi_1
 """
 _KNOWN_TOKENS = sorted((tuple(w.split("_")) for w in _KNOWN.split()), key=len, reverse=True)
 
@@ -209,3 +212,27 @@ def architecture_names(keys: Iterable[str]) -> tuple[dict[str, str], Detected | 
             name = found.architecture.module_name(rule, index, found.naming, part)
             names[key] = name if found.naming is Naming.ORIGINAL else TRANSFORMER + name
     return names, found
+
+
+T5_PREFIX = "lora_te3_"
+# what sd-scripts records of the model a LoRA was trained on (library/sai_model_spec.py, flux_utils.MODEL_VERSION_*):
+# modelspec.architecture "flux-1-dev/lora", "chroma/lora", "stable-diffusion-3-...", ss_base_model_version "flux1",
+# "chroma", "sd3"...; and ss_sd_model_name, the base checkpoint's file name ("flux1-dev.safetensors")
+_RECORDED_MODEL = (("flux", re.compile(r"flux|chroma", re.IGNORECASE)),
+                   ("sd3", re.compile(r"stable-diffusion-3|sd3|sd_3|sd-3", re.IGNORECASE)))
+_RECORDED_KEYS = ("modelspec.architecture", "ss_base_model_version", "ss_sd_model_name")
+
+
+def t5_component(found: Detected | None, metadata: dict[str, str]) -> tuple[str | None, str]:
+    """The diffusers component a ``lora_te3_`` (T5) key stands for and why: Flux's T5 is ``text_encoder_2.``, SD3's
+    ``text_encoder_3.`` (sd-scripts and ComfyUI write lora_te3_ for both). Decided by the architecture of the file's
+    transformer keys (``found``), else by what the file records of its base model; (None, why not) when neither
+    tells (the caller then reads SD3's and says so)."""
+    if found is not None and found.architecture.t5:
+        return found.architecture.t5, f"its transformer keys are {found.architecture.label}'s"
+    for key in _RECORDED_KEYS:
+        value = metadata.get(key) or ""
+        for arch, pattern in _RECORDED_MODEL:
+            if pattern.search(value):
+                return architecture_named(arch).t5, f"its metadata {key} is {value!r}"
+    return None, "no transformer keys and no recorded base model"

@@ -1,0 +1,95 @@
+"""What diffusers' own loader does with an adapter file: refuses it, or silently leaves modules out.
+
+``<Pipeline>.load_lora_weights`` converts the file with ``<Pipeline>.lora_state_dict`` and hands each component the
+keys under its name (``transformer.``, ``unet.``, ``text_encoder.``): a module the converter leaves out, or names
+outside every component, is dropped with at most a log line. Measured with diffusers 0.42.1 (tests/test_diffusers_
+drops.py loads the files for real):
+
+- Flux (``_convert_kohya_flux_lora_to_diffusers``): ``time_in``, ``vector_in``, ``guidance_in``, ``txt_in``, ``img_in``
+  and ``final_layer`` are converted to names without ``transformer.`` (``x_embedder.lora_A.weight``), which no
+  component takes; ``lora_te3_`` (T5) and other text encoders than ``lora_te_`` / ``lora_te1_`` are left out
+  ("Unsupported keys for ai-toolkit" in the log); ComfyUI's ``text_encoders.t5xxl`` and ``diff_b`` are filtered out.
+- SD 1.x/2.x (``StableDiffusionPipeline``): LDM UNet names (``lora_unet_input_blocks_1_1_proj_in``) are mapped only
+  when ``lora_state_dict`` gets ``unet_config=`` (SDXL's ``load_lora_weights`` passes it, SD 1.x's does not): without
+  it ``input_blocks_1_1`` becomes ``down_blocks.1.1``, a module no UNet has (PEFT then refuses or drops it).
+
+Which input module reaches which component is traced, not guessed: the converter runs a second time on a probe of
+the file in which every module's down factor is filled with its own number and every scale is 1 (alpha = rank, up
+all ones; every other tensor, diff_b or dora_scale, numbered too), so each converted tensor says where it came
+from (:func:`trace_modules`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+
+from .consumer_keys import Role, split_key
+
+__all__ = ["PIPELINES", "COMPONENTS", "pipeline_for", "trace_modules", "ldm_unet_keys", "LDM_WORKAROUND"]
+
+PIPELINES = (("FluxPipeline", re.compile(r"double_blocks|single_blocks|single_transformer_blocks")),
+             ("StableDiffusion3Pipeline", re.compile(r"joint_blocks|context_block|transformer_blocks.*add_q_proj")),
+             ("StableDiffusionXLPipeline", re.compile(r"^lora_te2_|^text_encoder_2\.|add_embedding|label_emb")),
+             ("StableDiffusionPipeline", re.compile(r"")))
+COMPONENTS = {"FluxPipeline": ("transformer.", "text_encoder."),
+              "StableDiffusion3Pipeline": ("transformer.", "text_encoder.", "text_encoder_2."),
+              "StableDiffusionXLPipeline": ("unet.", "text_encoder.", "text_encoder_2."),
+              "StableDiffusionPipeline": ("unet.", "text_encoder.")}
+_LDM_UNET = re.compile(r"^(lora_unet_|(model\.)?diffusion_model\.)(input_blocks|middle_block|output_blocks)[._]")
+_UP_OUT = re.compile(r"(lora_B|lora\.up|lora_up)\.weight$")
+LDM_WORKAROUND = ("state, alphas = pipe.lora_state_dict(FILE, unet_config=pipe.unet.config); "
+                  "pipe.load_lora_into_unet(state, alphas, pipe.unet)")
+
+
+def pipeline_for(keys) -> str:
+    """The diffusers pipeline class whose loader judges ``keys`` (Flux, SD3, SDXL, else SD 1.x)."""
+    return next(n for n, pattern in PIPELINES if any(pattern.search(k) for k in keys))
+
+
+def ldm_unet_keys(pipeline: str, modules) -> list[str]:
+    """Module keys of an SD 1.x/2.x file in LDM UNet names, which that pipeline's ``load_lora_weights`` misplaces
+    (module docstring); [] for other pipelines (SDXL's maps them) and files."""
+    return [m for m in modules if _LDM_UNET.match(m)] if pipeline == "StableDiffusionPipeline" else []
+
+
+def _probe(keys: list[str], get: Callable[[str], torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[int, str]]:
+    """The file with each module's down factor, and each other tensor (``diff_b``, ``dora_scale``...), filled with
+    its own number (2, 3, ...), every up factor with ones and every alpha = rank (scale 1). Returns (probe, {number:
+    module key for a down factor, tensor key for another tensor})."""
+    downs = {split_key(k)[0]: k for k in keys if split_key(k)[2] is Role.DOWN}
+    probe, numbers = {}, {}
+    for key in keys:
+        module, _, role = split_key(key)
+        t = get(key)
+        if role is Role.UP:
+            probe[key] = torch.ones(t.shape, dtype=torch.float32)
+        elif role is Role.ALPHA and module in downs:
+            probe[key] = torch.tensor(float(get(downs[module]).shape[0]))
+        elif role in (Role.DOWN, Role.OTHER) and t.numel() and t.is_floating_point():
+            numbers[len(numbers) + 2] = module if role is Role.DOWN else key  # 1 is an up factor's value
+            probe[key] = torch.full(t.shape, float(len(numbers) + 1), dtype=torch.float32)
+        else:
+            probe[key] = t
+    return probe, numbers
+
+
+def trace_modules(pipeline_cls, keys: list[str], get: Callable[[str], torch.Tensor], components: tuple[str, ...]
+                  ) -> dict[str, str | None]:
+    """{module key (a down factor's) or tensor key (any other tensor): None when a component loads it, else the name
+    the converter gave it (``""``: none at all)}, by running ``pipeline_cls.lora_state_dict`` on a probe (module
+    docstring)."""
+    probe, numbers = _probe(keys, get)
+    out = pipeline_cls.lora_state_dict(probe)
+    converted = out[0] if isinstance(out, tuple) else out
+    fate: dict[str, str | None] = {m: "" for m in numbers.values()}
+    for key, t in converted.items():
+        if _UP_OUT.search(key) or not isinstance(t, torch.Tensor) or not t.numel():
+            continue
+        owner = numbers.get(int(round(float(t.reshape(-1)[0]))))
+        if owner is None or (owner in fate and fate[owner] is None):
+            continue
+        fate[owner] = None if key.startswith(components) else (fate[owner] or key)
+    return fate
