@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .adapter import LoraModule, ModuleKind, matrix_shape
+from .adapter import LoraModule, ModuleKind, as_conv1d, matrix_shape
 from .io.arch_convert import to_base_naming
 from .io.atomic import all_finite, header_bound
 from .io.checkpoint import Checkpoint, ShardedWriter, as_checkpoint, atomic_output, check_output, parse_size
 from .errors import AdapterMismatch, ConversionError, NonFiniteWeight, NumericalError, UsageError
-from .io.layers import WORD_EMBEDDINGS, compile_filters, matches
+from .io.layers import WORD_EMBEDDINGS, compile_filters, conv1d_rule, matches
 from .io.openclip import fused_rows
 from .linalg.svd import resolve_device
 from .linalg.norms import delta_stats, lowrank_frobenius_diff, lowrank_frobenius_norm
@@ -121,16 +121,30 @@ def _term(name: str, m: LoraModule, item: WeightedAdapter, tensor: str, base: Ch
                               f"tensor {tensor} is {what}: the adapter was made for another model")
     if not (torch.isfinite(m.B).all() and torch.isfinite(m.A).all()):
         raise NonFiniteWeight(f"{item.source}: module {name} holds NaN/Inf factors: repair or re-export the adapter")
-    L, R = (m.A.mT, m.B.mT) if m.kind is ModuleKind.EMBEDDING else (m.B, m.A)  # weight (rows, cols) = L @ R
+    transposed = m.kind in (ModuleKind.EMBEDDING, ModuleKind.CONV1D)  # weight (in, out) = (B A)^T = A^T B^T
+    L, R = (m.A.mT, m.B.mT) if transposed else (m.B, m.A)  # weight (rows, cols) = L @ R
     if part is not None:  # zero rows elsewhere: the q/k/v part's product lands on its rows of the fused weight
         L = torch.cat([L.new_zeros(part * shape[0], L.shape[1]), L.reshape(shape[0], -1),
                        L.new_zeros((2 - part) * shape[0], L.shape[1])])
-    if m.magnitude is not None and (m.kind is ModuleKind.EMBEDDING or part is not None):
-        what = "an embedding" if part is None else "a q/k/v part of a fused in_proj_weight"
+    if m.magnitude is not None and (transposed or part is not None):
+        what = f"an {m.kind.value} layer" if part is None else "a q/k/v part of a fused in_proj_weight"
         raise AdapterMismatch(f"{item.source}: module {name} is DoRA on {what}: not supported; leave it out with "
                               f"--exclude '^{re.escape(name)}$'")
     return Term(module=name, source=item.source, L=L, R=R, coef=float(item.weight) * m.scale, magnitude=m.magnitude,
                 axis=m.dora_axis, weight=float(item.weight))
+
+
+def _oriented(name: str, m: LoraModule, conv1d: bool | None, item: WeightedAdapter, warn: Warn | None) -> LoraModule:
+    """``m`` laid out as the base stores its weight: the base's config decides Conv1D (in, out) or nn.Linear, as PEFT
+    decides from the layer's class whatever ``fan_in_fan_out`` says (``conv1d`` None: no config, the adapter's
+    layout stands). A module the adapter did not mark Conv1D on a Conv1D weight is warned about: an adapter
+    written for GPT-2 without ``fan_in_fan_out`` may hold transposed factors (a square c_proj cannot tell)."""
+    if conv1d is None or m.kind not in (ModuleKind.LINEAR, ModuleKind.CONV1D) or (m.kind is ModuleKind.CONV1D) == conv1d:
+        return m
+    if conv1d and warn:
+        warn(f"{item.source}: module {name} is not marked fan_in_fan_out but the base stores it as a transformers "
+             f"Conv1D (weight (in, out)): applied as (B A)^T, as PEFT does")
+    return as_conv1d(m, conv1d)
 
 
 def _tied_embedding(name: str, m: LoraModule, base: Checkpoint) -> str | None:
@@ -187,12 +201,14 @@ def plan_apply(base: Checkpoint, adapters: Sequence[WeightedAdapter], *, include
     plan: dict[str, list[Term]] = {}
     whole: dict[str, Tensor] = {}
     module_names = [k[:-len(".weight")] for k in base.keys() if k.endswith(".weight")]
+    conv1d = conv1d_rule(base)
     for item in adapters:
         own = item.adapter.modules
         item = _in_base_naming(item, module_names, include, exclude)  # filtered on its own names
         heads = []
         for name, m in item.adapter.modules.items():
             tensor, part = _resolve(name, base), None
+            m = _oriented(name, m, conv1d(tensor or name), item, warn)
             if tensor is None and (fused := fused_rows(f"{name}.weight", base)) is not None:
                 tensor, part = fused  # an OpenCLIP q/k/v module of a single file: rows of attn.in_proj_weight
             if tensor is None:

@@ -25,7 +25,8 @@ from .io.checkpoint import as_checkpoint, open_checkpoint
 from .io.json_input import load_json
 from .io.consumer_keys import KOHYA_LIKE_PREFIXES, Consumer, Role, key_accepted, split_key, unknown_to_architecture
 from .io.layers import compile_filters, matches
-from .io.peft import CONFIG_NAME, DIFFUSERS_NAME, WEIGHTS_NAME
+from .io.diffusers_lora import DIFFUSERS_NAME
+from .io.peft import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["Severity", "Problem", "CheckResult", "check_adapter", "Consumer"]
 
