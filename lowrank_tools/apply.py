@@ -71,6 +71,7 @@ class Term:
     magnitude: Tensor | None = None  # DoRA m (see _add_terms_dora)
     axis: str = "out"  # DoRA norm: per output row, or per input channel (LyCORIS legacy wd_on_out=False)
     weight: float = 1.0  # the adapter's weight (DoRA: w (m / ||W'|| - 1) + 1, LyCORIS' multiplier rule)
+    conv1d: bool = False  # the tensor is a transformers Conv1D weight (in, out): DoRA norms run over its columns
 
 
 @dataclass
@@ -126,12 +127,12 @@ def _term(name: str, m: LoraModule, item: WeightedAdapter, tensor: str, base: Ch
     if part is not None:  # zero rows elsewhere: the q/k/v part's product lands on its rows of the fused weight
         L = torch.cat([L.new_zeros(part * shape[0], L.shape[1]), L.reshape(shape[0], -1),
                        L.new_zeros((2 - part) * shape[0], L.shape[1])])
-    if m.magnitude is not None and (transposed or part is not None):
-        what = f"an {m.kind.value} layer" if part is None else "a q/k/v part of a fused in_proj_weight"
+    if m.magnitude is not None and (m.kind is ModuleKind.EMBEDDING or part is not None):
+        what = "an embedding" if part is None else "a q/k/v part of a fused in_proj_weight"
         raise AdapterMismatch(f"{item.source}: module {name} is DoRA on {what}: not supported; leave it out with "
                               f"--exclude '^{re.escape(name)}$'")
     return Term(module=name, source=item.source, L=L, R=R, coef=float(item.weight) * m.scale, magnitude=m.magnitude,
-                axis=m.dora_axis, weight=float(item.weight))
+                axis=m.dora_axis, weight=float(item.weight), conv1d=m.kind is ModuleKind.CONV1D)
 
 
 def _oriented(name: str, m: LoraModule, conv1d: bool | None, item: WeightedAdapter, warn: Warn | None) -> LoraModule:
@@ -305,8 +306,9 @@ def _add_terms_dora(W: Tensor, terms: Sequence[Term], *, device: torch.device, d
                               f"magnitudes for one weight are not defined; apply them one after another")
     d = dora[0]
     work = _add_terms(W, terms, device=device, dtype=torch.float32, name=name)  # W' (float32, fresh or in place)
-    M = dora_rescale_(work.reshape(work.shape[0], -1).to(device), d.magnitude, d.axis, d.weight)  # (out, in_flat)
-    out = M.reshape(W.shape).to("cpu", dtype)
+    M = work.reshape(work.shape[0], -1).to(device)  # (out, in_flat); a Conv1D's (in, out): rescaled on its .mT
+    M = dora_rescale_(M.mT if d.conv1d else M, d.magnitude, d.axis, d.weight)
+    out = (M.mT if d.conv1d else M).reshape(W.shape).to("cpu", dtype)
     _check_overflow(out, M, name, terms)
     return out
 

@@ -61,7 +61,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
                                 unknown_to_architecture)
     from .calibration import FORMAT_KEY, InputStats, CalibrationStats, read_calibration, write_calibration
     from .models import (ModelKind, require_transformers, model_kind, load_model, load_tokenizer, token_ids, padded_batches,
-                         Denoiser, find_denoiser, require_diffusers, load_denoiser)
+                         Denoiser, find_denoiser, require_diffusers, load_denoiser, is_conv1d_layer)
 
 from .prefetch import prefetch  # bound now: named like its module, or needed at once
 
@@ -114,7 +114,7 @@ _EXPORTS = {name: module for module, names in {
                        "unknown_to_architecture",),
     ".calibration": ("FORMAT_KEY", "InputStats", "CalibrationStats", "read_calibration", "write_calibration",),
     ".models": ("ModelKind", "require_transformers", "model_kind", "load_model", "load_tokenizer", "token_ids",
-              "padded_batches", "Denoiser", "find_denoiser", "require_diffusers", "load_denoiser"),
+              "padded_batches", "Denoiser", "find_denoiser", "require_diffusers", "load_denoiser", "is_conv1d_layer"),
 }.items() for name in names}
 
 __all__ = [*_EXPORTS, "prefetch"]
