@@ -224,6 +224,34 @@ def test_kohya_is_refused_before_any_work(gpt2, tmp_path):
         save_adapter(load_adapter(gpt2["ad"]), tmp_path / "k3.safetensors")
 
 
+def test_dora_on_conv1d_agrees_with_peft(gpt2, tmp_path):
+    """Magnitudes per output (a Conv1D's columns), perturbed so that DoRA is no plain LoRA: PEFT's merge, apply and
+    evaluate's in-memory patch give the same weights."""
+    from dataclasses import replace
+
+    from lowrank_tools.evaluate.patch import applied, plan_patch
+    result = run("extract", gpt2["base"], gpt2["tuned"], "-o", tmp_path / "dora", "-r", 4, "--dora", "-q")
+    assert result.exit_code == 0, result.output
+    adapter = load_adapter(tmp_path / "dora")
+    assert adapter.modules[ATTN].magnitude.shape == (96,)
+    g = torch.Generator().manual_seed(7)
+    adapter = replace(adapter, modules={n: replace(m, magnitude=m.magnitude * (1 + 0.5 * torch.rand(
+        m.magnitude.shape, generator=g))) for n, m in adapter.modules.items()})
+    save_adapter(adapter, tmp_path / "dora2")
+    merged = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(gpt2["base"]),
+                                            str(tmp_path / "dora2")).merge_and_unload().state_dict()
+    assert run("apply", gpt2["base"], tmp_path / "dora2", "-o", tmp_path / "out", "-q").exit_code == 0
+    model = transformers.GPT2LMHeadModel.from_pretrained(gpt2["base"])
+    with applied(model, plan_patch(model, load_adapter(tmp_path / "dora2"), "dora2")):
+        patched = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out, base = _weights(tmp_path / "out"), _weights(gpt2["base"])
+    for name in (f"{ATTN}.weight", f"{MLP}.weight"):
+        assert not torch.allclose(out[name], _weights(gpt2["tuned"])[name], atol=1e-3)  # the magnitudes count
+        torch.testing.assert_close(out[name], merged[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(patched[name], merged[name], rtol=0, atol=1e-5, msg=name)
+    assert torch.equal(out["transformer.h.1.attn.c_attn.weight"], base["transformer.h.1.attn.c_attn.weight"])
+
+
 # ------------------------------------------------------------------------------- evaluate and calibrate
 
 
