@@ -214,6 +214,24 @@ def test_check_against_the_base_fits_the_transposed_weights(gpt2, tmp_path):
     assert [(p["code"], ATTN in json.dumps(p)) for p in problems] == [("shape", True)], problems
 
 
+def test_bare_weight_files_are_taken_as_linear_with_a_note(gpt2):
+    """No config.json: nothing says Conv1D (gpt_bigcode's c_attn is an nn.Linear), so nothing is guessed, but the
+    report says what was assumed."""
+    base, tuned = _weights(gpt2["base"]), _weights(gpt2["tuned"])
+    result = extract(base, tuned, rule=RankRule(rank=4))
+    assert result.adapter.modules[ATTN].kind is ModuleKind.LINEAR and result.adapter.pipeline is None
+    assert any("no config.json" in n and "Conv1D" in n for n in result.report.notes)
+
+
+def test_analyze_reads_the_out_in_delta(gpt2, tmp_path):
+    result = run("analyze", gpt2["base"], gpt2["tuned"], "--json", tmp_path / "a.json")
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads((tmp_path / "a.json").read_text())["layers"]}
+    assert set(rows) == {ATTN, MLP}
+    assert rows[ATTN]["kind"] == "conv1d" and rows[ATTN]["shape"] == [32, 96] and rows[ATTN]["matrix_shape"] == [96, 32]
+    assert rows[ATTN]["energy_rank"]["0.99"] <= 2  # the planted rank
+
+
 def test_kohya_is_refused_before_any_work(gpt2, tmp_path):
     result = run("extract", gpt2["base"], gpt2["tuned"], "-o", tmp_path / "k.safetensors", "-r", 4, "-q")
     assert result.exit_code == 1 and "Conv1D" in result.output and "PEFT folder" in result.output
