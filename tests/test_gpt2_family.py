@@ -169,6 +169,33 @@ def test_peft_loads_it_without_warnings_and_merges_to_the_tuned_model(gpt2):
         torch.testing.assert_close(value, want[name], rtol=0, atol=1e-5, msg=name)
 
 
+def test_tied_embedding_and_head_beside_conv1d_layers(gpt2, tmp_path):
+    """A fine-tune that also moved the tied wte: the adapter carries wte (embedding) and lm_head (an nn.Linear, not
+    Conv1D though fan_in_fan_out is set); PEFT's unmerged model and apply both give the fine-tune."""
+    model = transformers.GPT2LMHeadModel.from_pretrained(gpt2["tuned"])
+    with torch.no_grad():
+        model.transformer.wte.weight += _rank2(100, 32, 4)
+    model.save_pretrained(tmp_path / "tuned")
+    result = run("extract", gpt2["base"], tmp_path / "tuned", "-o", tmp_path / "ad", "-r", 4, "-q")
+    assert result.exit_code == 0, result.output
+    kinds = {n: m.kind for n, m in load_adapter(tmp_path / "ad").modules.items()}
+    assert kinds == {ATTN: ModuleKind.CONV1D, MLP: ModuleKind.CONV1D, "transformer.wte": ModuleKind.EMBEDDING,
+                     "lm_head": ModuleKind.LINEAR}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT resets fan_in_fan_out for the nn.Linear lm_head, with a warning
+        adapted = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(gpt2["base"]),
+                                                 str(tmp_path / "ad")).eval()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=ids).logits, model.eval()(input_ids=ids).logits, rtol=0,
+                                   atol=1e-4)
+    assert run("apply", gpt2["base"], tmp_path / "ad", "-o", tmp_path / "out", "-q").exit_code == 0
+    out = _weights(tmp_path / "out")
+    for name, value in model.state_dict().items():
+        if name in out:
+            torch.testing.assert_close(out[name], value, rtol=0, atol=1e-5, msg=name)
+
+
 def test_apply_on_the_base_folder_gives_the_tuned_weights(gpt2, tmp_path):
     result = run("apply", gpt2["base"], gpt2["ad"], "-o", tmp_path / "out", "-q")
     assert result.exit_code == 0, result.output
@@ -316,6 +343,8 @@ def test_gptj_linear_layers_under_transformer_get_a_peft_folder(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
     assert describe_adapter(load_adapter(tmp_path / "ad"), tmp_path / "ad")["components"] == {}
+    assert run("convert", tmp_path / "ad", "-o", tmp_path / "again", "-q").exit_code == 0  # a PEFT folder stays one
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     merged = peft.PeftModel.from_pretrained(transformers.GPTJForCausalLM.from_pretrained(tmp_path / "base"),
                                             str(tmp_path / "ad")).merge_and_unload()
     torch.testing.assert_close(merged.get_submodule(name).weight, model.get_submodule(name).weight, rtol=0, atol=1e-5)

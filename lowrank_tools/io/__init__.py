@@ -55,7 +55,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
                          plan_layers, conv1d_rule, kohya_refuses_conv1d)
     from .prefetch import prefetch
     from .texts import read_texts, TEXT_SUFFIXES
-    from .model_config import read_model_config, CONV1D_LAYERS, conv1d_leaves, pipeline_evidence
+    from .model_config import read_model_config, CONV1D_LAYERS, CONV1D_LEAVES, conv1d_leaves, pipeline_evidence
     from .model_folder import config_files, rename_stem
     from .consumer_keys import (Consumer, Role, split_key, key_accepted, ROLES, KOHYA_LIKE_PREFIXES,
                                 unknown_to_architecture)
@@ -108,7 +108,7 @@ _EXPORTS = {name: module for module, names in {
               "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan",
               "plan_layers", "conv1d_rule", "kohya_refuses_conv1d",),
     ".texts": ("read_texts", "TEXT_SUFFIXES",),
-    ".model_config": ("read_model_config", "CONV1D_LAYERS", "conv1d_leaves", "pipeline_evidence",),
+    ".model_config": ("read_model_config", "CONV1D_LAYERS", "CONV1D_LEAVES", "conv1d_leaves", "pipeline_evidence",),
     ".model_folder": ("config_files", "rename_stem",),
     ".consumer_keys": ("Consumer", "Role", "split_key", "key_accepted", "ROLES", "KOHYA_LIKE_PREFIXES",
                        "unknown_to_architecture",),

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import CheckpointNotFound, NotACheckpoint, UsageError
 from .json_input import load_json
 
-__all__ = ["read_model_config", "CONV1D_LAYERS", "conv1d_leaves", "pipeline_evidence"]
+__all__ = ["read_model_config", "CONV1D_LAYERS", "CONV1D_LEAVES", "conv1d_leaves", "pipeline_evidence"]
 
 #: ``model_type`` -> leaf names of its ``Conv1D`` layers (``gpt_bigcode``'s c_attn / c_fc / c_proj are nn.Linear:
 #: same names, other layout, hence the model_type and never the names alone)
@@ -37,6 +37,9 @@ CONV1D_LAYERS: dict[str, frozenset[str]] = {
     "clvp": frozenset({"c_fc", "c_proj"}),  # the decoder's MLP; its attention and the encoders are nn.Linear
     "clvp_decoder": frozenset({"c_fc", "c_proj"}),
 }
+#: every leaf name a Conv1D layer has in some model: a PEFT folder's ``fan_in_fan_out`` (one switch for the whole
+#: adapter) is read as Conv1D for these only (a GPT-2 adapter's tied ``lm_head`` is an nn.Linear)
+CONV1D_LEAVES = frozenset().union(*CONV1D_LAYERS.values())
 
 
 def conv1d_leaves(config: dict | None) -> frozenset[str] | None:

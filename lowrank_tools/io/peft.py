@@ -11,9 +11,9 @@ names are written escaped. ``use_rslora`` makes the scale alpha / sqrt(r).
 
 transformers ``Conv1D`` layers (GPT-2 family, weight stored (in, out)) keep the same A (r, in) and B (out, r):
 PEFT's ``fan_in_fan_out`` only transposes the product onto the weight. It is written true when the adapter has such
-modules (PEFT sets it per layer from the module's class anyway, warning when the config disagrees); a folder read
-with it true has its 2-D modules laid out as Conv1D until a base says otherwise
-(:func:`~lowrank_tools.io.layers.conv1d_rule`).
+modules (PEFT sets it per layer from the module's class anyway, warning when the config disagrees: a GPT-2 adapter
+that also adapts the tied ``lm_head``, an nn.Linear, makes it warn); a folder read with it true has its 2-D modules
+of a Conv1D leaf name laid out as Conv1D until a base says otherwise (:func:`~lowrank_tools.io.layers.conv1d_rule`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from .checkpoint import open_checkpoint
 from ..errors import AdapterFormatError
 from .adapter_extras import attach_extras, peft_extras, peft_extras_config, split_extras
 from .json_input import get_bool, get_number, get_str, get_str_list, load_json, type_name
+from .model_config import CONV1D_LEAVES
 from .patterns import peft_pattern_value
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "is_peft_folder", "read_peft", "write_peft", "peft_config",
@@ -286,7 +287,8 @@ def _weights_file(folder: Path) -> Path:
 
 def modules_from_config(halves: dict, config: dict, where: Path, source: Path, *, strip: str = "") -> dict:
     """Modules with their alphas under a LoraConfig: rank_pattern must agree with the factors' shapes; with
-    ``fan_in_fan_out`` the 2-D ones are laid out as transformers Conv1D (weight (in, out))."""
+    ``fan_in_fan_out`` the 2-D ones of a Conv1D leaf name (``c_attn``, ``c_fc``, ...) are laid out as transformers
+    Conv1D (weight (in, out)); a base's config decides for good where one is given (apply, check, evaluate)."""
     r = _config_number(config, "r", where, 8)
     lora_alpha = _config_number(config, "lora_alpha", where, 8)  # PEFT's defaults
     rank_pattern, alpha_pattern = _patterns(config, "rank_pattern", where), _patterns(config, "alpha_pattern", where)
@@ -301,8 +303,9 @@ def modules_from_config(halves: dict, config: dict, where: Path, source: Path, *
             raise AdapterFormatError(f"{where}: rank {want} for {local} (r / rank_pattern) but {parts['A_key']} has "
                                      f"{A.shape[0]} rows: the config and weights disagree")
         alpha = float(_pattern_value(alpha_pattern, local, lora_alpha, f"{where}: alpha_pattern"))
-        modules[name] = as_conv1d(build_module(name, A, B, alpha, embedding=parts["emb"], rslora=rslora,
-                                               source=source, keys=(parts["A_key"], parts["B_key"])), conv1d)
+        module = build_module(name, A, B, alpha, embedding=parts["emb"], rslora=rslora, source=source,
+                              keys=(parts["A_key"], parts["B_key"]))
+        modules[name] = as_conv1d(module, conv1d and local.rsplit(".", 1)[-1] in CONV1D_LEAVES)
     return modules
 
 
