@@ -22,7 +22,7 @@ from lowrank_tools.cli import main  # noqa: E402
 from lowrank_tools.errors import ConversionError  # noqa: E402
 from lowrank_tools.extract import extract  # noqa: E402
 from lowrank_tools.io.diffusers_lora import is_diffusers_adapter  # noqa: E402
-from lowrank_tools.io.formats import describe_adapter, load_adapter, save_adapter  # noqa: E402
+from lowrank_tools.io.formats import describe_adapter, in_output_naming, load_adapter, save_adapter  # noqa: E402
 from lowrank_tools.io.model_config import CONV1D_LAYERS  # noqa: E402
 from lowrank_tools.linalg import RankRule  # noqa: E402
 
@@ -127,6 +127,10 @@ def test_pipeline_decision_follows_the_evidence():
     conv1d = LoraModule(B=torch.ones(4, 1), A=torch.ones(1, 3), alpha=1.0, kind=ModuleKind.CONV1D)
     assert conv1d.weight_shape == (3, 4) and conv1d.matrix_shape == (4, 3)
     assert not is_diffusers_adapter(Adapter(modules={"transformer.h.0.attn.c_attn": conv1d}))
+    flux = {n: m for n in ("double_blocks.0.img_attn.proj", "single_blocks.0.linear2", "double_blocks.0.txt_mlp.0")}
+    renamed = in_output_naming(Adapter(modules=flux, pipeline=False), "peft")  # BFL names read from a PEFT folder
+    assert all(n.startswith(("transformer.transformer_blocks.", "transformer.single_")) for n in renamed.modules)
+    assert is_diffusers_adapter(renamed)  # renamed into the pipeline's transformer.: a diffusers file, as before
 
 
 # ------------------------------------------------------------------------------------------- extract, PEFT

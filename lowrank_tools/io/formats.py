@@ -207,7 +207,11 @@ def in_output_naming(adapter: Adapter, format: AdapterFormat | str) -> Adapter:
     base_names = None
     if needs_base(adapter.modules) and adapter.base_model and Path(adapter.base_model).exists():
         base_names = _module_names(adapter.base_model)[0]  # names two models share: the base decides
-    return for_format(adapter, AdapterFormat(format) is AdapterFormat.KOHYA, base_names=base_names)[0]
+    kohya = AdapterFormat(format) is AdapterFormat.KOHYA
+    out, found = for_format(adapter, kohya, base_names=base_names)
+    if found is not None and out is not adapter and not kohya:  # renamed into a pipeline's transformer.: the names
+        out = replace(out, pipeline=None)                         # decide where to write it, as they did before
+    return out
 
 
 def _refuse_conv1d(adapter: Adapter) -> None:
