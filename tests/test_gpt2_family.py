@@ -301,6 +301,23 @@ def test_dora_on_conv1d_agrees_with_peft(gpt2, tmp_path):
     assert torch.equal(out["transformer.h.1.attn.c_attn.weight"], base["transformer.h.1.attn.c_attn.weight"])
 
 
+def test_convert_to_dora_norms_the_outputs_of_conv1d(gpt2, tmp_path):
+    """convert --dora dora --base: m = ||W0 + s B A|| per output, i.e. per column of the stored (in, out) weight,
+    which at the planted rank is the tuned weight's; back to LoRA (--dora lora) the delta is unchanged."""
+    result = run("convert", gpt2["ad"], "-o", tmp_path / "dora", "--dora", "dora", "--base", gpt2["base"], "-q")
+    assert result.exit_code == 0, result.output
+    dora, tuned = load_adapter(tmp_path / "dora"), _weights(gpt2["tuned"])
+    for name in (ATTN, MLP):
+        torch.testing.assert_close(dora.modules[name].magnitude, tuned[f"{name}.weight"].norm(dim=0), rtol=1e-5,
+                                   atol=1e-5)
+    result = run("convert", tmp_path / "dora", "-o", tmp_path / "lora", "--dora", "lora", "--base", gpt2["base"], "-q")
+    assert result.exit_code == 0, result.output
+    back = load_adapter(tmp_path / "lora")
+    for name, d in gpt2["deltas"].items():
+        assert back.modules[name].kind is ModuleKind.CONV1D
+        torch.testing.assert_close(back.modules[name].delta_matrix(), d, rtol=0, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------- evaluate and calibrate
 
 
