@@ -10,6 +10,8 @@ and ``weight_shape`` says how that matrix maps back onto the base weight:
 - linear:    weight (out, in)              = delta_matrix
 - conv:      weight (out, in, *kernel)     = delta_matrix.reshape(weight_shape)   (A is (r, in*kh*kw))
 - embedding: weight (vocab, dim)           = delta_matrix.T   (PEFT's lora_embedding_A (r, vocab), _B (dim, r))
+- conv1d:    weight (in, out)              = delta_matrix.T   (transformers' ``Conv1D`` of the GPT-2 family: a linear
+             layer stored transposed; PEFT's ``fan_in_fan_out``. Not ``nn.Conv1d``, whose kernels are ``conv``)
 
 File formats (PEFT folders, kohya files) read and write this type in ``peft_format`` and ``kohya_format``;
 LyCORIS-style modules in ``lycoris_format``.
@@ -34,7 +36,7 @@ from torch import Tensor
 from .errors import InvalidOption, NumericalError
 
 __all__ = ["Param", "ModuleKind", "LoraModule", "Adapter", "module_name", "matrix_view", "matrix_shape",
-           "weight_from_matrix", "cast_whole", "cast_factors", "check_alpha"]
+           "weight_from_matrix", "cast_whole", "cast_factors", "check_alpha", "as_conv1d"]
 
 
 _SVD_DTYPES = (torch.float32, torch.float64)  # factors exact to their rounding: the spectrum still describes them
@@ -56,6 +58,10 @@ class ModuleKind(str, Enum):
     LINEAR = "linear"
     CONV = "conv"
     EMBEDDING = "embedding"
+    CONV1D = "conv1d"  # transformers' Conv1D (GPT-2, ...): weight (in, out), the transpose of nn.Linear's
+
+
+_TRANSPOSED = (ModuleKind.EMBEDDING, ModuleKind.CONV1D)  # weights stored as the transpose of the (out, in) matrix
 
 
 def module_name(tensor_name: str) -> str:
@@ -65,14 +71,14 @@ def module_name(tensor_name: str) -> str:
 
 def matrix_view(weight: Tensor, kind: ModuleKind) -> Tensor:
     """The 2-D matrix a LoRA of ``kind`` approximates: (out, in_flat); for embeddings (dim, vocab)."""
-    if kind is ModuleKind.EMBEDDING:
-        return weight.t()  # (dim, vocab): PEFT's B (dim, r) @ A (r, vocab)
+    if kind in _TRANSPOSED:
+        return weight.t()  # embedding (dim, vocab): PEFT's B (dim, r) @ A (r, vocab); Conv1D (out, in)
     return weight.reshape(weight.shape[0], -1)  # conv (out, in, *k) -> (out, in*prod(k))
 
 
 def matrix_shape(weight_shape: tuple[int, ...], kind: ModuleKind) -> tuple[int, int]:
     """The (out, in_flat) shape of :func:`matrix_view` for a weight of ``weight_shape``; for embeddings (dim, vocab)."""
-    if kind is ModuleKind.EMBEDDING:
+    if kind in _TRANSPOSED:
         return int(weight_shape[1]), int(weight_shape[0])
     return int(weight_shape[0]), math.prod(int(d) for d in weight_shape[1:])
 
@@ -95,7 +101,7 @@ def cast_factors(B: Tensor, A: Tensor, dtype: torch.dtype, name: str) -> tuple[T
 
 def weight_from_matrix(matrix: Tensor, kind: ModuleKind, weight_shape: tuple[int, ...]) -> Tensor:
     """Inverse of :func:`matrix_view`: lay a delta matrix out in the base weight's shape."""
-    if kind is ModuleKind.EMBEDDING:
+    if kind in _TRANSPOSED:
         return matrix.t()
     return matrix.reshape(weight_shape)
 
@@ -120,7 +126,7 @@ class LoraModule:
         if not self.weight_shape:
             self.weight_shape = (
                 (self.A.shape[1], self.B.shape[0])
-                if self.kind is ModuleKind.EMBEDDING
+                if self.kind in _TRANSPOSED
                 else (self.B.shape[0], self.A.shape[1])
             )
         self.weight_shape = tuple(int(d) for d in self.weight_shape)
@@ -181,6 +187,17 @@ class LoraModule:
                    param=param, spectrum=S if dtype in _SVD_DTYPES else None, stored_rank=stored_rank)
 
 
+def as_conv1d(m: LoraModule, conv1d: bool) -> LoraModule:
+    """``m`` laid out on a transformers ``Conv1D`` weight (``conv1d``: weight (in, out)) or on an ``nn.Linear`` one
+    (out, in). The factors B (out, r), A (r, in) stay as they are (PEFT stores them so with or without
+    ``fan_in_fan_out``): only the weight's layout changes. Modules of other kinds are returned unchanged."""
+    if m.kind not in (ModuleKind.LINEAR, ModuleKind.CONV1D) or (m.kind is ModuleKind.CONV1D) == conv1d:
+        return m
+    out, inp = m.matrix_shape
+    return replace(m, kind=ModuleKind.CONV1D if conv1d else ModuleKind.LINEAR,
+                   weight_shape=(inp, out) if conv1d else (out, inp))
+
+
 @dataclass
 class Adapter:
     """A set of LoRA modules keyed by module name, plus tensors saved whole (PEFT ``modules_to_save``)."""
@@ -189,6 +206,10 @@ class Adapter:
     full_tensors: dict[str, Tensor] = field(default_factory=dict)  # tensor name -> whole tensor
     base_model: str | None = None
     task_type: str | None = None  # PEFT's task_type (CAUSAL_LM, SEQ_CLS, ...) from the base's config, if known
+    # made for a diffusers pipeline (True: modules under unet. / text_encoder. / transformer. are its components),
+    # for one model (False: a transformers model, or one diffusers component), or unknown (None: the names decide;
+    # see io.peft.is_diffusers_adapter). Set from the evidence: the base's config / model_index.json, the file read.
+    pipeline: bool | None = None
     source_format: str | None = None
     notes: list[str] = field(default_factory=list)  # e.g. module names guessed when reading kohya files
     # deltas added to base tensors whole (``x.bias`` from kohya ``.diff_b`` / PEFT ``lora_B.bias``, norm weights

@@ -25,8 +25,9 @@ from .io.checkpoint import as_checkpoint, open_checkpoint
 from .io.json_input import load_json
 from .io.consumer_keys import KOHYA_LIKE_PREFIXES, Consumer, Role, key_accepted, split_key, unknown_to_architecture
 from .io.diffusers_judge import COMPONENTS, LDM_WORKAROUND, ldm_unet_keys, pipeline_for, trace_modules
-from .io.layers import compile_filters, matches
-from .io.peft import CONFIG_NAME, DIFFUSERS_NAME, WEIGHTS_NAME
+from .io.diffusers_lora import DIFFUSERS_NAME
+from .io.layers import compile_filters, conv1d_rule, matches
+from .io.peft import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["Severity", "Problem", "CheckResult", "check_adapter", "Consumer"]
 
@@ -149,7 +150,7 @@ def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=Non
     if consumer is Consumer.PEFT and config is not None:
         _peft_ranks(result, modules, config)
     if base is not None:
-        _against_base(result, ckpt, modules, as_checkpoint(base))
+        _against_base(result, ckpt, modules, as_checkpoint(base), config if consumer is Consumer.PEFT else None)
     if consumer is Consumer.DIFFUSERS:
         _diffusers_judge(result, ckpt, [k for m in modules.values() for k in m.tensors.values()])
     return result
@@ -321,9 +322,13 @@ def _lookup(module: str, index: dict[str, str]) -> str | None:
     return None
 
 
-def _against_base(result, ckpt, modules, base) -> None:
+def _against_base(result, ckpt, modules, base, peft_config: dict | None) -> None:
+    """Each module in the base with a shape its update fits; a transformers Conv1D weight (GPT-2 family, stored
+    (in, out), known from the base's config.json) takes the transposed (out, in) update, as PEFT lays it."""
     index = _base_index(base)
+    conv1d = conv1d_rule(base)
     add = result.findings.append
+    flagged = peft_config is None or peft_config.get("fan_in_fan_out") is True
     for module, m in modules.items():
         found = _lookup(module, index)
         if found is None:
@@ -331,7 +336,15 @@ def _against_base(result, ckpt, modules, base) -> None:
             hint = f"; closest: {index[near[0]]}" if near else ""
             add(Problem(Severity.ERROR, "missing-module", module, f"no such module in the base{hint}"))
             continue
-        want = _fit(ckpt, m, tuple(base.shape(found)))
+        shape = tuple(base.shape(found))
+        if conv1d(found) and len(shape) == 2:
+            shape = (shape[1], shape[0])  # the (out, in) matrix a Conv1D weight is the transpose of
+            if not flagged:
+                flagged = True  # one note for the file: PEFT sets it per layer
+                add(Problem(Severity.NOTE, "fan-in-fan-out", module, f"{found} is a transformers Conv1D (weight "
+                            f"(in, out)) but adapter_config.json has fan_in_fan_out false: PEFT warns and sets it "
+                            f"true for such layers; the factors fit either way"))
+        want = _fit(ckpt, m, shape)
         if want is not None:
             add(Problem(Severity.ERROR, "shape", module, f"adapts {want} but {found} is {tuple(base.shape(found))}"))
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .adapter import Adapter, LoraModule, ModuleKind
+from .adapter import Adapter, LoraModule, ModuleKind, as_conv1d, matrix_shape, matrix_view
 from .io.checkpoint import as_checkpoint
+from .io.layers import conv1d_rule
 from .errors import AdapterMismatch, ConversionError, UnsupportedTensor
 from .linalg.norms import frobenius_error
 from .linalg.svd import Method, RankRule, truncated_svd
@@ -51,12 +52,19 @@ def _base_matrix(ckpt, name: str, m: LoraModule) -> torch.Tensor:
                 raise UnsupportedTensor(f"base tensor {key} of {getattr(ckpt, 'path', '')} is "
                                         f"{str(W0.dtype).replace('torch.', '')} {tuple(W0.shape)}, not a float weight "
                                         f"matrix: give the float base the adapter was made for")
-            if W0.shape[0] != m.matrix_shape[0] or W0[0].numel() != m.matrix_shape[1]:
+            if matrix_shape(tuple(W0.shape), m.kind) != m.matrix_shape:
                 raise AdapterMismatch(f"module {name} is {tuple(m.weight_shape)} but base tensor {key} is "
                                       f"{tuple(W0.shape)}: give the base the adapter was made for")
-            return W0.reshape(W0.shape[0], -1).double()
+            return matrix_view(W0, m.kind).double()  # (out, in_flat): a Conv1D weight (in, out) transposed
     raise AdapterMismatch(f"module {name} has no weight in base {getattr(ckpt, 'path', '')}: give the base the "
                           f"adapter was made for")
+
+
+def _oriented(adapter: Adapter, ckpt) -> dict[str, LoraModule]:
+    """The modules laid out as the base stores them: its config.json decides transformers Conv1D (weight (in, out))
+    or nn.Linear, as in apply (no config: the adapter's own layout)."""
+    conv1d = conv1d_rule(ckpt)
+    return {n: m if conv1d(n) is None else as_conv1d(m, bool(conv1d(n))) for n, m in adapter.modules.items()}
 
 
 @torch.no_grad()
@@ -64,7 +72,7 @@ def lora_to_dora(adapter: Adapter, base) -> DoraConversion:
     """Every plain module gets ``m = ||W0 + s B A||_row``: the same weights, now a PEFT DoRA adapter (exact)."""
     ckpt = as_checkpoint(base)
     modules = {}
-    for name, m in adapter.modules.items():
+    for name, m in _oriented(adapter, ckpt).items():
         if m.magnitude is not None:
             modules[name] = m
             continue
@@ -93,7 +101,7 @@ def dora_to_lora(adapter: Adapter, base, *, rule: RankRule | None = None, method
     the module's rank; the top-k SVD by ``method``, see the module doc); plain modules pass unchanged."""
     ckpt = as_checkpoint(base)
     modules, errors = {}, {}
-    for name, m in adapter.modules.items():
+    for name, m in _oriented(adapter, ckpt).items():
         if m.magnitude is None:
             modules[name] = m
             continue

@@ -188,6 +188,7 @@ def merge(adapters: Sequence[WeightedAdapter | Adapter | tuple], *, rule: RankRu
     merged = Adapter(modules=done.modules, full_tensors=cast_whole(_full_tensors(inputs, warn), dtype),
                      base_model=bases[0] if bases else None, source_format="merge", notes=notes,
                      task_type=_common({i.adapter.task_type for i in inputs}),
+                     pipeline=_common({i.adapter.pipeline for i in inputs}),
                      tensor_deltas=_tensor_deltas(inputs))
     more = {"inputs": [{"source": i.source, "weight": i.weight} for i in inputs],
             "old_params": sum(m.params for p in parts.values() for m, _, _ in p)}

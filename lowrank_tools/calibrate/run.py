@@ -1,5 +1,9 @@
-"""Run a model over texts with a forward hook on every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` and sum
-``X^T X`` of each distinct input.
+"""Run a model over texts with a forward hook on every ``nn.Linear``, transformers ``Conv1D`` (GPT-2 family),
+``nn.Conv1d`` and ``nn.Conv2d`` and sum ``X^T X`` of each distinct input.
+
+A transformers ``Conv1D`` computes ``x @ W + b`` with its weight stored (in, out): its input is the in side, rows
+``(tokens, in)`` exactly as an ``nn.Linear``'s, so its statistics are the (in, in) ``X^T X`` that extract whitens
+the (out, in) delta with (extract lays the weight out as (out, in) itself: see :mod:`lowrank_tools.io.layers`).
 
 Protocol: every text is tokenized on its own and truncated to ``max_length`` tokens, batched with right padding
 (as evaluate does); a hook sees each Linear's input ``x (batch, seq, in)`` and adds ``x_m^T x_m``, where
@@ -35,7 +39,7 @@ from torch.nn import functional as F
 from ..errors import DataError, InvalidOption, Warn
 from ..io.calibration import InputStats
 from ..io.checkpoint import as_checkpoint
-from ..io.models import load_model, load_tokenizer, model_kind, padded_batches, token_ids
+from ..io.models import is_conv1d_layer, load_model, load_tokenizer, model_kind, padded_batches, token_ids
 from ..linalg.svd import resolve_device
 from ..report import Progress
 
@@ -65,7 +69,7 @@ class _Hooks:
         self.seen: dict[int, tuple[weakref.ref, str]] = {}  # id(input) -> (its weak reference, key): first batch
         self.unmasked: set[str] = set()
         self.handles = [m.register_forward_hook(self._hook(prefix + name)) for name, m in model.named_modules()
-                        if isinstance(m, nn.Linear) or (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1)]
+                        if _is_linear(m) or (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1)]
 
     def _hook(self, name: str):
         def hook(module, args, output):
@@ -105,6 +109,11 @@ class _Hooks:
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a transformers ``Conv1D`` (a linear layer whose weight is stored (in, out))."""
+    return isinstance(module, nn.Linear) or is_conv1d_layer(module)
 
 
 def checkpoint_prefix(net: nn.Module, model: str | os.PathLike) -> str:
@@ -187,7 +196,7 @@ def calibrate(model: str | os.PathLike, *, texts: Sequence[str], max_length: int
     net = load_model(model, kind, dev)
     hooks = _Hooks(net, checkpoint_prefix(net, model))
     if not hooks.handles:
-        raise InvalidOption(f"{model} has no nn.Linear, nn.Conv1d or nn.Conv2d layer: nothing to calibrate")
+        raise InvalidOption(f"{model} has no nn.Linear, Conv1D, nn.Conv1d or nn.Conv2d layer: nothing to calibrate")
     total = math.ceil(len(ids) / batch_size)
     forward = _without_logits(net, hooks)
     try:

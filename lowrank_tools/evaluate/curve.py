@@ -34,7 +34,7 @@ def _truncated(adapter: Adapter, *, rule: RankRule | None = None, budget: int | 
     out = refactor_modules(adapter.modules, rule=rule, budget=budget, dtypes={n: torch.float32 for n in adapter.modules},
                            device=device, warn=warn)
     return Adapter(modules=out.modules, full_tensors=dict(adapter.full_tensors), base_model=adapter.base_model,
-                   source_format="curve")
+                   source_format="curve", pipeline=adapter.pipeline)
 
 
 def _checked(values: Sequence, name: str, ok, what: str) -> list:

@@ -5,6 +5,9 @@ out as the weight) and is added in place to the model parameter it adapts; a cop
 kept first (on the CPU) and copied back on exit: subtracting the delta again would not restore the weights
 exactly. Memory: the copies of the touched weights and one dense delta at a time, never a second model.
 
+Layout: a transformers ``Conv1D`` layer (GPT-2 family) stores its weight (in, out); the loaded layer's class decides,
+as in PEFT (an adapter's ``fan_in_fan_out`` is only a hint), and its delta is laid out transposed.
+
 Names: an adapter module ``model.layers.0.self_attn.q_proj`` adapts parameter ``<name>.weight``; the model's
 ``base_model_prefix`` may be present on one side only (a ``bert.`` checkpoint loaded as ``BertModel``). Tied
 parameters (an ``lm_head`` sharing the embedding) get the delta once when the adapter carries the same product
@@ -25,9 +28,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..adapter import Adapter, LoraModule, ModuleKind
+from ..adapter import Adapter, LoraModule, ModuleKind, as_conv1d
 from ..errors import AdapterMismatch, NonFiniteWeight
 from ..io.arch_convert import to_base_naming
+from ..io.models import is_conv1d_layer
 from ..linalg.structured import dora_rescale_
 
 __all__ = ["Patch", "plan_patch", "applied"]
@@ -65,10 +69,19 @@ def _find(name: str, params: dict[str, Tensor], prefix: str, source: str, *, suf
 
 
 def _fits(m: LoraModule, shape: tuple[int, ...]) -> bool:
-    if m.kind is ModuleKind.EMBEDDING:
+    if m.kind in (ModuleKind.EMBEDDING, ModuleKind.CONV1D):
         return shape == tuple(m.weight_shape)
     out, inp = m.matrix_shape  # a linear LoRA on a 1x1 conv (or the reverse) fits when the matrix views agree
     return len(shape) >= 2 and shape[0] == out and math.prod(shape[1:]) == inp
+
+
+def _layer_kind(model: torch.nn.Module, parameter: str) -> bool | None:
+    """True when ``parameter`` is the weight of a transformers ``Conv1D`` (stored (in, out)), False of an
+    ``nn.Linear``, None for anything else (the adapter's layout stands)."""
+    owner = model.get_submodule(parameter.rsplit(".", 1)[0]) if "." in parameter else model
+    if is_conv1d_layer(owner):
+        return True
+    return False if isinstance(owner, torch.nn.Linear) else None
 
 
 def _outside(name: str, params: dict[str, Tensor], prefix: str, skip_heads: bool) -> bool:
@@ -96,6 +109,8 @@ def plan_patch(model: torch.nn.Module, adapter: Adapter, source: str, *, skip_he
             patch.outside.append(name)
             continue
         target = _find(name, params, prefix, source)
+        conv1d = _layer_kind(model, target)
+        m = m if conv1d is None else as_conv1d(m, conv1d)
         shape = tuple(params[target].shape)
         if not _fits(m, shape):
             raise AdapterMismatch(f"{source}: module {name} is {m.kind.value} {tuple(m.weight_shape)} but parameter "
@@ -157,8 +172,10 @@ def _add(param: Tensor, terms: list[tuple[str, LoraModule]]) -> None:
     if dora is None:
         param.add_(delta.to(param.dtype))
         return
-    work = (param.float() + delta).reshape(param.shape[0], -1)  # (out, in_flat)
-    param.copy_(dora_rescale_(work, dora.magnitude, dora.dora_axis).reshape(param.shape).to(param.dtype))
+    work = (param.float() + delta).reshape(param.shape[0], -1)  # (out, in_flat); a Conv1D's (in, out)
+    conv1d = dora.kind is ModuleKind.CONV1D
+    work = dora_rescale_(work.mT if conv1d else work, dora.magnitude, dora.dora_axis)  # in place, on a view
+    param.copy_((work.mT if conv1d else work).reshape(param.shape).to(param.dtype))
 
 
 @contextmanager

@@ -21,9 +21,9 @@ from dataclasses import replace
 
 import torch
 
-from ..adapter import Adapter, ModuleKind
+from ..adapter import Adapter, ModuleKind, matrix_shape, matrix_view
 from ..io.checkpoint import as_checkpoint
-from ..io.layers import compile_filters, layer_kind, matches
+from ..io.layers import compile_filters, conv1d_rule, layer_kind, matches
 
 __all__ = ["with_magnitudes", "carry_tensors", "carried_budget", "count_carried"]
 
@@ -42,8 +42,8 @@ def with_magnitudes(adapter: Adapter, tuned) -> Adapter:
     modules = {}
     for name, m in adapter.modules.items():
         W = _tuned_weight(ckpt, name) if m.kind is not ModuleKind.EMBEDDING else None
-        modules[name] = m if W is None else replace(
-            m, magnitude=W.reshape(W.shape[0], -1).double().norm(dim=1).float(), dora_axis="out")
+        modules[name] = m if W is None else replace(  # rows of the (out, in_flat) view (a Conv1D's columns)
+            m, magnitude=matrix_view(W, m.kind).double().norm(dim=1).float(), dora_axis="out")
     return replace(adapter, modules=modules)
 
 
@@ -86,17 +86,20 @@ def carried_budget(base, tuned, *, biases: bool, norms: bool, dora: bool = False
     carries no --keep-bias bias), so the budget holds."""
     b_ckpt, t_ckpt = as_checkpoint(base), as_checkpoint(tuned)
     include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
+    conv1d = conv1d_rule(b_ckpt, t_ckpt)
 
     def kind(owner: str):
         key = f"{owner}.weight"
         if key not in t_ckpt or key not in b_ckpt or tuple(t_ckpt.shape(key)) != tuple(b_ckpt.shape(key)):
             return None
-        return layer_kind(key, t_ckpt.shape(key)) if matches(owner, include, exclude) else None
+        if not matches(owner, include, exclude):
+            return None
+        return layer_kind(key, t_ckpt.shape(key), conv1d=bool(conv1d(key)))
     total = sum(t.numel() for _, _, t, _ in _changed(b_ckpt, t_ckpt, lambda o: kind(o) is not None, biases=biases,
                                                       norms=norms))
     if dora:
         owners = {k.rsplit(".", 1)[0] for k in t_ckpt.keys() if k.endswith(".weight")}
-        total += sum(int(t_ckpt.shape(f"{o}.weight")[0]) for o in owners
+        total += sum(matrix_shape(t_ckpt.shape(f"{o}.weight"), kind(o))[0] for o in owners
                      if kind(o) not in (None, ModuleKind.EMBEDDING))
     return total
 

@@ -33,6 +33,7 @@ from .whitening import Whitening, whitened_record
 from ..io.formats import left_out_warning
 from ..io.layers import NOT_HELD, LayerPlan, compile_filters, plan_layers, relative_change
 from ..io.base_model import base_model_reference, task_type
+from ..io.model_config import pipeline_evidence
 from ..linalg.svd import TruncatedSVD, balanced_factors, truncated_svd
 from ..linalg.memory import stream_large_buffers
 from ..linalg.norms import check_finite, frobenius_error, frobenius_norm
@@ -168,7 +169,9 @@ def extract(base, tuned, options: ExtractOptions | None = None, *, progress: Pro
     _count_tied_heads(records, plan, modules)
     adapter = Adapter(modules=modules, full_tensors=cast_whole(full, opts.dtype), source_format="extract",
                       base_model=base_model_reference(base_ckpt.config, getattr(base_ckpt, "path", None)),
-                      task_type=task_type(base_ckpt.config or tuned_ckpt.config))
+                      task_type=task_type(base_ckpt.config or tuned_ckpt.config),
+                      pipeline=pipeline_evidence(base_ckpt.config or tuned_ckpt.config,
+                                                 components=bool(base_ckpt.components or tuned_ckpt.components)))
     more = {"processes": share.world_size} if share is not None else {}
     changed = {n: relative_change(base_ckpt.get(n), tuned_ckpt.get(n)) for n in plan.one_d}
     report = Report(command="extract", layers=records,

@@ -42,12 +42,13 @@ class Whitening:
 
     def check(self, layers: dict[str, ModuleKind], in_features: dict[str, int]) -> None:
         """Match the selected layers (tensor name -> kind; their (out, in_flat) input widths) with the statistics:
-        Linear layers and conv kernels (in_flat = in * prod(kernel), the patch width of calibrate's conv rows)."""
+        Linear and transformers Conv1D layers and conv kernels (in_flat = in * prod(kernel), the patch width of
+        calibrate's conv rows)."""
         matched = 0
         for name, kind in layers.items():
             mod = module_name(name)
             key = self.stats.module_key.get(mod)
-            if key is None or kind not in (ModuleKind.LINEAR, ModuleKind.CONV):
+            if key is None or kind not in (ModuleKind.LINEAR, ModuleKind.CONV1D, ModuleKind.CONV):
                 self.plain.append(mod)
                 continue
             width = self.stats.in_features(key)

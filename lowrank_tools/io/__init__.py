@@ -2,7 +2,7 @@
 pickles in :mod:`.pickles`), no-clobber renames (:mod:`.rename`), an apply folder's configs (:mod:`.model_folder`),
 what a base config says (:mod:`.base_model`),
 outputs that stand or fall together (:mod:`.outputs`, with what ``--force`` may replace in :mod:`.replaceable`,
-and the streaming writers in :mod:`.atomic`), the adapter formats (:mod:`.peft`, :mod:`.kohya` and its name
+and the streaming writers in :mod:`.atomic`), the adapter formats (:mod:`.peft`, diffusers' pipeline files in :mod:`.diffusers_lora`, :mod:`.kohya` and its name
 tables, LyCORIS LoHa/LoKr/Tucker in :mod:`.lycoris`, DoRA magnitudes and tensor deltas in :mod:`.adapter_extras`,
 :mod:`.formats` to detect and dispatch), the layer plan of a checkpoint pair (:mod:`.layers`), the background
 reader (:mod:`.prefetch`), and the inputs of evaluate (texts in :mod:`.texts`, a model folder's config in
@@ -39,10 +39,11 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .arch_checkpoint import FusedSource, in_original_naming, original_layout
     from .diffusers_judge import PIPELINES, COMPONENTS, pipeline_for, trace_modules, ldm_unet_keys, LDM_WORKAROUND
     from .base_model import task_type, base_model_reference
-    from .peft import (CONFIG_NAME, WEIGHTS_NAME, DIFFUSERS_NAME, DIFFUSERS_COMPONENTS, is_peft_folder,
-                       is_diffusers_adapter, read_peft, read_peft_file, write_peft, write_diffusers,
-                       peft_config, peft_state_dict, collect_factors, build_module, lora_keys_seen,
-                       pattern_value, peft_folder_parts)
+    from .peft import (CONFIG_NAME, WEIGHTS_NAME, is_peft_folder, read_peft, write_peft, peft_config, peft_state_dict,
+                       collect_factors, build_module, lora_keys_seen, pattern_value, peft_folder_parts,
+                       modules_from_config, file_factors)
+    from .diffusers_lora import (DIFFUSERS_NAME, DIFFUSERS_COMPONENTS, is_diffusers_adapter, pipeline_components,
+                                 write_diffusers, read_peft_file)
     from .kohya import NAMES_KEY, is_kohya_keys, read_kohya, write_kohya, kohya_state_dict, resolve_module_names
     from .lycoris import (STRUCTURED_SUFFIXES, is_lycoris_keys, read_lycoris, read_peft_lycoris, structured_module,
                           PLACEHOLDER_ALPHA, fit_kernels)
@@ -53,16 +54,16 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
                           select_modules, LEFT_OUT, LEFT_OUT_WHOLE, check_kohya_target, in_output_naming)
     from .layers import (FACTORABLE_DTYPES, check_factorable, layer_kind, compile_filters, matches, select_layers,
                          relative_change, TiedHead, find_tied_heads, tied_head_module, LayerPlan,
-                         plan_layers)
+                         plan_layers, conv1d_rule, kohya_refuses_conv1d)
     from .prefetch import prefetch
     from .texts import read_texts, TEXT_SUFFIXES
-    from .model_config import read_model_config
+    from .model_config import read_model_config, CONV1D_LAYERS, CONV1D_LEAVES, conv1d_leaves, pipeline_evidence
     from .model_folder import config_files, copy_config_files, shard_stem, rename_stem, QUANTIZATION_FIELDS
     from .consumer_keys import (Consumer, Role, split_key, key_accepted, ROLES, KOHYA_LIKE_PREFIXES,
                                 unknown_to_architecture)
     from .calibration import FORMAT_KEY, InputStats, CalibrationStats, read_calibration, write_calibration
     from .models import (ModelKind, require_transformers, model_kind, load_model, load_tokenizer, token_ids, padded_batches,
-                         Denoiser, find_denoiser, require_diffusers, load_denoiser)
+                         Denoiser, find_denoiser, require_diffusers, load_denoiser, is_conv1d_layer)
 
 from .prefetch import prefetch  # bound now: named like its module, or needed at once
 
@@ -94,10 +95,11 @@ _EXPORTS = {name: module for module, names in {
     ".arch_checkpoint": ("FusedSource", "in_original_naming", "original_layout"),
     ".diffusers_judge": ("PIPELINES", "COMPONENTS", "pipeline_for", "trace_modules", "ldm_unet_keys", "LDM_WORKAROUND"),
     ".base_model": ("task_type", "base_model_reference",),
-    ".peft": ("CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_peft_folder",
-            "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft", "write_diffusers",
-            "peft_config", "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen",
-            "pattern_value", "peft_folder_parts",),
+    ".peft": ("CONFIG_NAME", "WEIGHTS_NAME", "is_peft_folder", "read_peft", "write_peft", "peft_config",
+            "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen", "pattern_value", "peft_folder_parts",
+            "modules_from_config", "file_factors",),
+    ".diffusers_lora": ("DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_diffusers_adapter", "pipeline_components",
+                        "write_diffusers", "read_peft_file",),
     ".kohya": ("NAMES_KEY", "is_kohya_keys", "read_kohya", "write_kohya", "kohya_state_dict", "resolve_module_names",),
     ".lycoris": ("STRUCTURED_SUFFIXES", "is_lycoris_keys", "read_lycoris", "read_peft_lycoris", "structured_module",
                "PLACEHOLDER_ALPHA", "fit_kernels",),
@@ -108,15 +110,15 @@ _EXPORTS = {name: module for module, names in {
                "select_modules", "LEFT_OUT", "LEFT_OUT_WHOLE", "check_kohya_target", "in_output_naming",),
     ".layers": ("FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
               "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan",
-              "plan_layers",),
+              "plan_layers", "conv1d_rule", "kohya_refuses_conv1d",),
     ".texts": ("read_texts", "TEXT_SUFFIXES",),
-    ".model_config": ("read_model_config",),
+    ".model_config": ("read_model_config", "CONV1D_LAYERS", "CONV1D_LEAVES", "conv1d_leaves", "pipeline_evidence",),
     ".model_folder": ("config_files", "copy_config_files", "shard_stem", "rename_stem", "QUANTIZATION_FIELDS",),
     ".consumer_keys": ("Consumer", "Role", "split_key", "key_accepted", "ROLES", "KOHYA_LIKE_PREFIXES",
                        "unknown_to_architecture",),
     ".calibration": ("FORMAT_KEY", "InputStats", "CalibrationStats", "read_calibration", "write_calibration",),
     ".models": ("ModelKind", "require_transformers", "model_kind", "load_model", "load_tokenizer", "token_ids",
-              "padded_batches", "Denoiser", "find_denoiser", "require_diffusers", "load_denoiser"),
+              "padded_batches", "Denoiser", "find_denoiser", "require_diffusers", "load_denoiser", "is_conv1d_layer"),
 }.items() for name in names}
 
 __all__ = [*_EXPORTS, "prefetch"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..adapter import LoraModule
+from ..adapter import LoraModule, ModuleKind
 from ..errors import AdapterFormatError, ConversionError
 
 __all__ = ["split_extras", "attach_extras", "ExtrasView", "check_peft_extras", "peft_extras", "peft_extras_config",
@@ -74,7 +74,8 @@ def attach_extras(modules: dict[str, LoraModule], extras: dict[str, dict[str, st
         if module is None:
             key = next(iter(parts.values()))
             raise AdapterFormatError(f"{where}: key {key} has no lora_A / lora_B beside it: the file is incomplete")
-        out = module.weight_shape[0]
+        # outputs: a Conv1D's weight is (in, out); an embedding keeps its rows (vocab) as before
+        out = module.matrix_shape[0] if module.kind is ModuleKind.CONV1D else module.weight_shape[0]
         for key in parts.values():
             _check_extra(ckpt.get(key), key, where)
         if "magnitude" in parts:

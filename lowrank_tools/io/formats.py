@@ -6,8 +6,10 @@
 - kohya / A1111 / ComfyUI safetensors file (``lora_down`` / ``lora_up`` / ``alpha``).
 
 Saving in ``peft`` format writes a PEFT folder, or for a diffusers pipeline's adapter (every module under
-``unet.`` / ``text_encoder.`` / ``text_encoder_2.`` / ``transformer.``) a folder holding diffusers'
-``pytorch_lora_weights.safetensors``, which ``pipe.load_lora_weights(folder)`` loads. Every write goes through
+``unet.`` / ``text_encoder.`` / ``text_encoder_2.`` / ``transformer.``, and no evidence of one model: see
+:func:`~lowrank_tools.io.diffusers_lora.is_diffusers_adapter`) a folder holding diffusers'
+``pytorch_lora_weights.safetensors``, which ``pipe.load_lora_weights(folder)`` loads. A kohya file cannot hold
+transformers ``Conv1D`` modules (GPT-2: weight stored (in, out)): refused, naming one. Every write goes through
 :func:`~lowrank_tools.io.checkpoint.atomic_output`: a temporary name beside the target, renamed into place at the end.
 """
 
@@ -26,12 +28,12 @@ from .checkpoint import Checkpoint, as_checkpoint, atomic_output, open_checkpoin
 from ..errors import AdapterFormatError, CheckpointNotFound, ConversionError, UsageError
 from .adapter_extras import check_peft_extras
 from .architectures import detect_architecture, needs_base
-from .layers import NOT_HELD, compile_filters, matches
+from .layers import NOT_HELD, compile_filters, kohya_refuses_conv1d, matches
 from .kohya import is_kohya_keys, kohya_state_dict, read_kohya, write_kohya
 from .lycoris import fit_kernels, is_lycoris_keys, read_lycoris, read_peft_lycoris
-from .peft import (DIFFUSERS_COMPONENTS, DIFFUSERS_NAME, WEIGHTS_NAME, is_diffusers_adapter, is_peft_folder,
-                          lora_keys_seen, peft_folder_parts, read_peft, read_peft_file, write_diffusers,
-                   write_peft)
+from .diffusers_lora import (DIFFUSERS_COMPONENTS, DIFFUSERS_NAME, is_diffusers_adapter, pipeline_components,
+                             read_peft_file, write_diffusers)
+from .peft import WEIGHTS_NAME, is_peft_folder, lora_keys_seen, peft_folder_parts, read_peft, write_peft
 
 __all__ = ["AdapterFormat", "load_adapter", "save_adapter", "detect_format", "describe_adapter", "describe_modules",
            "check_target", "output_format", "fit_format", "fit_all", "left_out_warning", "select_modules", "LEFT_OUT",
@@ -69,9 +71,11 @@ def output_format(target: str | os.PathLike, format: AdapterFormat | str | None 
 
 def _unholdable(adapter: Adapter, fmt: AdapterFormat) -> tuple[list[str], list[str]]:
     """(modules, tensors saved whole) that ``fmt`` cannot hold: a kohya file holds LoRA factors of linear and conv
-    layers only."""
+    layers only. Conv1D modules are refused (:class:`ConversionError`): leaving out every layer of a GPT-2 would
+    write an empty file."""
     if fmt is not AdapterFormat.KOHYA:
         return [], []
+    _refuse_conv1d(adapter)
     return [n for n, m in adapter.modules.items() if m.kind is ModuleKind.EMBEDDING], sorted(adapter.full_tensors)
 
 
@@ -203,12 +207,21 @@ def in_output_naming(adapter: Adapter, format: AdapterFormat | str) -> Adapter:
     base_names = None
     if needs_base(adapter.modules) and adapter.base_model and Path(adapter.base_model).exists():
         base_names = _module_names(adapter.base_model)[0]  # names two models share: the base decides
-    return for_format(adapter, AdapterFormat(format) is AdapterFormat.KOHYA, base_names=base_names)[0]
+    kohya = AdapterFormat(format) is AdapterFormat.KOHYA
+    out, found = for_format(adapter, kohya, base_names=base_names)
+    if found is not None and out is not adapter and not kohya:  # renamed into a pipeline's transformer.: the names
+        out = replace(out, pipeline=None)                         # decide where to write it, as they did before
+    return out
+
+
+def _refuse_conv1d(adapter: Adapter) -> None:
+    kohya_refuses_conv1d(n for n, m in adapter.modules.items() if m.kind is ModuleKind.CONV1D)
 
 
 def check_target(adapter: Adapter, format: AdapterFormat | str, *, prefix: str = "lora_unet_") -> None:
     """Raise :class:`ConversionError` (naming the module) when ``format`` cannot hold the adapter."""
     if AdapterFormat(format) is AdapterFormat.KOHYA:
+        _refuse_conv1d(adapter)
         kohya_state_dict(adapter, prefix=prefix)
         return
     check_peft_extras(adapter)  # DoRA all-or-none on the output axis, deltas only as lora_B.bias
@@ -272,7 +285,6 @@ def _architecture(adapter: Adapter) -> str | None:
 def describe_adapter(adapter: Adapter, path: str | os.PathLike) -> dict:
     """Facts for ``info``: format, module count, rank and alpha distribution, scale rule, params, dtype."""
     mods = adapter.modules.values()
-    components = Counter(next((c[:-1] for c in DIFFUSERS_COMPONENTS if n.startswith(c)), "-") for n in adapter.modules)
     return {
         "path": str(path),
         "format": adapter.source_format,
@@ -283,7 +295,7 @@ def describe_adapter(adapter: Adapter, path: str | os.PathLike) -> dict:
         "exact_ranks": {t: _counts(m.rank for m in mods if m.kind_name == t) for t in sorted({m.kind_name for m in mods})
                         if t != "lora"},
         "tensor_deltas": len(adapter.tensor_deltas),
-        "components": dict(sorted(components.items())) if set(components) != {"-"} else {},
+        "components": pipeline_components(adapter),
         "ranks": _counts(m.rank for m in mods),
         "alphas": _counts(round(m.alpha, 6) for m in mods),
         "scale_rule": _scale_rule(adapter),

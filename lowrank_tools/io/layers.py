@@ -1,6 +1,8 @@
 """Which tensors of a checkpoint become which LoRA modules: kinds, filters, tied weights, what is saved whole.
 
-- Kinds: 2-D weights are linear, or embeddings when their leaf is named so (PEFT's ``lora_embedding_A/B``);
+- Kinds: 2-D weights are linear, or embeddings when their leaf is named so (PEFT's ``lora_embedding_A/B``), or
+  transformers ``Conv1D`` layers (weight (in, out): GPT-2 and kin) when the checkpoint's ``config.json`` says so
+  (:func:`conv1d_rule`, from :data:`~lowrank_tools.io.model_config.CONV1D_LAYERS`; shapes cannot tell);
   3-D to 5-D weights are conv kernels (Conv1d/2d/3d), factored as (out, in * prod(kernel)).
 - Tied weights: an output head (``lm_head``) that is the input embedding -- stored equal to it, or absent
   because ``tie_word_embeddings`` is set -- is factored once, as the embedding, and the adapter carries the
@@ -25,12 +27,14 @@ from torch import Tensor
 
 from ..adapter import LoraModule, ModuleKind, module_name
 from .checkpoint import Checkpoint, Pairing
-from ..errors import ShapeMismatch, UnsupportedTensor
+from ..errors import ConversionError, ShapeMismatch, UnsupportedTensor
 from .ldm_names import is_vae
+from .model_config import conv1d_leaves
 from .patterns import check_patterns, safe_search
 
 __all__ = ["FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
-           "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan", "plan_layers"]
+           "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan", "plan_layers",
+           "conv1d_rule", "kohya_refuses_conv1d"]
 
 #: weights stored in these dtypes are factored; integer and quantized ones (int8, float8, packed uint8) are refused
 FACTORABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -45,14 +49,38 @@ _HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 _HEAD = "lm_head"
 
 
-def layer_kind(name: str, shape: Sequence[int]) -> ModuleKind | None:
-    """How a weight is adapted: linear (2-D), conv (3-D/4-D kernels), embedding (2-D, named so); None if not."""
+def layer_kind(name: str, shape: Sequence[int], *, conv1d: bool = False) -> ModuleKind | None:
+    """How a weight is adapted: linear (2-D), conv (3-D/4-D kernels), embedding (2-D, named so), conv1d (2-D, a
+    transformers Conv1D: ``conv1d`` says so, see :func:`conv1d_rule`); None if not."""
     if not name.endswith(".weight") or len(shape) < 2 or 0 in shape:
         return None
     if len(shape) == 2:
         leaf = module_name(name).rsplit(".", 1)[-1]
-        return ModuleKind.EMBEDDING if leaf in EMBEDDING_LEAVES else ModuleKind.LINEAR
+        if leaf in EMBEDDING_LEAVES:
+            return ModuleKind.EMBEDDING
+        return ModuleKind.CONV1D if conv1d else ModuleKind.LINEAR
     return ModuleKind.CONV if len(shape) in (3, 4, 5) else None
+
+
+def conv1d_rule(*ckpts: Checkpoint | None):
+    """``rule(name) -> bool | None`` for tensor or module names of ``ckpts`` (the first whose config speaks wins,
+    pipeline components by their own config): True for a transformers Conv1D layer (weight (in, out)), False when
+    a config says it is not one, None when no config.json says anything (then it is taken as nn.Linear)."""
+    rules: dict[str, frozenset[str]] = {}  # name prefix -> Conv1D leaves of the model there
+    for ckpt in ckpts:
+        for prefix, config in _configs(ckpt) if ckpt is not None else ():
+            leaves = conv1d_leaves(config)
+            if leaves is not None:
+                rules.setdefault(prefix, leaves)
+    ordered = sorted(rules.items(), key=lambda item: -len(item[0]))  # a component's prefix before ""
+
+    def rule(name: str) -> bool | None:
+        mod = module_name(name)
+        for prefix, leaves in ordered:
+            if mod.startswith(prefix):
+                return mod.rsplit(".", 1)[-1] in leaves
+        return None
+    return rule
 
 
 def matches(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
@@ -89,6 +117,7 @@ def select_layers(names: Sequence[str], tuned: Checkpoint, include, exclude, *,
     skipped: dict[str, list[str]] = {"filtered out": [], "not a float tensor": [], "not a weight matrix": [],
                                      "zero-size": []}
     one_d = []
+    conv1d = conv1d_rule(base, tuned)
     for name in names:
         shape, dt = tuned.shape(name), tuned.dtype(name)
         if is_vae(name):  # a single-file checkpoint's VAE is never adapted
@@ -102,7 +131,7 @@ def select_layers(names: Sequence[str], tuned: Checkpoint, include, exclude, *,
         if not dt.is_floating_point:
             skipped["not a float tensor"].append(name)
             continue
-        kind = layer_kind(name, shape)
+        kind = layer_kind(name, shape, conv1d=bool(conv1d(name)))
         if kind is None:
             (one_d if len(shape) == 1 else skipped["not a weight matrix"]).append(name)
             continue
@@ -288,5 +317,31 @@ def plan_layers(base: Checkpoint, tuned: Checkpoint, pairing: Pairing, *, includ
     _drop(plan, plan.full)
     if not embeddings:
         _drop_embeddings(plan)
+        _refuse_conv1d(plan)
     _check_shapes(pairing, plan, include, exclude, (tuned, base))
+    _note_unknown_layout(plan, conv1d_rule(base, tuned))
     return plan
+
+
+def kohya_refuses_conv1d(names) -> None:
+    """:class:`ConversionError` naming the first of ``names``, modules of transformers Conv1D layers: a kohya file
+    has no way to say that a weight is stored (in, out), and its consumers would add the delta transposed."""
+    for name in names:
+        raise ConversionError(f"module {name} is a transformers Conv1D (weight stored (in, out), GPT-2 family): a "
+                              f"kohya file cannot say so and its consumers would add the delta transposed: write a "
+                              f"PEFT folder (--format peft, an -o name without .safetensors)")
+
+
+def _refuse_conv1d(plan: LayerPlan) -> None:
+    """A target that cannot hold embeddings (kohya) cannot hold Conv1D layers either: refused before any work."""
+    kohya_refuses_conv1d(module_name(n) for n, k in plan.layers.items() if k is ModuleKind.CONV1D)
+
+
+def _note_unknown_layout(plan: LayerPlan, conv1d) -> None:
+    """GPT-2-style names (``attn.c_attn``) with no config.json to say whether they are Conv1D: a note, not a guess
+    (gpt_bigcode's c_attn is an nn.Linear)."""
+    unknown = [module_name(n) for n in plan.layers if module_name(n).endswith(".c_attn") and conv1d(n) is None]
+    if unknown:
+        plan.notes.append(f"{unknown[0]}: no config.json says whether the c_attn / c_fc / c_proj layers are "
+                          f"transformers Conv1D (GPT-2: weight (in, out)) or nn.Linear: taken as nn.Linear; for a "
+                          f"GPT-2-family model give its folder (with config.json) instead of bare weight files")

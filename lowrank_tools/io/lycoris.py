@@ -368,7 +368,7 @@ def read_peft_lycoris(folder: Path, config: dict, weights: Path, *, rank_cap: in
         rank = int(pattern_value(rank_pattern, name, r, "rank_pattern"))
         a = float(pattern_value(alpha_pattern, name, alpha, "alpha_pattern"))
         modules[name] = structured_module(name, t, alpha=a, rank=rank, peft=True, where=weights, rank_cap=rank_cap)
-    return Adapter(modules=modules, base_model=config.get("base_model_name_or_path"),
+    return Adapter(modules=modules, base_model=config.get("base_model_name_or_path"), pipeline=False,  # one model's
                    source_format=f"peft-{str(config.get('peft_type')).lower()}")
 
 

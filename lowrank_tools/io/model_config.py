@@ -1,4 +1,21 @@
-"""The config of a transformers model folder, for the operations that run the model (evaluate, calibrate)."""
+"""The config of a model folder: what it says about the model (transformers or diffusers; which layers are
+transformers ``Conv1D``), and :func:`read_model_config` for the operations that run the model (evaluate, calibrate).
+
+Two rules decided from ``config.json``, never from tensor names or shapes:
+
+- Pipeline or one model (:func:`pipeline_evidence`). A folder with ``model_index.json`` (a checkpoint with
+  components) is a diffusers pipeline: its adapters name modules ``unet.`` / ``text_encoder.`` / ``transformer.``
+  and are written as diffusers' ``pytorch_lora_weights.safetensors``. A ``config.json`` naming a ``model_type`` or
+  ``architectures`` is a transformers model, one with ``_class_name`` a diffusers component: one model, whose
+  adapter is a PEFT folder, whatever its names (GPT-2, GPT-J, Falcon, Bloom, MPT, ... store ``transformer.*``).
+  No config: unknown, and the names decide (every module under a pipeline component: a pipeline).
+- transformers ``Conv1D`` layers (:data:`CONV1D_LAYERS`). GPT-2 and a few of its descendants build their linear
+  layers from ``transformers.pytorch_utils.Conv1D``, which stores the weight as (in, out), the transpose of
+  ``nn.Linear``'s (out, in); the shapes cannot tell (``c_proj`` is square). A layer is a Conv1D when the config's
+  ``model_type`` is in the table and the layer's leaf name is one of that model's Conv1D attributes. The table is
+  read off each modeling file (transformers 5.x: every ``Conv1D(`` in ``src/transformers/models``) and pinned by
+  tests/test_gpt2_family.py, which builds each model and compares with ``isinstance(module, Conv1D)``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +25,44 @@ from pathlib import Path
 from ..errors import CheckpointNotFound, NotACheckpoint, UsageError
 from .json_input import load_json
 
-__all__ = ["read_model_config"]
+__all__ = ["read_model_config", "CONV1D_LAYERS", "CONV1D_LEAVES", "conv1d_leaves", "pipeline_evidence"]
+
+#: ``model_type`` -> leaf names of its ``Conv1D`` layers (``gpt_bigcode``'s c_attn / c_fc / c_proj are nn.Linear:
+#: same names, other layout, hence the model_type and never the names alone)
+CONV1D_LAYERS: dict[str, frozenset[str]] = {
+    "gpt2": frozenset({"c_attn", "q_attn", "c_proj", "c_fc"}),
+    "openai-gpt": frozenset({"c_attn", "c_proj", "c_fc"}),
+    "imagegpt": frozenset({"c_attn", "q_attn", "c_proj", "c_fc"}),
+    "decision_transformer": frozenset({"c_attn", "q_attn", "c_proj", "c_fc"}),  # embed_* / predict_*: nn.Linear
+    "clvp": frozenset({"c_fc", "c_proj"}),  # the decoder's MLP; its attention and the encoders are nn.Linear
+    "clvp_decoder": frozenset({"c_fc", "c_proj"}),
+}
+#: every leaf name a Conv1D layer has in some model: a PEFT folder's ``fan_in_fan_out`` (one switch for the whole
+#: adapter) is read as Conv1D for these only (a GPT-2 adapter's tied ``lm_head`` is an nn.Linear)
+CONV1D_LEAVES = frozenset().union(*CONV1D_LAYERS.values())
+
+
+def conv1d_leaves(config: dict | None) -> frozenset[str] | None:
+    """Leaf names of the Conv1D layers of the model ``config`` describes; frozenset() for a transformers model
+    without any (every 2-D weight an nn.Linear or embedding); None when ``config`` is no transformers config."""
+    if not isinstance(config, dict):
+        return None
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type in CONV1D_LAYERS:
+        return CONV1D_LAYERS[model_type]
+    return frozenset() if model_type or config.get("architectures") else None
+
+
+def pipeline_evidence(config: dict | None, *, components: bool = False) -> bool | None:
+    """True for a diffusers pipeline (``components``: the folder has ``model_index.json`` and component folders),
+    False for one model (a transformers ``config.json`` with ``model_type`` / ``architectures``, or a diffusers
+    component's with ``_class_name``), None without evidence (no config: the names decide)."""
+    if components:
+        return True
+    if isinstance(config, dict) and (config.get("model_type") or config.get("architectures")
+                                     or config.get("_class_name")):
+        return False
+    return None
 
 
 def read_model_config(path: str | os.PathLike) -> dict:

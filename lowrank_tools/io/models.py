@@ -26,7 +26,7 @@ from .json_input import load_json
 from .model_config import read_model_config
 
 __all__ = ["ModelKind", "require_transformers", "model_kind", "load_model", "load_tokenizer", "token_ids",
-           "padded_batches", "Denoiser", "find_denoiser", "require_diffusers", "load_denoiser"]
+           "padded_batches", "Denoiser", "find_denoiser", "require_diffusers", "load_denoiser", "is_conv1d_layer"]
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -53,6 +53,12 @@ def model_kind(path: str | os.PathLike) -> ModelKind:
     """CAUSAL when the config's ``architectures`` name a ``*ForCausalLM`` / ``*LMHeadModel``, else ENCODER."""
     architectures = read_model_config(Path(path)).get("architectures") or []
     return ModelKind.CAUSAL if any(str(a).endswith(_CAUSAL_SUFFIXES) for a in architectures) else ModelKind.ENCODER
+
+
+def is_conv1d_layer(module: torch.nn.Module) -> bool:
+    """A transformers ``Conv1D`` (``transformers.pytorch_utils``: GPT-2 family): a linear layer computing
+    ``x @ W + b`` with its weight stored (in, out). Told by its class, without importing transformers."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
 
 
 def _dtype_kwargs(transformers, dtype: torch.dtype = torch.float32) -> dict:

@@ -1,4 +1,5 @@
-"""PEFT adapters: folders (``adapter_config.json`` + ``adapter_model.safetensors``) and diffusers LoRA files.
+"""PEFT adapter folders: ``adapter_config.json`` + ``adapter_model.safetensors`` (diffusers' pipeline files, which
+use the same keys, are read and written by :mod:`.diffusers_lora`).
 
 Keys are ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (linear: A (r, in), B (out, r); conv:
 A (r, in, *kernel), B (out, r, 1, ...)) and ``base_model.model.<module>.lora_embedding_A`` (r, vocab) /
@@ -8,17 +9,17 @@ differ from ``r`` / ``lora_alpha`` go to ``rank_pattern`` / ``alpha_pattern``, w
 expressions against the end of the module name (``re.match(rf"(.*\\.)?({key})$", name)``, first match wins), so
 names are written escaped. ``use_rslora`` makes the scale alpha / sqrt(r).
 
-A diffusers pipeline's adapter (modules under ``unet.``, ``text_encoder.``, ``text_encoder_2.``, ``transformer.``)
-is written the way diffusers' ``save_lora_weights`` does: one ``pytorch_lora_weights.safetensors`` with keys
-``<component>.<module>.lora_A.weight`` and each component's LoraConfig in the ``lora_adapter_metadata`` entry of
-the safetensors metadata, so that ``pipe.load_lora_weights(folder)`` restores every rank and alpha.
+transformers ``Conv1D`` layers (GPT-2 family, weight stored (in, out)) keep the same A (r, in) and B (out, r):
+PEFT's ``fan_in_fan_out`` only transposes the product onto the weight. It is written true when the adapter has such
+modules (PEFT sets it per layer from the module's class anyway, warning when the config disagrees: a GPT-2 adapter
+that also adapts the tied ``lm_head``, an nn.Linear, makes it warn); a folder read with it true has its 2-D modules
+of a Conv1D leaf name laid out as Conv1D until a base says otherwise (:func:`~lowrank_tools.io.layers.conv1d_rule`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -26,24 +27,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..adapter import Adapter, LoraModule, ModuleKind
-from .atomic import check_finite_output, write_safetensors
+from ..adapter import Adapter, LoraModule, ModuleKind, as_conv1d
+from .atomic import check_finite_output
 from .checkpoint import open_checkpoint
-from ..errors import AdapterFormatError, ConversionError
+from ..errors import AdapterFormatError
 from .adapter_extras import attach_extras, peft_extras, peft_extras_config, split_extras
 from .json_input import get_bool, get_number, get_str, get_str_list, load_json, type_name
+from .model_config import CONV1D_LEAVES
 from .patterns import peft_pattern_value
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_peft_folder",
-           "is_diffusers_adapter", "read_peft", "read_peft_file", "write_peft", "write_diffusers", "peft_config",
-           "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen",
-           "pattern_value", "peft_folder_parts"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "is_peft_folder", "read_peft", "write_peft", "peft_config",
+           "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen", "pattern_value", "peft_folder_parts",
+           "modules_from_config", "file_factors"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
-DIFFUSERS_METADATA = "lora_adapter_metadata"
-DIFFUSERS_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
 _PREFIX = "base_model.model."
 _SUFFIXES = {
     ".lora_A.weight": ("A", False),
@@ -57,18 +55,10 @@ _NAMED_EMBEDDING = re.compile(r"\.(lora_embedding_[AB])\.[A-Za-z0-9_-]+$")
 _SAVED_WHOLE = re.compile(r"^(.*)\.modules_to_save(?:\.[A-Za-z0-9_-]+)?\.([A-Za-z0-9_]+)$")
 _BASE_LAYER = re.compile(r"\.base_layer\.[A-Za-z0-9_]+$")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_LORA_CONFIG_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "use_rslora", "use_dora",
-                     "lora_dropout", "bias", "init_lora_weights")
 
 
 def is_peft_folder(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_NAME).is_file()
-
-
-def is_diffusers_adapter(adapter: Adapter) -> bool:
-    """True when every module belongs to a diffusers pipeline component (``unet.``, ``text_encoder.``, ...)."""
-    names = [*adapter.modules, *adapter.full_tensors]
-    return bool(names) and all(n.startswith(DIFFUSERS_COMPONENTS) for n in names)
 
 
 # ----------------------------------------------------------------------------------------------- write
@@ -92,7 +82,6 @@ def file_factors(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
     return m.A, m.B
 
 
-# PEFT task types by the ending of a transformers architecture name (config.json ``architectures``), first match wins
 def _pattern_keys(names) -> dict[str, str]:
     """Pattern keys for rank_pattern / alpha_pattern: the escaped name; anchored with ``^`` (PEFT >= 0.15 reads it
     as "the whole name") when the name is also the dotted tail of another module's, which it would match too."""
@@ -119,7 +108,7 @@ def peft_config(adapter: Adapter) -> dict:
         "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in adapter.full_tensors}) or None,
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(m.kind is ModuleKind.CONV1D for m in adapter.modules.values()),
         "init_lora_weights": True,
         "use_rslora": False,
         "use_dora": False,
@@ -151,32 +140,6 @@ def write_peft(adapter: Adapter, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2, allow_nan=False) + "\n")
-
-
-def _config_name(name: str, component: str) -> str:
-    """A text encoder's names in its LoraConfig lose ``text_model.``: PEFT matches targets and patterns by their
-    dotted tail, so they fit a CLIPTextModel with or without it (transformers >= 5 flattens it, and diffusers
-    strips it from the weights' keys to match)."""
-    return name[len("text_model."):] if component.startswith("text_encoder") and name.startswith("text_model.") else name
-
-
-def write_diffusers(adapter: Adapter, folder: Path) -> None:
-    """Write a pipeline's adapter as diffusers' ``pytorch_lora_weights.safetensors`` in ``folder``."""
-    if adapter.full_tensors:
-        name = next(iter(adapter.full_tensors))
-        raise ConversionError(f"{name} is saved whole, which a diffusers LoRA file cannot hold: drop --full-modules "
-                              f"or extract the component folder alone (PEFT modules_to_save)")
-    metadata = {}
-    for component in DIFFUSERS_COMPONENTS:
-        modules = {_config_name(n[len(component):], component): m for n, m in adapter.modules.items()
-                   if n.startswith(component)}
-        if modules:
-            config = peft_config(Adapter(modules=modules))
-            metadata.update({f"{component}{k}": config[k] for k in _LORA_CONFIG_KEYS})
-    folder.mkdir(parents=True, exist_ok=True)
-    write_safetensors(peft_state_dict(adapter, prefix=""), folder / DIFFUSERS_NAME,  # same bytes for the same adapter
-                      metadata={"format": "pt",
-                                DIFFUSERS_METADATA: json.dumps(metadata, sort_keys=True, allow_nan=False)})
 
 
 # ------------------------------------------------------------------------------------------------ read
@@ -322,12 +285,15 @@ def _weights_file(folder: Path) -> Path:
     raise AdapterFormatError(f"{folder}: no {WEIGHTS_NAME} (or adapter_model.bin) beside {CONFIG_NAME}")
 
 
-def _modules_from_config(halves: dict, config: dict, where: Path, source: Path, *, strip: str = "") -> dict:
-    """Modules with their alphas under a LoraConfig: rank_pattern must agree with the factors' shapes."""
+def modules_from_config(halves: dict, config: dict, where: Path, source: Path, *, strip: str = "") -> dict:
+    """Modules with their alphas under a LoraConfig: rank_pattern must agree with the factors' shapes; with
+    ``fan_in_fan_out`` the 2-D ones of a Conv1D leaf name (``c_attn``, ``c_fc``, ...) are laid out as transformers
+    Conv1D (weight (in, out)); a base's config decides for good where one is given (apply, check, evaluate)."""
     r = _config_number(config, "r", where, 8)
     lora_alpha = _config_number(config, "lora_alpha", where, 8)  # PEFT's defaults
     rank_pattern, alpha_pattern = _patterns(config, "rank_pattern", where), _patterns(config, "alpha_pattern", where)
     rslora = get_bool(config, "use_rslora", str(where), default=False, error=AdapterFormatError)
+    conv1d = bool(get_bool(config, "fan_in_fan_out", str(where), default=False, error=AdapterFormatError))
     modules = {}
     for name, parts in halves.items():
         local = name[len(strip):]
@@ -337,8 +303,9 @@ def _modules_from_config(halves: dict, config: dict, where: Path, source: Path, 
             raise AdapterFormatError(f"{where}: rank {want} for {local} (r / rank_pattern) but {parts['A_key']} has "
                                      f"{A.shape[0]} rows: the config and weights disagree")
         alpha = float(_pattern_value(alpha_pattern, local, lora_alpha, f"{where}: alpha_pattern"))
-        modules[name] = build_module(name, A, B, alpha, embedding=parts["emb"], rslora=rslora, source=source,
-                                     keys=(parts["A_key"], parts["B_key"]))
+        module = build_module(name, A, B, alpha, embedding=parts["emb"], rslora=rslora, source=source,
+                              keys=(parts["A_key"], parts["B_key"]))
+        modules[name] = as_conv1d(module, conv1d and local.rsplit(".", 1)[-1] in CONV1D_LEAVES)
     return modules
 
 
@@ -360,49 +327,9 @@ def read_peft(folder: Path) -> Adapter:
         key = next(iter(alphas.values()))
         raise AdapterFormatError(f"{weights}: key {key} is a kohya alpha inside a PEFT folder: alphas belong in "
                                  f"{CONFIG_NAME} (lora_alpha / alpha_pattern)")
-    modules = _modules_from_config(halves, config, folder / CONFIG_NAME, weights)
+    modules = modules_from_config(halves, config, folder / CONFIG_NAME, weights)
     deltas = attach_extras(modules, extras, ckpt, weights)
     task = config.get("task_type")
     return Adapter(modules=modules, full_tensors=full, base_model=config.get("base_model_name_or_path"),
                    task_type=task if isinstance(task, str) else None, source_format="peft", notes=notes,
-                   tensor_deltas=deltas)
-
-
-def _scalar(ckpt, key: str, where: Path) -> float:
-    t = ckpt.get(key)
-    if t.numel() != 1:
-        raise AdapterFormatError(f"{where}: {key} has shape {tuple(t.shape)}, expected a scalar alpha")
-    return float(t.reshape(()).item())
-
-
-def read_peft_file(path: Path) -> Adapter:
-    """A single file of PEFT-style keys: diffusers' ``pytorch_lora_weights.safetensors`` (LoraConfigs in its
-    metadata, else per-module ``.alpha`` keys, else alpha = r as diffusers assumes) or a bare adapter file."""
-    ckpt, extras = split_extras(open_checkpoint(path, dequantize=False))  # DoRA magnitudes, lora_B.bias
-    halves, full, alphas, notes = collect_factors(ckpt, path)
-    raw = ckpt.metadata.get(DIFFUSERS_METADATA)
-    metadata = load_json(raw, what=f"{path}: metadata {DIFFUSERS_METADATA}", error=AdapterFormatError,
-                         fix="re-save the file") if raw else {}
-    if not isinstance(metadata, dict):
-        raise AdapterFormatError(f"{path}: metadata {DIFFUSERS_METADATA} is {type_name(metadata)}, not an object")
-    orphan = sorted(set(alphas) - set(halves))
-    if orphan:
-        raise AdapterFormatError(f"{path}: key {alphas[orphan[0]]} has no lora_A / lora_B beside it: the file is "
-                                 f"incomplete")
-    modules = {}
-    for component in DIFFUSERS_COMPONENTS:  # diffusers' save_lora_weights: one LoraConfig per component
-        config = {k[len(component):]: v for k, v in metadata.items() if k.startswith(component)}
-        if config:
-            part = {n: p for n, p in halves.items() if n.startswith(component)}
-            modules.update(_modules_from_config(part, config, path, path, strip=component))
-    for name, parts in halves.items():
-        if name not in modules:
-            A = parts["A"]
-            alpha = _scalar(ckpt, alphas[name], path) if name in alphas else float(A.shape[0] if A.ndim else 0)
-            modules[name] = build_module(name, A, parts["B"], alpha, embedding=parts["emb"], source=path,
-                                         keys=(parts["A_key"], parts["B_key"]))
-    fmt = "diffusers" if path.name == DIFFUSERS_NAME or all(n.startswith(DIFFUSERS_COMPONENTS) for n in modules) \
-        else "peft-file"
-    return Adapter(modules=modules, full_tensors=full, source_format=fmt, notes=notes,
-                   base_model=ckpt.metadata.get("base_model_name_or_path"),
-                   tensor_deltas=attach_extras(modules, extras, ckpt, path))
+                   tensor_deltas=deltas, pipeline=False)  # adapter_config.json: PEFT's file for one model
