@@ -121,6 +121,12 @@ def _transformers_specs() -> list[Spec]:
         Spec("qwen2_moe", "transformers", _tf("Qwen2MoeForCausalLM", "Qwen2MoeConfig", **llama, num_experts=2,
                                                num_experts_per_tok=1, moe_intermediate_size=FF,
                                                shared_expert_intermediate_size=FF), _causal),
+        Spec("qwen3_moe", "transformers", _tf("Qwen3MoeForCausalLM", "Qwen3MoeConfig", **llama, num_experts=2,
+                                               num_experts_per_tok=1, moe_intermediate_size=FF, head_dim=8), _causal),
+        # stores its experts fused on disk too: (experts, in, 2 * ff) gate_up_proj, (experts, ff, in) down_proj
+        Spec("gpt_oss", "transformers", _tf("GptOssForCausalLM", "GptOssConfig", **llama, num_local_experts=2,
+                                             num_experts_per_tok=1, head_dim=8, layer_types=["full_attention"]),
+             _causal),
     ]
     return specs
 
@@ -157,13 +163,50 @@ HUNYUAN_VIDEO = dict(in_channels=4, out_channels=4, num_attention_heads=HEADS, a
                      text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))
 
 
+MORE_DIFFUSERS = (  # further transformers diffusers 0.42 builds cheaply: (name, class, config, pipeline)
+    ("sana", "SanaTransformer2DModel", dict(in_channels=4, out_channels=4, num_attention_heads=HEADS, attention_head_dim=8,
+                                            num_layers=1, num_cross_attention_heads=HEADS, cross_attention_head_dim=8,
+                                            cross_attention_dim=16, caption_channels=16, mlp_ratio=2.0, sample_size=8,
+                                            patch_size=1, norm_elementwise_affine=False), "SanaPipeline"),
+    ("ltx_video", "LTXVideoTransformer3DModel", dict(in_channels=4, out_channels=4, patch_size=1, patch_size_t=1,
+                                                     num_attention_heads=HEADS, attention_head_dim=8,
+                                                     cross_attention_dim=16, num_layers=1, caption_channels=16),
+     "LTXPipeline"),
+    ("cogvideox", "CogVideoXTransformer3DModel", dict(num_attention_heads=HEADS, attention_head_dim=8, in_channels=4,
+                                                      out_channels=4, time_embed_dim=16, text_embed_dim=16, num_layers=1,
+                                                      sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
+                                                      max_text_seq_length=8), "CogVideoXPipeline"),
+    ("auraflow", "AuraFlowTransformer2DModel", dict(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
+                                                    num_single_dit_layers=1, attention_head_dim=8,
+                                                    num_attention_heads=HEADS, joint_attention_dim=16,
+                                                    caption_projection_dim=16, out_channels=4, pos_embed_max_size=16),
+     "AuraFlowPipeline"),
+    ("pixart", "PixArtTransformer2DModel", dict(sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8,
+                                                num_attention_heads=HEADS, in_channels=4, out_channels=8,
+                                                cross_attention_dim=16, caption_channels=16, norm_num_groups=2),
+     "PixArtSigmaPipeline"),
+    ("chroma", "ChromaTransformer2DModel", dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                                attention_head_dim=8, num_attention_heads=HEADS, joint_attention_dim=16,
+                                                axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
+                                                approximator_hidden_dim=16, approximator_layers=1), "ChromaPipeline"),
+    ("lumina2", "Lumina2Transformer2DModel", dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=16,
+                                                  num_layers=1, num_refiner_layers=1, num_attention_heads=HEADS,
+                                                  num_kv_heads=1, multiple_of=8, cap_feat_dim=16,
+                                                  axes_dim_rope=(2, 2, 4), axes_lens=(32, 32, 32)), "Lumina2Pipeline"),
+    ("cogview4", "CogView4Transformer2DModel", dict(patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                                    num_attention_heads=HEADS, out_channels=4, text_embed_dim=16,
+                                                    time_embed_dim=16, condition_dim=4, pos_embed_max_size=16,
+                                                    sample_size=8, rope_axes_dim=(4, 4)), "CogView4Pipeline"),
+)
+
+
 def _diffusers_specs() -> list[Spec]:
     models = (("unet", "UNet2DConditionModel", UNET, "StableDiffusionPipeline"),
               ("flux", "FluxTransformer2DModel", FLUX, "FluxPipeline"),
               ("sd3", "SD3Transformer2DModel", SD3, "StableDiffusion3Pipeline"),
               ("wan", "WanTransformer3DModel", WAN, "WanPipeline"),
               ("qwen_image", "QwenImageTransformer2DModel", QWEN_IMAGE, "QwenImagePipeline"),
-              ("hunyuan_video", "HunyuanVideoTransformer3DModel", HUNYUAN_VIDEO, "HunyuanVideoPipeline"))
+              ("hunyuan_video", "HunyuanVideoTransformer3DModel", HUNYUAN_VIDEO, "HunyuanVideoPipeline")) + MORE_DIFFUSERS
     return [Spec(name, "diffusers", _df(cls, **config), prefix="unet" if name == "unet" else "transformer",
                  pipeline=pipeline) for name, cls, config, pipeline in models]
 
