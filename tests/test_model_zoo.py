@@ -68,6 +68,9 @@ XFAIL: dict[tuple[str, str], str] = {
     **{(name, "check"): "check --for diffusers judges this pipeline's adapter by StableDiffusionPipeline and reports "
                         "every transformer. key dropped (check.py: take the pipeline from the base's model_index.json)"
        for name in ("wan", "sana", "ltx_video", "cogvideox", "pixart", "lumina2", "cogview4")},
+    ("llava", "consumer"): "the adapter names the checkpoint's (v4) keys, language_model.model.layers.N / "
+                           "vision_tower.*; transformers v5's modules are model.language_model.* / model.vision_tower.*"
+                           ": PEFT loads none of the factors, in silence (io/peft.py: write the model's names)",
     ("sana", "consumer"): "LoRA written for the depthwise conv ff.conv_depth (groups=64): PEFT refuses the whole "
                           "adapter (rank must divide groups); a grouped conv cannot be told from its weight alone",
     ("pixart", "consumer"): "diffusers 0.42 has no LoRA loader for PixArt (no load_lora_adapter): nothing loads it; "

@@ -127,8 +127,28 @@ def _transformers_specs() -> list[Spec]:
         Spec("gpt_oss", "transformers", _tf("GptOssForCausalLM", "GptOssConfig", **llama, num_local_experts=2,
                                              num_experts_per_tok=1, head_dim=8, layer_types=["full_attention"]),
              _causal),
+        Spec("llava", "transformers", _llava, _llava_inputs),
     ]
     return specs
+
+
+def _llava():
+    """LLaVA: a CLIP vision tower (8 px images, 4 px patches: 4 image tokens), a projector and a Llama."""
+    import transformers
+
+    vision = transformers.CLIPVisionConfig(hidden_size=H, intermediate_size=FF, num_hidden_layers=1,
+                                           num_attention_heads=HEADS, image_size=8, patch_size=4, projection_dim=H)
+    text = transformers.LlamaConfig(**LLAMA_LIKE, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=VOCAB - 1,
+                                      vision_feature_layer=-1)
+    return transformers.LlavaForConditionalGeneration(config).eval()
+
+
+def _llava_inputs():
+    image = torch.full((2, 4), VOCAB - 1)
+    return {"input_ids": torch.cat([image, _ids(2, 3, vocab=VOCAB - 1)], 1),
+            "pixel_values": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(9))}
 
 
 def _df(cls_name: str, **config):
