@@ -179,7 +179,7 @@ WAN = dict(patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=8
 QWEN_IMAGE = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8,
                   num_attention_heads=HEADS, joint_attention_dim=16, axes_dims_rope=(2, 2, 4))
 HUNYUAN_VIDEO = dict(in_channels=4, out_channels=4, num_attention_heads=HEADS, attention_head_dim=8, num_layers=1,
-                     num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+                     num_single_layers=1, num_refiner_layers=1, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
                      text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))
 
 
