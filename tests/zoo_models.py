@@ -165,7 +165,8 @@ def _df(cls_name: str, **config):
 
 
 UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4)
 FLUX = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
             num_attention_heads=HEADS, joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=False,
@@ -184,7 +185,8 @@ HUNYUAN_VIDEO = dict(in_channels=4, out_channels=4, num_attention_heads=HEADS, a
 
 
 MORE_DIFFUSERS = (  # further transformers diffusers 0.42 builds cheaply: (name, class, config, pipeline)
-    ("sana", "SanaTransformer2DModel", dict(in_channels=4, out_channels=4, num_attention_heads=HEADS, attention_head_dim=8,
+    ("sana", "SanaTransformer2DModel", dict(in_channels=4, out_channels=4, num_attention_heads=HEADS,
+                                            attention_head_dim=8,
                                             num_layers=1, num_cross_attention_heads=HEADS, cross_attention_head_dim=8,
                                             cross_attention_dim=16, caption_channels=16, mlp_ratio=2.0, sample_size=8,
                                             patch_size=1, norm_elementwise_affine=False), "SanaPipeline"),
@@ -193,7 +195,8 @@ MORE_DIFFUSERS = (  # further transformers diffusers 0.42 builds cheaply: (name,
                                                      cross_attention_dim=16, num_layers=1, caption_channels=16),
      "LTXPipeline"),
     ("cogvideox", "CogVideoXTransformer3DModel", dict(num_attention_heads=HEADS, attention_head_dim=8, in_channels=4,
-                                                      out_channels=4, time_embed_dim=16, text_embed_dim=16, num_layers=1,
+                                                      out_channels=4, time_embed_dim=16, text_embed_dim=16,
+                                                      num_layers=1,
                                                       sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
                                                       max_text_seq_length=8), "CogVideoXPipeline"),
     ("auraflow", "AuraFlowTransformer2DModel", dict(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
@@ -226,7 +229,8 @@ def _diffusers_specs() -> list[Spec]:
               ("sd3", "SD3Transformer2DModel", SD3, "StableDiffusion3Pipeline"),
               ("wan", "WanTransformer3DModel", WAN, "WanPipeline"),
               ("qwen_image", "QwenImageTransformer2DModel", QWEN_IMAGE, "QwenImagePipeline"),
-              ("hunyuan_video", "HunyuanVideoTransformer3DModel", HUNYUAN_VIDEO, "HunyuanVideoPipeline")) + MORE_DIFFUSERS
+              ("hunyuan_video", "HunyuanVideoTransformer3DModel", HUNYUAN_VIDEO, "HunyuanVideoPipeline"),
+              *MORE_DIFFUSERS)
     return [Spec(name, "diffusers", _df(cls, **config), prefix="unet" if name == "unet" else "transformer",
                  pipeline=pipeline) for name, cls, config, pipeline in models]
 
