@@ -288,3 +288,23 @@ def test_kohya_round_trip_keeps_every_product(zoos, name, tmp_path):
     assert set(back.modules) == kept
     for n in kept:
         torch.testing.assert_close(back.modules[n].delta(), first.modules[n].delta(), rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", cases("merge"))
+def test_merge_of_two_halves_and_resize_keep_every_product(zoos, name, tmp_path):
+    """merge ADAPTER:0.5 ADAPTER:0.5 (exact concatenation) and resize --rank 2 (already rank 2) give back every
+    module's product, under the same names and in the same layout (PEFT folder or diffusers file)."""
+    from lowrank_tools.io.formats import load_adapter
+
+    zoo = zoos(name)
+    zoo.extract()
+    run("merge", f"{zoo.adapter}:0.5", f"{zoo.adapter}:0.5", "-o", tmp_path / "merged", "-q")
+    run("resize", zoo.adapter, "-o", tmp_path / "resized", "--rank", "2", "-q")
+    first = load_adapter(zoo.adapter)
+    layout = sorted(p.name for p in zoo.adapter.iterdir())
+    for out in ("merged", "resized"):
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == layout
+        again = load_adapter(tmp_path / out)
+        assert set(again.modules) == set(first.modules)
+        for n, m in first.modules.items():
+            torch.testing.assert_close(again.modules[n].delta(), m.delta(), rtol=1e-5, atol=1e-6, msg=f"{out} {n}")
