@@ -154,6 +154,7 @@ def zoos(tmp_path_factory):
     made = {}
 
     def get(name):
+        pytest.importorskip(SPECS[name].library)
         if name not in made:
             made[name] = Zoo(SPECS[name], tmp_path_factory.mktemp(name))
         return made[name]
