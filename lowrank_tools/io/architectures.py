@@ -74,8 +74,21 @@ class Architecture:
                                    for j in (range(len(r.parts)) if naming is Naming.DIFFUSERS else (0,))]
         return self._compiled[key]
 
+    def prefixes(self, naming: Naming, sep: str = ".") -> tuple[str, ...]:
+        """The literal beginnings of every name of ``naming`` (each rule's text up to its block index): a body that
+        starts with none of them is none of this architecture's names. ``str.startswith`` of this tuple rejects a
+        Llama's names at C speed, instead of every regex of every table (0.2 s of an extract's output naming)."""
+        key = ("prefixes", naming, sep)
+        if key not in self._compiled:
+            texts = {r.original if naming is Naming.ORIGINAL else r.parts[j] for r in self.rules
+                     for j in (range(len(r.parts)) if naming is Naming.DIFFUSERS else (0,))}
+            self._compiled[key] = tuple(sorted({t.split("{i}")[0].replace(".", sep) for t in texts}))
+        return self._compiled[key]
+
     def match(self, body: str, naming: Naming, sep: str = ".") -> tuple[Rule, str, int] | None:
         """(rule, block index or "", part) of a module body in ``naming``; None when not one of its names."""
+        if not body.startswith(self.prefixes(naming, sep)):
+            return None
         for rx, rule, part in self.compiled(naming, sep):
             found = rx.match(body)
             if found:
@@ -231,9 +244,11 @@ class Detected:
 
 def _matches(names, sep: str = ".") -> dict[tuple[str, Naming], set[str]]:
     found: dict[tuple[str, Naming], set[str]] = {}
+    bodies = [(n, body_of(n)) for n in names]
     for arch in ARCHITECTURES:
         for naming in (Naming.ORIGINAL,) if arch.one_naming else Naming:
-            hit = {n for n in names if arch.match(body_of(n), naming, sep)}
+            prefixes = arch.prefixes(naming, sep)  # the fast reject of match, without a call per name
+            hit = {n for n, body in bodies if body.startswith(prefixes) and arch.match(body, naming, sep)}
             if hit:
                 found[(arch.name, naming)] = hit
     return found
