@@ -52,6 +52,12 @@ BUDGET_TOP_K = 256  # singular values computed per layer under --budget when --r
 
 
 
+def svd_fields(method: str, power_iters: int | None) -> dict:
+    """A layer record's fields from its SVD: ``method``, and ``power_iters`` (the range finder's power iterations
+    actually done, at most ``--power-iters``) where randomized."""
+    return {"method": method, **({"power_iters": power_iters} if power_iters is not None else {})}
+
+
 @dataclass
 class _Top:
     """What the pass keeps of one layer: its top-K SVD, ||dW||_F and the tail's norm."""
@@ -70,6 +76,7 @@ class _Top:
     output_norm: float | None = None  # whitened: ||dW L||_F (then U, S, tail are those of dW L, Vh is V^T L^-1)
     cross: Tensor | None = None  # whitened: (K,) float64 <U_i^T dW, Vh_i>, for the weight-space error
     unit: float = 1.0  # the allocation reads S * unit (whitened: 1 / sqrt(tokens))
+    power_iters: int | None = None  # randomized: the power iterations done
 
     @property
     def energy_norm(self) -> float:
@@ -104,13 +111,14 @@ def _top_layer(delta, cap: int | None, opts: ExtractOptions, warn: Warn | None,
     if w is not None:
         return _whitened_top(delta, dW, norm, w, whitening.unit(mod), cap, opts, warn)
     svd = truncated_svd(dW, budget_top_k(dW.shape, cap), method=opts.method, oversample=opts.oversample,
-                        n_iter=opts.n_iter, seed=opts.seed, on_warning=(lambda msg: warn(f"{mod}: {msg}")) if warn else None)
+                        n_iter=opts.n_iter, seed=opts.seed, norm=norm,
+                        on_warning=(lambda msg: warn(f"{mod}: {msg}")) if warn else None)
     tail = frobenius_error(dW, svd.U * svd.S, svd.Vh)  # measured now, not ||dW||^2 - sum S^2: no cancellation
     unit = whitening.plain_unit() if whitening is not None else 1.0
     spectrum = svd.spectrum if svd.spectrum is not None else svd.S
     return _Top(name=mod, kind=delta.kind, weight_shape=tuple(delta.weight_shape), dtype=delta.dtype,
                 U=svd.U.cpu(), S=svd.S.cpu(), Vh=svd.Vh.cpu(), norm=norm, tail=tail, method=svd.method.value,
-                head=[float(s) for s in spectrum[:MAX_SINGULAR_VALUES].double()], unit=unit)
+                head=[float(s) for s in spectrum[:MAX_SINGULAR_VALUES].double()], unit=unit, power_iters=svd.power_iters)
 
 
 def _whitened_top(delta, dW: Tensor, norm: float, w, unit: float, cap: int | None, opts: ExtractOptions,
@@ -142,7 +150,7 @@ def _truncate(top: _Top, r: int, opts: ExtractOptions) -> tuple[LoraModule, Laye
     head = lowrank_frobenius_diff(top.U * top.S, top.Vh, 1.0, B.float(), A.float(), scale)  # (top K) - (written)
     record = factor_record(top.name, top.weight_shape, rank=r, values=top.S.double(), shown=top.head, norm=top.norm,
                            err=math.sqrt(top.tail**2 + head**2), params=B.numel() + A.numel(),
-                           extra={"method": top.method, "budget_k": int(top.S.shape[0])})
+                           extra={**svd_fields(top.method, top.power_iters), "budget_k": int(top.S.shape[0])})
     return module, record
 
 

@@ -37,7 +37,9 @@ class ExtractOptions:
     ``embeddings=False`` leaves embeddings out (kohya targets). ``strict``: tensors on one side only, or of
     different shapes, are errors.
 
-    SVD: ``method`` (auto, exact, randomized), ``seed``, ``oversample`` and ``n_iter`` (power iterations) of the
+    SVD: ``method`` (auto, exact, randomized), ``seed``, ``oversample`` and ``n_iter`` (the MAXIMUM of power
+    iterations: fewer once one improves the rank-k error by at most
+    :data:`~lowrank_tools.linalg.sketch.POWER_TOL`, see :class:`~lowrank_tools.linalg.sketch.PowerStop`) of the
     randomized range finder. Devices: ``device`` (cpu, cuda, cuda:N, auto; resolved to a ``torch.device`` when
     the options are made), ``allow_tf32`` (let CUDA matmuls use TF32; off, restored after), ``svd_batch``
     (same-shape layers per stacked SVD; default 1 on the CPU, :data:`~lowrank_tools.pipeline.CUDA_BATCH` on

@@ -181,7 +181,8 @@ def batched_svds(stack: Tensor, k: int, *, method: Method | str = Method.AUTO, o
     out = []
     for i in range(b):
         Ui, Vhi = fix_signs(U[i], Vh[i])  # (m, k), (k, n)
-        out.append(TruncatedSVD(U=Ui, S=S[i].contiguous(), Vh=Vhi, method=Method.RANDOMIZED, spectrum=S[i]))
+        out.append(TruncatedSVD(U=Ui, S=S[i].contiguous(), Vh=Vhi, method=Method.RANDOMIZED, spectrum=S[i],
+                                power_iters=n_iter))  # a stack: always the full count
     return out
 
 

@@ -27,7 +27,7 @@ from ..adapter import Adapter, LoraModule, ModuleKind, cast_factors, cast_whole,
 from ..io.checkpoint import Checkpoint, Pairing, as_checkpoint, pair_tensors
 from .distributed import Share, current_share, layer_cost
 from ..errors import Warn
-from .budget import budget_top_k, extract_with_budget
+from .budget import budget_top_k, extract_with_budget, svd_fields
 from .options import ExtractOptions
 from .whitening import Whitening, whitened_record
 from ..io.formats import left_out_warning
@@ -98,7 +98,7 @@ def _factor_layer(delta: _Delta, opts: ExtractOptions, warn: Warn | None, svd: T
         return _whitened_layer(delta, dW, norm, w, opts, warn)
     if svd is None:
         svd = truncated_svd(dW, rule.needed_k(tuple(dW.shape)), method=opts.method, oversample=opts.oversample,
-                            n_iter=opts.n_iter, seed=opts.seed,
+                            n_iter=opts.n_iter, seed=opts.seed, norm=norm,
                             on_warning=(lambda msg: warn(f"{mod}: {msg}")) if warn else None)
     r = rule.choose(svd.S, total_energy=norm**2)
     if r == 0:
@@ -107,7 +107,7 @@ def _factor_layer(delta: _Delta, opts: ExtractOptions, warn: Warn | None, svd: T
     B, A = cast_factors(*balanced_factors(svd, r, scale=alpha / r), opts.dtype or delta.dtype, mod)  # (out, r), (r, in)
     err = frobenius_error(dW, B.float(), A.float(), scale=alpha / r, norm=norm)  # on the factors as written
     record = factor_record(mod, delta.weight_shape, rank=r, values=svd.spectrum if svd.spectrum is not None else svd.S,
-                           norm=norm, err=err, params=B.numel() + A.numel(), extra={"method": svd.method.value})
+                           norm=norm, err=err, params=B.numel() + A.numel(), extra=svd_fields(svd.method.value, svd.power_iters))
     module = LoraModule(B=B.cpu(), A=A.cpu(), alpha=alpha, kind=delta.kind, weight_shape=delta.weight_shape)
     return module, record
 

@@ -15,7 +15,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
                       qr_core, qr_core_svd, concat_factors, fast_bf16, bf16_accepts, range_finder,
                       resolve_device)
     from .memory import stream_large_buffers, empty_huge
-    from .sketch import top_singular_values
+    from .sketch import top_singular_values, PowerStop, POWER_TOL
     from .spectrum import (ENERGY_LEVELS, SpectrumMetrics, spectrum_metrics, cumulative_energy, energy_rank, effective_rank,
                            stable_rank, level_key)
     from .norms import (delta_stats, check_finite, frobenius_error, frobenius_norm, lowrank_frobenius_diff,
@@ -39,7 +39,7 @@ _EXPORTS = {name: module for module, names in {
            "balanced_factors", "qr_core", "qr_core_svd", "concat_factors", "fast_bf16", "bf16_accepts",
            "range_finder", "resolve_device",),
     ".memory": ("stream_large_buffers", "empty_huge",),
-    ".sketch": ("top_singular_values",),
+    ".sketch": ("top_singular_values", "PowerStop", "POWER_TOL",),
     ".spectrum": ("ENERGY_LEVELS", "SpectrumMetrics", "spectrum_metrics", "cumulative_energy", "energy_rank",
                 "effective_rank", "stable_rank", "level_key",),
     ".norms": ("delta_stats", "check_finite", "frobenius_error", "frobenius_norm", "lowrank_frobenius_diff",

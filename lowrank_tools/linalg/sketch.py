@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .memory import empty_huge
 
-__all__ = ["top_singular_values", "range_finder", "bf16_accepts", "fast_bf16"]
+__all__ = ["top_singular_values", "range_finder", "bf16_accepts", "fast_bf16", "PowerStop", "POWER_TOL"]
 
 _BF16_ROUNDOFF = 2.0**-8  # unit roundoff of bfloat16
 _BF16_TOLERANCE = 0.03  # bf16 rounding may move at most this share (squared) of the energy a result is measured by
@@ -59,7 +59,8 @@ def _test_matrix(n: int, l: int, seed: int, dtype: torch.dtype) -> Tensor:
     return drawn.to(dtype).mT.contiguous().mT
 
 
-def range_finder(Ms: Tensor, l: int, n_iter: int, seed: int, orth_rows: Callable[[Tensor], Tensor]) -> Tensor:
+def range_finder(Ms: Tensor, l: int, n_iter: int, seed: int, orth_rows: Callable[[Tensor], Tensor],
+                 stop: PowerStop | None = None) -> Tensor:
     """Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4), the one range finder (the
     randomized SVD of :func:`~lowrank_tools.linalg.truncated_svd`, the values-only sketch here): ``W = Ms Z``
     (..., m, l), Z (n, l) an orthonormal basis of the dominant row space after ``n_iter`` power iterations, from
@@ -69,13 +70,71 @@ def range_finder(Ms: Tensor, l: int, n_iter: int, seed: int, orth_rows: Callable
     ``Ms`` (m, n) or a stack (b, m, n), in the product dtype (bf16 for the mixed-precision runs). Every product
     is re-orthonormalised (else the small values are lost) by ``orth_rows(Y)``: rows orthonormal spanning the
     rows of Y (..., l, r) (Householder QR in the randomized SVD; Cholesky QR in the sketch). The products are
-    ``Ms @ X`` and ``X @ Ms``, 2 n_iter + 1 in all, and W is returned in Ms's dtype, not orthonormalised."""
+    ``Ms @ X`` and ``X @ Ms``, 2 n_iter + 1 in all, and W is returned in Ms's dtype, not orthonormalised.
+
+    ``stop`` (one matrix only): ``n_iter`` is then the most. Each iteration starts from the basis Q of the column
+    space so far and its image ``B = Q^T Ms`` (needed anyway); :meth:`PowerStop.settled` reads it and may end the
+    loop there, keeping (Q^T, B) in ``stop.basis`` for the caller's last step (``stop.used``: the count)."""
     W = Ms @ _test_matrix(Ms.shape[-1], l, seed, Ms.dtype).to(Ms.device)  # (..., m, l)
-    for _ in range(n_iter):
-        Qt = orth_rows(W.mT).to(Ms.dtype)  # (..., l, m): the column space so far
-        Zt = orth_rows(Qt @ Ms).to(Ms.dtype)  # (..., l, n): the row space it maps to
+    for done in range(n_iter):
+        Qt = orth_rows(W.mT).to(Ms.dtype)  # (..., l, m): the column space after ``done`` iterations
+        B = Qt @ Ms  # (..., l, n): what that basis captures of Ms (the row space it maps to)
+        if stop is not None and stop.settled(Qt, B, done):
+            return W
+        Zt = orth_rows(B).to(Ms.dtype)  # (..., l, n)
         W = Ms @ Zt.mT  # (..., m, l)
+    if stop is not None:
+        stop.used = n_iter
     return W
+
+
+POWER_TOL = 3e-3  # the adaptive stop: the rank-k error improved by at most this (relative) in the last iteration
+POWER_MIN = 2  # power iterations always done when stopping early is allowed (the first change is measured at 2)
+_TINY_RESIDUAL = 0.01  # below this share of ||M||_F the matrix is nearly exactly low rank: always the full count
+
+
+class PowerStop:
+    """The adaptive end of :func:`range_finder`'s power iterations for one matrix ``M`` (``frobenius`` =
+    ``||M||_F``) and its top ``k``: ``n_iter`` becomes the most, not the count.
+
+    Each iteration starts from an orthonormal basis Q (m, l) of the column space found so far and its image
+    ``B = Q^T M`` (l, n), which the iteration needs anyway. The best rank-k error within span(Q) is then exact and
+    cheap: ``e_i^2 = ||M||_F^2 - sum of the top k eigenvalues of B B^T`` (an (l, l) float64 Gram: ~l^2 n flops,
+    against the 2 m n l of each product), i the iterations behind Q; it is the error the SVD gives if Q is the
+    final basis. From i = :data:`POWER_MIN` on, the loop ends at Q once ``e_{i-1} - e_i <= tol e_{i-1}`` (the
+    last iteration gained at most ``tol`` of the error; the next gains less on a decaying spectrum), and the
+    caller finishes from ``basis`` = (Q^T, B): the final QR and product are spared too. Never when
+    ``e_i < 1% ||M||_F`` (nearly exactly low rank: relative changes there are rounding noise, and the full count
+    drives a planted rank to machine precision). ``tol`` None: the full count always.
+
+    Decided on float64 sums of float32 products: the same seed gives the same count, run after run; the products of
+    1 and 2 threads agree to ~1e-6, so the count could differ between thread counts only when the improvement falls
+    that close to ``tol``."""
+
+    def __init__(self, frobenius: float, k: int, tol: float | None = POWER_TOL) -> None:
+        self.norm2 = float(frobenius) ** 2
+        self.k = int(k)
+        self.tol = tol
+        self.used = 0  # power iterations done
+        self.errors: list[float] = []  # e_{POWER_MIN - 1}, e_{POWER_MIN}, ...: the rank-k error of each basis
+        self.basis: tuple[Tensor, Tensor] | None = None  # (Q^T (l, m), B (l, n)) where the loop stopped early
+
+    def settled(self, Qt: Tensor, B: Tensor, done: int) -> bool:
+        """Whether the basis rows ``Qt`` (l, m) after ``done`` iterations, with ``B = Qt M`` (l, n), are final."""
+        self.used = done
+        if self.tol is None or done < POWER_MIN - 1:  # e_i is compared from i = POWER_MIN on, with e_{i-1}
+            return False
+        Bd = B.double()
+        top = torch.linalg.eigvalsh(Bd @ Bd.mT)[-self.k:]  # (k,) ascending: the squared top-k values within span(Q)
+        err = math.sqrt(max(self.norm2 - float(top.sum()), 0.0))
+        self.errors.append(err)
+        if done < POWER_MIN or err < _TINY_RESIDUAL * math.sqrt(self.norm2):
+            return False
+        last = self.errors[-2]
+        if last - err > self.tol * last:
+            return False
+        self.basis = (Qt, B)
+        return True
 
 
 def fast_bf16(device: torch.device) -> bool:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidOption, NumericalError, Warn
-from .sketch import bf16_accepts, fast_bf16, range_finder  # the range finder, its bf16 rule (re-exported)
+from .sketch import POWER_TOL, PowerStop, bf16_accepts, fast_bf16, range_finder  # the range finder, its bf16 rule
 from .rank_rules import RankRule  # re-exported: the rules live beside the SVDs they truncate
 
 __all__ = [
@@ -74,6 +74,7 @@ class TruncatedSVD:
     Vh: Tensor  # (k, n), orthonormal rows
     method: Method  # the method actually used (EXACT after a fallback)
     spectrum: Tensor | None = None  # every singular value computed: exact gives the full spectrum (for reports)
+    power_iters: int | None = None  # randomized: the power iterations actually done (n_iter is the most)
 
 
 def work_dtype(*tensors: Tensor) -> torch.dtype:
@@ -118,20 +119,29 @@ def _householder_rows(Y: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def randomized_svd(M: Tensor, k: int, oversample: int, n_iter: int, seed: int, *, bf16: bool = False,
-                ) -> tuple[Tensor, Tensor, Tensor]:
+                   stop: PowerStop | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Halko, Martinsson & Tropp 2011: Alg. 4.4 (:func:`range_finder`, Householder QR) then Alg. 5.1 (direct SVD).
 
     ``M`` is (m, n), or a stack (b, m, n) of equal shapes (:mod:`~lowrank_tools.extract.pipeline` batches layers on
     CUDA); every matrix gets the same test matrix, so a stacked layer sees what it would alone. ``bf16``: the
-    range finder's products by bf16(M) (see :func:`bf16_accepts`); the projection ``Q^T M`` stays in M's dtype."""
+    range finder's products by bf16(M) (see :func:`bf16_accepts`); the projection ``Q^T M`` stays in M's dtype.
+    ``stop``: the adaptive count of power iterations (:class:`~lowrank_tools.linalg.sketch.PowerStop`; one matrix)."""
     transpose = M.shape[-2] < M.shape[-1]  # work on the tall problem: QR of (m, l) with m >= n, like torch
     X = M.mT if transpose else M  # (..., m, n), m >= n
     Xs = X.to(torch.bfloat16) if bf16 else X  # what the range finder multiplies by
     l = min(k + oversample, X.shape[-1])
     orth = functools.partial(_householder_rows, dtype=X.dtype)
-    Q = orth(range_finder(Xs, l, n_iter, seed, orth).mT).mT  # (..., m, l) orthonormal columns
+    stop = None if bf16 else stop  # the bf16 range finder keeps the full count (its B carries bf16 rounding)
+    W = range_finder(Xs, l, n_iter, seed, orth, stop)  # (..., m, l)
     del Xs
-    Ub, S, Vh = torch.linalg.svd(Q.mT @ X, full_matrices=False)  # (..., l, l), (..., l), (..., l, n)
+    if stop is not None and stop.basis is not None:  # stopped early: the basis and its product are at hand
+        Qt, B = stop.basis  # (l, m), (l, n)
+    else:
+        Qt = orth(W.mT)  # (..., l, m) orthonormal rows
+        B = Qt @ X  # (..., l, n)
+    del W
+    Q = Qt.mT  # (..., m, l)
+    Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)  # (..., l, l), (..., l), (..., l, n)
     U, S, Vh = Q @ Ub[..., :k], S[..., :k], Vh[..., :k, :]  # (..., m, k), (..., k), (..., k, n)
     return (Vh.mT, S, U.mT) if transpose else (U, S, Vh)
 
@@ -199,12 +209,16 @@ def check_matrix(M: Tensor, what: str) -> None:
 
 @torch.no_grad()
 def truncated_svd(M: Tensor, k: int, *, method: Method | str = Method.AUTO, oversample: int = 10, n_iter: int = 4,
-                  seed: int = 0, on_warning: Warn | None = None) -> TruncatedSVD:
+                  seed: int = 0, on_warning: Warn | None = None, power_tol: float | None = POWER_TOL,
+                  norm: float | None = None) -> TruncatedSVD:
     """Top-k SVD of ``M (m, n)`` on M's device: ``U (m, k)``, ``S (k,)``, ``Vh (k, n)``; k is clamped to min(m, n).
 
     ``exact``: ``torch.linalg.svd`` then slice, on one CPU thread (the same bits for any thread count).
     ``randomized``: Halko, Martinsson & Tropp 2011, "Finding structure with randomness", Alg. 4.4 with
-    ``k + oversample`` Gaussian columns (seeded with ``seed``) and ``n_iter`` power iterations, then Alg. 5.1.
+    ``k + oversample`` Gaussian columns (seeded with ``seed``) and at most ``n_iter`` power iterations (fewer once
+    the rank-k error improves by at most ``power_tol`` per iteration, see :class:`~lowrank_tools.linalg.sketch.
+    PowerStop`; ``power_tol=None``: always ``n_iter``; the bf16 range finder always does ``n_iter``), then Alg.
+    5.1; ``.power_iters`` says how many. ``norm``: ``||M||_F`` when known (spares a pass over M).
     ``auto``: randomized when ``k + oversample <= min(m, n) // 4`` and ``min(m, n) >= 96``, else exact (a
     cost rule: see ``_AUTO_MIN_SIDE``). Signs are fixed: the largest-|.| entry of each U column is positive. A
     failed SVD is retried in float64, then exactly on CPU, each retry reported through ``on_warning``; :class:`NumericalError` if all fail.
@@ -218,19 +232,28 @@ def truncated_svd(M: Tensor, k: int, *, method: Method | str = Method.AUTO, over
     k = min(int(k), side)
     chosen = resolve_method(_as_method(method), side, k, oversample)
 
+    iters: list[int] = []  # the power iterations of the randomized attempt that returned
+
     def compute(X: Tensor, exact: bool) -> tuple[Tensor, ...]:
         if exact or chosen is Method.EXACT:
             return _exact(X, k)
+        frobenius = float(torch.linalg.vector_norm(X)) if norm is None else norm  # float32 norm: enough here
+        iters[:] = [n_iter]
         if X.dtype == torch.float32 and _bf16_fast(X.device.type):  # the range finder in bf16 where that is fast
-            U, S, Vh = randomized_svd(X, k, oversample, n_iter, seed, bf16=True)
-            if bf16_accepts(S, float(torch.linalg.vector_norm(X)), X.shape):  # float32 norm: enough here
+            U, S, Vh = randomized_svd(X, k, oversample, n_iter, seed, bf16=True)  # always n_iter (bf16 noise)
+            if bf16_accepts(S, frobenius, X.shape):
                 return U, S, Vh
-        return randomized_svd(X, k, oversample, n_iter, seed)
+        stop = PowerStop(frobenius, k, power_tol)
+        out = randomized_svd(X, k, oversample, n_iter, seed, stop=stop)
+        iters[:] = [stop.used]
+        return out
 
     # float32 (float64 kept): see the module docstring; bf16/fp16 SVDs are unsupported or too coarse
     (U, S, Vh), fell_back = _with_fallback(compute, M.detach(), on_warning)
     U, Vh = fix_signs(U, Vh)
-    return TruncatedSVD(U=U, S=S[:k].contiguous(), Vh=Vh, method=Method.EXACT if fell_back else chosen, spectrum=S)
+    randomized = not fell_back and chosen is Method.RANDOMIZED
+    return TruncatedSVD(U=U, S=S[:k].contiguous(), Vh=Vh, method=Method.EXACT if fell_back else chosen, spectrum=S,
+                        power_iters=iters[0] if randomized and iters else None)
 
 
 @torch.no_grad()
