@@ -54,9 +54,10 @@ class BufferPool:
     per layer pays a page fault per 4 KiB page: for a 135M bf16 model 130k faults, ~1 CPU s of the extract. A
     buffer is free when the pool holds the only reference to it (numpy counts the views and torch tensors made
     from it, and torch's storage keeps the array alive until its last view goes), so reuse never overwrites
-    a delta in use; at most ``size`` are kept (the one being factored, the one queued, the one being read)."""
+    a delta in use; at most ``size`` are kept (the one being factored (two on side threads, see
+    :mod:`~lowrank_tools.extract.side_thread`), the one queued, the one being read)."""
 
-    def __init__(self, size: int = 3) -> None:
+    def __init__(self, size: int = 4) -> None:
         self.size = size
         self._arrays: list[np.ndarray] = []
 

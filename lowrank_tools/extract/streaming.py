@@ -39,6 +39,7 @@ from ..linalg.memory import stream_large_buffers
 from ..linalg.norms import check_finite, frobenius_error, frobenius_norm
 from ..linalg.whiten import Whitener, output_rel_error, whitened_balanced_factors, whitened_svd
 from .reading import Pair, read_pairs
+from .side_thread import SMALL_LAYER, factored_in_order, side_threads_allowed
 from .pipeline import Stager, batched_svds, plan_batches, staged, tf32
 from ..io.prefetch import prefetch
 from ..report import AdapterResult, LayerRecord, Progress, Report, factor_record, summarize
@@ -271,28 +272,48 @@ def _one_by_one(pairs: Iterator[Pair], count: int, opts: ExtractOptions) -> Iter
 def _factor_stream(pairs: Iterator[Pair], sizes: list[int], opts: ExtractOptions, *, progress: Progress | None,
                    warn: Warn | None, whitening: Whitening | None = None,
                    ) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
-    """Factor ``pairs`` in batches of ``sizes`` (a stacked SVD for a batch of more than one, see pipeline)."""
+    """Factor ``pairs`` in batches of ``sizes`` (a stacked SVD for a batch of more than one, see pipeline); on the
+    CPU with 2 or more threads, small layers two at a time (:mod:`~lowrank_tools.extract.side_thread`)."""
     modules, records, zero = {}, [], []
     done, total = 0, sum(sizes)
-    for group, stack in staged(pairs, sizes=sizes, stager=Stager(opts.device), make=_subtract):
+    side = side_threads_allowed(opts.device) and opts.batch == 1 and whitening is None
+    items = _deltas(pairs, sizes, opts, own=side)
+
+    def factor(item: tuple[_Delta, TruncatedSVD | None]) -> tuple[LoraModule, LayerRecord] | None:
+        return _factor_layer(item[0], opts, warn, svd=item[1], whitening=whitening)
+
+    results = factored_in_order(items, factor, small=lambda item: item[0].matrix.numel() <= SMALL_LAYER) if side \
+        else ((item, factor(item)) for item in items)
+    for (delta, _), out in results:
+        name = module_name(delta.name)
+        del delta  # the next delta is being read meanwhile: hold as few as possible here
+        if progress:
+            progress(done, total, name)
+        done += 1
+        if out is None:
+            zero.append(name)
+            continue
+        modules[name], rec = out
+        records.append(rec)
+    return modules, records, zero
+
+
+def _deltas(pairs: Iterator[Pair], sizes: list[int], opts: ExtractOptions, *, own: bool,
+            ) -> Iterator[tuple[_Delta, TruncatedSVD | None]]:
+    """(delta, its SVD when a batch computed it) in order; ``own``: no delta in the stager's scratch buffer (one
+    that outlives the next layer's)."""
+    stager = Stager(opts.device)
+    for group, stack in staged(pairs, sizes=sizes, stager=stager, make=_subtract):
         svds = [None] * len(group) if stack is None else batched_svds(
             stack, opts.rule_for(group[0].kind).needed_k(tuple(stack.shape[1:])), method=opts.method,
             oversample=opts.oversample, n_iter=opts.n_iter, seed=opts.seed)
         del stack  # the group's matrices are views of it: it goes with the last of them
         while group:
-            delta, svd = group.pop(0), svds.pop(0)
-            name = module_name(delta.name)
-            if progress:
-                progress(done, total, name)
-            out = _factor_layer(delta, opts, warn, svd=svd, whitening=whitening)
-            del delta, svd  # the next delta is being read meanwhile: hold one at a time here
-            done += 1
-            if out is None:
-                zero.append(name)
-                continue
-            modules[name], rec = out
-            records.append(rec)
-    return modules, records, zero
+            delta = group.pop(0)
+            if own:
+                delta.matrix = stager.owned(delta.matrix)
+            yield delta, svds.pop(0)
+            del delta
 
 
 def _spectra_exchange(share: Share | None, names: list[str]):
