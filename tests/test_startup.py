@@ -141,3 +141,20 @@ def test_a_command_runs_with_the_wait_policy_unless_the_user_set_one(tmp_path):
     run = _child("info", adapter)
     assert run["code"] in (0, None) and "torch" in run["modules"] and run["policy"] == "PASSIVE"
     assert _child("info", adapter, OMP_WAIT_POLICY="active")["policy"] == "active"
+
+
+def test_a_command_raises_the_collectors_threshold():
+    import gc
+
+    from click.testing import CliRunner
+
+    from lowrank_tools.cli import main
+    from lowrank_tools.cli.threads import GC_FIRST_GENERATION
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, *before[1:])
+        assert CliRunner().invoke(main, ["--help"]).exit_code == 0
+        assert gc.get_threshold() == (GC_FIRST_GENERATION, *before[1:])
+    finally:
+        gc.set_threshold(*before)

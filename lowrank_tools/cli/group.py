@@ -14,7 +14,7 @@ import click
 from .. import __version__
 from ..errors import LowRankError
 from .options import Progress
-from .threads import set_wait_policy
+from .threads import set_gc_threshold, set_wait_policy
 
 __all__ = ["main"]
 
@@ -123,6 +123,7 @@ class _Group(click.Group):
     def main(self, *args, **kwargs):
         _open_missing_std_fds()
         set_wait_policy()  # before any command imports torch (see threads.py)
+        set_gc_threshold()
         try:
             return super().main(*args, **kwargs)
         except BrokenPipeError:  # the error line itself met a closed stderr

@@ -1,4 +1,5 @@
-"""The command line's OpenMP wait policy, set before torch is imported (issue 16's contention item).
+"""The command line's process settings, made before torch is imported: the OpenMP wait policy (issue 16's
+contention item) and the garbage collector's threshold (:func:`set_gc_threshold`).
 
 With its default wait policy, an OpenMP thread that reaches a barrier first spins for a while before sleeping;
 when another busy process shares the cores, the thread it waits for is often not running, and the spinning one
@@ -15,7 +16,10 @@ import os
 import sys
 from collections.abc import Mapping, MutableMapping
 
+import gc
+
 WAIT_POLICY = {"OMP_WAIT_POLICY": "PASSIVE"}
+GC_FIRST_GENERATION = 50_000  # allocations between young collections (Python's default: 700)
 USER_KNOBS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
@@ -29,3 +33,11 @@ def set_wait_policy(environ: MutableMapping[str, str] | None = None, modules: Ma
         return {}
     environ.update(WAIT_POLICY)
     return dict(WAIT_POLICY)
+
+
+def set_gc_threshold() -> None:
+    """A command's process: Python's cyclic collector runs after every :data:`GC_FIRST_GENERATION` net allocations
+    instead of 700. Importing torch allocates hundreds of thousands of objects, and each older collection then
+    walks them all: ~400 collections, 0.14 CPU s of a 135M extract, against 5 and 0.04 s (cycles are rare in
+    the commands' loops; memory is the arrays', which reference counting frees). The library leaves it alone."""
+    gc.set_threshold(GC_FIRST_GENERATION, *gc.get_threshold()[1:])
