@@ -42,7 +42,7 @@ from ..errors import Warn
 from .options import ExtractOptions
 from .whitening import Whitening, whitened_record
 from ..linalg.svd import Method, TruncatedSVD, balanced_factors, truncated_svd
-from ..linalg.norms import frobenius_error, frobenius_norm, lowrank_frobenius_diff
+from ..linalg.norms import frobenius_error, lowrank_frobenius_diff
 from ..linalg.whiten import whitened_svd
 from ..report import MAX_SINGULAR_VALUES, LayerRecord, Progress, factor_record
 
@@ -100,10 +100,10 @@ def check_budget(budget: int, rule, shapes: Mapping[str, tuple[int, int]]) -> in
 
 def _top_layer(delta, cap: int | None, opts: ExtractOptions, warn: Warn | None,
                whitening: Whitening | None = None) -> _Top | None:
-    """The pass for one layer (``delta``: name, matrix (out, in_flat) float32, weight_shape, dtype, kind); on
+    """The pass for one layer (``delta``: name, matrix (out, in_flat) float32, weight_shape, dtype, kind, norm); on
     ``dW L`` when ``whitening`` has the layer's input statistics."""
     dW = delta.matrix.to(opts.device)  # (out, in_flat)
-    norm = frobenius_norm(dW)
+    norm = delta.norm  # measured when the delta was made
     if norm == 0.0:
         return None
     mod = module_name(delta.name)

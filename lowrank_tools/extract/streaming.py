@@ -59,6 +59,7 @@ class _Delta:
     weight_shape: tuple[int, ...]
     dtype: torch.dtype  # the tuned tensor's stored dtype (default output dtype)
     kind: ModuleKind
+    norm: float  # ||dW||_F, measured as it was made (the same pass finds NaN/Inf)
 
 
 def _subtract(pair: Pair, stager: Stager, out: Tensor | None = None) -> _Delta:
@@ -76,12 +77,12 @@ def _subtract(pair: Pair, stager: Stager, out: Tensor | None = None) -> _Delta:
         dW.sub_(matrix_view(stager.place(pair.base), pair.kind))
     del V1
     pair.tuned = pair.base = None  # the read-ahead queue still holds the pair until the next one is asked for
-    if not torch.isfinite(dW.sum()):  # NaN/Inf reach the sum (10x cheaper than isfinite(dW).all()); an
-        # overflowing sum of finite values only costs the checks below, which then find nothing
+    norm = frobenius_norm(dW)  # inf or nan exactly when dW holds Inf or NaN: the one pass that also checks
+    if not math.isfinite(norm):
         check_finite(pair.sources[0].get(pair.name), f"base tensor {pair.name}")
         check_finite(pair.sources[1].get(pair.name), f"tuned tensor {pair.name}")
         check_finite(dW, f"delta of {pair.name}")
-    return _Delta(pair.name, dW, shape, pair.dtype, pair.kind)
+    return _Delta(pair.name, dW, shape, pair.dtype, pair.kind, norm)
 
 
 def _factor_layer(delta: _Delta, opts: ExtractOptions, warn: Warn | None, svd: TruncatedSVD | None = None,
@@ -89,7 +90,7 @@ def _factor_layer(delta: _Delta, opts: ExtractOptions, warn: Warn | None, svd: T
     """Factor one layer's delta (its top-k ``svd`` if already computed in a batch; whitened when ``whitening`` has
     its input statistics); None when the delta is exactly zero or the rule keeps nothing."""
     dW = delta.matrix.to(opts.device)  # (out, in_flat)
-    norm = frobenius_norm(dW)
+    norm = delta.norm
     if norm == 0.0:
         return None
     mod = module_name(delta.name)
