@@ -94,7 +94,8 @@ def measure(name: str, M, k: int, n_iter: int, tol: float) -> dict:
     rel = lambda e, ref: (e - ref) / ref if ref > 0 else float("nan")  # noqa: E731
     return {"case": name, "shape": list(M.shape), "k": k, "rel_error_exact": exact / float(Md.norm()),
             "rel_error_adaptive": e_adapt / float(Md.norm()),
-            "iters": adaptive.power_iters, "excess_vs_full": rel(e_adapt, e_full), "excess_vs_exact": rel(e_adapt, exact),
+            "iters": adaptive.power_iters, "excess_vs_full": rel(e_adapt, e_full),
+            "excess_vs_exact": rel(e_adapt, exact),
             "full_excess_vs_exact": rel(e_full, exact), "full_ms": cpu_ms(lambda: run(None)),
             "adaptive_ms": cpu_ms(lambda: run(tol))}
 
@@ -114,15 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)
     cases = list(synthetic(gen)) + (list(real_pair(args.pair)) if args.pair else [])
     rows = []
-    print(f"{'case':34} {'k':>3} {'opt err':>8} {'err':>8} {'iters':>5} {'vs full':>9} {'vs exact':>9} {'full vs ex':>10} "
-          f"{'full ms':>8} {'adapt ms':>8}")
+    print(f"{'case':34} {'k':>3} {'opt err':>8} {'err':>8} {'iters':>5} {'vs full':>9} {'vs exact':>9} "
+          f"{'full vs ex':>10} {'full ms':>8} {'adapt ms':>8}")
     for name, M in cases:
         for k in [int(x) for x in args.ks.split(",")]:
             row = measure(name, M.contiguous(), k, args.max_iters, args.tol)
             rows.append(row)
-            print(f"{name:34} {k:3d} {row['rel_error_exact']:8.4f} {row['rel_error_adaptive']:8.1e} {row['iters']:5d} {row['excess_vs_full']:9.1e} "
-                  f"{row['excess_vs_exact']:9.1e} {row['full_excess_vs_exact']:10.1e} {row['full_ms']:8.1f} "
-                  f"{row['adaptive_ms']:8.1f}", flush=True)
+            print(f"{name:34} {k:3d} {row['rel_error_exact']:8.4f} {row['rel_error_adaptive']:8.1e} "
+                  f"{row['iters']:5d} {row['excess_vs_full']:9.1e} {row['excess_vs_exact']:9.1e} "
+                  f"{row['full_excess_vs_exact']:10.1e} {row['full_ms']:8.1f} {row['adaptive_ms']:8.1f}", flush=True)
     worst = max(rows, key=lambda r: r["excess_vs_full"])
     print(f"worst excess over the full count: {worst['excess_vs_full']:.2e} ({worst['case']}, k={worst['k']}); "
           f"CPU ms full {sum(r['full_ms'] for r in rows):.0f}, adaptive {sum(r['adaptive_ms'] for r in rows):.0f}")

@@ -32,7 +32,8 @@ def _decaying(m: int, n: int, seed: int) -> torch.Tensor:
     """s_i ~ 1/i over 256 values plus a noise floor (llama_stack.py's delta, with its bf16 rounding's share)."""
     gen = torch.Generator().manual_seed(seed + 1)
     s = 1.0 / torch.arange(1, 257, dtype=torch.float64)
-    return _spectrum_matrix(m, n, s, seed) + 2e-3 * torch.randn(m, n, generator=gen) * float(s.norm()) / math.sqrt(m * n)
+    noise = 2e-3 * float(s.norm()) / math.sqrt(m * n)
+    return _spectrum_matrix(m, n, s, seed) + noise * torch.randn(m, n, generator=gen)
 
 
 @pytest.mark.parametrize("n_iter", [2, 4, 6])

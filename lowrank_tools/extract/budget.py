@@ -118,7 +118,8 @@ def _top_layer(delta, cap: int | None, opts: ExtractOptions, warn: Warn | None,
     spectrum = svd.spectrum if svd.spectrum is not None else svd.S
     return _Top(name=mod, kind=delta.kind, weight_shape=tuple(delta.weight_shape), dtype=delta.dtype,
                 U=svd.U.cpu(), S=svd.S.cpu(), Vh=svd.Vh.cpu(), norm=norm, tail=tail, method=svd.method.value,
-                head=[float(s) for s in spectrum[:MAX_SINGULAR_VALUES].double()], unit=unit, power_iters=svd.power_iters)
+                head=[float(s) for s in spectrum[:MAX_SINGULAR_VALUES].double()], unit=unit,
+                power_iters=svd.power_iters)
 
 
 def _whitened_top(delta, dW: Tensor, norm: float, w, unit: float, cap: int | None, opts: ExtractOptions,

@@ -109,7 +109,8 @@ def _factor_layer(delta: _Delta, opts: ExtractOptions, warn: Warn | None, svd: T
     B, A = cast_factors(*balanced_factors(svd, r, scale=alpha / r), opts.dtype or delta.dtype, mod)  # (out, r), (r, in)
     err = frobenius_error(dW, B.float(), A.float(), scale=alpha / r, norm=norm)  # on the factors as written
     record = factor_record(mod, delta.weight_shape, rank=r, values=svd.spectrum if svd.spectrum is not None else svd.S,
-                           norm=norm, err=err, params=B.numel() + A.numel(), extra=svd_fields(svd.method.value, svd.power_iters))
+                           norm=norm, err=err, params=B.numel() + A.numel(),
+                           extra=svd_fields(svd.method.value, svd.power_iters))
     module = LoraModule(B=B.cpu(), A=A.cpu(), alpha=alpha, kind=delta.kind, weight_shape=delta.weight_shape)
     return module, record
 
