@@ -118,3 +118,13 @@ def test_extract_reports_the_count_per_layer():
     counts = [rec.extra["power_iters"] for rec in report.layers]
     assert len(counts) == 2 and all(2 <= c <= 5 for c in counts)
     assert all(row["power_iters"] == c for row, c in zip(report.to_dict()["layers"], counts))
+
+
+def test_a_stop_at_i_iterations_is_the_i_iteration_svd_bit_for_bit():
+    """Stopping early finishes from the basis at hand and its product: exactly the SVD with n_iter = i."""
+    M = _decaying(640, 480, seed=8)
+    stopped = truncated_svd(M, 8, method="randomized", n_iter=5, power_tol=1.0)  # any change counts as small
+    assert stopped.power_iters == 2
+    plain = truncated_svd(M, 8, method="randomized", n_iter=2, power_tol=None)
+    for x, y in [(stopped.U, plain.U), (stopped.S, plain.S), (stopped.Vh, plain.Vh)]:
+        assert torch.equal(x, y)
