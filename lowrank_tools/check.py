@@ -27,6 +27,7 @@ from .io.consumer_keys import KOHYA_LIKE_PREFIXES, Consumer, Role, key_accepted,
 from .io.diffusers_judge import COMPONENTS, LDM_WORKAROUND, ldm_unet_keys, pipeline_for, trace_modules
 from .io.diffusers_lora import DIFFUSERS_NAME
 from .io.layers import compile_filters, conv1d_rule, matches
+from .io.module_names import checkpoint_index
 from .io.peft import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["Severity", "Problem", "CheckResult", "check_adapter", "Consumer"]
@@ -326,6 +327,9 @@ def _against_base(result, ckpt, modules, base, peft_config: dict | None) -> None
     """Each module in the base with a shape its update fits; a transformers Conv1D weight (GPT-2 family, stored
     (in, out), known from the base's config.json) takes the transposed (out, in) update, as PEFT lays it."""
     index = _base_index(base)
+    if any(_lookup(module, index) is None for module in modules):  # a transformers model's names (v5, tied aliases)
+        index.update({_norm(m): f"{c}.weight" for m, c in checkpoint_index(base, ckpt.metadata).items()
+                      if f"{c}.weight" in base})
     conv1d = conv1d_rule(base)
     add = result.findings.append
     flagged = peft_config is None or peft_config.get("fan_in_fan_out") is True

@@ -43,14 +43,10 @@ XFAIL: dict[tuple[str, str], str] = {
                                                      "gpt_bigcode", "mpt", "gpt2", "t5", "bart")},
     ("whisper", "check"): "check rightly refuses the tied head's 'lm_head': Whisper's head is proj_out (extract names "
                           "every tied head lm_head: io/layers.py _HEAD)",
-    ("gpt_neox", "consumer"): "checkpoint name embed_out is transformers v5's lm_head: PEFT matches target 'embed_out' "
-                              "to nothing and drops the head's LoRA in silence (io/peft.py: write the model's names)",
     ("opt", "consumer"): "lora_embedding on OPT's learned embed_positions: PEFT wraps the subclass and its forward "
                          "crashes (float indices); needs --full-modules or exclusion (io/peft.py)",
     ("bart", "consumer"): "lora_embedding on embed_positions crashes PEFT's forward (as opt), and model.shared's LoRA "
                           "never reaches encoder/decoder.embed_tokens (tied alias, as t5)",
-    ("t5", "consumer"): "LoRA on 'shared' (tied to encoder/decoder.embed_tokens): PEFT wraps shared only, the stacks "
-                        "keep the bare embedding, so the embedding delta is lost (io/peft.py, io/layers.py)",
     ("deberta_v2", "consumer"): "encoder.rel_embeddings is an nn.Embedding written as lora_A/lora_B (name-based "
                                 "EMBEDDING_LEAVES misses it): PEFT drops the keys in silence (io/layers.py)",
     ("whisper", "consumer"): "PEFT cannot run it: LoRA on conv1 hides .stride Whisper reads, task_type SEQ_2_SEQ_LM "
@@ -67,9 +63,6 @@ XFAIL: dict[tuple[str, str], str] = {
     **{(name, "check"): "check --for diffusers judges this pipeline's adapter by StableDiffusionPipeline and reports "
                         "every transformer. key dropped (check.py: take the pipeline from the base's model_index.json)"
        for name in ("wan", "sana", "ltx_video", "cogvideox", "pixart", "lumina2", "cogview4")},
-    ("llava", "consumer"): "the adapter names the checkpoint's (v4) keys, language_model.model.layers.N / "
-                           "vision_tower.*; transformers v5's modules are model.language_model.* / model.vision_tower.*"
-                           ": PEFT loads none of the factors, in silence (io/peft.py: write the model's names)",
     ("lumina2", "convert"): "a Lumina2 adapter reads as 'Flux (diffusers names)': kohya writes x_embedder as Flux's "
                             "lora_unet_img_in and records it as 'img_in', so converting back loses "
                             "transformer.x_embedder "

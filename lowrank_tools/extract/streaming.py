@@ -31,6 +31,7 @@ from .budget import budget_top_k, extract_with_budget
 from .options import ExtractOptions
 from .whitening import Whitening, whitened_record
 from ..io.formats import left_out_warning
+from ..io.module_names import in_model_names
 from ..io.layers import NOT_HELD, LayerPlan, compile_filters, plan_layers, relative_change
 from ..io.base_model import base_model_reference, task_type
 from ..io.model_config import pipeline_evidence
@@ -172,12 +173,15 @@ def extract(base, tuned, options: ExtractOptions | None = None, *, progress: Pro
                       task_type=task_type(base_ckpt.config or tuned_ckpt.config),
                       pipeline=pipeline_evidence(base_ckpt.config or tuned_ckpt.config,
                                                  components=bool(base_ckpt.components or tuned_ckpt.components)))
+    renamed = None
+    if opts.embeddings and adapter.pipeline is not True:  # a PEFT target: the names of the model PEFT loads it onto
+        adapter, renamed = in_model_names(adapter, base_ckpt)
     more = {"processes": share.world_size} if share is not None else {}
     changed = {n: relative_change(base_ckpt.get(n), tuned_ckpt.get(n)) for n in plan.one_d}
     report = Report(command="extract", layers=records,
                     summary=summarize(records, wall_time=time.perf_counter() - start, **more),
                     skipped={k: v for k, v in plan.skipped.items() if v},
-                    notes=([pairing.warning()] if pairing.warning() else []) + plan.notes
+                    notes=([pairing.warning()] if pairing.warning() else []) + plan.notes + ([renamed] if renamed else [])
                     + ([whitening.note()] if whitening is not None and whitening.note() else []),
                     changed_1d={n: v for n, v in changed.items() if v > 0})
     return ExtractResult(adapter=adapter, report=report)

@@ -22,6 +22,7 @@ import json
 import math
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from ..errors import AdapterFormatError
 from .adapter_extras import attach_extras, peft_extras, peft_extras_config, split_extras
 from .json_input import get_bool, get_number, get_str, get_str_list, load_json, type_name
 from .model_config import CONV1D_LEAVES
+from .module_names import fold_aliases, names_from_metadata, names_metadata, with_aliases
 from .patterns import peft_pattern_value
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "is_peft_folder", "read_peft", "write_peft", "peft_config",
@@ -133,12 +135,14 @@ def peft_state_dict(adapter: Adapter, *, prefix: str = _PREFIX) -> dict[str, tor
 
 
 def write_peft(adapter: Adapter, folder: Path) -> None:
-    """Write ``adapter`` as a PEFT folder at ``folder`` (created; the caller makes it atomic)."""
+    """Write ``adapter`` as a PEFT folder at ``folder`` (created; the caller makes it atomic). Tied aliases
+    recorded in ``adapter.model_names`` get their owner's factors (:func:`~.module_names.with_aliases`)."""
+    adapter = replace(adapter, modules=with_aliases(adapter))
     tensors = peft_state_dict(adapter)
     for key, tensor in tensors.items():  # save_file does not pass through our writer: the same check, here
         check_finite_output(key, tensor, folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", **names_metadata(adapter)})
     (folder / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2, allow_nan=False) + "\n")
 
 
@@ -330,6 +334,7 @@ def read_peft(folder: Path) -> Adapter:
     modules = modules_from_config(halves, config, folder / CONFIG_NAME, weights)
     deltas = attach_extras(modules, extras, ckpt, weights)
     task = config.get("task_type")
-    return Adapter(modules=modules, full_tensors=full, base_model=config.get("base_model_name_or_path"),
-                   task_type=task if isinstance(task, str) else None, source_format="peft", notes=notes,
-                   tensor_deltas=deltas, pipeline=False)  # adapter_config.json: PEFT's file for one model
+    return fold_aliases(Adapter(modules=modules, full_tensors=full, base_model=config.get("base_model_name_or_path"),
+                                task_type=task if isinstance(task, str) else None, source_format="peft", notes=notes,
+                                tensor_deltas=deltas, pipeline=False,  # adapter_config.json: PEFT's file for one model
+                                model_names=names_from_metadata(ckpt.metadata)))
