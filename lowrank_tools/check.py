@@ -28,7 +28,7 @@ from .io.diffusers_judge import COMPONENTS, LDM_WORKAROUND, ldm_unet_keys, pipel
 from .io.diffusers_lora import DIFFUSERS_NAME
 from .io.layers import compile_filters, conv1d_rule, matches
 from .io.module_names import checkpoint_index
-from .io.peft import CONFIG_NAME, WEIGHTS_NAME
+from .io.peft import CONFIG_NAME, WEIGHTS_NAME, is_saved_whole
 
 __all__ = ["Severity", "Problem", "CheckResult", "check_adapter", "Consumer"]
 
@@ -132,6 +132,9 @@ def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=Non
         module, suffix, role = split_key(key)
         if not matches(module, include, exclude):
             continue
+        if _whole(key, config):  # modules_to_save: PEFT loads the tensor as it is
+            result.tensors += 1
+            continue
         result.tensors += 1
         why = key_accepted(consumer, module, suffix)
         if why is not None and consumer is not Consumer.DIFFUSERS:
@@ -155,6 +158,13 @@ def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=Non
     if consumer is Consumer.DIFFUSERS:
         _diffusers_judge(result, ckpt, [k for m in modules.values() for k in m.tensors.values()])
     return result
+
+
+def _whole(key: str, config: dict | None) -> bool:
+    """A tensor saved whole (``adapter_config.json`` modules_to_save, PEFT's matching rule)."""
+    saved = (config or {}).get("modules_to_save") or ()
+    plain = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+    return bool(saved) and isinstance(saved, list) and "." in plain and is_saved_whole(plain.rsplit(".", 1)[0], saved)
 
 
 def _collapse(result, consumer, kohya: bool) -> None:

@@ -43,12 +43,6 @@ XFAIL: dict[tuple[str, str], str] = {
                                                      "gpt_bigcode", "mpt", "gpt2", "t5", "bart")},
     ("whisper", "check"): "check rightly refuses the tied head's 'lm_head': Whisper's head is proj_out (extract names "
                           "every tied head lm_head: io/layers.py _HEAD)",
-    ("opt", "consumer"): "lora_embedding on OPT's learned embed_positions: PEFT wraps the subclass and its forward "
-                         "crashes (float indices); needs --full-modules or exclusion (io/peft.py)",
-    ("bart", "consumer"): "lora_embedding on embed_positions crashes PEFT's forward (as opt), and model.shared's LoRA "
-                          "never reaches encoder/decoder.embed_tokens (tied alias, as t5)",
-    ("deberta_v2", "consumer"): "encoder.rel_embeddings is an nn.Embedding written as lora_A/lora_B (name-based "
-                                "EMBEDDING_LEAVES misses it): PEFT drops the keys in silence (io/layers.py)",
     ("whisper", "consumer"): "PEFT cannot run it: LoRA on conv1 hides .stride Whisper reads, task_type SEQ_2_SEQ_LM "
                              "breaks input_features, and the tied head is written as lm_head (Whisper: proj_out)",
     ("qwen2_moe", "consumer"): "PEFT refuses a LoRA on the router (Qwen2MoeTopKRouter in transformers v5) and drops "
@@ -172,9 +166,11 @@ def test_extract_recovers_the_planted_deltas_and_info_reads_them(zoos, name):
     summary = json.loads((zoo.root / "report.json").read_text())["summary"]
     assert summary["rel_error"] < 1e-5 and summary["layers"] > 0
     info = json.loads(run("info", zoo.adapter, "--modules", "--json").output)
-    tied = 1 if any(m["name"].endswith("lm_head") for m in info["module_list"]) else 0  # one layer, both sides
-    assert info["modules"] == len(info["module_list"]) in (summary["layers"], summary["layers"] + tied)
-    assert {m["rank"] for m in info["module_list"]} <= {1, 2}
+    lora = [m for m in info["module_list"] if m["kind"] != "whole"]  # saved whole: what PEFT cannot take as a LoRA
+    tied = 1 if any(m["name"].endswith("lm_head") for m in lora) else 0  # one layer, both sides
+    assert info["modules"] == len(lora) in (summary["layers"], summary["layers"] + tied)
+    assert {m["rank"] for m in lora} <= {1, 2}
+    assert len(info["module_list"]) - len(lora) == len(info["saved_whole"])
 
 
 def peft_merged(spec, zoo):
@@ -192,6 +188,12 @@ def peft_merged(spec, zoo):
         wrapped = peft.PeftModel.from_pretrained(model, zoo.adapter)
     prefix, adapted = "base_model.model.", set()
     for name, module in wrapped.named_modules():
+        if isinstance(module, peft.utils.ModulesToSaveWrapper) and "default" in module.modules_to_save:
+            for leaf, p in module.modules_to_save["default"].named_parameters():  # saved whole: the copy is used
+                key = f"{name[len(prefix):]}.{leaf}"
+                state[key] = p.detach().clone()
+                adapted.add(key)
+            continue
         if not isinstance(module, peft.tuners.lora.LoraLayer):
             continue
         if not ("default" in module.lora_A or "default" in module.lora_embedding_A):

@@ -30,11 +30,12 @@ from .checkpoint import Checkpoint, Pairing
 from ..errors import ConversionError, ShapeMismatch, UnsupportedTensor
 from .ldm_names import is_vae
 from .model_config import conv1d_leaves
+from .module_names import model_names
 from .patterns import check_patterns, safe_search
 
 __all__ = ["FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
            "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan", "plan_layers",
-           "conv1d_rule", "kohya_refuses_conv1d"]
+           "conv1d_rule", "kohya_refuses_conv1d", "WHOLE_LEAVES"]
 
 #: weights stored in these dtypes are factored; integer and quantized ones (int8, float8, packed uint8) are refused
 FACTORABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -45,6 +46,10 @@ WORD_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "
 EMBEDDING_LEAVES = frozenset(WORD_EMBEDDINGS + (
     "wpe", "embed_positions", "position_embeddings", "position_embedding", "token_embedding", "token_type_embeddings",
     "class_embedding", "relative_attention_bias", "embeddings", "embedding", "embed"))
+# weights a PEFT LoRA cannot carry although PEFT wraps their module: learned positional embeddings whose forward
+# takes positions or a mask, not token ids (OPT, BART, Whisper: PEFT's Embedding wrapper breaks it), and DeBERTa's
+# relative position table, read as ``.weight`` (a LoRA there is never used); saved whole for PEFT targets
+WHOLE_LEAVES = frozenset({"embed_positions", "rel_embeddings"})
 _HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 _HEAD = "lm_head"
 
@@ -314,6 +319,8 @@ def plan_layers(base: Checkpoint, tuned: Checkpoint, pairing: Pairing, *, includ
     selected, skipped, one_d = select_layers(pairing.names, tuned, include, exclude, base=base)
     plan = LayerPlan(layers=selected, skipped=skipped, one_d=one_d, full=_full_tensors(tuned, full_modules))
     _apply_ties(plan, find_tied_heads(base, tuned), full_modules)
+    if embeddings:  # a PEFT target
+        _save_unadaptable(plan, base)
     _drop(plan, plan.full)
     if not embeddings:
         _drop_embeddings(plan)
@@ -321,6 +328,23 @@ def plan_layers(base: Checkpoint, tuned: Checkpoint, pairing: Pairing, *, includ
     _check_shapes(pairing, plan, include, exclude, (tuned, base))
     _note_unknown_layout(plan, conv1d_rule(base, tuned))
     return plan
+
+
+def _save_unadaptable(plan: LayerPlan, base: Checkpoint) -> None:
+    """Weights PEFT cannot load as a LoRA (:data:`WHOLE_LEAVES`, and modules of a transformers model that are no
+    LoRA layer: MoE routers) go to modules_to_save, whole, with a note."""
+    names = model_names(base)
+    other = names.unadaptable if names is not None else frozenset()
+    whole = [n for n in plan.layers if n not in plan.full and n not in plan.tied
+             and (module_name(n).rsplit(".", 1)[-1] in WHOLE_LEAVES or module_name(n) in other)]
+    modules = {module_name(n) for n in whole}
+    for n in [*plan.layers, *plan.one_d]:  # the module's every tensor (a router's bias too): PEFT loads them all
+        if _module_of(n) in modules:
+            plan.full[n] = n
+    if whole:
+        shown = ", ".join(module_name(n) for n in whole[:4]) + (f" and {len(whole) - 4} more" if len(whole) > 4 else "")
+        plan.notes.append(f"saved whole (PEFT modules_to_save), not as a LoRA PEFT would refuse or not apply "
+                          f"(learned positional embeddings, relative position tables, MoE routers): {shown}")
 
 
 def kohya_refuses_conv1d(names) -> None:

@@ -31,10 +31,10 @@ from ..adapter import Adapter, ModuleKind, module_name
 from .checkpoint import Checkpoint
 
 __all__ = ["ModelNames", "model_names", "in_model_names", "in_checkpoint_names", "with_aliases", "fold_aliases", "checkpoint_index",
-           "NAMES_KEY", "names_metadata", "names_from_metadata"]
+           "CHECKPOINT_NAMES_KEY", "names_metadata", "names_from_metadata"]
 
 #: safetensors metadata key of a PEFT file written in the model's names: JSON {adapter name: checkpoint name}
-NAMES_KEY = "lowrank_tools.checkpoint_names"
+CHECKPOINT_NAMES_KEY = "lowrank_tools.checkpoint_names"
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,9 @@ class ModelNames:
     model_class: str
     renamed: dict[str, str] = field(default_factory=dict)  # checkpoint module name -> model module name
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # embedding (model name) -> its tied aliases
+    # modules named alike in checkpoint and model whose weight PEFT's LoRA cannot wrap (MoE routers: a raw weight
+    # parameter, not an nn.Linear): saved whole instead
+    unadaptable: frozenset[str] = frozenset()
 
     def checkpoint_name(self, name: str) -> str:
         """The checkpoint's module name of model module ``name`` (an alias: its owner's)."""
@@ -68,7 +71,17 @@ def _model_names(config_json: str, arch: str, keys: tuple[str, ...]) -> ModelNam
     if model is None:
         return None
     names = dict(model.named_parameters(remove_duplicate=False))
-    return ModelNames(arch, _renames(model, keys, set(names)), _aliases(model, keys))
+    return ModelNames(arch, _renames(model, keys, set(names)), _aliases(model, keys), _unadaptable(model, keys))
+
+
+def _unadaptable(model, keys: tuple[str, ...]) -> frozenset[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    lora_layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D)
+    stored = set(keys)
+    return frozenset(name for name, module in model.named_modules()
+                     if f"{name}.weight" in stored and not isinstance(module, lora_layers)
+                     and getattr(getattr(module, "weight", None), "ndim", 0) >= 2)
 
 
 def _meta_model(config: dict, arch: str):
@@ -133,8 +146,8 @@ def in_model_names(adapter: Adapter, ckpt: Checkpoint) -> tuple[Adapter, str | N
         return adapter, None
     modules = {names.renamed.get(n, n): m for n, m in adapter.modules.items()}
     record = {names.renamed[n]: n for n in adapter.modules if n in names.renamed}
-    record.update({names.renamed[module_name(t)]: module_name(t) for t in adapter.full_tensors
-                   if module_name(t) in names.renamed})
+    record.update({names.renamed[_owner_of(t)]: _owner_of(t) for t in adapter.full_tensors
+                   if _owner_of(t) in names.renamed})
     renamed = [f"{c} -> {m}" for m, c in record.items()]
     tied = [a for owner, aliases in names.aliases.items() for a in aliases
             if adapter.modules.get(owner) is not None and adapter.modules[owner].kind is ModuleKind.EMBEDDING]
@@ -149,6 +162,11 @@ def in_model_names(adapter: Adapter, ckpt: Checkpoint) -> tuple[Adapter, str | N
     full = {_renamed_tensor(t, names.renamed): v for t, v in adapter.full_tensors.items()}
     return replace(adapter, modules=modules, full_tensors=full,
                    model_names={**adapter.model_names, **record}), note
+
+
+def _owner_of(tensor: str) -> str:
+    """The module holding ``tensor`` (``x.bias`` -> ``x``)."""
+    return tensor.rpartition(".")[0]
 
 
 def _renamed_tensor(tensor: str, renamed: dict[str, str]) -> str:
@@ -188,7 +206,7 @@ def in_checkpoint_names(adapter: Adapter, ckpt: Checkpoint) -> Adapter:
     """``adapter`` in ``ckpt``'s names, for apply: modules the checkpoint lacks are mapped back by the adapter's
     record, else by the model class; a tied alias whose factors repeat its owner's is dropped (one delta, once)."""
     missing = [n for n in adapter.modules if f"{n}.weight" not in ckpt]
-    whole = [module_name(t) for t in adapter.full_tensors if t not in ckpt]
+    whole = [_owner_of(t) for t in adapter.full_tensors if t not in ckpt]
     if not missing and not whole:
         return adapter
     back = {n: adapter.model_names[n] for n in missing + whole if n in adapter.model_names}
@@ -223,13 +241,13 @@ def checkpoint_index(ckpt: Checkpoint, metadata: dict | None = None) -> dict[str
 
 def names_metadata(adapter: Adapter) -> dict[str, str]:
     """The safetensors metadata recording ``adapter.model_names`` (empty when there is none)."""
-    return {NAMES_KEY: json.dumps(adapter.model_names, sort_keys=True)} if adapter.model_names else {}
+    return {CHECKPOINT_NAMES_KEY: json.dumps(adapter.model_names, sort_keys=True)} if adapter.model_names else {}
 
 
 def names_from_metadata(metadata: dict) -> dict[str, str]:
     """{adapter name: checkpoint name} recorded in a PEFT file's metadata ({} when absent or unreadable)."""
     try:
-        found = json.loads(metadata.get(NAMES_KEY) or "{}")
+        found = json.loads(metadata.get(CHECKPOINT_NAMES_KEY) or "{}")
     except ValueError:
         return {}
     return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}

@@ -40,7 +40,7 @@ from .patterns import peft_pattern_value
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "is_peft_folder", "read_peft", "write_peft", "peft_config",
            "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen", "pattern_value", "peft_folder_parts",
-           "modules_from_config", "file_factors"]
+           "modules_from_config", "file_factors", "is_saved_whole"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -181,7 +181,7 @@ def lora_keys_seen(keys) -> str:
     return ", ".join(f"*{e}" if "." in e else e for e in endings[:6]) or "no tensors"
 
 
-def _saved_whole(module: str, modules_to_save) -> bool:
+def is_saved_whole(module: str, modules_to_save) -> bool:
     """PEFT's rule: a module is saved whole when its name is, or ends with ``.`` +, an entry of modules_to_save."""
     return any(module == m or module.endswith(f".{m}") for m in modules_to_save)
 
@@ -203,7 +203,7 @@ def collect_factors(ckpt, where: Path, *, modules_to_save=()) -> tuple[dict, dic
         whole = _SAVED_WHOLE.match(plain)
         if key.endswith(".alpha") and "." in plain:
             alphas[plain[: -len(".alpha")]] = key
-        elif whole or ("." in plain and _saved_whole(plain.rsplit(".", 1)[0], modules_to_save or ())):
+        elif whole or ("." in plain and is_saved_whole(plain.rsplit(".", 1)[0], modules_to_save or ())):
             full[f"{whole.group(1)}.{whole.group(2)}" if whole else plain] = ckpt.get(key)
         elif _BASE_LAYER.search(plain):
             ignored.append(key)
