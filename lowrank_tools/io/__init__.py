@@ -54,7 +54,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
                           select_modules, LEFT_OUT, LEFT_OUT_WHOLE, check_kohya_target, in_output_naming)
     from .layers import (FACTORABLE_DTYPES, check_factorable, layer_kind, compile_filters, matches, select_layers,
                          relative_change, TiedHead, find_tied_heads, tied_head_module, LayerPlan,
-                         plan_layers, conv1d_rule, kohya_refuses_conv1d, WHOLE_LEAVES)
+                         plan_layers, conv1d_rule, kohya_refuses_conv1d, WHOLE_LEAVES, FUSED_EXPERTS)
     from .module_names import (ModelNames, model_names, in_model_names, in_checkpoint_names, with_aliases,
                                fold_aliases, checkpoint_index, CHECKPOINT_NAMES_KEY, names_metadata,
                                names_from_metadata)
@@ -115,7 +115,7 @@ _EXPORTS = {name: module for module, names in {
                "select_modules", "LEFT_OUT", "LEFT_OUT_WHOLE", "check_kohya_target", "in_output_naming",),
     ".layers": ("FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
               "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan",
-              "plan_layers", "conv1d_rule", "kohya_refuses_conv1d", "WHOLE_LEAVES",),
+              "plan_layers", "conv1d_rule", "kohya_refuses_conv1d", "WHOLE_LEAVES", "FUSED_EXPERTS",),
     ".texts": ("read_texts", "TEXT_SUFFIXES",),
     ".model_config": ("read_model_config", "CONV1D_LAYERS", "CONV1D_LEAVES", "conv1d_leaves", "pipeline_evidence",),
     ".model_folder": ("config_files", "copy_config_files", "shard_stem", "rename_stem", "QUANTIZATION_FIELDS",),

@@ -35,7 +35,7 @@ from .patterns import check_patterns, safe_search
 
 __all__ = ["FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
            "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan", "plan_layers",
-           "conv1d_rule", "kohya_refuses_conv1d", "WHOLE_LEAVES"]
+           "conv1d_rule", "kohya_refuses_conv1d", "WHOLE_LEAVES", "FUSED_EXPERTS"]
 
 #: weights stored in these dtypes are factored; integer and quantized ones (int8, float8, packed uint8) are refused
 FACTORABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -50,6 +50,10 @@ EMBEDDING_LEAVES = frozenset(WORD_EMBEDDINGS + (
 # takes positions or a mask, not token ids (OPT, BART, Whisper: PEFT's Embedding wrapper breaks it), and DeBERTa's
 # relative position table, read as ``.weight`` (a LoRA there is never used); saved whole for PEFT targets
 WHOLE_LEAVES = frozenset({"embed_positions", "rel_embeddings"})
+# report.skipped reason of fused 3-D MoE expert parameters (GPT-OSS / transformers v5 ``experts.gate_up_proj``
+# (experts, in, 2 * ff), no ``.weight``): per-expert LoRA factors of them have no file layout here yet
+FUSED_EXPERTS = ("fused MoE experts (experts, in, out) stored without .weight: left out, no LoRA layout here carries "
+                 "them (PEFT would need target_parameters)")
 _HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 _HEAD = "lm_head"
 
@@ -138,13 +142,19 @@ def select_layers(names: Sequence[str], tuned: Checkpoint, include, exclude, *,
             continue
         kind = layer_kind(name, shape, conv1d=bool(conv1d(name)))
         if kind is None:
-            (one_d if len(shape) == 1 else skipped["not a weight matrix"]).append(name)
+            (one_d if len(shape) == 1 else skipped.setdefault(_not_a_matrix(name, shape), [])).append(name)
             continue
         if not matches(module_name(name), include, exclude):
             skipped["filtered out"].append(name)
             continue
         selected[name] = kind
     return selected, skipped, one_d
+
+
+def _not_a_matrix(name: str, shape: Sequence[int]) -> str:
+    """The skip reason of a tensor no layer kind takes: fused MoE experts are named as such (extract reports their
+    relative change: the part of the fine-tune the adapter leaves out)."""
+    return FUSED_EXPERTS if len(shape) == 3 and ".experts." in f".{name}" else "not a weight matrix"
 
 
 def relative_change(W0: Tensor, W1: Tensor) -> float:

@@ -30,7 +30,8 @@ import torch
 from ..adapter import Adapter, ModuleKind, module_name
 from .checkpoint import Checkpoint
 
-__all__ = ["ModelNames", "model_names", "in_model_names", "in_checkpoint_names", "with_aliases", "fold_aliases", "checkpoint_index",
+__all__ = ["ModelNames", "model_names", "in_model_names", "in_checkpoint_names", "with_aliases", "fold_aliases",
+           "checkpoint_index",
            "CHECKPOINT_NAMES_KEY", "names_metadata", "names_from_metadata"]
 
 #: safetensors metadata key of a PEFT file written in the model's names: JSON {adapter name: checkpoint name}
