@@ -72,7 +72,8 @@ def test_peft_loads_the_head_written_in_the_models_name(neox, tmp_path):
     save_adapter(adapter, tmp_path / "ad")
     with safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), "pt") as f:
         assert json.loads(f.metadata()[CHECKPOINT_NAMES_KEY]) == {"lm_head": "embed_out"}
-    assert load_adapter(tmp_path / "ad").model_names == {"lm_head": "embed_out"}
+    read = load_adapter(tmp_path / "ad")
+    assert read.model_names == {"lm_head": "embed_out"} and "lm_head (checkpoint: embed_out)" in read.notes[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = transformers.GPTNeoXForCausalLM.from_pretrained(neox)
@@ -100,6 +101,14 @@ def test_t5_shared_embedding_reaches_its_tied_aliases(t5, tmp_path):
     unfolded = Adapter(modules={n: emb for n in ("shared", "encoder.embed_tokens", "decoder.embed_tokens")})
     assert set(in_checkpoint_names(unfolded, ckpt).modules) == {"shared"}  # once, not three times
     assert torch.equal(raw["base_model.model.encoder.embed_tokens.lora_embedding_A"], emb.A)
+    from click.testing import CliRunner
+    from lowrank_tools.cli import main
+    merge = ["merge", f"{tmp_path / 'ad'}:0.5", f"{tmp_path / 'ad'}:0.5"]
+    for command in (merge, ["resize", tmp_path / "ad", "--rank", 1]):
+        out = tmp_path / command[0]
+        assert CliRunner().invoke(main, [*map(str, command), "-o", str(out), "-q"]).exit_code == 0
+        config = json.loads((out / "adapter_config.json").read_text())  # the aliases still get the (new) factors
+        assert set(config["target_modules"]) == {"shared", "encoder.embed_tokens", "decoder.embed_tokens"}
 
 
 def test_models_that_need_no_renaming_are_left_alone(tmp_path_factory):

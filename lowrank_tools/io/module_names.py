@@ -193,14 +193,19 @@ def with_aliases(adapter: Adapter) -> dict:
 
 
 def fold_aliases(adapter: Adapter) -> Adapter:
-    """``adapter`` as read from a file: a recorded alias whose factors equal its owner's is one module, not two."""
+    """``adapter`` as read from a file: a recorded alias whose factors equal its owner's is one module, not two;
+    a note says which names are the model's and what they were in the checkpoint (``info`` shows it)."""
     drop = [a for a in adapter.model_names if a in adapter.modules and (o := _owner(adapter, a)) is not None
             and _same(adapter.modules[o], adapter.modules[a])]
-    if not drop:
-        return adapter
+    renamed = [f"{n} (checkpoint: {c})" for n, c in adapter.model_names.items()
+               if n in adapter.modules and n not in drop and _owner(adapter, n) is None]
+    notes = [f"{len(renamed)} module name(s) are the transformers model's, recorded with the checkpoint's: "
+             f"{', '.join(renamed[:3])}{' ...' if len(renamed) > 3 else ''}"] if renamed else []
+    if drop:
+        notes.append(f"{', '.join(drop)}: tied to {adapter.model_names[drop[0]]} (one weight): its factors are "
+                     f"written on every name, counted once")
     return replace(adapter, modules={n: m for n, m in adapter.modules.items() if n not in drop},
-                   notes=[*adapter.notes, f"{', '.join(drop)}: tied to {adapter.model_names[drop[0]]} (one weight): "
-                                          f"its factors are written on every name, counted once"])
+                   notes=[*adapter.notes, *notes]) if notes else adapter
 
 
 def in_checkpoint_names(adapter: Adapter, ckpt: Checkpoint) -> Adapter:
