@@ -49,3 +49,16 @@ def test_fused_experts_are_named_with_their_relative_change():
     assert "model.layers.0.mlp.experts.gate_up_proj (2, 16, 64)" in note and f"{rel:.3g}" in note
     assert note in warned
     assert set(result.adapter.full_tensors) == {"model.decoder.embed_positions.weight", "encoder.rel_embeddings.weight"}
+
+
+def test_check_accepts_the_tensors_saved_whole(tmp_path):
+    """modules_to_save tensors (``base_model.model.<module>.weight``, a router's bias too) are what PEFT loads as they
+    are, not unknown keys."""
+    from lowrank_tools.check import check_adapter
+    from lowrank_tools.io.formats import save_adapter
+
+    base, tuned = _pair()
+    result = extract(base, tuned, rule=RankRule(rank=2))
+    save_adapter(result.adapter, tmp_path / "ad")
+    found = check_adapter(tmp_path / "ad", "peft")
+    assert not [p for p in found.findings if p.severity.value == "error"], found.findings
