@@ -139,3 +139,18 @@ def test_a_router_named_alike_in_checkpoint_and_model_is_unadaptable(tmp_path_fa
                  moe_intermediate_size=32, shared_expert_intermediate_size=32, **SMALL)
     names = model_names(open_checkpoint(qwen))
     assert names.unadaptable == {"model.layers.0.mlp.gate"}  # Qwen2MoeTopKRouter; shared_expert_gate is a Linear
+
+
+def test_an_alias_the_checkpoint_stores_is_a_layer_of_its_own(t5):
+    """An older T5 save stores encoder.embed_tokens.weight beside shared.weight: extract factors it as its own
+    layer and apply adds to it, so it is no alias to repeat or fold."""
+    ckpt = open_checkpoint(t5)
+
+    class Older:
+        config = ckpt.config
+
+        @staticmethod
+        def keys():
+            return [*ckpt.keys(), "encoder.embed_tokens.weight"]
+
+    assert model_names(Older).aliases == {"shared": ("decoder.embed_tokens",)}

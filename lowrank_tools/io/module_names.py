@@ -72,7 +72,8 @@ def _model_names(config_json: str, arch: str, keys: tuple[str, ...]) -> ModelNam
     if model is None:
         return None
     names = dict(model.named_parameters(remove_duplicate=False))
-    return ModelNames(arch, _renames(model, keys, set(names)), _aliases(model, keys), _unadaptable(model, keys))
+    renamed = _renames(model, keys, set(names))
+    return ModelNames(arch, renamed, _aliases(model, keys, renamed), _unadaptable(model, keys))
 
 
 def _unadaptable(model, keys: tuple[str, ...]) -> frozenset[str]:
@@ -121,20 +122,20 @@ def _renames(model, keys: tuple[str, ...], params: set[str]) -> dict[str, str]:
     return out
 
 
-def _aliases(model, keys: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    """Embedding modules sharing one weight: {the one the checkpoint stores: the others} (output heads, which are
-    Linear, are left to the tied-head rule of :mod:`.layers`)."""
+def _aliases(model, keys: tuple[str, ...], renamed: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """Embedding modules sharing one weight: {the one the checkpoint stores: the others} in the model's names
+    (output heads, which are Linear, are left to the tied-head rule of :mod:`.layers`)."""
     modules = dict(model.named_modules())
     groups: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if name.endswith(".weight") and isinstance(modules.get(module_name(name)), torch.nn.Embedding):
             groups.setdefault(id(p), []).append(module_name(name))
-    stored = {module_name(k) for k in keys}
+    stored = {renamed.get(module_name(k), module_name(k)) for k in keys}
     out = {}
-    for group in groups.values():
+    for group in groups.values():  # names the checkpoint stores too are layers of their own there (older saves)
         owners = [n for n in group if n in stored]
-        if len(group) > 1 and owners:
-            out[owners[0]] = tuple(n for n in group if n != owners[0])
+        if owners and (aliases := tuple(n for n in group if n not in stored)):
+            out[owners[0]] = aliases
     return out
 
 
@@ -151,7 +152,7 @@ def in_model_names(adapter: Adapter, ckpt: Checkpoint) -> tuple[Adapter, str | N
                    if _owner_of(t) in names.renamed})
     renamed = [f"{c} -> {m}" for m, c in record.items()]
     tied = [a for owner, aliases in names.aliases.items() for a in aliases
-            if adapter.modules.get(owner) is not None and adapter.modules[owner].kind is ModuleKind.EMBEDDING]
+            if modules.get(owner) is not None and modules[owner].kind is ModuleKind.EMBEDDING]
     record.update({a: names.checkpoint_name(a) for a in tied})
     if not record:
         return adapter, None
