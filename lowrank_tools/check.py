@@ -132,10 +132,9 @@ def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=Non
         module, suffix, role = split_key(key)
         if not matches(module, include, exclude):
             continue
-        if _whole(key, config):  # modules_to_save: PEFT loads the tensor as it is
-            result.tensors += 1
-            continue
         result.tensors += 1
+        if _whole(key, config):  # modules_to_save: PEFT loads the tensor as it is
+            continue
         why = key_accepted(consumer, module, suffix)
         if why is not None and consumer is not Consumer.DIFFUSERS:
             add(Problem(Severity.ERROR, "unknown-key", key, f"not loaded by {consumer.value}: {why}"))
