@@ -215,6 +215,9 @@ class Adapter:
     # deltas added to base tensors whole (``x.bias`` from kohya ``.diff_b`` / PEFT ``lora_B.bias``, norm weights
     # from ``w_norm`` / ``b_norm``): base tensor name -> delta, already scaled
     tensor_deltas: dict[str, Tensor] = field(default_factory=dict)
+    # written in a transformers model's names (io.module_names): {name in the file: the checkpoint's module name};
+    # a name not among the modules is a tied alias whose factors are its owner's (written, not held, twice)
+    model_names: dict[str, str] = field(default_factory=dict)
 
     @property
     def params(self) -> int:

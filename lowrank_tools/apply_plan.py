@@ -23,6 +23,7 @@ from torch import Tensor
 from .adapter import LoraModule, ModuleKind, as_conv1d, matrix_shape
 from .errors import AdapterMismatch, ConversionError, NonFiniteWeight
 from .io.arch_convert import to_base_naming
+from .io.module_names import in_checkpoint_names
 from .io.checkpoint import Checkpoint
 from .io.layers import WORD_EMBEDDINGS, conv1d_rule, matches
 from .io.openclip import fused_rows
@@ -168,7 +169,7 @@ def plan_apply(base: Checkpoint, adapters: Sequence[WeightedAdapter], *, include
     conv1d = conv1d_rule(base)
     for item in adapters:
         own = item.adapter.modules
-        item = _in_base_naming(item, module_names, include, exclude)  # filtered on its own names
+        item = _in_base_naming(item, module_names, include, exclude, base)  # filtered on its own names
         heads = []
         for name, m in item.adapter.modules.items():
             tensor, part = _resolve(name, base), None
@@ -188,7 +189,8 @@ def plan_apply(base: Checkpoint, adapters: Sequence[WeightedAdapter], *, include
     return _drop_zero_terms(plan), whole
 
 
-def _in_base_naming(item: WeightedAdapter, module_names: list[str], include, exclude) -> WeightedAdapter:
+def _in_base_naming(item: WeightedAdapter, module_names: list[str], include, exclude,
+                    base: Checkpoint) -> WeightedAdapter:
     """``item``'s modules that pass ``include`` / ``exclude`` (on its own names), in the base's naming
     (:func:`~lowrank_tools.io.arch_convert.to_base_naming`); a module that cannot be fused or split (DoRA) is an
     :class:`AdapterMismatch` naming it."""
@@ -198,6 +200,7 @@ def _in_base_naming(item: WeightedAdapter, module_names: list[str], include, exc
         full_tensors={n: t for n, t in item.adapter.full_tensors.items() if keep(n.rsplit(".", 1)[0])},
         tensor_deltas={n: t for n, t in item.adapter.tensor_deltas.items() if keep(n.rsplit(".", 1)[0])})
     try:
+        adapter = in_checkpoint_names(adapter, base)  # a transformers model's names -> its checkpoint's
         return WeightedAdapter(to_base_naming(adapter, module_names), item.weight, item.source)
     except ConversionError as e:
         what = re.sub(r"[:;] use --format .*$", "", str(e))

@@ -27,7 +27,8 @@ from .io.consumer_keys import KOHYA_LIKE_PREFIXES, Consumer, Role, key_accepted,
 from .io.diffusers_judge import COMPONENTS, LDM_WORKAROUND, ldm_unet_keys, pipeline_for, trace_modules
 from .io.diffusers_lora import DIFFUSERS_NAME
 from .io.layers import compile_filters, conv1d_rule, matches
-from .io.peft import CONFIG_NAME, WEIGHTS_NAME
+from .io.module_names import checkpoint_index
+from .io.peft import CONFIG_NAME, WEIGHTS_NAME, is_saved_whole
 
 __all__ = ["Severity", "Problem", "CheckResult", "check_adapter", "Consumer"]
 
@@ -132,6 +133,8 @@ def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=Non
         if not matches(module, include, exclude):
             continue
         result.tensors += 1
+        if _whole(key, config):  # modules_to_save: PEFT loads the tensor as it is
+            continue
         why = key_accepted(consumer, module, suffix)
         if why is not None and consumer is not Consumer.DIFFUSERS:
             add(Problem(Severity.ERROR, "unknown-key", key, f"not loaded by {consumer.value}: {why}"))
@@ -154,6 +157,13 @@ def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=Non
     if consumer is Consumer.DIFFUSERS:
         _diffusers_judge(result, ckpt, [k for m in modules.values() for k in m.tensors.values()])
     return result
+
+
+def _whole(key: str, config: dict | None) -> bool:
+    """A tensor saved whole (``adapter_config.json`` modules_to_save, PEFT's matching rule)."""
+    saved = (config or {}).get("modules_to_save") or ()
+    plain = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+    return bool(saved) and isinstance(saved, list) and "." in plain and is_saved_whole(plain.rsplit(".", 1)[0], saved)
 
 
 def _collapse(result, consumer, kohya: bool) -> None:
@@ -326,6 +336,9 @@ def _against_base(result, ckpt, modules, base, peft_config: dict | None) -> None
     """Each module in the base with a shape its update fits; a transformers Conv1D weight (GPT-2 family, stored
     (in, out), known from the base's config.json) takes the transposed (out, in) update, as PEFT lays it."""
     index = _base_index(base)
+    if any(_lookup(module, index) is None for module in modules):  # a transformers model's names (v5, tied aliases)
+        index.update({_norm(m): f"{c}.weight" for m, c in checkpoint_index(base, ckpt.metadata).items()
+                      if f"{c}.weight" in base})
     conv1d = conv1d_rule(base)
     add = result.findings.append
     flagged = peft_config is None or peft_config.get("fan_in_fan_out") is True

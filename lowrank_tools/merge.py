@@ -189,7 +189,8 @@ def merge(adapters: Sequence[WeightedAdapter | Adapter | tuple], *, rule: RankRu
                      base_model=bases[0] if bases else None, source_format="merge", notes=notes,
                      task_type=_common({i.adapter.task_type for i in inputs}),
                      pipeline=_common({i.adapter.pipeline for i in inputs}),
-                     tensor_deltas=_tensor_deltas(inputs))
+                     tensor_deltas=_tensor_deltas(inputs),  # and the names recorded for a transformers model:
+                     model_names={k: v for i in inputs for k, v in i.adapter.model_names.items()})  # tied aliases
     more = {"inputs": [{"source": i.source, "weight": i.weight} for i in inputs],
             "old_params": sum(m.params for p in parts.values() for m, _, _ in p)}
     if budget is not None:

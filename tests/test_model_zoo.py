@@ -43,33 +43,23 @@ XFAIL: dict[tuple[str, str], str] = {
                                                      "gpt_bigcode", "mpt", "gpt2", "t5", "bart")},
     ("whisper", "check"): "check rightly refuses the tied head's 'lm_head': Whisper's head is proj_out (extract names "
                           "every tied head lm_head: io/layers.py _HEAD)",
-    ("gpt_neox", "consumer"): "checkpoint name embed_out is transformers v5's lm_head: PEFT matches target 'embed_out' "
-                              "to nothing and drops the head's LoRA in silence (io/peft.py: write the model's names)",
-    ("opt", "consumer"): "lora_embedding on OPT's learned embed_positions: PEFT wraps the subclass and its forward "
-                         "crashes (float indices); needs --full-modules or exclusion (io/peft.py)",
-    ("bart", "consumer"): "lora_embedding on embed_positions crashes PEFT's forward (as opt), and model.shared's LoRA "
-                          "never reaches encoder/decoder.embed_tokens (tied alias, as t5)",
-    ("t5", "consumer"): "LoRA on 'shared' (tied to encoder/decoder.embed_tokens): PEFT wraps shared only, the stacks "
-                        "keep the bare embedding, so the embedding delta is lost (io/peft.py, io/layers.py)",
-    ("deberta_v2", "consumer"): "encoder.rel_embeddings is an nn.Embedding written as lora_A/lora_B (name-based "
-                                "EMBEDDING_LEAVES misses it): PEFT drops the keys in silence (io/layers.py)",
     ("whisper", "consumer"): "PEFT cannot run it: LoRA on conv1 hides .stride Whisper reads, task_type SEQ_2_SEQ_LM "
                              "breaks input_features, and the tied head is written as lm_head (Whisper: proj_out)",
-    ("qwen2_moe", "consumer"): "PEFT refuses a LoRA on the router (Qwen2MoeTopKRouter in transformers v5) and drops "
-                               "per-expert keys in silence (no v4->v5 conversion for qwen2_moe): io/peft.py",
+    ("qwen2_moe", "consumer"): ("the per-expert keys (mlp.experts.N.gate_proj, v4 names) drop in silence: PEFT "
+                               "0.21's v4->v5 MoE conversion looks model_type qwen2_moe up in transformers' "
+                               "_MODEL_TO_CONVERSION_PATTERN, "
+                               "which maps qwen3_moe -> qwen2_moe but not qwen2_moe itself, so no target_parameters "
+                               "gate_up_proj/down_proj come of them (the router is saved whole and loads)"),
     ("qwen2_moe", "check"): "check misreads rank_pattern's escaped key for shared_expert_gate (rank 1): 'rank 1 in the "
                             "file but 2 in adapter_config.json' though PEFT loads it (check.py)",
-    ("gpt_oss", "consumer"): "PEFT refuses a LoRA on the router (GptOssTopKRouter), and the fused experts are "
-                             "missing (see apply)",
-    ("gpt_oss", "apply"): "experts stored fused on disk (experts.gate_up_proj (E, in, 2ff), no .weight) are skipped "
-                          "by extract as 'not a weight matrix': their delta is lost (io/layers.py layer_kind; PEFT "
-                          "target_parameters could carry it)",
+    ("gpt_oss", "consumer"): ("the fused experts (experts.gate_up_proj (E, in, 2ff), experts.down_proj) are left "
+                             "out by extract (see apply; the router is saved whole and loads)"),
+    ("gpt_oss", "apply"): ("experts stored fused on disk (experts.gate_up_proj (E, in, 2ff), no .weight) are left out "
+                          "by extract, named with their relative change (io/layers.py FUSED_EXPERTS): no file layout "
+                          "for per-expert factors of a 3-D parameter yet (PEFT target_parameters could carry it)"),
     **{(name, "check"): "check --for diffusers judges this pipeline's adapter by StableDiffusionPipeline and reports "
                         "every transformer. key dropped (check.py: take the pipeline from the base's model_index.json)"
        for name in ("wan", "sana", "ltx_video", "cogvideox", "pixart", "lumina2", "cogview4")},
-    ("llava", "consumer"): "the adapter names the checkpoint's (v4) keys, language_model.model.layers.N / "
-                           "vision_tower.*; transformers v5's modules are model.language_model.* / model.vision_tower.*"
-                           ": PEFT loads none of the factors, in silence (io/peft.py: write the model's names)",
     ("lumina2", "convert"): "a Lumina2 adapter reads as 'Flux (diffusers names)': kohya writes x_embedder as Flux's "
                             "lora_unet_img_in and records it as 'img_in', so converting back loses "
                             "transformer.x_embedder "
@@ -179,9 +169,11 @@ def test_extract_recovers_the_planted_deltas_and_info_reads_them(zoos, name):
     summary = json.loads((zoo.root / "report.json").read_text())["summary"]
     assert summary["rel_error"] < 1e-5 and summary["layers"] > 0
     info = json.loads(run("info", zoo.adapter, "--modules", "--json").output)
-    tied = 1 if any(m["name"].endswith("lm_head") for m in info["module_list"]) else 0  # one layer, both sides
-    assert info["modules"] == len(info["module_list"]) in (summary["layers"], summary["layers"] + tied)
-    assert {m["rank"] for m in info["module_list"]} <= {1, 2}
+    lora = [m for m in info["module_list"] if m["kind"] != "whole"]  # saved whole: what PEFT cannot take as a LoRA
+    tied = 1 if any(m["name"].endswith("lm_head") for m in lora) else 0  # one layer, both sides
+    assert info["modules"] == len(lora) in (summary["layers"], summary["layers"] + tied)
+    assert {m["rank"] for m in lora} <= {1, 2}
+    assert len(info["module_list"]) - len(lora) == len(info["saved_whole"])
 
 
 def peft_merged(spec, zoo):
@@ -199,6 +191,12 @@ def peft_merged(spec, zoo):
         wrapped = peft.PeftModel.from_pretrained(model, zoo.adapter)
     prefix, adapted = "base_model.model.", set()
     for name, module in wrapped.named_modules():
+        if isinstance(module, peft.utils.ModulesToSaveWrapper) and "default" in module.modules_to_save:
+            for leaf, p in module.modules_to_save["default"].named_parameters():  # saved whole: the copy is used
+                key = f"{name[len(prefix):]}.{leaf}"
+                state[key] = p.detach().clone()
+                adapted.add(key)
+            continue
         if not isinstance(module, peft.tuners.lora.LoraLayer):
             continue
         if not ("default" in module.lora_A or "default" in module.lora_embedding_A):

@@ -31,7 +31,8 @@ from .budget import budget_top_k, extract_with_budget, svd_fields
 from .options import ExtractOptions
 from .whitening import Whitening, whitened_record
 from ..io.formats import left_out_warning
-from ..io.layers import NOT_HELD, LayerPlan, compile_filters, plan_layers, relative_change
+from ..io.module_names import in_model_names
+from ..io.layers import FUSED_EXPERTS, NOT_HELD, LayerPlan, compile_filters, plan_layers, relative_change
 from ..io.base_model import base_model_reference, task_type
 from ..io.model_config import pipeline_evidence
 from ..linalg.svd import TruncatedSVD, balanced_factors, truncated_svd
@@ -175,15 +176,35 @@ def extract(base, tuned, options: ExtractOptions | None = None, *, progress: Pro
                       task_type=task_type(base_ckpt.config or tuned_ckpt.config),
                       pipeline=pipeline_evidence(base_ckpt.config or tuned_ckpt.config,
                                                  components=bool(base_ckpt.components or tuned_ckpt.components)))
+    renamed = None
+    if opts.embeddings and adapter.pipeline is not True:  # a PEFT target: the names of the model PEFT loads it onto
+        adapter, renamed = in_model_names(adapter, base_ckpt)
     more = {"processes": share.world_size} if share is not None else {}
     changed = {n: relative_change(base_ckpt.get(n), tuned_ckpt.get(n)) for n in plan.one_d}
+    experts = _experts_note(base_ckpt, tuned_ckpt, plan.skipped.get(FUSED_EXPERTS, []), warn)
     report = Report(command="extract", layers=records,
                     summary=summarize(records, wall_time=time.perf_counter() - start, **more),
                     skipped={k: v for k, v in plan.skipped.items() if v},
                     notes=([pairing.warning()] if pairing.warning() else []) + plan.notes
+                    + ([renamed] if renamed else []) + experts
                     + ([whitening.note()] if whitening is not None and whitening.note() else []),
                     changed_1d={n: v for n, v in changed.items() if v > 0})
     return ExtractResult(adapter=adapter, report=report)
+
+
+def _experts_note(base: Checkpoint, tuned: Checkpoint, names: list[str], warn: Warn | None) -> list[str]:
+    """What leaving fused MoE experts out costs: each one's ||dW|| / ||W0||, as a note (and a warning when any
+    changed)."""
+    changes = {n: relative_change(base.get(n), tuned.get(n)) for n in names}
+    moved = {n: c for n, c in changes.items() if c > 0}
+    if not moved:
+        return []
+    shown = ", ".join(f"{n} {tuple(tuned.shape(n))} ||dW||/||W0|| = {c:.3g}" for n, c in list(moved.items())[:4])
+    note = (f"left out {len(moved)} fused MoE expert tensor(s) the fine-tune changed (no LoRA layout for them): "
+            f"{shown}{' ...' if len(moved) > 4 else ''}")
+    if warn:
+        warn(note)
+    return [note]
 
 
 def _plan(base: Checkpoint, tuned: Checkpoint, opts: ExtractOptions, warn: Warn | None) -> tuple[Pairing, LayerPlan]:

@@ -41,7 +41,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .base_model import task_type, base_model_reference
     from .peft import (CONFIG_NAME, WEIGHTS_NAME, is_peft_folder, read_peft, write_peft, peft_config, peft_state_dict,
                        collect_factors, build_module, lora_keys_seen, pattern_value, peft_folder_parts,
-                       modules_from_config, file_factors)
+                       modules_from_config, file_factors, is_saved_whole)
     from .diffusers_lora import (DIFFUSERS_NAME, DIFFUSERS_COMPONENTS, is_diffusers_adapter, pipeline_components,
                                  write_diffusers, read_peft_file)
     from .kohya import NAMES_KEY, is_kohya_keys, read_kohya, write_kohya, kohya_state_dict, resolve_module_names
@@ -54,7 +54,10 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
                           select_modules, LEFT_OUT, LEFT_OUT_WHOLE, check_kohya_target, in_output_naming)
     from .layers import (FACTORABLE_DTYPES, check_factorable, layer_kind, compile_filters, matches, select_layers,
                          relative_change, TiedHead, find_tied_heads, tied_head_module, LayerPlan,
-                         plan_layers, conv1d_rule, kohya_refuses_conv1d)
+                         plan_layers, conv1d_rule, kohya_refuses_conv1d, WHOLE_LEAVES, FUSED_EXPERTS)
+    from .module_names import (ModelNames, model_names, in_model_names, in_checkpoint_names, with_aliases,
+                               fold_aliases, checkpoint_index, CHECKPOINT_NAMES_KEY, names_metadata,
+                               names_from_metadata)
     from .prefetch import prefetch
     from .texts import read_texts, TEXT_SUFFIXES
     from .model_config import read_model_config, CONV1D_LAYERS, CONV1D_LEAVES, conv1d_leaves, pipeline_evidence
@@ -97,7 +100,9 @@ _EXPORTS = {name: module for module, names in {
     ".base_model": ("task_type", "base_model_reference",),
     ".peft": ("CONFIG_NAME", "WEIGHTS_NAME", "is_peft_folder", "read_peft", "write_peft", "peft_config",
             "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen", "pattern_value", "peft_folder_parts",
-            "modules_from_config", "file_factors",),
+            "modules_from_config", "file_factors", "is_saved_whole",),
+    ".module_names": ("ModelNames", "model_names", "in_model_names", "in_checkpoint_names", "with_aliases",
+                      "fold_aliases", "checkpoint_index", "CHECKPOINT_NAMES_KEY", "names_metadata", "names_from_metadata",),
     ".diffusers_lora": ("DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_diffusers_adapter", "pipeline_components",
                         "write_diffusers", "read_peft_file",),
     ".kohya": ("NAMES_KEY", "is_kohya_keys", "read_kohya", "write_kohya", "kohya_state_dict", "resolve_module_names",),
@@ -110,7 +115,7 @@ _EXPORTS = {name: module for module, names in {
                "select_modules", "LEFT_OUT", "LEFT_OUT_WHOLE", "check_kohya_target", "in_output_naming",),
     ".layers": ("FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
               "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan",
-              "plan_layers", "conv1d_rule", "kohya_refuses_conv1d",),
+              "plan_layers", "conv1d_rule", "kohya_refuses_conv1d", "WHOLE_LEAVES", "FUSED_EXPERTS",),
     ".texts": ("read_texts", "TEXT_SUFFIXES",),
     ".model_config": ("read_model_config", "CONV1D_LAYERS", "CONV1D_LEAVES", "conv1d_leaves", "pipeline_evidence",),
     ".model_folder": ("config_files", "copy_config_files", "shard_stem", "rename_stem", "QUANTIZATION_FIELDS",),

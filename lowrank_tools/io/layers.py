@@ -30,11 +30,12 @@ from .checkpoint import Checkpoint, Pairing
 from ..errors import ConversionError, ShapeMismatch, UnsupportedTensor
 from .ldm_names import is_vae
 from .model_config import conv1d_leaves
+from .module_names import model_names
 from .patterns import check_patterns, safe_search
 
 __all__ = ["FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
            "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan", "plan_layers",
-           "conv1d_rule", "kohya_refuses_conv1d"]
+           "conv1d_rule", "kohya_refuses_conv1d", "WHOLE_LEAVES", "FUSED_EXPERTS"]
 
 #: weights stored in these dtypes are factored; integer and quantized ones (int8, float8, packed uint8) are refused
 FACTORABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -45,6 +46,14 @@ WORD_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "
 EMBEDDING_LEAVES = frozenset(WORD_EMBEDDINGS + (
     "wpe", "embed_positions", "position_embeddings", "position_embedding", "token_embedding", "token_type_embeddings",
     "class_embedding", "relative_attention_bias", "embeddings", "embedding", "embed"))
+# weights a PEFT LoRA cannot carry although PEFT wraps their module: learned positional embeddings whose forward
+# takes positions or a mask, not token ids (OPT, BART, Whisper: PEFT's Embedding wrapper breaks it), and DeBERTa's
+# relative position table, read as ``.weight`` (a LoRA there is never used); saved whole for PEFT targets
+WHOLE_LEAVES = frozenset({"embed_positions", "rel_embeddings"})
+# report.skipped reason of fused 3-D MoE expert parameters (GPT-OSS / transformers v5 ``experts.gate_up_proj``
+# (experts, in, 2 * ff), no ``.weight``): per-expert LoRA factors of them have no file layout here yet
+FUSED_EXPERTS = ("fused MoE experts (experts, in, out) stored without .weight: left out, no LoRA layout here carries "
+                 "them (PEFT would need target_parameters)")
 _HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 _HEAD = "lm_head"
 
@@ -133,13 +142,19 @@ def select_layers(names: Sequence[str], tuned: Checkpoint, include, exclude, *,
             continue
         kind = layer_kind(name, shape, conv1d=bool(conv1d(name)))
         if kind is None:
-            (one_d if len(shape) == 1 else skipped["not a weight matrix"]).append(name)
+            (one_d if len(shape) == 1 else skipped.setdefault(_not_a_matrix(name, shape), [])).append(name)
             continue
         if not matches(module_name(name), include, exclude):
             skipped["filtered out"].append(name)
             continue
         selected[name] = kind
     return selected, skipped, one_d
+
+
+def _not_a_matrix(name: str, shape: Sequence[int]) -> str:
+    """The skip reason of a tensor no layer kind takes: fused MoE experts are named as such (extract reports their
+    relative change: the part of the fine-tune the adapter leaves out)."""
+    return FUSED_EXPERTS if len(shape) == 3 and ".experts." in f".{name}" else "not a weight matrix"
 
 
 def relative_change(W0: Tensor, W1: Tensor) -> float:
@@ -314,6 +329,8 @@ def plan_layers(base: Checkpoint, tuned: Checkpoint, pairing: Pairing, *, includ
     selected, skipped, one_d = select_layers(pairing.names, tuned, include, exclude, base=base)
     plan = LayerPlan(layers=selected, skipped=skipped, one_d=one_d, full=_full_tensors(tuned, full_modules))
     _apply_ties(plan, find_tied_heads(base, tuned), full_modules)
+    if embeddings:  # a PEFT target
+        _save_unadaptable(plan, base)
     _drop(plan, plan.full)
     if not embeddings:
         _drop_embeddings(plan)
@@ -321,6 +338,23 @@ def plan_layers(base: Checkpoint, tuned: Checkpoint, pairing: Pairing, *, includ
     _check_shapes(pairing, plan, include, exclude, (tuned, base))
     _note_unknown_layout(plan, conv1d_rule(base, tuned))
     return plan
+
+
+def _save_unadaptable(plan: LayerPlan, base: Checkpoint) -> None:
+    """Weights PEFT cannot load as a LoRA (:data:`WHOLE_LEAVES`, and modules of a transformers model that are no
+    LoRA layer: MoE routers) go to modules_to_save, whole, with a note."""
+    names = model_names(base)
+    other = names.unadaptable if names is not None else frozenset()
+    whole = [n for n in plan.layers if n not in plan.full and n not in plan.tied
+             and (module_name(n).rsplit(".", 1)[-1] in WHOLE_LEAVES or module_name(n) in other)]
+    modules = {module_name(n) for n in whole}
+    for n in [*plan.layers, *plan.one_d]:  # the module's every tensor (a router's bias too): PEFT loads them all
+        if _module_of(n) in modules:
+            plan.full[n] = n
+    if whole:
+        shown = ", ".join(module_name(n) for n in whole[:4]) + (f" and {len(whole) - 4} more" if len(whole) > 4 else "")
+        plan.notes.append(f"saved whole (PEFT modules_to_save), not as a LoRA PEFT would refuse or not apply "
+                          f"(learned positional embeddings, relative position tables, MoE routers): {shown}")
 
 
 def kohya_refuses_conv1d(names) -> None:

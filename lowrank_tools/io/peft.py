@@ -22,6 +22,7 @@ import json
 import math
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,11 +35,12 @@ from ..errors import AdapterFormatError
 from .adapter_extras import attach_extras, peft_extras, peft_extras_config, split_extras
 from .json_input import get_bool, get_number, get_str, get_str_list, load_json, type_name
 from .model_config import CONV1D_LEAVES
+from .module_names import fold_aliases, names_from_metadata, names_metadata, with_aliases
 from .patterns import peft_pattern_value
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "is_peft_folder", "read_peft", "write_peft", "peft_config",
            "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen", "pattern_value", "peft_folder_parts",
-           "modules_from_config", "file_factors"]
+           "modules_from_config", "file_factors", "is_saved_whole"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -133,12 +135,14 @@ def peft_state_dict(adapter: Adapter, *, prefix: str = _PREFIX) -> dict[str, tor
 
 
 def write_peft(adapter: Adapter, folder: Path) -> None:
-    """Write ``adapter`` as a PEFT folder at ``folder`` (created; the caller makes it atomic)."""
+    """Write ``adapter`` as a PEFT folder at ``folder`` (created; the caller makes it atomic). Tied aliases
+    recorded in ``adapter.model_names`` get their owner's factors (:func:`~.module_names.with_aliases`)."""
+    adapter = replace(adapter, modules=with_aliases(adapter))
     tensors = peft_state_dict(adapter)
     for key, tensor in tensors.items():  # save_file does not pass through our writer: the same check, here
         check_finite_output(key, tensor, folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", **names_metadata(adapter)})
     (folder / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2, allow_nan=False) + "\n")
 
 
@@ -177,7 +181,7 @@ def lora_keys_seen(keys) -> str:
     return ", ".join(f"*{e}" if "." in e else e for e in endings[:6]) or "no tensors"
 
 
-def _saved_whole(module: str, modules_to_save) -> bool:
+def is_saved_whole(module: str, modules_to_save) -> bool:
     """PEFT's rule: a module is saved whole when its name is, or ends with ``.`` +, an entry of modules_to_save."""
     return any(module == m or module.endswith(f".{m}") for m in modules_to_save)
 
@@ -199,7 +203,7 @@ def collect_factors(ckpt, where: Path, *, modules_to_save=()) -> tuple[dict, dic
         whole = _SAVED_WHOLE.match(plain)
         if key.endswith(".alpha") and "." in plain:
             alphas[plain[: -len(".alpha")]] = key
-        elif whole or ("." in plain and _saved_whole(plain.rsplit(".", 1)[0], modules_to_save or ())):
+        elif whole or ("." in plain and is_saved_whole(plain.rsplit(".", 1)[0], modules_to_save or ())):
             full[f"{whole.group(1)}.{whole.group(2)}" if whole else plain] = ckpt.get(key)
         elif _BASE_LAYER.search(plain):
             ignored.append(key)
@@ -330,6 +334,7 @@ def read_peft(folder: Path) -> Adapter:
     modules = modules_from_config(halves, config, folder / CONFIG_NAME, weights)
     deltas = attach_extras(modules, extras, ckpt, weights)
     task = config.get("task_type")
-    return Adapter(modules=modules, full_tensors=full, base_model=config.get("base_model_name_or_path"),
-                   task_type=task if isinstance(task, str) else None, source_format="peft", notes=notes,
-                   tensor_deltas=deltas, pipeline=False)  # adapter_config.json: PEFT's file for one model
+    return fold_aliases(Adapter(modules=modules, full_tensors=full, base_model=config.get("base_model_name_or_path"),
+                                task_type=task if isinstance(task, str) else None, source_format="peft", notes=notes,
+                                tensor_deltas=deltas, pipeline=False,  # adapter_config.json: PEFT's file for one model
+                                model_names=names_from_metadata(ckpt.metadata)))
