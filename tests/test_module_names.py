@@ -154,3 +154,43 @@ def test_an_alias_the_checkpoint_stores_is_a_layer_of_its_own(t5):
             return [*ckpt.keys(), "encoder.embed_tokens.weight"]
 
     assert model_names(Older).aliases == {"shared": ("decoder.embed_tokens",)}
+
+
+def _plain_specs():
+    from zoo_models import SPECS
+
+    return [s for s in SPECS.values() if s.library == "transformers"]
+
+
+@pytest.mark.slow
+def test_plain_model_types_are_still_plain_in_this_transformers(tmp_path):
+    """Every model type extract skips the class build for (PLAIN_MODEL_TYPES) is built here with the installed
+    transformers (the model zoo's tiny config) and must rename nothing, tie no alias and hold no LoRA-less module;
+    every listed type has a zoo case, so none is listed unchecked."""
+    from lowrank_tools.io.module_names import PLAIN_MODEL_TYPES, _model_names
+
+    checked = set()
+    for spec in _plain_specs():
+        model = spec.build()
+        config = model.config.to_dict()
+        if config.get("model_type") not in PLAIN_MODEL_TYPES:
+            continue
+        config["architectures"] = [type(model).__name__]
+        keys = tuple(sorted(model.state_dict()))
+        names = _model_names(json.dumps(config, sort_keys=True), type(model).__name__, keys)
+        assert names is not None, spec.name
+        assert (names.renamed, names.aliases, names.unadaptable) == ({}, {}, frozenset()), spec.name
+        checked.add(config["model_type"])
+    assert checked == PLAIN_MODEL_TYPES
+
+
+def test_a_plain_model_type_builds_nothing(tmp_path, monkeypatch):
+    """A Llama checkpoint gets the empty answer without the class build (the import alone costs seconds)."""
+    from lowrank_tools.io import module_names as mn
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    from safetensors.torch import save_file
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 2)}, str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(mn, "_meta_model", lambda *a: pytest.fail("built a model for a plain type"))
+    names = mn.model_names(open_checkpoint(tmp_path))
+    assert names is not None and not (names.renamed or names.aliases or names.unadaptable)
