@@ -22,6 +22,7 @@ import torch
 
 from .errors import AdapterFormatError, CheckpointNotFound
 from .io.checkpoint import as_checkpoint, open_checkpoint
+from .io.base_model import tied_embedding
 from .io.json_input import load_json
 from .io.consumer_keys import KOHYA_LIKE_PREFIXES, Consumer, Role, key_accepted, split_key, unknown_to_architecture
 from .io.diffusers_judge import COMPONENTS, LDM_WORKAROUND, ldm_unet_keys, pipeline_for, trace_modules
@@ -323,14 +324,15 @@ def _lookup(module: str, index: dict[str, str]) -> str | None:
 
 
 def _against_base(result, ckpt, modules, base, peft_config: dict | None) -> None:
-    """Each module in the base with a shape its update fits; a transformers Conv1D weight (GPT-2 family, stored
-    (in, out), known from the base's config.json) takes the transposed (out, in) update, as PEFT lays it."""
+    """Each module in the base with a shape its update fits; an output head the base does not store fits the input
+    embedding it is tied to (as apply adds it); a transformers Conv1D weight (GPT-2 family, stored (in, out), known
+    from the base's config.json) takes the transposed (out, in) update, as PEFT lays it."""
     index = _base_index(base)
     conv1d = conv1d_rule(base)
     add = result.findings.append
     flagged = peft_config is None or peft_config.get("fan_in_fan_out") is True
     for module, m in modules.items():
-        found = _lookup(module, index)
+        found = _lookup(module, index) or tied_embedding(module.removeprefix("base_model.model."), base)
         if found is None:
             near = difflib.get_close_matches(_norm(module.split(".", 2)[-1]), list(index), n=1, cutoff=0.5)
             hint = f"; closest: {index[near[0]]}" if near else ""

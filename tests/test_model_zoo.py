@@ -36,13 +36,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 FAST = {"llama", "phi3", "t5", "flux"}  # the representative cases outside the slow mark (plain, fused, tied, diffusers)
 
 # (architecture, stage) -> why it fails today; strict: a fix turns the mark into a failure to remove.
-TIED_HEAD_CHECK = ("check --base: the tied head's lm_head LoRA is 'no such module in the base' (the checkpoint stores "
-                   "no lm_head.weight; PEFT loads it fine): check.py")
 XFAIL: dict[tuple[str, str], str] = {
-    **{(name, "check"): TIED_HEAD_CHECK for name in ("gemma", "gemma2", "gemma3", "falcon", "bloom", "opt",
-                                                     "gpt_bigcode", "mpt", "gpt2", "t5", "bart")},
-    ("whisper", "check"): "check rightly refuses the tied head's 'lm_head': Whisper's head is proj_out (extract names "
-                          "every tied head lm_head: io/layers.py _HEAD)",
     ("gpt_neox", "consumer"): "checkpoint name embed_out is transformers v5's lm_head: PEFT matches target 'embed_out' "
                               "to nothing and drops the head's LoRA in silence (io/peft.py: write the model's names)",
     ("opt", "consumer"): "lora_embedding on OPT's learned embed_positions: PEFT wraps the subclass and its forward "
@@ -173,13 +167,18 @@ def cases(stage: str) -> list:
 @pytest.mark.parametrize("name", cases("extract"))
 def test_extract_recovers_the_planted_deltas_and_info_reads_them(zoos, name):
     """Every delta is exactly rank 2, so the report's error is rounding; ``info --json`` lists rank-2 modules
-    (rank 1 where a side is 1: Qwen2-MoE's shared_expert_gate), a tied head's one layer on both of its sides."""
+    (rank 1 where a side is 1: Qwen2-MoE's shared_expert_gate), a tied head's one layer on both of its sides
+    (under the head's own name: Whisper's is proj_out)."""
     zoo = zoos(name)
     zoo.extract()
-    summary = json.loads((zoo.root / "report.json").read_text())["summary"]
+    report = json.loads((zoo.root / "report.json").read_text())
+    summary = report["summary"]
     assert summary["rel_error"] < 1e-5 and summary["layers"] > 0
     info = json.loads(run("info", zoo.adapter, "--modules", "--json").output)
-    tied = 1 if any(m["name"].endswith("lm_head") for m in info["module_list"]) else 0  # one layer, both sides
+    heads = {row["tied_head"] for row in report["layers"] if row.get("tied_head")}  # one layer, both sides
+    assert heads <= {m["name"].removeprefix("base_model.model.") for m in info["module_list"]}
+    assert heads <= {"lm_head", "proj_out"}  # Whisper's tied head is proj_out, as its class names it
+    tied = len(heads)
     assert info["modules"] == len(info["module_list"]) in (summary["layers"], summary["layers"] + tied)
     assert {m["rank"] for m in info["module_list"]} <= {1, 2}
 

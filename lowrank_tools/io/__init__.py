@@ -38,7 +38,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .arch_convert import to_original, to_diffusers, for_format, row_sizes, to_base_naming, to_common_naming
     from .arch_checkpoint import FusedSource, in_original_naming, original_layout
     from .diffusers_judge import PIPELINES, COMPONENTS, pipeline_for, trace_modules, ldm_unet_keys, LDM_WORKAROUND
-    from .base_model import task_type, base_model_reference
+    from .base_model import task_type, base_model_reference, WORD_EMBEDDINGS, tied_head_name, tied_embedding
     from .peft import (CONFIG_NAME, WEIGHTS_NAME, is_peft_folder, read_peft, write_peft, peft_config, peft_state_dict,
                        collect_factors, build_module, lora_keys_seen, pattern_value, peft_folder_parts,
                        modules_from_config, file_factors)
@@ -94,7 +94,7 @@ _EXPORTS = {name: module for module, names in {
     ".arch_convert": ("to_original", "to_diffusers", "for_format", "row_sizes", "to_base_naming", "to_common_naming"),
     ".arch_checkpoint": ("FusedSource", "in_original_naming", "original_layout"),
     ".diffusers_judge": ("PIPELINES", "COMPONENTS", "pipeline_for", "trace_modules", "ldm_unet_keys", "LDM_WORKAROUND"),
-    ".base_model": ("task_type", "base_model_reference",),
+    ".base_model": ("task_type", "base_model_reference", "WORD_EMBEDDINGS", "tied_head_name", "tied_embedding",),
     ".peft": ("CONFIG_NAME", "WEIGHTS_NAME", "is_peft_folder", "read_peft", "write_peft", "peft_config",
             "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen", "pattern_value", "peft_folder_parts",
             "modules_from_config", "file_factors",),

@@ -4,7 +4,8 @@
   transformers ``Conv1D`` layers (weight (in, out): GPT-2 and kin) when the checkpoint's ``config.json`` says so
   (:func:`conv1d_rule`, from :data:`~lowrank_tools.io.model_config.CONV1D_LAYERS`; shapes cannot tell);
   3-D to 5-D weights are conv kernels (Conv1d/2d/3d), factored as (out, in * prod(kernel)).
-- Tied weights: an output head (``lm_head``) that is the input embedding -- stored equal to it, or absent
+- Tied weights: an output head (``lm_head``, or what the model class ties: Whisper's ``proj_out``, see
+  :func:`~lowrank_tools.io.base_model.tied_head_name`) that is the input embedding -- stored equal to it, or absent
   because ``tie_word_embeddings`` is set -- is factored once, as the embedding, and the adapter carries the
   delta on both sides (:func:`tied_head_module`). A LoRA on one side alone would change only the token lookup
   or only the output projection and silently lose the rest of the fine-tune.
@@ -28,6 +29,7 @@ from torch import Tensor
 from ..adapter import LoraModule, ModuleKind, module_name
 from .checkpoint import Checkpoint, Pairing
 from ..errors import ConversionError, ShapeMismatch, UnsupportedTensor
+from .base_model import WORD_EMBEDDINGS, tied_head_name
 from .ldm_names import is_vae
 from .model_config import conv1d_leaves
 from .patterns import check_patterns, safe_search
@@ -38,15 +40,12 @@ __all__ = ["FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filte
 
 #: weights stored in these dtypes are factored; integer and quantized ones (int8, float8, packed uint8) are refused
 FACTORABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# input embeddings an output head can be tied to, in order of preference
-WORD_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in", "shared")
 # leaf names of nn.Embedding weights in transformers / diffusers models, matched whole: a substring test would
 # take Linear layers such as Flux's x_embedder, GPT-NeoX's embed_out or Qwen-MoE's shared_expert_gate
 EMBEDDING_LEAVES = frozenset(WORD_EMBEDDINGS + (
     "wpe", "embed_positions", "position_embeddings", "position_embedding", "token_embedding", "token_type_embeddings",
     "class_embedding", "relative_attention_bias", "embeddings", "embedding", "embed"))
 _HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
-_HEAD = "lm_head"
 
 
 def layer_kind(name: str, shape: Sequence[int], *, conv1d: bool = False) -> ModuleKind | None:
@@ -193,14 +192,15 @@ def find_tied_heads(base: Checkpoint, tuned: Checkpoint) -> list[TiedHead]:
     base_configs = dict(_configs(base))
     found = []
     for prefix, config in _configs(tuned):
+        config = config or base_configs.get(prefix) or {}
         emb = _word_embedding(tuned, prefix)
-        head = f"{prefix}{_HEAD}.weight"
+        head = f"{prefix}{tied_head_name(config)}.weight"  # lm_head, or what the model class ties (proj_out)
         if emb is None or emb not in base:
             continue
         grew = base.shape(emb) != tuned.shape(emb)
         if head in tuned and _same(tuned, emb, head) and (grew or _same(base, emb, head)):
             found.append(TiedHead(emb, module_name(head), stored=True))
-        elif _implied_tie(config or base_configs.get(prefix) or {}, base, tuned, head):
+        elif _implied_tie(config, base, tuned, head):
             found.append(TiedHead(emb, module_name(head), stored=False))
     return found
 
