@@ -28,6 +28,7 @@ from .io.consumer_keys import KOHYA_LIKE_PREFIXES, Consumer, Role, key_accepted,
 from .io.diffusers_judge import COMPONENTS, LDM_WORKAROUND, ldm_unet_keys, pipeline_for, trace_modules
 from .io.diffusers_lora import DIFFUSERS_NAME
 from .io.layers import compile_filters, conv1d_rule, matches
+from .io.patterns import peft_pattern_value
 from .io.peft import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["Severity", "Problem", "CheckResult", "check_adapter", "Consumer"]
@@ -195,7 +196,7 @@ def _peft_ranks(result, modules, config) -> None:
     pattern = config.get("rank_pattern") or {}
     for module, m in modules.items():
         name = module[len("base_model.model."):] if module.startswith("base_model.model.") else module
-        want = next((v for k, v in pattern.items() if name == k or name.endswith("." + k)), config.get("r"))
+        want = peft_pattern_value(pattern, name, config.get("r"), error=AdapterFormatError)
         if m.rank is not None and want is not None and m.rank != int(want):
             result.findings.append(Problem(Severity.ERROR, "rank", module, f"rank {m.rank} in the file but {want} in "
                                            f"{CONFIG_NAME} (r / rank_pattern): PEFT refuses the size mismatch"))
@@ -247,11 +248,8 @@ def _zero_rank(result, ckpt, module, m) -> None:
 
 
 def _peft_alpha(name: str, config: dict) -> float | None:
-    pattern = config.get("alpha_pattern") or {}
-    for k, v in pattern.items():
-        if name == k or name.endswith("." + k) or re.fullmatch(k, name):
-            return float(v)
-    value = config.get("lora_alpha", config.get("alpha"))
+    value = peft_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", config.get("alpha")),
+                               what="alpha_pattern", error=AdapterFormatError)
     return None if value is None else float(value)
 
 

@@ -51,13 +51,6 @@ XFAIL: dict[tuple[str, str], str] = {
                              "breaks input_features, and the tied head is written as lm_head (Whisper: proj_out)",
     ("qwen2_moe", "consumer"): "PEFT refuses a LoRA on the router (Qwen2MoeTopKRouter in transformers v5) and drops "
                                "per-expert keys in silence (no v4->v5 conversion for qwen2_moe): io/peft.py",
-    ("qwen2_moe", "check"): "check misreads rank_pattern's escaped key for shared_expert_gate (rank 1): 'rank 1 in the "
-                            "file but 2 in adapter_config.json' though PEFT loads it (check.py)",
-    ("gpt_oss", "consumer"): "PEFT refuses a LoRA on the router (GptOssTopKRouter), and the fused experts are "
-                             "missing (see apply)",
-    ("gpt_oss", "apply"): "experts stored fused on disk (experts.gate_up_proj (E, in, 2ff), no .weight) are skipped "
-                          "by extract as 'not a weight matrix': their delta is lost (io/layers.py layer_kind; PEFT "
-                          "target_parameters could carry it)",
     **{(name, "check"): "check --for diffusers judges this pipeline's adapter by StableDiffusionPipeline and reports "
                         "every transformer. key dropped (check.py: take the pipeline from the base's model_index.json)"
        for name in ("wan", "sana", "ltx_video", "cogvideox", "pixart", "lumina2", "cogview4")},
