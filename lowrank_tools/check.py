@@ -25,7 +25,7 @@ from .io.checkpoint import as_checkpoint, open_checkpoint
 from .io.base_model import tied_embedding
 from .io.json_input import load_json
 from .io.consumer_keys import KOHYA_LIKE_PREFIXES, Consumer, Role, key_accepted, split_key, unknown_to_architecture
-from .io.diffusers_judge import COMPONENTS, LDM_WORKAROUND, ldm_unet_keys, pipeline_for, trace_modules
+from .io.diffusers_judge import LDM_WORKAROUND, judge_for, ldm_unet_keys, trace_modules
 from .io.diffusers_lora import DIFFUSERS_NAME
 from .io.layers import compile_filters, conv1d_rule, matches
 from .io.patterns import peft_pattern_value
@@ -151,10 +151,11 @@ def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=Non
     _alphas(result, ckpt, modules, config)
     if consumer is Consumer.PEFT and config is not None:
         _peft_ranks(result, modules, config)
+    base = as_checkpoint(base) if base is not None else None
     if base is not None:
-        _against_base(result, ckpt, modules, as_checkpoint(base), config if consumer is Consumer.PEFT else None)
+        _against_base(result, ckpt, modules, base, config if consumer is Consumer.PEFT else None)
     if consumer is Consumer.DIFFUSERS:
-        _diffusers_judge(result, ckpt, [k for m in modules.values() for k in m.tensors.values()])
+        _diffusers_judge(result, ckpt, [k for m in modules.values() for k in m.tensors.values()], base)
     return result
 
 
@@ -365,9 +366,10 @@ def _fit(ckpt, m, shape) -> str | None:
     return f"(out, in) = ({out}, {inp})" + (f" kernel {tuple(d[2:])}" if len(d) > 2 else "")
 
 
-def _diffusers_judge(result, ckpt, keys) -> None:
-    """Run diffusers' own ``<Pipeline>.lora_state_dict`` on the tensors: what it refuses, and each module
-    ``load_lora_weights`` would silently leave out (:mod:`~lowrank_tools.io.diffusers_judge`), is a problem.
+def _diffusers_judge(result, ckpt, keys, base) -> None:
+    """Run diffusers' own ``<Pipeline>.lora_state_dict`` on the tensors (the base's pipeline when known): what it
+    refuses, and each module ``load_lora_weights`` would silently leave out
+    (:mod:`~lowrank_tools.io.diffusers_judge`), is a problem; a pipeline diffusers has no LoRA loader for is one.
     Without diffusers, the naming table decides (a note says so)."""
     add = result.findings.append
     try:
@@ -379,14 +381,18 @@ def _diffusers_judge(result, ckpt, keys) -> None:
             if why:
                 add(Problem(Severity.ERROR, "unknown-key", key, f"not loaded by diffusers: {why}"))
         return
-    name = pipeline_for(keys)
-    pipeline = getattr(diffusers, name)
+    judge = judge_for(diffusers, keys, base)
+    name, pipeline, components = judge.name, judge.loader, judge.components
+    if pipeline is None:
+        add(Problem(Severity.ERROR, "no-loader", None, f"diffusers {diffusers.__version__} has no LoRA loader for "
+                    f"{name} (from {judge.evidence}): neither load_lora_weights nor load_lora_adapter loads this "
+                    f"adapter; merge it into the model instead (`lowrank-tools apply BASE ADAPTER -o OUT`)"))
+        return
     try:
         pipeline.lora_state_dict({k: ckpt.get(k) for k in keys})
     except Exception as exc:  # noqa: BLE001 - whatever diffusers raises is its verdict
         _refused(result, name, exc, keys)
         return
-    components = COMPONENTS[name]
     for module, named in trace_modules(pipeline, keys, ckpt.get, components).items():
         if named is not None:
             how = (f"its converter names it {named}, outside {', '.join(components)}" if named else
@@ -399,7 +405,8 @@ def _diffusers_judge(result, ckpt, keys) -> None:
                     f"first): {name}.load_lora_weights does not map them (it makes input_blocks_1_1 down_blocks.1.1, "
                     f"no such module) and refuses or drops them; only lora_state_dict(..., unet_config=) maps them: "
                     f"{LDM_WORKAROUND} (lowrank-tools has no LDM -> diffusers UNet renaming yet)"))
-    add(Problem(Severity.NOTE, "judge", None, f"judged by diffusers {diffusers.__version__} {name}.lora_state_dict"))
+    add(Problem(Severity.NOTE, "judge", None, f"judged by diffusers {diffusers.__version__} {name}.lora_state_dict "
+                f"(from {judge.evidence})"))
 
 
 def _refused(result, name: str, exc: Exception, keys) -> None:

@@ -13,6 +13,12 @@ drops.py loads the files for real):
   when ``lora_state_dict`` gets ``unet_config=`` (SDXL's ``load_lora_weights`` passes it, SD 1.x's does not): without
   it ``input_blocks_1_1`` becomes ``down_blocks.1.1``, a module no UNet has (PEFT then refuses or drops it).
 
+Which loader judges the file is the base's when one is given: the pipeline its ``model_index.json`` names
+(``WanPipeline``: :class:`WanLoraLoaderMixin`'s converter and components), or for a lone component folder the
+loader of its ``config.json`` ``_class_name`` (``SanaTransformer2DModel`` -> ``SanaLoraLoaderMixin``); without a
+base, the names decide (:func:`pipeline_for`). A pipeline diffusers has no LoRA loader for (PixArt in 0.42) is
+said so, once (:func:`judge_for`).
+
 Which input module reaches which component is traced, not guessed: the converter runs a second time on a probe of
 the file in which every module's down factor is filled with its own number and every scale is 1 (alpha = rank, up
 all ones; every other tensor, diff_b or dora_scale, numbered too), so each converted tensor says where it came
@@ -23,12 +29,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from ..errors import NotACheckpoint
 from .consumer_keys import Role, split_key
+from .json_input import load_json
 
-__all__ = ["PIPELINES", "COMPONENTS", "pipeline_for", "trace_modules", "ldm_unet_keys", "LDM_WORKAROUND"]
+__all__ = ["PIPELINES", "COMPONENTS", "pipeline_for", "trace_modules", "ldm_unet_keys", "LDM_WORKAROUND", "Judge",
+           "judge_for"]
 
 PIPELINES = (("FluxPipeline", re.compile(r"double_blocks|single_blocks|single_transformer_blocks")),
              ("StableDiffusion3Pipeline", re.compile(r"joint_blocks|context_block|transformer_blocks.*add_q_proj")),
@@ -47,6 +58,53 @@ LDM_WORKAROUND = ("state, alphas = pipe.lora_state_dict(FILE, unet_config=pipe.u
 def pipeline_for(keys) -> str:
     """The diffusers pipeline class whose loader judges ``keys`` (Flux, SD3, SDXL, else SD 1.x)."""
     return next(n for n, pattern in PIPELINES if any(pattern.search(k) for k in keys))
+
+
+_COMPONENT_CLASS = re.compile(r"^(?P<stem>\w+?)Transformer\dDModel$")  # WanTransformer3DModel -> Wan
+
+
+@dataclass(frozen=True)
+class Judge:
+    """The diffusers class whose ``lora_state_dict`` judges a file, and why that one."""
+
+    name: str                          # FluxPipeline, WanPipeline, SanaLoraLoaderMixin, PixArtSigmaPipeline
+    loader: type | None                # the class, None when diffusers has no LoRA loader for it
+    components: tuple[str, ...]        # its components' key prefixes ("transformer.", ...)
+    evidence: str                      # "model_index.json of BASE", "the adapter's names", ...
+
+
+def _base_class_name(base) -> tuple[str, str] | None:
+    """(``_class_name``, where it was read) of a base pipeline's ``model_index.json`` or a component's config."""
+    index = Path(getattr(base, "path", "")) / "model_index.json"
+    if index.is_file():
+        found = load_json(index, error=NotACheckpoint, fix="re-save the pipeline")
+        if isinstance(found, dict) and isinstance(found.get("_class_name"), str):
+            return found["_class_name"], str(index)
+    config = getattr(base, "config", None)
+    if isinstance(config, dict) and isinstance(config.get("_class_name"), str):
+        return config["_class_name"], f"config.json of {base.path}"
+    return None
+
+
+def judge_for(diffusers, keys, base=None) -> Judge:
+    """Who judges ``keys`` in ``diffusers`` (the module): the base's pipeline (its ``model_index.json``), the loader
+    of a base component's class, else the pipeline the names point to (:func:`pipeline_for`)."""
+    found = _base_class_name(base) if base is not None else None
+    if found is None:
+        name = pipeline_for(keys)
+        return Judge(name, getattr(diffusers, name), COMPONENTS[name], "the adapter's names")
+    name, where = found
+    stem = _COMPONENT_CLASS.match(name)
+    if stem and name not in COMPONENTS:  # a lone transformer component: its family's LoRA loader
+        name = f"{stem['stem']}LoraLoaderMixin"
+    loader = getattr(diffusers, name, None) or getattr(getattr(diffusers, "loaders", None), name, None)
+    loader = loader if callable(getattr(loader, "lora_state_dict", None)) else None
+    if loader is None and stem is None and not name.endswith("Pipeline"):  # a UNet, an unknown class: the names
+        name = pipeline_for(keys)
+        return Judge(name, getattr(diffusers, name), COMPONENTS[name], "the adapter's names")
+    modules = getattr(loader, "_lora_loadable_modules", None) or ()
+    components = tuple(f"{m}." for m in modules) or COMPONENTS.get(name, ("transformer.",))
+    return Judge(name, loader, components, where)
 
 
 def ldm_unet_keys(pipeline: str, modules) -> list[str]:

@@ -1,0 +1,55 @@
+"""Which diffusers loader judges an adapter in ``check --for diffusers``: the base's pipeline (model_index.json),
+a lone component's family loader (its config's _class_name), else the adapter's names."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from lowrank_tools.io.diffusers_judge import judge_for
+
+diffusers = pytest.importorskip("diffusers")
+
+FLUX_KEYS = ["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"]
+SD_KEYS = ["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"]
+
+
+def pipeline_folder(tmp_path, class_name):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    return SimpleNamespace(path=tmp_path, config=None)
+
+
+@pytest.mark.parametrize("class_name, components", [("WanPipeline", ("transformer.", "transformer_2.")),
+                                                     ("SanaPipeline", ("transformer.",)),
+                                                     ("FluxPipeline", ("transformer.", "text_encoder."))])
+def test_the_base_pipeline_decides_over_the_names(tmp_path, class_name, components):
+    judge = judge_for(diffusers, SD_KEYS, pipeline_folder(tmp_path, class_name))
+    assert (judge.name, judge.components) == (class_name, components)
+    assert judge.loader is getattr(diffusers, class_name) and "model_index.json" in judge.evidence
+
+
+@pytest.mark.parametrize("class_name, loader", [("SanaTransformer2DModel", "SanaLoraLoaderMixin"),
+                                                ("WanTransformer3DModel", "WanLoraLoaderMixin"),
+                                                ("LTXVideoTransformer3DModel", "LTXVideoLoraLoaderMixin")])
+def test_a_lone_component_is_judged_by_its_family_loader(tmp_path, class_name, loader):
+    judge = judge_for(diffusers, SD_KEYS, SimpleNamespace(path=tmp_path, config={"_class_name": class_name}))
+    assert judge.name == loader and judge.loader is getattr(diffusers.loaders, loader)
+    assert judge.components[0] == "transformer."
+
+
+def test_no_loader_is_said_not_guessed(tmp_path):
+    judge = judge_for(diffusers, FLUX_KEYS, pipeline_folder(tmp_path, "PixArtSigmaPipeline"))
+    assert judge.name == "PixArtSigmaPipeline" and judge.loader is None
+    lone = judge_for(diffusers, FLUX_KEYS, SimpleNamespace(path=tmp_path / "x", config={
+        "_class_name": "PixArtTransformer2DModel"}))
+    assert lone.name == "PixArtLoraLoaderMixin" and lone.loader is None
+
+
+@pytest.mark.parametrize("base", [None, SimpleNamespace(path="nowhere", config={"_class_name": "UNet2DConditionModel"}),
+                                  SimpleNamespace(path="nowhere", config={"model_type": "llama"})])
+def test_without_a_pipeline_the_names_decide(base):
+    assert judge_for(diffusers, FLUX_KEYS, base).name == "FluxPipeline"
+    judge = judge_for(diffusers, SD_KEYS, base)
+    assert judge.name == "StableDiffusionPipeline" and judge.evidence == "the adapter's names"
