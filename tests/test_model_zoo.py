@@ -54,10 +54,6 @@ XFAIL: dict[tuple[str, str], str] = {
     ("llava", "consumer"): "the adapter names the checkpoint's (v4) keys, language_model.model.layers.N / "
                            "vision_tower.*; transformers v5's modules are model.language_model.* / model.vision_tower.*"
                            ": PEFT loads none of the factors, in silence (io/peft.py: write the model's names)",
-    ("lumina2", "convert"): "a Lumina2 adapter reads as 'Flux (diffusers names)': kohya writes x_embedder as Flux's "
-                            "lora_unet_img_in and records it as 'img_in', so converting back loses "
-                            "transformer.x_embedder "
-                            "(io/architectures.py, io/arch_convert.py)",
     ("sana", "consumer"): "LoRA written for the depthwise conv ff.conv_depth (groups=64): PEFT refuses the whole "
                           "adapter (rank must divide groups); a grouped conv cannot be told from its weight alone",
     ("pixart", "consumer"): "diffusers 0.42 has no LoRA loader for PixArt (no load_lora_adapter): nothing loads it; "
