@@ -54,10 +54,10 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
                           select_modules, LEFT_OUT, LEFT_OUT_WHOLE, check_kohya_target, in_output_naming)
     from .layers import (FACTORABLE_DTYPES, check_factorable, layer_kind, compile_filters, matches, select_layers,
                          relative_change, TiedHead, find_tied_heads, tied_head_module, LayerPlan,
-                         plan_layers, conv1d_rule, kohya_refuses_conv1d)
+                         plan_layers, conv1d_rule, kohya_refuses_conv1d, GROUPED, grouped_warning)
     from .prefetch import prefetch
     from .texts import read_texts, TEXT_SUFFIXES
-    from .model_config import read_model_config, CONV1D_LAYERS, CONV1D_LEAVES, conv1d_leaves, pipeline_evidence
+    from .model_config import read_model_config, CONV1D_LAYERS, CONV1D_LEAVES, conv1d_leaves, pipeline_evidence, grouped_convs
     from .model_folder import config_files, copy_config_files, shard_stem, rename_stem, QUANTIZATION_FIELDS
     from .consumer_keys import (Consumer, Role, split_key, key_accepted, ROLES, KOHYA_LIKE_PREFIXES,
                                 unknown_to_architecture)
@@ -110,9 +110,10 @@ _EXPORTS = {name: module for module, names in {
                "select_modules", "LEFT_OUT", "LEFT_OUT_WHOLE", "check_kohya_target", "in_output_naming",),
     ".layers": ("FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
               "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan",
-              "plan_layers", "conv1d_rule", "kohya_refuses_conv1d",),
+              "plan_layers", "conv1d_rule", "kohya_refuses_conv1d", "GROUPED", "grouped_warning",),
     ".texts": ("read_texts", "TEXT_SUFFIXES",),
-    ".model_config": ("read_model_config", "CONV1D_LAYERS", "CONV1D_LEAVES", "conv1d_leaves", "pipeline_evidence",),
+    ".model_config": ("read_model_config", "CONV1D_LAYERS", "CONV1D_LEAVES", "conv1d_leaves", "pipeline_evidence",
+                      "grouped_convs",),
     ".model_folder": ("config_files", "copy_config_files", "shard_stem", "rename_stem", "QUANTIZATION_FIELDS",),
     ".consumer_keys": ("Consumer", "Role", "split_key", "key_accepted", "ROLES", "KOHYA_LIKE_PREFIXES",
                        "unknown_to_architecture",),

@@ -31,12 +31,12 @@ from .checkpoint import Checkpoint, Pairing
 from ..errors import ConversionError, ShapeMismatch, UnsupportedTensor
 from .base_model import WORD_EMBEDDINGS, tied_head_name
 from .ldm_names import is_vae
-from .model_config import conv1d_leaves
+from .model_config import conv1d_leaves, grouped_convs
 from .patterns import check_patterns, safe_search
 
 __all__ = ["FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
            "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan", "plan_layers",
-           "conv1d_rule", "kohya_refuses_conv1d"]
+           "conv1d_rule", "kohya_refuses_conv1d", "GROUPED", "grouped_warning"]
 
 #: weights stored in these dtypes are factored; integer and quantized ones (int8, float8, packed uint8) are refused
 FACTORABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -219,6 +219,8 @@ def tied_head_module(embedding: LoraModule) -> LoraModule:
 
 # report.skipped reason of embeddings a target format cannot hold (also formats.fit_format's)
 NOT_HELD = "embedding (the target format cannot hold it: use --format peft)"
+# report.skipped reason of convs with groups > 1 (their model's class says: io/model_config.grouped_convs)
+GROUPED = "grouped conv (groups > 1: PEFT refuses a LoRA on it; save it whole with --full-modules)"
 
 
 @dataclass
@@ -315,12 +317,30 @@ def plan_layers(base: Checkpoint, tuned: Checkpoint, pairing: Pairing, *, includ
     plan = LayerPlan(layers=selected, skipped=skipped, one_d=one_d, full=_full_tensors(tuned, full_modules))
     _apply_ties(plan, find_tied_heads(base, tuned), full_modules)
     _drop(plan, plan.full)
+    _drop_grouped(plan, base, tuned)
     if not embeddings:
         _drop_embeddings(plan)
         _refuse_conv1d(plan)
     _check_shapes(pairing, plan, include, exclude, (tuned, base))
     _note_unknown_layout(plan, conv1d_rule(base, tuned))
     return plan
+
+
+def _drop_grouped(plan: LayerPlan, base: Checkpoint, tuned: Checkpoint) -> None:
+    """Convs with groups > 1 (a depthwise conv) are left out under :data:`GROUPED`: no LoRA of ours loads on them."""
+    if not any(k is ModuleKind.CONV for k in plan.layers.values()):
+        return
+    grouped = [n for n in (grouped_convs(base) or grouped_convs(tuned)) if n in plan.layers]
+    if grouped:
+        _drop(plan, grouped)
+        plan.skipped.setdefault(GROUPED, []).extend(grouped)
+
+
+def grouped_warning(tensors) -> str:
+    """The one-line warning for grouped convs left out (:data:`GROUPED`), with the option that keeps them."""
+    names = [module_name(n) for n in tensors]
+    return (f"left out {len(names)} grouped conv(s) (groups > 1: PEFT refuses a LoRA on them): {', '.join(names)}; "
+            f"save them whole with --full-modules '^({'|'.join(re.escape(n) for n in names)})$'")
 
 
 def kohya_refuses_conv1d(names) -> None:

@@ -15,17 +15,25 @@ Two rules decided from ``config.json``, never from tensor names or shapes:
   ``model_type`` is in the table and the layer's leaf name is one of that model's Conv1D attributes. The table is
   read off each modeling file (transformers 5.x: every ``Conv1D(`` in ``src/transformers/models``) and pinned by
   tests/test_gpt2_family.py, which builds each model and compares with ``isinstance(module, Conv1D)``.
+- Grouped convolutions (:func:`grouped_convs`): a conv with ``groups > 1`` (Sana's depthwise ``ff.conv_depth``,
+  Mamba's ``conv1d``) stores (out, in / groups, *kernel), which no shape tells from a plain conv with fewer inputs.
+  The config's model class, built on the meta device (no memory, no weights read), says; PEFT refuses a LoRA on
+  one whose rank does not divide ``groups`` and cannot hold ours (a dense delta) at all.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
+
+import torch
 
 from ..errors import CheckpointNotFound, NotACheckpoint, UsageError
 from .json_input import load_json
 
-__all__ = ["read_model_config", "CONV1D_LAYERS", "CONV1D_LEAVES", "conv1d_leaves", "pipeline_evidence"]
+__all__ = ["read_model_config", "CONV1D_LAYERS", "CONV1D_LEAVES", "conv1d_leaves", "pipeline_evidence",
+           "grouped_convs"]
 
 #: ``model_type`` -> leaf names of its ``Conv1D`` layers (``gpt_bigcode``'s c_attn / c_fc / c_proj are nn.Linear:
 #: same names, other layout, hence the model_type and never the names alone)
@@ -86,3 +94,38 @@ def read_model_config(path: str | os.PathLike) -> dict:
         raise UsageError(f"{path} is a diffusers {config['_class_name']}: calibrate runs transformers models "
                          f"(causal LMs and encoders) only; evaluate takes diffusers denoisers without --data")
     return config
+
+
+def grouped_convs(ckpt) -> dict[str, int]:
+    """{weight tensor name: groups} of every conv layer with ``groups > 1`` in the model(s) of checkpoint ``ckpt``
+    (each pipeline component under its prefix), as the model class its config names builds them; {} where no config
+    names a class that diffusers or transformers (when installed) builds."""
+    parts = [("", ckpt.config)] + [(f"{c}.", part.config) for c, part in ckpt.components.items()]
+    found = {}
+    for prefix, config in parts:
+        model = _meta_model(config)
+        for name, module in model.named_modules() if model is not None else ():
+            if isinstance(module, torch.nn.modules.conv._ConvNd) and module.groups > 1:
+                found[f"{prefix}{name}.weight"] = int(module.groups)
+    return found
+
+
+def _meta_model(config) -> torch.nn.Module | None:
+    """The model ``config`` (a diffusers ``_class_name`` or a transformers ``architectures`` config) describes, built
+    on the meta device; None when it cannot be built here."""
+    if not isinstance(config, dict):
+        return None
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if isinstance(config.get("_class_name"), str):
+                import diffusers
+
+                return getattr(diffusers, config["_class_name"]).from_config(config)
+            import transformers
+
+            fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+            built = transformers.AutoConfig.for_model(config["model_type"], **fields)
+            return getattr(transformers, config["architectures"][0])._from_config(built)
+    except Exception:  # noqa: BLE001 - not installed, an unknown or unbuildable class: no evidence
+        return None
