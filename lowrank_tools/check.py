@@ -134,6 +134,8 @@ def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=Non
         if not matches(module, include, exclude):
             continue
         result.tensors += 1
+        if consumer is Consumer.PEFT and _saved_whole(key, config):
+            continue  # a modules_to_save tensor: PEFT loads it whole
         why = key_accepted(consumer, module, suffix)
         if why is not None and consumer is not Consumer.DIFFUSERS:
             add(Problem(Severity.ERROR, "unknown-key", key, f"not loaded by {consumer.value}: {why}"))
@@ -201,6 +203,12 @@ def _peft_ranks(result, modules, config) -> None:
         if m.rank is not None and want is not None and m.rank != int(want):
             result.findings.append(Problem(Severity.ERROR, "rank", module, f"rank {m.rank} in the file but {want} in "
                                            f"{CONFIG_NAME} (r / rank_pattern): PEFT refuses the size mismatch"))
+
+
+def _saved_whole(key: str, config: dict | None) -> bool:
+    """A tensor of a module in ``modules_to_save`` (PEFT stores it under the module's own name)."""
+    module = key[len("base_model.model."):].rsplit(".", 1)[0] if key.startswith("base_model.model.") else ""
+    return bool(module) and config is not None and _targeted(module, config.get("modules_to_save") or [])
 
 
 def _targeted(name: str, targets) -> bool:

@@ -265,3 +265,20 @@ def test_rank_and_alpha_patterns_are_read_as_peft_matches_them(made, tmp_path, k
         assert not alphas  # no module is named exactly attn1.to_q: PEFT's default alpha stands
     else:
         assert alphas and alphas <= {"to_q", "to_k"} and ("to_k" in alphas) is ("[" in key)
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_peft_tensors_saved_whole_are_loaded_when_modules_to_save_lists_them(made, tmp_path, listed):
+    import shutil
+    folder = tmp_path / "p"
+    shutil.copytree(made / "p", folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors["base_model.model.encoder.conv1.weight"] = torch.zeros(4, 4, 3)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["encoder.conv1"] if listed else None
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    result = check_adapter(folder, "peft")
+    assert result.ok is listed, [p.line() for p in result.problems]
+    if not listed:
+        assert [p.key for p in result.problems] == ["base_model.model.encoder.conv1.weight"]

@@ -27,10 +27,26 @@ def task_type(config: dict | None) -> str | None:
     ``*LMHeadModel``) -> CAUSAL_LM, ``*ForSequenceClassification`` -> SEQ_CLS, ``*ForTokenClassification`` ->
     TOKEN_CLS, ``*ForQuestionAnswering`` -> QUESTION_ANS, ``*ForSeq2SeqLM`` and an encoder-decoder's
     ``*ForConditionalGeneration`` (T5, BART) -> SEQ_2_SEQ_LM, a bare ``*Model`` -> FEATURE_EXTRACTION; None when
-    unknown (no config, several architectures that disagree, a vision-language ``*ForConditionalGeneration``)."""
+    unknown (no config, several architectures that disagree, a vision-language ``*ForConditionalGeneration``) and
+    for an LM whose class reads another input than ``input_ids`` (Whisper's ``input_features``: PEFT's
+    ``PeftModelForSeq2SeqLM`` would break it; a plain ``PeftModel`` passes every input through)."""
     archs = (config or {}).get("architectures") or []
     found = {_task_of(str(a), bool((config or {}).get("is_encoder_decoder"))) for a in archs}
-    return found.pop() if len(found) == 1 else None
+    task = found.pop() if len(found) == 1 else None
+    if task in ("CAUSAL_LM", "SEQ_2_SEQ_LM") and any(_main_input(str(a)) not in (None, "input_ids") for a in archs):
+        return None  # Whisper reads input_features: PEFT's LM wrappers would pass it input_ids
+    return task
+
+
+@functools.lru_cache(maxsize=None)
+def _main_input(architecture: str) -> str | None:
+    """The input a transformers class's forward takes first (``main_input_name``), None when unknown."""
+    try:
+        import transformers
+
+        return getattr(getattr(transformers, architecture, None), "main_input_name", None)
+    except Exception:  # noqa: BLE001 - not installed, or a class that fails to import: no evidence
+        return None
 
 
 def _task_of(arch: str, encoder_decoder: bool) -> str | None:

@@ -31,7 +31,7 @@ from .checkpoint import Checkpoint, Pairing
 from ..errors import ConversionError, ShapeMismatch, UnsupportedTensor
 from .base_model import WORD_EMBEDDINGS, tied_head_name
 from .ldm_names import is_vae
-from .model_config import conv1d_leaves, grouped_convs
+from .model_config import conv1d_leaves, grouped_convs, wrapper_hidden
 from .patterns import check_patterns, safe_search
 
 __all__ = ["FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
@@ -315,6 +315,8 @@ def plan_layers(base: Checkpoint, tuned: Checkpoint, pairing: Pairing, *, includ
     full_modules = compile_filters(full_modules, "--full-modules")
     selected, skipped, one_d = select_layers(pairing.names, tuned, include, exclude, base=base)
     plan = LayerPlan(layers=selected, skipped=skipped, one_d=one_d, full=_full_tensors(tuned, full_modules))
+    if embeddings:  # a target that holds tensors saved whole (PEFT modules_to_save)
+        _save_hidden_whole(plan, base, tuned)
     _apply_ties(plan, find_tied_heads(base, tuned), full_modules)
     _drop(plan, plan.full)
     _drop_grouped(plan, base, tuned)
@@ -324,6 +326,17 @@ def plan_layers(base: Checkpoint, tuned: Checkpoint, pairing: Pairing, *, includ
     _check_shapes(pairing, plan, include, exclude, (tuned, base))
     _note_unknown_layout(plan, conv1d_rule(base, tuned))
     return plan
+
+
+def _save_hidden_whole(plan: LayerPlan, base: Checkpoint, tuned: Checkpoint) -> None:
+    """Layers whose parent reads an attribute PEFT's LoRA wrapper hides (Whisper's ``conv1.stride``) are saved whole,
+    every tensor of the module: PEFT's ``modules_to_save`` wrapper passes attributes through."""
+    for name, why in (wrapper_hidden(base) or wrapper_hidden(tuned)).items():
+        if name in plan.layers:
+            module = module_name(name)
+            plan.full.update({n: n for n in tuned.keys() if _module_of(n) == module})
+            plan.notes.append(f"{module} is saved whole: {why}, which a LoRA wrapper hides (PEFT modules_to_save "
+                              f"passes it through)")
 
 
 def _drop_grouped(plan: LayerPlan, base: Checkpoint, tuned: Checkpoint) -> None:

@@ -19,11 +19,16 @@ Two rules decided from ``config.json``, never from tensor names or shapes:
   Mamba's ``conv1d``) stores (out, in / groups, *kernel), which no shape tells from a plain conv with fewer inputs.
   The config's model class, built on the meta device (no memory, no weights read), says; PEFT refuses a LoRA on
   one whose rank does not divide ``groups`` and cannot hold ours (a dense delta) at all.
+- Layers whose parent reads their attributes (:func:`wrapper_hidden`): Whisper's encoder reads ``conv1.stride`` and
+  ``embed_positions.num_embeddings``, which PEFT's LoRA wrapper does not have (its ``modules_to_save`` wrapper passes attributes through): the class
+  source of each transformers module is searched for ``self.<conv>.<attribute>``.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -33,7 +38,7 @@ from ..errors import CheckpointNotFound, NotACheckpoint, UsageError
 from .json_input import load_json
 
 __all__ = ["read_model_config", "CONV1D_LAYERS", "CONV1D_LEAVES", "conv1d_leaves", "pipeline_evidence",
-           "grouped_convs"]
+           "grouped_convs", "wrapper_hidden"]
 
 #: ``model_type`` -> leaf names of its ``Conv1D`` layers (``gpt_bigcode``'s c_attn / c_fc / c_proj are nn.Linear:
 #: same names, other layout, hence the model_type and never the names alone)
@@ -96,18 +101,64 @@ def read_model_config(path: str | os.PathLike) -> dict:
     return config
 
 
+def _models(ckpt):
+    """(name prefix, model built on the meta device) of the checkpoint and each pipeline component that builds."""
+    parts = [("", ckpt.config)] + [(f"{c}.", part.config) for c, part in ckpt.components.items()]
+    return [(prefix, model) for prefix, config in parts if (model := _meta_model(config)) is not None]
+
+
 def grouped_convs(ckpt) -> dict[str, int]:
     """{weight tensor name: groups} of every conv layer with ``groups > 1`` in the model(s) of checkpoint ``ckpt``
     (each pipeline component under its prefix), as the model class its config names builds them; {} where no config
     names a class that diffusers or transformers (when installed) builds."""
-    parts = [("", ckpt.config)] + [(f"{c}.", part.config) for c, part in ckpt.components.items()]
-    found = {}
-    for prefix, config in parts:
-        model = _meta_model(config)
-        for name, module in model.named_modules() if model is not None else ():
-            if isinstance(module, torch.nn.modules.conv._ConvNd) and module.groups > 1:
-                found[f"{prefix}{name}.weight"] = int(module.groups)
+    return {f"{prefix}{name}.weight": int(module.groups) for prefix, model in _models(ckpt)
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.modules.conv._ConvNd) and module.groups > 1}
+
+
+_WRAPPER_HAS = frozenset({"weight", "bias", "in_features", "out_features"})  # what PEFT's LoRA layers expose
+_WRAPPED = (torch.nn.Linear, torch.nn.Embedding, torch.nn.modules.conv._ConvNd)  # the layers PEFT wraps
+
+
+def wrapper_hidden(ckpt) -> dict[str, str]:
+    """{weight tensor name: why} of the layers (linear, embedding, conv) of a transformers model whose parent module's
+    class reads an attribute of theirs PEFT's LoRA wrapper hides (Whisper's encoder: ``self.conv1.stride``,
+    ``self.embed_positions.num_embeddings``)."""
+    found, sources = {}, {}
+    for prefix, model in _models(ckpt):
+        if not hasattr(model, "config") or isinstance(getattr(model, "config", None), dict):
+            continue  # a diffusers model (its config is a dict): their LoRA convs load in diffusers
+        for name, parent in model.named_modules():
+            for leaf, child in parent.named_children():
+                if not isinstance(child, _WRAPPED):
+                    continue
+                cls = type(parent)
+                if cls not in sources:
+                    sources[cls] = _source(cls)
+                read = sorted(set(re.findall(rf"self\.{re.escape(leaf)}\.(\w+)", sources[cls])) - _WRAPPER_HAS)
+                own = _own_forward(child)
+                if read or own:
+                    why = f"{cls.__name__} reads {leaf}.{read[0]}" if read else f"{own}'s forward takes more inputs"
+                    found[f"{prefix}{name + '.' if name else ''}{leaf}.weight"] = why
     return found
+
+
+def _own_forward(layer: torch.nn.Module) -> str | None:
+    """The class name of a subclass of a torch layer whose forward takes more than its one input (Whisper's and
+    OPT's positional embeddings: (input_ids, cache_length, position_ids), positions computed inside): PEFT's
+    wrapper adds its LoRA term on that first input as if it were the layer's. None otherwise."""
+    try:
+        params = inspect.signature(type(layer).forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return type(layer).__name__ if len(params) > 2 else None
+
+
+def _source(cls) -> str:
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):
+        return ""
 
 
 def _meta_model(config) -> torch.nn.Module | None:
@@ -116,16 +167,21 @@ def _meta_model(config) -> torch.nn.Module | None:
     if not isinstance(config, dict):
         return None
     try:
+        library = __import__("diffusers" if isinstance(config.get("_class_name"), str) else "transformers")
+    except ImportError:
+        return None
+    quiet = library.utils.logging  # their config checks log: nothing below the CLI prints
+    level = quiet.get_verbosity()
+    quiet.set_verbosity_error()
+    try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if isinstance(config.get("_class_name"), str):
-                import diffusers
-
-                return getattr(diffusers, config["_class_name"]).from_config(config)
-            import transformers
-
+            if library.__name__ == "diffusers":
+                return getattr(library, config["_class_name"]).from_config(config)
             fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
-            built = transformers.AutoConfig.for_model(config["model_type"], **fields)
-            return getattr(transformers, config["architectures"][0])._from_config(built)
-    except Exception:  # noqa: BLE001 - not installed, an unknown or unbuildable class: no evidence
+            built = library.AutoConfig.for_model(config["model_type"], **fields)
+            return getattr(library, config["architectures"][0])._from_config(built)
+    except Exception:  # noqa: BLE001 - an unknown or unbuildable class: no evidence
         return None
+    finally:
+        quiet.set_verbosity(level)
