@@ -4,12 +4,10 @@ naming them (PEFT refuses a LoRA on one), or saves them whole with --full-module
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
-from zoo_models import SPECS, plant
+from zoo_models import SPECS, plant, save_model as saved
 from lowrank_tools.extract import extract
 from lowrank_tools.io.checkpoint import open_checkpoint
 from lowrank_tools.io.layers import GROUPED
@@ -17,13 +15,6 @@ from lowrank_tools.io.model_config import grouped_convs
 from lowrank_tools.linalg import RankRule
 
 transformers = pytest.importorskip("transformers")
-
-
-def saved(model, folder):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

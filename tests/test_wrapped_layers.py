@@ -4,12 +4,10 @@ positional embedding computes positions from (input_ids, cache_length) (the wrap
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
-from zoo_models import SPECS, plant
+from zoo_models import SPECS, plant, save_model as saved
 from lowrank_tools.extract import extract
 from lowrank_tools.io.checkpoint import open_checkpoint
 from lowrank_tools.io.model_config import wrapper_hidden
@@ -19,13 +17,6 @@ pytest.importorskip("transformers")
 
 WHISPER_WHOLE = {"model.encoder.conv1", "model.encoder.conv2", "model.encoder.embed_positions",
                  "model.decoder.embed_positions"}
-
-
-def saved(model, folder):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -271,3 +271,11 @@ def plant(model: torch.nn.Module, pattern: str, *, seed: int = 3) -> list[str]:
             p += planted_rank2(tuple(p.shape), g, experts=p.ndim == 3 and not name.endswith("weight"))
             moved.append(name)
     return moved
+
+
+def save_model(model: torch.nn.Module, folder):
+    """``model.save_pretrained(folder)`` without its warnings; returns ``folder``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(folder)
+    return folder
