@@ -9,7 +9,6 @@ non-finite factors; dtypes loaders reject. Errors and warnings are problems; not
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -22,7 +21,7 @@ import torch
 
 from .errors import AdapterFormatError, CheckpointNotFound
 from .io.checkpoint import as_checkpoint, open_checkpoint
-from .io.base_model import tied_embedding
+from .io.base_lookup import BaseIndex
 from .io.json_input import load_json
 from .io.consumer_keys import KOHYA_LIKE_PREFIXES, Consumer, Role, key_accepted, split_key, unknown_to_architecture
 from .io.diffusers_judge import LDM_WORKAROUND, judge_for, ldm_unet_keys, trace_modules
@@ -35,11 +34,7 @@ __all__ = ["Severity", "Problem", "CheckResult", "check_adapter", "Consumer"]
 
 PLACEHOLDER_ALPHA = 1e9
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-_BASE_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "unet.", "transformer.", "text_encoder.",
-                  "text_encoder_2.", "base_model.model.", "cond_stage_model.transformer.", "lora_unet_", "lora_te_",
-                  "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_", "lycoris_")
-_COMPONENT_HINT = {"lora_te2_": "text_encoder_2_", "text_encoder_2.": "text_encoder_2_", "lora_te1_": "text_encoder_",
-                   "lora_te_": "text_encoder_", "text_encoder.": "text_encoder_"}
+
 
 
 class Severity(str, Enum):
@@ -303,46 +298,19 @@ def _alpha_3x(result, modules) -> None:
                 f"theirs, the fused/split mistake of sd-scripts #2204; a fused q/k/v needs alpha {3 * alpha:g}"))
 
 
-def _norm(name: str) -> str:
-    return name.replace(".", "_")
-
-
-def _base_index(base) -> dict[str, str]:
-    index: dict[str, str] = {}
-    for key in base.keys():
-        if not key.endswith(".weight"):
-            continue
-        name = key[:-len(".weight")]
-        index.setdefault(_norm(name), key)
-        for p in _BASE_PREFIXES:
-            if name.startswith(p):
-                index.setdefault(_norm(name[len(p):]), key)
-    return index
-
-
-def _lookup(module: str, index: dict[str, str]) -> str | None:
-    prefix = next((p for p in sorted(_BASE_PREFIXES, key=len, reverse=True) if module.startswith(p)), "")
-    body = _norm(module[len(prefix):])
-    hint = _COMPONENT_HINT.get(prefix)
-    for candidate in ((hint + body) if hint else None, body, _norm(module)):
-        if candidate and candidate in index:
-            return index[candidate]
-    return None
-
-
 def _against_base(result, ckpt, modules, base, peft_config: dict | None) -> None:
     """Each module in the base with a shape its update fits; an output head the base does not store fits the input
     embedding it is tied to (as apply adds it); a transformers Conv1D weight (GPT-2 family, stored (in, out), known
     from the base's config.json) takes the transposed (out, in) update, as PEFT lays it."""
-    index = _base_index(base)
+    index = BaseIndex(base)
     conv1d = conv1d_rule(base)
     add = result.findings.append
     flagged = peft_config is None or peft_config.get("fan_in_fan_out") is True
     for module, m in modules.items():
-        found = _lookup(module, index) or tied_embedding(module.removeprefix("base_model.model."), base)
+        found = index.find(module)
         if found is None:
-            near = difflib.get_close_matches(_norm(module.split(".", 2)[-1]), list(index), n=1, cutoff=0.5)
-            hint = f"; closest: {index[near[0]]}" if near else ""
+            near = index.closest(module)
+            hint = f"; closest: {near}" if near else ""
             add(Problem(Severity.ERROR, "missing-module", module, f"no such module in the base{hint}"))
             continue
         shape = tuple(base.shape(found))

@@ -1,6 +1,6 @@
 """Files: the only layer that opens paths. Checkpoint readers (:mod:`.checkpoint`, :mod:`.safetensors`, torch
 pickles in :mod:`.pickles`), no-clobber renames (:mod:`.rename`), an apply folder's configs (:mod:`.model_folder`),
-what a base config says (:mod:`.base_model`),
+what a base config says (:mod:`.base_model`) and where an adapter module lands in a base (:mod:`.base_lookup`),
 outputs that stand or fall together (:mod:`.outputs`, with what ``--force`` may replace in :mod:`.replaceable`,
 and the streaming writers in :mod:`.atomic`), the adapter formats (:mod:`.peft`, diffusers' pipeline files in :mod:`.diffusers_lora`, :mod:`.kohya` and its name
 tables, LyCORIS LoHa/LoKr/Tucker in :mod:`.lycoris`, DoRA magnitudes and tensor deltas in :mod:`.adapter_extras`,
@@ -39,6 +39,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .arch_checkpoint import FusedSource, in_original_naming, original_layout
     from .diffusers_judge import PIPELINES, COMPONENTS, pipeline_for, trace_modules, ldm_unet_keys, LDM_WORKAROUND
     from .base_model import task_type, base_model_reference, WORD_EMBEDDINGS, tied_head_name, tied_embedding
+    from .base_lookup import BaseIndex
     from .peft import (CONFIG_NAME, WEIGHTS_NAME, is_peft_folder, read_peft, write_peft, peft_config, peft_state_dict,
                        collect_factors, build_module, lora_keys_seen, pattern_value, peft_folder_parts,
                        modules_from_config, file_factors)
@@ -95,6 +96,7 @@ _EXPORTS = {name: module for module, names in {
     ".arch_checkpoint": ("FusedSource", "in_original_naming", "original_layout"),
     ".diffusers_judge": ("PIPELINES", "COMPONENTS", "pipeline_for", "trace_modules", "ldm_unet_keys", "LDM_WORKAROUND"),
     ".base_model": ("task_type", "base_model_reference", "WORD_EMBEDDINGS", "tied_head_name", "tied_embedding",),
+    ".base_lookup": ("BaseIndex",),
     ".peft": ("CONFIG_NAME", "WEIGHTS_NAME", "is_peft_folder", "read_peft", "write_peft", "peft_config",
             "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen", "pattern_value", "peft_folder_parts",
             "modules_from_config", "file_factors",),
