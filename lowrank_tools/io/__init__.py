@@ -44,7 +44,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
                        collect_factors, build_module, lora_keys_seen, pattern_value, peft_folder_parts,
                        modules_from_config, file_factors)
     from .diffusers_lora import (DIFFUSERS_NAME, DIFFUSERS_COMPONENTS, is_diffusers_adapter, pipeline_components,
-                                 write_diffusers, read_peft_file)
+                                 write_diffusers, read_peft_file, lone_component)
     from .kohya import NAMES_KEY, is_kohya_keys, read_kohya, write_kohya, kohya_state_dict, resolve_module_names
     from .lycoris import (STRUCTURED_SUFFIXES, is_lycoris_keys, read_lycoris, read_peft_lycoris, structured_module,
                           PLACEHOLDER_ALPHA, fit_kernels)
@@ -101,7 +101,7 @@ _EXPORTS = {name: module for module, names in {
             "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen", "pattern_value", "peft_folder_parts",
             "modules_from_config", "file_factors",),
     ".diffusers_lora": ("DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_diffusers_adapter", "pipeline_components",
-                        "write_diffusers", "read_peft_file",),
+                        "write_diffusers", "read_peft_file", "lone_component",),
     ".kohya": ("NAMES_KEY", "is_kohya_keys", "read_kohya", "write_kohya", "kohya_state_dict", "resolve_module_names",),
     ".lycoris": ("STRUCTURED_SUFFIXES", "is_lycoris_keys", "read_lycoris", "read_peft_lycoris", "structured_module",
                "PLACEHOLDER_ALPHA", "fit_kernels",),
