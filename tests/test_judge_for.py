@@ -53,3 +53,12 @@ def test_without_a_pipeline_the_names_decide(base):
     assert judge_for(diffusers, FLUX_KEYS, base).name == "FluxPipeline"
     judge = judge_for(diffusers, SD_KEYS, base)
     assert judge.name == "StableDiffusionPipeline" and judge.evidence == "the adapter's names"
+
+
+def test_without_a_base_a_table_architecture_names_its_pipeline():
+    wan = ["transformer.blocks.0.attn1.to_q.lora_A.weight", "transformer.blocks.0.ffn.net.0.proj.lora_A.weight"]
+    judge = judge_for(diffusers, wan)
+    assert judge.name == "WanPipeline" and judge.components[0] == "transformer."
+    sana = ["transformer.transformer_blocks.0.attn1.to_q.lora_A.weight"]  # in no table: the fallback, which says so
+    judge = judge_for(diffusers, sana)
+    assert judge.name == "StableDiffusionPipeline" and "--base" in judge.evidence

@@ -16,7 +16,7 @@ drops.py loads the files for real):
 Which loader judges the file is the base's when one is given: the pipeline its ``model_index.json`` names
 (``WanPipeline``: :class:`WanLoraLoaderMixin`'s converter and components), or for a lone component folder the
 loader of its ``config.json`` ``_class_name`` (``SanaTransformer2DModel`` -> ``SanaLoraLoaderMixin``); without a
-base, the names decide (:func:`pipeline_for`). A pipeline diffusers has no LoRA loader for (PixArt in 0.42) is
+base, the names decide (:func:`pipeline_for`, then the architecture of the tables they are: Wan's -> WanPipeline). A pipeline diffusers has no LoRA loader for (PixArt in 0.42) is
 said so, once (:func:`judge_for`).
 
 Which input module reaches which component is traced, not guessed: the converter runs a second time on a probe of
@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NotACheckpoint
+from .architectures import detect_architecture
 from .consumer_keys import Role, split_key
 from .json_input import load_json
 
@@ -60,6 +61,8 @@ def pipeline_for(keys) -> str:
     return next(n for n, pattern in PIPELINES if any(pattern.search(k) for k in keys))
 
 
+_ARCHITECTURE_PIPELINES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "wan": "WanPipeline",
+                           "qwen_image": "QwenImagePipeline", "hunyuan_video": "HunyuanVideoPipeline"}
 _COMPONENT_CLASS = re.compile(r"^(?P<stem>\w+?)Transformer\dDModel$")  # WanTransformer3DModel -> Wan
 
 
@@ -86,13 +89,27 @@ def _base_class_name(base) -> tuple[str, str] | None:
     return None
 
 
+def _by_names(diffusers, keys) -> Judge:
+    """The pipeline the names point to (:func:`pipeline_for`); where that is only the SD 1.x fallback, the pipeline
+    of the tables' architecture the names are (a Wan file's ``transformer.blocks.0.attn1``: WanPipeline)."""
+    name = pipeline_for(keys)
+    if name == "StableDiffusionPipeline":
+        found = detect_architecture([split_key(k)[0] for k in keys])
+        name = _ARCHITECTURE_PIPELINES.get(found.architecture.name, name) if found else name
+    loader = getattr(diffusers, name)
+    modules = getattr(loader, "_lora_loadable_modules", None) or ()
+    components = tuple(f"{m}." for m in modules) or COMPONENTS[name]
+    unsure = any(not k.startswith(components) for k in keys)  # a transformer the fallback has no component for
+    return Judge(name, loader, components, "the adapter's names" + ("; --base PIPELINE judges by the base's own "
+                                                                     "pipeline" if unsure else ""))
+
+
 def judge_for(diffusers, keys, base=None) -> Judge:
     """Who judges ``keys`` in ``diffusers`` (the module): the base's pipeline (its ``model_index.json``), the loader
-    of a base component's class, else the pipeline the names point to (:func:`pipeline_for`)."""
+    of a base component's class, else the pipeline the names point to (:func:`_by_names`)."""
     found = _base_class_name(base) if base is not None else None
     if found is None:
-        name = pipeline_for(keys)
-        return Judge(name, getattr(diffusers, name), COMPONENTS[name], "the adapter's names")
+        return _by_names(diffusers, keys)
     name, where = found
     stem = _COMPONENT_CLASS.match(name)
     if stem and name not in COMPONENTS:  # a lone transformer component: its family's LoRA loader
@@ -100,8 +117,7 @@ def judge_for(diffusers, keys, base=None) -> Judge:
     loader = getattr(diffusers, name, None) or getattr(getattr(diffusers, "loaders", None), name, None)
     loader = loader if callable(getattr(loader, "lora_state_dict", None)) else None
     if loader is None and stem is None and not name.endswith("Pipeline"):  # a UNet, an unknown class: the names
-        name = pipeline_for(keys)
-        return Judge(name, getattr(diffusers, name), COMPONENTS[name], "the adapter's names")
+        return _by_names(diffusers, keys)
     modules = getattr(loader, "_lora_loadable_modules", None) or ()
     components = tuple(f"{m}." for m in modules) or COMPONENTS.get(name, ("transformer.",))
     return Judge(name, loader, components, where)
