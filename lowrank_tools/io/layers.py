@@ -330,7 +330,10 @@ def plan_layers(base: Checkpoint, tuned: Checkpoint, pairing: Pairing, *, includ
 
 def _save_hidden_whole(plan: LayerPlan, base: Checkpoint, tuned: Checkpoint) -> None:
     """Layers whose parent reads an attribute PEFT's LoRA wrapper hides (Whisper's ``conv1.stride``) are saved whole,
-    every tensor of the module: PEFT's ``modules_to_save`` wrapper passes attributes through."""
+    every tensor of the module: PEFT's ``modules_to_save`` wrapper passes attributes through. Not in a pipeline:
+    its diffusers file cannot hold tensors saved whole."""
+    if base.components or tuned.components:
+        return
     for name, why in (wrapper_hidden(base) or wrapper_hidden(tuned)).items():
         if name in plan.layers:
             module = module_name(name)
