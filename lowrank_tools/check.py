@@ -301,7 +301,7 @@ def _alpha_3x(result, modules) -> None:
 def _against_base(result, ckpt, modules, base, peft_config: dict | None) -> None:
     """Each module in the base with a shape its update fits; an output head the base does not store fits the input
     embedding it is tied to (as apply adds it); a transformers Conv1D weight (GPT-2 family, stored (in, out), known
-    from the base's config.json) takes the transposed (out, in) update, as PEFT lays it."""
+    from the base's config.json) takes the transposed (out, in) update, as PEFT lays it; a layer PEFT cannot wrap."""
     index = BaseIndex(base)
     conv1d = conv1d_rule(base)
     add = result.findings.append
@@ -324,6 +324,9 @@ def _against_base(result, ckpt, modules, base, peft_config: dict | None) -> None
         want = _fit(ckpt, m, shape)
         if want is not None:
             add(Problem(Severity.ERROR, "shape", module, f"adapts {want} but {found} is {tuple(base.shape(found))}"))
+        why = index.refused(found, m.rank) if result.consumer in (Consumer.PEFT, Consumer.DIFFUSERS) else None
+        if why:  # diffusers loads through PEFT too
+            add(Problem(Severity.ERROR, "peft-layer", module, why))
 
 
 def _fit(ckpt, m, shape) -> str | None:

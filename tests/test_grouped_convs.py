@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zoo_models import SPECS, plant, save_model as saved
+from zoo_models import SPECS, peft_folder, plant, save_model as saved
 from lowrank_tools.extract import extract
 from lowrank_tools.io.checkpoint import open_checkpoint
 from lowrank_tools.io.layers import GROUPED
@@ -58,3 +58,16 @@ def test_sana_depthwise_conv_is_one_of_them(tmp_path):
     ckpt = open_checkpoint(saved(model, tmp_path / "sana"))
     groups = model.transformer_blocks[0].ff.conv_depth.groups
     assert groups > 1 and grouped_convs(ckpt) == {"transformer_blocks.0.ff.conv_depth.weight": groups}
+
+
+@pytest.mark.parametrize("rank, ok", [(2, False), (32, True)])  # PEFT takes a rank that is a multiple of groups
+def test_check_names_a_lora_on_a_grouped_conv(mamba, tmp_path, rank, ok):
+    from click.testing import CliRunner
+
+    from lowrank_tools.cli import main
+
+    adapter = peft_folder(tmp_path / "a", "backbone.layers.0.mixer.conv1d", torch.randn(rank, 1, 4),
+                          torch.randn(32, rank, 1))
+    result = CliRunner().invoke(main, ["check", str(adapter), "--for", "peft", "--base", str(mamba[0])])
+    assert (result.exit_code == 0) is ok, result.output
+    assert ok or "grouped conv (groups=32)" in result.output

@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from zoo_models import peft_folder
 from lowrank_tools.cli import main
 from lowrank_tools.io.base_model import tied_embedding, tied_head_name
 from lowrank_tools.io.checkpoint import as_checkpoint
@@ -58,17 +59,6 @@ def test_llama_head_and_an_untied_config(tmp_path):
     assert tied_embedding("lm_head", untied) is None
 
 
-def _adapter(tmp_path, head: str):
-    """A PEFT folder adapting only the head (vocab 48, dim 16) at rank 2."""
-    path = tmp_path / f"adapter_{head}"
-    path.mkdir()
-    save_file({f"base_model.model.{head}.lora_A.weight": torch.randn(2, 16),
-               f"base_model.model.{head}.lora_B.weight": torch.randn(48, 2)}, str(path / "adapter_model.safetensors"))
-    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
-                                                          "target_modules": [head]}))
-    return path
-
-
 @pytest.mark.parametrize("arch, tensors, head, tie, ok", [
     ("LlamaForCausalLM", LLAMA, "lm_head", True, True),
     ("LlamaForCausalLM", LLAMA, "lm_head", False, False),  # untied and not stored: no such module
@@ -76,7 +66,7 @@ def _adapter(tmp_path, head: str):
     ("WhisperForConditionalGeneration", WHISPER, "lm_head", True, False)])
 def test_check_and_apply_find_the_tied_head_alike(tmp_path, arch, tensors, head, tie, ok):
     base = folder(tmp_path, "base", tensors, {"architectures": [arch], "tie_word_embeddings": tie})
-    adapter = _adapter(tmp_path, head)
+    adapter = peft_folder(tmp_path / "adapter", head, torch.randn(2, 16), torch.randn(48, 2))  # (vocab, dim) head
     checked = CliRunner().invoke(main, ["check", str(adapter), "--for", "peft", "--base", str(base)])
     applied = CliRunner().invoke(main, ["apply", str(base), str(adapter), "-o", str(tmp_path / "out"), "-q"])
     assert (checked.exit_code == 0) is ok, checked.output

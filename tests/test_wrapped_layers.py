@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zoo_models import SPECS, plant, save_model as saved
+from zoo_models import SPECS, peft_folder, plant, save_model as saved
 from lowrank_tools.extract import extract
 from lowrank_tools.io.checkpoint import open_checkpoint
 from lowrank_tools.io.model_config import wrapper_hidden
@@ -45,3 +45,17 @@ def test_extract_saves_them_whole_with_a_note(whisper):
         torch.testing.assert_close(t, tuned.get(name))
     assert not WHISPER_WHOLE & set(result.adapter.modules)
     assert any("model.encoder.conv1 is saved whole" in n and "stride" in n for n in result.report.notes)
+
+
+def test_check_names_a_lora_on_a_layer_the_wrapper_breaks(whisper, tmp_path):
+    from click.testing import CliRunner
+
+    from lowrank_tools.cli import main
+
+    conv = peft_folder(tmp_path / "conv", "model.encoder.conv1", torch.randn(2, 8, 3), torch.randn(16, 2, 1))
+    linear = peft_folder(tmp_path / "q", "model.encoder.layers.0.self_attn.q_proj", torch.randn(2, 16),
+                         torch.randn(16, 2))
+    bad = CliRunner().invoke(main, ["check", str(conv), "--for", "peft", "--base", str(whisper[0])])
+    assert bad.exit_code == 1 and "WhisperEncoder reads conv1.stride" in bad.output, bad.output
+    good = CliRunner().invoke(main, ["check", str(linear), "--for", "peft", "--base", str(whisper[0])])
+    assert good.exit_code == 0, good.output
