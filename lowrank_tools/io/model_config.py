@@ -19,14 +19,18 @@ Two rules decided from ``config.json``, never from tensor names or shapes:
   Mamba's ``conv1d``) stores (out, in / groups, *kernel), which no shape tells from a plain conv with fewer inputs.
   The config's model class, built on the meta device (no memory, no weights read), says; PEFT refuses a LoRA on
   one whose rank does not divide ``groups`` and cannot hold ours (a dense delta) at all.
-- Layers whose parent reads their attributes (:func:`wrapper_hidden`): Whisper's encoder reads ``conv1.stride`` and
-  ``embed_positions.num_embeddings``, which PEFT's LoRA wrapper does not have (its ``modules_to_save`` wrapper passes attributes through): the class
-  source of each transformers module is searched for ``self.<conv>.<attribute>``.
+- Layers a PEFT LoRA wrapper breaks (:func:`wrapper_hidden`): Whisper's encoder reads ``conv1.stride`` and
+  ``embed_positions.num_embeddings``, which the wrapper does not have (the class source of each transformers
+  module is searched for ``self.<layer>.<attribute>``), and a layer subclass whose forward takes more than its
+  input (a positional embedding given (input_ids, cache_length)) would get its LoRA term on the wrong input. Its
+  ``modules_to_save`` wrapper passes attributes and inputs through: such layers are saved whole.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 import os
 import re
 import warnings
@@ -163,9 +167,18 @@ def _source(cls) -> str:
 
 def _meta_model(config) -> torch.nn.Module | None:
     """The model ``config`` (a diffusers ``_class_name`` or a transformers ``architectures`` config) describes, built
-    on the meta device; None when it cannot be built here."""
+    on the meta device; None when it cannot be built here. Built once per config (extract asks a few times)."""
     if not isinstance(config, dict):
         return None
+    try:
+        return _built(json.dumps(config, sort_keys=True, default=str))
+    except (TypeError, ValueError):  # a config that is no JSON object: no evidence
+        return None
+
+
+@functools.lru_cache(maxsize=4)
+def _built(text: str) -> torch.nn.Module | None:
+    config = json.loads(text)
     try:
         library = __import__("diffusers" if isinstance(config.get("_class_name"), str) else "transformers")
     except ImportError:
