@@ -56,8 +56,8 @@ XFAIL: dict[tuple[str, str], str] = {
     ("llava", "consumer"): "the adapter names the checkpoint's (v4) keys, language_model.model.layers.N / "
                            "vision_tower.*; transformers v5's modules are model.language_model.* / model.vision_tower.*"
                            ": PEFT loads none of the factors, in silence (io/peft.py: write the model's names)",
-    ("pixart", "consumer"): "diffusers 0.42 has no LoRA loader for PixArt (no load_lora_adapter): nothing loads it; "
-                            "check --for diffusers should say so",
+    ("pixart", "consumer"): "diffusers 0.42 has no LoRA loader for PixArt (no load_lora_adapter): nothing loads it "
+                            "(check --for diffusers says so: NO_LOADER)",
 }
 
 

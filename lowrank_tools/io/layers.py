@@ -356,7 +356,8 @@ def grouped_warning(tensors) -> str:
     """The one-line warning for grouped convs left out (:data:`GROUPED`), with the option that keeps them."""
     names = [module_name(n) for n in tensors]
     return (f"left out {len(names)} grouped conv(s) (groups > 1: PEFT refuses a LoRA on them): {', '.join(names)}; "
-            f"save them whole with --full-modules '^({'|'.join(re.escape(n) for n in names)})$'")
+            f"save them whole with --full-modules '^({'|'.join(re.escape(n) for n in names)})$' (a PEFT folder: of a "
+            f"pipeline, extract the component folder alone)")
 
 
 def kohya_refuses_conv1d(names) -> None:
