@@ -71,3 +71,10 @@ def test_check_names_a_lora_on_a_grouped_conv(mamba, tmp_path, rank, ok):
     result = CliRunner().invoke(main, ["check", str(adapter), "--for", "peft", "--base", str(mamba[0])])
     assert (result.exit_code == 0) is ok, result.output
     assert ok or "grouped conv (groups=32)" in result.output
+
+
+def test_a_kohya_target_keeps_them(mamba):
+    """kohya consumers (ComfyUI, A1111) merge the dense delta into the (out, in / groups, k) weight: only PEFT
+    refuses a grouped conv, so a kohya extract keeps it."""
+    result = extract(*mamba, rule=RankRule(rank=2), embeddings=False)
+    assert "backbone.layers.0.mixer.conv1d" in result.adapter.modules and GROUPED not in result.report.skipped

@@ -315,11 +315,12 @@ def plan_layers(base: Checkpoint, tuned: Checkpoint, pairing: Pairing, *, includ
     full_modules = compile_filters(full_modules, "--full-modules")
     selected, skipped, one_d = select_layers(pairing.names, tuned, include, exclude, base=base)
     plan = LayerPlan(layers=selected, skipped=skipped, one_d=one_d, full=_full_tensors(tuned, full_modules))
-    if embeddings:  # a target that holds tensors saved whole (PEFT modules_to_save)
+    if embeddings:  # a PEFT / diffusers target: tensors saved whole are held (modules_to_save)
         _save_hidden_whole(plan, base, tuned)
     _apply_ties(plan, find_tied_heads(base, tuned), full_modules)
     _drop(plan, plan.full)
-    _drop_grouped(plan, base, tuned)
+    if embeddings:  # kohya consumers merge a grouped conv's dense delta: only PEFT refuses it
+        _drop_grouped(plan, base, tuned)
     if not embeddings:
         _drop_embeddings(plan)
         _refuse_conv1d(plan)
