@@ -97,7 +97,7 @@ class _Module:
     rank: int | None = None
 
 
-def _weights_file(path: Path) -> tuple[Path, dict | None]:
+def _weights_file(path: Path, consumer: Consumer) -> tuple[Path, dict | None]:
     if not path.exists():
         raise CheckpointNotFound(f"adapter {path} does not exist: check the path")
     if not path.is_dir():
@@ -107,7 +107,8 @@ def _weights_file(path: Path) -> tuple[Path, dict | None]:
         config = load_json(path / CONFIG_NAME, error=AdapterFormatError, fix="re-save the adapter")
         if not isinstance(config, dict):
             raise AdapterFormatError(f"{path / CONFIG_NAME}: expected a JSON object: re-save the adapter")
-    for name in (WEIGHTS_NAME, "adapter_model.bin", DIFFUSERS_NAME):
+    peft = (WEIGHTS_NAME, "adapter_model.bin")  # a lone component's folder holds both: each consumer reads its own
+    for name in (DIFFUSERS_NAME, *peft) if consumer is Consumer.DIFFUSERS else (*peft, DIFFUSERS_NAME):
         if (path / name).is_file():
             return path / name, config
     raise AdapterFormatError(f"{path}: a folder without {WEIGHTS_NAME} or {DIFFUSERS_NAME}: not an adapter folder")
@@ -119,7 +120,7 @@ def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=Non
     whose modules and shapes the adapter must fit. ``include`` / ``exclude``: regexes on module keys."""
     path, consumer = Path(path), Consumer(consumer)
     include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
-    weights, config = _weights_file(path)
+    weights, config = _weights_file(path, consumer)
     ckpt = open_checkpoint(weights, dequantize=False)
     result = CheckResult(str(path), consumer)
     add = result.findings.append

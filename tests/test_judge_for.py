@@ -33,10 +33,19 @@ def test_the_base_pipeline_decides_over_the_names(tmp_path, class_name, componen
 @pytest.mark.parametrize("class_name, loader", [("SanaTransformer2DModel", "SanaLoraLoaderMixin"),
                                                 ("WanTransformer3DModel", "WanLoraLoaderMixin"),
                                                 ("LTXVideoTransformer3DModel", "LTXVideoLoraLoaderMixin")])
-def test_a_lone_component_is_judged_by_its_family_loader(tmp_path, class_name, loader):
+def test_a_pipeline_file_on_a_lone_component_is_judged_by_its_family_loader(tmp_path, class_name, loader):
     judge = judge_for(diffusers, SD_KEYS, SimpleNamespace(path=tmp_path, config={"_class_name": class_name}))
     assert judge.name == loader and judge.loader is getattr(diffusers.loaders, loader)
     assert judge.components[0] == "transformer."
+
+
+@pytest.mark.parametrize("class_name", ["SanaTransformer2DModel", "UNet2DConditionModel"])
+def test_a_bare_file_on_a_lone_component_is_judged_by_its_load_lora_adapter(tmp_path, class_name):
+    bare = ["down_blocks.0.attentions.0.proj_in.lora_A.weight"]
+    judge = judge_for(diffusers, bare, SimpleNamespace(path=tmp_path, config={"_class_name": class_name}))
+    assert judge.name == class_name and judge.components == ("",) and "load_lora_adapter" in judge.evidence
+    state = {"x.lora_A.weight": 1, "x.lora_B.weight": 2}
+    assert judge.loader.lora_state_dict(state) == state  # PEFT names: taken as they are
 
 
 def test_no_loader_is_said_not_guessed(tmp_path):
@@ -45,6 +54,9 @@ def test_no_loader_is_said_not_guessed(tmp_path):
     lone = judge_for(diffusers, FLUX_KEYS, SimpleNamespace(path=tmp_path / "x", config={
         "_class_name": "PixArtTransformer2DModel"}))
     assert lone.name == "PixArtLoraLoaderMixin" and lone.loader is None
+    bare = judge_for(diffusers, ["proj_out.lora_A.weight"], SimpleNamespace(path=tmp_path / "x", config={
+        "_class_name": "PixArtTransformer2DModel"}))
+    assert bare.name == "PixArtTransformer2DModel" and bare.loader is None  # no load_lora_adapter either
 
 
 @pytest.mark.parametrize("base", [None, SimpleNamespace(path="nowhere", config={"_class_name": "UNet2DConditionModel"}),

@@ -45,7 +45,9 @@ def test_alpha_other_than_rank_reaches_diffusers(unet, tmp_path):
         torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-5, msg=key)
     again = load_adapter(tmp_path / "ad")  # read as the PEFT folder it also is
     assert again.modules and all(m.alpha == 1.0 for m in again.modules.values())
-    assert CliRunner().invoke(main, ["check", str(tmp_path / "ad"), "--for", "peft", "--base", str(base)]).exit_code == 0
+    for consumer in ("peft", "diffusers"):  # each reads its own file of the folder
+        checked = CliRunner().invoke(main, ["check", str(tmp_path / "ad"), "--for", consumer, "--base", str(base)])
+        assert checked.exit_code == 0, checked.output
 
 
 def test_a_transformers_model_gets_no_diffusers_file(tmp_path):

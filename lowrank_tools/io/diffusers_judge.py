@@ -14,8 +14,10 @@ drops.py loads the files for real):
   it ``input_blocks_1_1`` becomes ``down_blocks.1.1``, a module no UNet has (PEFT then refuses or drops it).
 
 Which loader judges the file is the base's when one is given: the pipeline its ``model_index.json`` names
-(``WanPipeline``: :class:`WanLoraLoaderMixin`'s converter and components), or for a lone component folder the
-loader of its ``config.json`` ``_class_name`` (``SanaTransformer2DModel`` -> ``SanaLoraLoaderMixin``); without a
+(``WanPipeline``: :class:`WanLoraLoaderMixin`'s converter and components), or for a lone component folder (its
+``config.json`` ``_class_name``) its own ``load_lora_adapter(prefix=None)`` for a file without component prefixes
+(what extract writes beside a component's PEFT folder), its family's loader for a pipeline's file
+(``SanaTransformer2DModel`` -> ``SanaLoraLoaderMixin``); without a
 base, the names decide (:func:`pipeline_for`, then the architecture of the tables they are: Wan's -> WanPipeline). A pipeline diffusers has no LoRA loader for (PixArt in 0.42) is
 said so, once (:func:`judge_for`).
 
@@ -63,6 +65,7 @@ def pipeline_for(keys) -> str:
 
 _ARCHITECTURE_PIPELINES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "wan": "WanPipeline",
                            "qwen_image": "QwenImagePipeline", "hunyuan_video": "HunyuanVideoPipeline"}
+_PREFIXED = tuple(sorted({c for parts in COMPONENTS.values() for c in parts}))  # keys a pipeline routes
 _COMPONENT_CLASS = re.compile(r"^(?P<stem>\w+?)Transformer\dDModel$")  # WanTransformer3DModel -> Wan
 
 
@@ -76,17 +79,41 @@ class Judge:
     evidence: str                      # "model_index.json of BASE", "the adapter's names", ...
 
 
-def _base_class_name(base) -> tuple[str, str] | None:
-    """(``_class_name``, where it was read) of a base pipeline's ``model_index.json`` or a component's config."""
+def _base_class_name(base) -> tuple[str, str, bool] | None:
+    """(``_class_name``, where it was read, whether a lone component's) of a base pipeline's ``model_index.json`` or
+    a component's config."""
     index = Path(getattr(base, "path", "")) / "model_index.json"
     if index.is_file():
         found = load_json(index, error=NotACheckpoint, fix="re-save the pipeline")
         if isinstance(found, dict) and isinstance(found.get("_class_name"), str):
-            return found["_class_name"], str(index)
+            return found["_class_name"], str(index), False
     config = getattr(base, "config", None)
     if isinstance(config, dict) and isinstance(config.get("_class_name"), str):
-        return config["_class_name"], f"config.json of {base.path}"
+        return config["_class_name"], f"config.json of {base.path}", True
     return None
+
+
+class _AsIs:
+    """What a component's ``load_lora_adapter(prefix=None)`` does with a file before PEFT loads it: keys not in
+    PEFT's naming through diffusers' ``convert_unet_state_dict_to_peft``, else nothing."""
+
+    @staticmethod
+    def lora_state_dict(state_dict):
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        return state_dict if "lora_A" in next(iter(state_dict), "lora_A") else convert_unet_state_dict_to_peft(
+            state_dict)
+
+
+def _lone(diffusers, keys, name: str, where: str) -> Judge | None:
+    """The judge of a file without component prefixes for a lone component base (``pipe/unet``, an adapter extract
+    wrote for it): the component's own ``load_lora_adapter(prefix=None)``; None for a prefixed file (loaded through
+    a pipeline) or a class diffusers does not have."""
+    cls = getattr(diffusers, name, None)
+    if cls is None or any(k.startswith(_PREFIXED) for k in keys):
+        return None
+    loader = _AsIs if callable(getattr(cls, "load_lora_adapter", None)) else None
+    return Judge(name, loader, ("",), f"{where}: its load_lora_adapter(prefix=None) takes the file as it is")
 
 
 def _by_names(diffusers, keys) -> Judge:
@@ -105,12 +132,16 @@ def _by_names(diffusers, keys) -> Judge:
 
 
 def judge_for(diffusers, keys, base=None) -> Judge:
-    """Who judges ``keys`` in ``diffusers`` (the module): the base's pipeline (its ``model_index.json``), the loader
-    of a base component's class, else the pipeline the names point to (:func:`_by_names`)."""
+    """Who judges ``keys`` in ``diffusers`` (the module): the base's pipeline (its ``model_index.json``); for a lone
+    component base, the component's own ``load_lora_adapter`` (a file without component prefixes) or its family's
+    pipeline loader (a pipeline's file); else the pipeline the names point to (:func:`_by_names`)."""
     found = _base_class_name(base) if base is not None else None
     if found is None:
         return _by_names(diffusers, keys)
-    name, where = found
+    name, where, lone = found
+    judge = _lone(diffusers, keys, name, where) if lone else None
+    if judge is not None:
+        return judge
     stem = _COMPONENT_CLASS.match(name)
     if stem and name not in COMPONENTS:  # a lone transformer component: its family's LoRA loader
         name = f"{stem['stem']}LoraLoaderMixin"
