@@ -4,9 +4,10 @@ is read or written.
 Every module is resolved to a base tensor (``<name>.weight``, or without a pipeline component prefix), laid out as the
 base stores it (a transformers ``Conv1D`` weight (in, out) of the GPT-2 family takes (B A)^T: the base's
 ``config.json`` decides, as PEFT decides from the layer's class; see :func:`~lowrank_tools.io.layers.conv1d_rule`),
-and checked (shape, finite factors, DoRA where it is defined). An ``lm_head`` the base does not store adds to the
-input embedding it is tied to; tensors saved whole replace base tensors; tensor deltas (biases, norms) are rank-1
-terms. Adapters named otherwise than the base (BFL/kohya Flux onto diffusers) are first brought to its naming.
+and checked (shape, finite factors, DoRA where it is defined). An output head the base does not store adds to the
+input embedding it is tied to (:func:`~lowrank_tools.io.base_model.tied_embedding`, shared with ``check``);
+tensors saved whole replace base tensors; tensor deltas (biases, norms) are rank-1 terms. Adapters named otherwise
+than the base (BFL/kohya Flux onto diffusers) are first brought to its naming.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from .errors import AdapterMismatch, ConversionError, NonFiniteWeight
 from .io.arch_convert import to_base_naming
 from .io.module_names import in_checkpoint_names
 from .io.checkpoint import Checkpoint
-from .io.layers import WORD_EMBEDDINGS, conv1d_rule, matches
+from .io.base_model import tied_embedding
+from .io.layers import conv1d_rule, matches
 from .io.openclip import fused_rows
 from .linalg.norms import lowrank_frobenius_diff, lowrank_frobenius_norm
 from .report import Warn
@@ -34,7 +36,6 @@ from .weighted import WeightedAdapter
 __all__ = ["Term", "plan_apply"]
 
 _COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")  # diffusers pipeline components
-_EMBEDDINGS = tuple(f"{leaf}.weight" for leaf in WORD_EMBEDDINGS)  # input embeddings an output head may be tied to
 
 
 @dataclass(frozen=True)
@@ -112,16 +113,6 @@ def _oriented(name: str, m: LoraModule, conv1d: bool | None, item: WeightedAdapt
     return as_conv1d(m, conv1d)
 
 
-def _tied_embedding(name: str, m: LoraModule, base: Checkpoint) -> str | None:
-    """The input embedding an output head shares when the base stores no weight for it (``tie_word_embeddings``)."""
-    if name.rsplit(".", 1)[-1] != "lm_head" or (base.config or {}).get("tie_word_embeddings", True) is False:
-        return None
-    prefix = name[: -len("lm_head")]
-    found = sorted((k for k in base.keys() if k.startswith(prefix) and k.endswith(_EMBEDDINGS)
-                    and tuple(base.shape(k)) == tuple(m.weight_shape)), key=len)
-    return found[0] if found else None
-
-
 def _same_product(a: Term, b: Term) -> bool:
     norm = lowrank_frobenius_norm(a.L, a.R, a.coef)
     return lowrank_frobenius_diff(a.L, a.R, a.coef, b.L, b.R, b.coef) <= 1e-5 * norm
@@ -131,7 +122,7 @@ def _add_tied_head(plan: dict[str, list[Term]], name: str, m: LoraModule, item: 
                    base: Checkpoint) -> None:
     """A head tied to the embedding: its delta goes to the shared weight, once when it repeats the embedding's
     own (extract writes both sides of a tie), else beside it (as PEFT's merge_and_unload does)."""
-    emb = _tied_embedding(name, m, base)
+    emb = tied_embedding(name, base, tuple(m.weight_shape))
     if emb is None:
         raise _missing(name, item.source, base)
     head = _term(name, m, item, emb, base)  # (vocab, r) @ (r, dim) on the embedding weight (vocab, dim)
@@ -158,7 +149,7 @@ def plan_apply(base: Checkpoint, adapters: Sequence[WeightedAdapter], *, include
                exclude: Sequence[str] = (), warn: Warn | None = None) -> tuple[dict[str, list[Term]], dict[str, Tensor]]:
     """Check every selected module against the base; return {tensor: terms} and {tensor: whole replacement}.
 
-    An ``lm_head`` the base does not store, tied to its input embedding, adds to the embedding's weight.
+    An output head (``lm_head``) the base does not store, tied to its input embedding, adds to the embedding's weight.
     An adapter of a transformer diffusion model named otherwise than the base (BFL/kohya Flux onto a diffusers
     transformer, diffusers names onto a ComfyUI single file) is first brought to the base's naming, exactly
     (:func:`~lowrank_tools.io.arch_convert.to_base_naming`); ``include`` / ``exclude`` see the adapter's own names.

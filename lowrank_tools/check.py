@@ -9,7 +9,6 @@ non-finite factors; dtypes loaders reject. Errors and warnings are problems; not
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -22,23 +21,21 @@ import torch
 
 from .errors import AdapterFormatError, CheckpointNotFound
 from .io.checkpoint import as_checkpoint, open_checkpoint
+from .io.base_lookup import BaseIndex
 from .io.json_input import load_json
 from .io.consumer_keys import KOHYA_LIKE_PREFIXES, Consumer, Role, key_accepted, split_key, unknown_to_architecture
-from .io.diffusers_judge import COMPONENTS, LDM_WORKAROUND, ldm_unet_keys, pipeline_for, trace_modules
+from .io.diffusers_judge import LDM_WORKAROUND, judge_for, ldm_unet_keys, trace_modules
 from .io.diffusers_lora import DIFFUSERS_NAME
 from .io.layers import compile_filters, conv1d_rule, matches
 from .io.module_names import checkpoint_index
+from .io.patterns import peft_pattern_value
 from .io.peft import CONFIG_NAME, WEIGHTS_NAME, is_saved_whole
 
 __all__ = ["Severity", "Problem", "CheckResult", "check_adapter", "Consumer"]
 
 PLACEHOLDER_ALPHA = 1e9
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-_BASE_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "unet.", "transformer.", "text_encoder.",
-                  "text_encoder_2.", "base_model.model.", "cond_stage_model.transformer.", "lora_unet_", "lora_te_",
-                  "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_", "lycoris_")
-_COMPONENT_HINT = {"lora_te2_": "text_encoder_2_", "text_encoder_2.": "text_encoder_2_", "lora_te1_": "text_encoder_",
-                   "lora_te_": "text_encoder_", "text_encoder.": "text_encoder_"}
+
 
 
 class Severity(str, Enum):
@@ -101,7 +98,7 @@ class _Module:
     rank: int | None = None
 
 
-def _weights_file(path: Path) -> tuple[Path, dict | None]:
+def _weights_file(path: Path, consumer: Consumer) -> tuple[Path, dict | None]:
     if not path.exists():
         raise CheckpointNotFound(f"adapter {path} does not exist: check the path")
     if not path.is_dir():
@@ -111,7 +108,8 @@ def _weights_file(path: Path) -> tuple[Path, dict | None]:
         config = load_json(path / CONFIG_NAME, error=AdapterFormatError, fix="re-save the adapter")
         if not isinstance(config, dict):
             raise AdapterFormatError(f"{path / CONFIG_NAME}: expected a JSON object: re-save the adapter")
-    for name in (WEIGHTS_NAME, "adapter_model.bin", DIFFUSERS_NAME):
+    peft = (WEIGHTS_NAME, "adapter_model.bin")  # a lone component's folder holds both: each consumer reads its own
+    for name in (DIFFUSERS_NAME, *peft) if consumer is Consumer.DIFFUSERS else (*peft, DIFFUSERS_NAME):
         if (path / name).is_file():
             return path / name, config
     raise AdapterFormatError(f"{path}: a folder without {WEIGHTS_NAME} or {DIFFUSERS_NAME}: not an adapter folder")
@@ -123,7 +121,7 @@ def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=Non
     whose modules and shapes the adapter must fit. ``include`` / ``exclude``: regexes on module keys."""
     path, consumer = Path(path), Consumer(consumer)
     include, exclude = compile_filters(include, "--include"), compile_filters(exclude, "--exclude")
-    weights, config = _weights_file(path)
+    weights, config = _weights_file(path, consumer)
     ckpt = open_checkpoint(weights, dequantize=False)
     result = CheckResult(str(path), consumer)
     add = result.findings.append
@@ -152,10 +150,11 @@ def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=Non
     _alphas(result, ckpt, modules, config)
     if consumer is Consumer.PEFT and config is not None:
         _peft_ranks(result, modules, config)
+    base = as_checkpoint(base) if base is not None else None
     if base is not None:
-        _against_base(result, ckpt, modules, as_checkpoint(base), config if consumer is Consumer.PEFT else None)
+        _against_base(result, ckpt, modules, base, config if consumer is Consumer.PEFT else None)
     if consumer is Consumer.DIFFUSERS:
-        _diffusers_judge(result, ckpt, [k for m in modules.values() for k in m.tensors.values()])
+        _diffusers_judge(result, ckpt, [k for m in modules.values() for k in m.tensors.values()], base)
     return result
 
 
@@ -204,7 +203,7 @@ def _peft_ranks(result, modules, config) -> None:
     pattern = config.get("rank_pattern") or {}
     for module, m in modules.items():
         name = module[len("base_model.model."):] if module.startswith("base_model.model.") else module
-        want = next((v for k, v in pattern.items() if name == k or name.endswith("." + k)), config.get("r"))
+        want = peft_pattern_value(pattern, name, config.get("r"), error=AdapterFormatError)
         if m.rank is not None and want is not None and m.rank != int(want):
             result.findings.append(Problem(Severity.ERROR, "rank", module, f"rank {m.rank} in the file but {want} in "
                                            f"{CONFIG_NAME} (r / rank_pattern): PEFT refuses the size mismatch"))
@@ -256,11 +255,8 @@ def _zero_rank(result, ckpt, module, m) -> None:
 
 
 def _peft_alpha(name: str, config: dict) -> float | None:
-    pattern = config.get("alpha_pattern") or {}
-    for k, v in pattern.items():
-        if name == k or name.endswith("." + k) or re.fullmatch(k, name):
-            return float(v)
-    value = config.get("lora_alpha", config.get("alpha"))
+    value = peft_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", config.get("alpha")),
+                               what="alpha_pattern", error=AdapterFormatError)
     return None if value is None else float(value)
 
 
@@ -305,48 +301,21 @@ def _alpha_3x(result, modules) -> None:
                 f"theirs, the fused/split mistake of sd-scripts #2204; a fused q/k/v needs alpha {3 * alpha:g}"))
 
 
-def _norm(name: str) -> str:
-    return name.replace(".", "_")
-
-
-def _base_index(base) -> dict[str, str]:
-    index: dict[str, str] = {}
-    for key in base.keys():
-        if not key.endswith(".weight"):
-            continue
-        name = key[:-len(".weight")]
-        index.setdefault(_norm(name), key)
-        for p in _BASE_PREFIXES:
-            if name.startswith(p):
-                index.setdefault(_norm(name[len(p):]), key)
-    return index
-
-
-def _lookup(module: str, index: dict[str, str]) -> str | None:
-    prefix = next((p for p in sorted(_BASE_PREFIXES, key=len, reverse=True) if module.startswith(p)), "")
-    body = _norm(module[len(prefix):])
-    hint = _COMPONENT_HINT.get(prefix)
-    for candidate in ((hint + body) if hint else None, body, _norm(module)):
-        if candidate and candidate in index:
-            return index[candidate]
-    return None
-
-
 def _against_base(result, ckpt, modules, base, peft_config: dict | None) -> None:
-    """Each module in the base with a shape its update fits; a transformers Conv1D weight (GPT-2 family, stored
-    (in, out), known from the base's config.json) takes the transposed (out, in) update, as PEFT lays it."""
-    index = _base_index(base)
-    if any(_lookup(module, index) is None for module in modules):  # a transformers model's names (v5, tied aliases)
-        index.update({_norm(m): f"{c}.weight" for m, c in checkpoint_index(base, ckpt.metadata).items()
-                      if f"{c}.weight" in base})
+    """Each module in the base with a shape its update fits; an output head the base does not store fits the input
+    embedding it is tied to (as apply adds it); a transformers Conv1D weight (GPT-2 family, stored (in, out), known
+    from the base's config.json) takes the transposed (out, in) update, as PEFT lays it; a layer PEFT cannot wrap."""
+    index = BaseIndex(base)
+    if any(index.find(module) is None for module in modules):  # a transformers model's names (v5, tied aliases)
+        index.add_names(checkpoint_index(base, ckpt.metadata))
     conv1d = conv1d_rule(base)
     add = result.findings.append
     flagged = peft_config is None or peft_config.get("fan_in_fan_out") is True
     for module, m in modules.items():
-        found = _lookup(module, index)
+        found = index.find(module)
         if found is None:
-            near = difflib.get_close_matches(_norm(module.split(".", 2)[-1]), list(index), n=1, cutoff=0.5)
-            hint = f"; closest: {index[near[0]]}" if near else ""
+            near = index.closest(module)
+            hint = f"; closest: {near}" if near else ""
             add(Problem(Severity.ERROR, "missing-module", module, f"no such module in the base{hint}"))
             continue
         shape = tuple(base.shape(found))
@@ -360,6 +329,9 @@ def _against_base(result, ckpt, modules, base, peft_config: dict | None) -> None
         want = _fit(ckpt, m, shape)
         if want is not None:
             add(Problem(Severity.ERROR, "shape", module, f"adapts {want} but {found} is {tuple(base.shape(found))}"))
+        why = index.refused(found, m.rank) if result.consumer in (Consumer.PEFT, Consumer.DIFFUSERS) else None
+        if why:  # diffusers loads through PEFT too
+            add(Problem(Severity.ERROR, "peft-layer", module, why))
 
 
 def _fit(ckpt, m, shape) -> str | None:
@@ -378,9 +350,10 @@ def _fit(ckpt, m, shape) -> str | None:
     return f"(out, in) = ({out}, {inp})" + (f" kernel {tuple(d[2:])}" if len(d) > 2 else "")
 
 
-def _diffusers_judge(result, ckpt, keys) -> None:
-    """Run diffusers' own ``<Pipeline>.lora_state_dict`` on the tensors: what it refuses, and each module
-    ``load_lora_weights`` would silently leave out (:mod:`~lowrank_tools.io.diffusers_judge`), is a problem.
+def _diffusers_judge(result, ckpt, keys, base) -> None:
+    """Run diffusers' own ``<Pipeline>.lora_state_dict`` on the tensors (the base's pipeline when known): what it
+    refuses, and each module ``load_lora_weights`` would silently leave out
+    (:mod:`~lowrank_tools.io.diffusers_judge`), is a problem; a pipeline diffusers has no LoRA loader for is one.
     Without diffusers, the naming table decides (a note says so)."""
     add = result.findings.append
     try:
@@ -392,14 +365,18 @@ def _diffusers_judge(result, ckpt, keys) -> None:
             if why:
                 add(Problem(Severity.ERROR, "unknown-key", key, f"not loaded by diffusers: {why}"))
         return
-    name = pipeline_for(keys)
-    pipeline = getattr(diffusers, name)
+    judge = judge_for(diffusers, keys, base)
+    name, pipeline, components = judge.name, judge.loader, judge.components
+    if pipeline is None:
+        add(Problem(Severity.ERROR, "no-loader", None, f"diffusers {diffusers.__version__} has no LoRA loader for "
+                    f"{name} (from {judge.evidence}): neither load_lora_weights nor load_lora_adapter loads this "
+                    f"adapter; merge it into the model instead (`lowrank-tools apply BASE ADAPTER -o OUT`)"))
+        return
     try:
         pipeline.lora_state_dict({k: ckpt.get(k) for k in keys})
     except Exception as exc:  # noqa: BLE001 - whatever diffusers raises is its verdict
         _refused(result, name, exc, keys)
         return
-    components = COMPONENTS[name]
     for module, named in trace_modules(pipeline, keys, ckpt.get, components).items():
         if named is not None:
             how = (f"its converter names it {named}, outside {', '.join(components)}" if named else
@@ -412,7 +389,8 @@ def _diffusers_judge(result, ckpt, keys) -> None:
                     f"first): {name}.load_lora_weights does not map them (it makes input_blocks_1_1 down_blocks.1.1, "
                     f"no such module) and refuses or drops them; only lora_state_dict(..., unet_config=) maps them: "
                     f"{LDM_WORKAROUND} (lowrank-tools has no LDM -> diffusers UNet renaming yet)"))
-    add(Problem(Severity.NOTE, "judge", None, f"judged by diffusers {diffusers.__version__} {name}.lora_state_dict"))
+    add(Problem(Severity.NOTE, "judge", None, f"judged by diffusers {diffusers.__version__} {name}.lora_state_dict "
+                f"(from {judge.evidence})"))
 
 
 def _refused(result, name: str, exc: Exception, keys) -> None:

@@ -300,3 +300,39 @@ def test_resize_of_a_fused_file_is_the_optimal_truncation_of_the_stacked_layer(t
     err = torch.linalg.matrix_norm(stacked - qkv.delta_matrix().double())
     assert qkv.rank == 2
     torch.testing.assert_close(err, S[2:].square().sum().sqrt(), rtol=1e-4, atol=1e-5)
+
+
+# module names (diffusers, under transformer.) of models outside the tables that share some names with them
+LUMINA2 = ["x_embedder", "layers.0.attn.to_q", "layers.0.feed_forward.linear_1", "norm_out.linear_1"]
+PIXART = ["pos_embed.proj", "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn2.to_q",
+          "transformer_blocks.0.ff.net.0.proj", "proj_out", "adaln_single.linear"]
+COGVIDEOX = ["transformer_blocks.0.attn1.to_q", "transformer_blocks.0.ff.net.0.proj", "norm_out.linear", "proj_out"]
+
+
+@pytest.mark.parametrize("names", [LUMINA2, PIXART, COGVIDEOX], ids=["lumina2", "pixart", "cogvideox"])
+def test_names_shared_with_a_table_do_not_decide_alone(names):
+    """Lumina2's x_embedder is Flux's diffusers img_in, PixArt's attn2 SD3.5's: neither model is in the tables, and
+    without one of an architecture's own blocks nothing is detected (nor asks for a base)."""
+    from lowrank_tools.io.architectures import needs_base
+
+    full = [f"transformer.{n}" for n in names]
+    assert detect_architecture(full) is None and not needs_base(full)
+
+
+@pytest.mark.parametrize("names, arch, naming", [
+    (["transformer.x_embedder", "transformer.single_transformer_blocks.0.attn.to_q"], "flux", Naming.DIFFUSERS),
+    (["img_in", "double_blocks.0.img_attn.qkv"], "flux", Naming.ORIGINAL),
+    (["transformer.pos_embed.proj", "transformer.transformer_blocks.0.attn2.to_q", "transformer.transformer_blocks.0."
+      "attn.to_q", "transformer.transformer_blocks.0.ff_context.net.2"], "sd3", Naming.DIFFUSERS),
+    (["transformer.blocks.0.attn1.to_q", "transformer.patch_embedding"], "wan", Naming.DIFFUSERS),
+    (["transformer.transformer_blocks.0.img_mod.1", "transformer.img_in"], "qwen_image", Naming.ORIGINAL)])
+def test_a_marker_of_the_architecture_lets_its_other_names_count(names, arch, naming):
+    found = detect_architecture(names)
+    assert found is not None and (found.architecture.name, found.naming) == (arch, naming)
+
+
+def test_lumina2_converts_back_to_its_own_names(tmp_path):
+    """A Lumina2 adapter to kohya and back: x_embedder stays x_embedder (read as Flux it became img_in)."""
+    mods = {f"transformer.{n}": lora(D, D, 2, seed=i) for i, n in enumerate(LUMINA2)}
+    path = save_adapter(Adapter(modules=mods), tmp_path / "k.safetensors")
+    assert set(load_adapter(path).modules) == set(mods)

@@ -242,3 +242,43 @@ def test_tucker_conv_kernel_is_read_from_lora_mid(tmp_path):
     save_file(lora, tmp_path / "tucker5.safetensors")
     (p,) = check_adapter(tmp_path / "tucker5.safetensors", "comfyui", base=tmp_path / "base.safetensors").problems
     assert p.code == "shape" and p.key == name and "(5, 5)" in p.message
+
+
+@pytest.mark.parametrize("key, rank, ok", [
+    (r"attn1\.to_q", 2, True),    # PEFT's escaped key (as it writes one): a plain name, matched at a dot boundary
+    (r"attn1\.to_q", 3, False),   # the same key with another rank: PEFT refuses the size mismatch
+    (r"^attn1\.to_q", 3, True),   # anchored: PEFT matches only the whole name, and no module is named just that
+    (r"to_[qk]", 3, False),       # a regex: PEFT's re.match(rf"(.*\.)?({key})$") picks to_q and to_k
+])
+def test_rank_and_alpha_patterns_are_read_as_peft_matches_them(made, tmp_path, key, rank, ok):
+    import shutil
+    folder = tmp_path / "p"
+    shutil.copytree(made / "p", folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(r=2, rank_pattern={key: rank}, alpha_pattern={key: -1.0})
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    result = check_adapter(folder, "peft")
+    ranks = [p for p in result.problems if p.code == "rank"]
+    alphas = {p.key.split(".")[-1] for p in result.problems if p.code == "alpha"}
+    assert (not ranks) is ok, [p.line() for p in ranks]
+    if key.startswith("^"):
+        assert not alphas  # no module is named exactly attn1.to_q: PEFT's default alpha stands
+    else:
+        assert alphas and alphas <= {"to_q", "to_k"} and ("to_k" in alphas) is ("[" in key)
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_peft_tensors_saved_whole_are_loaded_when_modules_to_save_lists_them(made, tmp_path, listed):
+    import shutil
+    folder = tmp_path / "p"
+    shutil.copytree(made / "p", folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors["base_model.model.encoder.conv1.weight"] = torch.zeros(4, 4, 3)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["encoder.conv1"] if listed else None
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    result = check_adapter(folder, "peft")
+    assert result.ok is listed, [p.line() for p in result.problems]
+    if not listed:
+        assert [p.key for p in result.problems] == ["base_model.model.encoder.conv1.weight"]

@@ -317,7 +317,9 @@ def test_analyze_table_states_its_order(inputs):
     ("BertForQuestionAnswering", False, "QUESTION_ANS"), ("T5ForConditionalGeneration", True, "SEQ_2_SEQ_LM"),
     ("BartForConditionalGeneration", True, "SEQ_2_SEQ_LM"), ("MarianMTModel", True, "SEQ_2_SEQ_LM"),
     ("LlavaForConditionalGeneration", False, None), ("BertModel", False, "FEATURE_EXTRACTION"),
-    ("BertForMaskedLM", False, None), ("FooForSeq2SeqLM", True, "SEQ_2_SEQ_LM")])
+    ("BertForMaskedLM", False, None), ("FooForSeq2SeqLM", True, "SEQ_2_SEQ_LM"),
+    ("WhisperForConditionalGeneration", True, None),  # reads input_features: a plain PeftModel passes it through
+    ("Speech2TextForConditionalGeneration", True, None)])
 def test_task_type_from_architectures(arch, enc_dec, expected):
     assert task_type({"architectures": [arch], "is_encoder_decoder": enc_dec}) == expected
 

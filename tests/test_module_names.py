@@ -163,12 +163,18 @@ def _plain_specs():
 
 
 @pytest.mark.slow
-def test_plain_model_types_are_still_plain_in_this_transformers(tmp_path):
+def test_plain_model_types_are_still_plain_in_this_transformers(monkeypatch):
     """Every model type extract skips the class build for (PLAIN_MODEL_TYPES) is built here with the installed
-    transformers (the model zoo's tiny config) and must rename nothing, tie no alias and hold no LoRA-less module;
-    every listed type has a zoo case, so none is listed unchecked."""
-    from lowrank_tools.io.module_names import PLAIN_MODEL_TYPES, _model_names
+    transformers (the model zoo's tiny config) and must rename nothing, tie no alias, hold no LoRA-less module, no
+    grouped conv and no layer a LoRA wrapper would hide; every listed type has a zoo case, so none is listed
+    unchecked."""
+    from types import SimpleNamespace
 
+    from lowrank_tools.io import model_config
+    from lowrank_tools.io.model_config import PLAIN_MODEL_TYPES, grouped_convs, wrapper_hidden
+    from lowrank_tools.io.module_names import _model_names
+
+    monkeypatch.setattr(model_config, "is_plain", lambda config: False)  # build them all
     checked = set()
     for spec in _plain_specs():
         model = spec.build()
@@ -180,17 +186,23 @@ def test_plain_model_types_are_still_plain_in_this_transformers(tmp_path):
         names = _model_names(json.dumps(config, sort_keys=True), type(model).__name__, keys)
         assert names is not None, spec.name
         assert (names.renamed, names.aliases, names.unadaptable) == ({}, {}, frozenset()), spec.name
+        ckpt = SimpleNamespace(config=config, components={})
+        assert grouped_convs(ckpt) == {} and wrapper_hidden(ckpt) == {}, spec.name
         checked.add(config["model_type"])
     assert checked == PLAIN_MODEL_TYPES
 
 
 def test_a_plain_model_type_builds_nothing(tmp_path, monkeypatch):
-    """A Llama checkpoint gets the empty answer without the class build (the import alone costs seconds)."""
+    """A Llama checkpoint gets the empty answers without the class build (the import alone costs seconds)."""
+    from safetensors.torch import save_file
+
+    from lowrank_tools.io import model_config
     from lowrank_tools.io import module_names as mn
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    from safetensors.torch import save_file
     save_file({"model.embed_tokens.weight": torch.zeros(4, 2)}, str(tmp_path / "model.safetensors"))
-    monkeypatch.setattr(mn, "_meta_model", lambda *a: pytest.fail("built a model for a plain type"))
-    names = mn.model_names(open_checkpoint(tmp_path))
+    monkeypatch.setattr(model_config, "_built", lambda *a: pytest.fail("built a model for a plain type"))
+    ckpt = open_checkpoint(tmp_path)
+    names = mn.model_names(ckpt)
     assert names is not None and not (names.renamed or names.aliases or names.unadaptable)
+    assert model_config.grouped_convs(ckpt) == {} and model_config.wrapper_hidden(ckpt) == {}

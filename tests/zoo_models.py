@@ -7,12 +7,14 @@ back the fine-tune exactly."""
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from safetensors.torch import save_file
 
 H, FF, VOCAB, HEADS = 16, 32, 48, 2
 RANK = 2
@@ -271,3 +273,21 @@ def plant(model: torch.nn.Module, pattern: str, *, seed: int = 3) -> list[str]:
             p += planted_rank2(tuple(p.shape), g, experts=p.ndim == 3 and not name.endswith("weight"))
             moved.append(name)
     return moved
+
+
+def save_model(model: torch.nn.Module, folder):
+    """``model.save_pretrained(folder)`` without its warnings; returns ``folder``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(folder)
+    return folder
+
+
+def peft_folder(path, module: str, A: torch.Tensor, B: torch.Tensor):
+    """A hand-made PEFT folder adapting one module (as another tool would write it)."""
+    path.mkdir()
+    save_file({f"base_model.model.{module}.lora_A.weight": A, f"base_model.model.{module}.lora_B.weight": B},
+              str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": A.shape[0],
+                                                          "lora_alpha": A.shape[0], "target_modules": [module]}))
+    return path

@@ -32,7 +32,8 @@ from .options import ExtractOptions
 from .whitening import Whitening, whitened_record
 from ..io.formats import left_out_warning
 from ..io.module_names import in_model_names
-from ..io.layers import FUSED_EXPERTS, NOT_HELD, LayerPlan, compile_filters, plan_layers, relative_change
+from ..io.layers import (FUSED_EXPERTS, GROUPED, NOT_HELD, LayerPlan, compile_filters, grouped_warning, plan_layers,
+                         relative_change)
 from ..io.base_model import base_model_reference, task_type
 from ..io.model_config import pipeline_evidence
 from ..linalg.svd import TruncatedSVD, balanced_factors, truncated_svd
@@ -218,6 +219,8 @@ def _plan(base: Checkpoint, tuned: Checkpoint, opts: ExtractOptions, warn: Warn 
         warn(pairing.warning())
     if warn and plan.skipped.get(NOT_HELD):  # before any work, in the words convert, resize and merge use
         warn(left_out_warning([module_name(n) for n in plan.skipped[NOT_HELD]], "kohya"))
+    if warn and plan.skipped.get(GROUPED):
+        warn(grouped_warning(plan.skipped[GROUPED]))
     return pairing, plan
 
 

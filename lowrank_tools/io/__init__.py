@@ -1,6 +1,6 @@
 """Files: the only layer that opens paths. Checkpoint readers (:mod:`.checkpoint`, :mod:`.safetensors`, torch
 pickles in :mod:`.pickles`), no-clobber renames (:mod:`.rename`), an apply folder's configs (:mod:`.model_folder`),
-what a base config says (:mod:`.base_model`),
+what a base config says (:mod:`.base_model`) and where an adapter module lands in a base (:mod:`.base_lookup`),
 outputs that stand or fall together (:mod:`.outputs`, with what ``--force`` may replace in :mod:`.replaceable`,
 and the streaming writers in :mod:`.atomic`), the adapter formats (:mod:`.peft`, diffusers' pipeline files in :mod:`.diffusers_lora`, :mod:`.kohya` and its name
 tables, LyCORIS LoHa/LoKr/Tucker in :mod:`.lycoris`, DoRA magnitudes and tensor deltas in :mod:`.adapter_extras`,
@@ -38,12 +38,13 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .arch_convert import to_original, to_diffusers, for_format, row_sizes, to_base_naming, to_common_naming
     from .arch_checkpoint import FusedSource, in_original_naming, original_layout
     from .diffusers_judge import PIPELINES, COMPONENTS, pipeline_for, trace_modules, ldm_unet_keys, LDM_WORKAROUND
-    from .base_model import task_type, base_model_reference
+    from .base_model import task_type, base_model_reference, WORD_EMBEDDINGS, tied_head_name, tied_embedding
+    from .base_lookup import BaseIndex
     from .peft import (CONFIG_NAME, WEIGHTS_NAME, is_peft_folder, read_peft, write_peft, peft_config, peft_state_dict,
                        collect_factors, build_module, lora_keys_seen, pattern_value, peft_folder_parts,
                        modules_from_config, file_factors, is_saved_whole)
     from .diffusers_lora import (DIFFUSERS_NAME, DIFFUSERS_COMPONENTS, is_diffusers_adapter, pipeline_components,
-                                 write_diffusers, read_peft_file)
+                                 write_diffusers, read_peft_file, lone_component)
     from .kohya import NAMES_KEY, is_kohya_keys, read_kohya, write_kohya, kohya_state_dict, resolve_module_names
     from .lycoris import (STRUCTURED_SUFFIXES, is_lycoris_keys, read_lycoris, read_peft_lycoris, structured_module,
                           PLACEHOLDER_ALPHA, fit_kernels)
@@ -54,13 +55,14 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
                           select_modules, LEFT_OUT, LEFT_OUT_WHOLE, check_kohya_target, in_output_naming)
     from .layers import (FACTORABLE_DTYPES, check_factorable, layer_kind, compile_filters, matches, select_layers,
                          relative_change, TiedHead, find_tied_heads, tied_head_module, LayerPlan,
-                         plan_layers, conv1d_rule, kohya_refuses_conv1d, WHOLE_LEAVES, FUSED_EXPERTS)
+                         plan_layers, conv1d_rule, kohya_refuses_conv1d, WHOLE_LEAVES, FUSED_EXPERTS, GROUPED,
+                         grouped_warning)
     from .module_names import (ModelNames, model_names, in_model_names, in_checkpoint_names, with_aliases,
                                fold_aliases, checkpoint_index, CHECKPOINT_NAMES_KEY, names_metadata,
                                names_from_metadata)
     from .prefetch import prefetch
     from .texts import read_texts, TEXT_SUFFIXES
-    from .model_config import read_model_config, CONV1D_LAYERS, CONV1D_LEAVES, conv1d_leaves, pipeline_evidence
+    from .model_config import read_model_config, CONV1D_LAYERS, CONV1D_LEAVES, conv1d_leaves, pipeline_evidence, grouped_convs
     from .model_folder import config_files, copy_config_files, shard_stem, rename_stem, QUANTIZATION_FIELDS
     from .consumer_keys import (Consumer, Role, split_key, key_accepted, ROLES, KOHYA_LIKE_PREFIXES,
                                 unknown_to_architecture)
@@ -97,14 +99,15 @@ _EXPORTS = {name: module for module, names in {
     ".arch_convert": ("to_original", "to_diffusers", "for_format", "row_sizes", "to_base_naming", "to_common_naming"),
     ".arch_checkpoint": ("FusedSource", "in_original_naming", "original_layout"),
     ".diffusers_judge": ("PIPELINES", "COMPONENTS", "pipeline_for", "trace_modules", "ldm_unet_keys", "LDM_WORKAROUND"),
-    ".base_model": ("task_type", "base_model_reference",),
+    ".base_model": ("task_type", "base_model_reference", "WORD_EMBEDDINGS", "tied_head_name", "tied_embedding",),
+    ".base_lookup": ("BaseIndex",),
     ".peft": ("CONFIG_NAME", "WEIGHTS_NAME", "is_peft_folder", "read_peft", "write_peft", "peft_config",
             "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen", "pattern_value", "peft_folder_parts",
             "modules_from_config", "file_factors", "is_saved_whole",),
     ".module_names": ("ModelNames", "model_names", "in_model_names", "in_checkpoint_names", "with_aliases",
                       "fold_aliases", "checkpoint_index", "CHECKPOINT_NAMES_KEY", "names_metadata", "names_from_metadata",),
     ".diffusers_lora": ("DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_diffusers_adapter", "pipeline_components",
-                        "write_diffusers", "read_peft_file",),
+                        "write_diffusers", "read_peft_file", "lone_component",),
     ".kohya": ("NAMES_KEY", "is_kohya_keys", "read_kohya", "write_kohya", "kohya_state_dict", "resolve_module_names",),
     ".lycoris": ("STRUCTURED_SUFFIXES", "is_lycoris_keys", "read_lycoris", "read_peft_lycoris", "structured_module",
                "PLACEHOLDER_ALPHA", "fit_kernels",),
@@ -115,9 +118,11 @@ _EXPORTS = {name: module for module, names in {
                "select_modules", "LEFT_OUT", "LEFT_OUT_WHOLE", "check_kohya_target", "in_output_naming",),
     ".layers": ("FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
               "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan",
-              "plan_layers", "conv1d_rule", "kohya_refuses_conv1d", "WHOLE_LEAVES", "FUSED_EXPERTS",),
+              "plan_layers", "conv1d_rule", "kohya_refuses_conv1d", "WHOLE_LEAVES", "FUSED_EXPERTS", "GROUPED",
+              "grouped_warning",),
     ".texts": ("read_texts", "TEXT_SUFFIXES",),
-    ".model_config": ("read_model_config", "CONV1D_LAYERS", "CONV1D_LEAVES", "conv1d_leaves", "pipeline_evidence",),
+    ".model_config": ("read_model_config", "CONV1D_LAYERS", "CONV1D_LEAVES", "conv1d_leaves", "pipeline_evidence",
+                      "grouped_convs",),
     ".model_folder": ("config_files", "copy_config_files", "shard_stem", "rename_stem", "QUANTIZATION_FIELDS",),
     ".consumer_keys": ("Consumer", "Role", "split_key", "key_accepted", "ROLES", "KOHYA_LIKE_PREFIXES",
                        "unknown_to_architecture",),

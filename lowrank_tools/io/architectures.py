@@ -242,6 +242,24 @@ class Detected:
         return f"{self.architecture.label} ({naming} names)"
 
 
+# Per architecture, names (bodies, either naming, "." or "_" between parts) no model outside the tables has: its
+# blocks. Without a base, an adapter with none of them is not that model, whatever else it shares (Lumina2's
+# x_embedder is Flux's diffusers name for img_in; PixArt's, Sana's and LTX's attn2 are SD3.5's).
+_MMDIT = r"^transformer_blocks[._]\d+[._](attn[._]|ff_context|norm1_context)"  # Flux's, SD3's, HunyuanVideo's alike
+_DOUBLE_SINGLE = r"^(double_blocks|single_blocks|single_transformer_blocks)[._]\d+[._]"
+_MARKERS = {"flux": (_DOUBLE_SINGLE, _MMDIT), "sd3": (r"^joint_blocks[._]\d+[._]", _MMDIT),
+            "wan": (r"^blocks[._]\d+[._](self_attn|cross_attn|attn1|attn2|ffn)[._]",),
+            "qwen_image": (r"^transformer_blocks[._]\d+[._](img|txt)_(mod|mlp)[._]", _MMDIT),
+            "hunyuan_video": (_DOUBLE_SINGLE, _MMDIT, r"^(txt_in|context_embedder)[._].*token_refiner")}
+
+
+def _marked(found: dict[tuple[str, Naming], set[str]], names) -> dict[tuple[str, Naming], set[str]]:
+    """The candidates among ``found`` whose architecture has a marker (:data:`_MARKERS`) among ``names``."""
+    bodies = [body_of(n) for n in names]
+    return {key: hit for key, hit in found.items()
+            if any(re.search(m, b) for m in _MARKERS.get(key[0], ("",)) for b in bodies)}
+
+
 def _matches(names, sep: str = ".") -> dict[tuple[str, Naming], set[str]]:
     found: dict[tuple[str, Naming], set[str]] = {}
     bodies = [(n, body_of(n)) for n in names]
@@ -263,18 +281,18 @@ def _distinct(found: dict[tuple[str, Naming], set[str]]) -> dict[tuple[str, Nami
 
 def detect_architecture(names, *, base_names=None, sep: str = ".") -> Detected | None:
     """The architecture and naming of module names (a whole file's, not a guess per name): the one that explains
-    names no other explains (Flux's single blocks, SD3's joint blocks...), most names first. With ``base_names``, a
+    names no other explains (Flux's single blocks, SD3's joint blocks...), most names first, among those whose
+    blocks the names include (:data:`_MARKERS`: a name shared with a model outside the tables never decides alone). With ``base_names``, a
     base checkpoint's module names, the base's architecture when it explains the names: it decides names several
     models share (a Flux or SD3 ``transformer_blocks.0.attn.to_q``); None when nothing decides."""
     names = [n for n in names if not n.startswith("text_encoder")]
     found = _matches(names, sep)
-    if not found:
-        return None
-    distinct = _distinct(found)
-    ranked = sorted((key for key in found if distinct[key]), key=lambda k: (-len(found[k]), -len(distinct[k])))
     arch = _base_architecture(base_names) if base_names is not None else None
-    if arch is not None:
-        ranked = sorted((k for k in found if k[0] == arch.name), key=lambda k: -len(found[k])) or ranked
+    ranked = sorted((k for k in found if arch and k[0] == arch.name), key=lambda k: -len(found[k]))
+    if not ranked:  # no base that decides: the names alone, of an architecture whose blocks they name
+        found = _marked(found, names)
+        distinct = _distinct(found)
+        ranked = sorted((key for key in found if distinct[key]), key=lambda k: (-len(found[k]), -len(distinct[k])))
     if not ranked:
         return None
     arch_name, naming = ranked[0]
@@ -292,4 +310,5 @@ def _base_architecture(base_names) -> Architecture | None:
 def needs_base(names) -> bool:
     """True when some names are a table's but only a base checkpoint can tell which model's (see
     :func:`detect_architecture`)."""
-    return detect_architecture(names) is None and bool(_matches([n for n in names if not n.startswith("text_encoder")]))
+    names = [n for n in names if not n.startswith("text_encoder")]
+    return detect_architecture(names) is None and bool(_marked(_matches(names), names))

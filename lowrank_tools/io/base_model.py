@@ -1,12 +1,20 @@
 """What a base model's ``config.json`` says about the adapters made for it: PEFT's ``task_type`` and a
-``base_model_name_or_path`` that loads from any working folder (both written into ``adapter_config.json``)."""
+``base_model_name_or_path`` that loads from any working folder (both written into ``adapter_config.json``), and
+its tied output head: the module that shares the input embedding's weight and is stored nowhere
+(:func:`tied_head_name`, :func:`tied_embedding`; extract, apply and check all ask these two)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
-__all__ = ["task_type", "base_model_reference"]
+__all__ = ["task_type", "base_model_reference", "WORD_EMBEDDINGS", "tied_head_name", "tied_embedding"]
+
+# input embeddings an output head can be tied to, in order of preference
+WORD_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in", "shared")
+_HEAD = "lm_head"  # the output head's name in most models (Whisper's is proj_out: its class says so)
+_NAME = re.compile(r"^[A-Za-z_][\w.]*$")  # a plain module path (not one of the regexes some classes list)
 
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
@@ -19,10 +27,26 @@ def task_type(config: dict | None) -> str | None:
     ``*LMHeadModel``) -> CAUSAL_LM, ``*ForSequenceClassification`` -> SEQ_CLS, ``*ForTokenClassification`` ->
     TOKEN_CLS, ``*ForQuestionAnswering`` -> QUESTION_ANS, ``*ForSeq2SeqLM`` and an encoder-decoder's
     ``*ForConditionalGeneration`` (T5, BART) -> SEQ_2_SEQ_LM, a bare ``*Model`` -> FEATURE_EXTRACTION; None when
-    unknown (no config, several architectures that disagree, a vision-language ``*ForConditionalGeneration``)."""
+    unknown (no config, several architectures that disagree, a vision-language ``*ForConditionalGeneration``) and
+    for an LM whose class reads another input than ``input_ids`` (Whisper's ``input_features``: PEFT's
+    ``PeftModelForSeq2SeqLM`` would break it; a plain ``PeftModel`` passes every input through)."""
     archs = (config or {}).get("architectures") or []
     found = {_task_of(str(a), bool((config or {}).get("is_encoder_decoder"))) for a in archs}
-    return found.pop() if len(found) == 1 else None
+    task = found.pop() if len(found) == 1 else None
+    if task in ("CAUSAL_LM", "SEQ_2_SEQ_LM") and any(_main_input(str(a)) not in (None, "input_ids") for a in archs):
+        return None  # Whisper reads input_features: PEFT's LM wrappers would pass it input_ids
+    return task
+
+
+@functools.lru_cache(maxsize=None)
+def _main_input(architecture: str) -> str | None:
+    """The input a transformers class's forward takes first (``main_input_name``), None when unknown."""
+    try:
+        import transformers
+
+        return getattr(getattr(transformers, architecture, None), "main_input_name", None)
+    except Exception:  # noqa: BLE001 - not installed, or a class that fails to import: no evidence
+        return None
 
 
 def _task_of(arch: str, encoder_decoder: bool) -> str | None:
@@ -42,3 +66,59 @@ def base_model_reference(config: dict | None, path: str | os.PathLike | None) ->
     if _HUB_ID.match(name) and not os.path.isabs(name) and not os.path.exists(name):
         return name
     return os.path.abspath(path) if path is not None and os.path.exists(path) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _class_ties(architecture: str) -> tuple[tuple[str, str], ...]:
+    """(tied weight, the weight it shares) as transformers' class ``architecture`` declares them
+    (``_tied_weights_keys``: a dict in transformers 5, a list of the tied side in 4); () when unknown."""
+    try:
+        import transformers
+
+        keys = getattr(getattr(transformers, architecture, None), "_tied_weights_keys", None)
+    except Exception:  # noqa: BLE001 - not installed, or a class that fails to import: no evidence
+        return ()
+    pairs = keys.items() if isinstance(keys, dict) else ((k, "") for k in keys or ()) if isinstance(
+        keys, (list, tuple)) else ()
+    return tuple((str(k), str(v)) for k, v in pairs if _NAME.match(str(k)))
+
+
+def _class_head(config: dict) -> tuple[str, str] | None:
+    """(head module, the weight it shares or "") the model class of ``config`` ties, if it declares one."""
+    for arch in config.get("architectures") or []:
+        for tied, source in _class_ties(str(arch)):
+            name = tied.removesuffix(".weight")
+            if name.rsplit(".", 1)[-1] not in WORD_EMBEDDINGS:  # T5 also ties encoder.embed_tokens: an alias
+                return name, source
+    return None
+
+
+def tied_head_name(config: dict | None) -> str:
+    """The module name of the output head a model ties to its input embedding: the one its transformers class
+    declares (Whisper: ``proj_out``), else ``lm_head``."""
+    found = _class_head(config) if isinstance(config, dict) else None
+    return found[0] if found else _HEAD
+
+
+def tied_embedding(head: str, base, shape: tuple[int, ...] | None = None) -> str | None:
+    """The input embedding tensor of ``base`` (a checkpoint) that output head module ``head`` shares when the base
+    stores no weight for it and its config does not untie it (``tie_word_embeddings`` false): the weight the model
+    class names, else the shortest ``<prefix><embedding>.weight`` (of ``shape`` when given); None when ``head``
+    is no tied head."""
+    config = base.config if isinstance(base.config, dict) else {}
+    if f"{head}.weight" in base or config.get("tie_word_embeddings", True) is False:
+        return None
+    own = _class_head(config)
+    name = own[0] if own else _HEAD  # a class that ties another head (Whisper's proj_out) has no lm_head at all
+    if not (head == name or head.endswith("." + name)):
+        return None
+    prefix = head[:-len(name)]
+
+    def fits(key: str) -> bool:
+        return key in base and (shape is None or tuple(base.shape(key)) == tuple(shape))
+
+    if own and own[1] and fits(prefix + own[1]):
+        return prefix + own[1]
+    leaves = tuple(f"{leaf}.weight" for leaf in WORD_EMBEDDINGS)
+    found = sorted((k for k in base.keys() if k.startswith(prefix) and k.endswith(leaves) and fits(k)), key=len)
+    return found[0] if found else None

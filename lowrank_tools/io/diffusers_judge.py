@@ -13,6 +13,14 @@ drops.py loads the files for real):
   when ``lora_state_dict`` gets ``unet_config=`` (SDXL's ``load_lora_weights`` passes it, SD 1.x's does not): without
   it ``input_blocks_1_1`` becomes ``down_blocks.1.1``, a module no UNet has (PEFT then refuses or drops it).
 
+Which loader judges the file is the base's when one is given: the pipeline its ``model_index.json`` names
+(``WanPipeline``: :class:`WanLoraLoaderMixin`'s converter and components), or for a lone component folder (its
+``config.json`` ``_class_name``) its own ``load_lora_adapter(prefix=None)`` for a file without component prefixes
+(what extract writes beside a component's PEFT folder), its family's loader for a pipeline's file
+(``SanaTransformer2DModel`` -> ``SanaLoraLoaderMixin``); without a
+base, the names decide (:func:`pipeline_for`, then the architecture of the tables they are: Wan's -> WanPipeline). A pipeline diffusers has no LoRA loader for (PixArt in 0.42) is
+said so, once (:func:`judge_for`).
+
 Which input module reaches which component is traced, not guessed: the converter runs a second time on a probe of
 the file in which every module's down factor is filled with its own number and every scale is 1 (alpha = rank, up
 all ones; every other tensor, diff_b or dora_scale, numbered too), so each converted tensor says where it came
@@ -23,12 +31,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from ..errors import NotACheckpoint
+from .architectures import detect_architecture
 from .consumer_keys import Role, split_key
+from .json_input import load_json
 
-__all__ = ["PIPELINES", "COMPONENTS", "pipeline_for", "trace_modules", "ldm_unet_keys", "LDM_WORKAROUND"]
+__all__ = ["PIPELINES", "COMPONENTS", "pipeline_for", "trace_modules", "ldm_unet_keys", "LDM_WORKAROUND", "Judge",
+           "judge_for"]
 
 PIPELINES = (("FluxPipeline", re.compile(r"double_blocks|single_blocks|single_transformer_blocks")),
              ("StableDiffusion3Pipeline", re.compile(r"joint_blocks|context_block|transformer_blocks.*add_q_proj")),
@@ -47,6 +61,97 @@ LDM_WORKAROUND = ("state, alphas = pipe.lora_state_dict(FILE, unet_config=pipe.u
 def pipeline_for(keys) -> str:
     """The diffusers pipeline class whose loader judges ``keys`` (Flux, SD3, SDXL, else SD 1.x)."""
     return next(n for n, pattern in PIPELINES if any(pattern.search(k) for k in keys))
+
+
+_ARCHITECTURE_PIPELINES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "wan": "WanPipeline",
+                           "qwen_image": "QwenImagePipeline", "hunyuan_video": "HunyuanVideoPipeline"}
+_PREFIXED = tuple(sorted({c for parts in COMPONENTS.values() for c in parts}))  # keys a pipeline routes
+_COMPONENT_CLASS = re.compile(r"^(?P<stem>\w+?)Transformer\dDModel$")  # WanTransformer3DModel -> Wan
+
+
+@dataclass(frozen=True)
+class Judge:
+    """The diffusers class whose ``lora_state_dict`` judges a file, and why that one."""
+
+    name: str                          # FluxPipeline, WanPipeline, SanaLoraLoaderMixin, PixArtSigmaPipeline
+    loader: type | None                # the class, None when diffusers has no LoRA loader for it
+    components: tuple[str, ...]        # its components' key prefixes ("transformer.", ...)
+    evidence: str                      # "model_index.json of BASE", "the adapter's names", ...
+
+
+def _base_class_name(base) -> tuple[str, str, bool] | None:
+    """(``_class_name``, where it was read, whether a lone component's) of a base pipeline's ``model_index.json`` or
+    a component's config."""
+    index = Path(getattr(base, "path", "")) / "model_index.json"
+    if index.is_file():
+        found = load_json(index, error=NotACheckpoint, fix="re-save the pipeline")
+        if isinstance(found, dict) and isinstance(found.get("_class_name"), str):
+            return found["_class_name"], str(index), False
+    config = getattr(base, "config", None)
+    if isinstance(config, dict) and isinstance(config.get("_class_name"), str):
+        return config["_class_name"], f"config.json of {base.path}", True
+    return None
+
+
+class _AsIs:
+    """What a component's ``load_lora_adapter(prefix=None)`` does with a file before PEFT loads it: keys not in
+    PEFT's naming through diffusers' ``convert_unet_state_dict_to_peft``, else nothing."""
+
+    @staticmethod
+    def lora_state_dict(state_dict):
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        return state_dict if "lora_A" in next(iter(state_dict), "lora_A") else convert_unet_state_dict_to_peft(
+            state_dict)
+
+
+def _lone(diffusers, keys, name: str, where: str) -> Judge | None:
+    """The judge of a file without component prefixes for a lone component base (``pipe/unet``, an adapter extract
+    wrote for it): the component's own ``load_lora_adapter(prefix=None)``; None for a prefixed file (loaded through
+    a pipeline) or a class diffusers does not have."""
+    cls = getattr(diffusers, name, None)
+    if cls is None or any(k.startswith(_PREFIXED) for k in keys):
+        return None
+    loader = _AsIs if callable(getattr(cls, "load_lora_adapter", None)) else None
+    return Judge(name, loader, ("",), f"{where}: its load_lora_adapter(prefix=None) takes the file as it is")
+
+
+def _by_names(diffusers, keys) -> Judge:
+    """The pipeline the names point to (:func:`pipeline_for`); where that is only the SD 1.x fallback, the pipeline
+    of the tables' architecture the names are (a Wan file's ``transformer.blocks.0.attn1``: WanPipeline)."""
+    name = pipeline_for(keys)
+    if name == "StableDiffusionPipeline":
+        found = detect_architecture([split_key(k)[0] for k in keys])
+        name = _ARCHITECTURE_PIPELINES.get(found.architecture.name, name) if found else name
+    loader = getattr(diffusers, name)
+    modules = getattr(loader, "_lora_loadable_modules", None) or ()
+    components = tuple(f"{m}." for m in modules) or COMPONENTS[name]
+    unsure = any(not k.startswith(components) for k in keys)  # a transformer the fallback has no component for
+    return Judge(name, loader, components, "the adapter's names" + ("; --base PIPELINE judges by the base's own "
+                                                                     "pipeline" if unsure else ""))
+
+
+def judge_for(diffusers, keys, base=None) -> Judge:
+    """Who judges ``keys`` in ``diffusers`` (the module): the base's pipeline (its ``model_index.json``); for a lone
+    component base, the component's own ``load_lora_adapter`` (a file without component prefixes) or its family's
+    pipeline loader (a pipeline's file); else the pipeline the names point to (:func:`_by_names`)."""
+    found = _base_class_name(base) if base is not None else None
+    if found is None:
+        return _by_names(diffusers, keys)
+    name, where, lone = found
+    judge = _lone(diffusers, keys, name, where) if lone else None
+    if judge is not None:
+        return judge
+    stem = _COMPONENT_CLASS.match(name)
+    if stem and name not in COMPONENTS:  # a lone transformer component: its family's LoRA loader
+        name = f"{stem['stem']}LoraLoaderMixin"
+    loader = getattr(diffusers, name, None) or getattr(getattr(diffusers, "loaders", None), name, None)
+    loader = loader if callable(getattr(loader, "lora_state_dict", None)) else None
+    if loader is None and stem is None and not name.endswith("Pipeline"):  # a UNet, an unknown class: the names
+        return _by_names(diffusers, keys)
+    modules = getattr(loader, "_lora_loadable_modules", None) or ()
+    components = tuple(f"{m}." for m in modules) or COMPONENTS.get(name, ("transformer.",))
+    return Judge(name, loader, components, where)
 
 
 def ldm_unet_keys(pipeline: str, modules) -> list[str]:

@@ -4,7 +4,9 @@ PEFT-style keys.
 A diffusers pipeline's adapter (modules under ``unet.``, ``text_encoder.``, ``text_encoder_2.``, ``transformer.``)
 is written the way diffusers' ``save_lora_weights`` does: one ``pytorch_lora_weights.safetensors`` with keys
 ``<component>.<module>.lora_A.weight`` and each component's LoraConfig in the ``lora_adapter_metadata`` entry of
-the safetensors metadata, so that ``pipe.load_lora_weights(folder)`` restores every rank and alpha.
+the safetensors metadata, so that ``pipe.load_lora_weights(folder)`` restores every rank and alpha. One component's adapter (extracted from
+``pipe/unet`` alone) is a PEFT folder, and the same file beside it with names and LoraConfig without a prefix, which
+``unet.load_lora_adapter(folder, weight_name="pytorch_lora_weights.safetensors", prefix=None)`` loads.
 
 Which adapters are a pipeline's (:func:`is_diffusers_adapter`) is decided from the evidence, strongest first: what
 was recorded (``Adapter.pipeline``: the base's ``model_index.json`` / ``config.json`` at extract, the file an
@@ -28,7 +30,7 @@ from .json_input import load_json, type_name
 from .peft import WEIGHTS_NAME, build_module, collect_factors, modules_from_config, peft_config, peft_state_dict
 
 __all__ = ["DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_diffusers_adapter", "pipeline_components",
-           "write_diffusers", "read_peft_file"]
+           "write_diffusers", "read_peft_file", "lone_component"]
 
 DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
 DIFFUSERS_METADATA = "lora_adapter_metadata"
@@ -69,14 +71,30 @@ def _config_name(name: str, component: str) -> str:
     return name[len("text_model."):] if component.startswith("text_encoder") and name.startswith("text_model.") else name
 
 
-def write_diffusers(adapter: Adapter, folder: Path) -> None:
-    """Write a pipeline's adapter as diffusers' ``pytorch_lora_weights.safetensors`` in ``folder``."""
+def lone_component(adapter: Adapter) -> bool:
+    """True for one diffusers component's adapter (its base a component folder: ``config.json`` with
+    ``_class_name``, e.g. ``pipe/unet``), written as a PEFT folder: diffusers' ``model.load_lora_adapter`` reads
+    neither its ``base_model.model.`` keys nor its config, so :func:`write_diffusers` (``lone``) adds its file."""
+    base = Path(adapter.base_model) if adapter.base_model else None
+    if base is None or adapter.full_tensors or is_diffusers_adapter(adapter) or not (base / "config.json").is_file():
+        return False
+    try:
+        config = load_json(base / "config.json", error=AdapterFormatError, fix="re-save the base")
+    except AdapterFormatError:
+        return False  # a base that changed since: no evidence
+    return isinstance(config, dict) and isinstance(config.get("_class_name"), str)
+
+
+def write_diffusers(adapter: Adapter, folder: Path, *, lone: bool = False) -> None:
+    """Write a pipeline's adapter as diffusers' ``pytorch_lora_weights.safetensors`` in ``folder``; ``lone``: one
+    component's, names and LoraConfig without a component prefix, as ``model.load_lora_adapter(folder,
+    weight_name="pytorch_lora_weights.safetensors", prefix=None)`` reads them."""
     if adapter.full_tensors:
         name = next(iter(adapter.full_tensors))
         raise ConversionError(f"{name} is saved whole, which a diffusers LoRA file cannot hold: drop --full-modules "
                               f"or extract the component folder alone (PEFT modules_to_save)")
     metadata = {}
-    for component in DIFFUSERS_COMPONENTS:
+    for component in ("",) if lone else DIFFUSERS_COMPONENTS:
         modules = {_config_name(n[len(component):], component): m for n, m in adapter.modules.items()
                    if n.startswith(component)}
         if modules:

@@ -32,7 +32,7 @@ from .layers import NOT_HELD, compile_filters, kohya_refuses_conv1d, matches
 from .kohya import is_kohya_keys, kohya_state_dict, read_kohya, write_kohya
 from .lycoris import fit_kernels, is_lycoris_keys, read_lycoris, read_peft_lycoris
 from .diffusers_lora import (DIFFUSERS_COMPONENTS, DIFFUSERS_NAME, is_diffusers_adapter, pipeline_components,
-                             read_peft_file, write_diffusers)
+                             read_peft_file, write_diffusers, lone_component)
 from .peft import WEIGHTS_NAME, is_peft_folder, lora_keys_seen, peft_folder_parts, read_peft, write_peft
 
 __all__ = ["AdapterFormat", "load_adapter", "save_adapter", "detect_format", "describe_adapter", "describe_modules",
@@ -262,6 +262,8 @@ def save_adapter(adapter: Adapter, target: str | os.PathLike, *, format: Adapter
             write_diffusers(adapter, tmp)
         else:
             write_peft(adapter, tmp)
+            if lone_component(adapter):  # one diffusers component: also the file its load_lora_adapter reads
+                write_diffusers(adapter, tmp, lone=True)
     return target
 
 

@@ -4,7 +4,8 @@
   transformers ``Conv1D`` layers (weight (in, out): GPT-2 and kin) when the checkpoint's ``config.json`` says so
   (:func:`conv1d_rule`, from :data:`~lowrank_tools.io.model_config.CONV1D_LAYERS`; shapes cannot tell);
   3-D to 5-D weights are conv kernels (Conv1d/2d/3d), factored as (out, in * prod(kernel)).
-- Tied weights: an output head (``lm_head``) that is the input embedding -- stored equal to it, or absent
+- Tied weights: an output head (``lm_head``, or what the model class ties: Whisper's ``proj_out``, see
+  :func:`~lowrank_tools.io.base_model.tied_head_name`) that is the input embedding -- stored equal to it, or absent
   because ``tie_word_embeddings`` is set -- is factored once, as the embedding, and the adapter carries the
   delta on both sides (:func:`tied_head_module`). A LoRA on one side alone would change only the token lookup
   or only the output projection and silently lose the rest of the fine-tune.
@@ -28,19 +29,18 @@ from torch import Tensor
 from ..adapter import LoraModule, ModuleKind, module_name
 from .checkpoint import Checkpoint, Pairing
 from ..errors import ConversionError, ShapeMismatch, UnsupportedTensor
+from .base_model import WORD_EMBEDDINGS, tied_head_name
 from .ldm_names import is_vae
-from .model_config import conv1d_leaves
+from .model_config import conv1d_leaves, grouped_convs, wrapper_hidden
 from .module_names import model_names
 from .patterns import check_patterns, safe_search
 
 __all__ = ["FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
            "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan", "plan_layers",
-           "conv1d_rule", "kohya_refuses_conv1d", "WHOLE_LEAVES", "FUSED_EXPERTS"]
+           "conv1d_rule", "kohya_refuses_conv1d", "WHOLE_LEAVES", "FUSED_EXPERTS", "GROUPED", "grouped_warning"]
 
 #: weights stored in these dtypes are factored; integer and quantized ones (int8, float8, packed uint8) are refused
 FACTORABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# input embeddings an output head can be tied to, in order of preference
-WORD_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in", "shared")
 # leaf names of nn.Embedding weights in transformers / diffusers models, matched whole: a substring test would
 # take Linear layers such as Flux's x_embedder, GPT-NeoX's embed_out or Qwen-MoE's shared_expert_gate
 EMBEDDING_LEAVES = frozenset(WORD_EMBEDDINGS + (
@@ -55,7 +55,6 @@ WHOLE_LEAVES = frozenset({"embed_positions", "rel_embeddings"})
 FUSED_EXPERTS = ("fused MoE experts (experts, in, out) stored without .weight: left out, no LoRA layout here carries "
                  "them (PEFT would need target_parameters)")
 _HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
-_HEAD = "lm_head"
 
 
 def layer_kind(name: str, shape: Sequence[int], *, conv1d: bool = False) -> ModuleKind | None:
@@ -208,14 +207,15 @@ def find_tied_heads(base: Checkpoint, tuned: Checkpoint) -> list[TiedHead]:
     base_configs = dict(_configs(base))
     found = []
     for prefix, config in _configs(tuned):
+        config = config or base_configs.get(prefix) or {}
         emb = _word_embedding(tuned, prefix)
-        head = f"{prefix}{_HEAD}.weight"
+        head = f"{prefix}{tied_head_name(config)}.weight"  # lm_head, or what the model class ties (proj_out)
         if emb is None or emb not in base:
             continue
         grew = base.shape(emb) != tuned.shape(emb)
         if head in tuned and _same(tuned, emb, head) and (grew or _same(base, emb, head)):
             found.append(TiedHead(emb, module_name(head), stored=True))
-        elif _implied_tie(config or base_configs.get(prefix) or {}, base, tuned, head):
+        elif _implied_tie(config, base, tuned, head):
             found.append(TiedHead(emb, module_name(head), stored=False))
     return found
 
@@ -234,6 +234,8 @@ def tied_head_module(embedding: LoraModule) -> LoraModule:
 
 # report.skipped reason of embeddings a target format cannot hold (also formats.fit_format's)
 NOT_HELD = "embedding (the target format cannot hold it: use --format peft)"
+# report.skipped reason of convs with groups > 1 (their model's class says: io/model_config.grouped_convs)
+GROUPED = "grouped conv (groups > 1: PEFT refuses a LoRA on it; save it whole with --full-modules)"
 
 
 @dataclass
@@ -328,10 +330,14 @@ def plan_layers(base: Checkpoint, tuned: Checkpoint, pairing: Pairing, *, includ
     full_modules = compile_filters(full_modules, "--full-modules")
     selected, skipped, one_d = select_layers(pairing.names, tuned, include, exclude, base=base)
     plan = LayerPlan(layers=selected, skipped=skipped, one_d=one_d, full=_full_tensors(tuned, full_modules))
+    if embeddings:  # a PEFT / diffusers target: tensors saved whole are held (modules_to_save)
+        _save_hidden_whole(plan, base, tuned)
     _apply_ties(plan, find_tied_heads(base, tuned), full_modules)
     if embeddings:  # a PEFT target
         _save_unadaptable(plan, base)
     _drop(plan, plan.full)
+    if embeddings:  # kohya consumers merge a grouped conv's dense delta: only PEFT refuses it
+        _drop_grouped(plan, base, tuned)
     if not embeddings:
         _drop_embeddings(plan)
         _refuse_conv1d(plan)
@@ -355,6 +361,36 @@ def _save_unadaptable(plan: LayerPlan, base: Checkpoint) -> None:
         shown = ", ".join(module_name(n) for n in whole[:4]) + (f" and {len(whole) - 4} more" if len(whole) > 4 else "")
         plan.notes.append(f"saved whole (PEFT modules_to_save), not as a LoRA PEFT would refuse or not apply "
                           f"(learned positional embeddings, relative position tables, MoE routers): {shown}")
+def _save_hidden_whole(plan: LayerPlan, base: Checkpoint, tuned: Checkpoint) -> None:
+    """Layers whose parent reads an attribute PEFT's LoRA wrapper hides (Whisper's ``conv1.stride``) are saved whole,
+    every tensor of the module: PEFT's ``modules_to_save`` wrapper passes attributes through. Not in a pipeline:
+    its diffusers file cannot hold tensors saved whole."""
+    if base.components or tuned.components:
+        return
+    for name, why in (wrapper_hidden(base) or wrapper_hidden(tuned)).items():
+        if name in plan.layers:
+            module = module_name(name)
+            plan.full.update({n: n for n in tuned.keys() if _module_of(n) == module})
+            plan.notes.append(f"{module} is saved whole: {why}, which a LoRA wrapper hides (PEFT modules_to_save "
+                              f"passes it through)")
+
+
+def _drop_grouped(plan: LayerPlan, base: Checkpoint, tuned: Checkpoint) -> None:
+    """Convs with groups > 1 (a depthwise conv) are left out under :data:`GROUPED`: no LoRA of ours loads on them."""
+    if not any(k is ModuleKind.CONV for k in plan.layers.values()):
+        return
+    grouped = [n for n in (grouped_convs(base) or grouped_convs(tuned)) if n in plan.layers]
+    if grouped:
+        _drop(plan, grouped)
+        plan.skipped.setdefault(GROUPED, []).extend(grouped)
+
+
+def grouped_warning(tensors) -> str:
+    """The one-line warning for grouped convs left out (:data:`GROUPED`), with the option that keeps them."""
+    names = [module_name(n) for n in tensors]
+    return (f"left out {len(names)} grouped conv(s) (groups > 1: PEFT refuses a LoRA on them): {', '.join(names)}; "
+            f"save them whole with --full-modules '^({'|'.join(re.escape(n) for n in names)})$' (a PEFT folder: of a "
+            f"pipeline, extract the component folder alone)")
 
 
 def kohya_refuses_conv1d(names) -> None:

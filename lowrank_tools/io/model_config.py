@@ -15,17 +15,34 @@ Two rules decided from ``config.json``, never from tensor names or shapes:
   ``model_type`` is in the table and the layer's leaf name is one of that model's Conv1D attributes. The table is
   read off each modeling file (transformers 5.x: every ``Conv1D(`` in ``src/transformers/models``) and pinned by
   tests/test_gpt2_family.py, which builds each model and compares with ``isinstance(module, Conv1D)``.
+- Grouped convolutions (:func:`grouped_convs`): a conv with ``groups > 1`` (Sana's depthwise ``ff.conv_depth``,
+  Mamba's ``conv1d``) stores (out, in / groups, *kernel), which no shape tells from a plain conv with fewer inputs.
+  The config's model class, built on the meta device (no memory, no weights read), says; PEFT refuses a LoRA on
+  one whose rank does not divide ``groups`` and cannot hold ours (a dense delta) at all.
+- Layers a PEFT LoRA wrapper breaks (:func:`wrapper_hidden`): Whisper's encoder reads ``conv1.stride`` and
+  ``embed_positions.num_embeddings``, which the wrapper does not have (the class source of each transformers
+  module is searched for ``self.<layer>.<attribute>``), and a layer subclass whose forward takes more than its
+  input (a positional embedding given (input_ids, cache_length)) would get its LoRA term on the wrong input. Its
+  ``modules_to_save`` wrapper passes attributes and inputs through: such layers are saved whole.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
 import os
+import re
+import warnings
 from pathlib import Path
+
+import torch
 
 from ..errors import CheckpointNotFound, NotACheckpoint, UsageError
 from .json_input import load_json
 
-__all__ = ["read_model_config", "CONV1D_LAYERS", "CONV1D_LEAVES", "conv1d_leaves", "pipeline_evidence"]
+__all__ = ["read_model_config", "CONV1D_LAYERS", "CONV1D_LEAVES", "conv1d_leaves", "pipeline_evidence",
+           "grouped_convs", "wrapper_hidden"]
 
 #: ``model_type`` -> leaf names of its ``Conv1D`` layers (``gpt_bigcode``'s c_attn / c_fc / c_proj are nn.Linear:
 #: same names, other layout, hence the model_type and never the names alone)
@@ -86,3 +103,112 @@ def read_model_config(path: str | os.PathLike) -> dict:
         raise UsageError(f"{path} is a diffusers {config['_class_name']}: calibrate runs transformers models "
                          f"(causal LMs and encoders) only; evaluate takes diffusers denoisers without --data")
     return config
+
+
+#: transformers model types whose class renames no checkpoint key, ties no embedding alias, holds no weighted module
+#: PEFT cannot wrap, no grouped conv and no layer its parent reads past a LoRA wrapper: nothing is built for them
+#: (building imports transformers: ~2.4 s, as long as the whole extract of a 135M model). tests/test_module_names.py
+#: builds each one with the installed transformers and fails when a newer one makes any of this untrue.
+PLAIN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                               "falcon", "bloom", "gpt_bigcode", "mpt", "gpt2", "bert", "roberta"})
+
+
+def is_plain(config) -> bool:
+    """Whether ``config`` is a transformers config of :data:`PLAIN_MODEL_TYPES` (its class need not be built)."""
+    return isinstance(config, dict) and config.get("model_type") in PLAIN_MODEL_TYPES and "_class_name" not in config
+
+
+def _models(ckpt):
+    """(name prefix, model built on the meta device) of the checkpoint and each pipeline component that builds."""
+    parts = [("", ckpt.config)] + [(f"{c}.", part.config) for c, part in ckpt.components.items()]
+    return [(prefix, model) for prefix, config in parts
+            if not is_plain(config) and (model := meta_model(config)) is not None]
+
+
+def grouped_convs(ckpt) -> dict[str, int]:
+    """{weight tensor name: groups} of every conv layer with ``groups > 1`` in the model(s) of checkpoint ``ckpt``
+    (each pipeline component under its prefix), as the model class its config names builds them; {} where no config
+    names a class that diffusers or transformers (when installed) builds."""
+    return {f"{prefix}{name}.weight": int(module.groups) for prefix, model in _models(ckpt)
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.modules.conv._ConvNd) and module.groups > 1}
+
+
+_WRAPPER_HAS = frozenset({"weight", "bias", "in_features", "out_features"})  # what PEFT's LoRA layers expose
+_WRAPPED = (torch.nn.Linear, torch.nn.Embedding, torch.nn.modules.conv._ConvNd)  # the layers PEFT wraps
+
+
+def wrapper_hidden(ckpt) -> dict[str, str]:
+    """{weight tensor name: why} of the layers (linear, embedding, conv) of a transformers model whose parent module's
+    class reads an attribute of theirs PEFT's LoRA wrapper hides (Whisper's encoder: ``self.conv1.stride``,
+    ``self.embed_positions.num_embeddings``)."""
+    found, sources = {}, {}
+    for prefix, model in _models(ckpt):
+        if not hasattr(model, "config") or isinstance(getattr(model, "config", None), dict):
+            continue  # a diffusers model (its config is a dict): their LoRA convs load in diffusers
+        for name, parent in model.named_modules():
+            for leaf, child in parent.named_children():
+                if not isinstance(child, _WRAPPED):
+                    continue
+                cls = type(parent)
+                if cls not in sources:
+                    sources[cls] = _source(cls)
+                read = sorted(set(re.findall(rf"self\.{re.escape(leaf)}\.(\w+)", sources[cls])) - _WRAPPER_HAS)
+                own = _own_forward(child)
+                if read or own:
+                    why = f"{cls.__name__} reads {leaf}.{read[0]}" if read else f"{own}'s forward takes more inputs"
+                    found[f"{prefix}{name + '.' if name else ''}{leaf}.weight"] = why
+    return found
+
+
+def _own_forward(layer: torch.nn.Module) -> str | None:
+    """The class name of a subclass of a torch layer whose forward takes more than its one input (Whisper's and
+    OPT's positional embeddings: (input_ids, cache_length, position_ids), positions computed inside): PEFT's
+    wrapper adds its LoRA term on that first input as if it were the layer's. None otherwise."""
+    try:
+        params = inspect.signature(type(layer).forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return type(layer).__name__ if len(params) > 2 else None
+
+
+def _source(cls) -> str:
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):
+        return ""
+
+
+def meta_model(config) -> torch.nn.Module | None:
+    """The model ``config`` (a diffusers ``_class_name`` or a transformers ``architectures`` config) describes, built
+    on the meta device; None when it cannot be built here. Built once per config (extract asks a few times)."""
+    if not isinstance(config, dict):
+        return None
+    try:
+        return _built(json.dumps(config, sort_keys=True, default=str))
+    except (TypeError, ValueError):  # a config that is no JSON object: no evidence
+        return None
+
+
+@functools.lru_cache(maxsize=4)
+def _built(text: str) -> torch.nn.Module | None:
+    config = json.loads(text)
+    try:
+        library = __import__("diffusers" if isinstance(config.get("_class_name"), str) else "transformers")
+    except ImportError:
+        return None
+    quiet = library.utils.logging  # their config checks log: nothing below the CLI prints
+    level = quiet.get_verbosity()
+    quiet.set_verbosity_error()
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if library.__name__ == "diffusers":
+                return getattr(library, config["_class_name"]).from_config(config)
+            fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+            built = library.AutoConfig.for_model(config["model_type"], **fields)
+            return getattr(library, config["architectures"][0])._from_config(built)
+    except Exception:  # noqa: BLE001 - an unknown or unbuildable class: no evidence
+        return None
+    finally:
+        quiet.set_verbosity(level)

@@ -31,8 +31,9 @@ import torch
 
 from ..adapter import Adapter, ModuleKind, module_name
 from .checkpoint import Checkpoint
+from .model_config import is_plain, meta_model
 
-__all__ = ["ModelNames", "PLAIN_MODEL_TYPES", "model_names", "in_model_names", "in_checkpoint_names", "with_aliases", "fold_aliases",
+__all__ = ["ModelNames", "model_names", "in_model_names", "in_checkpoint_names", "with_aliases", "fold_aliases",
            "checkpoint_index",
            "CHECKPOINT_NAMES_KEY", "names_metadata", "names_from_metadata"]
 
@@ -58,30 +59,22 @@ class ModelNames:
         return back.get(owner, owner)
 
 
-#: model types whose transformers class renames no checkpoint key, ties no embedding alias and holds no weighted
-#: module PEFT cannot wrap: nothing is built for them (building imports transformers: ~2.5 s, as long as the whole
-#: extract of a 135M model). tests/test_module_names.py builds each one with the installed transformers and checks
-#: that the class still does nothing to its names, so a newer transformers that starts renaming fails the test.
-PLAIN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
-                               "falcon", "bloom", "gpt_bigcode", "mpt", "gpt2", "bert", "roberta"})
-
-
 def model_names(ckpt: Checkpoint) -> ModelNames | None:
     """The renames, tied aliases and LoRA-less weighted modules (routers) of ``ckpt``'s transformers class (None: not
     a transformers checkpoint, or its class cannot be built here). Built once per checkpoint and process; a model
-    type of :data:`PLAIN_MODEL_TYPES` gets the empty answer without a build."""
+    type of :data:`~.model_config.PLAIN_MODEL_TYPES` gets the empty answer without a build."""
     config = ckpt.config if isinstance(ckpt.config, dict) else {}
     archs = config.get("architectures") or []
     if not archs or not isinstance(config.get("model_type"), str):
         return None
-    if config["model_type"] in PLAIN_MODEL_TYPES:
+    if is_plain(config):
         return ModelNames(str(archs[0]))
     return _model_names(json.dumps(config, sort_keys=True), str(archs[0]), tuple(sorted(ckpt.keys())))
 
 
 @lru_cache(maxsize=4)
 def _model_names(config_json: str, arch: str, keys: tuple[str, ...]) -> ModelNames | None:
-    model = _meta_model(json.loads(config_json), arch)
+    model = meta_model(json.loads(config_json))
     if model is None:
         return None
     names = dict(model.named_parameters(remove_duplicate=False))
@@ -97,26 +90,6 @@ def _unadaptable(model, keys: tuple[str, ...]) -> frozenset[str]:
     return frozenset(name for name, module in model.named_modules()
                      if f"{name}.weight" in stored and not isinstance(module, lora_layers)
                      and getattr(getattr(module, "weight", None), "ndim", 0) >= 2)
-
-
-def _meta_model(config: dict, arch: str):
-    try:
-        import transformers
-    except ImportError:
-        return None
-    cls = getattr(transformers, arch, None)
-    if cls is None or not hasattr(cls, "config_class"):
-        return None
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
-            return cls._from_config(cls.config_class.from_dict(config))
-    except Exception:  # a config this transformers cannot build (newer model, custom code): no renaming known
-        return None
-    finally:
-        transformers.logging.set_verbosity(verbosity)
 
 
 def _renames(model, keys: tuple[str, ...], params: set[str]) -> dict[str, str]:
