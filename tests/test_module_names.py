@@ -188,6 +188,9 @@ def test_plain_model_types_are_still_plain_in_this_transformers(monkeypatch):
         assert (names.renamed, names.aliases, names.unadaptable) == ({}, {}, frozenset()), spec.name
         ckpt = SimpleNamespace(config=config, components={})
         assert grouped_convs(ckpt) == {} and wrapper_hidden(ckpt) == {}, spec.name
+        heads = {k.removesuffix(".weight") for k in (getattr(type(model), "_tied_weights_keys", None) or ())}
+        assert heads <= {"lm_head"}, spec.name  # what tied_head_name answers for them unbuilt
+        assert getattr(type(model), "main_input_name", "input_ids") == "input_ids", spec.name  # task_type's rule
         checked.add(config["model_type"])
     assert checked == PLAIN_MODEL_TYPES
 

@@ -158,3 +158,34 @@ def test_a_command_raises_the_collectors_threshold():
         assert gc.get_threshold() == (GC_FIRST_GENERATION, *before[1:])
     finally:
         gc.set_threshold(*before)
+
+
+def _llama_folder(folder: Path) -> Path:
+    """A tied Llama-shaped HF folder (one block) and a fine-tune of it beside: ``folder/base``, ``folder/tuned``."""
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 64,
+           "tie_word_embeddings": True}
+    shapes = {"model.embed_tokens.weight": (64, 16), "model.norm.weight": (16,),
+              **{f"model.layers.0.self_attn.{p}_proj.weight": (16 if p in "qo" else 8, 16) for p in "qkvo"},
+              **{f"model.layers.0.mlp.{p}_proj.weight": ((32, 16) if p != "down" else (16, 32))
+                 for p in ("gate", "up", "down")}}
+    g = torch.Generator().manual_seed(0)
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    for name, tensors in (("base", base), ("tuned", {k: v + 0.01 * torch.randn(v.shape, generator=g)
+                                                     for k, v in base.items()})):
+        (folder / name).mkdir()
+        (folder / name / "config.json").write_text(json.dumps(cfg))
+        save_file(tensors, str(folder / name / "model.safetensors"))
+    return folder
+
+
+def test_extract_of_a_plain_llm_never_imports_transformers(tmp_path):
+    """Module names, tied heads, task type, grouped convs and hidden wrappers are known for plain model types
+    (io/model_config.PLAIN_MODEL_TYPES) without building the class: importing transformers alone costs ~2.4 s, as
+    long as the whole extract of a 135M model."""
+    pair = _llama_folder(tmp_path)
+    code, modules = _imported("extract", str(pair / "base"), str(pair / "tuned"), "-o", str(tmp_path / "out"),
+                              "--rank", "2", "-q")
+    assert code in (0, None)
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()  # it did extract (the check is not vacuous)
+    assert not _loaded(modules, "transformers") and not _loaded(modules, "peft")

@@ -9,6 +9,8 @@ import functools
 import os
 import re
 
+from .model_config import is_plain
+
 __all__ = ["task_type", "base_model_reference", "WORD_EMBEDDINGS", "tied_head_name", "tied_embedding"]
 
 # input embeddings an output head can be tied to, in order of preference
@@ -33,7 +35,8 @@ def task_type(config: dict | None) -> str | None:
     archs = (config or {}).get("architectures") or []
     found = {_task_of(str(a), bool((config or {}).get("is_encoder_decoder"))) for a in archs}
     task = found.pop() if len(found) == 1 else None
-    if task in ("CAUSAL_LM", "SEQ_2_SEQ_LM") and any(_main_input(str(a)) not in (None, "input_ids") for a in archs):
+    if task in ("CAUSAL_LM", "SEQ_2_SEQ_LM") and not is_plain(config) and any(
+            _main_input(str(a)) not in (None, "input_ids") for a in archs):
         return None  # Whisper reads input_features: PEFT's LM wrappers would pass it input_ids
     return task
 
@@ -84,7 +87,11 @@ def _class_ties(architecture: str) -> tuple[tuple[str, str], ...]:
 
 
 def _class_head(config: dict) -> tuple[str, str] | None:
-    """(head module, the weight it shares or "") the model class of ``config`` ties, if it declares one."""
+    """(head module, the weight it shares or "") the model class of ``config`` ties, if it declares one; None for a
+    plain model type (:data:`~.model_config.PLAIN_MODEL_TYPES`: ``lm_head``, tied to the word embedding; importing
+    transformers to read it would cost seconds)."""
+    if is_plain(config):
+        return None
     for arch in config.get("architectures") or []:
         for tied, source in _class_ties(str(arch)):
             name = tied.removesuffix(".weight")
