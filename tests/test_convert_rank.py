@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from lowrank_tools.cli import main
 from lowrank_tools.io.formats import load_adapter
 from lowrank_tools.linalg.structured import kron_svd, top_svd
+from lowrank_tools.linalg.sketch import POWER_TOL
 
 
 def _r(*shape, seed):
@@ -179,7 +180,7 @@ def test_dora_to_lora_error_report_matches_the_written_factors(tmp_path, method)
     optimal = float(S[4:].norm() / S.norm())
     assert m.rank == 4 and m.magnitude is None
     assert abs(done.rel_errors["lin"] - written) < 1e-6  # what is reported is what is written
-    assert optimal <= written <= optimal * (1 + 1e-3)  # randomized: within 0.1% of the optimal truncation
+    assert optimal <= written <= optimal * (1 + POWER_TOL)  # randomized: within the adaptive stop's tolerance
 
 
 def test_cli_convert_dora_lora_method_and_rank(tmp_path):
@@ -194,7 +195,7 @@ def test_cli_convert_dora_lora_method_and_rank(tmp_path):
         m = load_adapter(tmp_path / method).modules["lin"]
         S = torch.linalg.svdvals(D)
         err = float((D - m.scale * (m.B.double() @ m.A.double())).norm() / D.norm())
-        assert m.rank == 6 and err <= float(S[6:].norm() / S.norm()) * (1 + 1e-3)
+        assert m.rank == 6 and err <= float(S[6:].norm() / S.norm()) * (1 + POWER_TOL)  # the adaptive stop's
         assert f"largest rel error {err:.3g}" in res.output
 
 
