@@ -1,6 +1,6 @@
-"""Small layers two at a time (extract.side_thread): with 2 threads the small layers are factored on two worker
-threads of one intra-op thread each, and the adapter file is byte for byte the one of a 1-thread run; a large
-layer stays on the calling thread; errors surface in the caller; thread counts are restored."""
+"""Layers two at a time (extract.side_thread): with 2 threads every layer is factored on one of two worker threads
+of one intra-op thread each, and the adapter file is byte for byte the one of a 1-thread run; a worker whose
+layer is quick runs ahead of one held up (contention); errors surface in the caller; thread counts are restored."""
 
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ side_thread = importlib.import_module("lowrank_tools.extract.side_thread")
 SHAPES = {f"model.layers.{b}.{name}.weight": shape for b in range(3)
           for name, shape in (("self_attn.q_proj", (384, 384)), ("self_attn.k_proj", (128, 384)),
                               ("mlp.up_proj", (1024, 384)), ("mlp.down_proj", (384, 1024)))}
-LARGE = "model.layers.1.mlp.gate_proj.weight"  # above SMALL_LAYER: on the calling thread, every intra-op thread
+LARGE = "model.layers.1.mlp.gate_proj.weight"  # 2.1M entries: a worker's too, on its one thread
 
 
 def _pair():
-    shapes = {**SHAPES, LARGE: (side_thread.SMALL_LAYER // 384 + 1, 384)}
+    shapes = {**SHAPES, LARGE: (5462, 384)}
     base, tuned = make_pair(shapes, k=4)
     gen = torch.Generator().manual_seed(1)
     for name in tuned:  # a full-rank tail, so that the rank-8 factors are a real truncation
@@ -71,9 +71,8 @@ def test_two_threads_write_the_one_thread_bytes(tmp_path, monkeypatch, threads):
     seen.clear()
     two, order_two = _run(tmp_path, 2)
     assert one == two and order_one == order_two
-    small = [(t, n) for name, t, n in seen if name != LARGE]
-    assert {t for t, _ in small} >= {"lowrank-tools-side_0", "lowrank-tools-side_1"} and {n for _, n in small} == {1}
-    assert [(t, n) for name, t, n in seen if name == LARGE] == [("MainThread", 2)]
+    assert {t for _, t, _ in seen} == {"lowrank-tools-side_0", "lowrank-tools-side_1"} and {n for *_, n in seen} == {1}
+    assert LARGE in {name for name, _, _ in seen}
     assert torch.get_num_threads() == 2  # the caller's count, and the default a new thread reads
     new = []
     worker = threading.Thread(target=lambda: new.append(torch.get_num_threads()))
@@ -106,5 +105,26 @@ def test_factored_in_order_keeps_the_order_with_uneven_work(threads):
         time.sleep(0.02 if i % 3 == 0 else 0.001)  # the older item finishes last
         return i * i
     items = [1, 2, 3, 100, 4, 5, 6]
-    out = list(side_thread.factored_in_order(items, factor, small=lambda i: i < 100))
+    out = list(side_thread.factored_in_order(items, factor, nbytes=lambda i: 4 * i))
     assert out == [(i, i * i) for i in items]
+
+
+def test_a_free_worker_runs_ahead_of_a_held_up_one(threads):
+    """Item 0 is held up (its core shared with a busy process, say): the other worker goes on with AHEAD + 1 more
+    items meanwhile, within AHEAD_BYTES; results still come in order."""
+    import time
+
+    torch.set_num_threads(2)
+    finished = []
+
+    def factor(i: int) -> int:
+        time.sleep(0.5 if i == 0 else 0.01)
+        finished.append(i)
+        return i
+    out = list(side_thread.factored_in_order(range(10), factor, nbytes=lambda i: 1))
+    assert [i for i, _ in out] == list(range(10))
+    assert finished.index(0) >= side_thread.AHEAD + 1  # items 1..AHEAD+1 done while 0 was still running
+    finished.clear()
+    big = side_thread.AHEAD_BYTES // 2 + 1  # only one such item may wait beyond the workers
+    list(side_thread.factored_in_order(range(10), factor, nbytes=lambda i: big))
+    assert finished.index(0) == 2  # items 1 and 2 (the one waiting) only

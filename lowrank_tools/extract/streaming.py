@@ -41,7 +41,7 @@ from ..linalg.memory import stream_large_buffers
 from ..linalg.norms import check_finite, frobenius_error, frobenius_norm
 from ..linalg.whiten import Whitener, output_rel_error, whitened_balanced_factors, whitened_svd
 from .reading import Pair, read_pairs
-from .side_thread import SMALL_LAYER, factored_in_order, side_threads_allowed
+from .side_thread import factored_in_order, side_threads_allowed
 from .pipeline import Stager, batched_svds, plan_batches, staged, tf32
 from ..io.prefetch import prefetch
 from ..report import AdapterResult, LayerRecord, Progress, Report, factor_record, summarize
@@ -299,7 +299,7 @@ def _factor_stream(pairs: Iterator[Pair], sizes: list[int], opts: ExtractOptions
                    warn: Warn | None, whitening: Whitening | None = None,
                    ) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
     """Factor ``pairs`` in batches of ``sizes`` (a stacked SVD for a batch of more than one, see pipeline); on the
-    CPU with 2 or more threads, small layers two at a time (:mod:`~lowrank_tools.extract.side_thread`)."""
+    CPU with 2 or more threads, layers two at a time (:mod:`~lowrank_tools.extract.side_thread`)."""
     modules, records, zero = {}, [], []
     done, total = 0, sum(sizes)
     side = side_threads_allowed(opts.device) and opts.batch == 1 and whitening is None
@@ -308,7 +308,7 @@ def _factor_stream(pairs: Iterator[Pair], sizes: list[int], opts: ExtractOptions
     def factor(item: tuple[_Delta, TruncatedSVD | None]) -> tuple[LoraModule, LayerRecord] | None:
         return _factor_layer(item[0], opts, warn, svd=item[1], whitening=whitening)
 
-    results = factored_in_order(items, factor, small=lambda item: item[0].matrix.numel() <= SMALL_LAYER) if side \
+    results = factored_in_order(items, factor, nbytes=lambda item: item[0].matrix.nbytes) if side \
         else ((item, factor(item)) for item in items)
     for (delta, _), out in results:
         name = module_name(delta.name)
