@@ -14,6 +14,7 @@ see linalg.whiten and extract.whitening): B = U_r sqrt(S_r / scale), A = sqrt(S_
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterator
@@ -61,14 +62,17 @@ class _Delta:
     weight_shape: tuple[int, ...]
     dtype: torch.dtype  # the tuned tensor's stored dtype (default output dtype)
     kind: ModuleKind
-    norm: float  # ||dW||_F, measured as it was made (the same pass finds NaN/Inf)
+    norm: float | None  # ||dW||_F, measured as it was made (the same pass finds NaN/Inf); None: by the worker
+    sources: tuple = ()  # (base, tuned) checkpoints, to name a non-finite input when the worker measures
 
 
-def _subtract(pair: Pair, stager: Stager, out: Tensor | None = None) -> _Delta:
+def _subtract(pair: Pair, stager: Stager, out: Tensor | None = None, *, measure: bool = True) -> _Delta:
     """dW = W' - W0 in float32 on the stager's device, in its (out, in_flat) matrix view; NaN/Inf named.
 
     Written into ``out`` when given (a slot of a batch), else in place of a float32 W' (read into a fresh
-    buffer), else into the stager's scratch buffer (valid until the next layer): no per-layer allocation."""
+    buffer), else into the stager's scratch buffer (valid until the next layer): no per-layer allocation.
+    ``measure=False``: ||dW|| is left to the worker that factors it (:func:`_measured`), on its one thread, not
+    here on an OpenMP team of the caller's threads that the workers keep busy."""
     shape = tuple(pair.tuned.shape)
     V1 = matrix_view(stager.place(pair.tuned), pair.kind)  # (out, in_flat)
     if out is None and V1.dtype == torch.float32 and V1.is_contiguous():  # a fresh buffer of ours either way
@@ -79,12 +83,20 @@ def _subtract(pair: Pair, stager: Stager, out: Tensor | None = None) -> _Delta:
         dW.sub_(matrix_view(stager.place(pair.base), pair.kind))
     del V1
     pair.tuned = pair.base = None  # the read-ahead queue still holds the pair until the next one is asked for
-    norm = frobenius_norm(dW)  # inf or nan exactly when dW holds Inf or NaN: the one pass that also checks
+    delta = _Delta(pair.name, dW, shape, pair.dtype, pair.kind, None, tuple(pair.sources))
+    return _measured(delta) if measure else delta
+
+
+def _measured(delta: _Delta) -> _Delta:
+    """``delta`` with its ``norm``: inf or nan exactly when dW holds Inf or NaN, so the one pass also checks (the
+    offending input named)."""
+    norm = frobenius_norm(delta.matrix)
     if not math.isfinite(norm):
-        check_finite(pair.sources[0].get(pair.name), f"base tensor {pair.name}")
-        check_finite(pair.sources[1].get(pair.name), f"tuned tensor {pair.name}")
-        check_finite(dW, f"delta of {pair.name}")
-    return _Delta(pair.name, dW, shape, pair.dtype, pair.kind, norm)
+        for source, what in zip(delta.sources, ("base", "tuned")):
+            check_finite(source.get(delta.name), f"{what} tensor {delta.name}")
+        check_finite(delta.matrix, f"delta of {delta.name}")
+    delta.norm = norm
+    return delta
 
 
 def _factor_layer(delta: _Delta, opts: ExtractOptions, warn: Warn | None, svd: TruncatedSVD | None = None,
@@ -92,7 +104,7 @@ def _factor_layer(delta: _Delta, opts: ExtractOptions, warn: Warn | None, svd: T
     """Factor one layer's delta (its top-k ``svd`` if already computed in a batch; whitened when ``whitening`` has
     its input statistics); None when the delta is exactly zero or the rule keeps nothing."""
     dW = delta.matrix.to(opts.device)  # (out, in_flat)
-    norm = delta.norm
+    norm = delta.norm if delta.norm is not None else _measured(delta).norm
     if norm == 0.0:
         return None
     mod = module_name(delta.name)
@@ -329,7 +341,8 @@ def _deltas(pairs: Iterator[Pair], sizes: list[int], opts: ExtractOptions, *, ow
     """(delta, its SVD when a batch computed it) in order; ``own``: no delta in the stager's scratch buffer (one
     that outlives the next layer's)."""
     stager = Stager(opts.device)
-    for group, stack in staged(pairs, sizes=sizes, stager=stager, make=_subtract):
+    make = _subtract if not own else functools.partial(_subtract, measure=False)  # own: for a worker, who measures
+    for group, stack in staged(pairs, sizes=sizes, stager=stager, make=make):
         svds = [None] * len(group) if stack is None else batched_svds(
             stack, opts.rule_for(group[0].kind).needed_k(tuple(stack.shape[1:])), method=opts.method,
             oversample=opts.oversample, n_iter=opts.n_iter, seed=opts.seed)
