@@ -36,7 +36,9 @@ R = TypeVar("R")
 
 WORKERS = 2  # layers being factored, one intra-op thread each
 AHEAD = 4  # layers that may wait beyond the workers' (a worker on a free core runs ahead of one on a shared core)
-AHEAD_BYTES = 384 << 20  # ... of at most this size together (two float32 4096 x 11008 deltas), at least one
+AHEAD_BYTES = 128 << 20  # ... of at most this size together, at least one: one waiting large layer is enough for a
+# worker on a free core to keep pace beside one on a half-shared core (it does two layers while the other does
+# one), and each more held a 4096 x 11008 delta (180 MB): with 384 MiB the 6 GB flat extract peaked at 1.73 GB
 
 
 def side_threads_allowed(device: torch.device) -> bool:
