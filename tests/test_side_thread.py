@@ -128,3 +128,7 @@ def test_a_free_worker_runs_ahead_of_a_held_up_one(threads):
     big = side_thread.AHEAD_BYTES // 2 + 1  # only one such item may wait beyond the workers
     list(side_thread.factored_in_order(range(10), factor, nbytes=lambda i: big))
     assert finished.index(0) == 2  # items 1 and 2 (the one waiting) only
+    finished.clear()
+    huge = side_thread.AHEAD_BYTES + 1  # none waits: two in flight, as much memory as two workers need
+    list(side_thread.factored_in_order(range(10), factor, nbytes=lambda i: huge))
+    assert finished.index(0) == 1

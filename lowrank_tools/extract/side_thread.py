@@ -17,7 +17,7 @@ everything on one thread.
 Results: every layer is factored on one intra-op thread whichever worker takes it, the same computation as with
 ``OMP_NUM_THREADS=1``, so the factors are the same bits for 1 and for 2 threads, and on a busy machine as on a quiet
 one; results come back in the order given. Memory: the layers in flight hold their deltas: the two being factored
-and at most :data:`AHEAD` more, of at most :data:`AHEAD_BYTES` together (at least one).
+and at most :data:`AHEAD` more, of at most :data:`AHEAD_BYTES` together.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ R = TypeVar("R")
 
 WORKERS = 2  # layers being factored, one intra-op thread each
 AHEAD = 4  # layers that may wait beyond the workers' (a worker on a free core runs ahead of one on a shared core)
-AHEAD_BYTES = 128 << 20  # ... of at most this size together, at least one: one waiting large layer is enough for a
-# worker on a free core to keep pace beside one on a half-shared core (it does two layers while the other does
-# one), and each more held a 4096 x 11008 delta (180 MB): with 384 MiB the 6 GB flat extract peaked at 1.73 GB
+AHEAD_BYTES = 64 << 20  # ... of at most this size together: deltas of 4096-wide layers (67-180 MB) never wait, so
+# the peak stays one delta above the single-thread route's (with 384 MiB waiting, the 6 GB flat extract peaked at
+# 1.73 GB against 1.14 GB; with one large waiting, 1.60 GB)
 
 
 def side_threads_allowed(device: torch.device) -> bool:
@@ -88,7 +88,7 @@ def factored_in_order(items: Iterable[D], factor: Callable[[D], R], nbytes: Call
 def _room(pending: deque, size: int) -> bool:
     """Whether one more item of ``size`` bytes may wait beyond the :data:`WORKERS` being factored."""
     waiting = list(pending)[WORKERS:]
-    return not waiting or (len(waiting) < AHEAD and sum(s for _, _, s in waiting) + size <= AHEAD_BYTES)
+    return len(waiting) < AHEAD and sum(s for _, _, s in waiting) + size <= AHEAD_BYTES
 
 
 def _done(entry: tuple[D, Future, int]) -> tuple[D, R]:
