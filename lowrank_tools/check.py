@@ -29,7 +29,7 @@ from .io.diffusers_lora import DIFFUSERS_NAME
 from .io.layers import compile_filters, conv1d_rule, matches
 from .io.module_names import checkpoint_index
 from .io.patterns import peft_pattern_value
-from .io.peft import CONFIG_NAME, WEIGHTS_NAME, is_saved_whole
+from .io.peft import CONFIG_NAME, WEIGHTS_NAME, key_saved_whole
 
 __all__ = ["Severity", "Problem", "CheckResult", "check_adapter", "Consumer"]
 
@@ -131,7 +131,7 @@ def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=Non
         if not matches(module, include, exclude):
             continue
         result.tensors += 1
-        if _whole(key, config):  # modules_to_save: PEFT loads the tensor as it is
+        if key_saved_whole(key, config):  # modules_to_save: PEFT loads the tensor as it is
             continue
         why = key_accepted(consumer, module, suffix)
         if why is not None and consumer is not Consumer.DIFFUSERS:
@@ -156,13 +156,6 @@ def check_adapter(path: str | os.PathLike, consumer: Consumer | str, *, base=Non
     if consumer is Consumer.DIFFUSERS:
         _diffusers_judge(result, ckpt, [k for m in modules.values() for k in m.tensors.values()], base)
     return result
-
-
-def _whole(key: str, config: dict | None) -> bool:
-    """A tensor saved whole (``adapter_config.json`` modules_to_save, PEFT's matching rule)."""
-    saved = (config or {}).get("modules_to_save") or ()
-    plain = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
-    return bool(saved) and isinstance(saved, list) and "." in plain and is_saved_whole(plain.rsplit(".", 1)[0], saved)
 
 
 def _collapse(result, consumer, kohya: bool) -> None:

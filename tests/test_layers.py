@@ -13,7 +13,8 @@ from lowrank_tools.adapter import ModuleKind
 from lowrank_tools.io.checkpoint import as_checkpoint, open_checkpoint, pair_tensors
 from lowrank_tools.errors import InvalidOption, ShapeMismatch
 from lowrank_tools.extract import extract
-from lowrank_tools.io.layers import find_tied_heads, layer_kind, plan_layers, tied_head_module
+from lowrank_tools.io.base_model import find_tied_heads, tied_head_module
+from lowrank_tools.io.layers import layer_kind, plan_layers
 from lowrank_tools.linalg import RankRule
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"

@@ -38,11 +38,12 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .arch_convert import to_original, to_diffusers, for_format, row_sizes, to_base_naming, to_common_naming
     from .arch_checkpoint import FusedSource, in_original_naming, original_layout
     from .diffusers_judge import PIPELINES, COMPONENTS, pipeline_for, trace_modules, ldm_unet_keys, LDM_WORKAROUND
-    from .base_model import task_type, base_model_reference, WORD_EMBEDDINGS, tied_head_name, tied_embedding
+    from .base_model import (task_type, base_model_reference, WORD_EMBEDDINGS, tied_head_name, tied_embedding,
+                             TiedHead, find_tied_heads, tied_head_module)
     from .base_lookup import BaseIndex
     from .peft import (CONFIG_NAME, WEIGHTS_NAME, is_peft_folder, read_peft, write_peft, peft_config, peft_state_dict,
                        collect_factors, build_module, lora_keys_seen, pattern_value, peft_folder_parts,
-                       modules_from_config, file_factors, is_saved_whole)
+                       modules_from_config, file_factors, is_saved_whole, key_saved_whole)
     from .diffusers_lora import (DIFFUSERS_NAME, DIFFUSERS_COMPONENTS, is_diffusers_adapter, pipeline_components,
                                  write_diffusers, read_peft_file, lone_component)
     from .kohya import NAMES_KEY, is_kohya_keys, read_kohya, write_kohya, kohya_state_dict, resolve_module_names
@@ -54,7 +55,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
                           check_target, output_format, fit_format, fit_all, left_out_warning,
                           select_modules, LEFT_OUT, LEFT_OUT_WHOLE, check_kohya_target, in_output_naming)
     from .layers import (FACTORABLE_DTYPES, check_factorable, layer_kind, compile_filters, matches, select_layers,
-                         relative_change, TiedHead, find_tied_heads, tied_head_module, LayerPlan,
+                         relative_change, LayerPlan,
                          plan_layers, conv1d_rule, kohya_refuses_conv1d, WHOLE_LEAVES, FUSED_EXPERTS, GROUPED,
                          grouped_warning)
     from .module_names import (ModelNames, model_names, in_model_names, in_checkpoint_names, with_aliases,
@@ -99,11 +100,12 @@ _EXPORTS = {name: module for module, names in {
     ".arch_convert": ("to_original", "to_diffusers", "for_format", "row_sizes", "to_base_naming", "to_common_naming"),
     ".arch_checkpoint": ("FusedSource", "in_original_naming", "original_layout"),
     ".diffusers_judge": ("PIPELINES", "COMPONENTS", "pipeline_for", "trace_modules", "ldm_unet_keys", "LDM_WORKAROUND"),
-    ".base_model": ("task_type", "base_model_reference", "WORD_EMBEDDINGS", "tied_head_name", "tied_embedding",),
+    ".base_model": ("task_type", "base_model_reference", "WORD_EMBEDDINGS", "tied_head_name", "tied_embedding",
+                    "TiedHead", "find_tied_heads", "tied_head_module",),
     ".base_lookup": ("BaseIndex",),
     ".peft": ("CONFIG_NAME", "WEIGHTS_NAME", "is_peft_folder", "read_peft", "write_peft", "peft_config",
             "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen", "pattern_value", "peft_folder_parts",
-            "modules_from_config", "file_factors", "is_saved_whole",),
+            "modules_from_config", "file_factors", "is_saved_whole", "key_saved_whole",),
     ".module_names": ("ModelNames", "model_names", "in_model_names", "in_checkpoint_names", "with_aliases",
                       "fold_aliases", "checkpoint_index", "CHECKPOINT_NAMES_KEY", "names_metadata", "names_from_metadata",),
     ".diffusers_lora": ("DIFFUSERS_NAME", "DIFFUSERS_COMPONENTS", "is_diffusers_adapter", "pipeline_components",
@@ -117,7 +119,7 @@ _EXPORTS = {name: module for module, names in {
                "check_target", "output_format", "fit_format", "fit_all", "left_out_warning",
                "select_modules", "LEFT_OUT", "LEFT_OUT_WHOLE", "check_kohya_target", "in_output_naming",),
     ".layers": ("FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
-              "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan",
+              "relative_change", "LayerPlan",
               "plan_layers", "conv1d_rule", "kohya_refuses_conv1d", "WHOLE_LEAVES", "FUSED_EXPERTS", "GROUPED",
               "grouped_warning",),
     ".texts": ("read_texts", "TEXT_SUFFIXES",),

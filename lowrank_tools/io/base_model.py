@@ -1,20 +1,31 @@
 """What a base model's ``config.json`` says about the adapters made for it: PEFT's ``task_type`` and a
 ``base_model_name_or_path`` that loads from any working folder (both written into ``adapter_config.json``), and
 its tied output head: the module that shares the input embedding's weight and is stored nowhere
-(:func:`tied_head_name`, :func:`tied_embedding`; extract, apply and check all ask these two)."""
+(:func:`tied_head_name`, :func:`tied_embedding`; extract, apply and check all ask these two), and the heads a
+fine-tune pair ties (:func:`find_tied_heads`, written as a linear LoRA by :func:`tied_head_module`)."""
 
 from __future__ import annotations
 
 import functools
 import os
 import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import torch
+
+from ..adapter import LoraModule, ModuleKind, module_name
 from .model_config import is_plain
 
-__all__ = ["task_type", "base_model_reference", "WORD_EMBEDDINGS", "tied_head_name", "tied_embedding"]
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+
+__all__ = ["task_type", "base_model_reference", "WORD_EMBEDDINGS", "tied_head_name", "tied_embedding", "TiedHead",
+           "find_tied_heads", "tied_head_module", "component_configs"]
 
 # input embeddings an output head can be tied to, in order of preference
 WORD_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in", "shared")
+_HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 _HEAD = "lm_head"  # the output head's name in most models (Whisper's is proj_out: its class says so)
 _NAME = re.compile(r"^[A-Za-z_][\w.]*$")  # a plain module path (not one of the regexes some classes list)
 
@@ -129,3 +140,71 @@ def tied_embedding(head: str, base, shape: tuple[int, ...] | None = None) -> str
     leaves = tuple(f"{leaf}.weight" for leaf in WORD_EMBEDDINGS)
     found = sorted((k for k in base.keys() if k.startswith(prefix) and k.endswith(leaves) and fits(k)), key=len)
     return found[0] if found else None
+
+
+# ------------------------------------------------------------------------------------------- tied weights
+
+
+@dataclass(frozen=True)
+class TiedHead:
+    """An output head that shares the input embedding's weight."""
+
+    embedding: str  # tensor name, e.g. model.embed_tokens.weight
+    head: str  # module name of the output projection, e.g. lm_head
+    stored: bool  # the head's weight is in the checkpoint (equal to the embedding), else implied by the config
+
+
+def component_configs(ckpt: Checkpoint) -> list[tuple[str, dict]]:
+    """(name prefix, config.json) of the checkpoint and of each pipeline component."""
+    parts = [("", ckpt.config if isinstance(ckpt.config, dict) else {})]
+    return parts + [(f"{c}.", part.config if isinstance(part.config, dict) else {}) for c, part in
+                    ckpt.components.items()]
+
+
+def _word_embedding(tuned: Checkpoint, prefix: str) -> str | None:
+    for leaf in WORD_EMBEDDINGS:
+        found = sorted((n for n in tuned.keys() if n.startswith(prefix) and n.endswith(f"{leaf}.weight")
+                        and len(tuned.shape(n)) == 2), key=len)
+        if found:
+            return found[0]
+    return None
+
+
+def _same(ckpt: Checkpoint, a: str, b: str) -> bool:
+    return a in ckpt and b in ckpt and ckpt.shape(a) == ckpt.shape(b) and torch.equal(ckpt.get(a), ckpt.get(b))
+
+
+def _implied_tie(config: dict, base: Checkpoint, tuned: Checkpoint, head: str) -> bool:
+    """A head architecture whose head weight is stored in neither file, and the config does not untie it."""
+    archs = config.get("architectures") or []
+    has_head = any(str(a).endswith(_HEAD_ARCHITECTURES) for a in archs)
+    return has_head and config.get("tie_word_embeddings", True) is not False and head not in base and head not in tuned
+
+
+def find_tied_heads(base: Checkpoint, tuned: Checkpoint) -> list[TiedHead]:
+    """Output heads tied to the input embedding: stored equal to it (in base and tuned), or absent while
+    config.json ties them (``tie_word_embeddings``, default true for head architectures)."""
+    base_configs = dict(component_configs(base))
+    found = []
+    for prefix, config in component_configs(tuned):
+        config = config or base_configs.get(prefix) or {}
+        emb = _word_embedding(tuned, prefix)
+        head = f"{prefix}{tied_head_name(config)}.weight"  # lm_head, or what the model class ties (proj_out)
+        if emb is None or emb not in base:
+            continue
+        grew = base.shape(emb) != tuned.shape(emb)
+        if head in tuned and _same(tuned, emb, head) and (grew or _same(base, emb, head)):
+            found.append(TiedHead(emb, module_name(head), stored=True))
+        elif _implied_tie(config, base, tuned, head):
+            found.append(TiedHead(emb, module_name(head), stored=False))
+    return found
+
+
+def tied_head_module(embedding: LoraModule) -> LoraModule:
+    """The head's LoRA from the embedding's: weight (vocab, dim) += scale * B_e^T... laid out as a linear module.
+
+    Embedding: delta (vocab, dim) = scale * (B_e @ A_e)^T with B_e (dim, r), A_e (r, vocab); so the head's
+    B = A_e^T (vocab, r) and A = B_e^T (r, dim) give the same delta (PEFT's own tying uses this layout).
+    """
+    return LoraModule(B=embedding.A.t().contiguous(), A=embedding.B.t().contiguous(), alpha=embedding.alpha,
+                      kind=ModuleKind.LINEAR, weight_shape=tuple(embedding.weight_shape), rslora=embedding.rslora)

@@ -29,14 +29,14 @@ from torch import Tensor
 from ..adapter import LoraModule, ModuleKind, module_name
 from .checkpoint import Checkpoint, Pairing
 from ..errors import ConversionError, ShapeMismatch, UnsupportedTensor
-from .base_model import WORD_EMBEDDINGS, tied_head_name
+from .base_model import WORD_EMBEDDINGS, TiedHead, component_configs, find_tied_heads, tied_head_module
 from .ldm_names import is_vae
 from .model_config import conv1d_leaves, grouped_convs, wrapper_hidden
 from .module_names import model_names
 from .patterns import check_patterns, safe_search
 
 __all__ = ["FACTORABLE_DTYPES", "check_factorable", "layer_kind", "compile_filters", "matches", "select_layers",
-           "relative_change", "TiedHead", "find_tied_heads", "tied_head_module", "LayerPlan", "plan_layers",
+           "relative_change", "LayerPlan", "plan_layers",
            "conv1d_rule", "kohya_refuses_conv1d", "WHOLE_LEAVES", "FUSED_EXPERTS", "GROUPED", "grouped_warning"]
 
 #: weights stored in these dtypes are factored; integer and quantized ones (int8, float8, packed uint8) are refused
@@ -54,7 +54,6 @@ WHOLE_LEAVES = frozenset({"embed_positions", "rel_embeddings"})
 # (experts, in, 2 * ff), no ``.weight``): per-expert LoRA factors of them have no file layout here yet
 FUSED_EXPERTS = ("fused MoE experts (experts, in, out) stored without .weight: left out, no LoRA layout here carries "
                  "them (PEFT would need target_parameters)")
-_HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 def layer_kind(name: str, shape: Sequence[int], *, conv1d: bool = False) -> ModuleKind | None:
@@ -76,7 +75,7 @@ def conv1d_rule(*ckpts: Checkpoint | None):
     a config says it is not one, None when no config.json says anything (then it is taken as nn.Linear)."""
     rules: dict[str, frozenset[str]] = {}  # name prefix -> Conv1D leaves of the model there
     for ckpt in ckpts:
-        for prefix, config in _configs(ckpt) if ckpt is not None else ():
+        for prefix, config in component_configs(ckpt) if ckpt is not None else ():
             leaves = conv1d_leaves(config)
             if leaves is not None:
                 rules.setdefault(prefix, leaves)
@@ -160,74 +159,6 @@ def relative_change(W0: Tensor, W1: Tensor) -> float:
     d = float(torch.linalg.vector_norm(W1.float() - W0.float(), dtype=torch.float64))
     n = float(torch.linalg.vector_norm(W0.float(), dtype=torch.float64))
     return d / n if n else (math.inf if d else 0.0)
-
-
-# ------------------------------------------------------------------------------------------- tied weights
-
-
-@dataclass(frozen=True)
-class TiedHead:
-    """An output head that shares the input embedding's weight."""
-
-    embedding: str  # tensor name, e.g. model.embed_tokens.weight
-    head: str  # module name of the output projection, e.g. lm_head
-    stored: bool  # the head's weight is in the checkpoint (equal to the embedding), else implied by the config
-
-
-def _configs(ckpt: Checkpoint) -> list[tuple[str, dict]]:
-    """(name prefix, config.json) of the checkpoint and of each pipeline component."""
-    parts = [("", ckpt.config if isinstance(ckpt.config, dict) else {})]
-    return parts + [(f"{c}.", part.config if isinstance(part.config, dict) else {}) for c, part in
-                    ckpt.components.items()]
-
-
-def _word_embedding(tuned: Checkpoint, prefix: str) -> str | None:
-    for leaf in WORD_EMBEDDINGS:
-        found = sorted((n for n in tuned.keys() if n.startswith(prefix) and n.endswith(f"{leaf}.weight")
-                        and len(tuned.shape(n)) == 2), key=len)
-        if found:
-            return found[0]
-    return None
-
-
-def _same(ckpt: Checkpoint, a: str, b: str) -> bool:
-    return a in ckpt and b in ckpt and ckpt.shape(a) == ckpt.shape(b) and torch.equal(ckpt.get(a), ckpt.get(b))
-
-
-def _implied_tie(config: dict, base: Checkpoint, tuned: Checkpoint, head: str) -> bool:
-    """A head architecture whose head weight is stored in neither file, and the config does not untie it."""
-    archs = config.get("architectures") or []
-    has_head = any(str(a).endswith(_HEAD_ARCHITECTURES) for a in archs)
-    return has_head and config.get("tie_word_embeddings", True) is not False and head not in base and head not in tuned
-
-
-def find_tied_heads(base: Checkpoint, tuned: Checkpoint) -> list[TiedHead]:
-    """Output heads tied to the input embedding: stored equal to it (in base and tuned), or absent while
-    config.json ties them (``tie_word_embeddings``, default true for head architectures)."""
-    base_configs = dict(_configs(base))
-    found = []
-    for prefix, config in _configs(tuned):
-        config = config or base_configs.get(prefix) or {}
-        emb = _word_embedding(tuned, prefix)
-        head = f"{prefix}{tied_head_name(config)}.weight"  # lm_head, or what the model class ties (proj_out)
-        if emb is None or emb not in base:
-            continue
-        grew = base.shape(emb) != tuned.shape(emb)
-        if head in tuned and _same(tuned, emb, head) and (grew or _same(base, emb, head)):
-            found.append(TiedHead(emb, module_name(head), stored=True))
-        elif _implied_tie(config, base, tuned, head):
-            found.append(TiedHead(emb, module_name(head), stored=False))
-    return found
-
-
-def tied_head_module(embedding: LoraModule) -> LoraModule:
-    """The head's LoRA from the embedding's: weight (vocab, dim) += scale * B_e^T... laid out as a linear module.
-
-    Embedding: delta (vocab, dim) = scale * (B_e @ A_e)^T with B_e (dim, r), A_e (r, vocab); so the head's
-    B = A_e^T (vocab, r) and A = B_e^T (r, dim) give the same delta (PEFT's own tying uses this layout).
-    """
-    return LoraModule(B=embedding.A.t().contiguous(), A=embedding.B.t().contiguous(), alpha=embedding.alpha,
-                      kind=ModuleKind.LINEAR, weight_shape=tuple(embedding.weight_shape), rslora=embedding.rslora)
 
 
 # -------------------------------------------------------------------------------------------------- plan

@@ -40,7 +40,7 @@ from .patterns import peft_pattern_value
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "is_peft_folder", "read_peft", "write_peft", "peft_config",
            "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen", "pattern_value", "peft_folder_parts",
-           "modules_from_config", "file_factors", "is_saved_whole"]
+           "modules_from_config", "file_factors", "is_saved_whole", "key_saved_whole"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -184,6 +184,14 @@ def lora_keys_seen(keys) -> str:
 def is_saved_whole(module: str, modules_to_save) -> bool:
     """PEFT's rule: a module is saved whole when its name is, or ends with ``.`` +, an entry of modules_to_save."""
     return any(module == m or module.endswith(f".{m}") for m in modules_to_save)
+
+
+def key_saved_whole(key: str, config: dict | None) -> bool:
+    """Whether tensor ``key`` of a PEFT file is one of a module saved whole (``config``: its adapter_config.json's
+    modules_to_save, matched by :func:`is_saved_whole`)."""
+    saved = (config or {}).get("modules_to_save") or ()
+    plain = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+    return bool(saved) and isinstance(saved, list) and "." in plain and is_saved_whole(plain.rsplit(".", 1)[0], saved)
 
 
 def collect_factors(ckpt, where: Path, *, modules_to_save=()) -> tuple[dict, dict, dict, list]:
