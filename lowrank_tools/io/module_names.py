@@ -23,7 +23,6 @@ PEFT file's metadata), so apply and check can map back; an alias maps to its own
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
