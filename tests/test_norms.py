@@ -59,6 +59,17 @@ def test_frobenius_norm_of_bf16_and_scalars():
     assert frobenius_norm(torch.tensor(-3.0)) == 3.0 and frobenius_norm(torch.tensor([3.0, 4.0])) == 5.0
 
 
+def test_frobenius_norm_of_a_transposed_view_is_that_of_its_stored_layout():
+    """An embedding's (dim, vocab) delta is the transpose of the stored (vocab, dim): measured along the stored rows,
+    the same value as the contiguous copy's, to the last bit of the float32 row sums' order."""
+    W = torch.randn(3000, 48, generator=torch.Generator().manual_seed(4))
+    exact = float(torch.linalg.vector_norm(W.double()))
+    assert frobenius_norm(W.t()) == frobenius_norm(W) == pytest.approx(exact, rel=1e-7)
+    assert frobenius_norm(W.t().contiguous()) == pytest.approx(exact, rel=1e-7)
+    W[5, 7] = float("inf")
+    assert math.isinf(frobenius_norm(W.t()))
+
+
 def test_check_finite_names_and_counts():
     check_finite(torch.ones(3), "fine")
     with pytest.raises(NonFiniteWeight, match=r"^base tensor w holds 2 NaN/Inf values: repair or re-export"):

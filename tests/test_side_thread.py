@@ -105,13 +105,13 @@ def test_factored_in_order_keeps_the_order_with_uneven_work(threads):
         time.sleep(0.02 if i % 3 == 0 else 0.001)  # the older item finishes last
         return i * i
     items = [1, 2, 3, 100, 4, 5, 6]
-    out = list(side_thread.factored_in_order(items, factor, nbytes=lambda i: 4 * i))
+    out = list(side_thread.factored_in_order(items, factor))
     assert out == [(i, i * i) for i in items]
 
 
 def test_a_free_worker_runs_ahead_of_a_held_up_one(threads):
-    """Item 0 is held up (its core shared with a busy process, say): the other worker goes on with AHEAD + 1 more
-    items meanwhile, within AHEAD_BYTES; results still come in order."""
+    """Item 0 is held up (its core shared with a busy process, say, or a large layer): the other worker goes on with
+    every other item meanwhile (items are names: nothing waits but them); results still come in order."""
     import time
 
     torch.set_num_threads(2)
@@ -121,14 +121,49 @@ def test_a_free_worker_runs_ahead_of_a_held_up_one(threads):
         time.sleep(0.5 if i == 0 else 0.01)
         finished.append(i)
         return i
-    out = list(side_thread.factored_in_order(range(10), factor, nbytes=lambda i: 1))
+    out = list(side_thread.factored_in_order(range(10), factor))
     assert [i for i, _ in out] == list(range(10))
-    assert finished.index(0) >= side_thread.AHEAD + 1  # items 1..AHEAD+1 done while 0 was still running
-    finished.clear()
-    big = side_thread.AHEAD_BYTES // 2 + 1  # only one such item may wait beyond the workers
-    list(side_thread.factored_in_order(range(10), factor, nbytes=lambda i: big))
-    assert finished.index(0) == 2  # items 1 and 2 (the one waiting) only
-    finished.clear()
-    huge = side_thread.AHEAD_BYTES + 1  # none waits: two in flight, as much memory as two workers need
-    list(side_thread.factored_in_order(range(10), factor, nbytes=lambda i: huge))
-    assert finished.index(0) == 1
+    assert finished[-1] == 0  # items 1..9 all done while 0 was still running
+
+
+def test_an_early_close_cancels_what_has_not_started(threads):
+    torch.set_num_threads(2)
+    import time
+
+    started = []
+
+    def factor(i: int) -> int:
+        started.append(i)
+        time.sleep(0.05)
+        return i
+    results = side_thread.factored_in_order(range(50), factor)
+    assert next(results) == (0, 0)
+    results.close()  # joins the workers: at most the items already running finish
+    assert len(started) <= 4 and not [t for t in threading.enumerate() if t.name.startswith("lowrank-tools-side")]
+
+
+def test_workers_read_their_own_layers_in_reused_buffers(monkeypatch, threads):
+    """On side threads every layer is read and subtracted by the worker that factors it (no read-ahead thread),
+    each worker reusing one float32 buffer for its deltas: a bf16 pair of many layers allocates no buffer per
+    layer."""
+    from lowrank_tools.extract import reading
+
+    torch.set_num_threads(2)
+    base, tuned = _pair()
+    base = {n: w.bfloat16() for n, w in base.items()}
+    tuned = {n: w.bfloat16() for n, w in tuned.items()}
+    readers, taken = [], []
+    real_take = reading.BufferPool.take
+
+    def take(pool, numel):
+        arr = real_take(pool, numel)
+        taken.append((threading.current_thread().name, arr.__array_interface__["data"][0]))
+        return arr
+    monkeypatch.setattr(reading.BufferPool, "take", take)
+    result = extract(base, tuned, rule=RankRule(rank=8))
+    assert len(result.adapter.modules) == len(base)
+    assert {t for t, _ in taken} <= {"lowrank-tools-side_0", "lowrank-tools-side_1"}
+    assert not [t for t in threading.enumerate() if t.name == "lowrank-tools-prefetch"]
+    for worker in {t for t, _ in taken}:
+        addresses = [a for t, a in taken if t == worker]
+        assert len(set(addresses)) <= 3 < len(addresses)  # grown a few times at most, then reused

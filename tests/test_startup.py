@@ -160,6 +160,30 @@ def test_a_command_raises_the_collectors_threshold():
         gc.set_threshold(*before)
 
 
+def test_the_process_skips_the_final_collection_and_a_test_runner_does_not(tmp_path):
+    """The command line's own process freezes every object at its end (the interpreter's last collection would walk
+    torch's objects: 0.3 s); a call with explicit arguments (a test runner's) leaves the collector alone."""
+    import gc
+
+    from click.testing import CliRunner
+
+    from lowrank_tools.cli import main
+
+    adapter = str(_small_adapter(tmp_path / "small.safetensors"))
+    probe = ("import atexit, gc, sys\n"
+             "atexit.register(lambda: print('frozen', gc.get_freeze_count(), file=sys.stderr))\n"
+             "sys.argv = ['lowrank-tools', 'info', sys.argv[1]]\n"
+             "from lowrank_tools.cli import main\nmain()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", probe, adapter], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "small.safetensors" in proc.stdout
+    assert int(proc.stderr.strip().splitlines()[-1].split()[-1]) > 10_000  # torch's objects, frozen at the end
+    before = gc.get_freeze_count()
+    assert CliRunner().invoke(main, ["info", adapter]).exit_code == 0
+    assert gc.get_freeze_count() == before
+
+
 def _llama_folder(folder: Path) -> Path:
     """A tied Llama-shaped HF folder (one block) and a fine-tune of it beside: ``folder/base``, ``folder/tuned``."""
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16, "intermediate_size": 32,

@@ -14,7 +14,7 @@ import click
 from .. import __version__
 from ..errors import LowRankError
 from .options import Progress
-from .threads import set_gc_threshold, set_wait_policy
+from .threads import set_gc_threshold, set_wait_policy, skip_final_collection
 
 __all__ = ["main"]
 
@@ -120,15 +120,18 @@ class _Group(click.Group):
         except click.UsageError as exc:  # the group's own options: lowrank-tools --bogus
             raise _one_line(exc) from None
 
-    def main(self, *args, **kwargs):
+    def main(self, args=None, *rest, **kwargs):
         _open_missing_std_fds()
         set_wait_policy()  # before any command imports torch (see threads.py)
         set_gc_threshold()
         try:
-            return super().main(*args, **kwargs)
+            return super().main(args, *rest, **kwargs)
         except BrokenPipeError:  # the error line itself met a closed stderr
             _silence_std_streams()
             sys.exit(141)
+        finally:  # this process's own command line (not CliRunner's, not standalone_mode=False): it exits now
+            if args is None and not rest and kwargs.get("standalone_mode", True):
+                skip_final_collection()
 
     def invoke(self, ctx: click.Context):
         try:

@@ -1,5 +1,6 @@
 """The command line's process settings, made before torch is imported: the OpenMP wait policy (issue 16's
-contention item) and the garbage collector's threshold (:func:`set_gc_threshold`).
+contention item) and the garbage collector's threshold (:func:`set_gc_threshold`); and at its exit, no final
+collection of what torch's import made (:func:`skip_final_collection`).
 
 With its default wait policy, an OpenMP thread that reaches a barrier first spins for a while before sleeping;
 when another busy process shares the cores, the thread it waits for is often not running, and the spinning one
@@ -41,3 +42,14 @@ def set_gc_threshold() -> None:
     walks them all: ~400 collections, 0.14 CPU s of a 135M extract, against 5 and 0.04 s (cycles are rare in
     the commands' loops; memory is the arrays', which reference counting frees). The library leaves it alone."""
     gc.set_threshold(GC_FIRST_GENERATION, *gc.get_threshold()[1:])
+
+
+def skip_final_collection() -> None:
+    """At the end of a command's process: :func:`gc.freeze` everything, so that the interpreter's last cyclic
+    collection at shutdown does not walk torch's objects. That walk took 0.30-0.37 s of every command that imported
+    torch, a tenth of a 135M extract (``python -c "import torch"`` exits in 1.66 s, 1.29 s with ``os._exit`` and
+    1.36 s after ``gc.freeze()``). Nothing else changes: atexit handlers run, modules are torn down, files are
+    closed and streams flushed as usual; only cyclic garbage left at exit is not collected (the OS takes the
+    memory back). Only where the process is about to end (the command line's own ``main``, not a test runner's
+    call): frozen objects are never collected."""
+    gc.freeze()

@@ -123,14 +123,6 @@ class Stager:
             self._scratch = torch.empty(numel, dtype=torch.float32, device=self.device)
         return self._scratch[:numel].view(*shape)
 
-    def owned(self, tensor: Tensor) -> Tensor:
-        """``tensor``, or a copy when it lives in the :meth:`scratch` buffer: for a delta that must outlive the next
-        layer's (factored on a side thread, :mod:`~lowrank_tools.extract.side_thread`)."""
-        scratch = self._scratch
-        if scratch is not None and tensor.untyped_storage().data_ptr() == scratch.untyped_storage().data_ptr():
-            return tensor.clone()
-        return tensor
-
     def place(self, tensor: Tensor) -> Tensor:
         """``tensor`` on the device: the same tensor when it is there already and no ring is used."""
         if self._ring is None:

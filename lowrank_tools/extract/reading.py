@@ -1,5 +1,8 @@
-"""extract's read-ahead side: read a layer's tensor pair (W', W0) and, for float32/bf16/fp16 pairs, subtract them
-into a float32 dW on the reading thread, in reused buffers (no page fault per 4 KiB page of a fresh one)."""
+"""extract's reading side: read a layer's tensor pair (W', W0) and, for float32/bf16/fp16 pairs, subtract them
+into a float32 dW on the reading thread, in reused buffers (no page fault per 4 KiB page of a fresh one).
+
+One :class:`LayerReader` per reading thread: the read-ahead thread of :func:`read_pairs` (one layer at a time), or
+each worker of :mod:`~lowrank_tools.extract.side_thread`, which reads, subtracts and factors its own layers."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from ..io.arch_checkpoint import in_original_naming
 from ..io.checkpoint import Checkpoint, as_checkpoint
 from ..linalg.memory import empty_huge
 
-__all__ = ["Pair", "NUMPY_DTYPES", "BufferPool", "ReadBuffers", "numpy_delta", "read_pairs", "fused_pair"]
+__all__ = ["Pair", "NUMPY_DTYPES", "BufferPool", "ReadBuffers", "LayerReader", "numpy_delta", "read_pairs", "fused_pair"]
 
 NUMPY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # subtracted in the read-ahead thread
 
@@ -86,12 +89,17 @@ class ReadBuffers:
     def __init__(self) -> None:
         self._bufs: list[Tensor | None] = [None, None]
 
-    def read_pair(self, base: Checkpoint, tuned: Checkpoint, name: str) -> tuple[Tensor, Tensor]:
-        """(W', W0) of ``name``: in the reused buffers when both are bf16 or fp16 (numpy subtracts them at once),
-        else each in a buffer of its own (float32 W' becomes dW; other pairs are handed to the consumer)."""
+    def read_pair(self, base: Checkpoint, tuned: Checkpoint, name: str, pool: BufferPool | None = None,
+                  ) -> tuple[Tensor, Tensor]:
+        """(W', W0) of ``name``: in the reused buffers when both are bf16 or fp16 (numpy subtracts them at once);
+        a float32 pair's W' (which becomes dW in place) in a buffer of ``pool`` (else of its own) and its W0 in a
+        reused one; other pairs each in a buffer of its own (they are handed to the consumer)."""
         dtype = tuned.dtype(name)
-        if dtype not in (torch.bfloat16, torch.float16) or base.dtype(name) != dtype:
+        if base.dtype(name) != dtype or dtype not in NUMPY_DTYPES:
             return tuned.get(name), base.get(name)
+        if dtype == torch.float32:
+            into = None if pool is None else torch.from_numpy(pool.take(tuned.nbytes(name) // 4)).view(torch.uint8)
+            return tuned.get(name, out=into), base.get(name, out=self._buffer(1, base.nbytes(name)))
         return (tuned.get(name, out=self._buffer(0, tuned.nbytes(name))),
                 base.get(name, out=self._buffer(1, base.nbytes(name))))
 
@@ -133,16 +141,30 @@ def read_pairs(base: Checkpoint, tuned: Checkpoint, selected: dict[str, ModuleKi
     (numpy: no OpenMP team to slow the factoring's small QRs down), so that only dW waits in the queue and the
     factoring thread does no elementwise work (for a 135M bf16 model that was 30% of its time); mixed or other
     dtypes wait as stored and are converted by the consumer."""
-    pool, reads = BufferPool(), ReadBuffers()
+    reader = LayerReader()
     for name, kind in selected.items():
-        W1, W0 = reads.read_pair(base, tuned, name)
+        yield reader.pair(base, tuned, name, kind)
+
+
+class LayerReader:
+    """One thread's reading of layers: each pair read into reused buffers (:class:`ReadBuffers`) and, for a float32,
+    bf16 or fp16 pair, subtracted into a float32 dW in a buffer of a :class:`BufferPool` of ``pool_size`` (the
+    deltas of this thread that may be alive at once: 4 for the read-ahead thread, see there; 1 for a worker that
+    factors its own layers). No buffer per layer: a fresh one pays a page fault per 4 KiB page (for a 135M bf16
+    model 130k faults, ~0.5 s of system time)."""
+
+    def __init__(self, pool_size: int = 4) -> None:
+        self.pool, self.reads = BufferPool(pool_size), ReadBuffers()
+
+    def pair(self, base: Checkpoint, tuned: Checkpoint, name: str, kind: ModuleKind) -> Pair:
+        """The layer ``name`` as read, dW made here when numpy can."""
+        W1, W0 = self.reads.read_pair(base, tuned, name, self.pool)
         dtype = W1.dtype
         if W1.dtype == W0.dtype and W1.dtype in NUMPY_DTYPES and W1.is_contiguous() and W0.is_contiguous():
-            W1, W0 = numpy_delta(W1, W0, pool), None
-        elif reads.holds(W1) or reads.holds(W0):  # never queue a reused buffer: the next read overwrites it
+            W1, W0 = numpy_delta(W1, W0, self.pool), None
+        elif self.reads.holds(W1) or self.reads.holds(W0):  # never hand on a reused buffer: the next read overwrites it
             W1, W0 = W1.clone(), W0.clone()
-        yield Pair(name, kind, W1, W0, dtype, (base, tuned))
-        del W1, W0
+        return Pair(name, kind, W1, W0, dtype, (base, tuned))
 
 
 def fused_pair(base, tuned) -> tuple[Checkpoint, Checkpoint]:

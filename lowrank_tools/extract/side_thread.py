@@ -1,6 +1,6 @@
-"""Layers two at a time on the CPU: two worker threads, each on one intra-op thread, factor consecutive layers
-side by side, and a few more may wait so that a worker whose core is free takes the next while the other's core is
-shared with another busy process.
+"""Layers two at a time on the CPU: two worker threads, each on one intra-op thread, read, subtract and factor
+layers side by side, each taking the next layer when it is free, so that a worker whose core is free goes on while
+the other's core is shared with another busy process.
 
 Why: a 576-wide layer's products and QRs are too small to split well over an OpenMP team (a QR of 576 x 18 spends
 more in the team's barriers than in arithmetic), so two layers on one thread each beat one layer on two. And under
@@ -16,29 +16,28 @@ everything on one thread.
 
 Results: every layer is factored on one intra-op thread whichever worker takes it, the same computation as with
 ``OMP_NUM_THREADS=1``, so the factors are the same bits for 1 and for 2 threads, and on a busy machine as on a quiet
-one; results come back in the order given. Memory: the layers in flight hold their deltas: the two being factored
-and at most :data:`AHEAD` more, of at most :data:`AHEAD_BYTES` together.
+one; results come back in the order given. Memory: an item is a layer's name; each worker reads its layer itself
+into buffers of its own (:func:`~lowrank_tools.extract.streaming._side_worker`), so nothing waits but names and
+every item is handed out at once: a worker never stands idle behind a slow one (with at most 4 layers allowed to
+wait, the worker that did not take a 135M model's embedding finished the 4 next layers and then waited for it:
+0.5 s of 1.2 s idle).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
 
-__all__ = ["WORKERS", "AHEAD", "AHEAD_BYTES", "side_threads_allowed", "factored_in_order"]
+__all__ = ["WORKERS", "side_threads_allowed", "factored_in_order"]
 
 D = TypeVar("D")
 R = TypeVar("R")
 
 WORKERS = 2  # layers being factored, one intra-op thread each
-AHEAD = 4  # layers that may wait beyond the workers' (a worker on a free core runs ahead of one on a shared core)
-AHEAD_BYTES = 64 << 20  # ... of at most this size together: deltas of 4096-wide layers (67-180 MB) never wait, so
-# the peak stays one delta above the single-thread route's (with 384 MiB waiting, the 6 GB flat extract peaked at
-# 1.73 GB against 1.14 GB; with one large waiting, 1.60 GB)
 
 
 def side_threads_allowed(device: torch.device) -> bool:
@@ -57,40 +56,23 @@ def _no_grad(factor: Callable[[D], R]) -> Callable[[D], R]:
     return run
 
 
-def factored_in_order(items: Iterable[D], factor: Callable[[D], R], nbytes: Callable[[D], int],
-                      ) -> Iterator[tuple[D, R]]:
+def factored_in_order(items: Iterable[D], factor: Callable[[D], R]) -> Iterator[tuple[D, R]]:
     """``(item, factor(item))`` for each of ``items``, in their order, factored on :data:`WORKERS` worker threads of
-    one intra-op thread each, with up to :data:`AHEAD` more items (``nbytes(item)`` each, :data:`AHEAD_BYTES` in
-    all, at least one) submitted ahead (see the module docstring). An error in a worker is raised here, at its
-    item's place; the workers are joined on the way out."""
+    one intra-op thread each, every item handed out at once (see the module docstring). An error in a worker is
+    raised here, at its item's place; what has not started is cancelled and the workers are joined on the way
+    out."""
     threads = torch.get_num_threads()
     run = _no_grad(factor)
-    pending: deque[tuple[D, Future, int]] = deque()
     try:
         with ThreadPoolExecutor(WORKERS, thread_name_prefix="lowrank-tools-side", initializer=_one_thread) as pool:
+            pending = deque((item, pool.submit(run, item)) for item in items)
             try:
-                for item in items:
-                    size = nbytes(item)
-                    while len(pending) >= WORKERS and not _room(pending, size):
-                        yield _done(pending.popleft())
-                    pending.append((item, pool.submit(run, item), size))
-                    del item
                 while pending:
-                    yield _done(pending.popleft())
+                    item, future = pending.popleft()
+                    yield item, future.result()
             finally:
-                for _, future, _ in pending:  # an error or an early close: what has not started never will
+                for _, future in pending:  # an error or an early close: what has not started never will
                     future.cancel()
                 pending.clear()
     finally:
         torch.set_num_threads(threads)  # the process-wide default the workers lowered, for threads started later
-
-
-def _room(pending: deque, size: int) -> bool:
-    """Whether one more item of ``size`` bytes may wait beyond the :data:`WORKERS` being factored."""
-    waiting = list(pending)[WORKERS:]
-    return len(waiting) < AHEAD and sum(s for _, _, s in waiting) + size <= AHEAD_BYTES
-
-
-def _done(entry: tuple[D, Future, int]) -> tuple[D, R]:
-    item, future, _ = entry
-    return item, future.result()

@@ -14,10 +14,10 @@ see linalg.whiten and extract.whitening): B = U_r sqrt(S_r / scale), A = sqrt(S_
 
 from __future__ import annotations
 
-import functools
 import math
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, replace
 
@@ -41,7 +41,7 @@ from ..linalg.svd import TruncatedSVD, balanced_factors, truncated_svd
 from ..linalg.memory import stream_large_buffers
 from ..linalg.norms import check_finite, frobenius_error, frobenius_norm
 from ..linalg.whiten import Whitener, output_rel_error, whitened_balanced_factors, whitened_svd
-from .reading import Pair, read_pairs
+from .reading import LayerReader, Pair, read_pairs
 from .side_thread import factored_in_order, side_threads_allowed
 from .pipeline import Stager, batched_svds, plan_batches, staged, tf32
 from ..io.prefetch import prefetch
@@ -75,8 +75,9 @@ def _subtract(pair: Pair, stager: Stager, out: Tensor | None = None, *, measure:
     here on an OpenMP team of the caller's threads that the workers keep busy."""
     shape = tuple(pair.tuned.shape)
     V1 = matrix_view(stager.place(pair.tuned), pair.kind)  # (out, in_flat)
-    if out is None and V1.dtype == torch.float32 and V1.is_contiguous():  # a fresh buffer of ours either way
-        dW = V1
+    if out is None and V1.dtype == torch.float32 and (V1.is_contiguous() or V1.mT.is_contiguous()):
+        dW = V1  # a buffer of ours either way; an embedding's (dim, vocab) is the transpose of the stored (vocab, dim),
+        # which the SVD takes as it is (its tall problem is the stored layout); a copy cost 0.1 s and a fresh buffer
     else:  # float32 math whatever the stored dtype: bf16/fp16 differences lose digits otherwise
         dW = (out if out is not None else stager.scratch(V1.shape)).copy_(V1)
     if pair.base is not None:
@@ -268,17 +269,24 @@ def _factor_layers(base: Checkpoint, tuned: Checkpoint, selected: dict[str, Modu
     shapes = [matrix_shape(tuned.shape(n), selected[n]) for n in names]  # (out, in_flat) views
     units = _units(names, shapes, [selected[n] for n in names], opts, share)
     mine = {names[i]: selected[names[i]] for unit in units for i in unit}
-    # closing: an error in the consumer stops and joins the read-ahead thread now, not at interpreter exit, where a
-    # daemon thread caught inside torch/numpy aborts the process ("terminate called without an active exception")
-    with tf32(opts.allow_tf32), (share.guard() if share else nullcontext()), \
-            closing(prefetch(read_pairs(base, tuned, mine))) as pairs:
-        if opts.budget is not None:  # one pass of top-K SVDs, allocate_budget, truncate; it consumes every delta
-            result = extract_with_budget(_one_by_one(pairs, len(mine), opts), dict(zip(names, shapes)), opts=opts,
-                                         progress=progress, warn=warn, exchange=_spectra_exchange(share, names),
-                                         tied=tied, whitening=whitening)
+    side = (opts.budget is None and side_threads_allowed(opts.device) and opts.batch == 1 and whitening is None)
+    with tf32(opts.allow_tf32), (share.guard() if share else nullcontext()):
+        if side:  # the workers read their own layers: no read-ahead thread, no delta waiting
+            results = factored_in_order(list(mine.items()), _side_worker(base, tuned, opts, warn))
+            result = _collect(((name, out) for (name, _), out in results), len(mine), progress)
         else:
-            result = _factor_stream(pairs, [len(unit) for unit in units], opts, progress=progress, warn=warn,
-                                    whitening=whitening)
+            # closing: an error in the consumer stops and joins the read-ahead thread now, not at interpreter exit,
+            # where a daemon thread caught inside torch/numpy aborts the process ("terminate called without an
+            # active exception")
+            with closing(prefetch(read_pairs(base, tuned, mine))) as pairs:
+                if opts.budget is not None:  # one pass of top-K SVDs, allocate_budget, truncate: every delta
+                    result = extract_with_budget(_one_by_one(pairs, len(mine), opts), dict(zip(names, shapes)),
+                                                 opts=opts, progress=progress, warn=warn,
+                                                 exchange=_spectra_exchange(share, names), tied=tied,
+                                                 whitening=whitening)
+                else:
+                    result = _factor_stream(pairs, [len(unit) for unit in units], opts, progress=progress,
+                                            warn=warn, whitening=whitening)
         if share is not None:
             share.exchange(None)  # every rank is done, or one's failure is raised on all
     if progress:
@@ -310,24 +318,40 @@ def _one_by_one(pairs: Iterator[Pair], count: int, opts: ExtractOptions) -> Iter
 def _factor_stream(pairs: Iterator[Pair], sizes: list[int], opts: ExtractOptions, *, progress: Progress | None,
                    warn: Warn | None, whitening: Whitening | None = None,
                    ) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
-    """Factor ``pairs`` in batches of ``sizes`` (a stacked SVD for a batch of more than one, see pipeline); on the
-    CPU with 2 or more threads, layers two at a time (:mod:`~lowrank_tools.extract.side_thread`)."""
+    """Factor ``pairs`` in batches of ``sizes`` (a stacked SVD for a batch of more than one, see pipeline), on this
+    thread."""
+    items = _deltas(pairs, sizes, opts)
+    results = ((module_name(delta.name), _factor_layer(delta, opts, warn, svd=svd, whitening=whitening))
+               for delta, svd in items)
+    return _collect(results, sum(sizes), progress)
+
+
+def _side_worker(base: Checkpoint, tuned: Checkpoint, opts: ExtractOptions, warn: Warn | None,
+                 ) -> Callable[[tuple[str, ModuleKind]], tuple[LoraModule, LayerRecord] | None]:
+    """What a worker of :func:`~lowrank_tools.extract.side_thread.factored_in_order` does with one layer: read its
+    pair, make dW and ||dW|| and factor it, on its one thread, in buffers of its own reused layer after layer (a
+    :class:`~lowrank_tools.extract.reading.LayerReader` per worker; its one delta is dead when the next is read).
+    The two workers read at the same time: every tensor source reads without shared state (a safetensors file
+    is opened per read; pickles and dicts are copied from memory), and a worker reading a large layer does not hold
+    the other up (a lock around the reads left one core idle for the first 0.15 s of a 135M extract, while the
+    embedding was read)."""
+    local = threading.local()
+
+    def work(item: tuple[str, ModuleKind]) -> tuple[LoraModule, LayerRecord] | None:
+        if not hasattr(local, "reader"):
+            local.reader, local.stager = LayerReader(pool_size=1), Stager(opts.device)
+        return _factor_layer(_subtract(local.reader.pair(base, tuned, *item), local.stager), opts, warn)
+    return work
+
+
+def _collect(results: Iterable[tuple[str, tuple[LoraModule, LayerRecord] | None]], total: int,
+             progress: Progress | None) -> tuple[dict[str, LoraModule], list[LayerRecord], list[str]]:
+    """(modules, records, modules left out) from ``(module or tensor name, factored layer or None)`` in order."""
     modules, records, zero = {}, [], []
-    done, total = 0, sum(sizes)
-    side = side_threads_allowed(opts.device) and opts.batch == 1 and whitening is None
-    items = _deltas(pairs, sizes, opts, own=side)
-
-    def factor(item: tuple[_Delta, TruncatedSVD | None]) -> tuple[LoraModule, LayerRecord] | None:
-        return _factor_layer(item[0], opts, warn, svd=item[1], whitening=whitening)
-
-    results = factored_in_order(items, factor, nbytes=lambda item: item[0].matrix.nbytes) if side \
-        else ((item, factor(item)) for item in items)
-    for (delta, _), out in results:
-        name = module_name(delta.name)
-        del delta  # the next delta is being read meanwhile: hold as few as possible here
+    for done, (name, out) in enumerate(results):
+        name = module_name(name)
         if progress:
             progress(done, total, name)
-        done += 1
         if out is None:
             zero.append(name)
             continue
@@ -336,21 +360,16 @@ def _factor_stream(pairs: Iterator[Pair], sizes: list[int], opts: ExtractOptions
     return modules, records, zero
 
 
-def _deltas(pairs: Iterator[Pair], sizes: list[int], opts: ExtractOptions, *, own: bool,
+def _deltas(pairs: Iterator[Pair], sizes: list[int], opts: ExtractOptions,
             ) -> Iterator[tuple[_Delta, TruncatedSVD | None]]:
-    """(delta, its SVD when a batch computed it) in order; ``own``: no delta in the stager's scratch buffer (one
-    that outlives the next layer's)."""
-    stager = Stager(opts.device)
-    make = _subtract if not own else functools.partial(_subtract, measure=False)  # own: for a worker, who measures
-    for group, stack in staged(pairs, sizes=sizes, stager=stager, make=make):
+    """(delta, its SVD when a batch computed it) in order."""
+    for group, stack in staged(pairs, sizes=sizes, stager=Stager(opts.device), make=_subtract):
         svds = [None] * len(group) if stack is None else batched_svds(
             stack, opts.rule_for(group[0].kind).needed_k(tuple(stack.shape[1:])), method=opts.method,
             oversample=opts.oversample, n_iter=opts.n_iter, seed=opts.seed)
         del stack  # the group's matrices are views of it: it goes with the last of them
         while group:
             delta = group.pop(0)
-            if own:
-                delta.matrix = stager.owned(delta.matrix)
             yield delta, svds.pop(0)
             del delta
 

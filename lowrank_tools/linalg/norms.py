@@ -81,7 +81,10 @@ def frobenius_norm(M: Tensor) -> float:
     float64."""
     if M.numel() == 0:
         return 0.0
-    X = M.detach().reshape(M.shape[0] if M.ndim else 1, -1)  # (out, in_flat); a 0-d or 1-d tensor as it comes
+    X = M.detach()
+    if X.ndim == 2 and not X.is_contiguous() and X.mT.is_contiguous():
+        X = X.mT  # a transposed view (an embedding's (dim, vocab)): rows of the stored layout, 10x faster
+    X = X.reshape(X.shape[0] if X.ndim else 1, -1)  # (out, in_flat); a 0-d or 1-d tensor as it comes
     rows = torch.linalg.vector_norm(X, dim=1, dtype=torch.float32)  # (out,): no copy of a float32 M
     value = float(torch.linalg.vector_norm(rows.double()))
     if math.isinf(value) and bool(torch.isfinite(M).all()):  # float32 squares overflowed, no Inf entry
