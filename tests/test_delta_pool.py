@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from lowrank_tools.extract.reading import BufferPool, numpy_delta
+from lowrank_tools.extract.reading import BufferPool, float32_delta
 
 
 def test_a_buffer_in_use_is_never_handed_out_again():
@@ -33,7 +33,7 @@ def test_pooled_deltas_are_the_exact_differences_while_older_ones_are_held():
     for shape in [(64, 32), (32, 16), (64, 32), (8, 8), (64, 32)]:
         W1 = torch.randn(shape, generator=gen).bfloat16()
         W0 = torch.randn(shape, generator=gen).bfloat16()
-        dW = numpy_delta(W1, W0, pool)
+        dW = float32_delta(W1, W0, pool)
         assert torch.equal(dW, W1.float() - W0.float())
         kept.append((dW, W1.float() - W0.float()))
     for dW, expected in kept:  # no later delta was written over a held one
@@ -82,7 +82,7 @@ def test_a_pair_not_subtracted_in_the_read_thread_is_never_left_in_a_reused_buff
     tensors = {f"l{i}.weight": torch.randn(64, 32, generator=g).to(torch.bfloat16) for i in range(3)}
     save_file(tensors, str(tmp_path / "b.safetensors"))
     save_file({k: (v.float() + 1).to(torch.bfloat16) for k, v in tensors.items()}, str(tmp_path / "t.safetensors"))
-    monkeypatch.setattr(reading, "NUMPY_DTYPES", (torch.float32,))  # bf16 pairs now reach the consumer raw
+    monkeypatch.setattr(reading, "DELTA_DTYPES", (torch.float32,))  # bf16 pairs now reach the consumer raw
     base, tuned = open_checkpoint(tmp_path / "b.safetensors"), open_checkpoint(tmp_path / "t.safetensors")
     pairs = list(reading.read_pairs(base, tuned, {k: ModuleKind.LINEAR for k in tensors}))
     for pair in pairs:  # every pair kept its own values although later reads reused the buffers

@@ -19,9 +19,10 @@ from ..io.arch_checkpoint import in_original_naming
 from ..io.checkpoint import Checkpoint, as_checkpoint
 from ..linalg.memory import empty_huge
 
-__all__ = ["Pair", "NUMPY_DTYPES", "BufferPool", "ReadBuffers", "LayerReader", "numpy_delta", "read_pairs", "fused_pair"]
+__all__ = ["Pair", "DELTA_DTYPES", "BufferPool", "ReadBuffers", "LayerReader", "float32_delta", "read_pairs",
+           "fused_pair"]
 
-NUMPY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # subtracted in the read-ahead thread
+DELTA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # subtracted where they are read
 
 
 @dataclass
@@ -36,7 +37,8 @@ class Pair:
     sources: tuple[Checkpoint, Checkpoint]  # (base, tuned): read again to name a NaN/Inf
 
 
-NUMPY_CHUNK = 1 << 16  # values of W0 widened to float32 at a time (a 256 KiB temporary, in cache)
+NUMPY_CHUNK = 1 << 16  # values widened and subtracted at a time by numpy (a 256 KiB temporary, in cache)
+TORCH_CHUNK = 1 << 18  # ... by torch (1 MiB: fewer calls; torch's per-call cost is higher, its loops faster)
 
 
 def as_float32(t: Tensor, out: np.ndarray) -> np.ndarray:
@@ -83,7 +85,7 @@ class BufferPool:
 
 class ReadBuffers:
     """Two byte buffers the read-ahead thread reads a bf16/fp16 pair into (grown as needed): the pair is dead once
-    :func:`numpy_delta` has subtracted it, so the next pair may overwrite it (a fresh buffer per tensor is an mmap
+    :func:`float32_delta` has subtracted it, so the next pair may overwrite it (a fresh buffer per tensor is an mmap
     of its own that pays a page fault per 4 KiB page: for a 135M bf16 model 130k faults)."""
 
     def __init__(self) -> None:
@@ -95,7 +97,7 @@ class ReadBuffers:
         a float32 pair's W' (which becomes dW in place) in a buffer of ``pool`` (else of its own) and its W0 in a
         reused one; other pairs each in a buffer of its own (they are handed to the consumer)."""
         dtype = tuned.dtype(name)
-        if base.dtype(name) != dtype or dtype not in NUMPY_DTYPES:
+        if base.dtype(name) != dtype or dtype not in DELTA_DTYPES:
             return tuned.get(name), base.get(name)
         if dtype == torch.float32:
             into = None if pool is None else torch.from_numpy(pool.take(tuned.nbytes(name) // 4)).view(torch.uint8)
@@ -115,32 +117,57 @@ class ReadBuffers:
         return self._bufs[i]
 
 
-def numpy_delta(W1: Tensor, W0: Tensor, pool: BufferPool | None = None) -> Tensor:
-    """dW = W' - W0 in float32 (a buffer of W1's shape: from ``pool`` when given, else fresh) from a float32, bf16
-    or fp16 pair of equal dtype, on this thread by numpy; W0 is widened a chunk at a time (no second full-size
-    float32 copy)."""
+def float32_delta(W1: Tensor, W0: Tensor, pool: BufferPool | None = None, *, scratch: Tensor | None = None,
+                  torch_ops: bool | None = None) -> Tensor:
+    """dW = W' - W0 in float32 (a buffer of W1's shape: W1 itself when float32, else from ``pool`` when given, else
+    fresh) from a float32, bf16 or fp16 pair of equal dtype, contiguous, on this thread, a chunk at a time (no
+    second full-size float32 copy; ``scratch``: a float32 temporary to reuse). Exact either way, the bits of torch's
+    ``W1.float() - W0.float()``.
+
+    ``torch_ops`` (default: when this thread runs one intra-op thread, as extract's side workers do): torch's
+    vectorised conversions and subtraction, 2-2.3x numpy's rate (a bf16 1536 x 576 pair: 0.35 against 0.81 ms).
+    Otherwise numpy (bf16 widened by a 16-bit shift): a torch op on a thread allowed several intra-op threads would
+    start an OpenMP team beside the factoring's (the read-ahead thread: on 2 cores that made the small QRs 10x
+    slower)."""
+    if torch_ops is None:
+        torch_ops = torch.get_num_threads() == 1
+    numel = W1.numel()
     if W1.dtype == torch.float32:
         out = W1.numpy()
     else:
-        out = as_float32(W1, pool.take(W1.numel()) if pool is not None else np.empty(W1.numel(), dtype=np.float32))
-    flat, base = out.reshape(-1), W0.reshape(-1)
-    tmp = np.empty(min(NUMPY_CHUNK, flat.size), dtype=np.float32)
+        out = pool.take(numel) if pool is not None else np.empty(numel, dtype=np.float32)
+    dst, new, old = torch.from_numpy(out).view(-1), W1.reshape(-1), W0.reshape(-1)
+    step = TORCH_CHUNK if torch_ops else NUMPY_CHUNK
+    size = min(step, numel)
+    tmp = scratch[:size] if scratch is not None and scratch.numel() >= size else torch.empty(size)
     with np.errstate(all="ignore"):  # an overflow is reported by _subtract, naming the tensor
-        if W0.dtype == torch.float32:
-            np.subtract(flat, base.numpy(), out=flat)
-        else:
-            for i in range(0, flat.size, NUMPY_CHUNK):
-                part = base[i:i + NUMPY_CHUNK]
-                np.subtract(flat[i:i + part.numel()], as_float32(part, tmp[:part.numel()]), out=flat[i:i + part.numel()])
+        for i in range(0, numel, step):
+            d, n, o = dst[i:i + step], new[i:i + step], old[i:i + step]
+            (_torch_chunk if torch_ops else _numpy_chunk)(d, None if n.dtype == torch.float32 else n, o, tmp[:d.numel()])
     return torch.from_numpy(out).view(W1.shape)
+
+
+def _torch_chunk(d: Tensor, new: Tensor | None, old: Tensor, tmp: Tensor) -> None:
+    """``d = new - old`` (``new`` None: d holds it already, in float32), float32 ``d`` and ``tmp``, by torch."""
+    if new is not None:
+        d.copy_(new)
+    d.sub_(old if old.dtype == torch.float32 else tmp.copy_(old))
+
+
+def _numpy_chunk(d: Tensor, new: Tensor | None, old: Tensor, tmp: Tensor) -> None:
+    """:func:`_torch_chunk` by numpy."""
+    dn = d.numpy()
+    if new is not None:
+        as_float32(new, dn)
+    np.subtract(dn, old.numpy() if old.dtype == torch.float32 else as_float32(old, tmp.numpy()), out=dn)
 
 
 def read_pairs(base: Checkpoint, tuned: Checkpoint, selected: dict[str, ModuleKind]) -> Iterator[Pair]:
     """Runs in the read-ahead thread. Pairs of one dtype among float32, bf16 and fp16 are subtracted here into a
-    float32 dW (:func:`numpy_delta`, exact: the same bits as torch's float32 subtraction), on this one thread
-    (numpy: no OpenMP team to slow the factoring's small QRs down), so that only dW waits in the queue and the
-    factoring thread does no elementwise work (for a 135M bf16 model that was 30% of its time); mixed or other
-    dtypes wait as stored and are converted by the consumer."""
+    float32 dW (:func:`float32_delta`, exact: the same bits as torch's float32 subtraction), on this one thread
+    (by numpy unless torch runs one intra-op thread here: no OpenMP team to slow the factoring's small QRs down), so
+    that only dW waits in the queue and the factoring thread does no elementwise work (for a 135M bf16 model that
+    was 30% of its time); mixed or other dtypes wait as stored and are converted by the consumer."""
     reader = LayerReader()
     for name, kind in selected.items():
         yield reader.pair(base, tuned, name, kind)
@@ -155,13 +182,14 @@ class LayerReader:
 
     def __init__(self, pool_size: int = 4) -> None:
         self.pool, self.reads = BufferPool(pool_size), ReadBuffers()
+        self.scratch = torch.empty(TORCH_CHUNK)  # float32_delta's temporary (1 MiB: an mmap of its own, so reused)
 
     def pair(self, base: Checkpoint, tuned: Checkpoint, name: str, kind: ModuleKind) -> Pair:
-        """The layer ``name`` as read, dW made here when numpy can."""
+        """The layer ``name`` as read, dW made here for a float32, bf16 or fp16 pair."""
         W1, W0 = self.reads.read_pair(base, tuned, name, self.pool)
         dtype = W1.dtype
-        if W1.dtype == W0.dtype and W1.dtype in NUMPY_DTYPES and W1.is_contiguous() and W0.is_contiguous():
-            W1, W0 = numpy_delta(W1, W0, self.pool), None
+        if W1.dtype == W0.dtype and W1.dtype in DELTA_DTYPES and W1.is_contiguous() and W0.is_contiguous():
+            W1, W0 = float32_delta(W1, W0, self.pool, scratch=self.scratch), None
         elif self.reads.holds(W1) or self.reads.holds(W0):  # never hand on a reused buffer: the next read overwrites it
             W1, W0 = W1.clone(), W0.clone()
         return Pair(name, kind, W1, W0, dtype, (base, tuned))
