@@ -88,3 +88,30 @@ def test_a_pair_not_subtracted_in_the_read_thread_is_never_left_in_a_reused_buff
     for pair in pairs:  # every pair kept its own values although later reads reused the buffers
         name = pair.name
         assert torch.equal(pair.base, tensors[name]) and torch.equal(pair.tuned, tuned.get(name))
+
+
+def test_an_oversized_buffer_is_let_go_for_the_small_layers_after_it(tmp_path, monkeypatch):
+    """After an embedding-sized pair, the small layers that follow get buffers of their size: the large read and
+    delta buffers are freed, not kept to the end of the stream (beside the other worker's lm_head)."""
+    from lowrank_tools.adapter import ModuleKind
+    from lowrank_tools.extract import reading
+
+    monkeypatch.setattr(reading, "OVERSIZED_BYTES", 4096)
+    g = torch.Generator().manual_seed(0)
+    big = {"emb.weight": torch.randn(512, 64, generator=g).bfloat16()}  # 64 KiB of bf16, 128 KiB of float32
+    small = {f"l{i}.weight": torch.randn(16, 32, generator=g).bfloat16() for i in range(3)}
+    t = {**big, **small}
+    tuned = _checkpoint(tmp_path / "t.safetensors", t)
+    base = _checkpoint(tmp_path / "b.safetensors", {k: (v.float() + 1).bfloat16() for k, v in t.items()})
+    reader = reading.LayerReader(pool_size=1)
+    pair = reader.pair(base, tuned, "emb.weight", ModuleKind.EMBEDDING)
+    assert torch.equal(pair.tuned, t["emb.weight"].float() - base.get("emb.weight").float())
+    assert max(a.nbytes for a in reader.pool._arrays) == 512 * 64 * 4
+    del pair
+    for name in small:
+        pair = reader.pair(base, tuned, name, ModuleKind.LINEAR)
+        assert torch.equal(pair.tuned, t[name].float() - base.get(name).float())
+        del pair
+    assert [a.nbytes for a in reader.pool._arrays] == [16 * 32 * 4]  # the large one let go, the small one reused
+    assert all(b.numel() == 16 * 32 * 2 for b in reader.reads._bufs)
+    assert not reading.oversized(4096, 1) and reading.oversized(4097, 1024) and not reading.oversized(4097, 1025)

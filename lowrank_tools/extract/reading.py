@@ -19,8 +19,8 @@ from ..io.arch_checkpoint import in_original_naming
 from ..io.checkpoint import Checkpoint, as_checkpoint
 from ..linalg.memory import empty_huge
 
-__all__ = ["Pair", "DELTA_DTYPES", "BufferPool", "ReadBuffers", "LayerReader", "float32_delta", "read_pairs",
-           "fused_pair"]
+__all__ = ["Pair", "DELTA_DTYPES", "BufferPool", "ReadBuffers", "LayerReader", "float32_delta", "oversized",
+           "read_pairs", "fused_pair"]
 
 DELTA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # subtracted where they are read
 
@@ -35,6 +35,17 @@ class Pair:
     base: Tensor | None  # W0; None when float32 W' was turned into dW as it was read
     dtype: torch.dtype  # the tuned tensor's stored dtype (default output dtype)
     sources: tuple[Checkpoint, Checkpoint]  # (base, tuned): read again to name a NaN/Inf
+
+
+OVERSIZED = 4  # a reused buffer more than this many times the size a layer needs is let go (and one of the right
+OVERSIZED_BYTES = 64 << 20  # size made) when it is larger than this: after an embedding of V x d, the buffers of
+# the small layers that follow; kept, a worker's would hold 2 V d float32 bytes to the end, beside the other worker's
+# lm_head (Llama-3-8B: 4 GB more at the peak)
+
+
+def oversized(have: int, need: int) -> bool:
+    """Whether a buffer of ``have`` bytes is too large to keep serving requests of ``need`` bytes."""
+    return have > OVERSIZED_BYTES and have > OVERSIZED * need
 
 
 NUMPY_CHUNK = 1 << 16  # values widened and subtracted at a time by numpy (a 256 KiB temporary, in cache)
@@ -53,14 +64,14 @@ def as_float32(t: Tensor, out: np.ndarray) -> np.ndarray:
 
 
 class BufferPool:
-    """Float32 buffers for the deltas, reused once every tensor viewing them is gone (the read-ahead thread only).
+    """Float32 buffers for the deltas of one reading thread, reused once every tensor viewing them is gone.
 
     Each buffer is an mmap of its own (:func:`~lowrank_tools.linalg.memory.stream_large_buffers`), so a fresh one
     per layer pays a page fault per 4 KiB page: for a 135M bf16 model 130k faults, ~1 CPU s of the extract. A
     buffer is free when the pool holds the only reference to it (numpy counts the views and torch tensors made
     from it, and torch's storage keeps the array alive until its last view goes), so reuse never overwrites
-    a delta in use; at most ``size`` are kept (the one being factored (two on side threads, see
-    :mod:`~lowrank_tools.extract.side_thread`), the one queued, the one being read)."""
+    a delta in use; at most ``size`` are kept (for the read-ahead thread: the one being factored, the one queued,
+    the one being read; for a side worker its one), none :func:`oversized` for the request at hand."""
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
@@ -68,6 +79,9 @@ class BufferPool:
 
     def take(self, numel: int) -> np.ndarray:
         """A float32 array of ``numel`` values (contents undefined): a free pooled one when one is large enough."""
+        for i in reversed(range(len(self._arrays))):  # an oversized free buffer goes (see OVERSIZED)
+            if self._free(i) and oversized(self._arrays[i].nbytes, 4 * numel):
+                self._arrays.pop(i)
         free = [i for i in range(len(self._arrays)) if self._free(i)]
         for i in free:
             if self._arrays[i].size >= numel:
@@ -111,7 +125,7 @@ class ReadBuffers:
         return any(b is not None and b.untyped_storage().data_ptr() == ptr for b in self._bufs)
 
     def _buffer(self, i: int, nbytes: int) -> Tensor:
-        if self._bufs[i] is None or self._bufs[i].numel() < nbytes:
+        if self._bufs[i] is None or self._bufs[i].numel() < nbytes or oversized(self._bufs[i].numel(), nbytes):
             self._bufs[i] = None  # the small one goes first
             self._bufs[i] = empty_huge((nbytes,), torch.uint8)
         return self._bufs[i]
@@ -140,10 +154,11 @@ def float32_delta(W1: Tensor, W0: Tensor, pool: BufferPool | None = None, *, scr
     step = TORCH_CHUNK if torch_ops else NUMPY_CHUNK
     size = min(step, numel)
     tmp = scratch[:size] if scratch is not None and scratch.numel() >= size else torch.empty(size)
+    chunk = _torch_chunk if torch_ops else _numpy_chunk
     with np.errstate(all="ignore"):  # an overflow is reported by _subtract, naming the tensor
         for i in range(0, numel, step):
             d, n, o = dst[i:i + step], new[i:i + step], old[i:i + step]
-            (_torch_chunk if torch_ops else _numpy_chunk)(d, None if n.dtype == torch.float32 else n, o, tmp[:d.numel()])
+            chunk(d, None if n.dtype == torch.float32 else n, o, tmp[:d.numel()])
     return torch.from_numpy(out).view(W1.shape)
 
 
