@@ -271,9 +271,10 @@ def _factor_layers(base: Checkpoint, tuned: Checkpoint, selected: dict[str, Modu
     mine = {names[i]: selected[names[i]] for unit in units for i in unit}
     side = (opts.budget is None and side_threads_allowed(opts.device) and opts.batch == 1 and whitening is None)
     with tf32(opts.allow_tf32), (share.guard() if share else nullcontext()):
-        if side:  # the workers read their own layers: no read-ahead thread, no delta waiting
-            results = factored_in_order(list(mine.items()), _side_worker(base, tuned, opts, warn))
-            result = _collect(((name, out) for (name, _), out in results), len(mine), progress)
+        if side:  # the workers read their own layers: no read-ahead thread, no delta waiting; closing: an error
+            # here (a progress callback's) cancels and joins the workers now, not when its traceback is let go
+            with closing(factored_in_order(list(mine.items()), _side_worker(base, tuned, opts, warn))) as results:
+                result = _collect(((name, out) for (name, _), out in results), len(mine), progress)
         else:
             # closing: an error in the consumer stops and joins the read-ahead thread now, not at interpreter exit,
             # where a daemon thread caught inside torch/numpy aborts the process ("terminate called without an
