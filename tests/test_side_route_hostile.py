@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 import threading
 import time
 
@@ -288,3 +289,29 @@ def test_torchrun_with_two_threads_per_process_writes_the_one_thread_bytes(tmp_p
         assert done.returncode == 0, done.stderr
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (tmp_path / "job" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes()
+
+
+def test_two_workers_asking_for_madvise_at_once_both_get_it(monkeypatch):
+    """The two workers' first large buffers are made at the same time: the one that finds libc's madvise second
+    must not be told it is unavailable while the first is still looking it up (find_library runs ldconfig)."""
+    import ctypes.util
+
+    from lowrank_tools.linalg import memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("madvise is looked up on Linux only")
+    real = ctypes.util.find_library
+
+    def slow(name):
+        time.sleep(0.2)
+        return real(name)
+    monkeypatch.setattr(memory, "_madvise", None)
+    monkeypatch.setattr(ctypes.util, "find_library", slow)
+    got = []
+    workers = [threading.Thread(target=lambda: got.append(memory._libc_madvise())) for _ in range(2)]
+    for w in workers:
+        w.start()
+        time.sleep(0.05)
+    for w in workers:
+        w.join()
+    assert len(got) == 2 and all(got), got

@@ -52,15 +52,16 @@ def stream_large_buffers() -> bool:
 def _libc_madvise():
     """libc's ``madvise`` with its C signature, or False where there is none (looked up once)."""
     global _madvise
-    if _madvise is None:
-        _madvise = False
+    if _madvise is None:  # published once looked up: a second thread here meanwhile (extract's two workers) looks
+        found = False  # it up too, where a False set first told it "not available" (its first buffer unadvised)
         if sys.platform.startswith("linux"):
             try:
                 fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").madvise
                 fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-                _madvise = fn
+                found = fn
             except (OSError, AttributeError):
                 pass
+        _madvise = found
     return _madvise
 
 
