@@ -232,14 +232,12 @@ def test_an_error_in_the_progress_callback_stops_the_workers(threads, monkeypatc
 # ------------------------------------------------------------------------------ memory
 
 
-@pytest.mark.parametrize("mixed", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, reason="a mixed-dtype pair (bf16 fine-tune, float32 base) is subtracted into the worker's "
-    "Stager.scratch, which only grows: after the embedding every later delta of that worker lives in an "
-    "embedding-sized buffer to the end (two workers: two of them), unlike the BufferPool/ReadBuffers fix of ea2be71"))],
-    ids=["same-dtype", "bf16-vs-f32"])
+@pytest.mark.parametrize("mixed", [False, True])
 def test_no_delta_after_the_embedding_lives_in_an_oversized_buffer(threads, monkeypatch, mixed):
     """The embedding (V x d) is read first; the small layers after it must not keep a buffer :func:`oversized` for
-    them (threshold lowered to 64 KiB here so that a small model shows it)."""
+    them (threshold lowered to 64 KiB here so that a small model shows it). Mixed: a bf16 fine-tune of a float32
+    base is subtracted in the worker's Stager.scratch, which only grew before (each worker kept an embedding-sized
+    one to the end)."""
     torch.set_num_threads(2)
     monkeypatch.setattr(reading, "OVERSIZED_BYTES", 64 << 10)
     shapes = {"model.embed_tokens.weight": (2048, 48),
