@@ -148,10 +148,11 @@ def _gpt2(folder):
 @pytest.mark.parametrize("build", [_sharded, _pickles, _mixed_dicts, _fp8_block, _flux, _gpt2],
                          ids=["sharded-index-bf16-f32-tied", "bin-mmap-fp16-conv", "dict-bf16-vs-f32",
                               "fp8-block-scales", "flux-fused-view", "gpt2-conv1d"])
-def test_every_source_read_by_two_workers_writes_the_one_thread_bytes(tmp_path, threads, build):
+@pytest.mark.parametrize("method", ["auto", "randomized"])
+def test_every_source_read_by_two_workers_writes_the_one_thread_bytes(tmp_path, threads, build, method):
     base, tuned = build(tmp_path / "in")
     fmt = "kohya" if build is _flux else "peft"
-    kwargs = {"embeddings": False} if fmt == "kohya" else {}
+    kwargs = {"embeddings": False, "method": method} if fmt == "kohya" else {"method": method}
     one = _adapter_bytes(tmp_path, base, tuned, 1, fmt, **kwargs)
     two = _adapter_bytes(tmp_path, base, tuned, 2, fmt, **kwargs)
     assert one == two
@@ -203,7 +204,8 @@ def test_a_file_truncated_during_the_run_is_named_and_the_workers_end(tmp_path, 
     assert not _side_threads()
 
 
-def test_an_error_in_the_progress_callback_stops_the_workers(threads, monkeypatch):
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_an_error_in_the_progress_callback_stops_the_workers(threads, monkeypatch, error):
     """A progress callback that raises (a closed terminal under the CLI's bar, a user's callback): extract raises,
     and no worker may still be reading and factoring layers afterwards (before the fix in _factor_layers, closing()
     around factored_in_order, both went on through all 30 layers while the exception was held)."""
@@ -220,10 +222,10 @@ def test_an_error_in_the_progress_callback_stops_the_workers(threads, monkeypatc
 
     def progress(done, total, name):
         if done == 1:
-            raise RuntimeError("the bar's stream is closed")
+            raise error("the bar's stream is closed")
 
     monkeypatch.setattr(streaming, "_factor_layer", factor)
-    with pytest.raises(RuntimeError, match="stream is closed") as caught:
+    with pytest.raises(error, match="stream is closed") as caught:
         extract(base, tuned, rule=RankRule(rank=4), progress=progress)
     alive, count = _side_threads(), len(factored)  # the exception and its traceback still held, as a caller may
     assert caught.value is not None and not alive and count <= 6  # at most the layers running when it raised
