@@ -97,11 +97,13 @@ def _pickles(folder):
 
 
 def _mixed_dicts(_folder):
-    """In-memory dicts: a bf16 fine-tune of a float32 base (every pair mixed), non-contiguous tensors, a conv."""
+    """In-memory dicts: a bf16 fine-tune of a float32 base, non-contiguous tensors, a conv, float64 pairs."""
     shapes = {**LLAMA, "vision.patch_embed.proj.weight": (16, 4, 3, 3)}
     base, tuned = make_pair(shapes, k=3)
     tuned = {n: w.bfloat16() for n, w in _noisy(tuned).items()}
     base["model.layers.1.mlp.up_proj.weight"] = base["model.layers.1.mlp.up_proj.weight"].T.contiguous().T
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):  # float64 pairs
+        base[name], tuned[name] = base[name].double(), tuned[name].double()
     return base, tuned
 
 
@@ -315,3 +317,22 @@ def test_two_workers_asking_for_madvise_at_once_both_get_it(monkeypatch):
     for w in workers:
         w.join()
     assert len(got) == 2 and all(got), got
+
+
+def test_the_workers_buffers_are_let_go_when_extract_returns(threads, monkeypatch):
+    """Each worker's LayerReader (its reused read and delta buffers) lives in a thread-local: it must go with the
+    workers, by reference counting alone (no collection needed), not stay until the next extract."""
+    import weakref
+
+    torch.set_num_threads(2)
+    readers = []
+    real = reading.LayerReader.__init__
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        readers.append(weakref.ref(self))
+    monkeypatch.setattr(reading.LayerReader, "__init__", init)
+    base, tuned = make_pair(LLAMA, k=3, dtype=torch.bfloat16)
+    result = extract(base, tuned, rule=RankRule(rank=4))
+    assert result.adapter.modules and len(readers) == 2
+    assert [r for r in readers if r() is not None] == []
