@@ -336,3 +336,65 @@ def test_the_workers_buffers_are_let_go_when_extract_returns(threads, monkeypatc
     result = extract(base, tuned, rule=RankRule(rank=4))
     assert result.adapter.modules and len(readers) == 2
     assert [r for r in readers if r() is not None] == []
+
+
+_SLOW_CLI = r"""
+import sys, time
+from lowrank_tools.extract import streaming
+from lowrank_tools.cli import main
+real = streaming._factor_layer
+def slow(delta, *args, **kwargs):
+    print("factoring", delta.name, flush=True)
+    time.sleep(0.15)
+    return real(delta, *args, **kwargs)
+streaming._factor_layer = slow
+sys.argv = ["lowrank-tools", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_mid_extract_on_side_threads_ends_the_run_at_once_and_writes_nothing(tmp_path, sig):
+    """The CLI on 2 threads (side workers), 40 layers of 0.15 s each: a signal after a few layers ends it within the
+    layers then running (not after every layer), exit 128 + signum, nothing written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shapes = {f"model.layers.{i}.mlp.up_proj.weight": (64, 32) for i in range(40)}
+    base, tuned = make_pair(shapes, k=3)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLI, "extract", "base.safetensors", "tuned.safetensors",
+                             "-r", "4", "-o", "out", "-q"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for _ in range(4):
+        proc.stdout.readline()
+    sent = time.monotonic()
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert proc.returncode == 128 + getattr(signal, sig), err
+    assert "nothing was written" in err and not (tmp_path / "out").exists()
+    assert took < 2.0 and out.count("factoring") <= 4, (took, out.count("factoring"))
+
+
+def test_in_memory_inputs_are_never_written_by_the_workers(threads):
+    """Float32 pairs become dW in place of W' as read, and an embedding keeps its transposed view: in a copy the
+    worker owns, never in the caller's tensors (float32, bf16, mixed, a transposed tensor, a shared one)."""
+    torch.set_num_threads(2)
+    base, tuned = make_pair(LLAMA, k=3)
+    for name in list(LLAMA)[5:8]:
+        base[name], tuned[name] = base[name].bfloat16(), tuned[name].bfloat16()
+    tuned["model.layers.1.mlp.up_proj.weight"] = tuned["model.layers.1.mlp.up_proj.weight"].bfloat16()
+    tuned["model.layers.0.mlp.down_proj.weight"] = tuned["model.layers.0.mlp.down_proj.weight"].T.contiguous().T
+    tuned["lm_head.weight"] = tuned["model.embed_tokens.weight"]  # one tensor under two names
+    base["lm_head.weight"] = base["model.embed_tokens.weight"].clone()
+    before = {side: {n: t.clone() for n, t in d.items()} for side, d in (("base", base), ("tuned", tuned))}
+    extract(base, tuned, rule=RankRule(rank=4))
+    for side, d in (("base", base), ("tuned", tuned)):
+        assert all(torch.equal(d[n], before[side][n]) for n in d), side
