@@ -62,17 +62,16 @@ class _Delta:
     weight_shape: tuple[int, ...]
     dtype: torch.dtype  # the tuned tensor's stored dtype (default output dtype)
     kind: ModuleKind
-    norm: float | None  # ||dW||_F, measured as it was made (the same pass finds NaN/Inf); None: by the worker
-    sources: tuple = ()  # (base, tuned) checkpoints, to name a non-finite input when the worker measures
+    norm: float | None  # ||dW||_F, measured as it is made (the same pass finds NaN/Inf)
+    sources: tuple = ()  # (base, tuned) checkpoints, to name a non-finite input
 
 
-def _subtract(pair: Pair, stager: Stager, out: Tensor | None = None, *, measure: bool = True) -> _Delta:
+def _subtract(pair: Pair, stager: Stager, out: Tensor | None = None) -> _Delta:
     """dW = W' - W0 in float32 on the stager's device, in its (out, in_flat) matrix view; NaN/Inf named.
 
     Written into ``out`` when given (a slot of a batch), else in place of a float32 W' (read into a fresh
-    buffer), else into the stager's scratch buffer (valid until the next layer): no per-layer allocation.
-    ``measure=False``: ||dW|| is left to the worker that factors it (:func:`_measured`), on its one thread, not
-    here on an OpenMP team of the caller's threads that the workers keep busy."""
+    buffer), else into the stager's scratch buffer (valid until the next layer): no per-layer allocation. ||dW|| is
+    measured here (:func:`_measured`): on a side worker, on its one thread."""
     shape = tuple(pair.tuned.shape)
     V1 = matrix_view(stager.place(pair.tuned), pair.kind)  # (out, in_flat)
     if out is None and V1.dtype == torch.float32 and (V1.is_contiguous() or V1.mT.is_contiguous()):
@@ -84,8 +83,7 @@ def _subtract(pair: Pair, stager: Stager, out: Tensor | None = None, *, measure:
         dW.sub_(matrix_view(stager.place(pair.base), pair.kind))
     del V1
     pair.tuned = pair.base = None  # the read-ahead queue still holds the pair until the next one is asked for
-    delta = _Delta(pair.name, dW, shape, pair.dtype, pair.kind, None, tuple(pair.sources))
-    return _measured(delta) if measure else delta
+    return _measured(_Delta(pair.name, dW, shape, pair.dtype, pair.kind, None, tuple(pair.sources)))
 
 
 def _measured(delta: _Delta) -> _Delta:
@@ -105,7 +103,7 @@ def _factor_layer(delta: _Delta, opts: ExtractOptions, warn: Warn | None, svd: T
     """Factor one layer's delta (its top-k ``svd`` if already computed in a batch; whitened when ``whitening`` has
     its input statistics); None when the delta is exactly zero or the rule keeps nothing."""
     dW = delta.matrix.to(opts.device)  # (out, in_flat)
-    norm = delta.norm if delta.norm is not None else _measured(delta).norm
+    norm = delta.norm
     if norm == 0.0:
         return None
     mod = module_name(delta.name)

@@ -87,10 +87,10 @@ def frobenius_norm(M: Tensor) -> float:
     X = X.reshape(X.shape[0] if X.ndim else 1, -1)  # (out, in_flat); a 0-d or 1-d tensor as it comes
     rows = torch.linalg.vector_norm(X, dim=1, dtype=torch.float32)  # (out,): no copy of a float32 M
     value = float(torch.linalg.vector_norm(rows.double()))
-    if math.isinf(value) and bool(torch.isfinite(M).all()):  # float32 squares overflowed, no Inf entry
-        value = math.sqrt(float(_sum_squares(M)))
-    elif value < _MIN_FLOAT32_NORM and (value > 0 or bool(M.any())):  # squares lost to underflow
-        value = math.sqrt(float(_sum_squares(M)))
+    if math.isinf(value) and bool(torch.isfinite(X).all()):  # float32 squares overflowed, no Inf entry
+        value = math.sqrt(float(_sum_squares(X)))  # X: no copy of a transposed view
+    elif value < _MIN_FLOAT32_NORM and (value > 0 or bool(X.any())):  # squares lost to underflow
+        value = math.sqrt(float(_sum_squares(X)))
     return value
 
 
