@@ -240,3 +240,50 @@ def test_merge_split_to_fused_with_a_rank_is_the_optimal_truncation(pair, tmp_pa
         err = float(torch.linalg.matrix_norm(target - adapter.modules[name].delta_matrix().double()))
         assert adapter.modules[name].rank == RANK
         assert err == pytest.approx(truncation_error(target, RANK), rel=1e-4, abs=1e-5), name
+
+
+def test_calibration_whitens_each_fused_module_by_its_parts_input(pair, tmp_path):
+    """extract --calibration --format kohya: the fused module is factored as the file holds it, at the rank asked,
+    whitened by the one input its parts share (q/k/v and proj_mlp read the same activations): the optimal rank-r
+    output-error truncation of the stacked delta, not three whitened rank-r parts (rank 3r). The modulation and the
+    1:1 renamed modules without statistics are factored plainly and named in the note."""
+    from lowrank_tools.io.calibration import InputStats, write_calibration
+    from lowrank_tools.linalg.whiten import measured_output_error, whitened_factors
+
+    folder, deltas = pair
+    b, s = "transformer_blocks.0", "single_transformer_blocks.0"
+    inputs = {}
+    for i, name in enumerate(("img", "txt", "single")):
+        X = torch.randn(D, 400, generator=torch.Generator().manual_seed(50 + i), dtype=torch.float64)
+        X[: D // 2] *= 0.03  # half the input directions hardly used: whitening must see it
+        inputs[name] = X
+    stats = tmp_path / "stats.safetensors"
+    write_calibration(stats, [InputStats(tuple(f"{b}.attn.{p}" for p in QKV), inputs["img"] @ inputs["img"].T, 400),
+                              InputStats(tuple(f"{b}.attn.add_{p}_proj" for p in "qkv"),
+                                         inputs["txt"] @ inputs["txt"].T, 400),
+                              InputStats((*(f"{s}.attn.{p}" for p in QKV), f"{s}.proj_mlp"),
+                                         inputs["single"] @ inputs["single"].T, 400)])
+    out, report = tmp_path / "k.safetensors", tmp_path / "report.json"
+    result = run("extract", folder / "base.safetensors", folder / "tuned.safetensors", "-o", out, "--rank", RANK,
+                 "--method", "exact", "--calibration", stats, "--report", report, "-q")
+    assert result.exit_code == 0, result.output
+    adapter = load_adapter(out)
+    assert {m.rank for m in adapter.modules.values()} == {RANK}
+    data = json.loads(report.read_text())
+    records = {r["name"]: r for r in data["layers"]}
+    for name, X in zip(FUSED, inputs.values()):
+        target = stacked(deltas, name)
+        mod = adapter.modules[name]
+        expected = whitened_factors(target, X @ X.T, RANK, method="exact")
+        torch.testing.assert_close(mod.delta_matrix().double(), expected.B @ expected.A, rtol=1e-4, atol=1e-5)
+        plain = truncation_error(target, RANK) / float(target.norm())
+        ours = measured_output_error(target, mod.B, mod.A, X, scale=mod.alpha / mod.rank)
+        assert ours < measured_output_error(target, *_plain_factors(target), X)  # the output error is what it cuts
+        assert records[name]["whitened"] is True and records[name]["rel_error"] > plain
+    assert "whitened" not in records["final_layer.adaLN_modulation.1"]
+    assert any("no input statistics" in n and "double_blocks.0.img_attn.proj" in n for n in data["notes"])
+
+
+def _plain_factors(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    U, S, Vh = torch.linalg.svd(target, full_matrices=False)
+    return U[:, :RANK] * S[:RANK], Vh[:RANK]

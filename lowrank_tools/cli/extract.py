@@ -136,7 +136,7 @@ def _extract(base, tuned, output, options, *, fmt, prefix, report_path, force, q
     asked = options.budget
     paths = [base, tuned]
     try:
-        if fmt == "kohya" and options.calibration is None:  # fused layers factored as the file holds them
+        if fmt == "kohya":  # fused layers factored as the file holds them (--calibration: by their parts' input)
             from ..extract.reading import fused_pair
             base, tuned = fused_pair(base, tuned)
         options = _reserve_carried(options, base, tuned, extras)

@@ -240,7 +240,8 @@ def _whitening(layers: dict[str, ModuleKind], tuned: Checkpoint, opts: ExtractOp
     """--calibration: the statistics, checked against the selected layers before any work (None without it)."""
     if opts.calibration is None:
         return None
-    whitening = Whitening(opts.calibration, damping=opts.damping, device=opts.device, warn=warn)
+    whitening = Whitening(opts.calibration, damping=opts.damping, device=opts.device, warn=warn,
+                          fused=tuned.fused_parts)
     whitening.check(layers, {n: matrix_shape(tuned.shape(n), kind)[1] for n, kind in layers.items()})
     if warn and whitening.note():
         warn(whitening.note())

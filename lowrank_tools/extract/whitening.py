@@ -33,9 +33,14 @@ class Whitening:
     """The statistics of one run and the last Cholesky factor (the layers of one input come one after another)."""
 
     def __init__(self, stats: CalibrationStats | str | os.PathLike, *, damping: float, device: torch.device,
-                 warn: Warn | None = None):
+                 warn: Warn | None = None, fused: dict[str, tuple[str, ...]] | None = None):
         self.stats = stats if isinstance(stats, CalibrationStats) else read_calibration(stats)
         self.damping, self.device, self.warn = damping, device, warn
+        self.module_key = dict(self.stats.module_key)  # module -> its input's key
+        for module, parts in (fused or {}).items():  # a fused module (Flux's qkv, linear1) reads its parts' input
+            keys = {self.stats.module_key.get(part) for part in parts}
+            if len(keys) == 1 and None not in keys:  # one input for all parts: the fused layer's, as in the model
+                self.module_key.setdefault(module, keys.pop())
         self.plain: list[str] = []  # selected modules factored without statistics
         self._last: tuple[str, Whitener] | None = None
         self._plain_unit: float | None = None
@@ -47,7 +52,7 @@ class Whitening:
         matched = 0
         for name, kind in layers.items():
             mod = module_name(name)
-            key = self.stats.module_key.get(mod)
+            key = self.module_key.get(mod)
             if key is None or kind not in (ModuleKind.LINEAR, ModuleKind.CONV1D, ModuleKind.CONV):
                 self.plain.append(mod)
                 continue
@@ -69,7 +74,7 @@ class Whitening:
 
     def get(self, mod: str) -> Whitener | None:
         """The whitener of module ``mod``'s input, or None when it is factored plainly."""
-        key = self.stats.module_key.get(mod)
+        key = self.module_key.get(mod)
         if key is None or mod in self.plain:
             return None
         if self._last is None or self._last[0] != key:
@@ -83,7 +88,7 @@ class Whitening:
     def unit(self, mod: str) -> float:
         """``1 / sqrt(tokens)`` of ``mod``'s input: whitened singular values times it are per-token output errors,
         comparable across layers whose statistics summed different token counts (--budget)."""
-        key = self.stats.module_key[mod]
+        key = self.module_key[mod]
         return 1.0 / math.sqrt(max(self.stats.tokens(key), 1))
 
     def plain_unit(self) -> float:

@@ -144,6 +144,8 @@ def in_original_naming(ckpt: Checkpoint) -> tuple[Checkpoint, Architecture | Non
     source = FusedSource(ckpt, layout)
     view = Checkpoint(ckpt.path, {n: (source, n) for n in source.names()}, sources=[source], config=ckpt.config,
                       metadata=ckpt.metadata, components=ckpt.components)
+    view.fused_parts = {_leaf(name)[0]: tuple(_leaf(p)[0] for p in parts)
+                        for name, (parts, _) in layout.items() if _leaf(name)[1] == "weight"}
     return view, found.architecture
 
 

@@ -93,7 +93,9 @@ class Checkpoint:
     Build one with :func:`open_checkpoint` or :func:`as_checkpoint`. ``config`` is the parsed ``config.json`` of an
     HF folder (else None); ``metadata`` the safetensors ``__metadata__`` of the first file ({} for pickles and
     pipelines); ``components`` maps a pipeline's component names to their own checkpoints (empty otherwise);
-    ``dequantized``: some tensor is stored as fp8 and read dequantized (:mod:`lowrank_tools.io.fp8`).
+    ``dequantized``: some tensor is stored as fp8 and read dequantized (:mod:`lowrank_tools.io.fp8`);
+    ``fused_parts``: for a view in an architecture's original names (:mod:`lowrank_tools.io.arch_checkpoint`), each
+    module's parts in the file's names, in row order (``{}`` otherwise).
     """
 
     def __init__(self, path: Path, index: dict, *, sources: list, config: dict | None = None,
@@ -103,6 +105,7 @@ class Checkpoint:
         self.metadata = dict(metadata or {})
         self.components = dict(components or {})
         self.dequantized = False
+        self.fused_parts: dict[str, tuple[str, ...]] = {}
         self._index = index  # name -> (source file, name inside that file)
         self._sources = sources
 
