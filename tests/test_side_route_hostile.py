@@ -369,9 +369,12 @@ def test_a_signal_mid_extract_on_side_threads_ends_the_run_at_once_and_writes_no
     save_file(base, str(tmp_path / "base.safetensors"))
     save_file(tuned, str(tmp_path / "tuned.safetensors"))
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # the child starts with SIGINT/SIGTERM at their defaults: a suite run from a non-interactive shell's background
+    # job (SIGINT ignored) passes the ignored disposition on, and the child would then finish and exit 0
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLI, "extract", "base.safetensors", "tuned.safetensors",
                              "-r", "4", "-o", "out", "-q"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)])
     for _ in range(4):
         proc.stdout.readline()
     sent = time.monotonic()
