@@ -383,7 +383,7 @@ def test_a_signal_mid_extract_on_side_threads_ends_the_run_at_once_and_writes_no
     took = time.monotonic() - sent
     assert proc.returncode == 128 + getattr(signal, sig), err
     assert "nothing was written" in err and not (tmp_path / "out").exists()
-    assert took < 2.0 and out.count("factoring") <= 4, (took, out.count("factoring"))
+    assert took < 5.0 and out.count("factoring") <= 4, (took, out.count("factoring"))  # 5 s: a loaded CI machine
 
 
 def test_in_memory_inputs_are_never_written_by_the_workers(threads):
