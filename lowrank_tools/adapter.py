@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .errors import InvalidOption, NumericalError
 
-__all__ = ["Param", "ModuleKind", "LoraModule", "Adapter", "module_name", "matrix_view", "matrix_shape",
+__all__ = ["Param", "ModuleKind", "LoraModule", "Adapter", "BaseClass", "module_name", "matrix_view", "matrix_shape",
            "weight_from_matrix", "cast_whole", "cast_factors", "check_alpha", "as_conv1d"]
 
 
@@ -198,6 +198,19 @@ def as_conv1d(m: LoraModule, conv1d: bool) -> LoraModule:
                    weight_shape=(inp, out) if conv1d else (out, inp))
 
 
+@dataclass(frozen=True)
+class BaseClass:
+    """The diffusers class of the base an adapter was extracted from, as read there (never guessed)."""
+
+    name: str        # the ``_class_name`` read: SanaPipeline, or a lone component's SanaTransformer2DModel
+    file: str        # where: "model_index.json" (a pipeline folder) or "config.json" (a lone component's folder)
+
+    @property
+    def component(self) -> bool:
+        """Read from a lone component's config (not a pipeline's ``model_index.json``)."""
+        return self.file == "config.json"
+
+
 @dataclass
 class Adapter:
     """A set of LoRA modules keyed by module name, plus tensors saved whole (PEFT ``modules_to_save``)."""
@@ -218,6 +231,9 @@ class Adapter:
     # written in a transformers model's names (io.module_names): {name in the file: the checkpoint's module name};
     # a name not among the modules is a tied alias whose factors are its owner's (written, not held, twice)
     model_names: dict[str, str] = field(default_factory=dict)
+    # the diffusers class of the base it was extracted from (io.base_class: recorded in the files written, read
+    # back, kept by resize and convert, by merge only when every input has the same); None: not known
+    base_class: BaseClass | None = None
 
     @property
     def params(self) -> int:

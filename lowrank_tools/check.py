@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import AdapterFormatError, CheckpointNotFound
+from .io.base_class import base_class_from_metadata
 from .io.checkpoint import as_checkpoint, open_checkpoint
 from .io.base_lookup import BaseIndex
 from .io.json_input import load_json
@@ -358,7 +359,7 @@ def _diffusers_judge(result, ckpt, keys, base) -> None:
             if why:
                 add(Problem(Severity.ERROR, "unknown-key", key, f"not loaded by diffusers: {why}"))
         return
-    judge = judge_for(diffusers, keys, base)
+    judge = judge_for(diffusers, keys, base, recorded=base_class_from_metadata(ckpt.metadata))
     name, pipeline, components = judge.name, judge.loader, judge.components
     if pipeline is None:
         add(Problem(Severity.ERROR, "no-loader", None, f"diffusers {diffusers.__version__} has no LoRA loader for "

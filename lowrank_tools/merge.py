@@ -189,6 +189,7 @@ def merge(adapters: Sequence[WeightedAdapter | Adapter | tuple], *, rule: RankRu
                      base_model=bases[0] if bases else None, source_format="merge", notes=notes,
                      task_type=_common({i.adapter.task_type for i in inputs}),
                      pipeline=_common({i.adapter.pipeline for i in inputs}),
+                     base_class=_common({i.adapter.base_class for i in inputs}),  # inputs for different classes: none
                      tensor_deltas=_tensor_deltas(inputs),  # and the names recorded for a transformers model:
                      model_names={k: v for i in inputs for k, v in i.adapter.model_names.items()})  # tied aliases
     more = {"inputs": [{"source": i.source, "weight": i.weight} for i in inputs],

@@ -254,7 +254,8 @@ def _convert_dora(loaded, base, dora_to: str, rule, method: str, quiet: bool):
 @filter_options
 @quiet_option
 def info(adapter, list_modules, as_json, base, include, exclude, quiet):
-    """Describe ADAPTER: format, modules, ranks, alphas, scale rule, parameters, dtype, base model.
+    """Describe ADAPTER: format, modules, ranks, alphas, scale rule, parameters, dtype, base model (and the
+    diffusers class extract read from it).
 
     Notes about the input (e.g. module names guessed for a kohya file) go to stderr as warnings; -q drops them."""
     from ..io.formats import describe_adapter, describe_modules, load_adapter, select_modules

@@ -35,6 +35,7 @@ from ..io.formats import left_out_warning
 from ..io.module_names import in_model_names
 from ..io.layers import (FUSED_EXPERTS, GROUPED, NOT_HELD, LayerPlan, compile_filters, grouped_warning, plan_layers,
                          relative_change)
+from ..io.base_class import base_class
 from ..io.base_model import base_model_reference, task_type
 from ..io.model_config import pipeline_evidence
 from ..linalg.svd import TruncatedSVD, balanced_factors, truncated_svd
@@ -187,7 +188,8 @@ def extract(base, tuned, options: ExtractOptions | None = None, *, progress: Pro
                       base_model=base_model_reference(base_ckpt.config, getattr(base_ckpt, "path", None)),
                       task_type=task_type(base_ckpt.config or tuned_ckpt.config),
                       pipeline=pipeline_evidence(base_ckpt.config or tuned_ckpt.config,
-                                                 components=bool(base_ckpt.components or tuned_ckpt.components)))
+                                                 components=bool(base_ckpt.components or tuned_ckpt.components)),
+                      base_class=base_class(base_ckpt))  # model_index.json / config.json: check judges by it
     renamed = None
     if opts.embeddings and adapter.pipeline is not True:  # a PEFT target: the names of the model PEFT loads it onto
         adapter, renamed = in_model_names(adapter, base_ckpt)

@@ -1,6 +1,7 @@
 """Files: the only layer that opens paths. Checkpoint readers (:mod:`.checkpoint`, :mod:`.safetensors`, torch
 pickles in :mod:`.pickles`), no-clobber renames (:mod:`.rename`), an apply folder's configs (:mod:`.model_folder`),
-what a base config says (:mod:`.base_model`) and where an adapter module lands in a base (:mod:`.base_lookup`),
+what a base config says (:mod:`.base_model`), the diffusers class an adapter records of it
+(:mod:`.base_class`) and where an adapter module lands in a base (:mod:`.base_lookup`),
 outputs that stand or fall together (:mod:`.outputs`, with what ``--force`` may replace in :mod:`.replaceable`,
 and the streaming writers in :mod:`.atomic`), the adapter formats (:mod:`.peft`, diffusers' pipeline files in :mod:`.diffusers_lora`, :mod:`.kohya` and its name
 tables, LyCORIS LoHa/LoKr/Tucker in :mod:`.lycoris`, DoRA magnitudes and tensor deltas in :mod:`.adapter_extras`,
@@ -41,6 +42,7 @@ if _TYPE_CHECKING:  # the same names, imported for type checkers and tests/test_
     from .base_model import (task_type, base_model_reference, WORD_EMBEDDINGS, tied_head_name, tied_embedding,
                              TiedHead, find_tied_heads, tied_head_module)
     from .base_lookup import BaseIndex
+    from .base_class import BASE_CLASS_KEY, base_class, base_class_metadata, base_class_from_metadata
     from .peft import (CONFIG_NAME, WEIGHTS_NAME, is_peft_folder, read_peft, write_peft, peft_config, peft_state_dict,
                        collect_factors, build_module, lora_keys_seen, pattern_value, peft_folder_parts,
                        modules_from_config, file_factors, is_saved_whole, key_saved_whole)
@@ -103,6 +105,7 @@ _EXPORTS = {name: module for module, names in {
     ".base_model": ("task_type", "base_model_reference", "WORD_EMBEDDINGS", "tied_head_name", "tied_embedding",
                     "TiedHead", "find_tied_heads", "tied_head_module",),
     ".base_lookup": ("BaseIndex",),
+    ".base_class": ("BASE_CLASS_KEY", "base_class", "base_class_metadata", "base_class_from_metadata"),
     ".peft": ("CONFIG_NAME", "WEIGHTS_NAME", "is_peft_folder", "read_peft", "write_peft", "peft_config",
             "peft_state_dict", "collect_factors", "build_module", "lora_keys_seen", "pattern_value", "peft_folder_parts",
             "modules_from_config", "file_factors", "is_saved_whole", "key_saved_whole",),

@@ -17,9 +17,10 @@ Which loader judges the file is the base's when one is given: the pipeline its `
 (``WanPipeline``: :class:`WanLoraLoaderMixin`'s converter and components), or for a lone component folder (its
 ``config.json`` ``_class_name``) its own ``load_lora_adapter(prefix=None)`` for a file without component prefixes
 (what extract writes beside a component's PEFT folder), its family's loader for a pipeline's file
-(``SanaTransformer2DModel`` -> ``SanaLoraLoaderMixin``); without a
-base, the names decide (:func:`pipeline_for`, then the architecture of the tables they are: Wan's -> WanPipeline). A pipeline diffusers has no LoRA loader for (PixArt in 0.42) is
-said so, once (:func:`judge_for`).
+(``SanaTransformer2DModel`` -> ``SanaLoraLoaderMixin``); without a base, the class extract read from the base and
+recorded in the adapter (:mod:`.base_class`), taken as the base's; with neither, the names decide
+(:func:`pipeline_for`, then the architecture of the tables they are: Wan's -> WanPipeline). A pipeline diffusers has
+no LoRA loader for (PixArt in 0.42) is said so, once (:func:`judge_for`).
 
 Which input module reaches which component is traced, not guessed: the converter runs a second time on a probe of
 the file in which every module's down factor is filled with its own number and every scale is 1 (alpha = rank, up
@@ -36,10 +37,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import NotACheckpoint
+from ..adapter import BaseClass
 from .architectures import detect_architecture
+from .base_class import base_class
 from .consumer_keys import Role, split_key
-from .json_input import load_json
 
 __all__ = ["PIPELINES", "COMPONENTS", "pipeline_for", "trace_modules", "ldm_unet_keys", "LDM_WORKAROUND", "Judge",
            "judge_for"]
@@ -79,17 +80,15 @@ class Judge:
     evidence: str                      # "model_index.json of BASE", "the adapter's names", ...
 
 
-def _base_class_name(base) -> tuple[str, str, bool] | None:
-    """(``_class_name``, where it was read, whether a lone component's) of a base pipeline's ``model_index.json`` or
-    a component's config."""
-    index = Path(getattr(base, "path", "")) / "model_index.json"
-    if index.is_file():
-        found = load_json(index, error=NotACheckpoint, fix="re-save the pipeline")
-        if isinstance(found, dict) and isinstance(found.get("_class_name"), str):
-            return found["_class_name"], str(index), False
-    config = getattr(base, "config", None)
-    if isinstance(config, dict) and isinstance(config.get("_class_name"), str):
-        return config["_class_name"], f"config.json of {base.path}", True
+def _class_of(base, recorded: BaseClass | None) -> tuple[str, str, bool] | None:
+    """(``_class_name``, where it was read, whether a lone component's): the base's own (:func:`base_class`), else
+    the one recorded in the adapter at extract; None when neither is known."""
+    found = base_class(base) if base is not None else None
+    if found is not None:
+        where = str(Path(base.path) / found.file) if not found.component else f"config.json of {base.path}"
+        return found.name, where, found.component
+    if recorded is not None:
+        return recorded.name, f"the base's {recorded.file} as recorded in the adapter at extract", recorded.component
     return None
 
 
@@ -131,11 +130,13 @@ def _by_names(diffusers, keys) -> Judge:
                                                                      "pipeline" if unsure else ""))
 
 
-def judge_for(diffusers, keys, base=None) -> Judge:
+def judge_for(diffusers, keys, base=None, *, recorded: BaseClass | None = None) -> Judge:
     """Who judges ``keys`` in ``diffusers`` (the module): the base's pipeline (its ``model_index.json``); for a lone
     component base, the component's own ``load_lora_adapter`` (a file without component prefixes) or its family's
-    pipeline loader (a pipeline's file); else the pipeline the names point to (:func:`_by_names`)."""
-    found = _base_class_name(base) if base is not None else None
+    pipeline loader (a pipeline's file). Without a base that names its class, the class ``recorded`` in the adapter
+    at extract (:mod:`.base_class`), taken exactly as the base's; else the pipeline the names point to
+    (:func:`_by_names`)."""
+    found = _class_of(base, recorded)
     if found is None:
         return _by_names(diffusers, keys)
     name, where, lone = found

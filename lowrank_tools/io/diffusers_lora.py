@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..adapter import Adapter, ModuleKind
 from .atomic import write_safetensors
+from .base_class import base_class_from_metadata, base_class_metadata
 from .checkpoint import open_checkpoint
 from ..errors import AdapterFormatError, ConversionError
 from .adapter_extras import attach_extras, split_extras
@@ -102,7 +103,7 @@ def write_diffusers(adapter: Adapter, folder: Path, *, lone: bool = False) -> No
             metadata.update({f"{component}{k}": config[k] for k in _LORA_CONFIG_KEYS})
     folder.mkdir(parents=True, exist_ok=True)
     write_safetensors(peft_state_dict(adapter, prefix=""), folder / DIFFUSERS_NAME,  # same bytes for the same adapter
-                      metadata={"format": "pt",
+                      metadata={"format": "pt", **base_class_metadata(adapter),
                                 DIFFUSERS_METADATA: json.dumps(metadata, sort_keys=True, allow_nan=False)})
 
 
@@ -152,6 +153,7 @@ def read_peft_file(path: Path) -> Adapter:
     pipeline = True if path.name == DIFFUSERS_NAME or metadata else False if path.name == WEIGHTS_NAME else None
     adapter = Adapter(modules=modules, full_tensors=full, notes=notes, pipeline=pipeline,
                       base_model=ckpt.metadata.get("base_model_name_or_path"),
+                      base_class=base_class_from_metadata(ckpt.metadata),
                       tensor_deltas=attach_extras(modules, extras, ckpt, path))
     adapter.source_format = "diffusers" if pipeline or is_diffusers_adapter(adapter) else "peft-file"
     return adapter

@@ -285,7 +285,7 @@ def _architecture(adapter: Adapter) -> str | None:
 
 
 def describe_adapter(adapter: Adapter, path: str | os.PathLike) -> dict:
-    """Facts for ``info``: format, module count, rank and alpha distribution, scale rule, params, dtype."""
+    """Facts for ``info``: format, module count, rank and alpha distribution, scale rule, params, dtype, base."""
     mods = adapter.modules.values()
     return {
         "path": str(path),
@@ -306,6 +306,8 @@ def describe_adapter(adapter: Adapter, path: str | os.PathLike) -> dict:
         "saved_whole": sorted(adapter.full_tensors),
         "dtype": str(adapter.dtype).replace("torch.", "") if adapter.dtype else None,
         "base_model": adapter.base_model,
+        # the diffusers class extract read from the base (check --for diffusers judges by it without --base)
+        "base_class": f"{adapter.base_class.name} ({adapter.base_class.file})" if adapter.base_class else None,
         "notes": adapter.notes,
     }
 

@@ -25,6 +25,7 @@ import torch
 from ..adapter import Adapter, LoraModule, ModuleKind
 from .adapter_extras import kohya_extras
 from .atomic import write_safetensors
+from .base_class import base_class_from_metadata, base_class_metadata
 from .checkpoint import open_checkpoint
 from ..errors import AdapterFormatError, ConversionError
 from .json_input import get_str_map, load_json
@@ -106,6 +107,7 @@ def write_kohya(adapter: Adapter, path: Path, *, prefix: str = "lora_unet_") -> 
                 "ss_network_alpha": "dynamic" if len(alphas) > 1 else f"{alphas[0] if alphas else 0:g}"}
     if adapter.base_model:
         metadata["ss_sd_model_name"] = adapter.base_model
+    metadata.update(base_class_metadata(adapter))  # the base's diffusers class, when extract read one
     path.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors(tensors, path, metadata=metadata)  # same bytes for the same adapter
 
@@ -212,4 +214,4 @@ def read_kohya(path: Path, *, module_names=None, base: str | None = None) -> Ada
     if no_alpha:
         notes.append(f"{path}: {len(no_alpha)} modules have no .alpha (e.g. {no_alpha[0]}): alpha = r, scale 1")
     return Adapter(modules=modules, base_model=ckpt.metadata.get("ss_sd_model_name"), source_format="kohya",
-                   notes=notes)
+                   notes=notes, base_class=base_class_from_metadata(ckpt.metadata))

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..adapter import Adapter, LoraModule, ModuleKind, Param
+from .base_class import base_class_from_metadata
 from .checkpoint import open_checkpoint
 from ..errors import AdapterFormatError
 from .kohya import resolve_module_names
@@ -318,7 +319,7 @@ def read_lycoris(path: Path, *, module_names=None, base: str | None = None, rank
                      f"(LyCORIS wd_on_out=False): apply honours it, but it does not convert exactly to PEFT's "
                      f"output-axis DoRA")
     return Adapter(modules=modules, tensor_deltas=deltas, base_model=ckpt.metadata.get("ss_sd_model_name"),
-                   source_format="lycoris", notes=notes)
+                   source_format="lycoris", notes=notes, base_class=base_class_from_metadata(ckpt.metadata))
 
 
 # ------------------------------------------------------------------------------------ PEFT LoHa / LoKr folders

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from ..adapter import Adapter, LoraModule, ModuleKind, as_conv1d
 from .atomic import check_finite_output
+from .base_class import base_class_from_metadata, base_class_metadata
 from .checkpoint import open_checkpoint
 from ..errors import AdapterFormatError
 from .adapter_extras import attach_extras, peft_extras, peft_extras_config, split_extras
@@ -142,7 +143,8 @@ def write_peft(adapter: Adapter, folder: Path) -> None:
     for key, tensor in tensors.items():  # save_file does not pass through our writer: the same check, here
         check_finite_output(key, tensor, folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", **names_metadata(adapter)})
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", **names_metadata(adapter),
+                                                                   **base_class_metadata(adapter)})
     (folder / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2, allow_nan=False) + "\n")
 
 
@@ -345,4 +347,5 @@ def read_peft(folder: Path) -> Adapter:
     return fold_aliases(Adapter(modules=modules, full_tensors=full, base_model=config.get("base_model_name_or_path"),
                                 task_type=task if isinstance(task, str) else None, source_format="peft", notes=notes,
                                 tensor_deltas=deltas, pipeline=False,  # adapter_config.json: PEFT's file for one model
-                                model_names=names_from_metadata(ckpt.metadata)))
+                                model_names=names_from_metadata(ckpt.metadata),
+                                base_class=base_class_from_metadata(ckpt.metadata)))
