@@ -48,6 +48,15 @@ def test_a_bare_file_on_a_lone_component_is_judged_by_its_load_lora_adapter(tmp_
     assert judge.loader.lora_state_dict(state) == state  # PEFT names: taken as they are
 
 
+@pytest.mark.parametrize("key", ["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
+                                 "lora_transformer_single_transformer_blocks_0_attn_to_q.lora_down.weight"])
+def test_a_kohya_file_on_a_lone_component_goes_through_its_family_loader(tmp_path, key):
+    """Only a pipeline loader's converter reads kohya names: taken as they are by the component's load_lora_adapter,
+    none of its modules would exist (the first version judged such a file 'ok' against a lone Flux transformer)."""
+    judge = judge_for(diffusers, [key], SimpleNamespace(path=tmp_path, config={"_class_name": "FluxTransformer2DModel"}))
+    assert judge.name == "FluxLoraLoaderMixin" and judge.loader is diffusers.loaders.FluxLoraLoaderMixin
+
+
 def test_no_loader_is_said_not_guessed(tmp_path):
     judge = judge_for(diffusers, FLUX_KEYS, pipeline_folder(tmp_path, "PixArtSigmaPipeline"))
     assert judge.name == "PixArtSigmaPipeline" and judge.loader is None

@@ -40,7 +40,7 @@ import torch
 from ..adapter import BaseClass
 from .architectures import detect_architecture
 from .base_class import base_class
-from .consumer_keys import Role, split_key
+from .consumer_keys import KOHYA_LIKE_PREFIXES, Role, split_key
 
 __all__ = ["PIPELINES", "COMPONENTS", "pipeline_for", "trace_modules", "ldm_unet_keys", "LDM_WORKAROUND", "Judge",
            "judge_for"]
@@ -105,11 +105,12 @@ class _AsIs:
 
 
 def _lone(diffusers, keys, name: str, where: str) -> Judge | None:
-    """The judge of a file without component prefixes for a lone component base (``pipe/unet``, an adapter extract
-    wrote for it): the component's own ``load_lora_adapter(prefix=None)``; None for a prefixed file (loaded through
-    a pipeline) or a class diffusers does not have."""
+    """The judge of a file in the component's own names for a lone component base (``pipe/unet``, an adapter
+    extract wrote for it): the component's own ``load_lora_adapter(prefix=None)``; None for a prefixed file (loaded
+    through a pipeline), a kohya/A1111-named one (only a pipeline loader's converter reads ``lora_unet_...``: taken
+    as it is, no module of it would exist) or a class diffusers does not have."""
     cls = getattr(diffusers, name, None)
-    if cls is None or any(k.startswith(_PREFIXED) for k in keys):
+    if cls is None or any(k.startswith(_PREFIXED) or k.startswith(KOHYA_LIKE_PREFIXES) for k in keys):
         return None
     loader = _AsIs if callable(getattr(cls, "load_lora_adapter", None)) else None
     return Judge(name, loader, ("",), f"{where}: its load_lora_adapter(prefix=None) takes the file as it is")
