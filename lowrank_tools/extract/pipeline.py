@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..errors import InvalidOption
 from ..linalg.svd import Method, OutOfMemory, TruncatedSVD, fix_signs, randomized_svd, resolve_method
-from .reading import oversized
+from .reading import reusable
 
 __all__ = ["CUDA_BATCH", "MAX_BATCH_ELEMENTS", "Stager", "batch_size", "plan_batches", "staged", "batched_svds", "tf32"]
 
@@ -116,11 +116,11 @@ class Stager:
 
     def scratch(self, shape: Sequence[int]) -> Tensor:
         """A float32 tensor of ``shape`` on the device, the same memory at every call (grown when too small, made
-        anew when :func:`~lowrank_tools.extract.reading.oversized` for it: after an embedding): valid until the next
+        anew when not :func:`~lowrank_tools.extract.reading.reusable` for it: after an embedding): valid until the next
         call. Computing each delta in it spares the CPU a fresh, page-faulting
         allocation per layer (a third of the subtraction's time)."""
         numel = math.prod(shape)
-        if self._scratch is None or self._scratch.numel() < numel or oversized(self._scratch.nbytes, 4 * numel):
+        if not reusable(self._scratch, numel):
             self._scratch = None  # free the small (or, after an embedding, the oversized) one first
             self._scratch = torch.empty(numel, dtype=torch.float32, device=self.device)
         return self._scratch[:numel].view(*shape)

@@ -20,7 +20,7 @@ from ..io.checkpoint import Checkpoint, as_checkpoint
 from ..linalg.memory import empty_huge
 
 __all__ = ["Pair", "DELTA_DTYPES", "BufferPool", "ReadBuffers", "LayerReader", "float32_delta", "oversized",
-           "read_pairs", "fused_pair"]
+           "reusable", "read_pairs", "fused_pair"]
 
 DELTA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # subtracted where they are read
 
@@ -46,6 +46,12 @@ OVERSIZED_BYTES = 64 << 20  # size made) when it is larger than this: after an e
 def oversized(have: int, need: int) -> bool:
     """Whether a buffer of ``have`` bytes is too large to keep serving requests of ``need`` bytes."""
     return have > OVERSIZED_BYTES and have > OVERSIZED * need
+
+
+def reusable(buffer: Tensor | None, numel: int) -> bool:
+    """Whether a reused 1-D ``buffer`` may serve ``numel`` values of its dtype: large enough, not :func:`oversized`."""
+    return (buffer is not None and buffer.numel() >= numel
+            and not oversized(buffer.nbytes, numel * buffer.element_size()))
 
 
 NUMPY_CHUNK = 1 << 16  # values widened and subtracted at a time by numpy (a 256 KiB temporary, in cache)
@@ -125,8 +131,8 @@ class ReadBuffers:
         return any(b is not None and b.untyped_storage().data_ptr() == ptr for b in self._bufs)
 
     def _buffer(self, i: int, nbytes: int) -> Tensor:
-        if self._bufs[i] is None or self._bufs[i].numel() < nbytes or oversized(self._bufs[i].numel(), nbytes):
-            self._bufs[i] = None  # the small one goes first
+        if not reusable(self._bufs[i], nbytes):
+            self._bufs[i] = None  # the small (or oversized) one goes first
             self._bufs[i] = empty_huge((nbytes,), torch.uint8)
         return self._bufs[i]
 
